@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# buf lint (STANDARD) and buf breaking against main (or, on main, the previous commit).
+# buf comes from the npm package @bufbuild/buf, installed into .tools/.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+BUF_VERSION=1.75.0
+BUF="$ROOT/.tools/node_modules/.bin/buf"
+if [ ! -x "$BUF" ] || [ "$("$BUF" --version 2>/dev/null)" != "$BUF_VERSION" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    if [ "${CI:-}" = "true" ]; then
+      echo "error: npm is needed to install buf" >&2
+      exit 1
+    fi
+    echo "skipping buf checks: npm is not installed (install Node.js to run them)"
+    exit 0
+  fi
+  mkdir -p .tools
+  npm install --prefix .tools --silent --no-audit --no-fund --ignore-scripts \
+    "@bufbuild/buf@$BUF_VERSION" >/dev/null
+fi
+"$BUF" lint
+echo "buf lint: ok"
+
+against=""
+branch="$(git rev-parse --abbrev-ref HEAD 2>/dev/null || true)"
+if [ "$branch" != "main" ] && git rev-parse --verify -q main >/dev/null; then
+  against="main"
+elif git rev-parse --verify -q HEAD~1 >/dev/null; then
+  against="$(git rev-parse HEAD~1)"
+fi
+if [ -n "$against" ] && git cat-file -e "$against:buf.yaml" 2>/dev/null; then
+  "$BUF" breaking --against ".git#ref=$against"
+  echo "buf breaking against $against: ok"
+else
+  echo "buf breaking: no earlier protos to compare with"
+fi

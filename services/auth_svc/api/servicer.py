@@ -1,0 +1,93 @@
+"""AuthService over gRPC: proto ⇄ domain, nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.auth_svc.domain import IssuedTokens, User
+from services.auth_svc.service.auth_service import AuthService
+from shared.interceptors import principal_of
+
+__all__ = ["PUBLIC_METHODS", "AuthServicer", "user_to_proto"]
+
+_PREFIX = "/agentplatform.auth.v1.AuthService/"
+PUBLIC_METHODS = frozenset(
+    _PREFIX + name for name in ("Register", "Login", "RefreshToken", "Logout", "GetJwks")
+)
+TOKEN_TYPE = "Bearer"
+
+
+def _timestamp(moment: Any) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def user_to_proto(user: User) -> auth_pb2.User:
+    return auth_pb2.User(
+        id=str(user.id),
+        email=user.email,
+        display_name=user.display_name,
+        roles=list(user.roles),
+        disabled=user.disabled,
+        create_time=_timestamp(user.create_time),
+        update_time=_timestamp(user.update_time),
+    )
+
+
+def _token_fields(issued: IssuedTokens) -> dict[str, Any]:
+    return {
+        "access_token": issued.access_token,
+        "refresh_token": issued.refresh_token,
+        "token_type": TOKEN_TYPE,
+        "expires_in": issued.expires_in,
+    }
+
+
+class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
+    def __init__(self, service: AuthService) -> None:
+        self._service = service
+
+    def Register(
+        self, request: auth_pb2.RegisterRequest, context: Any
+    ) -> auth_pb2.RegisterResponse:
+        user = self._service.register(
+            email=request.email, password=request.password, display_name=request.display_name
+        )
+        return auth_pb2.RegisterResponse(user=user_to_proto(user))
+
+    def Login(self, request: auth_pb2.LoginRequest, context: Any) -> auth_pb2.LoginResponse:
+        issued = self._service.login(email=request.email, password=request.password)
+        return auth_pb2.LoginResponse(**_token_fields(issued), user=user_to_proto(issued.user))
+
+    def RefreshToken(
+        self, request: auth_pb2.RefreshTokenRequest, context: Any
+    ) -> auth_pb2.RefreshTokenResponse:
+        issued = self._service.refresh(refresh_token=request.refresh_token)
+        return auth_pb2.RefreshTokenResponse(**_token_fields(issued))
+
+    def Logout(self, request: auth_pb2.LogoutRequest, context: Any) -> auth_pb2.LogoutResponse:
+        self._service.logout(refresh_token=request.refresh_token)
+        return auth_pb2.LogoutResponse()
+
+    def GetJwks(self, request: auth_pb2.GetJwksRequest, context: Any) -> auth_pb2.GetJwksResponse:
+        return auth_pb2.GetJwksResponse(keys=[auth_pb2.Jwk(**jwk) for jwk in self._service.jwks()])
+
+    def GetCurrentUser(
+        self, request: auth_pb2.GetCurrentUserRequest, context: Any
+    ) -> auth_pb2.GetCurrentUserResponse:
+        user = self._service.current_user(principal=principal_of(context))
+        return auth_pb2.GetCurrentUserResponse(user=user_to_proto(user))
+
+    def ChangePassword(
+        self, request: auth_pb2.ChangePasswordRequest, context: Any
+    ) -> auth_pb2.ChangePasswordResponse:
+        self._service.change_password(
+            principal=principal_of(context),
+            current_password=request.current_password,
+            new_password=request.new_password,
+        )
+        return auth_pb2.ChangePasswordResponse()

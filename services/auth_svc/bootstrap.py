@@ -1,0 +1,138 @@
+"""The composition root of auth_svc: settings in, a wired server out."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from agentplatform.auth.v1 import auth_pb2_grpc
+from sqlalchemy import Engine
+
+from services.auth_svc import SERVICE_NAME
+from services.auth_svc.api.servicer import PUBLIC_METHODS, AuthServicer
+from services.auth_svc.infra.keys import KeyRing, load_or_create_dev_key
+from services.auth_svc.infra.limiter import InMemoryLoginLimiter, RedisLoginLimiter
+from services.auth_svc.infra.passwords import Argon2PasswordHasher
+from services.auth_svc.repository.sql import SqlAuthUnitOfWork
+from services.auth_svc.service.auth_service import AuthPolicy, AuthService
+from services.auth_svc.service.ports import LoginLimiter, PasswordHasher
+from services.auth_svc.settings import AuthSettings
+from shared.clock import Clock, SystemClock
+from shared.db import make_engine, ping, session_factory
+from shared.interceptors import (
+    AccessLogInterceptor,
+    ErrorMappingInterceptor,
+    TokenCheckInterceptor,
+)
+from shared.redis_client import make_redis
+from shared.server import RunningServer, create_server
+from shared.tokens import StaticKeyProvider, TokenVerifier
+
+__all__ = ["AuthApp", "build_app", "build_server"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class AuthApp:
+    """Everything auth_svc is made of, wired; `close()` releases it."""
+
+    settings: AuthSettings
+    engine: Engine
+    service: AuthService
+    verifier: TokenVerifier
+    keys: KeyRing
+    closers: list[object] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.engine.dispose()
+        for closer in self.closers:
+            close = getattr(closer, "close", None)
+            if callable(close):
+                close()
+
+
+def _limiter(settings: AuthSettings, clock: Clock, app_closers: list[object]) -> LoginLimiter:
+    fallback = InMemoryLoginLimiter(
+        max_failures=settings.login_max_failures,
+        lockout_seconds=settings.login_lockout_seconds,
+        monotonic=clock.monotonic,
+    )
+    if not settings.common.redis_url:
+        return fallback
+    client = make_redis(settings.common.redis_url)
+    app_closers.append(client)
+    return RedisLoginLimiter(
+        client,
+        max_failures=settings.login_max_failures,
+        lockout_seconds=settings.login_lockout_seconds,
+        fallback=fallback,
+    )
+
+
+def build_app(
+    settings: AuthSettings,
+    *,
+    clock: Clock | None = None,
+    hasher: PasswordHasher | None = None,
+) -> AuthApp:
+    """Builds the real adapters from settings (tests may swap the clock or the hasher)."""
+    clock = clock or SystemClock()
+    common = settings.common
+    signing_key = settings.signing_key_pem
+    if signing_key is None:  # only possible in the dev profile (settings enforce it)
+        signing_key = load_or_create_dev_key(common.data_dir)
+    keys = KeyRing(
+        signing_key_pem=signing_key,
+        verify_keys_pem=settings.verify_keys_pem,
+        issuer=settings.issuer,
+        audience=settings.audience,
+        access_token_ttl_seconds=settings.access_token_ttl_seconds,
+        clock=clock,
+    )
+    engine = make_engine(common.database_url, pool_size=min(common.max_workers, 20))
+    closers: list[object] = []
+    sessions = session_factory(engine)
+    service = AuthService(
+        uow=lambda: SqlAuthUnitOfWork(sessions),
+        hasher=hasher or Argon2PasswordHasher(concurrency=settings.hash_concurrency),
+        limiter=_limiter(settings, clock, closers),
+        tokens=keys,
+        clock=clock,
+        policy=AuthPolicy(
+            password_min_length=settings.password_min_length,
+            refresh_token_ttl_seconds=settings.refresh_token_ttl_seconds,
+            refresh_reuse_grace_seconds=settings.refresh_reuse_grace_seconds,
+        ),
+    )
+    verifier = TokenVerifier(
+        StaticKeyProvider(keys.verification_keys),
+        issuer=settings.issuer,
+        audience=settings.audience,
+        clock=clock,
+    )
+    return AuthApp(settings, engine, service, verifier, keys, closers)
+
+
+def interceptors_for(app: AuthApp) -> list[grpc.ServerInterceptor]:
+    return [
+        AccessLogInterceptor(),
+        ErrorMappingInterceptor(domain="auth.agentplatform"),
+        TokenCheckInterceptor(app.verifier, PUBLIC_METHODS),
+    ]
+
+
+def build_server(app: AuthApp) -> RunningServer:
+    """A bound server for the app (port 0 in settings picks a free one)."""
+    running = create_server(
+        app.settings.common,
+        register=lambda server: auth_pb2_grpc.add_AuthServiceServicer_to_server(
+            AuthServicer(app.service), server
+        ),
+        service_names=[SERVICE_NAME],
+        interceptors=interceptors_for(app),
+        is_ready=lambda: ping(app.engine),
+    )
+    running.on_stop.append(app.close)
+    return running

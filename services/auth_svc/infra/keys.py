@@ -1,0 +1,119 @@
+"""The signing key ring: one private key that signs, any number of public keys that still
+verify (for rotation), and access-token issuing (RFC 9068)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import uuid
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from services.auth_svc.domain import User
+from shared.clock import Clock
+from shared.jwk import PublicKey, VerificationKey, algorithm_for, thumbprint, to_jwk
+from shared.tokens import ACCESS_TOKEN_TYPE
+
+__all__ = ["KeyRing", "load_or_create_dev_key"]
+
+_log = logging.getLogger(__name__)
+PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+_PEM_BLOCK = re.compile(r"-----BEGIN [A-Z ]+-----.+?-----END [A-Z ]+-----", re.DOTALL)
+
+
+def _load_private(pem: str) -> PrivateKey:
+    key = serialization.load_pem_private_key(pem.encode(), password=None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
+        raise ValueError("the signing key must be Ed25519 or EC P-256")
+    algorithm_for(key.public_key())  # rejects other curves
+    return key
+
+
+def _load_publics(pem: str) -> list[PublicKey]:
+    keys: list[PublicKey] = []
+    for block in _PEM_BLOCK.findall(pem):
+        key = serialization.load_pem_public_key(block.encode())
+        if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
+            raise ValueError("verification keys must be Ed25519 or EC P-256")
+        keys.append(key)
+    return keys
+
+
+def load_or_create_dev_key(data_dir: Path) -> str:
+    """The dev profile's signing key: created once in the data folder, then reused."""
+    path = data_dir / "auth-signing-key.pem"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(pem)
+        _log.info("created a dev signing key in %s", path)
+    return path.read_text()
+
+
+class KeyRing:
+    """Signs access tokens with the current key; publishes every key that may verify one."""
+
+    def __init__(
+        self,
+        *,
+        signing_key_pem: str,
+        verify_keys_pem: str | None,
+        issuer: str,
+        audience: str,
+        access_token_ttl_seconds: int,
+        clock: Clock,
+    ) -> None:
+        self._private = _load_private(signing_key_pem)
+        public = self._private.public_key()
+        self._kid = thumbprint(public)
+        self._algorithm = algorithm_for(public)
+        publics = [public, *_load_publics(verify_keys_pem or "")]
+        self.verification_keys = [
+            VerificationKey(kid=thumbprint(k), algorithm=algorithm_for(k), key=k) for k in publics
+        ]
+        self._issuer = issuer
+        self._audience = audience
+        self._ttl = access_token_ttl_seconds
+        self._clock = clock
+
+    @property
+    def access_token_ttl_seconds(self) -> int:
+        return self._ttl
+
+    def issue_access_token(self, user: User) -> str:
+        now = int(self._clock.now().timestamp())
+        claims = {
+            "iss": self._issuer,
+            "aud": self._audience,
+            "sub": str(user.id),
+            "iat": now,
+            "nbf": now,
+            "exp": now + self._ttl,
+            "jti": uuid.uuid4().hex,
+            "client_id": self._issuer,
+            "roles": list(user.roles),
+        }
+        return jwt.encode(
+            claims,
+            self._private,
+            algorithm=self._algorithm,
+            headers={"kid": self._kid, "typ": ACCESS_TOKEN_TYPE},
+        )
+
+    def public_jwks(self) -> list[dict[str, str]]:
+        seen: dict[str, dict[str, str]] = {}
+        for key in self.verification_keys:
+            seen.setdefault(
+                key.kid, {**to_jwk(key.key), "kid": key.kid, "alg": key.algorithm, "use": "sig"}
+            )
+        return list(seen.values())

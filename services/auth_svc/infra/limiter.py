@@ -1,0 +1,111 @@
+"""Per-account failed-login limits: in-process, or in Redis shared by every replica.
+
+Semantics (both implementations): an attempt is counted *before* the password is
+checked, atomically, and only while fewer than `max_failures` are counted, so parallel
+wrong attempts can never get more tries than the limit. A success resets the count.
+The count expires `lockout_seconds` after the last counted attempt: reaching the limit
+locks the account for that cool-down, during which even the right password is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+
+import redis
+
+from services.auth_svc.service.ports import LoginAttempt
+
+__all__ = ["InMemoryLoginLimiter", "RedisLoginLimiter"]
+
+_log = logging.getLogger(__name__)
+
+
+class InMemoryLoginLimiter:
+    def __init__(
+        self, *, max_failures: int, lockout_seconds: float, monotonic: Callable[[], float]
+    ) -> None:
+        self._max = max_failures
+        self._lockout = lockout_seconds
+        self._now = monotonic
+        self._lock = threading.Lock()
+        self._counts: dict[str, tuple[int, float]] = {}  # key → (count, expires at)
+
+    def acquire(self, key: str) -> LoginAttempt:
+        now = self._now()
+        with self._lock:
+            count, expires = self._counts.get(key, (0, 0.0))
+            if expires <= now:
+                count = 0
+            if count >= self._max:
+                return LoginAttempt(allowed=False, retry_after_seconds=expires - now)
+            self._counts[key] = (count + 1, now + self._lockout)
+            if len(self._counts) > 100_000:
+                self._evict(now)
+            return LoginAttempt(allowed=True, locks_on_failure=count + 1 >= self._max)
+
+    def reset(self, key: str) -> None:
+        with self._lock:
+            self._counts.pop(key, None)
+
+    def _evict(self, now: float) -> None:
+        for stale in [k for k, (_, expires) in self._counts.items() if expires <= now]:
+            del self._counts[stale]
+
+
+# KEYS[1]: the counter; ARGV[1]: limit; ARGV[2]: cool-down in ms.
+# Returns {1, count} when counted, {0, ms left} when locked.
+_ACQUIRE = """
+local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+if count >= tonumber(ARGV[1]) then
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl < 0 then ttl = tonumber(ARGV[2]) end
+  return {0, ttl}
+end
+count = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {1, count}
+"""
+
+
+class RedisLoginLimiter:
+    """Shared by all replicas; falls back to the in-process limiter while Redis is down."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        max_failures: int,
+        lockout_seconds: float,
+        fallback: InMemoryLoginLimiter,
+        prefix: str = "auth:login-attempts:",
+    ) -> None:
+        self._client = client
+        self._max = max_failures
+        self._lockout_ms = int(lockout_seconds * 1000)
+        self._fallback = fallback
+        self._prefix = prefix
+        self._script = client.register_script(_ACQUIRE)
+
+    def _key(self, key: str) -> str:
+        # Hashed: the Redis keyspace never holds email addresses.
+        return self._prefix + hashlib.sha256(key.encode()).hexdigest()
+
+    def acquire(self, key: str) -> LoginAttempt:
+        try:
+            counted, value = self._script(keys=[self._key(key)], args=[self._max, self._lockout_ms])
+        except redis.RedisError as exc:
+            _log.warning("redis unavailable for login limits, using in-process: %s", exc)
+            return self._fallback.acquire(key)
+        if not counted:
+            return LoginAttempt(allowed=False, retry_after_seconds=int(value) / 1000)
+        return LoginAttempt(allowed=True, locks_on_failure=int(value) >= self._max)
+
+    def reset(self, key: str) -> None:
+        self._fallback.reset(key)
+        try:
+            self._client.delete(self._key(key))
+        except redis.RedisError as exc:
+            _log.warning("redis unavailable for login limits: %s", exc)

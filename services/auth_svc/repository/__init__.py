@@ -1,0 +1,1 @@
+"""repository layer of auth_svc."""

@@ -1,0 +1,80 @@
+"""auth_svc tables (its own metadata; agent_svc never reads these)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, MetaData, String, Uuid
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = ["AuditRow", "AuthBase", "RefreshFamilyRow", "RefreshTokenRow", "UserRow"]
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class AuthBase(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+Timestamp = DateTime(timezone=True)
+
+
+class UserRow(AuthBase):
+    __tablename__ = "auth_users"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    email: Mapped[str] = mapped_column(String(254), unique=True)
+    display_name: Mapped[str] = mapped_column(String(128))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    roles: Mapped[list[str]] = mapped_column(JSON)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    create_time: Mapped[datetime] = mapped_column(Timestamp)
+    update_time: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class RefreshFamilyRow(AuthBase):
+    """A login session: every refresh token rotated from one login shares a family."""
+
+    __tablename__ = "auth_refresh_families"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("auth_users.id", ondelete="CASCADE"), index=True
+    )
+    create_time: Mapped[datetime] = mapped_column(Timestamp)
+    last_used_time: Mapped[datetime] = mapped_column(Timestamp)
+    revoked_time: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class RefreshTokenRow(AuthBase):
+    __tablename__ = "auth_refresh_tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    family_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("auth_refresh_families.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    create_time: Mapped[datetime] = mapped_column(Timestamp)
+    expire_time: Mapped[datetime] = mapped_column(Timestamp)
+    rotated_time: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class AuditRow(AuthBase):
+    __tablename__ = "auth_audit_events"
+    __table_args__ = (Index("ix_auth_audit_events_user_time", "user_id", "time"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    time: Mapped[datetime] = mapped_column(Timestamp, index=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    email: Mapped[str | None] = mapped_column(String(254), nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)

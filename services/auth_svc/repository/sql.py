@@ -1,0 +1,186 @@
+"""SQLAlchemy implementations of the auth repositories and unit of work."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from services.auth_svc.domain import AuditEvent, RefreshToken, User
+from services.auth_svc.repository.models import (
+    AuditRow,
+    RefreshFamilyRow,
+    RefreshTokenRow,
+    UserRow,
+)
+from services.auth_svc.service.ports import EmailTaken
+from shared.clock import utc
+from shared.db import SqlUnitOfWork
+
+__all__ = ["SqlAuditLog", "SqlAuthUnitOfWork", "SqlRefreshTokenRepository", "SqlUserRepository"]
+
+
+def _user(row: UserRow) -> User:
+    return User(
+        id=row.id,
+        email=row.email,
+        display_name=row.display_name,
+        roles=tuple(row.roles),
+        disabled=row.disabled,
+        password_hash=row.password_hash,
+        create_time=utc(row.create_time),
+        update_time=utc(row.update_time),
+    )
+
+
+class SqlUserRepository:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def add(self, user: User) -> None:
+        self._session.add(
+            UserRow(
+                id=user.id,
+                email=user.email,
+                display_name=user.display_name,
+                password_hash=user.password_hash,
+                roles=list(user.roles),
+                disabled=user.disabled,
+                create_time=user.create_time,
+                update_time=user.update_time,
+            )
+        )
+        try:
+            with self._session.begin_nested():
+                self._session.flush()
+        except IntegrityError:
+            raise EmailTaken(user.email) from None
+
+    def get(self, user_id: uuid.UUID) -> User | None:
+        row = self._session.get(UserRow, user_id)
+        return _user(row) if row else None
+
+    def get_by_email(self, email: str) -> User | None:
+        row = self._session.scalars(select(UserRow).where(UserRow.email == email)).one_or_none()
+        return _user(row) if row else None
+
+    def set_password_hash(self, user_id: uuid.UUID, password_hash: str, when: datetime) -> None:
+        self._session.execute(
+            update(UserRow)
+            .where(UserRow.id == user_id)
+            .values(password_hash=password_hash, update_time=when)
+        )
+
+
+class SqlRefreshTokenRepository:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def add_family(self, family_id: uuid.UUID, user_id: uuid.UUID, when: datetime) -> None:
+        self._session.add(
+            RefreshFamilyRow(id=family_id, user_id=user_id, create_time=when, last_used_time=when)
+        )
+        self._session.flush()
+
+    def add(self, token: RefreshToken) -> None:
+        self._session.add(
+            RefreshTokenRow(
+                id=token.id,
+                family_id=token.family_id,
+                user_id=token.user_id,
+                token_hash=token.token_hash,
+                create_time=token.create_time,
+                expire_time=token.expire_time,
+                rotated_time=token.rotated_time,
+            )
+        )
+        self._session.flush()
+
+    def family_of(self, token_hash: str) -> uuid.UUID | None:
+        return self._session.scalars(
+            select(RefreshTokenRow.family_id).where(RefreshTokenRow.token_hash == token_hash)
+        ).one_or_none()
+
+    def lock_live_family(self, family_id: uuid.UUID, when: datetime) -> bool:
+        # An UPDATE takes the row lock on PostgreSQL (and the write lock on SQLite) for
+        # the rest of the transaction, so rotations and revocations of one family serialize.
+        result = self._session.execute(
+            update(RefreshFamilyRow)
+            .where(RefreshFamilyRow.id == family_id, RefreshFamilyRow.revoked_time.is_(None))
+            .values(last_used_time=when)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def get_by_hash(self, token_hash: str) -> RefreshToken | None:
+        row = self._session.scalars(
+            select(RefreshTokenRow)
+            .where(RefreshTokenRow.token_hash == token_hash)
+            .execution_options(populate_existing=True)
+        ).one_or_none()
+        if row is None:
+            return None
+        return RefreshToken(
+            id=row.id,
+            family_id=row.family_id,
+            user_id=row.user_id,
+            token_hash=row.token_hash,
+            create_time=utc(row.create_time),
+            expire_time=utc(row.expire_time),
+            rotated_time=utc(row.rotated_time) if row.rotated_time else None,
+        )
+
+    def mark_rotated(self, token_id: uuid.UUID, when: datetime) -> None:
+        self._session.execute(
+            update(RefreshTokenRow)
+            .where(RefreshTokenRow.id == token_id)
+            .values(rotated_time=when)
+            .execution_options(synchronize_session=False)
+        )
+
+    def revoke_family(self, family_id: uuid.UUID, when: datetime) -> None:
+        self._session.execute(
+            update(RefreshFamilyRow)
+            .where(RefreshFamilyRow.id == family_id, RefreshFamilyRow.revoked_time.is_(None))
+            .values(revoked_time=when)
+            .execution_options(synchronize_session=False)
+        )
+
+    def revoke_user_families(self, user_id: uuid.UUID, when: datetime) -> None:
+        self._session.execute(
+            update(RefreshFamilyRow)
+            .where(RefreshFamilyRow.user_id == user_id, RefreshFamilyRow.revoked_time.is_(None))
+            .values(revoked_time=when)
+            .execution_options(synchronize_session=False)
+        )
+
+
+class SqlAuditLog:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def record(self, event: AuditEvent) -> None:
+        self._session.add(
+            AuditRow(
+                id=uuid.uuid4(),
+                time=event.time,
+                kind=event.kind.value,
+                user_id=event.user_id,
+                email=event.email,
+                detail=dict(event.detail),
+            )
+        )
+
+
+class SqlAuthUnitOfWork(SqlUnitOfWork):
+    users: SqlUserRepository
+    refresh_tokens: SqlRefreshTokenRepository
+    audit: SqlAuditLog
+
+    def _open_repositories(self, session: Session) -> None:
+        self.users = SqlUserRepository(session)
+        self.refresh_tokens = SqlRefreshTokenRepository(session)
+        self.audit = SqlAuditLog(session)

@@ -1,0 +1,335 @@
+"""Auth business rules: registration, login with lock-out, refresh-token rotation."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from services.auth_svc.domain import (
+    ADMIN,
+    USER,
+    AuditEvent,
+    AuditKind,
+    IssuedTokens,
+    RefreshToken,
+    User,
+)
+from services.auth_svc.service.ports import (
+    AuthUnitOfWork,
+    EmailTaken,
+    LoginAttempt,
+    LoginLimiter,
+    PasswordHasher,
+    TokenIssuer,
+)
+from services.auth_svc.service.validation import (
+    MAX_DISPLAY_NAME,
+    email_violation,
+    has_control_characters,
+    normalize_email,
+    password_violation,
+)
+from shared.clock import Clock, utc
+from shared.errors import (
+    AlreadyExists,
+    FieldViolation,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from shared.tokens import Principal
+
+__all__ = ["AuthPolicy", "AuthService", "hash_refresh_token"]
+
+_audit_log = logging.getLogger("agentplatform.audit")
+
+
+def hash_refresh_token(token: str) -> str:
+    """Refresh tokens carry 256 random bits, so a plain SHA-256 is a safe stored form."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _bad_credentials() -> Unauthenticated:
+    return Unauthenticated("invalid email or password", reason="INVALID_CREDENTIALS")
+
+
+def _bad_refresh_token() -> Unauthenticated:
+    return Unauthenticated("invalid refresh token", reason="INVALID_REFRESH_TOKEN")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthPolicy:
+    password_min_length: int = 8
+    refresh_token_ttl_seconds: int = 30 * 24 * 3600
+    refresh_reuse_grace_seconds: float = 5.0
+
+
+class AuthService:
+    """The auth use cases; every dependency arrives through the constructor."""
+
+    def __init__(
+        self,
+        *,
+        uow: Callable[[], AuthUnitOfWork],
+        hasher: PasswordHasher,
+        limiter: LoginLimiter,
+        tokens: TokenIssuer,
+        clock: Clock,
+        policy: AuthPolicy,
+    ) -> None:
+        self._uow = uow
+        self._hasher = hasher
+        self._limiter = limiter
+        self._tokens = tokens
+        self._clock = clock
+        self._policy = policy
+        # Verified against when the email is unknown, so both paths cost one hash check.
+        self._dummy_hash = hasher.hash(secrets.token_urlsafe(16))
+
+    # -- accounts ---------------------------------------------------------------------
+
+    def register(
+        self, *, email: str, password: str, display_name: str, admin: bool = False
+    ) -> User:
+        """Creates an account with the role "user" (and "admin" if asked by an operator)."""
+        email = normalize_email(email)
+        display_name = display_name.strip()
+        violations = [
+            v
+            for v in (
+                email_violation(email),
+                password_violation(password, self._policy.password_min_length),
+                self._display_name_violation(display_name),
+            )
+            if v is not None
+        ]
+        if violations:
+            raise InvalidArgument(violations)
+        now = self._clock.now()
+        user = User(
+            id=uuid.uuid4(),
+            email=email,
+            display_name=display_name or email.split("@", 1)[0],
+            roles=(USER, ADMIN) if admin else (USER,),
+            disabled=False,
+            password_hash=self._hasher.hash(password),
+            create_time=now,
+            update_time=now,
+        )
+        with self._uow() as uow:
+            if uow.users.get_by_email(email) is not None:
+                raise _email_taken()
+            try:
+                uow.users.add(user)
+            except EmailTaken:
+                raise _email_taken() from None
+            kind = AuditKind.ADMIN_CREATED if admin else AuditKind.REGISTERED
+            self._audit(uow, kind, user_id=user.id, email=email)
+            uow.commit()
+        return user
+
+    @staticmethod
+    def _display_name_violation(display_name: str) -> FieldViolation | None:
+        if len(display_name) > MAX_DISPLAY_NAME:
+            return FieldViolation("display_name", f"must be at most {MAX_DISPLAY_NAME} characters")
+        if has_control_characters(display_name):
+            return FieldViolation("display_name", "must not contain control characters")
+        return None
+
+    def current_user(self, *, principal: Principal) -> User:
+        """The caller's account."""
+        with self._uow() as uow:
+            user = uow.users.get(uuid.UUID(principal.user_id))
+        if user is None or user.disabled:
+            raise Unauthenticated("account no longer active", reason="ACCOUNT_INACTIVE")
+        return user
+
+    def change_password(
+        self, *, principal: Principal, current_password: str, new_password: str
+    ) -> None:
+        """Checks the current password, stores the new one, revokes every refresh token."""
+        violation = password_violation(
+            new_password, self._policy.password_min_length, field="new_password"
+        )
+        if violation is not None:
+            raise InvalidArgument(violation)
+        user = self.current_user(principal=principal)
+        self._check_attempt(user.email)
+        if not self._hasher.verify(user.password_hash, current_password):
+            self._record_failure(user.email, user.id, "wrong_current_password")
+            raise PermissionDenied("current password is wrong", reason="WRONG_PASSWORD")
+        self._limiter.reset(user.email)
+        new_hash = self._hasher.hash(new_password)
+        with self._uow() as uow:
+            now = self._clock.now()
+            uow.users.set_password_hash(user.id, new_hash, now)
+            uow.refresh_tokens.revoke_user_families(user.id, now)
+            self._audit(uow, AuditKind.PASSWORD_CHANGED, user_id=user.id)
+            uow.commit()
+
+    # -- login and tokens --------------------------------------------------------------
+
+    def login(self, *, email: str, password: str) -> IssuedTokens:
+        """Email + password → tokens; the same error for every failure, limited per email."""
+        email = normalize_email(email)
+        violations = [
+            v
+            for v in (
+                FieldViolation("email", "required") if not email else None,
+                FieldViolation("password", "required") if not password else None,
+            )
+            if v is not None
+        ]
+        if violations:
+            raise InvalidArgument(violations)
+        attempt = self._check_attempt(email)
+        with self._uow() as uow:
+            user = uow.users.get_by_email(email)
+        matches = self._hasher.verify(user.password_hash if user else self._dummy_hash, password)
+        if user is None or not matches or user.disabled:
+            why = "unknown_email" if user is None else "disabled" if matches else "wrong_password"
+            self._record_failure(email, user.id if user else None, why, attempt.locks_on_failure)
+            raise _bad_credentials()
+        self._limiter.reset(email)
+        rehash = (
+            self._hasher.hash(password) if self._hasher.needs_rehash(user.password_hash) else None
+        )
+        with self._uow() as uow:
+            now = self._clock.now()
+            if rehash:
+                uow.users.set_password_hash(user.id, rehash, now)
+            family = uuid.uuid4()
+            uow.refresh_tokens.add_family(family, user.id, now)
+            refresh = self._new_refresh_token(uow, family, user.id)
+            self._audit(uow, AuditKind.LOGIN_SUCCEEDED, user_id=user.id)
+            uow.commit()
+        return self._issue(user, refresh)
+
+    def _check_attempt(self, email: str) -> LoginAttempt:
+        attempt = self._limiter.acquire(email)
+        if not attempt.allowed:
+            raise ResourceExhausted(
+                "too many failed attempts; try again later",
+                retry_after_seconds=attempt.retry_after_seconds,
+                reason="LOGIN_LOCKED",
+            )
+        return attempt
+
+    def _record_failure(
+        self, email: str, user_id: uuid.UUID | None, why: str, locks: bool = False
+    ) -> None:
+        with self._uow() as uow:
+            self._audit(uow, AuditKind.LOGIN_FAILED, user_id=user_id, email=email, reason=why)
+            if locks:
+                self._audit(uow, AuditKind.LOCKED_OUT, user_id=user_id, email=email)
+            uow.commit()
+
+    def refresh(self, *, refresh_token: str) -> IssuedTokens:
+        """A new pair for a live refresh token; reuse after the grace window kills the family."""
+        if not refresh_token:
+            raise InvalidArgument.field("refresh_token", "required")
+        token_hash = hash_refresh_token(refresh_token)
+        with self._uow() as uow:
+            family = uow.refresh_tokens.family_of(token_hash)
+            now = self._clock.now()
+            # The family row lock serializes every rotation and revocation of the family.
+            if family is None or not uow.refresh_tokens.lock_live_family(family, now):
+                raise _bad_refresh_token()
+            stored = uow.refresh_tokens.get_by_hash(token_hash)
+            if stored is None or utc(stored.expire_time) <= now:
+                raise _bad_refresh_token()
+            if stored.rotated_time is not None:
+                since = (now - utc(stored.rotated_time)).total_seconds()
+                if since > self._policy.refresh_reuse_grace_seconds:
+                    uow.refresh_tokens.revoke_family(family, now)
+                    self._audit(uow, AuditKind.REFRESH_REUSE_DETECTED, user_id=stored.user_id)
+                    uow.commit()
+                    raise _bad_refresh_token()
+            else:
+                uow.refresh_tokens.mark_rotated(stored.id, now)
+            user = uow.users.get(stored.user_id)
+            if user is None or user.disabled:
+                raise _bad_refresh_token()
+            refresh = self._new_refresh_token(uow, family, user.id)
+            self._audit(uow, AuditKind.REFRESHED, user_id=user.id)
+            uow.commit()
+        return self._issue(user, refresh)
+
+    def logout(self, *, refresh_token: str) -> None:
+        """Revokes the token's family; unknown or already revoked tokens are fine."""
+        if not refresh_token:
+            raise InvalidArgument.field("refresh_token", "required")
+        with self._uow() as uow:
+            token_hash = hash_refresh_token(refresh_token)
+            family = uow.refresh_tokens.family_of(token_hash)
+            if family is None:
+                return
+            now = self._clock.now()
+            if uow.refresh_tokens.lock_live_family(family, now):
+                stored = uow.refresh_tokens.get_by_hash(token_hash)
+                uow.refresh_tokens.revoke_family(family, now)
+                self._audit(uow, AuditKind.LOGGED_OUT, user_id=stored.user_id if stored else None)
+                uow.commit()
+
+    def jwks(self) -> list[dict[str, str]]:
+        """The public keys that verify access tokens."""
+        return self._tokens.public_jwks()
+
+    def _new_refresh_token(self, uow: AuthUnitOfWork, family: uuid.UUID, user_id: uuid.UUID) -> str:
+        value = secrets.token_urlsafe(32)
+        now = self._clock.now()
+        uow.refresh_tokens.add(
+            RefreshToken(
+                id=uuid.uuid4(),
+                family_id=family,
+                user_id=user_id,
+                token_hash=hash_refresh_token(value),
+                create_time=now,
+                expire_time=now + timedelta(seconds=self._policy.refresh_token_ttl_seconds),
+            )
+        )
+        return value
+
+    def _issue(self, user: User, refresh_token: str) -> IssuedTokens:
+        return IssuedTokens(
+            access_token=self._tokens.issue_access_token(user),
+            refresh_token=refresh_token,
+            expires_in=self._tokens.access_token_ttl_seconds,
+            user=user,
+        )
+
+    def _audit(
+        self,
+        uow: AuthUnitOfWork,
+        kind: AuditKind,
+        *,
+        user_id: uuid.UUID | None = None,
+        email: str | None = None,
+        **detail: str,
+    ) -> None:
+        event = AuditEvent(
+            kind=kind, time=self._clock.now(), user_id=user_id, email=email, detail=detail
+        )
+        uow.audit.record(event)
+        _audit_log.info(
+            "audit %s",
+            kind.value,
+            extra={
+                "audit": {
+                    "event": kind.value,
+                    "user_id": str(user_id) if user_id else None,
+                    "email": email,
+                    **detail,
+                }
+            },
+        )
+
+
+def _email_taken() -> AlreadyExists:
+    return AlreadyExists("an account with this email exists", reason="EMAIL_TAKEN")

@@ -1,0 +1,55 @@
+"""auth_svc settings: AUTH_* environment variables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shared.settings import CommonSettings, EnvReader, load_common
+
+__all__ = ["AuthSettings", "load_auth_settings"]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    common: CommonSettings
+    issuer: str
+    audience: str
+    access_token_ttl_seconds: int
+    refresh_token_ttl_seconds: int
+    refresh_reuse_grace_seconds: float
+    password_min_length: int
+    login_max_failures: int
+    login_lockout_seconds: int
+    hash_concurrency: int
+    signing_key_pem: str | None
+    verify_keys_pem: str | None
+
+
+def load_auth_settings(env: Mapping[str, str]) -> AuthSettings:
+    """Reads AUTH_* variables; raises ConfigError listing every problem."""
+    reader = EnvReader(env, "AUTH")
+    common = load_common(reader, service="auth", default_port=50051, default_metrics_port=9101)
+    signing_key = reader.secret("SIGNING_KEY")
+    if signing_key is None and common.profile == "prod":
+        reader.require("SIGNING_KEY", "in the prod profile (or AUTH_SIGNING_KEY_FILE)")
+    settings = AuthSettings(
+        common=common,
+        issuer=reader.text("ISSUER", "agentplatform-auth"),
+        audience=reader.text("AUDIENCE", "agentplatform"),
+        access_token_ttl_seconds=reader.integer("ACCESS_TOKEN_TTL_SECONDS", 900, minimum=30),
+        refresh_token_ttl_seconds=reader.integer(
+            "REFRESH_TOKEN_TTL_SECONDS", 30 * 24 * 3600, minimum=60
+        ),
+        refresh_reuse_grace_seconds=reader.number("REFRESH_REUSE_GRACE_SECONDS", 5.0),
+        password_min_length=reader.integer("PASSWORD_MIN_LENGTH", 8, minimum=8),
+        login_max_failures=reader.integer("LOGIN_MAX_FAILURES", 10, minimum=1),
+        login_lockout_seconds=reader.integer("LOGIN_LOCKOUT_SECONDS", 900, minimum=1),
+        hash_concurrency=reader.integer("HASH_CONCURRENCY", 4, minimum=1),
+        signing_key_pem=signing_key,
+        verify_keys_pem=reader.secret("VERIFY_KEYS"),
+    )
+    if settings.password_min_length > 128:
+        reader.problems.append("AUTH_PASSWORD_MIN_LENGTH must be at most 128")
+    reader.check()
+    return settings

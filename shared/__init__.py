@@ -1,0 +1,1 @@
+"""Code common to both services: settings, errors, tokens, interceptors, server bootstrap."""

@@ -1,0 +1,270 @@
+"""Server interceptors: per-call logging, error mapping and token checking.
+
+Order on the server (outermost first): AccessLog → ErrorMapping → TokenCheck. Each wraps
+the unary behaviour of our own services only; the library's health and reflection
+services pass through untouched (and need no token).
+
+The servicer reads the caller with `principal_of(context)` and hands the Principal to the
+service layer as an argument: no thread-locals, no globals.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from shared.errors import (
+    DomainError,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from shared.tokens import Principal, TokenVerifier
+
+__all__ = [
+    "AccessLogInterceptor",
+    "CallContext",
+    "ErrorMappingInterceptor",
+    "TokenCheckInterceptor",
+    "principal_of",
+    "status_for",
+]
+
+_log = logging.getLogger("agentplatform.rpc")
+_access = logging.getLogger("agentplatform.access")
+
+Behavior = Callable[[Any, Any], Any]
+OWN_SERVICES_PREFIX = "/agentplatform."
+
+
+class CallContext:
+    """The servicer context plus what the interceptors learned about the call."""
+
+    __slots__ = ("_context", "principal", "request_id")
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._context = context
+        self.principal: Principal | None = None
+        self.request_id = ""
+
+    @staticmethod
+    def of(context: Any) -> CallContext:
+        return context if isinstance(context, CallContext) else CallContext(context)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def principal_of(context: Any) -> Principal:
+    """The caller that the token check authenticated; Unauthenticated if there is none."""
+    principal = context.principal if isinstance(context, CallContext) else None
+    if principal is None:
+        raise Unauthenticated("missing access token", reason="MISSING_TOKEN")
+    return principal
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler | None,
+    method: str,
+    wrapper: Callable[[Behavior], Behavior],
+) -> grpc.RpcMethodHandler | None:
+    if handler is None or handler.unary_unary is None or not method.startswith(OWN_SERVICES_PREFIX):
+        return handler
+    return grpc.unary_unary_rpc_method_handler(
+        wrapper(handler.unary_unary),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _metadata(details: grpc.HandlerCallDetails, key: str) -> str | None:
+    for item in details.invocation_metadata or ():
+        if item.key == key:
+            value = item.value
+            return value.decode() if isinstance(value, bytes) else value
+    return None
+
+
+def status_for(error: DomainError, domain: str) -> grpc.Status:
+    """The rich status (google.rpc.Status with details) for a domain error."""
+    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    details: list[Any] = [
+        error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=error.metadata)
+    ]
+    if isinstance(error, InvalidArgument):
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in error.violations
+                ]
+            )
+        )
+    if isinstance(error, ResourceExhausted | Unavailable):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after_seconds * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    for detail in details:
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        status.details.append(packed)
+    return rpc_status.to_status(status)
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Domain errors → status + google.rpc details; anything else → a bare INTERNAL."""
+
+    def __init__(self, domain: str) -> None:
+        self._domain = domain
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        return _wrap(continuation(details), details.method, self._mapped)
+
+    def _mapped(self, behavior: Behavior) -> Behavior:
+        domain = self._domain
+
+        def call(request: Any, context: Any) -> Any:
+            try:
+                return behavior(request, context)
+            except DomainError as error:
+                context.abort_with_status(status_for(error, domain))
+            except Exception:
+                _log.exception("unexpected error", extra={"request_id": _request_id(context)})
+                context.abort_with_status(status_for(Internal("internal error"), domain))
+            raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+        return call
+
+
+def _request_id(context: Any) -> str:
+    return context.request_id if isinstance(context, CallContext) else ""
+
+
+class TokenCheckInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Requires a valid bearer access token on every method not listed as public."""
+
+    def __init__(self, verifier: TokenVerifier, public_methods: Iterable[str]) -> None:
+        self._verifier = verifier
+        self._public = frozenset(public_methods)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if details.method in self._public:
+            return handler
+        header = _metadata(details, "authorization")
+        return _wrap(handler, details.method, lambda behavior: self._checked(behavior, header))
+
+    def _checked(self, behavior: Behavior, header: str | None) -> Behavior:
+        def call(request: Any, context: Any) -> Any:
+            ctx = CallContext.of(context)
+            ctx.principal = self._verifier.verify(_bearer_token(header))
+            return behavior(request, ctx)
+
+        return call
+
+
+def _bearer_token(header: str | None) -> str:
+    if not header:
+        raise Unauthenticated("missing access token", reason="MISSING_TOKEN")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("authorization must be 'Bearer <token>'", reason="MISSING_TOKEN")
+    return token.strip()
+
+
+class AccessLogInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """One log line per call: method, code, duration, peer, request id, user."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        request_id = _metadata(details, "x-request-id") or uuid.uuid4().hex
+        method = details.method
+        return _wrap(
+            continuation(details),
+            method,
+            lambda behavior: self._logged(behavior, method, request_id),
+        )
+
+    @staticmethod
+    def _logged(behavior: Behavior, method: str, request_id: str) -> Behavior:
+        def call(request: Any, context: Any) -> Any:
+            ctx = CallContext.of(context)
+            ctx.request_id = request_id
+            start = time.perf_counter()
+            try:
+                return behavior(request, ctx)
+            finally:
+                code = context.code() or grpc.StatusCode.OK
+                _access.log(
+                    _level_for(code),
+                    "%s %s %.1fms",
+                    method,
+                    code.name,
+                    (time.perf_counter() - start) * 1000,
+                    extra={
+                        "rpc": {
+                            "method": method,
+                            "code": code.name,
+                            "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+                            "peer": context.peer(),
+                            "request_id": request_id,
+                            "user_id": ctx.principal.user_id if ctx.principal else None,
+                        }
+                    },
+                )
+
+        return call
+
+
+_CLIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.UNAUTHENTICATED,
+    }
+)
+_WARN_CODES = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNAVAILABLE,
+    }
+)
+
+
+def _level_for(code: grpc.StatusCode) -> int:
+    """Log levels by status code, as go-grpc-middleware's DefaultServerCodeToLevel."""
+    if code == grpc.StatusCode.OK or code in _CLIENT_CODES:
+        return logging.INFO
+    if code in _WARN_CODES:
+        return logging.WARNING
+    return logging.ERROR

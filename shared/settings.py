@@ -1,0 +1,189 @@
+"""Typed settings from environment variables with a per-service prefix.
+
+Each service builds its own settings object from `os.environ` in its composition root
+(`load_*_settings(env)`); nothing reads the environment at import time. The `dev` profile
+has working defaults (SQLite under a local data folder, in-process cache, a generated
+signing key, plaintext on localhost); the `prod` profile refuses to start without real
+database, Redis and key material.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["CommonSettings", "ConfigError", "EnvReader", "Profile", "load_common"]
+
+Profile = Literal["dev", "prod"]
+
+
+class ConfigError(ValueError):
+    """The environment does not describe a runnable service; the message says what to set."""
+
+
+class EnvReader:
+    """Reads `PREFIX_NAME` variables with types, collecting every problem at once."""
+
+    def __init__(self, env: Mapping[str, str], prefix: str) -> None:
+        self._env = env
+        self.prefix = prefix
+        self.problems: list[str] = []
+
+    def name(self, key: str) -> str:
+        return f"{self.prefix}_{key}"
+
+    def raw(self, key: str) -> str | None:
+        value = self._env.get(self.name(key))
+        return value.strip() if value is not None and value.strip() else None
+
+    def text(self, key: str, default: str) -> str:
+        return self.raw(key) or default
+
+    def integer(self, key: str, default: int, *, minimum: int = 0) -> int:
+        raw = self.raw(key)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            self.problems.append(f"{self.name(key)} must be an integer, got {raw!r}")
+            return default
+        if value < minimum:
+            self.problems.append(f"{self.name(key)} must be at least {minimum}, got {value}")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
+        raw = self.raw(key)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            self.problems.append(f"{self.name(key)} must be a number, got {raw!r}")
+            return default
+        if value < minimum:
+            self.problems.append(f"{self.name(key)} must be at least {minimum}, got {value}")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        raw = self.raw(key)
+        if raw is None:
+            return default
+        if raw.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if raw.lower() in {"0", "false", "no", "off"}:
+            return False
+        self.problems.append(f"{self.name(key)} must be true or false, got {raw!r}")
+        return default
+
+    def items(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        raw = self.raw(key)
+        if raw is None:
+            return default
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+    def require(self, key: str, why: str) -> None:
+        if self.raw(key) is None:
+            self.problems.append(f"{self.name(key)} is required {why}")
+
+    def secret(self, key: str) -> str | None:
+        """A secret given inline (`KEY`) or as a mounted file (`KEY_FILE`)."""
+        inline = self.raw(key)
+        path = self.raw(f"{key}_FILE")
+        if inline and path:
+            self.problems.append(f"set {self.name(key)} or {self.name(key)}_FILE, not both")
+        if path:
+            try:
+                return Path(path).read_text()
+            except OSError as exc:
+                self.problems.append(f"{self.name(key)}_FILE: cannot read {path}: {exc.strerror}")
+                return None
+        return inline
+
+    def check(self) -> None:
+        if self.problems:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(self.problems))
+
+
+@dataclass(frozen=True, slots=True)
+class CommonSettings:
+    """What every service needs to serve gRPC, reach its database and report on itself."""
+
+    service: str
+    profile: Profile
+    host: str
+    port: int
+    metrics_port: int
+    data_dir: Path
+    database_url: str
+    redis_url: str | None
+    max_workers: int
+    max_concurrent_rpcs: int
+    grace_seconds: float
+    migrate_on_start: bool
+    log_level: str
+    log_format: Literal["text", "json"]
+    tls_cert_file: str | None
+    tls_key_file: str | None
+    tls_client_ca_file: str | None
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def load_common(
+    reader: EnvReader,
+    *,
+    service: str,
+    default_port: int,
+    default_metrics_port: int,
+) -> CommonSettings:
+    """The common part of a service's settings; `reader.check()` is left to the caller."""
+    profile_raw = reader.text("PROFILE", "dev").lower()
+    if profile_raw not in ("dev", "prod"):
+        reader.problems.append(f"{reader.name('PROFILE')} must be dev or prod, got {profile_raw!r}")
+        profile_raw = "prod"
+    profile: Profile = "dev" if profile_raw == "dev" else "prod"
+    dev = profile == "dev"
+    data_dir = Path(reader.text("DATA_DIR", ".data")).absolute()
+    database_url = reader.raw("DATABASE_URL")
+    if database_url is None:
+        if dev:
+            database_url = f"sqlite:///{data_dir / (service + '.db')}"
+        else:
+            reader.require("DATABASE_URL", "in the prod profile (a PostgreSQL URL)")
+            database_url = ""
+    elif not dev and database_url.startswith("sqlite"):
+        reader.problems.append(f"{reader.name('DATABASE_URL')} must be PostgreSQL in prod")
+    redis_url = reader.raw("REDIS_URL")
+    if redis_url is None and not dev:
+        reader.require("REDIS_URL", "in the prod profile")
+    log_format = reader.text("LOG_FORMAT", "text" if dev else "json").lower()
+    if log_format not in ("text", "json"):
+        reader.problems.append(f"{reader.name('LOG_FORMAT')} must be text or json")
+    cert, key = reader.raw("TLS_CERT_FILE"), reader.raw("TLS_KEY_FILE")
+    if bool(cert) != bool(key):
+        reader.problems.append("set both TLS_CERT_FILE and TLS_KEY_FILE, or neither")
+    return CommonSettings(
+        service=service,
+        profile=profile,
+        host=reader.text("HOST", "127.0.0.1" if dev else "0.0.0.0"),  # noqa: S104
+        port=reader.integer("PORT", default_port),
+        metrics_port=reader.integer("METRICS_PORT", default_metrics_port),
+        data_dir=data_dir,
+        database_url=database_url,
+        redis_url=redis_url,
+        max_workers=reader.integer("MAX_WORKERS", 32, minimum=1),
+        max_concurrent_rpcs=reader.integer("MAX_CONCURRENT_RPCS", 512, minimum=1),
+        grace_seconds=reader.number("GRACE_SECONDS", 10.0),
+        migrate_on_start=reader.flag("MIGRATE_ON_START", dev),
+        log_level=reader.text("LOG_LEVEL", "INFO").upper(),
+        log_format="json" if log_format == "json" else "text",
+        tls_cert_file=cert,
+        tls_key_file=key,
+        tls_client_ca_file=reader.raw("TLS_CLIENT_CA_FILE"),
+    )

@@ -1,0 +1,110 @@
+"""Shared fixtures: real PostgreSQL and Redis (skipped without them, failing with CI=true),
+fresh databases per test, and real service processes for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from shared.db import normalize_url
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+POSTGRES_ADMIN_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def missing(what: str, why: str) -> None:
+    """Skip on a laptop without the server; fail in CI, where the server must exist."""
+    message = f"{what} is not reachable ({why})"
+    if IN_CI:
+        pytest.fail(f"{message}; CI=true requires it", pytrace=False)
+    pytest.skip(f"{message}; start it (or set CI=true to make this a failure)")
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> str:
+    url = normalize_url(POSTGRES_ADMIN_URL)
+    engine = create_engine(url, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:
+        missing(f"PostgreSQL at {make_url(url).render_as_string(hide_password=True)}",
+                type(exc).__name__)
+    finally:
+        engine.dispose()
+    return url
+
+
+@pytest.fixture(scope="session")
+def new_postgres_database(postgres_admin_url: str) -> Iterator[Callable[[], str]]:
+    """A factory of empty PostgreSQL databases, all dropped at the end of the session."""
+    admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
+    created: list[str] = []
+
+    def create() -> str:
+        name = f"agentplatform_test_{uuid.uuid4().hex[:12]}"
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        created.append(name)
+        return make_url(postgres_admin_url).set(database=name).render_as_string(
+            hide_password=False
+        )
+
+    yield create
+    with admin.connect() as connection:
+        for name in created:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def postgres_url(new_postgres_database: Callable[[], str]) -> str:
+    """A fresh, empty PostgreSQL database for this test."""
+    return new_postgres_database()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: os.PathLike[str]) -> str:
+    return f"sqlite:///{tmp_path}/test.db"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """The test runs once on SQLite and once on PostgreSQL (each a fresh database)."""
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> str:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        missing(f"Redis at {REDIS_URL}", type(exc).__name__)
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str) -> Iterator[str]:
+    """The test Redis database (db 15), emptied before the test."""
+    client = redis.Redis.from_url(redis_server_url)
+    client.flushdb()
+    client.close()
+    yield redis_server_url
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique string, for keys and channel names shared across processes."""
+    return uuid.uuid4().hex[:10]
