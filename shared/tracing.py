@@ -1,0 +1,69 @@
+"""OpenTelemetry tracing for servers and clients, exported over OTLP when configured.
+
+Health checks are not traced. With no endpoint configured, tracing is off and costs
+nothing (no interceptor is installed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from opentelemetry.instrumentation.grpc import client_interceptor, filters, server_interceptor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+__all__ = ["Tracing", "configure_tracing"]
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+REFLECTION_SERVICES = (
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
+
+
+class Tracing:
+    """A tracer provider and the interceptors that use it."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self.provider = provider
+
+    def server_interceptor(self) -> grpc.ServerInterceptor:
+        not_traced = filters.any_of(
+            filters.service_name(HEALTH_SERVICE),
+            *(filters.service_name(name) for name in REFLECTION_SERVICES),
+        )
+        return server_interceptor(  # type: ignore[no-untyped-call]
+            tracer_provider=self.provider, filter_=filters.negate(not_traced)
+        )
+
+    def instrument_channel(self, channel: grpc.Channel) -> grpc.Channel:
+        """A channel whose calls carry the current trace context."""
+        interceptor = client_interceptor(tracer_provider=self.provider)  # type: ignore[no-untyped-call]
+        return grpc.intercept_channel(channel, interceptor)
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
+def configure_tracing(
+    service: str,
+    *,
+    otlp_endpoint: str | None,
+    processor_factory: Callable[[], SpanProcessor] | None = None,
+    insecure: bool = True,
+) -> Tracing | None:
+    """Tracing exported to `otlp_endpoint`, or to `processor_factory()` (tests); else None."""
+    if processor_factory is None and not otlp_endpoint:
+        return None
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    if processor_factory is not None:
+        provider.add_span_processor(processor_factory())
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter: Any = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=insecure)
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return Tracing(provider)
