@@ -1,0 +1,556 @@
+"""A two-level read-through cache: L1 in process → L2 Redis → `load()` (the database).
+
+Values are immutable objects (frozen dataclasses) keyed by UUID; a `Codec` turns them into
+the bytes stored in Redis, so the cache knows nothing of the record type.
+
+Reads (`get`)
+    L1 hit: one lock, one dict lookup, a TTL compare, no decoding, no allocation.
+    L1 miss: per-key single flight. The first caller ("leader") reads L2 (`MGET` of the value
+    and of the key's invalidation stamp, one round trip); an L2 hit fills L1; an L2 miss calls
+    `load()`, then fills L2 (compare-and-set against the stamp, see below) and L1. Concurrent
+    callers for the same key wait for the leader and share its result or its exception.
+    `load()` returning None (no such record) is not cached at any level, so a create is
+    visible at once everywhere; concurrent misses for one absent id still load once.
+
+Writes (`invalidate`, called after the database commit)
+    One Redis transaction: `SET {ns}:{id}:inv <random stamp> PX stamp_ttl`, `DEL {ns}:{id}`,
+    `PUBLISH {ns}:invalidate <id>`; then the local L1 entry is dropped and any load in flight
+    for the key is marked stale. Every replica's listener drops its L1 entry on the message.
+
+Stale fills are refused
+    - L1: a load in flight when the key is invalidated (locally or by a message) is marked
+      stale under the L1 lock and its result is not stored; callers arriving after the
+      invalidation start a new load instead of joining the stale one.
+    - L2: the fill is `SET value PX l2_ttl` only if the stamp is still the one read before
+      the load (Lua, atomic). Stamps are random, so a stamp that expired and came back is
+      never mistaken for the old one; a load that took longer than `stamp_ttl - 1 s` does
+      not fill L2 at all, so the stamp it would have to see cannot have expired yet.
+
+Guarantees (and their limits)
+    - On the replica that served a write, once `invalidate` has returned no later read
+      returns the old version: L1 is dropped after L2, fills racing with the write are
+      refused, and if Redis could not be told, the key is kept as a pending invalidation and
+      this replica reads nothing from L2 until every pending one has been written to Redis
+      and broadcast (a bounded set; on overflow L2 is bypassed for `l2_ttl`).
+    - Other replicas drop their L1 copy within the pub/sub delay (sub-millisecond to a few ms
+      on a LAN, see tests/integration/test_cache_redis.py). A replica that misses a message
+      converges within `l1_ttl`; on every (re)subscription the listener clears all of L1,
+      since messages may have been lost while it was disconnected.
+    - Limits: a writer cut off from Redis broadcasts its invalidations only when it reaches
+      Redis again (pending ones are flushed on reconnect); if it dies first, other replicas
+      may serve the old version from L2 for up to `l2_ttl`. Read replicas of the database
+      that lag are not accounted for (`load()` must read the primary).
+    - The cache keys by id only: checking the owner of what `get` returns is the caller's
+      job, on hits as on misses.
+
+Redis unavailable
+    Every Redis call is caught: reads degrade to L1 + `load()`, `invalidate` still drops L1
+    and remembers the key; nothing raises to the caller. After an error L2 is skipped for
+    `breaker_seconds` (a dead Redis costs one short timeout per second, not one per call).
+    Warnings are rate-limited. The listener reconnects by itself with backoff, and pings
+    while idle so a silently dead connection is noticed too.
+
+Events (`on_event(level, outcome)`, for metrics)
+    ("l1", "hit" | "miss"), ("flight", "joined"), ("l2", "hit" | "miss" | "error" |
+    "bypass" | "fill" | "stale_fill"), ("load", "db"), ("invalidate", "sent" | "deferred"),
+    ("pubsub", "message" | "subscribed" | "error").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+import redis
+
+__all__ = ["Codec", "TwoLevelCache"]
+
+_log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# KEYS[1] value, KEYS[2] stamp; ARGV[1] stamp read before the load ("" = none), ARGV[2]
+# the encoded value, ARGV[3] its lifetime in ms. Stores only if no invalidation came between.
+_FILL_IF_UNCHANGED = """
+local stamp = redis.call('GET', KEYS[2])
+if stamp == false then stamp = '' end
+if stamp ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+# Extra safety for the L2 fill deadline: covers the fill's own round trip.
+_FILL_MARGIN_SECONDS = 1.0
+_FLUSH_CHUNK = 500
+
+
+class Codec(Protocol[T]):
+    def encode(self, value: T) -> bytes: ...
+
+    def decode(self, data: bytes) -> T: ...
+
+
+class _Flight:
+    """One load in progress for one key; waiters block on `done`."""
+
+    __slots__ = ("done", "error", "stale", "value")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.stale = False
+
+
+class _ThrottledWarning:
+    """At most one warning per interval; the next one says how many were suppressed."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed = self._suppressed, 0
+            self._next = now + self._interval
+        if suppressed:
+            message += " (%d similar warnings suppressed)"
+            args = (*args, suppressed)
+        _log.warning(message, *args)
+
+
+class TwoLevelCache(Generic[T]):
+    """L1 (bounded LRU with TTL) over L2 (Redis, optional) over `load()`."""
+
+    def __init__(
+        self,
+        *,
+        redis: redis.Redis | None,
+        codec: Codec[T],
+        l1_max_entries: int,
+        l1_ttl_seconds: float,
+        l2_ttl_seconds: float,
+        namespace: str = "agent",
+        clock: Callable[[], float] = time.monotonic,
+        on_event: Callable[[str, str], None] | None = None,
+        stamp_ttl_seconds: float = 30.0,
+        breaker_seconds: float = 1.0,
+        max_pending_invalidations: int = 10_000,
+        warn_interval_seconds: float = 10.0,
+        listener_poll_seconds: float = 0.25,
+        listener_ping_seconds: float = 5.0,
+        listener_max_backoff_seconds: float = 5.0,
+    ) -> None:
+        if l1_max_entries < 0 or l1_ttl_seconds < 0 or l2_ttl_seconds <= 0:
+            raise ValueError("cache sizes and lifetimes must be positive")
+        if stamp_ttl_seconds < 2 * _FILL_MARGIN_SECONDS:
+            raise ValueError("stamp_ttl_seconds must be at least 2 seconds")
+        self._redis = redis
+        self._codec = codec
+        self._l1_max = l1_max_entries
+        self._l1_ttl = l1_ttl_seconds
+        self._l2_ttl_ms = max(1, int(l2_ttl_seconds * 1000))
+        self._l2_ttl = l2_ttl_seconds
+        self._namespace = namespace
+        self._channel = f"{namespace}:invalidate"
+        self._clock = clock
+        self._on_event = on_event
+        self._stamp_ttl_ms = int(stamp_ttl_seconds * 1000)
+        self._fill_deadline = stamp_ttl_seconds - _FILL_MARGIN_SECONDS
+        self._breaker = breaker_seconds
+        self._max_pending = max_pending_invalidations
+        self._poll = listener_poll_seconds
+        self._ping_every = listener_ping_seconds
+        self._max_backoff = listener_max_backoff_seconds
+        self._warn = _ThrottledWarning(warn_interval_seconds)
+        self._warn_listener = _ThrottledWarning(warn_interval_seconds)
+
+        # L1: key -> (value, expires_at), least recently used first; in-flight loads.
+        self._lock = threading.Lock()
+        self._l1: OrderedDict[uuid.UUID, tuple[T, float]] = OrderedDict()
+        self._flights: dict[uuid.UUID, _Flight] = {}
+
+        # L2 health: circuit breaker, distrust after losing track of invalidations.
+        self._down_until = 0.0
+        self._distrust_until = 0.0
+        self._degraded = False
+        client = redis  # the parameter shadows the module from here on
+        self._fill_script = (
+            client.register_script(_FILL_IF_UNCHANGED) if client is not None else None
+        )
+
+        # Invalidations Redis has not heard of yet: key -> sequence number of the latest.
+        self._pending: dict[uuid.UUID, int] = {}
+        self._pending_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._sequence = itertools.count(1)
+
+        self._stop = threading.Event()
+        self._subscribed = threading.Event()
+        self._subscriptions = 0
+        self._listener: threading.Thread | None = None
+
+    # -- public API ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the invalidation listener (if there is a Redis); idempotent, non-blocking."""
+        if self._redis is None or self._listener is not None:
+            return
+        self._stop.clear()
+        self._listener = threading.Thread(
+            target=self._listen, name=f"cache-listener-{self._namespace}", daemon=True
+        )
+        self._listener.start()
+
+    def close(self) -> None:
+        """Stop the listener. The Redis client belongs to the caller and stays open."""
+        self._stop.set()
+        listener, self._listener = self._listener, None
+        if listener is not None and listener is not threading.current_thread():
+            listener.join(timeout=self._poll + 2.0)
+
+    def get(self, key: uuid.UUID, load: Callable[[], T | None]) -> T | None:
+        """The value for `key`, from L1, L2 or `load()` (None if `load()` finds nothing)."""
+        now = self._clock()
+        hit: tuple[T, float] | None = None
+        with self._lock:
+            entry = self._l1.get(key)
+            if entry is not None and entry[1] > now:
+                self._l1.move_to_end(key)
+                hit = entry
+            else:
+                if entry is not None:
+                    del self._l1[key]
+                existing = self._flights.get(key)
+                leader = existing is None
+                flight = _Flight() if existing is None else existing
+                if leader:
+                    self._flights[key] = flight
+        on_event = self._on_event
+        if hit is not None:
+            if on_event is not None:
+                on_event("l1", "hit")
+            return hit[0]
+        if on_event is not None:
+            on_event("l1", "miss")
+        if not leader:
+            if on_event is not None:
+                on_event("flight", "joined")
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            value: T | None = flight.value
+            return value
+        try:
+            value = self._read_through(key, load, flight)
+            flight.value = value
+            return value
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+            flight.done.set()
+
+    def invalidate(self, key: uuid.UUID) -> None:
+        """Forget `key` everywhere; call after the write is committed. Never raises."""
+        if self._redis is not None:
+            sent = False
+            if self._l2_reachable():
+                try:
+                    self._send_invalidations([key])
+                    sent = True
+                    self._l2_ok()
+                except Exception as exc:
+                    self._l2_failed("invalidate", exc)
+            if sent:
+                self._event("invalidate", "sent")
+            else:
+                self._defer(key)
+                self._event("invalidate", "deferred")
+        # After L2: a read between the two must not refill L1 from the old L2 value.
+        self._drop_local(key)
+
+    def in_l1(self, key: uuid.UUID) -> bool:
+        """Whether a live L1 entry exists for `key` (no side effects; for tests and probes)."""
+        with self._lock:
+            entry = self._l1.get(key)
+            return entry is not None and entry[1] > self._clock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._l1)
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Block until the listener is subscribed (True) or `timeout` passes (False)."""
+        return self._subscribed.wait(timeout)
+
+    @property
+    def pending_invalidations(self) -> int:
+        """How many invalidations are waiting for Redis to come back."""
+        return len(self._pending)
+
+    # -- read path -----------------------------------------------------------------------
+
+    def _read_through(
+        self, key: uuid.UUID, load: Callable[[], T | None], flight: _Flight
+    ) -> T | None:
+        started = self._clock()
+        l2_read = False
+        stamp: bytes = b""
+        if self._l2_readable():
+            assert self._redis is not None
+            try:
+                reply: Any = self._redis.mget(self._value_key(key), self._stamp_key(key))
+            except Exception as exc:
+                self._l2_failed("read", exc)
+            else:
+                self._l2_ok()
+                l2_read = True
+                data, stamp = reply[0], reply[1] or b""
+                if data is not None:
+                    try:
+                        cached = self._codec.decode(data)
+                    except Exception as exc:
+                        self._warn("undecodable L2 entry for %s (%s); reloading", key, exc)
+                    else:
+                        self._event("l2", "hit")
+                        self._fill_l1(key, cached, flight)
+                        return cached
+                self._event("l2", "miss")
+        elif self._redis is not None:
+            self._event("l2", "bypass")
+        value = load()
+        self._event("load", "db")
+        if value is None:
+            return None
+        if l2_read and not flight.stale and self._clock() - started < self._fill_deadline:
+            self._fill_l2(key, value, stamp)
+        self._fill_l1(key, value, flight)
+        return value
+
+    def _fill_l1(self, key: uuid.UUID, value: T, flight: _Flight) -> None:
+        expires = self._clock() + self._l1_ttl
+        with self._lock:
+            if flight.stale:
+                return
+            self._l1[key] = (value, expires)
+            self._l1.move_to_end(key)
+            while len(self._l1) > self._l1_max:
+                self._l1.popitem(last=False)
+
+    def _fill_l2(self, key: uuid.UUID, value: T, stamp: bytes) -> None:
+        assert self._fill_script is not None
+        try:
+            data = self._codec.encode(value)
+        except Exception:
+            _log.exception("cannot encode the value for %s; not stored in Redis", key)
+            return
+        try:
+            stored = self._fill_script(
+                keys=[self._value_key(key), self._stamp_key(key)],
+                args=[stamp, data, self._l2_ttl_ms],
+            )
+        except Exception as exc:
+            self._l2_failed("fill", exc)
+            return
+        self._event("l2", "fill" if stored == 1 else "stale_fill")
+
+    # -- local invalidation --------------------------------------------------------------
+
+    def _drop_local(self, key: uuid.UUID) -> None:
+        with self._lock:
+            self._l1.pop(key, None)
+            flight = self._flights.pop(key, None)
+            if flight is not None:
+                flight.stale = True
+
+    def _clear_local(self) -> None:
+        with self._lock:
+            self._l1.clear()
+            for flight in self._flights.values():
+                flight.stale = True
+            self._flights.clear()
+
+    # -- L2 health -----------------------------------------------------------------------
+
+    def _l2_reachable(self) -> bool:
+        """Redis is worth a try: no recent error, and no invalidation left unsent."""
+        if self._redis is None or self._clock() < self._down_until:
+            return False
+        if self._pending:
+            return self._flush_pending()
+        return True
+
+    def _l2_readable(self) -> bool:
+        return self._l2_reachable() and self._clock() >= self._distrust_until
+
+    def _l2_failed(self, operation: str, exc: Exception) -> None:
+        self._down_until = self._clock() + self._breaker
+        self._degraded = True
+        self._event("l2", "error")
+        self._warn(
+            "Redis unavailable (%s: %s: %s); serving from the in-process cache and the "
+            "database, retrying in %.1fs",
+            operation,
+            type(exc).__name__,
+            exc,
+            self._breaker,
+        )
+
+    def _l2_ok(self) -> None:
+        if self._degraded:
+            self._degraded = False
+            _log.info("Redis is reachable again; the %s cache uses it", self._namespace)
+
+    def _defer(self, key: uuid.UUID) -> None:
+        with self._pending_lock:
+            if key not in self._pending and len(self._pending) >= self._max_pending:
+                # Too many to track: stop trusting L2 for as long as a stale entry may live.
+                self._pending.clear()
+                self._distrust_until = self._clock() + self._l2_ttl
+                _log.error(
+                    "more than %d invalidations could not reach Redis; bypassing L2 for %.0fs",
+                    self._max_pending,
+                    self._l2_ttl,
+                )
+            self._pending[key] = next(self._sequence)
+
+    def _flush_pending(self) -> bool:
+        """Send every pending invalidation; True when none is left. Never raises."""
+        if not self._flush_lock.acquire(blocking=False):
+            return False  # another thread is flushing: don't trust L2 until it is done
+        try:
+            with self._pending_lock:
+                snapshot = dict(self._pending)
+            keys = list(snapshot)
+            try:
+                for start in range(0, len(keys), _FLUSH_CHUNK):
+                    self._send_invalidations(keys[start : start + _FLUSH_CHUNK])
+            except Exception as exc:
+                self._l2_failed("flush invalidations", exc)
+                return False
+            with self._pending_lock:
+                for key, sequence in snapshot.items():
+                    if self._pending.get(key) == sequence:
+                        del self._pending[key]
+                left = bool(self._pending)
+            if keys:
+                _log.info("sent %d invalidations deferred while Redis was unavailable", len(keys))
+            self._l2_ok()
+            return not left
+        finally:
+            self._flush_lock.release()
+
+    def _send_invalidations(self, keys: list[uuid.UUID]) -> None:
+        assert self._redis is not None
+        pipe = self._redis.pipeline(transaction=True)
+        for key in keys:
+            pipe.set(self._stamp_key(key), os.urandom(12).hex(), px=self._stamp_ttl_ms)
+            pipe.delete(self._value_key(key))
+            pipe.publish(self._channel, str(key))
+        pipe.execute()
+
+    # -- pub/sub listener ----------------------------------------------------------------
+
+    def _listen(self) -> None:
+        assert self._redis is not None
+        backoff = 0.1
+        while not self._stop.is_set():
+            pubsub: Any = None
+            try:
+                pubsub = self._redis.pubsub()  # type: ignore[no-untyped-call]
+                pubsub.subscribe(self._channel)
+                last_seen = last_ping = time.monotonic()
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=self._poll)
+                    now = time.monotonic()
+                    if message is not None:
+                        last_seen = now
+                        if self._handle(message):
+                            backoff = 0.1
+                    if now - last_ping >= self._ping_every:
+                        pubsub.ping()
+                        last_ping = now
+                    if now - last_seen > 3 * self._ping_every:
+                        raise redis.ConnectionError("no reply from Redis on the pub/sub link")
+                    if self._pending:
+                        self._l2_reachable()  # flushes them, unless the breaker is open
+            except Exception as exc:
+                self._subscribed.clear()
+                if self._stop.is_set():
+                    break
+                self._event("pubsub", "error")
+                self._warn_listener(
+                    "cache invalidation listener lost Redis (%s: %s); reconnecting in %.1fs",
+                    type(exc).__name__,
+                    exc,
+                    backoff,
+                )
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self._max_backoff)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
+        self._subscribed.clear()
+
+    def _handle(self, message: dict[str, Any]) -> bool:
+        """Act on one pub/sub message; True if it was a (re)subscription."""
+        kind = message.get("type")
+        if isinstance(kind, bytes):
+            kind = kind.decode()
+        if kind == "message":
+            data = message.get("data")
+            try:
+                text = data.decode() if isinstance(data, bytes) else str(data)
+                key = uuid.UUID(text)
+            except (ValueError, UnicodeDecodeError):
+                _log.debug("ignoring a malformed invalidation message %r", data)
+                return False
+            self._drop_local(key)
+            self._event("pubsub", "message")
+            return False
+        if kind == "subscribe":
+            # Messages sent while disconnected are lost: forget everything held locally.
+            self._subscriptions += 1
+            self._clear_local()
+            self._subscribed.set()
+            self._event("pubsub", "subscribed")
+            _log.info(
+                "cache invalidation listener subscribed to %s%s",
+                self._channel,
+                "" if self._subscriptions == 1 else " again (L1 cleared)",
+            )
+            if self._pending:
+                self._flush_pending()
+            return True
+        return False
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _value_key(self, key: uuid.UUID) -> str:
+        return f"{self._namespace}:{key}"
+
+    def _stamp_key(self, key: uuid.UUID) -> str:
+        return f"{self._namespace}:{key}:inv"
+
+    def _event(self, level: str, outcome: str) -> None:
+        if self._on_event is not None:
+            self._on_event(level, outcome)
