@@ -84,6 +84,15 @@ class Metrics:
         self.db_pool_in_use.set_function(lambda: float(checked_out()))
 
 
+def _go_code_name(code: grpc.StatusCode) -> str:
+    """The status code as Go's codes.Code.String() spells it (go-grpc-prometheus labels)."""
+    if code == grpc.StatusCode.CANCELLED:
+        return "Canceled"
+    if code == grpc.StatusCode.OK:
+        return "OK"
+    return "".join(part.capitalize() for part in code.name.split("_"))
+
+
 class _MethodMetrics:
     """The labelled children of one method, bound once (a scrape-cheap hot path)."""
 
@@ -97,7 +106,7 @@ class _MethodMetrics:
         self.handling = metrics.handling.labels(*labels)
         self.handled = metrics.handled
         self.handled_by_code: dict[grpc.StatusCode, Any] = {
-            code: metrics.handled.labels(*labels, code.name) for code in grpc.StatusCode
+            code: metrics.handled.labels(*labels, _go_code_name(code)) for code in grpc.StatusCode
         }
 
 

