@@ -37,6 +37,7 @@ class RunningServer:
     port: int
     service_names: Sequence[str]
     is_ready: Callable[[], bool]
+    health_server: grpc.Server | None = None
     on_stop: list[Callable[[], None]] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
 
@@ -51,6 +52,8 @@ class RunningServer:
 
     def start(self) -> None:
         self.server.start()
+        if self.health_server is not None:
+            self.health_server.start()
         self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
         threading.Thread(target=self._watch_readiness, name="readiness", daemon=True).start()
 
@@ -70,6 +73,8 @@ class RunningServer:
         self._stopping.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         for callback in self.on_stop:
             try:
                 callback()
@@ -111,6 +116,11 @@ def create_server(
             ("grpc.so_reuseport", 0),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+            (
+                "grpc.max_connection_age_grace_ms",
+                int(settings.max_connection_age_grace_seconds * 1000),
+            ),
         ],
     )
     register(server)
@@ -137,7 +147,24 @@ def create_server(
         port=port,
         service_names=service_names,
         is_ready=is_ready,
+        health_server=_health_only_server(settings, health_servicer),
     )
+
+
+def _health_only_server(
+    settings: CommonSettings, health_servicer: health.HealthServicer
+) -> grpc.Server | None:
+    """A plaintext server with only grpc.health.v1 (kubelet's gRPC probes cannot do TLS)."""
+    if not settings.health_port:
+        return None
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2), options=[("grpc.so_reuseport", 0)]
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    if server.add_insecure_port(f"{host}:{settings.health_port}") == 0:
+        raise RuntimeError(f"cannot bind the health port {settings.health_port}")
+    return server
 
 
 def serve(running: RunningServer, settings: CommonSettings) -> None:

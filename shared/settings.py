@@ -34,6 +34,11 @@ class EnvReader:
     def name(self, key: str) -> str:
         return f"{self.prefix}_{key}"
 
+    def unprefixed(self, name: str) -> str | None:
+        """A standard variable shared by every service (e.g. OTEL_EXPORTER_OTLP_ENDPOINT)."""
+        value = self._env.get(name)
+        return value.strip() if value is not None and value.strip() else None
+
     def raw(self, key: str) -> str | None:
         value = self._env.get(self.name(key))
         return value.strip() if value is not None and value.strip() else None
@@ -128,6 +133,10 @@ class CommonSettings:
     tls_cert_file: str | None
     tls_key_file: str | None
     tls_client_ca_file: str | None
+    health_port: int
+    max_connection_age_seconds: float
+    max_connection_age_grace_seconds: float
+    otlp_endpoint: str | None
 
     @property
     def address(self) -> str:
@@ -150,7 +159,7 @@ def load_common(
     profile: Profile = "dev" if profile_raw == "dev" else "prod"
     dev = profile == "dev"
     data_dir = Path(reader.text("DATA_DIR", ".data")).absolute()
-    database_url = reader.raw("DATABASE_URL")
+    database_url = reader.secret("DATABASE_URL")
     if database_url is None:
         if dev:
             database_url = f"sqlite:///{data_dir / (service + '.db')}"
@@ -159,7 +168,7 @@ def load_common(
             database_url = ""
     elif not dev and database_url.startswith("sqlite"):
         reader.problems.append(f"{reader.name('DATABASE_URL')} must be PostgreSQL in prod")
-    redis_url = reader.raw("REDIS_URL")
+    redis_url = reader.secret("REDIS_URL")
     if redis_url is None and not dev:
         reader.require("REDIS_URL", "in the prod profile")
     log_format = reader.text("LOG_FORMAT", "text" if dev else "json").lower()
@@ -186,4 +195,11 @@ def load_common(
         tls_cert_file=cert,
         tls_key_file=key,
         tls_client_ca_file=reader.raw("TLS_CLIENT_CA_FILE"),
+        # A plaintext health-only port, for kubelet gRPC probes when the main port is TLS.
+        health_port=reader.integer("HEALTH_PORT", 0),
+        # Connections are closed after this age so clients re-resolve and spread over pods.
+        max_connection_age_seconds=reader.number("MAX_CONNECTION_AGE_SECONDS", 300.0),
+        max_connection_age_grace_seconds=reader.number("MAX_CONNECTION_AGE_GRACE_SECONDS", 30.0),
+        otlp_endpoint=reader.raw("OTLP_ENDPOINT")
+        or reader.unprefixed("OTEL_EXPORTER_OTLP_ENDPOINT"),
     )
