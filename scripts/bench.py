@@ -1,0 +1,396 @@
+"""Benchmark: real servers, concurrent clients in separate processes, QPS and latency.
+
+    python scripts/bench.py                 # PostgreSQL + Redis on 127.0.0.1 (default)
+    python scripts/bench.py --duration 5    # shorter phases
+
+Starts auth_svc and agent_svc (each pinned to one core, as in DESIGN.md's measurements)
+on fresh PostgreSQL databases, seeds 100,000 agents, and drives each phase with closed-loop
+clients from separate processes on the other core:
+
+    empty        /agentplatform.bench.v1.Bench/Empty through the same interceptors
+    get_l1       GetAgent, in-process cache hit
+    get_l2       GetAgent, Redis hit (L1 disabled)
+    get_db       GetAgent, database read (no cache)
+    list         ListAgents, page of 50 out of 100,000 (then p99 at half its saturation rate)
+    create       CreateAgent
+    login        Login (argon2id)
+
+It prints QPS, p50/p95/p99 and server CPU per call, and the ratios to the empty handler.
+Not a test: it does not run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
+
+from agentplatform.agent.v1 import agent_pb2  # noqa: E402
+from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc  # noqa: E402
+
+EMPTY = "/agentplatform.bench.v1.Bench/Empty"
+GET = "/agentplatform.agent.v1.AgentService/GetAgent"
+LIST = "/agentplatform.agent.v1.AgentService/ListAgents"
+CREATE = "/agentplatform.agent.v1.AgentService/CreateAgent"
+LOGIN = "/agentplatform.auth.v1.AuthService/Login"
+
+
+# -- load generation (runs in client processes) -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Load:
+    target: str
+    method: str
+    requests: Sequence[bytes]
+    metadata: tuple[tuple[str, str], ...]
+    concurrency: int
+    duration: float
+    warmup: float
+    rate: float = 0.0  # > 0: open loop at this many calls/s (per process)
+
+
+def _client(load: Load) -> tuple[int, int, list[float]]:
+    """Runs one process's share: returns (ok calls, errors, latencies in seconds)."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {(os.cpu_count() or 2) - 1})
+    channel = grpc.insecure_channel(load.target, options=[("grpc.so_reuseport", 0)])
+    call = channel.unary_unary(load.method)
+    requests = itertools.cycle(load.requests)
+    lock = threading.Lock()
+    latencies: list[float] = []
+    counts = {"ok": 0, "err": 0}
+    start = time.perf_counter()
+    measure_from = start + load.warmup
+    end = measure_from + load.duration
+    done = threading.Event()
+    outstanding = [0]
+
+    def issue() -> None:
+        with lock:
+            request = next(requests)
+            outstanding[0] += 1
+        sent = time.perf_counter()
+        future = call.future(request, metadata=load.metadata, timeout=30)
+        future.add_done_callback(lambda f: finished(f, sent))
+
+    def finished(future: grpc.Future, sent: float) -> None:
+        now = time.perf_counter()
+        ok = future.code() == grpc.StatusCode.OK
+        with lock:
+            outstanding[0] -= 1
+            if sent >= measure_from and now <= end:
+                if ok:
+                    counts["ok"] += 1
+                    latencies.append(now - sent)
+                else:
+                    counts["err"] += 1
+            if outstanding[0] == 0 and now > end:
+                done.set()
+        if load.rate == 0 and now <= end:
+            issue()
+
+    if load.rate > 0:
+        interval = 1.0 / load.rate
+        next_at = time.perf_counter()
+        while next_at < end:
+            pause = next_at - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            issue()
+            next_at += interval
+        done.wait(35)
+    else:
+        for _ in range(load.concurrency):
+            issue()
+        done.wait(load.warmup + load.duration + 35)
+    channel.close()
+    return counts["ok"], counts["err"], latencies
+
+
+@dataclass
+class Result:
+    name: str
+    qps: float
+    errors: int
+    p50: float
+    p95: float
+    p99: float
+    cpu_us_per_call: float
+
+    def row(self) -> str:
+        return (
+            f"{self.name:<22}{self.qps:>10,.0f}{self.p50 * 1e3:>9.2f}{self.p95 * 1e3:>9.2f}"
+            f"{self.p99 * 1e3:>9.2f}{self.cpu_us_per_call:>11.0f}{self.errors:>8}"
+        )
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_load(name: str, server_pid: int, load: Load, processes: int, pool: Any) -> Result:
+    cpu_before = _cpu_seconds(server_pid)
+    shares = [load] * processes
+    outcomes = pool.map(_client, shares)
+    cpu_after = _cpu_seconds(server_pid)
+    ok = sum(o[0] for o in outcomes)
+    errors = sum(o[1] for o in outcomes)
+    latencies = [lat for o in outcomes for lat in o[2]]
+    # CPU also covers warm-up and drain: scale by calls made in that whole window, roughly.
+    total_window = load.warmup + load.duration
+    calls_in_window = ok * total_window / load.duration if ok else 1
+    return Result(
+        name=name,
+        qps=ok / load.duration,
+        errors=errors,
+        p50=_percentile(latencies, 0.50),
+        p95=_percentile(latencies, 0.95),
+        p99=_percentile(latencies, 0.99),
+        cpu_us_per_call=(cpu_after - cpu_before) / calls_in_window * 1e6,
+    )
+
+
+# -- environment: databases, servers, data --------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def postgres_database(admin_url: str, label: str) -> Iterator[str]:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"agentplatform_bench_{label}_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextmanager
+def server(service: str, env: dict[str, str], port: int, cpu: int) -> Iterator[int]:
+    """Starts scripts/bench_server.py; yields its pid once its health says SERVING."""
+    import subprocess
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    log = open(ROOT / ".data" / f"bench-{service}-{port}.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "bench_server.py"), service, "--cpu", str(cpu)],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 120
+            while True:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{service} did not start; see {log.name}")
+                try:
+                    name = f"agentplatform.{service}.v1.{service.capitalize()}Service"
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        yield process.pid
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+def common_env(prefix: str, port: int, database_url: str, redis_url: str | None) -> dict[str, str]:
+    env = {
+        f"{prefix}_PORT": str(port),
+        f"{prefix}_METRICS_PORT": "0",
+        f"{prefix}_DATABASE_URL": database_url,
+        f"{prefix}_LOG_LEVEL": "WARNING",
+        f"{prefix}_DATA_DIR": str(ROOT / ".data"),
+        f"{prefix}_PROFILE": "dev",
+    }
+    if redis_url:
+        env[f"{prefix}_REDIS_URL"] = redis_url
+    return env
+
+
+def seed_agents(database_url: str, owner_id: str, count: int) -> list[str]:
+    """Bulk-inserts `count` agents for one owner straight into agent_svc's tables."""
+    from services.agent_svc.bench_seed import seed
+
+    return seed(database_url, uuid.UUID(owner_id), count)
+
+
+# -- the phases ---------------------------------------------------------------------------------
+
+
+def main() -> int:  # noqa: PLR0915
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--processes", type=int, default=2, help="client processes")
+    parser.add_argument("--concurrency", type=int, default=64, help="calls in flight per process")
+    parser.add_argument("--agents", type=int, default=100_000)
+    parser.add_argument(
+        "--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    )
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/14")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    (ROOT / ".data").mkdir(exist_ok=True)
+    import redis
+
+    redis.Redis.from_url(args.redis).flushdb()
+    ctx = multiprocessing.get_context("spawn")
+    results: list[Result] = []
+    with ExitStack() as stack, ctx.Pool(args.processes) as pool:
+        auth_db = stack.enter_context(postgres_database(args.postgres, "auth"))
+        agent_db = stack.enter_context(postgres_database(args.postgres, "agent"))
+        auth_port = _free_port()
+        auth_env = common_env("AUTH", auth_port, auth_db, args.redis)
+        auth_env["AUTH_LOGIN_MAX_FAILURES"] = "1000000"
+        auth_pid = stack.enter_context(server("auth", auth_env, auth_port, cpu=0))
+        auth_target = f"127.0.0.1:{auth_port}"
+        with grpc.insecure_channel(auth_target) as channel:
+            stub = auth_pb2_grpc.AuthServiceStub(channel)
+            email, password = "bench@example.com", "bench-password-1"
+            stub.Register(auth_pb2.RegisterRequest(email=email, password=password))
+            login = stub.Login(auth_pb2.LoginRequest(email=email, password=password))
+        token = login.access_token
+        metadata = (("authorization", f"Bearer {token}"),)
+
+        def phase(
+            name: str,
+            target: str,
+            pid: int,
+            method: str,
+            requests: Sequence[bytes],
+            *,
+            concurrency: int | None = None,
+            rate: float = 0.0,
+            duration: float | None = None,
+        ) -> Result:
+            load = Load(
+                target,
+                method,
+                list(requests),
+                metadata,
+                concurrency or args.concurrency,
+                duration or args.duration,
+                args.warmup,
+                rate,
+            )
+            result = run_load(name, pid, load, args.processes, pool)
+            print(result.row(), flush=True)
+            results.append(result)
+            return result
+
+        print(f"seeding {args.agents:,} agents …", flush=True)
+        started = time.perf_counter()
+        ids = seed_agents(agent_db, login.user.id, args.agents)
+        print(f"seeded in {time.perf_counter() - started:.1f}s", flush=True)
+        header = (
+            f"{'phase':<22}{'QPS':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+            f"{'CPU µs/call':>11}{'errors':>8}"
+        )
+        print(header)
+        hot = [agent_pb2.GetAgentRequest(id=i).SerializeToString() for i in ids[:1000]]
+
+        def agent_server(extra: dict[str, str], redis_url: str | None) -> tuple[str, int]:
+            port = _free_port()
+            env = common_env("AGENT", port, agent_db, redis_url)
+            env.update(
+                {"AGENT_AUTH_TARGET": auth_target, "AGENT_MIGRATE_ON_START": "false", **extra}
+            )
+            pid = stack.enter_context(server("agent", env, port, cpu=0))
+            return f"127.0.0.1:{port}", pid
+
+        target, pid = agent_server({}, args.redis)
+        empty = phase("empty handler", target, pid, EMPTY, [b""])
+        l1 = phase("GetAgent L1 hit", target, pid, GET, hot)
+        list_request = agent_pb2.ListAgentsRequest(page_size=50).SerializeToString()
+        list_sat = phase("ListAgents (saturated)", target, pid, LIST, [list_request])
+        half = list_sat.qps / 2 / args.processes
+        list_half = phase("ListAgents @ 50% sat.", target, pid, LIST, [list_request], rate=half)
+        creates = [
+            agent_pb2.CreateAgentRequest(
+                agent=agent_pb2.Agent(
+                    name=f"bench-create-{n}", model="gpt-4o", instructions="You are a benchmark."
+                )
+            ).SerializeToString()
+            for n in range(200_000)
+        ]
+        phase("CreateAgent", target, pid, CREATE, creates)
+
+        target, pid = agent_server({"AGENT_L1_MAX_ENTRIES": "0"}, args.redis)
+        l2 = phase("GetAgent L2 hit", target, pid, GET, hot)
+
+        target, pid = agent_server({"AGENT_L1_MAX_ENTRIES": "0"}, None)
+        phase(
+            "GetAgent DB read",
+            target,
+            pid,
+            GET,
+            [agent_pb2.GetAgentRequest(id=i).SerializeToString() for i in ids[:20_000]],
+        )
+
+        login_request = auth_pb2.LoginRequest(email=email, password=password).SerializeToString()
+        phase("Login (argon2id)", auth_target, auth_pid, LOGIN, [login_request], concurrency=8)
+
+    print()
+    checks = [
+        ("GetAgent L1 hit QPS ≥ 80% of empty", l1.qps / empty.qps, 0.80),
+        ("GetAgent L2 hit QPS ≥ 60% of empty", l2.qps / empty.qps, 0.60),
+    ]
+    for label, ratio, target_ratio in checks:
+        verdict = "met" if ratio >= target_ratio else "MISSED"
+        print(f"{label}: {ratio:.0%} ({verdict})")
+    verdict = "met" if list_half.p99 < 0.020 else "MISSED"
+    print(f"ListAgents p99 at half saturation < 20 ms: {list_half.p99 * 1e3:.2f} ms ({verdict})")
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in results], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""api layer of agent_svc."""

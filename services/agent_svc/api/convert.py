@@ -1,0 +1,92 @@
+"""Proto ⇄ domain for agents: messages, Timestamps and Structs, nothing else."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from agentplatform.agent.v1 import agent_pb2
+from google.protobuf import struct_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.agent_svc.domain import Agent, AgentInput, Tool
+
+__all__ = ["agent_input", "agent_to_proto", "struct_to_dict"]
+
+
+def _timestamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def _value(value: struct_pb2.Value) -> Any:
+    """One Struct value as plain Python; never raises (NaN stays NaN for validation)."""
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return struct_to_dict(value.struct_value)
+    if kind == "list_value":
+        return [_value(item) for item in value.list_value.values]
+    if kind == "number_value":
+        return value.number_value
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    return None
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    return {key: _value(item) for key, item in struct.fields.items()}
+
+
+def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(data)
+    return struct
+
+
+def agent_input(message: agent_pb2.Agent) -> AgentInput:
+    """The caller-settable fields of a request's agent (output-only fields are dropped)."""
+    return AgentInput(
+        name=message.name,
+        description=message.description,
+        model=message.model,
+        instructions=message.instructions,
+        tools=tuple(
+            Tool(
+                name=tool.name,
+                description=tool.description,
+                parameters=struct_to_dict(tool.parameters),
+            )
+            for tool in message.tools
+        ),
+        metadata=dict(message.metadata),
+        temperature=message.temperature if message.HasField("temperature") else None,
+        top_p=message.top_p if message.HasField("top_p") else None,
+    )
+
+
+def agent_to_proto(agent: Agent) -> agent_pb2.Agent:
+    return agent_pb2.Agent(
+        id=str(agent.id),
+        owner_id=str(agent.owner_id),
+        name=agent.name,
+        description=agent.description,
+        model=agent.model,
+        instructions=agent.instructions,
+        tools=[
+            agent_pb2.Tool(
+                name=tool.name,
+                description=tool.description,
+                parameters=_struct(tool.parameters),
+            )
+            for tool in agent.tools
+        ],
+        metadata=agent.metadata,
+        temperature=agent.temperature,
+        top_p=agent.top_p,
+        create_time=_timestamp(agent.create_time),
+        update_time=_timestamp(agent.update_time),
+        etag=agent.etag,
+    )

@@ -1,0 +1,71 @@
+"""AgentService over gRPC: proto ⇄ domain, nothing else. Every method needs a token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
+
+from services.agent_svc.api.convert import agent_input, agent_to_proto
+from services.agent_svc.service.agent_service import AgentService
+from shared.interceptors import principal_of
+
+__all__ = ["PUBLIC_METHODS", "AgentServicer"]
+
+PUBLIC_METHODS: frozenset[str] = frozenset()
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, service: AgentService) -> None:
+        self._service = service
+
+    def CreateAgent(
+        self, request: agent_pb2.CreateAgentRequest, context: Any
+    ) -> agent_pb2.CreateAgentResponse:
+        agent = self._service.create(
+            principal=principal_of(context),
+            agent=agent_input(request.agent),
+            request_id=request.request_id,
+        )
+        return agent_pb2.CreateAgentResponse(agent=agent_to_proto(agent))
+
+    def GetAgent(
+        self, request: agent_pb2.GetAgentRequest, context: Any
+    ) -> agent_pb2.GetAgentResponse:
+        agent = self._service.get(principal=principal_of(context), agent_id=request.id)
+        return agent_pb2.GetAgentResponse(agent=agent_to_proto(agent))
+
+    def ListAgents(
+        self, request: agent_pb2.ListAgentsRequest, context: Any
+    ) -> agent_pb2.ListAgentsResponse:
+        page = self._service.list(
+            principal=principal_of(context),
+            page_size=request.page_size,
+            page_token=request.page_token,
+            filter=request.filter,
+            order_by=request.order_by,
+        )
+        return agent_pb2.ListAgentsResponse(
+            agents=[agent_to_proto(agent) for agent in page.agents],
+            next_page_token=page.next_page_token,
+        )
+
+    def UpdateAgent(
+        self, request: agent_pb2.UpdateAgentRequest, context: Any
+    ) -> agent_pb2.UpdateAgentResponse:
+        agent = self._service.update(
+            principal=principal_of(context),
+            agent_id=request.agent.id,
+            patch=agent_input(request.agent),
+            update_mask=list(request.update_mask.paths),
+            etag=request.agent.etag,
+        )
+        return agent_pb2.UpdateAgentResponse(agent=agent_to_proto(agent))
+
+    def DeleteAgent(
+        self, request: agent_pb2.DeleteAgentRequest, context: Any
+    ) -> agent_pb2.DeleteAgentResponse:
+        self._service.delete(
+            principal=principal_of(context), agent_id=request.id, etag=request.etag
+        )
+        return agent_pb2.DeleteAgentResponse()

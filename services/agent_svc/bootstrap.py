@@ -1,0 +1,163 @@
+"""The composition root of agent_svc: settings in, a wired server out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from agentplatform.agent.v1 import agent_pb2_grpc
+from sqlalchemy import Engine
+
+from services.agent_svc import SERVICE_NAME
+from services.agent_svc.api.servicer import PUBLIC_METHODS, AgentServicer
+from services.agent_svc.domain import Agent
+from services.agent_svc.infra.cache import TwoLevelCache
+from services.agent_svc.infra.codec import AgentCodec
+from services.agent_svc.repository.sql import SqlAgentUnitOfWork
+from services.agent_svc.service.agent_service import AgentService
+from services.agent_svc.service.paging import PageTokens
+from services.agent_svc.settings import AgentSettings
+from shared.clock import Clock, SystemClock
+from shared.db import make_engine, ping, session_factory
+from shared.interceptors import (
+    AccessLogInterceptor,
+    ErrorMappingInterceptor,
+    TokenCheckInterceptor,
+)
+from shared.jwks import JwksKeyProvider, grpc_jwks_fetcher
+from shared.redis_client import make_redis
+from shared.server import RunningServer, create_server
+from shared.tokens import KeyProvider, TokenVerifier
+
+__all__ = ["AgentApp", "build_app", "build_server", "interceptors_for"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentApp:
+    """Everything agent_svc is made of, wired; `close()` releases it (last built, first
+    closed)."""
+
+    settings: AgentSettings
+    engine: Engine
+    service: AgentService
+    verifier: TokenVerifier
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for close in reversed(self.closers):
+            try:
+                close()
+            except Exception:
+                _log.exception("error while closing agent_svc")
+        self.engine.dispose()
+
+
+# gRPC's default reconnect backoff grows to two minutes: after an auth_svc outage the keys
+# would stay out of reach that long. Keep retrying the connection every second or two.
+_AUTH_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+def _auth_channel(settings: AgentSettings) -> grpc.Channel:
+    """The channel to auth_svc (for its public keys): TLS when a CA file is configured."""
+    if settings.auth_tls_ca_file:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(settings.auth_tls_ca_file).read_bytes()
+        )
+        return grpc.secure_channel(settings.auth_target, credentials, _AUTH_CHANNEL_OPTIONS)
+    return grpc.insecure_channel(settings.auth_target, _AUTH_CHANNEL_OPTIONS)
+
+
+def _jwks_keys(
+    settings: AgentSettings, clock: Clock, closers: list[Callable[[], None]]
+) -> KeyProvider:
+    """Keys fetched from auth_svc's GetJwks, refreshed in the background; the service
+    starts (and reports SERVING) while auth_svc is down and verifies once keys arrive."""
+    channel = _auth_channel(settings)
+    closers.append(channel.close)
+    keys = JwksKeyProvider(
+        grpc_jwks_fetcher(channel),
+        cooldown_seconds=settings.jwks_cooldown_seconds,
+        clock=clock,
+    )
+    keys.start_background_refresh()
+    closers.append(keys.close)
+    return keys
+
+
+def _cache(settings: AgentSettings, closers: list[Callable[[], None]]) -> TwoLevelCache[Agent]:
+    """L1 in process over L2 Redis (when configured); L1 only on the embedded default."""
+    client = make_redis(settings.common.redis_url) if settings.common.redis_url else None
+    if client is not None:
+        closers.append(client.close)
+    cache = TwoLevelCache[Agent](
+        redis=client,
+        codec=AgentCodec(),
+        l1_max_entries=settings.l1_max_entries,
+        l1_ttl_seconds=settings.l1_ttl_seconds,
+        l2_ttl_seconds=settings.l2_ttl_seconds,
+        namespace="agent",
+    )
+    cache.start()
+    closers.append(cache.close)
+    return cache
+
+
+def build_app(
+    settings: AgentSettings,
+    *,
+    clock: Clock | None = None,
+    keys: KeyProvider | None = None,
+) -> AgentApp:
+    """Builds the real adapters from settings (tests may swap the clock or the keys)."""
+    clock = clock or SystemClock()
+    common = settings.common
+    closers: list[Callable[[], None]] = []
+    engine = make_engine(common.database_url, pool_size=min(common.max_workers, 20))
+    sessions = session_factory(engine)
+    service = AgentService(
+        uow=lambda: SqlAgentUnitOfWork(sessions),
+        cache=_cache(settings, closers),
+        clock=clock,
+        allowed_models=settings.allowed_models,
+        page_tokens=PageTokens(settings.page_token_secret),
+    )
+    verifier = TokenVerifier(
+        keys if keys is not None else _jwks_keys(settings, clock, closers),
+        issuer=settings.issuer,
+        audience=settings.audience,
+        clock=clock,
+    )
+    return AgentApp(settings, engine, service, verifier, closers)
+
+
+def interceptors_for(app: AgentApp) -> list[grpc.ServerInterceptor]:
+    return [
+        AccessLogInterceptor(),
+        ErrorMappingInterceptor(domain="agent.agentplatform"),
+        TokenCheckInterceptor(app.verifier, PUBLIC_METHODS),
+    ]
+
+
+def build_server(app: AgentApp) -> RunningServer:
+    """A bound server for the app (port 0 in settings picks a free one). Ready means the
+    database answers: auth_svc being down does not make agent_svc NOT_SERVING."""
+    running = create_server(
+        app.settings.common,
+        register=lambda server: agent_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(app.service), server
+        ),
+        service_names=[SERVICE_NAME],
+        interceptors=interceptors_for(app),
+        is_ready=lambda: ping(app.engine),
+    )
+    running.on_stop.append(app.close)
+    return running

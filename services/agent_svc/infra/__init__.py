@@ -1,0 +1,1 @@
+"""infra layer of agent_svc."""

@@ -1,0 +1,79 @@
+"""agent_svc tables (its own metadata; auth_svc never reads these).
+
+Indexes follow the list queries: a user's list filters on owner_id and orders by
+(create_time | update_time | name, id) with a keyset condition `(column, id) > (…)`, so
+each order has an (owner_id, column, id) index (the unique (owner_id, name) index cannot
+take the row comparison as an index condition); an admin's list orders the same columns
+across owners. Names use the "C" collation on PostgreSQL, so the order (and prefix
+matching) is the same as on SQLite.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = ["AgentBase", "AgentRow"]
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class AgentBase(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+Timestamp = DateTime(timezone=True)
+# Names compare and sort by code point on both databases (SQLite's BINARY collation is
+# that already); it also lets PostgreSQL serve `LIKE 'prefix%'` from the plain index.
+NAME_TYPE = String(256).with_variant(String(256, collation="C"), "postgresql")
+
+
+class AgentRow(AgentBase):
+    __tablename__ = "agent_agents"
+    __table_args__ = (
+        UniqueConstraint("owner_id", "name"),
+        UniqueConstraint("owner_id", "request_id"),
+        Index("ix_agent_agents_owner_create", "owner_id", "create_time", "id"),
+        Index("ix_agent_agents_owner_update", "owner_id", "update_time", "id"),
+        Index("ix_agent_agents_owner_name", "owner_id", "name", "id"),
+        Index("ix_agent_agents_create", "create_time", "id"),
+        Index("ix_agent_agents_update", "update_time", "id"),
+        Index("ix_agent_agents_name", "name", "id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    owner_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    name: Mapped[str] = mapped_column(NAME_TYPE)
+    description: Mapped[str] = mapped_column(String(512))
+    model: Mapped[str] = mapped_column(String(128))
+    instructions: Mapped[str] = mapped_column(Text)
+    tools: Mapped[list[Any]] = mapped_column(JSON)
+    # `metadata` is taken by the declarative base; the column keeps the domain's name.
+    metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSON)
+    temperature: Mapped[float | None] = mapped_column(Float(53), nullable=True)
+    top_p: Mapped[float | None] = mapped_column(Float(53), nullable=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    request_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    create_time: Mapped[datetime] = mapped_column(Timestamp)
+    update_time: Mapped[datetime] = mapped_column(Timestamp)

@@ -1,0 +1,387 @@
+"""Agent business rules: ownership, validation, idempotent create, etags, masks, paging.
+
+Visibility: a caller sees their own agents; an admin sees every agent. Someone else's
+agent is NOT_FOUND, exactly like a missing one. Reads of one agent go through the cache,
+which is keyed by id only, so the ownership check runs on whatever the cache returned.
+Writes go to the database in one unit of work and invalidate the cache after commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
+
+from services.agent_svc.domain import Agent, AgentInput, AgentPage
+from services.agent_svc.service.filtering import (
+    AgentFilter,
+    Ordering,
+    SortField,
+    parse_filter,
+    parse_order_by,
+)
+from services.agent_svc.service.paging import Cursor, PageTokens, page_size_of
+from services.agent_svc.service.ports import (
+    AgentCache,
+    AgentQuery,
+    AgentUnitOfWork,
+    NameTaken,
+    RequestReplayed,
+)
+from services.agent_svc.service.validation import check_agent
+from shared.clock import Clock
+from shared.errors import (
+    Aborted,
+    AlreadyExists,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from shared.tokens import Principal
+
+__all__ = ["MUTABLE_FIELDS", "AgentService", "apply_update_mask"]
+
+_log = logging.getLogger(__name__)
+
+MUTABLE_FIELDS = (
+    "name",
+    "description",
+    "model",
+    "instructions",
+    "tools",
+    "metadata",
+    "temperature",
+    "top_p",
+)
+IMMUTABLE_FIELDS = frozenset({"id", "owner_id"})
+OUTPUT_ONLY_FIELDS = frozenset({"create_time", "update_time", "etag"})
+_METADATA_ENTRY = "metadata."
+# Updates without an etag retry their compare-and-set this many times before ABORTED.
+UPDATE_ATTEMPTS = 5
+
+
+def _parse_id(value: str, field: str) -> uuid.UUID:
+    if not value:
+        raise InvalidArgument.field(field, "required")
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidArgument.field(field, "must be a UUID") from None
+
+
+def _not_found(agent_id: uuid.UUID) -> NotFound:
+    return NotFound(f"agent {agent_id} not found", reason="AGENT_NOT_FOUND")
+
+
+def _etag_mismatch() -> Aborted:
+    return Aborted(
+        "the agent changed since the etag was read; read it again", reason="ETAG_MISMATCH"
+    )
+
+
+def _name_taken(name: str) -> AlreadyExists:
+    return AlreadyExists(f"you already have an agent named {name!r}", reason="AGENT_NAME_TAKEN")
+
+
+def _populated(patch: AgentInput) -> list[str]:
+    """The fields a caller set (AIP-134 "empty mask"): non-default scalars, present
+    optionals, non-empty lists and maps."""
+    return [
+        name
+        for name, present in (
+            ("name", patch.name != ""),
+            ("description", patch.description != ""),
+            ("model", patch.model != ""),
+            ("instructions", patch.instructions != ""),
+            ("tools", bool(patch.tools)),
+            ("metadata", bool(patch.metadata)),
+            ("temperature", patch.temperature is not None),
+            ("top_p", patch.top_p is not None),
+        )
+        if present
+    ]
+
+
+def _mask_paths(update_mask: Sequence[str], patch: AgentInput) -> list[str]:
+    """The mask resolved to mutable field paths (and `metadata.KEY` entries)."""
+    paths = [p.strip() for p in update_mask]
+    if not paths:
+        return _populated(patch)
+    if "*" in paths:
+        if len(set(paths)) > 1:
+            raise InvalidArgument.field("update_mask", '"*" must be the only path')
+        return list(MUTABLE_FIELDS)
+    resolved: list[str] = []
+    problems: list[FieldViolation] = []
+    for path in dict.fromkeys(paths):  # unique, in order
+        if path in IMMUTABLE_FIELDS:
+            problems.append(FieldViolation("update_mask", f"{path} cannot be changed"))
+        elif path in OUTPUT_ONLY_FIELDS:
+            continue  # output only: ignored (AIP-134)
+        elif path in MUTABLE_FIELDS or (
+            path.startswith(_METADATA_ENTRY) and len(path) > len(_METADATA_ENTRY)
+        ):
+            resolved.append(path)
+        else:
+            problems.append(FieldViolation("update_mask", f"unknown field path {path!r}"))
+    if problems:
+        raise InvalidArgument(problems)
+    return resolved
+
+
+def apply_update_mask(current: Agent, patch: AgentInput, paths: Sequence[str]) -> AgentInput:
+    """The caller-settable fields after the update: the named paths from the patch, the
+    rest from the current agent."""
+    fields = AgentInput(
+        name=current.name,
+        description=current.description,
+        model=current.model,
+        instructions=current.instructions,
+        tools=current.tools,
+        metadata=dict(current.metadata),
+        temperature=current.temperature,
+        top_p=current.top_p,
+    )
+    metadata = dict(fields.metadata)
+    for path in paths:
+        if path.startswith(_METADATA_ENTRY):
+            key = path[len(_METADATA_ENTRY) :]
+            if key in patch.metadata:
+                metadata[key] = patch.metadata[key]
+            else:  # a named entry absent from the patch is removed
+                metadata.pop(key, None)
+        elif path == "metadata":
+            metadata = dict(patch.metadata)
+        else:
+            fields = replace(fields, **{path: getattr(patch, path)})
+    return replace(fields, metadata=metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class _Caller:
+    id: uuid.UUID
+    is_admin: bool
+
+    def sees(self, agent: Agent) -> bool:
+        return self.is_admin or agent.owner_id == self.id
+
+
+def _caller(principal: Principal) -> _Caller:
+    try:
+        user_id = uuid.UUID(principal.user_id)
+    except ValueError:
+        raise PermissionDenied(
+            "the caller is not a user account", reason="CALLER_NOT_A_USER"
+        ) from None
+    return _Caller(user_id, principal.is_admin)
+
+
+class AgentService:
+    """The agent use cases; every dependency arrives through the constructor."""
+
+    def __init__(
+        self,
+        *,
+        uow: Callable[[], AgentUnitOfWork],
+        cache: AgentCache,
+        clock: Clock,
+        allowed_models: Collection[str],
+        page_tokens: PageTokens,
+    ) -> None:
+        self._uow = uow
+        self._cache = cache
+        self._clock = clock
+        self._allowed_models = tuple(allowed_models)
+        self._page_tokens = page_tokens
+
+    # -- create and read ----------------------------------------------------------------
+
+    def create(self, *, principal: Principal, agent: AgentInput, request_id: str = "") -> Agent:
+        """Creates an agent owned by the caller; a repeated request_id returns the first."""
+        caller = _caller(principal)
+        request = _parse_id(request_id, "request_id") if request_id else None
+        check_agent(agent, self._allowed_models)
+        now = self._clock.now()
+        new = Agent(
+            id=uuid.uuid4(),
+            owner_id=caller.id,
+            name=agent.name,
+            description=agent.description,
+            model=agent.model,
+            instructions=agent.instructions,
+            tools=agent.tools,
+            metadata=dict(agent.metadata),
+            temperature=agent.temperature,
+            top_p=agent.top_p,
+            create_time=now,
+            update_time=now,
+            revision=1,
+        )
+        with self._uow() as uow:
+            if request is not None:
+                first = uow.agents.get_by_request_id(caller.id, request)
+                if first is not None:
+                    return first
+            try:
+                uow.agents.add(new, request_id=request)
+            except NameTaken:
+                raise _name_taken(new.name) from None
+            except RequestReplayed:
+                # A concurrent create with the same request id won the race.
+                assert request is not None
+                first = uow.agents.get_by_request_id(caller.id, request)
+                if first is None:
+                    raise Aborted(
+                        "a concurrent request with this request_id is in progress",
+                        reason="REQUEST_IN_PROGRESS",
+                    ) from None
+                return first
+            uow.commit()
+        return new
+
+    def get(self, *, principal: Principal, agent_id: str) -> Agent:
+        """One agent, if the caller may see it."""
+        caller = _caller(principal)
+        key = _parse_id(agent_id, "id")
+        agent = self._cache.get(key, lambda: self._load(key))
+        if agent is None or not caller.sees(agent):
+            raise _not_found(key)
+        return agent
+
+    def _load(self, agent_id: uuid.UUID) -> Agent | None:
+        with self._uow() as uow:
+            return uow.agents.get(agent_id)
+
+    def list(
+        self,
+        *,
+        principal: Principal,
+        page_size: int = 0,
+        page_token: str = "",
+        filter: str = "",  # the AIP-160 request field's name
+        order_by: str = "",
+    ) -> AgentPage:
+        """The caller's agents (an admin: everyone's), filtered, ordered, one page."""
+        caller = _caller(principal)
+        limit = page_size_of(page_size)
+        conditions = parse_filter(filter, allow_owner=caller.is_admin)
+        ordering = parse_order_by(order_by)
+        owner = None if caller.is_admin else caller.id
+        binding = _binding(caller, owner, conditions, ordering)
+        after = (
+            self._page_tokens.read(page_token, binding=binding, field=ordering.field)
+            if page_token
+            else None
+        )
+        query = AgentQuery(owner, conditions, ordering, after, limit + 1)
+        with self._uow() as uow:
+            rows = uow.agents.list_page(query)
+        page, more = rows[:limit], len(rows) > limit
+        next_token = (
+            self._page_tokens.issue(_cursor(page[-1], ordering.field), binding=binding)
+            if more
+            else ""
+        )
+        return AgentPage(tuple(page), next_token)
+
+    # -- change -------------------------------------------------------------------------
+
+    def update(
+        self,
+        *,
+        principal: Principal,
+        agent_id: str,
+        patch: AgentInput,
+        update_mask: Sequence[str] = (),
+        etag: str = "",
+    ) -> Agent:
+        """Applies the masked fields (AIP-134); a set etag must match (else ABORTED)."""
+        caller = _caller(principal)
+        key = _parse_id(agent_id, "agent.id")
+        paths = _mask_paths(update_mask, patch)
+        for _attempt in range(UPDATE_ATTEMPTS):
+            updated = self._try_update(caller, key, patch, paths, etag)
+            if updated is not None:
+                self._cache.invalidate(key)
+                return updated
+            if etag:  # the etag the caller sent is stale now: someone else won
+                raise _etag_mismatch()
+            _log.info("concurrent update of agent %s; retrying", key)
+        raise Aborted("too many concurrent updates; try again", reason="CONCURRENT_UPDATE")
+
+    def _try_update(
+        self,
+        caller: _Caller,
+        key: uuid.UUID,
+        patch: AgentInput,
+        paths: Sequence[str],
+        etag: str,
+    ) -> Agent | None:
+        """The updated agent, or None if a concurrent update won the compare-and-set."""
+        with self._uow() as uow:
+            current = uow.agents.get(key)
+            if current is None or not caller.sees(current):
+                raise _not_found(key)
+            if etag and etag != current.etag:
+                raise _etag_mismatch()
+            fields = apply_update_mask(current, patch, paths)
+            check_agent(fields, self._allowed_models)
+            updated = Agent(
+                id=current.id,
+                owner_id=current.owner_id,
+                name=fields.name,
+                description=fields.description,
+                model=fields.model,
+                instructions=fields.instructions,
+                tools=fields.tools,
+                metadata=dict(fields.metadata),
+                temperature=fields.temperature,
+                top_p=fields.top_p,
+                create_time=current.create_time,
+                update_time=max(self._clock.now(), current.update_time),
+                revision=current.revision + 1,
+            )
+            try:
+                stored = uow.agents.update(updated, expected_revision=current.revision)
+            except NameTaken:
+                raise _name_taken(updated.name) from None
+            if not stored:
+                return None
+            uow.commit()
+        return updated
+
+    def delete(self, *, principal: Principal, agent_id: str, etag: str = "") -> None:
+        """Deletes an agent the caller may change; a non-empty etag must match."""
+        caller = _caller(principal)
+        key = _parse_id(agent_id, "id")
+        with self._uow() as uow:
+            current = uow.agents.get(key)
+            if current is None or not caller.sees(current):
+                raise _not_found(key)
+            if etag and etag != current.etag:
+                raise _etag_mismatch()
+            deleted = uow.agents.delete(key, expected_revision=current.revision if etag else None)
+            if not deleted:
+                if etag:
+                    raise _etag_mismatch()
+                raise _not_found(key)  # deleted by a concurrent call
+            uow.commit()
+        self._cache.invalidate(key)
+
+
+def _binding(
+    caller: _Caller, owner: uuid.UUID | None, conditions: AgentFilter, ordering: Ordering
+) -> str:
+    """What a page token is bound to: who asks, which rows they see, filter and order."""
+    scope = str(owner) if owner is not None else "*"
+    return "\n".join((str(caller.id), scope, conditions.canonical(), ordering.canonical()))
+
+
+def _cursor(agent: Agent, field: SortField) -> Cursor:
+    if field is SortField.NAME:
+        return Cursor(agent.name, agent.id)
+    if field is SortField.UPDATE_TIME:
+        return Cursor(agent.update_time, agent.id)
+    return Cursor(agent.create_time, agent.id)

@@ -1,0 +1,247 @@
+"""ListAgents' `filter` (a documented subset of AIP-160) and `order_by` (AIP-132).
+
+Filter grammar (whitespace between tokens is free; `AND` is case-sensitive)::
+
+    filter     := term ( "AND" term )*
+    term       := field "=" string
+    field      := "model" | "name" | "owner_id" | "metadata." key
+    key        := [A-Za-z0-9_.-]+          (a metadata key; dots belong to the key)
+    string     := '"' ( any character but '"' and '\\' | '\\"' | '\\\\' )* '"'
+
+- `name = "sup*"`: a trailing `*` makes a prefix match (names starting with "sup");
+  a `*` anywhere else is literal.
+- `owner_id = "<uuid>"`: admins only.
+- Every other form (OR, NOT, `!=`, `:`, parentheses, unquoted values, other fields) is
+  INVALID_ARGUMENT with a violation on `filter`.
+
+order_by: `create_time`, `update_time` or `name`, optionally followed by `asc` or `desc`;
+empty means `create_time desc`. Ties are broken by id, in the same direction.
+
+The parsed result is a small typed structure; the repository turns it into SQL with
+bound parameters only.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+
+from shared.errors import InvalidArgument
+
+__all__ = [
+    "MAX_FILTER_LENGTH",
+    "AgentFilter",
+    "Condition",
+    "MetadataEquals",
+    "ModelEquals",
+    "NameEquals",
+    "NamePrefix",
+    "Ordering",
+    "OwnerEquals",
+    "SortField",
+    "parse_filter",
+    "parse_order_by",
+]
+
+MAX_FILTER_LENGTH = 4_096
+_METADATA_PREFIX = "metadata."
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_.-]+)?")
+_METADATA_KEY = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEquals:
+    model: str
+
+    def canonical(self) -> str:
+        return f"model = {_quote(self.model)}"
+
+
+@dataclass(frozen=True, slots=True)
+class NameEquals:
+    name: str
+
+    def canonical(self) -> str:
+        return f"name = {_quote(self.name)}"
+
+
+@dataclass(frozen=True, slots=True)
+class NamePrefix:
+    prefix: str
+
+    def canonical(self) -> str:
+        return f"name = {_quote(self.prefix + '*')}"
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataEquals:
+    key: str
+    value: str
+
+    def canonical(self) -> str:
+        return f"metadata.{self.key} = {_quote(self.value)}"
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerEquals:
+    owner_id: uuid.UUID
+
+    def canonical(self) -> str:
+        return f'owner_id = "{self.owner_id}"'
+
+
+Condition = ModelEquals | NameEquals | NamePrefix | MetadataEquals | OwnerEquals
+
+
+@dataclass(frozen=True, slots=True)
+class AgentFilter:
+    """Conditions that all hold (AND)."""
+
+    conditions: tuple[Condition, ...] = ()
+
+    def canonical(self) -> str:
+        """One spelling per meaning (order of terms and spacing do not matter)."""
+        return " AND ".join(sorted({c.canonical() for c in self.conditions}))
+
+
+class SortField(StrEnum):
+    CREATE_TIME = "create_time"
+    UPDATE_TIME = "update_time"
+    NAME = "name"
+
+
+@dataclass(frozen=True, slots=True)
+class Ordering:
+    field: SortField = SortField.CREATE_TIME
+    descending: bool = True
+
+    def canonical(self) -> str:
+        return f"{self.field.value} {'desc' if self.descending else 'asc'}"
+
+
+def _bad_filter(description: str) -> InvalidArgument:
+    return InvalidArgument.field("filter", description)
+
+
+class _Scanner:
+    """A cursor over the filter text that reads one token at a time."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def skip_space(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
+
+    def at_end(self) -> bool:
+        self.skip_space()
+        return self.pos >= len(self.text)
+
+    def field(self) -> str:
+        self.skip_space()
+        match = _FIELD.match(self.text, self.pos)
+        if match is None:
+            raise _bad_filter(f"expected a field name at position {self.pos + 1}")
+        self.pos = match.end()
+        return match.group()
+
+    def equals(self, field: str) -> None:
+        self.skip_space()
+        if not self.text.startswith("=", self.pos):
+            raise _bad_filter(f'expected "=" after {field} (only equality is supported)')
+        self.pos += 1
+
+    def string(self, field: str) -> str:
+        self.skip_space()
+        if not self.text.startswith('"', self.pos):
+            raise _bad_filter(f"the value of {field} must be a double-quoted string")
+        out: list[str] = []
+        pos = self.pos + 1
+        while pos < len(self.text):
+            char = self.text[pos]
+            if char == '"':
+                self.pos = pos + 1
+                return "".join(out)
+            if char == "\\":
+                escaped = self.text[pos + 1 : pos + 2]
+                if escaped not in ('"', "\\"):
+                    raise _bad_filter(f'only \\" and \\\\ escapes are allowed (position {pos + 1})')
+                out.append(escaped)
+                pos += 2
+                continue
+            out.append(char)
+            pos += 1
+        raise _bad_filter("unterminated string")
+
+    def conjunction(self) -> None:
+        self.skip_space()
+        if (
+            not self.text.startswith("AND", self.pos)
+            or self.text[self.pos + 3 : self.pos + 4].isalnum()
+        ):
+            raise _bad_filter(f"expected AND at position {self.pos + 1}")
+        self.pos += 3
+
+
+def _condition(field: str, value: str, *, allow_owner: bool) -> Condition:
+    if field == "model":
+        return ModelEquals(value)
+    if field == "name":
+        return NamePrefix(value[:-1]) if value.endswith("*") else NameEquals(value)
+    if field == "owner_id":
+        if not allow_owner:
+            raise _bad_filter("owner_id may only be filtered by admins")
+        try:
+            return OwnerEquals(uuid.UUID(value))
+        except ValueError:
+            raise _bad_filter("owner_id must be a UUID") from None
+    if field.startswith(_METADATA_PREFIX):
+        key = field[len(_METADATA_PREFIX) :]
+        if _METADATA_KEY.fullmatch(key):
+            return MetadataEquals(key, value)
+    raise _bad_filter(
+        f"unknown field {field!r}; filterable: model, name, metadata.KEY"
+        + (", owner_id" if allow_owner else "")
+    )
+
+
+def parse_filter(text: str, *, allow_owner: bool) -> AgentFilter:
+    """The conditions of a filter expression; InvalidArgument on `filter` if malformed."""
+    if len(text) > MAX_FILTER_LENGTH:
+        raise _bad_filter(f"must be at most {MAX_FILTER_LENGTH} characters")
+    scanner = _Scanner(text)
+    conditions: list[Condition] = []
+    if scanner.at_end():
+        return AgentFilter()
+    while True:
+        field = scanner.field()
+        scanner.equals(field)
+        value = scanner.string(field)
+        conditions.append(_condition(field, value, allow_owner=allow_owner))
+        if scanner.at_end():
+            return AgentFilter(tuple(conditions))
+        scanner.conjunction()
+
+
+def parse_order_by(text: str) -> Ordering:
+    """`field [asc|desc]`; empty → create_time desc; InvalidArgument on `order_by` if not."""
+    words = text.split()
+    if not words:
+        return Ordering()
+    fields = [f.value for f in SortField]
+    allowed = ", ".join(fields)
+    if len(words) > 2 or words[0] not in fields:
+        raise InvalidArgument.field(
+            "order_by", f"must be one field of {allowed}, optionally followed by asc or desc"
+        )
+    direction = words[1].lower() if len(words) == 2 else "asc"
+    if direction not in ("asc", "desc"):
+        raise InvalidArgument.field("order_by", "the direction must be asc or desc")
+    return Ordering(SortField(words[0]), descending=direction == "desc")

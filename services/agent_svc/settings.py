@@ -1,0 +1,102 @@
+"""agent_svc settings: AGENT_* environment variables.
+
+- `AGENT_AUTH_TARGET` (`127.0.0.1:50051`): auth_svc, for its public keys (`GetJwks`).
+- `AGENT_AUTH_TLS_CA_FILE` (unset): a CA bundle; set it to reach auth_svc over TLS.
+- `AGENT_ISSUER` (`agentplatform-auth`), `AGENT_AUDIENCE` (`agentplatform`): the `iss`
+  and `aud` every access token must carry.
+- `AGENT_ALLOWED_MODELS` (`DEFAULT_ALLOWED_MODELS` below): comma-separated allow-list.
+- `AGENT_JWKS_COOLDOWN_SECONDS` (30): at most one key refetch per cool-down on an unknown
+  `kid`.
+- `AGENT_L1_MAX_ENTRIES` (10000), `AGENT_L1_TTL_SECONDS` (30): the in-process cache; the
+  TTL bounds staleness after a missed invalidation message.
+- `AGENT_L2_TTL_SECONDS` (300): the Redis cache.
+- `AGENT_PAGE_TOKEN_SECRET` (or `AGENT_PAGE_TOKEN_SECRET_FILE`, at least 32 characters):
+  the HMAC key of page tokens, shared by every replica; required in prod, random per
+  start in dev.
+
+Plus the common ones (`AGENT_PROFILE`, `AGENT_PORT` 50052, `AGENT_METRICS_PORT` 9102,
+`AGENT_DATABASE_URL`, `AGENT_REDIS_URL`, …) from shared.settings.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shared.settings import CommonSettings, EnvReader, load_common
+
+__all__ = ["DEFAULT_ALLOWED_MODELS", "AgentSettings", "load_agent_settings"]
+
+DEFAULT_ALLOWED_MODELS = (
+    "gpt-4o",
+    "gpt-4o-mini",
+    "gpt-4.1",
+    "gpt-4.1-mini",
+    "o3",
+    "o4-mini",
+    "claude-sonnet-4",
+    "claude-opus-4",
+    "gemini-2.5-pro",
+    "gemini-2.5-flash",
+)
+MIN_PAGE_TOKEN_SECRET = 32
+MAX_MODEL_NAME = 128  # the width of the model column
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    common: CommonSettings
+    auth_target: str
+    auth_tls_ca_file: str | None
+    issuer: str
+    audience: str
+    allowed_models: tuple[str, ...]
+    jwks_cooldown_seconds: float
+    l1_max_entries: int
+    l1_ttl_seconds: float
+    l2_ttl_seconds: float
+    page_token_secret: bytes
+
+
+def _page_token_secret(reader: EnvReader, common: CommonSettings) -> bytes:
+    secret = reader.secret("PAGE_TOKEN_SECRET")
+    if secret is not None:
+        secret = secret.strip()
+        if len(secret) < MIN_PAGE_TOKEN_SECRET:
+            reader.problems.append(
+                f"{reader.name('PAGE_TOKEN_SECRET')} must be at least "
+                f"{MIN_PAGE_TOKEN_SECRET} characters"
+            )
+        return secret.encode()
+    if common.profile == "prod":
+        # Every replica must accept every other replica's page tokens.
+        reader.require("PAGE_TOKEN_SECRET", "in the prod profile (or AGENT_PAGE_TOKEN_SECRET_FILE)")
+    return secrets.token_bytes(32)
+
+
+def load_agent_settings(env: Mapping[str, str]) -> AgentSettings:
+    """Reads AGENT_* variables; raises ConfigError listing every problem."""
+    reader = EnvReader(env, "AGENT")
+    common = load_common(reader, service="agent", default_port=50052, default_metrics_port=9102)
+    settings = AgentSettings(
+        common=common,
+        auth_target=reader.text("AUTH_TARGET", "127.0.0.1:50051"),
+        auth_tls_ca_file=reader.raw("AUTH_TLS_CA_FILE"),
+        issuer=reader.text("ISSUER", "agentplatform-auth"),
+        audience=reader.text("AUDIENCE", "agentplatform"),
+        allowed_models=reader.items("ALLOWED_MODELS", DEFAULT_ALLOWED_MODELS),
+        jwks_cooldown_seconds=reader.number("JWKS_COOLDOWN_SECONDS", 30.0),
+        l1_max_entries=reader.integer("L1_MAX_ENTRIES", 10_000, minimum=1),
+        l1_ttl_seconds=reader.number("L1_TTL_SECONDS", 30.0),
+        l2_ttl_seconds=reader.number("L2_TTL_SECONDS", 300.0, minimum=1.0),
+        page_token_secret=_page_token_secret(reader, common),
+    )
+    if not settings.allowed_models:
+        reader.problems.append(f"{reader.name('ALLOWED_MODELS')} must name at least one model")
+    if any(len(model) > MAX_MODEL_NAME for model in settings.allowed_models):
+        reader.problems.append(
+            f"{reader.name('ALLOWED_MODELS')}: model names are at most {MAX_MODEL_NAME} characters"
+        )
+    reader.check()
+    return settings

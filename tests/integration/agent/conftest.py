@@ -1,0 +1,37 @@
+"""agent_svc on a real database: a migrated fresh database per test (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.agent_svc.repository.sql import SqlAgentUnitOfWork
+from shared import migrations
+from shared.db import make_engine, session_factory
+
+
+@pytest.fixture
+def migrated_url(database_url: str) -> str:
+    migrations.upgrade("agent", database_url)
+    return database_url
+
+
+@pytest.fixture
+def engine(migrated_url: str) -> Iterator[Engine]:
+    engine = make_engine(migrated_url, pool_size=4)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    return session_factory(engine)
+
+
+@pytest.fixture
+def uow(sessions: sessionmaker[Session]) -> Callable[[], SqlAgentUnitOfWork]:
+    """A factory of units of work, as the composition root hands it to the service."""
+    return lambda: SqlAgentUnitOfWork(sessions)

@@ -1,0 +1,289 @@
+"""The SQLAlchemy agent repository on SQLite and PostgreSQL (each test: a fresh database)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from services.agent_svc.domain import Agent, Tool
+from services.agent_svc.repository.sql import SqlAgentUnitOfWork
+from services.agent_svc.service.filtering import (
+    AgentFilter,
+    Condition,
+    MetadataEquals,
+    ModelEquals,
+    NameEquals,
+    NamePrefix,
+    Ordering,
+    OwnerEquals,
+    SortField,
+)
+from services.agent_svc.service.paging import Cursor
+from services.agent_svc.service.ports import AgentQuery, NameTaken, RequestReplayed
+
+UowFactory = Callable[[], SqlAgentUnitOfWork]
+BY_NAME = Ordering(SortField.NAME, descending=False)
+T0 = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+ALICE = uuid.UUID("00000000-0000-4000-8000-00000000000a")
+BOB = uuid.UUID("00000000-0000-4000-8000-00000000000b")
+
+
+def an_agent(name: str = "support bot", owner: uuid.UUID = ALICE, **changes: Any) -> Agent:
+    fields: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "owner_id": owner,
+        "name": name,
+        "description": "answers questions",
+        "model": "gpt-4o",
+        "instructions": "Be helpful. " * 50,
+        "tools": (
+            Tool(
+                name="search",
+                description="Searches",
+                parameters={
+                    "type": "object",
+                    "properties": {"q": {"type": "string"}, "n": {"type": "number"}},
+                    "required": ["q"],
+                    "default": {"n": 10.0, "exact": True, "none": None},
+                },
+            ),
+        ),
+        "metadata": {"team": "search", "tier": "gold"},
+        "temperature": 0.1,
+        "top_p": None,
+        "create_time": T0,
+        "update_time": T0,
+        "revision": 1,
+    }
+    fields.update(changes)
+    return Agent(**fields)
+
+
+def add(uow: UowFactory, *agents: Agent, request_id: uuid.UUID | None = None) -> None:
+    with uow() as work:
+        for agent in agents:
+            work.agents.add(agent, request_id=request_id)
+        work.commit()
+
+
+def get(uow: UowFactory, agent_id: uuid.UUID) -> Agent | None:
+    with uow() as work:
+        return work.agents.get(agent_id)
+
+
+def query(
+    uow: UowFactory,
+    *conditions: Condition,
+    owner: uuid.UUID | None = ALICE,
+    order: Ordering = BY_NAME,
+    after: Cursor | None = None,
+    limit: int = 100,
+) -> list[str]:
+    with uow() as work:
+        rows = work.agents.list_page(
+            AgentQuery(owner, AgentFilter(conditions), order, after, limit)
+        )
+    return [row.name for row in rows]
+
+
+def test_an_agent_round_trips_exactly(uow: UowFactory) -> None:
+    agent = an_agent(temperature=1 / 3, top_p=0.0, description='Zoë ✨ "quoted"\nline')
+    add(uow, agent)
+    assert get(uow, agent.id) == agent
+    bare = an_agent("bare", tools=(), metadata={}, temperature=None, top_p=None)
+    add(uow, bare)
+    stored = get(uow, bare.id)
+    assert stored == bare
+    assert stored is not None
+    assert stored.create_time.tzinfo is not None
+    assert get(uow, uuid.uuid4()) is None
+
+
+def test_names_are_unique_per_owner(uow: UowFactory) -> None:
+    add(uow, an_agent("dup"))
+    with uow() as work:
+        with pytest.raises(NameTaken):
+            work.agents.add(an_agent("dup"))
+        # The failed insert rolled back to its savepoint: the unit of work goes on.
+        work.agents.add(an_agent("dup", owner=BOB))
+        work.agents.add(an_agent("other"))
+        work.commit()
+    assert query(uow) == ["dup", "other"]
+    assert query(uow, owner=BOB) == ["dup"]
+
+
+def test_request_ids_are_unique_per_owner(uow: UowFactory) -> None:
+    request = uuid.uuid4()
+    first = an_agent("first")
+    add(uow, first, request_id=request)
+    with uow() as work:
+        with pytest.raises(RequestReplayed):
+            work.agents.add(an_agent("second"), request_id=request)
+        # A replay usually repeats the name too: the request id still decides.
+        with pytest.raises(RequestReplayed):
+            work.agents.add(an_agent("first"), request_id=request)
+        assert work.agents.get_by_request_id(ALICE, request) == first
+        assert work.agents.get_by_request_id(BOB, request) is None
+        work.agents.add(an_agent("bobs", owner=BOB), request_id=request)
+        work.agents.add(an_agent("no request a"))
+        work.agents.add(an_agent("no request b"))  # NULL request ids never collide
+        work.commit()
+
+
+def test_update_is_a_compare_and_set_on_the_revision(uow: UowFactory) -> None:
+    agent = an_agent()
+    add(uow, agent)
+    later = T0 + timedelta(seconds=5)
+    changed = an_agent(
+        id=agent.id,
+        name="renamed",
+        description="",
+        metadata={"k": "v"},
+        tools=(),
+        temperature=None,
+        top_p=0.5,
+        update_time=later,
+        revision=2,
+    )
+    with uow() as work:
+        assert not work.agents.update(changed, expected_revision=7)
+        assert work.agents.update(changed, expected_revision=1)
+        work.commit()
+    assert get(uow, agent.id) == changed
+    with uow() as work:
+        assert not work.agents.update(changed, expected_revision=1)  # stale now
+        assert not work.agents.update(an_agent(), expected_revision=1)  # no such agent
+
+
+def test_renaming_onto_a_taken_name_is_name_taken(uow: UowFactory) -> None:
+    taken, mine = an_agent("taken"), an_agent("mine")
+    add(uow, taken, mine)
+    with uow() as work:
+        with pytest.raises(NameTaken):
+            work.agents.update(an_agent("taken", id=mine.id, revision=2), expected_revision=1)
+        assert work.agents.update(an_agent("fine", id=mine.id, revision=2), expected_revision=1)
+        work.commit()
+    assert query(uow) == ["fine", "taken"]
+
+
+def test_delete_with_and_without_a_revision(uow: UowFactory) -> None:
+    one, two = an_agent("one"), an_agent("two")
+    add(uow, one, two)
+    with uow() as work:
+        assert not work.agents.delete(one.id, expected_revision=2)
+        assert work.agents.delete(one.id, expected_revision=1)
+        assert work.agents.delete(two.id)
+        assert not work.agents.delete(two.id)
+        work.commit()
+    assert query(uow) == []
+
+
+def test_each_filter(uow: UowFactory) -> None:
+    add(
+        uow,
+        an_agent("Support", model="gpt-4o-mini", metadata={"team": "search"}),
+        an_agent("support bot", metadata={"team": "Search", "cost.center": "42"}),
+        an_agent("support_x", metadata={}),
+        an_agent("supportXbot", metadata={"team": "search"}),
+        an_agent("50% off", metadata={"team": "sales"}),
+        an_agent("500 off", metadata={"team": "sales"}),
+        an_agent("bobs support", owner=BOB, metadata={"team": "search"}),
+    )
+    assert query(uow, ModelEquals("gpt-4o-mini")) == ["Support"]
+    assert query(uow, NameEquals("support bot")) == ["support bot"]
+    assert query(uow, NameEquals("support")) == []  # exact and case-sensitive
+    # Prefixes are case-sensitive on both databases and LIKE wildcards are literal.
+    assert query(uow, NamePrefix("support")) == ["support bot", "supportXbot", "support_x"]
+    assert query(uow, NamePrefix("support_")) == ["support_x"]
+    assert query(uow, NamePrefix("50%")) == ["50% off"]
+    assert query(uow, NamePrefix("")) == query(uow)
+    assert query(uow, MetadataEquals("team", "search")) == ["Support", "supportXbot"]
+    assert query(uow, MetadataEquals("cost.center", "42")) == ["support bot"]
+    assert query(uow, MetadataEquals("team", "nothing")) == []
+    assert query(uow, MetadataEquals("missing", "")) == []
+    assert query(uow, NamePrefix("support"), MetadataEquals("team", "search")) == ["supportXbot"]
+    assert query(uow, MetadataEquals("team", "search"), owner=None) == [
+        "Support",
+        "bobs support",
+        "supportXbot",
+    ]
+    assert query(uow, OwnerEquals(BOB), owner=None) == ["bobs support"]
+    assert query(uow, OwnerEquals(BOB)) == []  # the owner scope still applies
+
+
+def test_each_order(uow: UowFactory) -> None:
+    names = ["c", "a", "d", "b"]
+    for index, name in enumerate(names):
+        add(
+            uow,
+            an_agent(
+                name,
+                create_time=T0 + timedelta(seconds=index),
+                update_time=T0 - timedelta(seconds=index),
+            ),
+        )
+    orders = {
+        (SortField.CREATE_TIME, False): ["c", "a", "d", "b"],
+        (SortField.CREATE_TIME, True): ["b", "d", "a", "c"],
+        (SortField.UPDATE_TIME, False): ["b", "d", "a", "c"],
+        (SortField.UPDATE_TIME, True): ["c", "a", "d", "b"],
+        (SortField.NAME, False): ["a", "b", "c", "d"],
+        (SortField.NAME, True): ["d", "c", "b", "a"],
+    }
+    for (field, descending), expected in orders.items():
+        assert query(uow, order=Ordering(field, descending)) == expected, (field, descending)
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_keyset_pages_break_ties_by_id(uow: UowFactory, descending: bool) -> None:
+    """Many rows share one create_time: the id decides, and no row is lost or repeated."""
+    agents = [an_agent(f"a{index:02d}") for index in range(11)]
+    add(uow, *agents)
+    order = Ordering(SortField.CREATE_TIME, descending)
+    expected = [a.name for a in sorted(agents, key=lambda a: a.id, reverse=descending)]
+    seen: list[str] = []
+    after: Cursor | None = None
+    while True:
+        with uow() as work:
+            rows = work.agents.list_page(AgentQuery(ALICE, AgentFilter(), order, after, 3))
+        seen += [row.name for row in rows]
+        if len(rows) < 3:
+            break
+        after = Cursor(rows[-1].create_time, rows[-1].id)
+    assert seen == expected
+
+
+def test_two_compare_and_sets_on_one_revision_one_wins(uow: UowFactory) -> None:
+    agent = an_agent()
+    add(uow, agent)
+    start = threading.Barrier(2)
+    results: list[bool] = []
+    errors: list[BaseException] = []
+
+    def writer(description: str) -> None:
+        try:
+            start.wait(timeout=10)
+            with uow() as work:
+                changed = an_agent(id=agent.id, description=description, revision=2)
+                won = work.agents.update(changed, expected_revision=1)
+                if won:
+                    work.commit()
+                results.append(won)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(d,)) for d in ("left", "right")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors, errors
+    assert sorted(results) == [False, True]
+    stored = get(uow, agent.id)
+    assert stored is not None
+    assert stored.revision == 2

@@ -1,0 +1,149 @@
+"""AgentService on a real database (SQLite and PostgreSQL): paging under concurrent inserts
+and the races the unique keys and the compare-and-set decide."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from services.agent_svc.domain import Agent, AgentInput
+from services.agent_svc.infra.nocache import NoCache
+from services.agent_svc.repository.sql import SqlAgentUnitOfWork
+from services.agent_svc.service.agent_service import AgentService
+from services.agent_svc.service.paging import PageTokens
+from shared.clock import SystemClock
+from shared.errors import Aborted, AlreadyExists, DomainError
+from shared.tokens import Principal
+from tests.helpers import FakeClock
+from tests.unit.agent.fakes import MODELS, SECRET, agent_input
+
+UowFactory = Callable[[], SqlAgentUnitOfWork]
+
+
+def service(uow: UowFactory, clock: Any = None) -> AgentService:
+    return AgentService(
+        uow=uow,
+        cache=NoCache(),
+        clock=clock or SystemClock(),
+        allowed_models=MODELS,
+        page_tokens=PageTokens(SECRET),
+    )
+
+
+def a_user() -> Principal:
+    return Principal(user_id=str(uuid.uuid4()), roles=frozenset({"user"}))
+
+
+def run_together(*calls: Callable[[], Any]) -> list[Any]:
+    """Starts the calls at once on threads; each result is a value or the exception."""
+    barrier = threading.Barrier(len(calls))
+    results: list[Any] = [None] * len(calls)
+
+    def run(index: int, call: Callable[[], Any]) -> None:
+        barrier.wait(timeout=10)
+        try:
+            results[index] = call()
+        except BaseException as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=run, args=item) for item in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results
+
+
+@pytest.mark.parametrize("order_by", ["", "name", "update_time desc"])
+def test_paging_while_others_insert_neither_repeats_nor_skips(
+    uow: UowFactory, order_by: str
+) -> None:
+    clock = FakeClock()
+    agents = service(uow, clock)
+    me = a_user()
+    existing: set[uuid.UUID] = set()
+    for index in range(17):
+        existing.add(agents.create(principal=me, agent=agent_input(name=f"m-{index:02d}")).id)
+        if index % 3 == 0:  # some rows share their create and update times
+            clock.advance(0.001)
+    seen: list[uuid.UUID] = []
+    token, inserted = "", 0
+    while True:
+        page = agents.list(principal=me, page_size=4, page_token=token, order_by=order_by)
+        seen += [a.id for a in page.agents]
+        token = page.next_page_token
+        if not token:
+            break
+        for name in (f"a-{inserted}", f"m-{inserted:02d}x", f"z-{inserted}"):  # everywhere
+            agents.create(principal=me, agent=agent_input(name=name))
+        inserted += 1
+        clock.advance(0.001)
+    assert len(seen) == len(set(seen)), "a row came twice"
+    assert existing <= set(seen), "a row that existed at the start was skipped"
+
+
+def test_two_updates_with_one_etag_exactly_one_wins(uow: UowFactory) -> None:
+    agents, me = service(uow), a_user()
+    for round_ in range(4):
+        agent = agents.create(principal=me, agent=agent_input(name=f"raced-{round_}"))
+
+        def update(description: str, agent: Agent = agent) -> Agent:
+            return agents.update(
+                principal=me,
+                agent_id=str(agent.id),
+                patch=AgentInput(description=description),
+                update_mask=["description"],
+                etag=agent.etag,
+            )
+
+        results = run_together(lambda: update("left"), lambda: update("right"))
+        winners = [r for r in results if isinstance(r, Agent)]
+        losers = [r for r in results if isinstance(r, Aborted)]
+        assert (len(winners), len(losers)) == (1, 1), results
+        assert losers[0].reason == "ETAG_MISMATCH"
+        stored = agents.get(principal=me, agent_id=str(agent.id))
+        assert stored == winners[0]
+        assert stored.revision == agent.revision + 1
+
+
+def test_concurrent_updates_without_etag_all_apply(uow: UowFactory) -> None:
+    agents, me = service(uow), a_user()
+    agent = agents.create(principal=me, agent=agent_input())
+
+    def set_entry(key: str) -> Agent:
+        return agents.update(
+            principal=me,
+            agent_id=str(agent.id),
+            patch=AgentInput(metadata={key: "1"}),
+            update_mask=[f"metadata.{key}"],
+        )
+
+    results = run_together(*[lambda k=f"k{i}": set_entry(k) for i in range(3)])
+    assert all(isinstance(r, Agent) for r in results), results
+    stored = agents.get(principal=me, agent_id=str(agent.id))
+    assert {"k0", "k1", "k2"} <= set(stored.metadata)
+    assert stored.revision == agent.revision + 3
+
+
+def test_a_create_replayed_concurrently_creates_once(uow: UowFactory) -> None:
+    agents, me, request = service(uow), a_user(), str(uuid.uuid4())
+    results = run_together(
+        *[lambda: agents.create(principal=me, agent=agent_input(), request_id=request)] * 3
+    )
+    assert all(isinstance(r, Agent) for r in results), results
+    assert len({r.id for r in results}) == 1
+    assert len(agents.list(principal=me).agents) == 1
+
+
+def test_concurrent_creates_of_one_name_one_wins(uow: UowFactory) -> None:
+    agents, me = service(uow), a_user()
+    results = run_together(
+        *[lambda: agents.create(principal=me, agent=agent_input(name="same"))] * 2
+    )
+    assert sorted(type(r).__name__ for r in results) == ["Agent", "AlreadyExists"], results
+    assert all(isinstance(r, Agent | AlreadyExists) for r in results)
+    assert not any(isinstance(r, DomainError) and not isinstance(r, AlreadyExists) for r in results)

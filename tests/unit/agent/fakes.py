@@ -1,0 +1,291 @@
+"""In-memory implementations of the agent ports (services/agent_svc/service/ports.py).
+
+The fake unit of work keeps the semantics the rules depend on: changes are visible to
+other units of work only after `commit()`; a unit of work left without committing rolls
+back; `update` is a compare-and-set against the latest committed revision (as the SQL
+`UPDATE … WHERE revision = ?` is), and `interfere` lets a test slip a concurrent writer
+in between a unit of work's read and its write.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+
+from services.agent_svc.domain import Agent, AgentInput, Tool
+from services.agent_svc.service.agent_service import AgentService
+from services.agent_svc.service.filtering import (
+    Condition,
+    MetadataEquals,
+    ModelEquals,
+    NameEquals,
+    NamePrefix,
+    OwnerEquals,
+    SortField,
+)
+from services.agent_svc.service.paging import PageTokens
+from services.agent_svc.service.ports import AgentQuery, NameTaken, RequestReplayed
+from shared.tokens import Principal
+from tests.helpers import FakeClock
+
+MODELS = ("gpt-4o", "gpt-4o-mini", "claude-sonnet-4")
+SECRET = b"unit-test-page-token-secret-0123456789"
+
+
+@dataclass
+class State:
+    """What a database would hold."""
+
+    agents: dict[uuid.UUID, Agent] = field(default_factory=dict)
+    request_ids: dict[tuple[uuid.UUID, uuid.UUID], uuid.UUID] = field(default_factory=dict)
+
+
+def _matches(agent: Agent, condition: Condition) -> bool:
+    match condition:
+        case ModelEquals(model):
+            return agent.model == model
+        case NameEquals(name):
+            return agent.name == name
+        case NamePrefix(prefix):
+            return agent.name.startswith(prefix)
+        case MetadataEquals(key, value):
+            return agent.metadata.get(key) == value
+        case OwnerEquals(owner_id):
+            return agent.owner_id == owner_id
+    raise AssertionError(condition)
+
+
+def _sort_key(agent: Agent, field: SortField) -> tuple[Any, uuid.UUID]:
+    value = {
+        SortField.CREATE_TIME: agent.create_time,
+        SortField.UPDATE_TIME: agent.update_time,
+        SortField.NAME: agent.name,
+    }[field]
+    return (value, agent.id)
+
+
+class FakeAgents:
+    def __init__(self, state: State, database: FakeDatabase) -> None:
+        self._state = state
+        self._database = database
+
+    def _name_taken(self, agent: Agent) -> bool:
+        return any(
+            a.owner_id == agent.owner_id and a.name == agent.name and a.id != agent.id
+            for a in self._state.agents.values()
+        )
+
+    def add(self, agent: Agent, *, request_id: uuid.UUID | None = None) -> None:
+        self._database.run_interference()
+        # Unique indexes see rows other transactions committed meanwhile.
+        committed = self._database.committed.request_ids
+        if request_id is not None and (
+            (agent.owner_id, request_id) in self._state.request_ids
+            or (agent.owner_id, request_id) in committed
+        ):
+            raise RequestReplayed(str(request_id))
+        if self._name_taken(agent):
+            raise NameTaken(agent.name)
+        self._state.agents[agent.id] = agent
+        if request_id is not None:
+            self._state.request_ids[(agent.owner_id, request_id)] = agent.id
+
+    def get(self, agent_id: uuid.UUID) -> Agent | None:
+        self._database.reads += 1
+        return self._state.agents.get(agent_id)
+
+    def get_by_request_id(self, owner_id: uuid.UUID, request_id: uuid.UUID) -> Agent | None:
+        for state in (self._state, self._database.committed):  # READ COMMITTED
+            agent_id = state.request_ids.get((owner_id, request_id))
+            if agent_id in state.agents:
+                return state.agents[agent_id]
+        return None
+
+    def list_page(self, query: AgentQuery) -> list[Agent]:
+        self._database.queries.append(query)
+        rows = [
+            a
+            for a in self._state.agents.values()
+            if (query.owner_id is None or a.owner_id == query.owner_id)
+            and all(_matches(a, c) for c in query.filter.conditions)
+        ]
+        field, descending = query.ordering.field, query.ordering.descending
+        rows.sort(key=lambda a: _sort_key(a, field), reverse=descending)
+        if query.after is not None:
+            last: tuple[Any, uuid.UUID] = (query.after.value, query.after.id)
+            rows = [
+                a
+                for a in rows
+                if (_sort_key(a, field) < last if descending else _sort_key(a, field) > last)
+            ]
+        return rows[: query.limit]
+
+    def update(self, agent: Agent, *, expected_revision: int) -> bool:
+        self._database.run_interference()
+        latest = self._database.committed.agents.get(agent.id)
+        mine = self._state.agents.get(agent.id)
+        if latest is None or mine is None or latest.revision != expected_revision:
+            return False
+        if self._name_taken(agent):
+            raise NameTaken(agent.name)
+        self._state.agents[agent.id] = agent
+        return True
+
+    def delete(self, agent_id: uuid.UUID, *, expected_revision: int | None = None) -> bool:
+        self._database.run_interference()
+        latest = self._database.committed.agents.get(agent_id)
+        if latest is None or agent_id not in self._state.agents:
+            return False
+        if expected_revision is not None and latest.revision != expected_revision:
+            return False
+        del self._state.agents[agent_id]
+        return True
+
+
+class FakeDatabase:
+    """The committed state, and units of work that each change a private copy of it."""
+
+    def __init__(self) -> None:
+        self.committed = State()
+        self.commits = 0
+        self.reads = 0
+        self.queries: list[AgentQuery] = []
+        self.interference: list[Callable[[], None]] = []
+
+    def unit_of_work(self) -> FakeUnitOfWork:
+        return FakeUnitOfWork(self)
+
+    def interfere(self, *writers: Callable[[], None]) -> None:
+        """Each following write first runs the next of these (a concurrent writer)."""
+        self.interference.extend(writers)
+
+    def run_interference(self) -> None:
+        if self.interference:
+            self.interference.pop(0)()
+
+    def commit_agent(self, agent: Agent, request_id: uuid.UUID | None = None) -> None:
+        """A concurrent writer's committed create."""
+        self.committed.agents[agent.id] = agent
+        if request_id is not None:
+            self.committed.request_ids[(agent.owner_id, request_id)] = agent.id
+        self.commits += 1
+
+    def bump(self, agent_id: uuid.UUID) -> None:
+        """A concurrent writer's committed update of the agent."""
+        agent = self.committed.agents[agent_id]
+        self.committed.agents[agent_id] = replace(agent, revision=agent.revision + 1)
+        self.commits += 1
+
+
+class FakeUnitOfWork:
+    def __init__(self, database: FakeDatabase) -> None:
+        self._database = database
+        self._state = State()
+
+    @property
+    def agents(self) -> FakeAgents:
+        return FakeAgents(self._state, self._database)
+
+    def __enter__(self) -> Self:
+        self._state = copy.deepcopy(self._database.committed)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._state = State()  # uncommitted changes are dropped
+
+    def commit(self) -> None:
+        self._database.committed = copy.deepcopy(self._state)
+        self._database.commits += 1
+
+
+class RecordingCache:
+    """An AgentCache that really caches (by id only, like the real one) and records
+    invalidations, so tests can prove the service never trusts a cached owner."""
+
+    def __init__(self) -> None:
+        self.entries: dict[uuid.UUID, Agent] = {}
+        self.invalidated: list[uuid.UUID] = []
+        self.loads = 0
+
+    def get(self, agent_id: uuid.UUID, load: Callable[[], Agent | None]) -> Agent | None:
+        if agent_id in self.entries:
+            return self.entries[agent_id]
+        self.loads += 1
+        value = load()
+        if value is not None:
+            self.entries[agent_id] = value
+        return value
+
+    def invalidate(self, agent_id: uuid.UUID) -> None:
+        self.invalidated.append(agent_id)
+        self.entries.pop(agent_id, None)
+
+    def close(self) -> None:
+        self.entries.clear()
+
+
+def user(*roles: str) -> Principal:
+    return Principal(user_id=str(uuid.uuid4()), roles=frozenset(roles or ("user",)))
+
+
+def admin() -> Principal:
+    return user("user", "admin")
+
+
+def agent_input(**overrides: object) -> AgentInput:
+    values: dict[str, object] = {
+        "name": "support bot",
+        "description": "answers support questions",
+        "model": "gpt-4o",
+        "instructions": "Be helpful.",
+        "tools": (
+            Tool(
+                name="lookup_order",
+                description="Finds an order",
+                parameters={
+                    "type": "object",
+                    "properties": {"order_id": {"type": "string"}},
+                    "required": ["order_id"],
+                },
+            ),
+        ),
+        "metadata": {"team": "support"},
+        "temperature": 0.2,
+        "top_p": None,
+    }
+    values.update(overrides)
+    return AgentInput(**values)  # type: ignore[arg-type]
+
+
+@dataclass
+class World:
+    """An AgentService over fakes, and the fakes themselves."""
+
+    service: AgentService
+    database: FakeDatabase
+    cache: RecordingCache
+    clock: FakeClock
+
+
+def make_world(*, models: tuple[str, ...] = MODELS, secret: bytes = SECRET) -> World:
+    database = FakeDatabase()
+    cache = RecordingCache()
+    clock = FakeClock(datetime(2026, 1, 1, 12, 0, tzinfo=UTC))
+    service = AgentService(
+        uow=database.unit_of_work,
+        cache=cache,
+        clock=clock,
+        allowed_models=models,
+        page_tokens=PageTokens(secret),
+    )
+    return World(service, database, cache, clock)

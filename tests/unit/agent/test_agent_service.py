@@ -1,0 +1,693 @@
+"""AgentService rules over in-memory fakes: ownership, idempotent create, masks, etags,
+listing and the cache's place in all of it."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from services.agent_svc.domain import Agent, AgentInput, Tool
+from services.agent_svc.service.agent_service import UPDATE_ATTEMPTS
+from services.agent_svc.service.filtering import MetadataEquals, OwnerEquals
+from shared.errors import (
+    Aborted,
+    AlreadyExists,
+    DomainError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from shared.tokens import Principal
+from tests.unit.agent.fakes import World, admin, agent_input, make_world, user
+
+
+@pytest.fixture
+def world() -> World:
+    return make_world()
+
+
+def fields_of(error: InvalidArgument) -> list[str]:
+    return [v.field for v in error.violations]
+
+
+def create(world: World, owner: Principal, **overrides: object) -> Agent:
+    return world.service.create(principal=owner, agent=agent_input(**overrides))
+
+
+# -- create ---------------------------------------------------------------------------------
+
+
+def test_create_sets_the_server_fields(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    assert isinstance(agent.id, uuid.UUID)
+    assert str(agent.owner_id) == owner.user_id
+    assert agent.create_time == agent.update_time == world.clock.now()
+    assert agent.etag
+    assert world.database.committed.agents[agent.id] == agent
+
+
+def test_create_keeps_every_field(world: World) -> None:
+    sent = agent_input(top_p=0.9, metadata={"a": "1", "b": "2"})
+    agent = world.service.create(principal=user(), agent=sent)
+    assert (agent.name, agent.description, agent.model, agent.instructions) == (
+        sent.name,
+        sent.description,
+        sent.model,
+        sent.instructions,
+    )
+    assert (agent.tools, agent.metadata, agent.temperature, agent.top_p) == (
+        sent.tools,
+        {"a": "1", "b": "2"},
+        0.2,
+        0.9,
+    )
+
+
+def test_invalid_create_writes_nothing(world: World) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        create(world, user(), name="", model="gpt-1")
+    assert fields_of(caught.value) == ["agent.name", "agent.model"]
+    assert world.database.commits == 0
+
+
+def test_a_repeated_request_id_returns_the_first_agent(world: World) -> None:
+    owner, request = user(), str(uuid.uuid4())
+    first = world.service.create(principal=owner, agent=agent_input(), request_id=request)
+    again = world.service.create(
+        principal=owner, agent=agent_input(name="other"), request_id=request
+    )
+    assert again == first
+    assert len(world.database.committed.agents) == 1
+
+
+def test_the_same_request_id_from_another_caller_creates_anew(world: World) -> None:
+    request = str(uuid.uuid4())
+    one = world.service.create(principal=user(), agent=agent_input(), request_id=request)
+    two = world.service.create(principal=user(), agent=agent_input(), request_id=request)
+    assert one.id != two.id
+
+
+def test_a_replay_that_loses_the_race_returns_the_winner(world: World) -> None:
+    """A concurrent create with the same request id commits between this one's replay
+    check and its insert: the unique key decides, and the winner comes back."""
+    owner, request = user(), uuid.uuid4()
+    now = world.clock.now()
+    winner = Agent(
+        id=uuid.uuid4(),
+        owner_id=uuid.UUID(owner.user_id),
+        name="support bot",
+        description="",
+        model="gpt-4o",
+        instructions="",
+        tools=(),
+        metadata={},
+        temperature=None,
+        top_p=None,
+        create_time=now,
+        update_time=now,
+    )
+    world.database.interfere(lambda: world.database.commit_agent(winner, request))
+    got = world.service.create(principal=owner, agent=agent_input(), request_id=str(request))
+    assert got == winner
+    assert list(world.database.committed.agents) == [winner.id]
+
+
+@pytest.mark.parametrize("request_id", ["nope", "1234", "g" * 32])
+def test_a_malformed_request_id_is_invalid(world: World, request_id: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.create(principal=user(), agent=agent_input(), request_id=request_id)
+    assert fields_of(caught.value) == ["request_id"]
+
+
+def test_names_are_unique_per_owner(world: World) -> None:
+    owner = user()
+    create(world, owner, name="dup")
+    with pytest.raises(AlreadyExists) as caught:
+        create(world, owner, name="dup")
+    assert caught.value.reason == "AGENT_NAME_TAKEN"
+    create(world, user(), name="dup")  # another owner may use it
+
+
+def test_a_caller_that_is_not_a_user_cannot_create(world: World) -> None:
+    with pytest.raises(PermissionDenied):
+        world.service.create(
+            principal=Principal(user_id="svc-reporting", roles=frozenset({"user"})),
+            agent=agent_input(),
+        )
+
+
+# -- get ------------------------------------------------------------------------------------
+
+
+def test_the_owner_gets_their_agent(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    assert world.service.get(principal=owner, agent_id=str(agent.id)) == agent
+
+
+def test_another_owners_agent_is_not_found_like_a_missing_one(world: World) -> None:
+    agent = create(world, user())
+    with pytest.raises(NotFound) as theirs:
+        world.service.get(principal=user(), agent_id=str(agent.id))
+    with pytest.raises(NotFound) as missing:
+        world.service.get(principal=user(), agent_id=str(uuid.uuid4()))
+    assert theirs.value.reason == missing.value.reason
+    assert type(theirs.value) is type(missing.value)
+
+
+def test_a_cached_agent_is_never_handed_to_another_owner(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    world.service.get(principal=owner, agent_id=str(agent.id))  # now cached
+    assert agent.id in world.cache.entries
+    with pytest.raises(NotFound):
+        world.service.get(principal=user(), agent_id=str(agent.id))
+
+
+def test_reads_go_through_the_cache(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    for _ in range(3):
+        world.service.get(principal=owner, agent_id=str(agent.id))
+    assert world.cache.loads == 1
+
+
+def test_an_admin_gets_anyones_agent(world: World) -> None:
+    agent = create(world, user())
+    assert world.service.get(principal=admin(), agent_id=str(agent.id)) == agent
+
+
+@pytest.mark.parametrize("agent_id", ["", "not-a-uuid", "123"])
+def test_a_malformed_id_is_invalid(world: World, agent_id: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.get(principal=user(), agent_id=agent_id)
+    assert fields_of(caught.value) == ["id"]
+
+
+# -- update ---------------------------------------------------------------------------------
+
+
+def update(
+    world: World,
+    principal: Principal,
+    agent: Agent,
+    mask: tuple[str, ...] = (),
+    etag: str = "",
+    **changes: object,
+) -> Agent:
+    return world.service.update(
+        principal=principal,
+        agent_id=str(agent.id),
+        patch=AgentInput(**changes),  # type: ignore[arg-type]
+        update_mask=mask,
+        etag=etag,
+    )
+
+
+def test_update_with_a_mask_changes_only_the_named_fields(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    world.clock.advance(5)
+    updated = update(world, owner, agent, ("description",), description="new", name="ignored")
+    assert updated.description == "new"
+    assert updated.name == agent.name
+    assert updated.update_time == world.clock.now()
+    assert updated.create_time == agent.create_time
+    assert updated.etag != agent.etag
+    assert world.database.committed.agents[agent.id] == updated
+
+
+def test_an_empty_mask_updates_every_populated_field(world: World) -> None:
+    owner = user()
+    agent = create(world, owner, top_p=0.5)
+    updated = update(world, owner, agent, model="gpt-4o-mini", temperature=0.0)
+    assert updated.model == "gpt-4o-mini"
+    assert updated.temperature == 0.0  # set, even though it is the zero value
+    # Unpopulated fields keep their values.
+    assert (updated.name, updated.description, updated.top_p) == (
+        agent.name,
+        agent.description,
+        0.5,
+    )
+    assert (updated.tools, updated.metadata) == (agent.tools, agent.metadata)
+
+
+def test_an_empty_mask_replaces_populated_lists_and_maps(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    new_tools = (Tool(name="other"),)
+    updated = update(world, owner, agent, tools=new_tools, metadata={"x": "y"})
+    assert updated.tools == new_tools
+    assert updated.metadata == {"x": "y"}
+
+
+def test_star_replaces_every_mutable_field(world: World) -> None:
+    owner = user()
+    agent = create(world, owner, top_p=0.5)
+    updated = update(world, owner, agent, ("*",), name="fresh", model="gpt-4o")
+    assert updated.name == "fresh"
+    assert (updated.description, updated.instructions) == ("", "")
+    assert (updated.tools, updated.metadata) == ((), {})
+    assert (updated.temperature, updated.top_p) == (None, None)
+    assert (updated.id, updated.owner_id, updated.create_time) == (
+        agent.id,
+        agent.owner_id,
+        agent.create_time,
+    )
+
+
+def test_star_still_validates_the_result(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    with pytest.raises(InvalidArgument) as caught:
+        update(world, owner, agent, ("*",), name="fresh")
+    assert fields_of(caught.value) == ["agent.model"]
+
+
+def test_star_must_stand_alone(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    with pytest.raises(InvalidArgument) as caught:
+        update(world, owner, agent, ("*", "name"), name="x")
+    assert fields_of(caught.value) == ["update_mask"]
+
+
+def test_a_mask_path_clears_a_field_the_patch_leaves_unset(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    updated = update(world, owner, agent, ("temperature", "description", "metadata"))
+    assert (updated.temperature, updated.description, updated.metadata) == (None, "", {})
+
+
+@pytest.mark.parametrize("path", ["id", "owner_id"])
+def test_immutable_paths_are_invalid(world: World, path: str) -> None:
+    owner = user()
+    agent = create(world, owner)
+    with pytest.raises(InvalidArgument) as caught:
+        update(world, owner, agent, (path,))
+    assert fields_of(caught.value) == ["update_mask"]
+
+
+@pytest.mark.parametrize("path", ["nickname", "tools.name", "tools[0]", "Name", "metadata."])
+def test_unknown_paths_are_invalid(world: World, path: str) -> None:
+    owner = user()
+    agent = create(world, owner)
+    with pytest.raises(InvalidArgument) as caught:
+        update(world, owner, agent, (path,), name="x")
+    assert fields_of(caught.value) == ["update_mask"]
+
+
+def test_every_bad_path_is_reported(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    with pytest.raises(InvalidArgument) as caught:
+        update(world, owner, agent, ("owner_id", "description", "colour"), description="x")
+    assert fields_of(caught.value) == ["update_mask", "update_mask"]
+    assert world.database.committed.agents[agent.id] == agent
+
+
+def test_output_only_paths_are_ignored(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    updated = update(
+        world, owner, agent, ("create_time", "update_time", "etag", "name"), name="renamed"
+    )
+    assert updated.name == "renamed"
+    assert updated.create_time == agent.create_time
+
+
+def test_metadata_entries_can_be_set_and_removed_by_key(world: World) -> None:
+    owner = user()
+    agent = create(world, owner, metadata={"keep": "1", "drop": "2", "change": "3"})
+    updated = update(
+        world,
+        owner,
+        agent,
+        ("metadata.change", "metadata.drop", "metadata.add"),
+        metadata={"change": "new", "add": "4"},
+    )
+    assert updated.metadata == {"keep": "1", "change": "new", "add": "4"}
+
+
+def test_the_merged_agent_is_validated(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    with pytest.raises(InvalidArgument) as caught:
+        update(world, owner, agent, ("name", "top_p"), name="", top_p=7.0)
+    assert fields_of(caught.value) == ["agent.name", "agent.top_p"]
+    assert world.database.committed.agents[agent.id] == agent
+
+
+def test_renaming_onto_another_agents_name_already_exists(world: World) -> None:
+    owner = user()
+    create(world, owner, name="taken")
+    agent = create(world, owner, name="mine")
+    with pytest.raises(AlreadyExists):
+        update(world, owner, agent, ("name",), name="taken")
+
+
+def test_a_matching_etag_updates(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    updated = update(world, owner, agent, ("description",), agent.etag, description="x")
+    assert updated.description == "x"
+
+
+def test_a_stale_etag_is_aborted(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    update(world, owner, agent, ("description",), agent.etag, description="first")
+    with pytest.raises(Aborted) as caught:
+        update(world, owner, agent, ("description",), agent.etag, description="second")
+    assert caught.value.reason == "ETAG_MISMATCH"
+    assert world.database.committed.agents[agent.id].description == "first"
+
+
+def test_an_etag_that_loses_the_race_is_aborted(world: World) -> None:
+    """Another writer commits between this update's read and its compare-and-set."""
+    owner = user()
+    agent = create(world, owner)
+    world.database.interfere(lambda: world.database.bump(agent.id))
+    with pytest.raises(Aborted) as caught:
+        update(world, owner, agent, ("description",), agent.etag, description="late")
+    assert caught.value.reason == "ETAG_MISMATCH"
+    assert world.cache.invalidated == []
+
+
+def test_an_update_without_etag_retries_a_lost_race(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    world.database.interfere(
+        lambda: world.database.bump(agent.id), lambda: world.database.bump(agent.id)
+    )
+    updated = update(world, owner, agent, ("description",), description="eventually")
+    assert updated.description == "eventually"
+    assert updated.revision == agent.revision + 3
+
+
+def test_an_update_without_etag_gives_up_after_a_few_lost_races(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    world.database.interfere(*[lambda: world.database.bump(agent.id)] * UPDATE_ATTEMPTS)
+    with pytest.raises(Aborted) as caught:
+        update(world, owner, agent, ("description",), description="never")
+    assert caught.value.reason == "CONCURRENT_UPDATE"
+
+
+def test_update_invalidates_the_cache_after_commit(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    world.service.get(principal=owner, agent_id=str(agent.id))
+    updated = update(world, owner, agent, ("description",), description="fresh")
+    assert world.cache.invalidated == [agent.id]
+    assert world.service.get(principal=owner, agent_id=str(agent.id)) == updated
+
+
+def test_another_owner_cannot_update_and_learns_nothing(world: World) -> None:
+    agent = create(world, user())
+    with pytest.raises(NotFound):
+        update(world, user(), agent, ("description",), description="mine now")
+    with pytest.raises(NotFound):  # even with the right etag
+        update(world, user(), agent, ("description",), agent.etag, description="mine now")
+
+
+def test_an_admin_updates_anyones_agent(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    updated = update(world, admin(), agent, ("description",), description="by admin")
+    assert updated.description == "by admin"
+    assert str(updated.owner_id) == owner.user_id
+
+
+def test_update_needs_a_well_formed_agent_id(world: World) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.update(
+            principal=user(), agent_id="nope", patch=AgentInput(name="x"), update_mask=()
+        )
+    assert fields_of(caught.value) == ["agent.id"]
+
+
+def test_updating_a_missing_agent_is_not_found(world: World) -> None:
+    with pytest.raises(NotFound):
+        world.service.update(
+            principal=user(), agent_id=str(uuid.uuid4()), patch=AgentInput(name="x")
+        )
+
+
+# -- delete ---------------------------------------------------------------------------------
+
+
+def test_delete_removes_and_invalidates(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    world.service.get(principal=owner, agent_id=str(agent.id))
+    world.service.delete(principal=owner, agent_id=str(agent.id))
+    assert agent.id not in world.database.committed.agents
+    assert world.cache.invalidated == [agent.id]
+    with pytest.raises(NotFound):
+        world.service.get(principal=owner, agent_id=str(agent.id))
+
+
+def test_delete_with_the_current_etag(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    world.service.delete(principal=owner, agent_id=str(agent.id), etag=agent.etag)
+    assert agent.id not in world.database.committed.agents
+
+
+def test_delete_with_a_stale_etag_is_aborted(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    update(world, owner, agent, ("description",), description="changed")
+    with pytest.raises(Aborted) as caught:
+        world.service.delete(principal=owner, agent_id=str(agent.id), etag=agent.etag)
+    assert caught.value.reason == "ETAG_MISMATCH"
+    assert agent.id in world.database.committed.agents
+
+
+def test_delete_with_an_etag_that_loses_the_race_is_aborted(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    world.database.interfere(lambda: world.database.bump(agent.id))
+    with pytest.raises(Aborted):
+        world.service.delete(principal=owner, agent_id=str(agent.id), etag=agent.etag)
+
+
+def test_delete_without_etag_is_unconditional(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    world.database.interfere(lambda: world.database.bump(agent.id))
+    world.service.delete(principal=owner, agent_id=str(agent.id))
+    assert agent.id not in world.database.committed.agents
+
+
+def test_delete_of_someone_elses_or_a_missing_agent_is_not_found(world: World) -> None:
+    agent = create(world, user())
+    with pytest.raises(NotFound):
+        world.service.delete(principal=user(), agent_id=str(agent.id))
+    with pytest.raises(NotFound):
+        world.service.delete(principal=user(), agent_id=str(uuid.uuid4()))
+    assert agent.id in world.database.committed.agents
+    assert world.cache.invalidated == []
+
+
+def test_an_admin_deletes_anyones_agent(world: World) -> None:
+    agent = create(world, user())
+    world.service.delete(principal=admin(), agent_id=str(agent.id))
+    assert agent.id not in world.database.committed.agents
+
+
+def test_delete_needs_a_well_formed_id(world: World) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.delete(principal=user(), agent_id="x")
+    assert fields_of(caught.value) == ["id"]
+
+
+# -- list -----------------------------------------------------------------------------------
+
+
+def names(agents: tuple[Agent, ...]) -> list[str]:
+    return [a.name for a in agents]
+
+
+def test_list_shows_only_the_callers_agents(world: World) -> None:
+    me, other = user(), user()
+    create(world, me, name="mine")
+    create(world, other, name="theirs")
+    page = world.service.list(principal=me)
+    assert names(page.agents) == ["mine"]
+    assert page.next_page_token == ""
+
+
+def test_an_admin_lists_everyones_or_one_owners(world: World) -> None:
+    me, other = user(), user()
+    create(world, me, name="mine")
+    create(world, other, name="theirs")
+    assert sorted(names(world.service.list(principal=admin()).agents)) == ["mine", "theirs"]
+    only = world.service.list(principal=admin(), filter=f'owner_id = "{other.user_id}"')
+    assert names(only.agents) == ["theirs"]
+    assert world.database.queries[-1].filter.conditions == (OwnerEquals(uuid.UUID(other.user_id)),)
+
+
+def test_a_user_cannot_filter_by_owner(world: World) -> None:
+    me = user()
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.list(principal=me, filter=f'owner_id = "{me.user_id}"')
+    assert fields_of(caught.value) == ["filter"]
+
+
+def test_the_default_order_is_newest_first(world: World) -> None:
+    me = user()
+    for name in ("a", "b", "c"):
+        create(world, me, name=name)
+        world.clock.advance(1)
+    assert names(world.service.list(principal=me).agents) == ["c", "b", "a"]
+    assert names(world.service.list(principal=me, order_by="name desc").agents) == [
+        "c",
+        "b",
+        "a",
+    ]
+    assert names(world.service.list(principal=me, order_by="create_time").agents) == [
+        "a",
+        "b",
+        "c",
+    ]
+
+
+def test_the_filter_reaches_the_repository(world: World) -> None:
+    me = user()
+    create(world, me, name="a", metadata={"team": "x"})
+    create(world, me, name="b", metadata={"team": "y"})
+    page = world.service.list(principal=me, filter='metadata.team = "y"')
+    assert names(page.agents) == ["b"]
+    assert world.database.queries[-1].filter.conditions == (MetadataEquals("team", "y"),)
+    assert world.database.queries[-1].owner_id == uuid.UUID(me.user_id)
+
+
+def test_paging_walks_every_agent_once(world: World) -> None:
+    me = user()
+    for index in range(7):
+        create(world, me, name=f"agent-{index}")
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page = world.service.list(principal=me, page_size=3, page_token=token, order_by="name")
+        seen += names(page.agents)
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [f"agent-{i}" for i in range(7)]
+    assert pages == 3
+    assert world.database.queries[-1].limit == 4  # page size + 1 to know if more follow
+
+
+def test_a_full_last_page_has_no_next_token(world: World) -> None:
+    me = user()
+    for index in range(4):
+        create(world, me, name=f"agent-{index}")
+    first = world.service.list(principal=me, page_size=2)
+    last = world.service.list(principal=me, page_size=2, page_token=first.next_page_token)
+    assert len(last.agents) == 2
+    assert last.next_page_token == ""
+
+
+def test_page_size_defaults_and_clamps(world: World) -> None:
+    me = user()
+    world.service.list(principal=me)
+    assert world.database.queries[-1].limit == 51
+    world.service.list(principal=me, page_size=5000)
+    assert world.database.queries[-1].limit == 1001
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.list(principal=me, page_size=-1)
+    assert fields_of(caught.value) == ["page_size"]
+
+
+def _first_token(world: World, me: Principal, **query: str) -> str:
+    for index in range(3):
+        create(world, me, name=f"n{index}")
+    token = world.service.list(principal=me, page_size=1, **query).next_page_token
+    assert token
+    return token
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"filter": 'name = "n*"', "order_by": "name desc"},
+        {"filter": 'name = "m*"', "order_by": "name"},
+        {"filter": "", "order_by": "name"},
+        {"filter": 'name = "n*"', "order_by": "create_time"},
+    ],
+)
+def test_a_token_from_another_query_is_invalid(world: World, changed: dict[str, str]) -> None:
+    me = user()
+    token = _first_token(world, me, filter='name = "n*"', order_by="name")
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.list(principal=me, page_size=1, page_token=token, **changed)
+    assert fields_of(caught.value) == ["page_token"]
+
+
+def test_a_token_survives_an_equivalent_spelling_of_the_query(world: World) -> None:
+    me = user()
+    token = _first_token(world, me, filter='name = "n*" AND model = "gpt-4o"', order_by="name")
+    page = world.service.list(
+        principal=me,
+        page_size=1,
+        page_token=token,
+        filter='model="gpt-4o"  AND name="n*"',
+        order_by="name asc",
+    )
+    assert names(page.agents) == ["n1"]
+
+
+def test_a_token_from_another_caller_is_invalid(world: World) -> None:
+    me = user()
+    token = _first_token(world, me)
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.list(principal=user(), page_size=1, page_token=token)
+    assert fields_of(caught.value) == ["page_token"]
+
+
+def test_a_token_does_not_carry_over_when_the_callers_scope_changes(world: World) -> None:
+    me = user()
+    token = _first_token(world, me)
+    promoted = Principal(user_id=me.user_id, roles=frozenset({"user", "admin"}))
+    with pytest.raises(InvalidArgument):
+        world.service.list(principal=promoted, page_size=1, page_token=token)
+
+
+def test_a_tampered_token_is_invalid(world: World) -> None:
+    me = user()
+    token = _first_token(world, me)
+    forged = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.list(principal=me, page_size=1, page_token=forged)
+    assert fields_of(caught.value) == ["page_token"]
+
+
+def test_a_token_from_another_secret_is_invalid() -> None:
+    one, two = make_world(), make_world(secret=b"another-secret-another-secret-!!")
+    me = user()
+    token = _first_token(one, me)
+    with pytest.raises(InvalidArgument):
+        two.service.list(principal=me, page_size=1, page_token=token)
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [({"filter": 'model = "a" OR model = "b"'}, "filter"), ({"order_by": "model"}, "order_by")],
+)
+def test_bad_queries_are_invalid(world: World, query: dict[str, str], field: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.list(principal=user(), **query)  # type: ignore[arg-type]
+    assert fields_of(caught.value) == [field]
+
+
+def test_every_error_is_a_domain_error(world: World) -> None:
+    """The servicer relies on this: nothing else may leave the service layer."""
+    with pytest.raises(DomainError):
+        world.service.get(principal=user(), agent_id="x")

@@ -1,0 +1,366 @@
+"""AgentService over gRPC (grpcio-testing), through the real interceptors and a real token
+verifier (tokens signed here with an Ed25519 key), on in-memory fakes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc_testing
+import jwt
+import pytest
+from agentplatform.agent.v1 import agent_pb2
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from google.protobuf import field_mask_pb2, message, struct_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from services.agent_svc import SERVICE_NAME
+from services.agent_svc.api.servicer import PUBLIC_METHODS, AgentServicer
+from shared.clock import SystemClock
+from shared.interceptors import (
+    AccessLogInterceptor,
+    ErrorMappingInterceptor,
+    TokenCheckInterceptor,
+)
+from shared.jwk import VerificationKey
+from shared.tokens import StaticKeyProvider, TokenVerifier
+from tests.helpers import Intercepted, error_detail, rich_status
+from tests.unit.agent.fakes import World, make_world
+
+SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
+ISSUER, AUDIENCE, KID = "test-issuer", "test-audience", "test-key"
+
+
+@dataclass
+class Reply:
+    response: Any
+    code: grpc.StatusCode
+    details: str
+    status: status_pb2.Status | None
+
+    def reason(self) -> str:
+        return str(error_detail(self.status, error_details_pb2.ErrorInfo).reason)
+
+    def violations(self) -> list[str]:
+        bad_request = error_detail(self.status, error_details_pb2.BadRequest)
+        return [v.field for v in bad_request.field_violations] if bad_request else []
+
+
+class Client:
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self._key = ed25519.Ed25519PrivateKey.generate()
+        verifier = TokenVerifier(
+            StaticKeyProvider([VerificationKey(KID, "EdDSA", self._key.public_key())]),
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            clock=SystemClock(),
+        )
+        interceptors = [
+            AccessLogInterceptor(),
+            ErrorMappingInterceptor(domain="agent.agentplatform"),
+            TokenCheckInterceptor(verifier, PUBLIC_METHODS),
+        ]
+        self._server = grpc_testing.server_from_dictionary(
+            {SERVICE: Intercepted(AgentServicer(world.service), SERVICE_NAME, interceptors)},
+            grpc_testing.strict_real_time(),
+        )
+
+    def token(self, user_id: str | None = None, roles: Sequence[str] = ("user",)) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": user_id or str(uuid.uuid4()),
+            "iat": now,
+            "exp": now + 300,
+            "jti": uuid.uuid4().hex,
+            "roles": list(roles),
+        }
+        return jwt.encode(
+            claims, self._key, algorithm="EdDSA", headers={"kid": KID, "typ": "at+jwt"}
+        )
+
+    def call(self, method: str, request: message.Message, *, token: str | None) -> Reply:
+        metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
+        rpc = self._server.invoke_unary_unary(
+            SERVICE.methods_by_name[method], metadata, request, None
+        )
+        response, trailing, code, details = rpc.termination()
+        return Reply(response, code, details, rich_status(trailing))
+
+    def ok(self, method: str, request: message.Message, *, token: str) -> Any:
+        reply = self.call(method, request, token=token)
+        assert reply.code == grpc.StatusCode.OK, reply.details
+        return reply.response
+
+
+@pytest.fixture
+def client() -> Client:
+    return Client(make_world())
+
+
+def parameters(data: dict[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(data)
+    return struct
+
+
+def new_agent(**overrides: Any) -> agent_pb2.Agent:
+    values: dict[str, Any] = {
+        "name": "support bot",
+        "model": "gpt-4o",
+        "instructions": "Be helpful.",
+        "tools": [
+            agent_pb2.Tool(
+                name="lookup",
+                description="Looks up",
+                parameters=parameters(
+                    {"type": "object", "properties": {"id": {"type": "string"}}, "required": []}
+                ),
+            )
+        ],
+        "metadata": {"team": "support"},
+        "temperature": 0.5,
+    }
+    values.update(overrides)
+    return agent_pb2.Agent(**values)
+
+
+def create(client: Client, token: str, **overrides: Any) -> agent_pb2.Agent:
+    reply = client.ok(
+        "CreateAgent", agent_pb2.CreateAgentRequest(agent=new_agent(**overrides)), token=token
+    )
+    agent: agent_pb2.Agent = reply.agent
+    return agent
+
+
+def test_create_returns_the_agent_with_server_fields(client: Client) -> None:
+    owner = str(uuid.uuid4())
+    agent = create(client, client.token(owner), id="ignored", owner_id="ignored", etag="x")
+    assert uuid.UUID(agent.id)
+    assert agent.owner_id == owner
+    assert agent.etag
+    assert agent.etag != "x"
+    assert agent.create_time.seconds > 0
+    assert agent.update_time == agent.create_time
+    assert agent.HasField("temperature")
+    assert agent.temperature == 0.5
+    assert not agent.HasField("top_p")
+    assert dict(agent.metadata) == {"team": "support"}
+    assert agent.tools[0].parameters.fields["properties"].struct_value.fields["id"] == (
+        struct_pb2.Value(struct_value=parameters({"type": "string"}))
+    )
+
+
+def test_get_round_trips_every_field(client: Client) -> None:
+    token = client.token()
+    created = create(client, token, top_p=0.0, description="d")
+    got = client.ok("GetAgent", agent_pb2.GetAgentRequest(id=created.id), token=token).agent
+    assert got == created
+    assert got.HasField("top_p")
+    assert got.top_p == 0.0
+
+
+@pytest.mark.parametrize("method", [m.name for m in SERVICE.methods])
+def test_every_method_needs_a_token(client: Client, method: str) -> None:
+    request_type = getattr(agent_pb2, SERVICE.methods_by_name[method].input_type.name)
+    reply = client.call(method, request_type(), token=None)
+    assert reply.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_token_signed_by_another_key_is_unauthenticated(client: Client) -> None:
+    other = Client(client.world)
+    reply = client.call(
+        "ListAgents", agent_pb2.ListAgentsRequest(), token=other.token(str(uuid.uuid4()))
+    )
+    assert reply.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_invalid_create_carries_field_violations(client: Client) -> None:
+    reply = client.call(
+        "CreateAgent",
+        agent_pb2.CreateAgentRequest(
+            agent=new_agent(name="", model="nope", tools=[agent_pb2.Tool(name="bad name")]),
+            request_id="not-a-uuid",
+        ),
+        token=client.token(),
+    )
+    assert reply.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert reply.violations() == ["request_id"]
+    reply = client.call(
+        "CreateAgent",
+        agent_pb2.CreateAgentRequest(
+            agent=new_agent(name="", model="nope", tools=[agent_pb2.Tool(name="bad name")]),
+        ),
+        token=client.token(),
+    )
+    assert reply.violations() == ["agent.name", "agent.model", "agent.tools[0].name"]
+    assert reply.reason() == "INVALID_ARGUMENT"
+
+
+def test_nan_in_tool_parameters_is_invalid_not_internal(client: Client) -> None:
+    tool = agent_pb2.Tool(name="t", parameters=parameters({"x": float("nan")}))
+    reply = client.call(
+        "CreateAgent",
+        agent_pb2.CreateAgentRequest(agent=new_agent(tools=[tool])),
+        token=client.token(),
+    )
+    assert reply.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert reply.violations() == ["agent.tools[0].parameters"]
+
+
+def test_idempotent_create(client: Client) -> None:
+    token, request_id = client.token(str(uuid.uuid4())), str(uuid.uuid4())
+    request = agent_pb2.CreateAgentRequest(agent=new_agent(), request_id=request_id)
+    first = client.ok("CreateAgent", request, token=token).agent
+    second = client.ok("CreateAgent", request, token=token).agent
+    assert first == second
+
+
+def test_duplicate_name_is_already_exists(client: Client) -> None:
+    token = client.token(str(uuid.uuid4()))
+    create(client, token)
+    reply = client.call("CreateAgent", agent_pb2.CreateAgentRequest(agent=new_agent()), token=token)
+    assert reply.code == grpc.StatusCode.ALREADY_EXISTS
+    assert reply.reason() == "AGENT_NAME_TAKEN"
+
+
+def test_someone_elses_agent_is_not_found_and_an_admin_sees_it(client: Client) -> None:
+    agent = create(client, client.token())
+    stranger = client.call("GetAgent", agent_pb2.GetAgentRequest(id=agent.id), token=client.token())
+    missing = client.call(
+        "GetAgent", agent_pb2.GetAgentRequest(id=str(uuid.uuid4())), token=client.token()
+    )
+    assert stranger.code == missing.code == grpc.StatusCode.NOT_FOUND
+    assert stranger.reason() == missing.reason()
+    boss = client.token(roles=("user", "admin"))
+    assert client.ok("GetAgent", agent_pb2.GetAgentRequest(id=agent.id), token=boss).agent == agent
+
+
+def test_malformed_id_is_invalid_argument_on_id(client: Client) -> None:
+    reply = client.call("GetAgent", agent_pb2.GetAgentRequest(id="x"), token=client.token())
+    assert reply.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert reply.violations() == ["id"]
+
+
+def test_list_pages_with_filter_and_order(client: Client) -> None:
+    token = client.token(str(uuid.uuid4()))
+    for index in range(5):
+        create(client, token, name=f"sup-{index}", metadata={"team": "a" if index % 2 else "b"})
+    create(client, token, name="other", metadata={"team": "a"})
+    request = agent_pb2.ListAgentsRequest(
+        page_size=1, filter='name = "sup*" AND metadata.team = "a"', order_by="name desc"
+    )
+    seen = []
+    while True:
+        reply = client.ok("ListAgents", request, token=token)
+        seen += [a.name for a in reply.agents]
+        if not reply.next_page_token:
+            break
+        request.page_token = reply.next_page_token
+    assert seen == ["sup-3", "sup-1"]
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"page_size": -1}, "page_size"),
+        ({"filter": "name ~ 'x'"}, "filter"),
+        ({"filter": f'owner_id = "{uuid.uuid4()}"'}, "filter"),
+        ({"order_by": "model"}, "order_by"),
+        ({"page_token": "forged"}, "page_token"),
+    ],
+)
+def test_bad_list_requests_name_the_field(
+    client: Client, request_fields: dict[str, Any], field: str
+) -> None:
+    reply = client.call(
+        "ListAgents", agent_pb2.ListAgentsRequest(**request_fields), token=client.token()
+    )
+    assert reply.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert reply.violations() == [field]
+
+
+def test_update_with_a_mask_and_etag(client: Client) -> None:
+    token = client.token(str(uuid.uuid4()))
+    agent = create(client, token)
+    patch = agent_pb2.Agent(id=agent.id, etag=agent.etag, description="new", name="ignored")
+    updated = client.ok(
+        "UpdateAgent",
+        agent_pb2.UpdateAgentRequest(
+            agent=patch, update_mask=field_mask_pb2.FieldMask(paths=["description"])
+        ),
+        token=token,
+    ).agent
+    assert (updated.description, updated.name) == ("new", agent.name)
+    assert updated.etag != agent.etag
+    stale = client.call(
+        "UpdateAgent",
+        agent_pb2.UpdateAgentRequest(
+            agent=patch, update_mask=field_mask_pb2.FieldMask(paths=["description"])
+        ),
+        token=token,
+    )
+    assert stale.code == grpc.StatusCode.ABORTED
+    assert stale.reason() == "ETAG_MISMATCH"
+
+
+def test_update_optional_fields_follow_presence(client: Client) -> None:
+    token = client.token(str(uuid.uuid4()))
+    agent = create(client, token)
+    # An empty mask: temperature is present (0.0) so it is set; top_p is absent.
+    updated = client.ok(
+        "UpdateAgent",
+        agent_pb2.UpdateAgentRequest(agent=agent_pb2.Agent(id=agent.id, temperature=0.0)),
+        token=token,
+    ).agent
+    assert updated.HasField("temperature")
+    assert updated.temperature == 0.0
+    # Named in the mask but absent: cleared.
+    cleared = client.ok(
+        "UpdateAgent",
+        agent_pb2.UpdateAgentRequest(
+            agent=agent_pb2.Agent(id=agent.id),
+            update_mask=field_mask_pb2.FieldMask(paths=["temperature"]),
+        ),
+        token=token,
+    ).agent
+    assert not cleared.HasField("temperature")
+
+
+@pytest.mark.parametrize("path", ["owner_id", "id", "nonsense"])
+def test_update_mask_errors(client: Client, path: str) -> None:
+    token = client.token(str(uuid.uuid4()))
+    agent = create(client, token)
+    reply = client.call(
+        "UpdateAgent",
+        agent_pb2.UpdateAgentRequest(
+            agent=agent_pb2.Agent(id=agent.id), update_mask=field_mask_pb2.FieldMask(paths=[path])
+        ),
+        token=token,
+    )
+    assert reply.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert reply.violations() == ["update_mask"]
+
+
+def test_delete_rules(client: Client) -> None:
+    token = client.token(str(uuid.uuid4()))
+    agent = create(client, token)
+    stranger = client.call(
+        "DeleteAgent", agent_pb2.DeleteAgentRequest(id=agent.id), token=client.token()
+    )
+    assert stranger.code == grpc.StatusCode.NOT_FOUND
+    wrong = client.call(
+        "DeleteAgent", agent_pb2.DeleteAgentRequest(id=agent.id, etag="stale"), token=token
+    )
+    assert wrong.code == grpc.StatusCode.ABORTED
+    client.ok(
+        "DeleteAgent", agent_pb2.DeleteAgentRequest(id=agent.id, etag=agent.etag), token=token
+    )
+    gone = client.call("GetAgent", agent_pb2.GetAgentRequest(id=agent.id), token=token)
+    assert gone.code == grpc.StatusCode.NOT_FOUND

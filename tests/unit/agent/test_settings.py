@@ -1,0 +1,61 @@
+"""AGENT_* settings: defaults, lists, and what the prod profile insists on."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.agent_svc.settings import DEFAULT_ALLOWED_MODELS, load_agent_settings
+from shared.settings import ConfigError
+
+PROD = {
+    "AGENT_PROFILE": "prod",
+    "AGENT_DATABASE_URL": "postgresql://db/agent",
+    "AGENT_REDIS_URL": "redis://cache:6379/0",
+}
+
+
+def test_dev_defaults() -> None:
+    settings = load_agent_settings({})
+    assert settings.common.port == 50052
+    assert settings.common.metrics_port == 9102
+    assert settings.auth_target == "127.0.0.1:50051"
+    assert (settings.issuer, settings.audience) == ("agentplatform-auth", "agentplatform")
+    assert settings.allowed_models == DEFAULT_ALLOWED_MODELS
+    assert (settings.l1_max_entries, settings.l1_ttl_seconds, settings.l2_ttl_seconds) == (
+        10_000,
+        30.0,
+        300.0,
+    )
+    assert settings.jwks_cooldown_seconds == 30.0
+    assert settings.auth_tls_ca_file is None
+    assert len(settings.page_token_secret) >= 32
+
+
+def test_dev_page_token_secrets_differ_per_start() -> None:
+    assert load_agent_settings({}).page_token_secret != load_agent_settings({}).page_token_secret
+
+
+def test_allowed_models_is_a_comma_list() -> None:
+    settings = load_agent_settings({"AGENT_ALLOWED_MODELS": " a-model , b-model ,, "})
+    assert settings.allowed_models == ("a-model", "b-model")
+
+
+def test_prod_requires_a_page_token_secret() -> None:
+    with pytest.raises(ConfigError, match="AGENT_PAGE_TOKEN_SECRET"):
+        load_agent_settings(PROD)
+    settings = load_agent_settings({**PROD, "AGENT_PAGE_TOKEN_SECRET": "s" * 32})
+    assert settings.page_token_secret == b"s" * 32
+
+
+def test_prod_takes_the_secret_from_a_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    secret = tmp_path / "secret"
+    secret.write_text("f" * 40 + "\n")
+    settings = load_agent_settings({**PROD, "AGENT_PAGE_TOKEN_SECRET_FILE": str(secret)})
+    assert settings.page_token_secret == b"f" * 40
+
+
+def test_short_secrets_and_empty_model_lists_are_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_agent_settings({"AGENT_PAGE_TOKEN_SECRET": "short", "AGENT_ALLOWED_MODELS": ","})
+    assert "AGENT_PAGE_TOKEN_SECRET" in str(caught.value)
+    assert "AGENT_ALLOWED_MODELS" in str(caught.value)
