@@ -135,14 +135,18 @@ class TokenVerifier:
                 algorithms=[key.algorithm],
                 audience=self._audience,
                 issuer=self._issuer,
-                leeway=self._leeway,
-                options={"require": ["exp", "iat", "iss", "aud", "sub", "jti"]},
+                options={
+                    "require": ["exp", "iat", "iss", "aud", "sub", "jti"],
+                    # PyJWT reads the wall clock; the times are checked below against
+                    # the injected clock, the same one the cache uses.
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
             )
         except jwt.PyJWTError as exc:
             raise _fail(type(exc).__name__) from exc
-        iat = claims["iat"]
-        if not isinstance(iat, int | float) or iat > now + self._leeway:
-            raise _fail("issued in the future")
+        self._check_times(claims, now)
         roles = claims.get("roles", [])
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise _fail("bad roles")
@@ -152,3 +156,16 @@ class TokenVerifier:
             token_id=str(claims["jti"]),
             expires_at=float(claims["exp"]),
         )
+
+    def _check_times(self, claims: dict[str, Any], now: float) -> None:
+        """`exp` passed, `nbf` or `iat` in the future (each with the leeway) → rejected."""
+        times = [claims["exp"], claims["iat"], claims.get("nbf", claims["iat"])]
+        if not all(isinstance(t, int | float) and not isinstance(t, bool) for t in times):
+            raise _fail("bad time claims")
+        expires, issued, not_before = times
+        if expires <= now - self._leeway:
+            raise _fail("expired")
+        if issued > now + self._leeway:
+            raise _fail("issued in the future")
+        if not_before > now + self._leeway:
+            raise _fail("not yet valid")

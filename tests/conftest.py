@@ -37,8 +37,10 @@ def postgres_admin_url() -> str:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
     except Exception as exc:
-        missing(f"PostgreSQL at {make_url(url).render_as_string(hide_password=True)}",
-                type(exc).__name__)
+        missing(
+            f"PostgreSQL at {make_url(url).render_as_string(hide_password=True)}",
+            type(exc).__name__,
+        )
     finally:
         engine.dispose()
     return url
@@ -55,9 +57,7 @@ def new_postgres_database(postgres_admin_url: str) -> Iterator[Callable[[], str]
         with admin.connect() as connection:
             connection.execute(text(f'CREATE DATABASE "{name}"'))
         created.append(name)
-        return make_url(postgres_admin_url).set(database=name).render_as_string(
-            hide_password=False
-        )
+        return make_url(postgres_admin_url).set(database=name).render_as_string(hide_password=False)
 
     yield create
     with admin.connect() as connection:
@@ -96,12 +96,12 @@ def redis_server_url() -> str:
 
 
 @pytest.fixture
-def redis_url(redis_server_url: str) -> Iterator[str]:
+def redis_url(redis_server_url: str) -> str:
     """The test Redis database (db 15), emptied before the test."""
     client = redis.Redis.from_url(redis_server_url)
     client.flushdb()
     client.close()
-    yield redis_server_url
+    return redis_server_url
 
 
 @pytest.fixture

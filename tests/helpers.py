@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,11 +109,89 @@ class Intercepted:
             def innermost(_details: Any) -> grpc.RpcMethodHandler:
                 return grpc.unary_unary_rpc_method_handler(method)
 
-            continuation = innermost
+            continuation: Callable[[Any], Any] = innermost
             for interceptor in reversed(self._interceptors):
-                continuation = (
-                    lambda d, i=interceptor, c=continuation: i.intercept_service(c, d)
-                )
-            return continuation(details).unary_unary(request, context)
+                continuation = functools.partial(_intercept, interceptor, continuation)
+            try:
+                return continuation(details).unary_unary(request, _TestingContext(context))
+            except _Aborted:
+                return None  # code, details and trailing metadata are set on the context
 
         return call
+
+
+def _intercept(interceptor: grpc.ServerInterceptor, continuation: Any, details: Any) -> Any:
+    return interceptor.intercept_service(continuation, details)
+
+
+class _Aborted(Exception):
+    """Raised by `_TestingContext.abort`, as the real server's `abort` raises."""
+
+
+class _TestingContext:
+    """grpcio-testing's servicer context made to behave like the real server's where our
+    interceptors depend on it: `code()` and `peer()` answer (the access log and metrics
+    read them), and `abort()` keeps the trailing metadata set before it (grpcio-testing's
+    drops it, and with it the `grpc-status-details-bin` rich error details)."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self._code: grpc.StatusCode | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def peer(self) -> str:
+        return "grpc-testing"  # grpcio-testing raises NotImplementedError
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+        self._context.set_code(code)
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.set_code(code)
+        self._context.set_details(details)
+        raise _Aborted(details)
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        self._context.set_trailing_metadata(status.trailing_metadata)
+        self.abort(status.code, status.details)
+
+
+class FakeClock:
+    """A `shared.clock.Clock` that moves only when told to: `advance(seconds)`."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._now = start or datetime.now(UTC)
+        self._monotonic = 1000.0
+
+    def now(self) -> datetime:
+        return self._now
+
+    def monotonic(self) -> float:
+        return self._monotonic
+
+    def advance(self, seconds: float) -> None:
+        self._now += timedelta(seconds=seconds)
+        self._monotonic += seconds
+
+
+def rich_status(trailing_metadata: Iterable[tuple[str, Any]] | None) -> status_pb2.Status | None:
+    """The google.rpc.Status in an error's trailing metadata (`grpc-status-details-bin`)."""
+    for key, value in trailing_metadata or ():
+        if key == "grpc-status-details-bin":
+            return status_pb2.Status.FromString(value)
+    return None
+
+
+def error_detail(status: status_pb2.Status | None, kind: type[Any]) -> Any:
+    """The first detail of that message type (ErrorInfo, BadRequest, RetryInfo…) or None."""
+    for packed in status.details if status is not None else ():
+        if packed.Is(kind.DESCRIPTOR):
+            detail = kind()
+            packed.Unpack(detail)
+            return detail
+    return None

@@ -87,7 +87,7 @@ def load_agent_settings(env: Mapping[str, str]) -> AgentSettings:
         audience=reader.text("AUDIENCE", "agentplatform"),
         allowed_models=reader.items("ALLOWED_MODELS", DEFAULT_ALLOWED_MODELS),
         jwks_cooldown_seconds=reader.number("JWKS_COOLDOWN_SECONDS", 30.0),
-        l1_max_entries=reader.integer("L1_MAX_ENTRIES", 10_000, minimum=1),
+        l1_max_entries=reader.integer("L1_MAX_ENTRIES", 10_000, minimum=0),  # 0: no L1
         l1_ttl_seconds=reader.number("L1_TTL_SECONDS", 30.0),
         l2_ttl_seconds=reader.number("L2_TTL_SECONDS", 300.0, minimum=1.0),
         page_token_secret=_page_token_secret(reader, common),

@@ -41,20 +41,21 @@ class SqlUserRepository:
         self._session = session
 
     def add(self, user: User) -> None:
-        self._session.add(
-            UserRow(
-                id=user.id,
-                email=user.email,
-                display_name=user.display_name,
-                password_hash=user.password_hash,
-                roles=list(user.roles),
-                disabled=user.disabled,
-                create_time=user.create_time,
-                update_time=user.update_time,
-            )
+        row = UserRow(
+            id=user.id,
+            email=user.email,
+            display_name=user.display_name,
+            password_hash=user.password_hash,
+            roles=list(user.roles),
+            disabled=user.disabled,
+            create_time=user.create_time,
+            update_time=user.update_time,
         )
+        # Added inside the savepoint: begin_nested() flushes what is pending *before* the
+        # SAVEPOINT, so a row added earlier would fail (and doom) the whole transaction.
         try:
             with self._session.begin_nested():
+                self._session.add(row)
                 self._session.flush()
         except IntegrityError:
             raise EmailTaken(user.email) from None

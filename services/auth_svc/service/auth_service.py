@@ -160,9 +160,11 @@ class AuthService:
         if violation is not None:
             raise InvalidArgument(violation)
         user = self.current_user(principal=principal)
-        self._check_attempt(user.email)
+        attempt = self._check_attempt(user.email)
         if not self._hasher.verify(user.password_hash, current_password):
-            self._record_failure(user.email, user.id, "wrong_current_password")
+            self._record_failure(
+                user.email, user.id, "wrong_current_password", attempt.locks_on_failure
+            )
             raise PermissionDenied("current password is wrong", reason="WRONG_PASSWORD")
         self._limiter.reset(user.email)
         new_hash = self._hasher.hash(new_password)
@@ -237,16 +239,18 @@ class AuthService:
         token_hash = hash_refresh_token(refresh_token)
         with self._uow() as uow:
             family = uow.refresh_tokens.family_of(token_hash)
-            now = self._clock.now()
             # The family row lock serializes every rotation and revocation of the family.
-            if family is None or not uow.refresh_tokens.lock_live_family(family, now):
+            if family is None or not uow.refresh_tokens.lock_live_family(family, self._clock.now()):
                 raise _bad_refresh_token()
+            now = self._clock.now()  # read after the lock: a rotation we waited for is past
             stored = uow.refresh_tokens.get_by_hash(token_hash)
             if stored is None or utc(stored.expire_time) <= now:
                 raise _bad_refresh_token()
             if stored.rotated_time is not None:
                 since = (now - utc(stored.rotated_time)).total_seconds()
-                if since > self._policy.refresh_reuse_grace_seconds:
+                grace = self._policy.refresh_reuse_grace_seconds
+                # A grace of 0 means none: even a reuse in the same instant kills the family.
+                if grace <= 0 or since > grace:
                     uow.refresh_tokens.revoke_family(family, now)
                     self._audit(uow, AuditKind.REFRESH_REUSE_DETECTED, user_id=stored.user_id)
                     uow.commit()

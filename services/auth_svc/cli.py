@@ -1,0 +1,187 @@
+"""Create an admin account: `python -m services.auth_svc.cli --email X [--display-name Y]`.
+
+Installed as the console script `agentplatform-create-admin`; made to run as a Kubernetes Job.
+
+- Settings are the server's own: the AUTH_* variables, hence the same database (and, in the
+  prod profile, the same required secrets). `--migrate` applies the auth migrations first;
+  without it the schema must already exist (the server or the migration Job made it).
+- The password comes from AUTH_ADMIN_PASSWORD, or from the file named by
+  AUTH_ADMIN_PASSWORD_FILE (a mounted Secret; one trailing newline is dropped), or else from
+  the first line of stdin (a hidden prompt on a terminal). Never from the command line:
+  arguments show up in `ps`, shell history and Job specs, so `--password` is refused.
+- Idempotent for re-run Jobs: if the account exists and already has the admin role, nothing
+  changes (the stored password is left alone) and the exit code is 0. If it exists without
+  the admin role the command fails: anyone may register an address, and promoting that
+  account would hand the admin role to whoever registered it first.
+
+Exit codes: 0 created, or already an admin; 1 anything else, with a one-line reason on
+stderr (never a traceback, never the password).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import NoReturn, TextIO
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from services.auth_svc.bootstrap import build_app
+from services.auth_svc.domain import ADMIN, User
+from services.auth_svc.repository.sql import SqlAuthUnitOfWork
+from services.auth_svc.service.validation import normalize_email
+from services.auth_svc.settings import AuthSettings, load_auth_settings
+from shared import migrations
+from shared.db import session_factory
+from shared.errors import AlreadyExists, DomainError
+from shared.logs import configure_logging
+from shared.settings import ConfigError
+
+__all__ = ["main"]
+
+PROG = "agentplatform-create-admin"
+PASSWORD_ENV = "AUTH_ADMIN_PASSWORD"
+PASSWORD_FILE_ENV = "AUTH_ADMIN_PASSWORD_FILE"
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+class CliError(Exception):
+    """A failure the operator can act on; the message is printed as is."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{message} (see --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description=(
+            "Create an admin account in the auth database. The password is read from "
+            f"{PASSWORD_ENV} ({PASSWORD_FILE_ENV}) or from the first line of stdin."
+        ),
+        allow_abbrev=False,
+    )
+    parser.add_argument("--email", required=True, help="the admin's email address")
+    parser.add_argument("--display-name", default="", help="defaults to the email's local part")
+    parser.add_argument(
+        "--migrate", action="store_true", help="apply the auth migrations before creating"
+    )
+    return parser
+
+
+def _refuse_password_arguments(argv: Sequence[str]) -> None:
+    # Checked before argparse, whose error would echo the offending arguments.
+    if any(arg.startswith(("--pass", "-p")) for arg in argv):
+        raise CliError(
+            "passwords are never taken from the command line: "
+            f"set {PASSWORD_ENV} (or {PASSWORD_FILE_ENV}) or write it to stdin"
+        )
+
+
+def read_password(env: Mapping[str, str], stdin: TextIO) -> str:
+    """The password from the environment, a mounted file, or the first line of stdin."""
+    inline, path = env.get(PASSWORD_ENV), env.get(PASSWORD_FILE_ENV)
+    if inline and path:
+        raise CliError(f"set {PASSWORD_ENV} or {PASSWORD_FILE_ENV}, not both")
+    if inline:
+        return inline
+    if path:
+        try:
+            return _strip_line_end(Path(path).read_text())
+        except OSError as exc:
+            raise CliError(f"{PASSWORD_FILE_ENV}: cannot read {path}: {exc.strerror}") from None
+    if stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if password != getpass.getpass("Repeat password: "):
+            raise CliError("the passwords differ")
+        return password
+    password = _strip_line_end(stdin.readline())
+    if not password:
+        raise CliError(f"no password: set {PASSWORD_ENV} or write it to stdin")
+    return password
+
+
+def _strip_line_end(text: str) -> str:
+    """The first line without its line ending (other whitespace is part of the password)."""
+    return text.split("\n", 1)[0].removesuffix("\r")
+
+
+def create_admin(settings: AuthSettings, *, email: str, display_name: str, password: str) -> str:
+    """Creates the admin (or finds it already there); returns what happened, for the operator."""
+    app = build_app(settings)
+    try:
+        try:
+            user = app.service.register(
+                email=email, password=password, display_name=display_name, admin=True
+            )
+        except AlreadyExists:
+            existing = _user_by_email(app.engine, email)
+            if existing is None or ADMIN not in existing.roles:
+                raise CliError(
+                    f"{normalize_email(email)} exists without the admin role; not promoting "
+                    "an account that anyone could have registered"
+                ) from None
+            return f"{existing.email} is already an admin (id {existing.id}); nothing changed"
+        return f"created admin {user.email} (id {user.id})"
+    finally:
+        app.close()
+
+
+def _user_by_email(engine: Engine, email: str) -> User | None:
+    with SqlAuthUnitOfWork(session_factory(engine)) as uow:
+        return uow.users.get_by_email(normalize_email(email))
+
+
+def _database_problem(exc: SQLAlchemyError) -> str:
+    # The driver's own first line: never the statement or its parameters (a password hash).
+    original = getattr(exc, "orig", None) or exc
+    first = (str(original).strip().splitlines() or [type(original).__name__])[0]
+    return f"database error: {first}"
+
+
+def run(argv: Sequence[str], env: Mapping[str, str], stdin: TextIO, stdout: TextIO) -> int:
+    """The command, with its inputs explicit; raises CliError for the operator to read."""
+    _refuse_password_arguments(argv)
+    args = _parser().parse_args(list(argv))
+    try:
+        settings = load_auth_settings(env)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    password = read_password(env, stdin)
+    common = settings.common
+    configure_logging(service="auth-create-admin", level=common.log_level, fmt=common.log_format)
+    try:
+        if args.migrate:
+            migrations.upgrade("auth", common.database_url)
+        outcome = create_admin(
+            settings, email=args.email, display_name=args.display_name, password=password
+        )
+    except DomainError as exc:
+        raise CliError(exc.message) from None
+    except SQLAlchemyError as exc:
+        hint = "" if args.migrate else " (is the schema there? --migrate applies it)"
+        raise CliError(_database_problem(exc) + hint) from None
+    print(outcome, file=stdout)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv, os.environ, sys.stdin, sys.stdout)
+    except CliError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+    except Exception as exc:  # a clear line, not a trace: this runs in Job logs
+        print(f"{PROG}: failed: {type(exc).__name__}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

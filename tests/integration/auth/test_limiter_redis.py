@@ -1,0 +1,119 @@
+"""The Redis login limiter on a real Redis: atomic counting, the cool-down, the fallback."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from services.auth_svc.infra.limiter import InMemoryLoginLimiter, RedisLoginLimiter
+from services.auth_svc.service.ports import LoginAttempt
+from shared.redis_client import make_redis
+from tests.helpers import FakeClock
+
+UNREACHABLE = "redis://127.0.0.1:1/0"
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    client = make_redis(redis_url)
+    yield client
+    client.close()
+
+
+def limiter_on(
+    client: redis.Redis, *, limit: int = 10, lockout: float = 900, prefix: str = "test:login:"
+) -> RedisLoginLimiter:
+    return RedisLoginLimiter(
+        client,
+        max_failures=limit,
+        lockout_seconds=lockout,
+        fallback=InMemoryLoginLimiter(
+            max_failures=limit, lockout_seconds=lockout, monotonic=FakeClock().monotonic
+        ),
+        prefix=prefix,
+    )
+
+
+def test_fifty_parallel_attempts_against_a_limit_of_ten_allow_exactly_ten(
+    client: redis.Redis, unique: str
+) -> None:
+    limiter = limiter_on(client, limit=10)
+    start = threading.Barrier(50)
+    attempts: list[LoginAttempt] = []
+    lock = threading.Lock()
+
+    def attempt() -> None:
+        start.wait(timeout=10)
+        result = limiter.acquire(f"{unique}@example.com")
+        with lock:
+            attempts.append(result)
+
+    threads = [threading.Thread(target=attempt) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    allowed = [a for a in attempts if a.allowed]
+    assert len(attempts) == 50
+    assert len(allowed) == 10
+    assert sum(a.locks_on_failure for a in allowed) == 1  # the tenth
+    assert all(0 < a.retry_after_seconds <= 900 for a in attempts if not a.allowed)
+
+
+def test_the_limit_is_per_account(client: redis.Redis) -> None:
+    limiter = limiter_on(client, limit=2)
+    for _ in range(2):
+        assert limiter.acquire("a@example.com").allowed
+    assert not limiter.acquire("a@example.com").allowed
+    assert limiter.acquire("b@example.com").allowed
+
+
+def test_the_cool_down_is_the_counters_ttl(client: redis.Redis) -> None:
+    limiter = limiter_on(client, limit=3, lockout=900)
+    for _ in range(3):
+        limiter.acquire("ada@example.com")
+    (key,) = client.keys("test:login:*")
+    assert 899_000 < client.pttl(key) <= 900_000
+    locked = limiter.acquire("ada@example.com")
+    assert not locked.allowed
+    assert 899 < locked.retry_after_seconds <= 900
+
+
+def test_the_cool_down_ends(client: redis.Redis) -> None:
+    limiter = limiter_on(client, limit=1, lockout=0.2)
+    assert limiter.acquire("ada@example.com").allowed
+    assert not limiter.acquire("ada@example.com").allowed
+    time.sleep(0.3)  # Redis keeps its own time: the one real wait in these tests
+    assert limiter.acquire("ada@example.com").allowed
+
+
+def test_reset_forgets_the_failures(client: redis.Redis) -> None:
+    limiter = limiter_on(client, limit=2)
+    limiter.acquire("ada@example.com")
+    limiter.acquire("ada@example.com")
+    limiter.reset("ada@example.com")
+    assert client.keys("test:login:*") == []
+    assert limiter.acquire("ada@example.com") == LoginAttempt(allowed=True)
+
+
+def test_redis_never_holds_the_email(client: redis.Redis) -> None:
+    limiter_on(client).acquire("ada@example.com")
+    (key,) = client.keys("test:login:*")
+    assert b"ada" not in key
+    assert len(key) == len("test:login:") + 64  # the prefix and a SHA-256 in hex
+
+
+def test_an_unreachable_redis_falls_back_to_the_in_process_limit() -> None:
+    client = make_redis(UNREACHABLE)
+    try:
+        limiter = limiter_on(client, limit=3)
+        results = [limiter.acquire("ada@example.com").allowed for _ in range(4)]
+        assert results == [True, True, True, False]
+        limiter.reset("ada@example.com")  # no error either
+        assert limiter.acquire("ada@example.com").allowed
+    finally:
+        client.close()

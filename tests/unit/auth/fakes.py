@@ -1,0 +1,254 @@
+"""In-memory implementations of the auth ports (services/auth_svc/service/ports.py).
+
+The fake unit of work keeps the repository semantics that the rules depend on: changes
+are visible to other units of work only after `commit()`, and a unit of work left without
+committing rolls back.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from types import TracebackType
+from typing import Self
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from services.auth_svc.domain import AuditEvent, RefreshToken, User
+from services.auth_svc.infra.keys import KeyRing
+from services.auth_svc.infra.limiter import InMemoryLoginLimiter
+from services.auth_svc.service.auth_service import AuthPolicy, AuthService
+from services.auth_svc.service.ports import EmailTaken
+from tests.helpers import FakeClock
+
+ISSUER = "test-issuer"
+AUDIENCE = "test-audience"
+
+
+@dataclass
+class Family:
+    user_id: uuid.UUID
+    create_time: datetime
+    last_used_time: datetime
+    revoked_time: datetime | None = None
+
+
+@dataclass
+class State:
+    """What a database would hold."""
+
+    users: dict[uuid.UUID, User] = field(default_factory=dict)
+    families: dict[uuid.UUID, Family] = field(default_factory=dict)
+    tokens: dict[str, RefreshToken] = field(default_factory=dict)  # by hash
+    audit: list[AuditEvent] = field(default_factory=list)
+
+
+class FakeUsers:
+    def __init__(self, state: State) -> None:
+        self._state = state
+
+    def add(self, user: User) -> None:
+        if any(u.email == user.email for u in self._state.users.values()):
+            raise EmailTaken(user.email)
+        self._state.users[user.id] = user
+
+    def get(self, user_id: uuid.UUID) -> User | None:
+        return self._state.users.get(user_id)
+
+    def get_by_email(self, email: str) -> User | None:
+        return next((u for u in self._state.users.values() if u.email == email), None)
+
+    def set_password_hash(self, user_id: uuid.UUID, password_hash: str, when: datetime) -> None:
+        user = self._state.users[user_id]
+        self._state.users[user_id] = replace(user, password_hash=password_hash, update_time=when)
+
+
+class FakeRefreshTokens:
+    def __init__(self, state: State) -> None:
+        self._state = state
+
+    def add_family(self, family_id: uuid.UUID, user_id: uuid.UUID, when: datetime) -> None:
+        self._state.families[family_id] = Family(user_id, when, when)
+
+    def add(self, token: RefreshToken) -> None:
+        assert token.family_id in self._state.families
+        self._state.tokens[token.token_hash] = token
+
+    def family_of(self, token_hash: str) -> uuid.UUID | None:
+        token = self._state.tokens.get(token_hash)
+        return token.family_id if token else None
+
+    def lock_live_family(self, family_id: uuid.UUID, when: datetime) -> bool:
+        family = self._state.families.get(family_id)
+        if family is None or family.revoked_time is not None:
+            return False
+        family.last_used_time = when
+        return True
+
+    def get_by_hash(self, token_hash: str) -> RefreshToken | None:
+        return self._state.tokens.get(token_hash)
+
+    def mark_rotated(self, token_id: uuid.UUID, when: datetime) -> None:
+        for key, token in self._state.tokens.items():
+            if token.id == token_id:
+                self._state.tokens[key] = replace(token, rotated_time=when)
+
+    def revoke_family(self, family_id: uuid.UUID, when: datetime) -> None:
+        family = self._state.families[family_id]
+        if family.revoked_time is None:
+            family.revoked_time = when
+
+    def revoke_user_families(self, user_id: uuid.UUID, when: datetime) -> None:
+        for family in self._state.families.values():
+            if family.user_id == user_id and family.revoked_time is None:
+                family.revoked_time = when
+
+
+class FakeAudit:
+    def __init__(self, state: State) -> None:
+        self._state = state
+
+    def record(self, event: AuditEvent) -> None:
+        self._state.audit.append(event)
+
+
+class FakeDatabase:
+    """The committed state, and units of work that each change a private copy of it."""
+
+    def __init__(self) -> None:
+        self.committed = State()
+        self.commits = 0
+
+    def unit_of_work(self) -> FakeUnitOfWork:
+        return FakeUnitOfWork(self)
+
+
+class FakeUnitOfWork:
+    def __init__(self, database: FakeDatabase) -> None:
+        self._database = database
+        self._state = State()
+
+    @property
+    def users(self) -> FakeUsers:
+        return FakeUsers(self._state)
+
+    @property
+    def refresh_tokens(self) -> FakeRefreshTokens:
+        return FakeRefreshTokens(self._state)
+
+    @property
+    def audit(self) -> FakeAudit:
+        return FakeAudit(self._state)
+
+    def __enter__(self) -> Self:
+        self._state = copy.deepcopy(self._database.committed)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._state = State()  # uncommitted changes are dropped
+
+    def commit(self) -> None:
+        self._database.committed = copy.deepcopy(self._state)
+        self._database.commits += 1
+
+
+class FakeHasher:
+    """Cheap and deterministic; counts its calls (the timing rules are about calls made)."""
+
+    def __init__(self) -> None:
+        self.hashes = 0
+        self.verifies = 0
+        self.stale_hashes: set[str] = set()
+
+    @staticmethod
+    def _digest(password: str) -> str:
+        return "fake$" + hashlib.sha256(password.encode()).hexdigest()
+
+    def hash(self, password: str) -> str:
+        self.hashes += 1
+        return self._digest(password)
+
+    def verify(self, password_hash: str, password: str) -> bool:
+        self.verifies += 1
+        return password_hash == self._digest(password)
+
+    def needs_rehash(self, password_hash: str) -> bool:
+        return password_hash in self.stale_hashes
+
+
+def ed25519_pem() -> str:
+    return (
+        ed25519.Ed25519PrivateKey.generate()
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode()
+    )
+
+
+def key_ring(clock: FakeClock, *, ttl: int = 900, verify_keys_pem: str | None = None) -> KeyRing:
+    return KeyRing(
+        signing_key_pem=ed25519_pem(),
+        verify_keys_pem=verify_keys_pem,
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        access_token_ttl_seconds=ttl,
+        clock=clock,
+    )
+
+
+@dataclass
+class AuthWorld:
+    """An AuthService on fakes, with the fakes at hand for assertions."""
+
+    service: AuthService
+    database: FakeDatabase
+    hasher: FakeHasher
+    limiter: InMemoryLoginLimiter
+    keys: KeyRing
+    clock: FakeClock
+
+    @property
+    def audit(self) -> list[AuditEvent]:
+        return self.database.committed.audit
+
+
+def build_world(
+    *,
+    password_min_length: int = 8,
+    max_failures: int = 3,
+    lockout_seconds: float = 60.0,
+    grace_seconds: float = 5.0,
+    refresh_ttl_seconds: int = 3600,
+) -> AuthWorld:
+    clock = FakeClock()
+    database = FakeDatabase()
+    hasher = FakeHasher()
+    limiter = InMemoryLoginLimiter(
+        max_failures=max_failures, lockout_seconds=lockout_seconds, monotonic=clock.monotonic
+    )
+    keys = key_ring(clock)
+    service = AuthService(
+        uow=database.unit_of_work,
+        hasher=hasher,
+        limiter=limiter,
+        tokens=keys,
+        clock=clock,
+        policy=AuthPolicy(
+            password_min_length=password_min_length,
+            refresh_token_ttl_seconds=refresh_ttl_seconds,
+            refresh_reuse_grace_seconds=grace_seconds,
+        ),
+    )
+    return AuthWorld(service, database, hasher, limiter, keys, clock)

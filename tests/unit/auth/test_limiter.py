@@ -1,0 +1,72 @@
+"""The in-process login limiter (the embedded default, and the fallback when Redis is down)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from services.auth_svc.infra.limiter import InMemoryLoginLimiter
+from services.auth_svc.service.ports import LoginAttempt
+from tests.helpers import FakeClock
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def limiter(clock: FakeClock, limit: int = 3, lockout: float = 60) -> InMemoryLoginLimiter:
+    return InMemoryLoginLimiter(
+        max_failures=limit, lockout_seconds=lockout, monotonic=clock.monotonic
+    )
+
+
+def test_attempts_up_to_the_limit_are_allowed_and_the_last_one_is_flagged(
+    clock: FakeClock,
+) -> None:
+    limits = limiter(clock)
+    attempts = [limits.acquire("k") for _ in range(4)]
+    assert attempts[:3] == [
+        LoginAttempt(allowed=True),
+        LoginAttempt(allowed=True),
+        LoginAttempt(allowed=True, locks_on_failure=True),
+    ]
+    assert attempts[3] == LoginAttempt(allowed=False, retry_after_seconds=60)
+
+
+def test_parallel_attempts_never_exceed_the_limit(clock: FakeClock) -> None:
+    limits = limiter(clock, limit=10)
+    start = threading.Barrier(50)
+    allowed: list[bool] = []
+
+    def attempt() -> None:
+        start.wait(timeout=10)
+        allowed.append(limits.acquire("k").allowed)
+
+    threads = [threading.Thread(target=attempt) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert allowed.count(True) == 10
+    assert allowed.count(False) == 40
+
+
+def test_the_cool_down_counts_down_and_ends(clock: FakeClock) -> None:
+    limits = limiter(clock)
+    for _ in range(3):
+        limits.acquire("k")
+    clock.advance(45)
+    assert limits.acquire("k").retry_after_seconds == pytest.approx(15)
+    clock.advance(15)
+    assert limits.acquire("k").allowed
+
+
+def test_reset_forgets_and_keys_are_independent(clock: FakeClock) -> None:
+    limits = limiter(clock, limit=1)
+    limits.acquire("a")
+    assert not limits.acquire("a").allowed
+    assert limits.acquire("b").allowed
+    limits.reset("a")
+    assert limits.acquire("a").allowed

@@ -1,0 +1,350 @@
+"""The shared interceptors under grpcio-testing: error mapping, token checks, access log."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc_testing
+import jwt
+import pytest
+from agentplatform.auth.v1 import auth_pb2
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from google.protobuf import message
+from google.rpc import error_details_pb2, status_pb2
+
+from shared.errors import (
+    Aborted,
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    FieldViolation,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from shared.interceptors import (
+    AccessLogInterceptor,
+    ErrorMappingInterceptor,
+    TokenCheckInterceptor,
+    principal_of,
+)
+from shared.jwk import VerificationKey, thumbprint
+from shared.tokens import Principal, StaticKeyProvider, TokenVerifier
+from tests.helpers import FakeClock, Intercepted, error_detail, rich_status
+
+SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"]
+SERVICE_NAME = SERVICE.full_name
+DOMAIN = "test.agentplatform"
+PUBLIC = {f"/{SERVICE_NAME}/GetJwks"}
+ISSUER, AUDIENCE = "issuer", "audience"
+SECRET_TEXT = "password=hunter2 at /srv/secret/path"
+
+
+class ScriptedServicer:
+    """GetJwks (public) and GetCurrentUser (authenticated) run whatever the test scripts."""
+
+    def __init__(self) -> None:
+        self.behavior: Callable[[Any], message.Message] = lambda _ctx: auth_pb2.GetJwksResponse()
+        self.principals: list[Principal] = []
+
+    def GetJwks(self, request: Any, context: Any) -> message.Message:
+        return self.behavior(context)
+
+    def GetCurrentUser(self, request: Any, context: Any) -> message.Message:
+        self.principals.append(principal_of(context))
+        self.behavior(context)
+        return auth_pb2.GetCurrentUserResponse()
+
+
+@dataclass
+class Outcome:
+    response: Any
+    code: grpc.StatusCode
+    details: str
+    trailing: Sequence[tuple[str, Any]]
+
+    @property
+    def status(self) -> status_pb2.Status | None:
+        return rich_status(self.trailing)
+
+    def detail(self, kind: type[message.Message]) -> Any:
+        assert self.status is not None
+        return error_detail(self.status, kind)
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+        self.key = ed25519.Ed25519PrivateKey.generate()
+        self.kid = thumbprint(self.key.public_key())
+        verifier = TokenVerifier(
+            StaticKeyProvider([VerificationKey(self.kid, "EdDSA", self.key.public_key())]),
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            clock=self.clock,
+        )
+        self.servicer = ScriptedServicer()
+        interceptors = [
+            AccessLogInterceptor(),
+            ErrorMappingInterceptor(DOMAIN),
+            TokenCheckInterceptor(verifier, PUBLIC),
+        ]
+        self.server = grpc_testing.server_from_dictionary(
+            {SERVICE: Intercepted(self.servicer, SERVICE_NAME, interceptors)},
+            grpc_testing.strict_real_time(),
+        )
+
+    def token(self, user_id: str, roles: Sequence[str] = ("user",)) -> str:
+        now = int(self.clock.now().timestamp())
+        claims = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": user_id,
+            "iat": now,
+            "exp": now + 300,
+            "jti": uuid.uuid4().hex,
+            "roles": list(roles),
+        }
+        return jwt.encode(
+            claims, self.key, algorithm="EdDSA", headers={"kid": self.kid, "typ": "at+jwt"}
+        )
+
+    def call(
+        self,
+        method: str = "GetJwks",
+        metadata: Sequence[tuple[str, str]] = (),
+        request: message.Message | None = None,
+    ) -> Outcome:
+        request = request or (
+            auth_pb2.GetJwksRequest() if method == "GetJwks" else auth_pb2.GetCurrentUserRequest()
+        )
+        rpc = self.server.invoke_unary_unary(
+            SERVICE.methods_by_name[method], tuple(metadata), request, None
+        )
+        response, trailing, code, details = rpc.termination()
+        return Outcome(response, code, details, trailing)
+
+    def raising(self, error: BaseException) -> None:
+        def behavior(_ctx: Any) -> message.Message:
+            raise error
+
+        self.servicer.behavior = behavior
+
+
+@pytest.fixture
+def harness() -> Harness:
+    return Harness()
+
+
+# -- error mapping ----------------------------------------------------------------------
+
+ERRORS: list[tuple[DomainError, grpc.StatusCode]] = [
+    (InvalidArgument.field("name", "required"), grpc.StatusCode.INVALID_ARGUMENT),
+    (Unauthenticated("who are you"), grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied("not yours"), grpc.StatusCode.PERMISSION_DENIED),
+    (NotFound("no such agent", metadata={"agent": "a1"}), grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists("taken"), grpc.StatusCode.ALREADY_EXISTS),
+    (Aborted("etag mismatch", reason="ETAG_MISMATCH"), grpc.StatusCode.ABORTED),
+    (FailedPrecondition("not now"), grpc.StatusCode.FAILED_PRECONDITION),
+    (ResourceExhausted("slow down", retry_after_seconds=1.5), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable("try later", retry_after_seconds=2), grpc.StatusCode.UNAVAILABLE),
+    (Internal("broken"), grpc.StatusCode.INTERNAL),
+]
+
+
+@pytest.mark.parametrize(("error", "code"), ERRORS, ids=[type(e).__name__ for e, _ in ERRORS])
+def test_every_domain_error_maps_to_its_code_with_error_info(
+    harness: Harness, error: DomainError, code: grpc.StatusCode
+) -> None:
+    harness.raising(error)
+    outcome = harness.call()
+    assert outcome.code == code
+    assert outcome.details == error.message
+    status = outcome.status
+    assert status is not None
+    assert status.code == code.value[0]
+    assert status.message == error.message
+    info = outcome.detail(error_details_pb2.ErrorInfo)
+    assert info.reason == error.reason
+    assert info.domain == DOMAIN
+    assert dict(info.metadata) == error.metadata
+
+
+def test_invalid_argument_carries_bad_request_field_violations(harness: Harness) -> None:
+    harness.raising(
+        InvalidArgument(
+            [FieldViolation("email", "not a valid email address"), FieldViolation("password", "x")]
+        )
+    )
+    outcome = harness.call()
+    bad_request = outcome.detail(error_details_pb2.BadRequest)
+    assert [(v.field, v.description) for v in bad_request.field_violations] == [
+        ("email", "not a valid email address"),
+        ("password", "x"),
+    ]
+    assert outcome.detail(error_details_pb2.RetryInfo) is None
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ResourceExhausted("locked", retry_after_seconds=899.25, reason="LOGIN_LOCKED"),
+        Unavailable("busy", retry_after_seconds=899.25),
+    ],
+)
+def test_retryable_errors_carry_retry_info(harness: Harness, error: DomainError) -> None:
+    harness.raising(error)
+    retry = harness.call().detail(error_details_pb2.RetryInfo)
+    assert retry.retry_delay.seconds == 899
+    assert retry.retry_delay.nanos == 250_000_000
+
+
+def test_other_errors_carry_no_bad_request_or_retry_info(harness: Harness) -> None:
+    harness.raising(NotFound("gone"))
+    outcome = harness.call()
+    assert outcome.detail(error_details_pb2.BadRequest) is None
+    assert outcome.detail(error_details_pb2.RetryInfo) is None
+
+
+def test_an_unexpected_exception_is_a_bare_internal_with_the_trace_in_the_log(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness.raising(RuntimeError(SECRET_TEXT))
+    with caplog.at_level(logging.ERROR, logger="agentplatform.rpc"):
+        outcome = harness.call()
+    assert outcome.code == grpc.StatusCode.INTERNAL
+    assert outcome.details == "internal error"
+    status = outcome.status
+    assert status is not None
+    assert status.message == "internal error"
+    assert outcome.detail(error_details_pb2.ErrorInfo).reason == "INTERNAL"
+    wire = repr(outcome.trailing) + outcome.details + str(status)
+    for leak in ("hunter2", "RuntimeError", "Traceback", "/srv/secret"):
+        assert leak not in wire
+    (record,) = [r for r in caplog.records if r.name == "agentplatform.rpc"]
+    assert record.getMessage() == "unexpected error"
+    assert record.exc_info is not None
+    assert SECRET_TEXT in caplog.text
+    assert "Traceback" in caplog.text
+    assert "test_interceptors.py" in caplog.text  # the frame that raised
+
+
+def test_a_successful_call_has_no_error_details(harness: Harness) -> None:
+    outcome = harness.call()
+    assert outcome.code == grpc.StatusCode.OK
+    assert outcome.status is None
+
+
+# -- token check ------------------------------------------------------------------------
+
+
+def test_a_public_method_needs_no_token(harness: Harness) -> None:
+    assert harness.call("GetJwks").code == grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        (),
+        (("authorization", ""),),
+        (("authorization", "Basic abc"),),
+        (("authorization", "Bearer "),),
+    ],
+)
+def test_an_authenticated_method_without_a_bearer_token_is_unauthenticated(
+    harness: Harness, metadata: tuple[tuple[str, str], ...]
+) -> None:
+    outcome = harness.call("GetCurrentUser", metadata)
+    assert outcome.code == grpc.StatusCode.UNAUTHENTICATED
+    assert outcome.detail(error_details_pb2.ErrorInfo).reason == "MISSING_TOKEN"
+    assert harness.servicer.principals == []
+
+
+def test_an_invalid_token_is_unauthenticated(harness: Harness) -> None:
+    forged = harness.token("u1")[:-4] + "AAAA"
+    outcome = harness.call("GetCurrentUser", [("authorization", f"Bearer {forged}")])
+    assert outcome.code == grpc.StatusCode.UNAUTHENTICATED
+    assert outcome.detail(error_details_pb2.ErrorInfo).reason == "INVALID_TOKEN"
+    assert forged not in outcome.details
+
+
+def test_a_valid_token_hands_the_principal_to_the_servicer(harness: Harness) -> None:
+    token = harness.token("user-7", roles=("user", "admin"))
+    outcome = harness.call("GetCurrentUser", [("authorization", f"bearer {token}")])
+    assert outcome.code == grpc.StatusCode.OK
+    (principal,) = harness.servicer.principals
+    assert principal.user_id == "user-7"
+    assert principal.roles == frozenset({"user", "admin"})
+
+
+def test_principal_of_a_context_without_a_check_is_unauthenticated() -> None:
+    with pytest.raises(Unauthenticated):
+        principal_of(object())
+
+
+def test_calls_outside_our_services_pass_through_untouched() -> None:
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+    verifier = TokenVerifier(
+        StaticKeyProvider([]), issuer=ISSUER, audience=AUDIENCE, clock=FakeClock()
+    )
+
+    class Details(grpc.HandlerCallDetails):  # type: ignore[misc]
+        method = "/grpc.health.v1.Health/Check"
+        invocation_metadata = ()
+
+    for interceptor in (
+        AccessLogInterceptor(),
+        ErrorMappingInterceptor(DOMAIN),
+        TokenCheckInterceptor(verifier, PUBLIC),
+    ):
+        assert interceptor.intercept_service(lambda _d: handler, Details()) is handler
+
+
+# -- access log -------------------------------------------------------------------------
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [r.rpc for r in caplog.records if r.name == "agentplatform.access"]  # type: ignore[attr-defined]
+
+
+def test_each_call_logs_one_access_line(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="agentplatform.access")
+    token = harness.token("user-9")
+    harness.call("GetJwks", [("x-request-id", "req-1")])
+    harness.call("GetCurrentUser", [("authorization", f"Bearer {token}")])
+    harness.call("GetCurrentUser")
+    harness.raising(ResourceExhausted("slow", retry_after_seconds=1))
+    harness.call("GetJwks")
+    lines = access_lines(caplog)
+    assert [(line["method"].rsplit("/", 1)[1], line["code"]) for line in lines] == [
+        ("GetJwks", "OK"),
+        ("GetCurrentUser", "OK"),
+        ("GetCurrentUser", "UNAUTHENTICATED"),
+        ("GetJwks", "RESOURCE_EXHAUSTED"),
+    ]
+    assert lines[0]["request_id"] == "req-1"
+    assert lines[1]["request_id"]
+    assert lines[1]["request_id"] != lines[2]["request_id"]
+    assert [line["user_id"] for line in lines] == [None, "user-9", None, None]
+    assert all(line["duration_ms"] >= 0 and "peer" in line for line in lines)
+    assert token not in caplog.text
+
+
+def test_access_log_levels_follow_the_code(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agentplatform.access")
+    for error in (NotFound("x"), Unavailable("x", retry_after_seconds=1), RuntimeError("x")):
+        harness.raising(error)
+        harness.call()
+    levels = [r.levelno for r in caplog.records if r.name == "agentplatform.access"]
+    assert levels == [logging.INFO, logging.WARNING, logging.ERROR]

@@ -1,0 +1,151 @@
+"""Settings: working dev defaults; prod refuses to start without real infrastructure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.auth_svc.settings import load_auth_settings
+from shared.settings import ConfigError, EnvReader
+
+PROD = {
+    "AUTH_PROFILE": "prod",
+    "AUTH_DATABASE_URL": "postgresql://auth@db:5432/auth",
+    "AUTH_REDIS_URL": "redis://redis:6379/0",
+    "AUTH_SIGNING_KEY": "-----BEGIN PRIVATE KEY-----\n...\n-----END PRIVATE KEY-----\n",
+}
+
+
+def problems(env: dict[str, str]) -> str:
+    with pytest.raises(ConfigError) as excinfo:
+        load_auth_settings(env)
+    return str(excinfo.value)
+
+
+def test_dev_defaults_need_no_environment(tmp_path: Path) -> None:
+    settings = load_auth_settings({"AUTH_DATA_DIR": str(tmp_path)})
+    common = settings.common
+    assert common.profile == "dev"
+    assert common.database_url == f"sqlite:///{tmp_path / 'auth.db'}"
+    assert common.redis_url is None
+    assert common.host == "127.0.0.1"
+    assert common.port == 50051
+    assert common.migrate_on_start
+    assert common.log_format == "text"
+    assert common.tls_cert_file is None
+    assert settings.signing_key_pem is None  # a dev key is created in the data folder
+    assert settings.access_token_ttl_seconds == 900
+    assert settings.password_min_length == 8
+    assert settings.login_max_failures == 10
+    assert settings.login_lockout_seconds == 900
+    assert 0 < settings.refresh_reuse_grace_seconds <= 10
+
+
+def test_dev_data_dir_defaults_to_a_local_folder() -> None:
+    settings = load_auth_settings({})
+    assert settings.common.data_dir == Path(".data").absolute()
+
+
+def test_a_complete_prod_environment_loads() -> None:
+    settings = load_auth_settings(PROD)
+    common = settings.common
+    assert common.profile == "prod"
+    assert common.database_url == PROD["AUTH_DATABASE_URL"]
+    assert common.redis_url == PROD["AUTH_REDIS_URL"]
+    assert common.host == "0.0.0.0"  # noqa: S104
+    assert not common.migrate_on_start
+    assert common.log_format == "json"
+    assert settings.signing_key_pem == PROD["AUTH_SIGNING_KEY"].strip()
+
+
+@pytest.mark.parametrize("missing", ["AUTH_DATABASE_URL", "AUTH_REDIS_URL", "AUTH_SIGNING_KEY"])
+def test_prod_refuses_to_start_without(missing: str) -> None:
+    env = {k: v for k, v in PROD.items() if k != missing}
+    assert missing in problems(env)
+
+
+def test_prod_takes_the_signing_key_from_a_mounted_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "signing-key.pem"
+    key_file.write_text("PEM FROM FILE")
+    env = {k: v for k, v in PROD.items() if k != "AUTH_SIGNING_KEY"}
+    settings = load_auth_settings({**env, "AUTH_SIGNING_KEY_FILE": str(key_file)})
+    assert settings.signing_key_pem == "PEM FROM FILE"
+
+
+def test_an_unreadable_signing_key_file_is_reported(tmp_path: Path) -> None:
+    env = {k: v for k, v in PROD.items() if k != "AUTH_SIGNING_KEY"}
+    message = problems({**env, "AUTH_SIGNING_KEY_FILE": str(tmp_path / "absent.pem")})
+    assert "AUTH_SIGNING_KEY_FILE: cannot read" in message
+
+
+def test_a_signing_key_given_twice_is_refused(tmp_path: Path) -> None:
+    key_file = tmp_path / "signing-key.pem"
+    key_file.write_text("PEM")
+    message = problems({**PROD, "AUTH_SIGNING_KEY_FILE": str(key_file)})
+    assert "not both" in message
+
+
+def test_sqlite_is_refused_in_prod() -> None:
+    message = problems({**PROD, "AUTH_DATABASE_URL": "sqlite:////var/lib/auth.db"})
+    assert "AUTH_DATABASE_URL must be PostgreSQL in prod" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("AUTH_PORT", "fifty", "AUTH_PORT must be an integer, got 'fifty'"),
+        ("AUTH_MAX_WORKERS", "0", "AUTH_MAX_WORKERS must be at least 1, got 0"),
+        ("AUTH_ACCESS_TOKEN_TTL_SECONDS", "1.5", "must be an integer"),
+        ("AUTH_PASSWORD_MIN_LENGTH", "4", "AUTH_PASSWORD_MIN_LENGTH must be at least 8"),
+        ("AUTH_PASSWORD_MIN_LENGTH", "129", "AUTH_PASSWORD_MIN_LENGTH must be at most 128"),
+        ("AUTH_REFRESH_REUSE_GRACE_SECONDS", "soon", "must be a number"),
+        ("AUTH_MIGRATE_ON_START", "maybe", "must be true or false"),
+        ("AUTH_PROFILE", "staging", "AUTH_PROFILE must be dev or prod"),
+        ("AUTH_LOG_FORMAT", "xml", "AUTH_LOG_FORMAT must be text or json"),
+    ],
+)
+def test_bad_values_are_reported_by_name(name: str, value: str, expected: str) -> None:
+    assert expected in problems({name: value})
+
+
+def test_a_grace_of_zero_is_allowed() -> None:
+    settings = load_auth_settings({"AUTH_REFRESH_REUSE_GRACE_SECONDS": "0"})
+    assert settings.refresh_reuse_grace_seconds == 0
+
+
+def test_tls_needs_both_certificate_and_key() -> None:
+    assert "TLS_CERT_FILE and TLS_KEY_FILE" in problems({"AUTH_TLS_CERT_FILE": "/tls/tls.crt"})
+
+
+def test_every_problem_is_listed_at_once() -> None:
+    message = problems(
+        {
+            "AUTH_PROFILE": "prod",
+            "AUTH_PORT": "x",
+            "AUTH_LOGIN_MAX_FAILURES": "0",
+            "AUTH_GRACE_SECONDS": "later",
+        }
+    )
+    for expected in (
+        "AUTH_DATABASE_URL is required",
+        "AUTH_REDIS_URL is required",
+        "AUTH_SIGNING_KEY is required",
+        "AUTH_PORT must be an integer",
+        "AUTH_LOGIN_MAX_FAILURES must be at least 1",
+        "AUTH_GRACE_SECONDS must be a number",
+    ):
+        assert expected in message
+    assert message.count("\n  ") == 6
+
+
+def test_blank_values_count_as_unset() -> None:
+    settings = load_auth_settings({"AUTH_PORT": "  ", "AUTH_DATABASE_URL": ""})
+    assert settings.common.port == 50051
+    assert settings.common.database_url.startswith("sqlite:///")
+
+
+def test_env_reader_items_split_on_commas() -> None:
+    reader = EnvReader({"X_HOSTS": " a, b ,,c "}, "X")
+    assert reader.items("HOSTS", ()) == ("a", "b", "c")
+    assert reader.items("OTHER", ("d",)) == ("d",)
