@@ -9,12 +9,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol
 
 from services.agent_svc.domain import Agent
 from services.agent_svc.service.filtering import AgentFilter, Ordering
 from services.agent_svc.service.paging import Cursor
+from shared.uow import UnitOfWork
 
 __all__ = [
     "AgentCache",
@@ -72,22 +72,11 @@ class AgentRepository(Protocol):
         ...
 
 
-class AgentUnitOfWork(Protocol):
-    """One transaction: rolls back on exit unless `commit()` was called."""
+class AgentUnitOfWork(UnitOfWork, Protocol):
+    """One transaction over the agent repositories (see shared.uow.UnitOfWork)."""
 
     @property
     def agents(self) -> AgentRepository: ...
-
-    def __enter__(self) -> Self: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-    def commit(self) -> None: ...
 
 
 class AgentCache(Protocol):

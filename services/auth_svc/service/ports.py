@@ -9,10 +9,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol
 
 from services.auth_svc.domain import AuditEvent, RefreshToken, User
+from shared.uow import UnitOfWork
 
 __all__ = [
     "AuditLog",
@@ -69,8 +69,8 @@ class AuditLog(Protocol):
     def record(self, event: AuditEvent) -> None: ...
 
 
-class AuthUnitOfWork(Protocol):
-    """One transaction: rolls back on exit unless `commit()` was called."""
+class AuthUnitOfWork(UnitOfWork, Protocol):
+    """One transaction over the auth repositories (see shared.uow.UnitOfWork)."""
 
     @property
     def users(self) -> UserRepository: ...
@@ -80,17 +80,6 @@ class AuthUnitOfWork(Protocol):
 
     @property
     def audit(self) -> AuditLog: ...
-
-    def __enter__(self) -> Self: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-    def commit(self) -> None: ...
 
 
 class PasswordHasher(Protocol):
