@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import unicodedata
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from services.agent_svc.domain import AgentInput, Tool
 from shared.errors import FieldViolation, InvalidArgument
+from shared.text import has_control_characters
 
 __all__ = [
     "MAX_DESCRIPTION",
@@ -26,7 +26,6 @@ __all__ = [
     "MAX_TOOLS",
     "MAX_TOOL_DESCRIPTION",
     "check_agent",
-    "has_control_characters",
 ]
 
 MAX_NAME = 256
@@ -40,16 +39,6 @@ MAX_METADATA_VALUE = 512
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_P_RANGE = (0.0, 1.0)
-
-# Zero-width (non-)joiners are format characters that emoji sequences need; every other
-# control or format character (C0/C1 controls, bidi overrides, …) is refused in names.
-_ALLOWED_FORMAT = frozenset({"\u200c", "\u200d"})
-
-
-def has_control_characters(text: str) -> bool:
-    return any(
-        unicodedata.category(ch) in ("Cc", "Cf", "Cs") and ch not in _ALLOWED_FORMAT for ch in text
-    )
 
 
 def check_agent(agent: AgentInput, allowed_models: Collection[str], prefix: str = "agent") -> None:

@@ -30,7 +30,6 @@ from services.auth_svc.service.ports import (
 from services.auth_svc.service.validation import (
     MAX_DISPLAY_NAME,
     email_violation,
-    has_control_characters,
     normalize_email,
     password_violation,
 )
@@ -43,6 +42,7 @@ from shared.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
+from shared.text import has_control_characters
 from shared.tokens import Principal
 
 __all__ = ["AuthPolicy", "AuthService", "hash_refresh_token"]

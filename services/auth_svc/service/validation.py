@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 
 from shared.errors import FieldViolation
+from shared.text import has_control_characters
 
 __all__ = [
     "MAX_DISPLAY_NAME",
     "MAX_PASSWORD",
     "email_violation",
-    "has_control_characters",
     "normalize_email",
     "password_violation",
 ]
@@ -25,10 +24,6 @@ _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 def normalize_email(email: str) -> str:
     """Trimmed and lower-cased as a whole."""
     return email.strip().lower()
-
-
-def has_control_characters(text: str) -> bool:
-    return any(unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
 
 
 def email_violation(email: str, field: str = "email") -> FieldViolation | None:
