@@ -28,11 +28,16 @@ ensure_venv() {
   stamp="$VENV/.installed-${extras:-base}"
   want="$(cat "$ROOT/pyproject.toml" | "$VENV/bin/python" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "==> installing $spec into $VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-    (cd "$ROOT" && "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec")
+    echo "==> installing $spec into $VENV (log: $VENV/install.log)"
+    if ! {
+      "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&
+        (cd "$ROOT" && "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$spec")
+    } >"$VENV/install.log" 2>&1; then
+      tail -n 30 "$VENV/install.log" >&2
+      echo "error: installing $spec failed; see $VENV/install.log" >&2
+      return 1
+    fi
     echo "$want" >"$stamp"
   fi
   export PATH="$VENV/bin:$PATH"
-  export PYTHONDONTWRITEBYTECODE="${PYTHONDONTWRITEBYTECODE:-}"
 }
