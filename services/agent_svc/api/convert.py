@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import uuid
+from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
@@ -67,7 +70,40 @@ def agent_input(message: agent_pb2.Agent) -> AgentInput:
     )
 
 
+class _ProtoMemo:
+    """Recently built messages by (id, revision): a version of an agent never changes, and
+    building one (Timestamps, Structs) costs ~15 times more than copying it into a response,
+    which is what the constructors of the response messages do with it."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._messages: OrderedDict[tuple[uuid.UUID, int], agent_pb2.Agent] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, agent: Agent) -> agent_pb2.Agent:
+        key = (agent.id, agent.revision)
+        with self._lock:
+            message = self._messages.get(key)
+            if message is not None:
+                self._messages.move_to_end(key)
+                return message
+        message = _build(agent)
+        with self._lock:
+            self._messages[key] = message
+            if len(self._messages) > self._size:
+                self._messages.popitem(last=False)
+        return message
+
+
+_memo = _ProtoMemo(size=10_000)
+
+
 def agent_to_proto(agent: Agent) -> agent_pb2.Agent:
+    """The agent as a message; shared, so callers embed it in a response and never mutate it."""
+    return _memo.get(agent)
+
+
+def _build(agent: Agent) -> agent_pb2.Agent:
     return agent_pb2.Agent(
         id=str(agent.id),
         owner_id=str(agent.owner_id),
