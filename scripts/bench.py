@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,11 @@ def _cpu_seconds(pid: int) -> float:
 
 def run_load(name: str, server_pid: int, load: Load, processes: int, pool: Any) -> Result:
     cpu_before = _cpu_seconds(server_pid)
-    shares = [load] * processes
+    # Each process gets its own slice of the requests (distinct names for CreateAgent).
+    shares = [
+        replace(load, requests=load.requests[i::processes] or load.requests)
+        for i in range(processes)
+    ]
     outcomes = pool.map(_client, shares)
     cpu_after = _cpu_seconds(server_pid)
     ok = sum(o[0] for o in outcomes)
