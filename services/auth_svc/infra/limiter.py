@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
 import redis
@@ -24,14 +25,25 @@ _log = logging.getLogger(__name__)
 
 
 class InMemoryLoginLimiter:
+    """Counts live in an insertion-ordered dict, moved to the end on every update: since every
+    update sets the expiry to now + cool-down, the dict is ordered by expiry, and expired
+    counts are dropped from its front in amortized O(1). `max_entries` bounds memory under
+    a flood of distinct emails (dropping the oldest counts first)."""
+
     def __init__(
-        self, *, max_failures: int, lockout_seconds: float, monotonic: Callable[[], float]
+        self,
+        *,
+        max_failures: int,
+        lockout_seconds: float,
+        monotonic: Callable[[], float],
+        max_entries: int = 1_000_000,
     ) -> None:
         self._max = max_failures
         self._lockout = lockout_seconds
         self._now = monotonic
+        self._max_entries = max_entries
         self._lock = threading.Lock()
-        self._counts: dict[str, tuple[int, float]] = {}  # key → (count, expires at)
+        self._counts: OrderedDict[str, tuple[int, float]] = OrderedDict()  # → (count, expiry)
 
     def acquire(self, key: str) -> LoginAttempt:
         now = self._now()
@@ -42,8 +54,8 @@ class InMemoryLoginLimiter:
             if count >= self._max:
                 return LoginAttempt(allowed=False, retry_after_seconds=expires - now)
             self._counts[key] = (count + 1, now + self._lockout)
-            if len(self._counts) > 100_000:
-                self._evict(now)
+            self._counts.move_to_end(key)
+            self._evict(now)
             return LoginAttempt(allowed=True, locks_on_failure=count + 1 >= self._max)
 
     def reset(self, key: str) -> None:
@@ -51,8 +63,12 @@ class InMemoryLoginLimiter:
             self._counts.pop(key, None)
 
     def _evict(self, now: float) -> None:
-        for stale in [k for k, (_, expires) in self._counts.items() if expires <= now]:
-            del self._counts[stale]
+        while self._counts:
+            oldest = next(iter(self._counts))
+            expired = self._counts[oldest][1] <= now
+            if not expired and len(self._counts) <= self._max_entries:
+                return
+            del self._counts[oldest]
 
 
 # KEYS[1]: the counter; ARGV[1]: limit; ARGV[2]: cool-down in ms.

@@ -70,3 +70,21 @@ def test_reset_forgets_and_keys_are_independent(clock: FakeClock) -> None:
     assert limits.acquire("b").allowed
     limits.reset("a")
     assert limits.acquire("a").allowed
+
+
+def test_expired_counts_are_dropped_and_memory_is_bounded(clock: FakeClock) -> None:
+    limits = InMemoryLoginLimiter(
+        max_failures=2, lockout_seconds=60, monotonic=clock.monotonic, max_entries=100
+    )
+    for n in range(50):
+        limits.acquire(f"old-{n}@example.com")
+    clock.advance(61)
+    limits.acquire("new@example.com")
+    assert len(limits._counts) == 1  # the 50 expired counts are gone
+
+    for n in range(500):  # a flood of distinct emails
+        limits.acquire(f"flood-{n}@example.com")
+    assert len(limits._counts) == 100
+    limits.acquire("victim@example.com")
+    limits.acquire("victim@example.com")
+    assert not limits.acquire("victim@example.com").allowed  # the newest counts survive
