@@ -1,8 +1,9 @@
 """Server interceptors: per-call logging, error mapping and token checking.
 
-Order on the server (outermost first): AccessLog → ErrorMapping → TokenCheck. Each wraps
-the unary behaviour of our own services only; the library's health and reflection
-services pass through untouched (and need no token).
+Order on the server (outermost first): [tracing →] Metrics → AccessLog → ErrorMapping →
+TokenCheck (shared/observability.py builds the chain). The three here wrap the unary
+behaviour of our own services only; the library's health and reflection services pass
+through untouched (not logged, and they need no token).
 
 The servicer reads the caller with `principal_of(context)` and hands the Principal to the
 service layer as an argument: no thread-locals, no globals.
@@ -11,6 +12,7 @@ service layer as an argument: no thread-locals, no globals.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -32,11 +34,13 @@ from shared.errors import (
 from shared.tokens import Principal, TokenVerifier
 
 __all__ = [
+    "REQUEST_ID_HEADER",
     "AccessLogInterceptor",
     "CallContext",
     "ErrorMappingInterceptor",
     "TokenCheckInterceptor",
     "principal_of",
+    "request_id_from",
     "status_for",
 ]
 
@@ -198,43 +202,65 @@ def _bearer_token(header: str | None) -> str:
     return token.strip()
 
 
+REQUEST_ID_HEADER = "x-request-id"
+# What a caller's request id may look like to be kept (and logged); anything else is
+# replaced by a fresh id rather than copied into our logs.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+def request_id_from(details: grpc.HandlerCallDetails) -> str:
+    """The caller's `x-request-id` if it is a sane token, else a new random one."""
+    given = _metadata(details, REQUEST_ID_HEADER)
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
+
+
 class AccessLogInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """One log line per call: method, code, duration, peer, request id, user."""
+    """One log line per call: method, code, duration, peer, request id, user.
+
+    The request id (the caller's `x-request-id`, or a generated one) is sent back at once
+    as initial metadata (response headers), so the caller has it on errors too, whatever
+    happens after; the servicer finds it in `CallContext.request_id`. (So a servicer
+    cannot send initial metadata of its own: it would use trailing metadata.)"""
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        request_id = _metadata(details, "x-request-id") or uuid.uuid4().hex
         method = details.method
         return _wrap(
             continuation(details),
             method,
-            lambda behavior: self._logged(behavior, method, request_id),
+            lambda behavior: self._logged(behavior, method, request_id_from(details)),
         )
 
     @staticmethod
     def _logged(behavior: Behavior, method: str, request_id: str) -> Behavior:
+        echoed = ((REQUEST_ID_HEADER, request_id),)
+
         def call(request: Any, context: Any) -> Any:
             ctx = CallContext.of(context)
             ctx.request_id = request_id
             start = time.perf_counter()
             try:
+                context.send_initial_metadata(echoed)
                 return behavior(request, ctx)
             finally:
+                duration_ms = (time.perf_counter() - start) * 1000
                 code = context.code() or grpc.StatusCode.OK
                 _access.log(
                     _level_for(code),
                     "%s %s %.1fms",
                     method,
                     code.name,
-                    (time.perf_counter() - start) * 1000,
+                    duration_ms,
                     extra={
                         "rpc": {
                             "method": method,
                             "code": code.name,
-                            "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+                            "duration_ms": round(duration_ms, 3),
                             "peer": context.peer(),
                             "request_id": request_id,
                             "user_id": ctx.principal.user_id if ctx.principal else None,

@@ -60,7 +60,9 @@ class Metrics:
         )
         self.cache_events = Counter(
             "agentplatform_cache_events_total",
-            "Agent cache lookups by level (l1, l2, load) and outcome (hit, miss, error).",
+            "Agent cache events by level and outcome: l1 hit|miss, l2 hit|miss|error|bypass|"
+            "fill|stale_fill, load db, flight joined, invalidate sent|deferred, "
+            "pubsub message|subscribed|error.",
             ("level", "outcome"),
             registry=r,
         )
@@ -78,10 +80,48 @@ class Metrics:
             "Database connections checked out of the pool.",
             registry=r,
         )
+        self._bound: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def watch_pool(self, checked_out: Callable[[], int]) -> None:
         """Reports the pool's checked-out connections at every scrape."""
         self.db_pool_in_use.set_function(lambda: float(checked_out()))
+
+    # -- hooks: plain callables the service and infra layers are given (no prometheus there)
+
+    def login_result(self, result: str) -> None:
+        """`result`: success, failure or locked (AuthService's login observer)."""
+        self._children(self.logins, result).inc()
+
+    def token_verification(self, result: str) -> None:
+        """`result`: verified, cached or rejected (TokenVerifier's `on_result`)."""
+        self._children(self.token_verifications, result).inc()
+
+    def cache_event(self, level: str, outcome: str) -> None:
+        """TwoLevelCache's `on_event`; an L2 or pub/sub error is also a Redis error."""
+        self._children(self.cache_events, level, outcome).inc()
+        if outcome == "error":
+            self.redis_error("cache")
+
+    def redis_error(self, component: str) -> None:
+        """A Redis call failed and was caught (the caller degraded instead of failing)."""
+        self._children(self.redis_errors, component).inc()
+
+    def jwks_fetch(self, result: str) -> None:
+        """`result`: ok or error (JwksKeyProvider's `on_fetch`)."""
+        self._children(self.jwks_fetches, result).inc()
+
+    def declare(self, counter: Counter, *label_values: tuple[str, ...]) -> None:
+        """Exports these series at 0 before their first event (rate() needs a start)."""
+        for values in label_values:
+            self._children(counter, *values)
+
+    def _children(self, counter: Counter, *values: str) -> Any:
+        """The labelled child, bound once: the hooks run on every call."""
+        key = (id(counter), values)
+        child = self._bound.get(key)
+        if child is None:
+            child = self._bound.setdefault(key, counter.labels(*values))
+        return child
 
 
 def _go_code_name(code: grpc.StatusCode) -> str:

@@ -38,7 +38,10 @@ class RunningServer:
     service_names: Sequence[str]
     is_ready: Callable[[], bool]
     health_server: grpc.Server | None = None
+    on_start: list[Callable[[], None]] = field(default_factory=list)
+    """Run by `start()` before the server starts (e.g. the metrics endpoint)."""
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    """Run by `stop()` once in-flight calls have drained, in order."""
     _stopping: threading.Event = field(default_factory=threading.Event)
 
     def set_serving(self, serving: bool) -> None:
@@ -51,6 +54,8 @@ class RunningServer:
             self.health.set(name, status)
 
     def start(self) -> None:
+        for callback in self.on_start:
+            callback()
         self.server.start()
         if self.health_server is not None:
             self.health_server.start()

@@ -137,6 +137,7 @@ class CommonSettings:
     max_connection_age_seconds: float
     max_connection_age_grace_seconds: float
     otlp_endpoint: str | None
+    trace_service_name: str
 
     @property
     def address(self) -> str:
@@ -202,4 +203,6 @@ def load_common(
         max_connection_age_grace_seconds=reader.number("MAX_CONNECTION_AGE_GRACE_SECONDS", 30.0),
         otlp_endpoint=reader.raw("OTLP_ENDPOINT")
         or reader.unprefixed("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        # The traces' service.name, as the OpenTelemetry SDK's standard variable names it.
+        trace_service_name=reader.unprefixed("OTEL_SERVICE_NAME") or f"{service}-svc",
     )

@@ -6,11 +6,13 @@ nothing (no interceptor is installed).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 from opentelemetry.instrumentation.grpc import client_interceptor, filters, server_interceptor
+from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -42,10 +44,16 @@ class Tracing:
     def instrument_channel(self, channel: grpc.Channel) -> grpc.Channel:
         """A channel whose calls carry the current trace context."""
         interceptor = client_interceptor(tracer_provider=self.provider)  # type: ignore[no-untyped-call]
-        return grpc.intercept_channel(channel, interceptor)
+        # The instrumentation's own interceptor protocol (grpcext), not grpc's.
+        intercepted: grpc.Channel = intercept_channel(channel, interceptor)  # type: ignore[no-untyped-call]
+        return intercepted
 
-    def shutdown(self) -> None:
-        self.provider.shutdown()
+    def shutdown(self, timeout_seconds: float = 5.0) -> None:
+        """Export what is queued and stop, waiting at most `timeout_seconds` (a collector
+        that is down must not hold up a pod's exit: the SDK alone waits up to 30 s)."""
+        done = threading.Thread(target=self.provider.shutdown, name="tracing-shutdown", daemon=True)
+        done.start()
+        done.join(timeout_seconds)
 
 
 def configure_tracing(
@@ -53,17 +61,27 @@ def configure_tracing(
     *,
     otlp_endpoint: str | None,
     processor_factory: Callable[[], SpanProcessor] | None = None,
-    insecure: bool = True,
+    insecure: bool | None = None,
 ) -> Tracing | None:
-    """Tracing exported to `otlp_endpoint`, or to `processor_factory()` (tests); else None."""
+    """Tracing exported to `otlp_endpoint`, or to `processor_factory()` (tests); else None.
+
+    `service` becomes the resource's `service.name`. The OTLP/gRPC exporter speaks TLS to
+    an `https://` endpoint and plaintext to `http://` or a bare `host:port` (unless
+    `insecure` says otherwise); spans leave in batches, off the request path."""
     if processor_factory is None and not otlp_endpoint:
         return None
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service}),
+        shutdown_on_exit=False,  # Tracing.shutdown() does it, with a bound on the wait
+    )
     if processor_factory is not None:
         provider.add_span_processor(processor_factory())
     else:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
+        assert otlp_endpoint is not None
+        if insecure is None:
+            insecure = not otlp_endpoint.lower().startswith("https://")
         exporter: Any = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=insecure)
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return Tracing(provider)

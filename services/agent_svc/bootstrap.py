@@ -22,15 +22,13 @@ from services.agent_svc.service.paging import PageTokens
 from services.agent_svc.settings import AgentSettings
 from shared.clock import Clock, SystemClock
 from shared.db import make_engine, ping, session_factory
-from shared.interceptors import (
-    AccessLogInterceptor,
-    ErrorMappingInterceptor,
-    TokenCheckInterceptor,
-)
 from shared.jwks import JwksKeyProvider, grpc_jwks_fetcher
+from shared.metrics import Metrics
+from shared.observability import Observability
 from shared.redis_client import make_redis
 from shared.server import RunningServer, create_server
 from shared.tokens import KeyProvider, TokenVerifier
+from shared.tracing import Tracing
 
 __all__ = ["AgentApp", "build_app", "build_server", "interceptors_for"]
 
@@ -46,6 +44,7 @@ class AgentApp:
     engine: Engine
     service: AgentService
     verifier: TokenVerifier
+    observability: Observability
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
@@ -55,6 +54,7 @@ class AgentApp:
             except Exception:
                 _log.exception("error while closing agent_svc")
         self.engine.dispose()
+        self.observability.close()
 
 
 # gRPC's default reconnect backoff grows to two minutes: after an auth_svc outage the keys
@@ -66,34 +66,52 @@ _AUTH_CHANNEL_OPTIONS = [
 ]
 
 
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
 def _auth_channel(settings: AgentSettings) -> grpc.Channel:
-    """The channel to auth_svc (for its public keys): TLS when a CA file is configured."""
-    if settings.auth_tls_ca_file:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=Path(settings.auth_tls_ca_file).read_bytes()
-        )
-        return grpc.secure_channel(settings.auth_target, credentials, _AUTH_CHANNEL_OPTIONS)
-    return grpc.insecure_channel(settings.auth_target, _AUTH_CHANNEL_OPTIONS)
+    """The channel to auth_svc (for its public keys): TLS when a CA file or a client
+    certificate is configured (mTLS with the certificate); plaintext otherwise."""
+    if not settings.auth_uses_tls:
+        return grpc.insecure_channel(settings.auth_target, _AUTH_CHANNEL_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(settings.auth_tls_ca_file),
+        private_key=_read(settings.auth_tls_key_file),
+        certificate_chain=_read(settings.auth_tls_cert_file),
+    )
+    options: list[tuple[str, int | str]] = list(_AUTH_CHANNEL_OPTIONS)
+    if settings.auth_tls_server_name:
+        options.append(("grpc.ssl_target_name_override", settings.auth_tls_server_name))
+    return grpc.secure_channel(settings.auth_target, credentials, options)
 
 
 def _jwks_keys(
-    settings: AgentSettings, clock: Clock, closers: list[Callable[[], None]]
+    settings: AgentSettings,
+    clock: Clock,
+    closers: list[Callable[[], None]],
+    observability: Observability,
 ) -> KeyProvider:
     """Keys fetched from auth_svc's GetJwks, refreshed in the background; the service
-    starts (and reports SERVING) while auth_svc is down and verifies once keys arrive."""
+    starts (and reports SERVING) while auth_svc is down and verifies once keys arrive.
+    With tracing on, each GetJwks call is a client span that carries the trace context
+    (a fetch for an unknown key id during a call belongs to that call's trace)."""
     channel = _auth_channel(settings)
     closers.append(channel.close)
     keys = JwksKeyProvider(
-        grpc_jwks_fetcher(channel),
+        grpc_jwks_fetcher(observability.instrument_channel(channel)),
         cooldown_seconds=settings.jwks_cooldown_seconds,
         clock=clock,
+        on_fetch=observability.metrics.jwks_fetch,
     )
     keys.start_background_refresh()
     closers.append(keys.close)
     return keys
 
 
-def _cache(settings: AgentSettings, closers: list[Callable[[], None]]) -> TwoLevelCache[Agent]:
+def _cache(
+    settings: AgentSettings, closers: list[Callable[[], None]], metrics: Metrics
+) -> TwoLevelCache[Agent]:
     """L1 in process over L2 Redis (when configured); L1 only on the embedded default."""
     client = make_redis(settings.common.redis_url) if settings.common.redis_url else None
     if client is not None:
@@ -105,7 +123,12 @@ def _cache(settings: AgentSettings, closers: list[Callable[[], None]]) -> TwoLev
         l1_ttl_seconds=settings.l1_ttl_seconds,
         l2_ttl_seconds=settings.l2_ttl_seconds,
         namespace="agent",
+        on_event=metrics.cache_event,
     )
+    metrics.declare(metrics.cache_events, ("l1", "hit"), ("l1", "miss"), ("load", "db"))
+    if client is not None:
+        metrics.declare(metrics.cache_events, ("l2", "hit"), ("l2", "miss"), ("l2", "error"))
+        metrics.declare(metrics.redis_errors, ("cache",))
     cache.start()
     closers.append(cache.close)
     return cache
@@ -116,35 +139,41 @@ def build_app(
     *,
     clock: Clock | None = None,
     keys: KeyProvider | None = None,
+    tracing: Tracing | None = None,
 ) -> AgentApp:
-    """Builds the real adapters from settings (tests may swap the clock or the keys)."""
+    """Builds the real adapters from settings (tests may swap the clock or the keys, and
+    bring their own tracing, e.g. over an in-memory exporter)."""
     clock = clock or SystemClock()
     common = settings.common
+    observability = Observability.from_settings(common, tracing=tracing)
+    metrics = observability.metrics
     closers: list[Callable[[], None]] = []
     engine = make_engine(common.database_url, pool_size=min(common.max_workers, 20))
+    observability.watch_pool(engine)
     sessions = session_factory(engine)
     service = AgentService(
         uow=lambda: SqlAgentUnitOfWork(sessions),
-        cache=_cache(settings, closers),
+        cache=_cache(settings, closers, metrics),
         clock=clock,
         allowed_models=settings.allowed_models,
         page_tokens=PageTokens(settings.page_token_secret),
     )
     verifier = TokenVerifier(
-        keys if keys is not None else _jwks_keys(settings, clock, closers),
+        keys if keys is not None else _jwks_keys(settings, clock, closers, observability),
         issuer=settings.issuer,
         audience=settings.audience,
         clock=clock,
+        on_result=metrics.token_verification,
     )
-    return AgentApp(settings, engine, service, verifier, closers)
+    metrics.declare(metrics.token_verifications, ("verified",), ("cached",), ("rejected",))
+    metrics.declare(metrics.jwks_fetches, ("ok",), ("error",))
+    return AgentApp(settings, engine, service, verifier, observability, closers)
 
 
 def interceptors_for(app: AgentApp) -> list[grpc.ServerInterceptor]:
-    return [
-        AccessLogInterceptor(),
-        ErrorMappingInterceptor(domain="agent.agentplatform"),
-        TokenCheckInterceptor(app.verifier, PUBLIC_METHODS),
-    ]
+    return app.observability.server_interceptors(
+        error_domain="agent.agentplatform", verifier=app.verifier, public_methods=PUBLIC_METHODS
+    )
 
 
 def build_server(app: AgentApp) -> RunningServer:
@@ -159,5 +188,6 @@ def build_server(app: AgentApp) -> RunningServer:
         interceptors=interceptors_for(app),
         is_ready=lambda: ping(app.engine),
     )
+    app.observability.attach(running)
     running.on_stop.append(app.close)
     return running

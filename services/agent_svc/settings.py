@@ -2,6 +2,11 @@
 
 - `AGENT_AUTH_TARGET` (`127.0.0.1:50051`): auth_svc, for its public keys (`GetJwks`).
 - `AGENT_AUTH_TLS_CA_FILE` (unset): a CA bundle; set it to reach auth_svc over TLS.
+- `AGENT_AUTH_TLS_CERT_FILE`, `AGENT_AUTH_TLS_KEY_FILE` (unset): a client certificate
+  chain and its key, presented to auth_svc (mTLS, when it sets `AUTH_TLS_CLIENT_CA_FILE`).
+  Setting them turns TLS on too (with the system's CAs unless the CA file is set).
+- `AGENT_AUTH_TLS_SERVER_NAME` (unset): the name to expect in auth_svc's certificate
+  when it differs from the host in `AGENT_AUTH_TARGET` (e.g. a target given as an IP).
 - `AGENT_ISSUER` (`agentplatform-auth`), `AGENT_AUDIENCE` (`agentplatform`): the `iss`
   and `aud` every access token must carry.
 - `AGENT_ALLOWED_MODELS` (`DEFAULT_ALLOWED_MODELS` below): comma-separated allow-list.
@@ -49,6 +54,9 @@ class AgentSettings:
     common: CommonSettings
     auth_target: str
     auth_tls_ca_file: str | None
+    auth_tls_cert_file: str | None
+    auth_tls_key_file: str | None
+    auth_tls_server_name: str | None
     issuer: str
     audience: str
     allowed_models: tuple[str, ...]
@@ -57,6 +65,11 @@ class AgentSettings:
     l1_ttl_seconds: float
     l2_ttl_seconds: float
     page_token_secret: bytes
+
+    @property
+    def auth_uses_tls(self) -> bool:
+        """Whether the channel to auth_svc is TLS (a CA file or a client certificate set)."""
+        return bool(self.auth_tls_ca_file or self.auth_tls_cert_file)
 
 
 def _page_token_secret(reader: EnvReader, common: CommonSettings) -> bytes:
@@ -83,6 +96,9 @@ def load_agent_settings(env: Mapping[str, str]) -> AgentSettings:
         common=common,
         auth_target=reader.text("AUTH_TARGET", "127.0.0.1:50051"),
         auth_tls_ca_file=reader.raw("AUTH_TLS_CA_FILE"),
+        auth_tls_cert_file=reader.raw("AUTH_TLS_CERT_FILE"),
+        auth_tls_key_file=reader.raw("AUTH_TLS_KEY_FILE"),
+        auth_tls_server_name=reader.raw("AUTH_TLS_SERVER_NAME"),
         issuer=reader.text("ISSUER", "agentplatform-auth"),
         audience=reader.text("AUDIENCE", "agentplatform"),
         allowed_models=reader.items("ALLOWED_MODELS", DEFAULT_ALLOWED_MODELS),
@@ -92,6 +108,16 @@ def load_agent_settings(env: Mapping[str, str]) -> AgentSettings:
         l2_ttl_seconds=reader.number("L2_TTL_SECONDS", 300.0, minimum=1.0),
         page_token_secret=_page_token_secret(reader, common),
     )
+    if bool(settings.auth_tls_cert_file) != bool(settings.auth_tls_key_file):
+        reader.problems.append(
+            f"set both {reader.name('AUTH_TLS_CERT_FILE')} and "
+            f"{reader.name('AUTH_TLS_KEY_FILE')}, or neither"
+        )
+    if settings.auth_tls_server_name and not settings.auth_uses_tls:
+        reader.problems.append(
+            f"{reader.name('AUTH_TLS_SERVER_NAME')} needs TLS to auth_svc "
+            f"({reader.name('AUTH_TLS_CA_FILE')} or a client certificate)"
+        )
     if not settings.allowed_models:
         reader.problems.append(f"{reader.name('ALLOWED_MODELS')} must name at least one model")
     if any(len(model) > MAX_MODEL_NAME for model in settings.allowed_models):

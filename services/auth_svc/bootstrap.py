@@ -20,16 +20,14 @@ from services.auth_svc.service.ports import LoginLimiter, PasswordHasher
 from services.auth_svc.settings import AuthSettings
 from shared.clock import Clock, SystemClock
 from shared.db import make_engine, ping, session_factory
-from shared.interceptors import (
-    AccessLogInterceptor,
-    ErrorMappingInterceptor,
-    TokenCheckInterceptor,
-)
+from shared.metrics import Metrics
+from shared.observability import Observability
 from shared.redis_client import make_redis
 from shared.server import RunningServer, create_server
 from shared.tokens import StaticKeyProvider, TokenVerifier
+from shared.tracing import Tracing
 
-__all__ = ["AuthApp", "build_app", "build_server"]
+__all__ = ["AuthApp", "build_app", "build_server", "interceptors_for"]
 
 _log = logging.getLogger(__name__)
 
@@ -43,6 +41,7 @@ class AuthApp:
     service: AuthService
     verifier: TokenVerifier
     keys: KeyRing
+    observability: Observability
     closers: list[object] = field(default_factory=list)
 
     def close(self) -> None:
@@ -51,9 +50,12 @@ class AuthApp:
             close = getattr(closer, "close", None)
             if callable(close):
                 close()
+        self.observability.close()
 
 
-def _limiter(settings: AuthSettings, clock: Clock, app_closers: list[object]) -> LoginLimiter:
+def _limiter(
+    settings: AuthSettings, clock: Clock, app_closers: list[object], metrics: Metrics
+) -> LoginLimiter:
     fallback = InMemoryLoginLimiter(
         max_failures=settings.login_max_failures,
         lockout_seconds=settings.login_lockout_seconds,
@@ -68,6 +70,7 @@ def _limiter(settings: AuthSettings, clock: Clock, app_closers: list[object]) ->
         max_failures=settings.login_max_failures,
         lockout_seconds=settings.login_lockout_seconds,
         fallback=fallback,
+        on_redis_error=lambda: metrics.redis_error("login_limiter"),
     )
 
 
@@ -76,10 +79,14 @@ def build_app(
     *,
     clock: Clock | None = None,
     hasher: PasswordHasher | None = None,
+    tracing: Tracing | None = None,
 ) -> AuthApp:
-    """Builds the real adapters from settings (tests may swap the clock or the hasher)."""
+    """Builds the real adapters from settings (tests may swap the clock or the hasher, and
+    bring their own tracing, e.g. over an in-memory exporter)."""
     clock = clock or SystemClock()
     common = settings.common
+    observability = Observability.from_settings(common, tracing=tracing)
+    metrics = observability.metrics
     signing_key = settings.signing_key_pem
     if signing_key is None:  # only possible in the dev profile (settings enforce it)
         signing_key = load_or_create_dev_key(common.data_dir)
@@ -92,12 +99,13 @@ def build_app(
         clock=clock,
     )
     engine = make_engine(common.database_url, pool_size=min(common.max_workers, 20))
+    observability.watch_pool(engine)
     closers: list[object] = []
     sessions = session_factory(engine)
     service = AuthService(
         uow=lambda: SqlAuthUnitOfWork(sessions),
         hasher=hasher or Argon2PasswordHasher(concurrency=settings.hash_concurrency),
-        limiter=_limiter(settings, clock, closers),
+        limiter=_limiter(settings, clock, closers, metrics),
         tokens=keys,
         clock=clock,
         policy=AuthPolicy(
@@ -105,22 +113,26 @@ def build_app(
             refresh_token_ttl_seconds=settings.refresh_token_ttl_seconds,
             refresh_reuse_grace_seconds=settings.refresh_reuse_grace_seconds,
         ),
+        on_login=metrics.login_result,
     )
     verifier = TokenVerifier(
         StaticKeyProvider(keys.verification_keys),
         issuer=settings.issuer,
         audience=settings.audience,
         clock=clock,
+        on_result=metrics.token_verification,
     )
-    return AuthApp(settings, engine, service, verifier, keys, closers)
+    metrics.declare(metrics.logins, ("success",), ("failure",), ("locked",))
+    metrics.declare(metrics.token_verifications, ("verified",), ("cached",), ("rejected",))
+    if common.redis_url:
+        metrics.declare(metrics.redis_errors, ("login_limiter",))
+    return AuthApp(settings, engine, service, verifier, keys, observability, closers)
 
 
 def interceptors_for(app: AuthApp) -> list[grpc.ServerInterceptor]:
-    return [
-        AccessLogInterceptor(),
-        ErrorMappingInterceptor(domain="auth.agentplatform"),
-        TokenCheckInterceptor(app.verifier, PUBLIC_METHODS),
-    ]
+    return app.observability.server_interceptors(
+        error_domain="auth.agentplatform", verifier=app.verifier, public_methods=PUBLIC_METHODS
+    )
 
 
 def build_server(app: AuthApp) -> RunningServer:
@@ -134,5 +146,6 @@ def build_server(app: AuthApp) -> RunningServer:
         interceptors=interceptors_for(app),
         is_ready=lambda: ping(app.engine),
     )
+    app.observability.attach(running)
     running.on_stop.append(app.close)
     return running

@@ -149,3 +149,24 @@ def test_env_reader_items_split_on_commas() -> None:
     reader = EnvReader({"X_HOSTS": " a, b ,,c "}, "X")
     assert reader.items("HOSTS", ()) == ("a", "b", "c")
     assert reader.items("OTHER", ("d",)) == ("d",)
+
+
+def test_observability_settings() -> None:
+    common = load_auth_settings({}).common
+    assert (common.metrics_port, common.otlp_endpoint) == (9101, None)
+    assert common.trace_service_name == "auth-svc"
+    common = load_auth_settings(
+        {
+            "AUTH_METRICS_PORT": "0",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
+            "OTEL_SERVICE_NAME": "auth-eu",
+        }
+    ).common
+    assert common.metrics_port == 0
+    assert common.otlp_endpoint == "http://collector:4317"
+    assert common.trace_service_name == "auth-eu"
+    # The service's own variable wins over the standard one.
+    common = load_auth_settings(
+        {"AUTH_OTLP_ENDPOINT": "mine:4317", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://other:4317"}
+    ).common
+    assert common.otlp_endpoint == "mine:4317"

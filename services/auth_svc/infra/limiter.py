@@ -97,8 +97,10 @@ class RedisLoginLimiter:
         lockout_seconds: float,
         fallback: InMemoryLoginLimiter,
         prefix: str = "auth:login-attempts:",
+        on_redis_error: Callable[[], None] | None = None,
     ) -> None:
         self._client = client
+        self._on_redis_error = on_redis_error or (lambda: None)
         self._max = max_failures
         self._lockout_ms = int(lockout_seconds * 1000)
         self._fallback = fallback
@@ -113,6 +115,7 @@ class RedisLoginLimiter:
         try:
             counted, value = self._script(keys=[self._key(key)], args=[self._max, self._lockout_ms])
         except redis.RedisError as exc:
+            self._on_redis_error()
             _log.warning("redis unavailable for login limits, using in-process: %s", exc)
             return self._fallback.acquire(key)
         if not counted:
@@ -124,4 +127,5 @@ class RedisLoginLimiter:
         try:
             self._client.delete(self._key(key))
         except redis.RedisError as exc:
+            self._on_redis_error()
             _log.warning("redis unavailable for login limits: %s", exc)

@@ -24,6 +24,8 @@ from services.auth_svc.service.ports import (
     EmailTaken,
     LoginAttempt,
     LoginLimiter,
+    LoginObserver,
+    LoginResult,
     PasswordHasher,
     TokenIssuer,
 )
@@ -82,6 +84,7 @@ class AuthService:
         tokens: TokenIssuer,
         clock: Clock,
         policy: AuthPolicy,
+        on_login: LoginObserver | None = None,
     ) -> None:
         self._uow = uow
         self._hasher = hasher
@@ -89,6 +92,7 @@ class AuthService:
         self._tokens = tokens
         self._clock = clock
         self._policy = policy
+        self._on_login: LoginObserver = on_login or _ignore_login
         # Verified against when the email is unknown, so both paths cost one hash check.
         self._dummy_hash = hasher.hash(secrets.token_urlsafe(16))
 
@@ -190,13 +194,18 @@ class AuthService:
         ]
         if violations:
             raise InvalidArgument(violations)
-        attempt = self._check_attempt(email)
+        try:
+            attempt = self._check_attempt(email)
+        except ResourceExhausted:
+            self._on_login("locked")
+            raise
         with self._uow() as uow:
             user = uow.users.get_by_email(email)
         matches = self._hasher.verify(user.password_hash if user else self._dummy_hash, password)
         if user is None or not matches or user.disabled:
             why = "unknown_email" if user is None else "disabled" if matches else "wrong_password"
             self._record_failure(email, user.id if user else None, why, attempt.locks_on_failure)
+            self._on_login("failure")
             raise _bad_credentials()
         self._limiter.reset(email)
         rehash = (
@@ -211,7 +220,9 @@ class AuthService:
             refresh = self._new_refresh_token(uow, family, user.id)
             self._audit(uow, AuditKind.LOGIN_SUCCEEDED, user_id=user.id)
             uow.commit()
-        return self._issue(user, refresh)
+        issued = self._issue(user, refresh)
+        self._on_login("success")
+        return issued
 
     def _check_attempt(self, email: str) -> LoginAttempt:
         attempt = self._limiter.acquire(email)
@@ -333,6 +344,10 @@ class AuthService:
                 }
             },
         )
+
+
+def _ignore_login(result: LoginResult, /) -> None:
+    """The default LoginObserver: nobody is watching."""
 
 
 def _email_taken() -> AlreadyExists:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Literal, Protocol
 
 from services.auth_svc.domain import AuditEvent, RefreshToken, User
 from shared.uow import UnitOfWork
@@ -20,6 +20,8 @@ __all__ = [
     "EmailTaken",
     "LoginAttempt",
     "LoginLimiter",
+    "LoginObserver",
+    "LoginResult",
     "PasswordHasher",
     "RefreshTokenRepository",
     "TokenIssuer",
@@ -109,6 +111,17 @@ class LoginLimiter(Protocol):
     def reset(self, key: str) -> None:
         """Forgets the counted attempts (after a successful login)."""
         ...
+
+
+LoginResult = Literal["success", "failure", "locked"]
+
+
+class LoginObserver(Protocol):
+    """Told the outcome of every login attempt that got past validation (for metrics):
+    success, failure (wrong email or password, disabled account) or locked (refused by
+    the limiter without checking the password)."""
+
+    def __call__(self, result: LoginResult, /) -> None: ...
 
 
 class TokenIssuer(Protocol):

@@ -59,3 +59,34 @@ def test_short_secrets_and_empty_model_lists_are_refused() -> None:
         load_agent_settings({"AGENT_PAGE_TOKEN_SECRET": "short", "AGENT_ALLOWED_MODELS": ","})
     assert "AGENT_PAGE_TOKEN_SECRET" in str(caught.value)
     assert "AGENT_ALLOWED_MODELS" in str(caught.value)
+
+
+def test_tls_to_auth_settings() -> None:
+    plain = load_agent_settings({})
+    assert not plain.auth_uses_tls
+    assert (plain.auth_tls_cert_file, plain.auth_tls_key_file) == (None, None)
+    assert plain.auth_tls_server_name is None
+    assert load_agent_settings({"AGENT_AUTH_TLS_CA_FILE": "/tls/ca.crt"}).auth_uses_tls
+    mtls = load_agent_settings(
+        {
+            "AGENT_AUTH_TLS_CERT_FILE": "/tls/tls.crt",
+            "AGENT_AUTH_TLS_KEY_FILE": "/tls/tls.key",
+            "AGENT_AUTH_TLS_SERVER_NAME": "auth-svc.agentplatform.svc",
+        }
+    )
+    assert mtls.auth_uses_tls  # a client certificate alone means TLS, with the system CAs
+    assert (mtls.auth_tls_cert_file, mtls.auth_tls_key_file) == ("/tls/tls.crt", "/tls/tls.key")
+    assert mtls.auth_tls_server_name == "auth-svc.agentplatform.svc"
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"AGENT_AUTH_TLS_CERT_FILE": "/tls/tls.crt"}, "set both AGENT_AUTH_TLS_CERT_FILE"),
+        ({"AGENT_AUTH_TLS_KEY_FILE": "/tls/tls.key"}, "set both AGENT_AUTH_TLS_CERT_FILE"),
+        ({"AGENT_AUTH_TLS_SERVER_NAME": "auth"}, "AGENT_AUTH_TLS_SERVER_NAME needs TLS"),
+    ],
+)
+def test_incomplete_tls_to_auth_settings_are_refused(env: dict[str, str], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load_agent_settings(env)

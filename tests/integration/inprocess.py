@@ -1,0 +1,148 @@
+"""Both services built by their composition roots and served in this process, on free ports,
+for tests of what the wiring adds: metrics, traces, access logs, TLS."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.agent_svc import bootstrap as agent_bootstrap
+from services.agent_svc.settings import load_agent_settings
+from services.auth_svc import bootstrap as auth_bootstrap
+from services.auth_svc.settings import load_auth_settings
+from shared import migrations
+from shared.server import RunningServer
+from shared.tracing import Tracing
+from tests.helpers import free_port
+from tests.unit.auth.fakes import FakeHasher
+
+T = TypeVar("T")
+
+PASSWORD = "correct horse battery staple"
+
+
+@dataclass
+class Served:
+    """A service served in process: its app, its running server and where to reach it."""
+
+    app: Any
+    running: RunningServer
+    metrics_port: int
+    env: Mapping[str, str]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+    def scrape(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            assert reply.status == 200
+            assert reply.headers["Content-Type"].startswith("text/plain")
+            return str(reply.read().decode())
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """The value of one sample on a fresh scrape (None if the series is absent)."""
+        return sample(self.scrape(), name, **labels)
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and all(found.labels.get(k) == v for k, v in labels.items()):
+                return float(found.value)
+    return None
+
+
+def samples(text: str, name: str) -> list[dict[str, str]]:
+    """The label sets of every sample with this name."""
+    return [
+        dict(found.labels)
+        for family in text_string_to_metric_families(text)
+        for found in family.samples
+        if found.name == name
+    ]
+
+
+@contextmanager
+def auth_service(
+    tmp_path: Path, env: Mapping[str, str] | None = None, *, tracing: Tracing | None = None
+) -> Iterator[Served]:
+    """auth_svc on SQLite in `tmp_path` (cheap fake password hashing), metrics served."""
+    data = tmp_path / f"auth-{free_port()}"
+    data.mkdir(parents=True)
+    metrics_port = free_port()
+    full = {
+        "AUTH_PORT": "0",
+        "AUTH_METRICS_PORT": str(metrics_port),
+        "AUTH_DATA_DIR": str(data),
+        "AUTH_DATABASE_URL": f"sqlite:///{data}/auth.db",
+        **(env or {}),
+    }
+    settings = load_auth_settings(full)
+    migrations.upgrade("auth", settings.common.database_url)
+    app = auth_bootstrap.build_app(settings, hasher=FakeHasher(), tracing=tracing)
+    running = auth_bootstrap.build_server(app)
+    running.start()
+    try:
+        yield Served(app, running, metrics_port, full)
+    finally:
+        running.stop(0)
+
+
+@contextmanager
+def agent_service(
+    tmp_path: Path, env: Mapping[str, str], *, tracing: Tracing | None = None
+) -> Iterator[Served]:
+    """agent_svc on SQLite in `tmp_path` (unless `env` names a database), metrics served."""
+    data = tmp_path / f"agent-{free_port()}"
+    data.mkdir(parents=True)
+    metrics_port = free_port()
+    full = {
+        "AGENT_PORT": "0",
+        "AGENT_METRICS_PORT": str(metrics_port),
+        "AGENT_DATA_DIR": str(data),
+        "AGENT_DATABASE_URL": f"sqlite:///{data}/agent.db",
+        **env,
+    }
+    settings = load_agent_settings(full)
+    migrations.upgrade("agent", settings.common.database_url)
+    app = agent_bootstrap.build_app(settings, tracing=tracing)
+    running = agent_bootstrap.build_server(app)
+    running.start()
+    try:
+        yield Served(app, running, metrics_port, full)
+    finally:
+        running.stop(0)
+
+
+def register_and_login(
+    channel: grpc.Channel, email: str, password: str = PASSWORD
+) -> auth_pb2.LoginResponse:
+    stub = auth_pb2_grpc.AuthServiceStub(channel)
+    stub.Register(auth_pb2.RegisterRequest(email=email, password=password), timeout=10)
+    reply: auth_pb2.LoginResponse = stub.Login(
+        auth_pb2.LoginRequest(email=email, password=password), timeout=10
+    )
+    return reply
+
+
+def eventually(call: Callable[[], T], *, within: float = 10.0) -> T:
+    """The call's result once it stops raising (AssertionError or grpc.RpcError)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return call()
+        except (AssertionError, grpc.RpcError):
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
