@@ -14,6 +14,8 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Row,
+    Select,
     Uuid,
     and_,
     delete,
@@ -50,24 +52,34 @@ _SORT_COLUMNS: dict[SortField, InstrumentedAttribute[Any]] = {
 }
 
 
-def _agent(row: AgentRow) -> Agent:
+# Reads select the table's columns, not ORM entities: the rows become immutable domain
+# objects at once, so identity-map bookkeeping would be pure cost (a third of a page's).
+_AGENTS = AgentRow.__table__
+
+
+def _read() -> Select[Any]:
+    return select(_AGENTS)
+
+
+def _agent(row: Row[Any]) -> Agent:
+    column = row._mapping
     return Agent(
-        id=row.id,
-        owner_id=row.owner_id,
-        name=row.name,
-        description=row.description,
-        model=row.model,
-        instructions=row.instructions,
+        id=column["id"],
+        owner_id=column["owner_id"],
+        name=column["name"],
+        description=column["description"],
+        model=column["model"],
+        instructions=column["instructions"],
         tools=tuple(
             Tool(name=t["name"], description=t["description"], parameters=t["parameters"])
-            for t in row.tools
+            for t in column["tools"]
         ),
-        metadata=dict(row.metadata_),
-        temperature=row.temperature,
-        top_p=row.top_p,
-        create_time=utc(row.create_time),
-        update_time=utc(row.update_time),
-        revision=row.revision,
+        metadata=dict(column["metadata"]),
+        temperature=column["temperature"],
+        top_p=column["top_p"],
+        create_time=utc(column["create_time"]),
+        update_time=utc(column["update_time"]),
+        revision=column["revision"],
     )
 
 
@@ -138,24 +150,18 @@ class SqlAgentRepository:
             raise NameTaken(agent.name) from None
 
     def get(self, agent_id: uuid.UUID) -> Agent | None:
-        row = self._session.scalars(
-            select(AgentRow)
-            .where(AgentRow.id == agent_id)
-            .execution_options(populate_existing=True)
-        ).one_or_none()
+        row = self._session.execute(_read().where(AgentRow.id == agent_id)).one_or_none()
         return _agent(row) if row else None
 
     def get_by_request_id(self, owner_id: uuid.UUID, request_id: uuid.UUID) -> Agent | None:
-        row = self._session.scalars(
-            select(AgentRow)
-            .where(AgentRow.owner_id == owner_id, AgentRow.request_id == request_id)
-            .execution_options(populate_existing=True)
+        row = self._session.execute(
+            _read().where(AgentRow.owner_id == owner_id, AgentRow.request_id == request_id)
         ).one_or_none()
         return _agent(row) if row else None
 
     def list_page(self, query: AgentQuery) -> list[Agent]:
         column = _SORT_COLUMNS[query.ordering.field]
-        statement = select(AgentRow)
+        statement = _read()
         if query.owner_id is not None:
             statement = statement.where(AgentRow.owner_id == query.owner_id)
         for condition in query.filter.conditions:
@@ -168,7 +174,7 @@ class SqlAgentRepository:
             statement = statement.order_by(column.desc(), AgentRow.id.desc())
         else:
             statement = statement.order_by(column.asc(), AgentRow.id.asc())
-        rows = self._session.scalars(statement.limit(query.limit))
+        rows = self._session.execute(statement.limit(query.limit))
         return [_agent(row) for row in rows]
 
     def update(self, agent: Agent, *, expected_revision: int) -> bool:
