@@ -351,7 +351,15 @@ def main() -> int:  # noqa: PLR0915
             pid = stack.enter_context(server("agent", env, port, cpu=0))
             return f"127.0.0.1:{port}", pid
 
+        def prewarm(target: str) -> None:
+            """One pass over the hot set, so the cache phases measure hits only."""
+            with grpc.insecure_channel(target) as channel:
+                get = channel.unary_unary(GET)
+                for request in hot:
+                    get(request, metadata=metadata, timeout=10)
+
         target, pid = agent_server({}, args.redis)
+        prewarm(target)
         empty = phase("empty handler", target, pid, EMPTY, [b""])
         l1 = phase("GetAgent L1 hit", target, pid, GET, hot)
         list_request = agent_pb2.ListAgentsRequest(page_size=50).SerializeToString()
@@ -369,6 +377,7 @@ def main() -> int:  # noqa: PLR0915
         phase("CreateAgent", target, pid, CREATE, creates)
 
         target, pid = agent_server({"AGENT_L1_MAX_ENTRIES": "0"}, args.redis)
+        prewarm(target)
         l2 = phase("GetAgent L2 hit", target, pid, GET, hot)
 
         target, pid = agent_server({"AGENT_L1_MAX_ENTRIES": "0"}, None)

@@ -1,0 +1,56 @@
+"""The command line of a service: `python -m services.<name>_svc [serve|migrate]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, TypeVar
+
+from shared import migrations
+from shared.logs import configure_logging
+from shared.server import RunningServer, serve
+from shared.settings import CommonSettings, ConfigError
+
+__all__ = ["ServiceSettings", "run_service"]
+
+_log = logging.getLogger(__name__)
+
+
+class ServiceSettings(Protocol):
+    @property
+    def common(self) -> CommonSettings: ...
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def run_service(
+    *,
+    service: str,
+    description: str,
+    load_settings: Callable[[Mapping[str, str]], S],
+    build_server: Callable[[S], RunningServer],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Reads settings (exit 2 with every problem listed), migrates if asked or configured,
+    then serves until SIGTERM/SIGINT; returns the exit code."""
+    parser = argparse.ArgumentParser(prog=f"{service}_svc", description=description)
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"])
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(os.environ)
+    except ConfigError as exc:
+        print(f"{service}_svc: {exc}", file=sys.stderr)
+        return 2
+    common = settings.common
+    configure_logging(service=service, level=common.log_level, fmt=common.log_format)
+    if args.command == "migrate" or common.migrate_on_start:
+        migrations.upgrade(service, common.database_url)
+        _log.info("%s migrations applied", service)
+        if args.command == "migrate":
+            return 0
+    serve(build_server(settings), common)
+    return 0
