@@ -10,9 +10,20 @@ from typing import Any, Self
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SqlTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["SqlUnitOfWork", "make_engine", "normalize_url", "ping", "session_factory"]
+from shared.errors import Unavailable
+
+__all__ = [
+    "SqlUnitOfWork",
+    "make_engine",
+    "normalize_url",
+    "ping",
+    "session_factory",
+    "unavailable_database",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -46,6 +57,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         url,
         pool_size=pool_size,
         max_overflow=pool_size // 2,
+        pool_timeout=5,
         pool_pre_ping=True,
         pool_recycle=1800,
         connect_args={"connect_timeout": 5},
@@ -70,6 +82,18 @@ def _sqlite_begin_immediate(connection: Any) -> None:
     # One writer at a time, taken at BEGIN: concurrent read-modify-write sequences
     # serialize instead of failing with "database is locked" on upgrade.
     connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def unavailable_database(exc: Exception) -> Unavailable | None:
+    """A database that cannot be reached, or a pool with no connection free in time, is
+    UNAVAILABLE (retry later), not INTERNAL; for the error-mapping interceptor."""
+    if isinstance(exc, SqlTimeoutError | OperationalError | InterfaceError):
+        return Unavailable(
+            "the database is not available; retry",
+            retry_after_seconds=1.0,
+            reason="DATABASE_UNAVAILABLE",
+        )
+    return None
 
 
 def ping(engine: Engine) -> bool:

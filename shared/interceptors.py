@@ -130,8 +130,15 @@ def status_for(error: DomainError, domain: str) -> grpc.Status:
 class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Domain errors → status + google.rpc details; anything else → a bare INTERNAL."""
 
-    def __init__(self, domain: str) -> None:
+    def __init__(
+        self,
+        domain: str,
+        translators: Iterable[Callable[[Exception], DomainError | None]] = (),
+    ) -> None:
         self._domain = domain
+        # Turn infrastructure failures the caller can retry (a database that does not
+        # answer) into domain errors instead of INTERNAL.
+        self._translators = tuple(translators)
 
     def intercept_service(
         self,
@@ -148,12 +155,23 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 return behavior(request, context)
             except DomainError as error:
                 _abort(context, status_for(error, domain))
-            except Exception:
+            except Exception as exc:
+                translated = self._translate(exc)
+                if translated is not None:
+                    _log.warning("%s: %s", translated.reason, exc.__class__.__name__)
+                    _abort(context, status_for(translated, domain))
                 _log.exception("unexpected error", extra={"request_id": _request_id(context)})
                 _abort(context, status_for(Internal("internal error"), domain))
             raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
         return call
+
+    def _translate(self, exc: Exception) -> DomainError | None:
+        for translate in self._translators:
+            translated = translate(exc)
+            if translated is not None:
+                return translated
+        return None
 
 
 def _abort(context: Any, status: grpc.Status) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 import grpc
 from sqlalchemy import Engine
 
+from shared.db import unavailable_database
 from shared.interceptors import (
     AccessLogInterceptor,
     ErrorMappingInterceptor,
@@ -90,7 +91,7 @@ class Observability:
         chain += [
             MetricsInterceptor(self.metrics),
             AccessLogInterceptor(),
-            ErrorMappingInterceptor(domain=error_domain),
+            ErrorMappingInterceptor(domain=error_domain, translators=[unavailable_database]),
             TokenCheckInterceptor(verifier, public_methods),
         ]
         return chain

@@ -126,6 +126,7 @@ class CommonSettings:
     redis_url: str | None
     max_workers: int
     max_concurrent_rpcs: int
+    db_pool_size: int
     grace_seconds: float
     migrate_on_start: bool
     log_level: str
@@ -189,6 +190,8 @@ def load_common(
         redis_url=redis_url,
         max_workers=reader.integer("MAX_WORKERS", 32, minimum=1),
         max_concurrent_rpcs=reader.integer("MAX_CONCURRENT_RPCS", 512, minimum=1),
+        # PostgreSQL connections per pod: this many, plus half as many again under bursts.
+        db_pool_size=reader.integer("DB_POOL_SIZE", 10, minimum=1),
         grace_seconds=reader.number("GRACE_SECONDS", 10.0),
         migrate_on_start=reader.flag("MIGRATE_ON_START", dev),
         log_level=reader.text("LOG_LEVEL", "INFO").upper(),

@@ -148,7 +148,7 @@ def build_app(
     observability = Observability.from_settings(common, tracing=tracing)
     metrics = observability.metrics
     closers: list[Callable[[], None]] = []
-    engine = make_engine(common.database_url, pool_size=min(common.max_workers, 20))
+    engine = make_engine(common.database_url, pool_size=common.db_pool_size)
     observability.watch_pool(engine)
     sessions = session_factory(engine)
     service = AgentService(

@@ -98,7 +98,7 @@ def build_app(
         access_token_ttl_seconds=settings.access_token_ttl_seconds,
         clock=clock,
     )
-    engine = make_engine(common.database_url, pool_size=min(common.max_workers, 20))
+    engine = make_engine(common.database_url, pool_size=common.db_pool_size)
     observability.watch_pool(engine)
     closers: list[object] = []
     sessions = session_factory(engine)

@@ -16,7 +16,9 @@ from agentplatform.auth.v1 import auth_pb2
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from google.protobuf import message
 from google.rpc import error_details_pb2, status_pb2
+from sqlalchemy.exc import OperationalError
 
+from shared.db import unavailable_database
 from shared.errors import (
     Aborted,
     AlreadyExists,
@@ -95,7 +97,7 @@ class Harness:
         self.servicer = ScriptedServicer()
         interceptors = [
             AccessLogInterceptor(),
-            ErrorMappingInterceptor(DOMAIN),
+            ErrorMappingInterceptor(DOMAIN, translators=[unavailable_database]),
             TokenCheckInterceptor(verifier, PUBLIC),
         ]
         self.server = grpc_testing.server_from_dictionary(
@@ -236,6 +238,19 @@ def test_an_unexpected_exception_is_a_bare_internal_with_the_trace_in_the_log(
     assert SECRET_TEXT in caplog.text
     assert "Traceback" in caplog.text
     assert "test_interceptors.py" in caplog.text  # the frame that raised
+
+
+def test_a_database_that_does_not_answer_is_unavailable_with_retry_info(
+    harness: Harness,
+) -> None:
+    harness.raising(
+        OperationalError("SELECT 1", {}, Exception(f"connection refused {SECRET_TEXT}"))
+    )
+    outcome = harness.call()
+    assert outcome.code == grpc.StatusCode.UNAVAILABLE
+    assert outcome.detail(error_details_pb2.ErrorInfo).reason == "DATABASE_UNAVAILABLE"
+    assert outcome.detail(error_details_pb2.RetryInfo).retry_delay.seconds == 1
+    assert "hunter2" not in repr(outcome.trailing) + outcome.details
 
 
 def test_a_successful_call_has_no_error_details(harness: Harness) -> None:
