@@ -101,7 +101,8 @@ class EnvReader:
             self.problems.append(f"set {self.name(key)} or {self.name(key)}_FILE, not both")
         if path:
             try:
-                return Path(path).read_text()
+                # Secret files usually end in a newline (echo, kubectl --from-file).
+                return Path(path).read_text().strip()
             except OSError as exc:
                 self.problems.append(f"{self.name(key)}_FILE: cannot read {path}: {exc.strerror}")
                 return None

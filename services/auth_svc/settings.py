@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from services.auth_svc.infra.keys import key_material_problems
 from shared.settings import CommonSettings, EnvReader, load_common
 
 __all__ = ["AuthSettings", "load_auth_settings"]
@@ -49,6 +50,7 @@ def load_auth_settings(env: Mapping[str, str]) -> AuthSettings:
         signing_key_pem=signing_key,
         verify_keys_pem=reader.secret("VERIFY_KEYS"),
     )
+    reader.problems += key_material_problems(settings.signing_key_pem, settings.verify_keys_pem)
     if settings.password_min_length > 128:
         reader.problems.append("AUTH_PASSWORD_MIN_LENGTH must be at most 128")
     reader.check()

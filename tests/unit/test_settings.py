@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from services.auth_svc.settings import load_auth_settings
 from shared.settings import ConfigError, EnvReader
@@ -13,8 +15,21 @@ PROD = {
     "AUTH_PROFILE": "prod",
     "AUTH_DATABASE_URL": "postgresql://auth@db:5432/auth",
     "AUTH_REDIS_URL": "redis://redis:6379/0",
-    "AUTH_SIGNING_KEY": "-----BEGIN PRIVATE KEY-----\n...\n-----END PRIVATE KEY-----\n",
+    "AUTH_SIGNING_KEY": ed25519.Ed25519PrivateKey.generate()
+    .private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    .decode(),
 }
+
+
+def test_unusable_key_material_is_a_configuration_problem_not_a_crash() -> None:
+    message = problems({**PROD, "AUTH_SIGNING_KEY": "not a key", "AUTH_VERIFY_KEYS": "nope"})
+    assert "AUTH_SIGNING_KEY is not a usable PEM private key" in message
+    assert "AUTH_VERIFY_KEYS holds no PEM public key" in message
+    assert "not a key" not in message
 
 
 def problems(env: dict[str, str]) -> str:
@@ -67,10 +82,18 @@ def test_prod_refuses_to_start_without(missing: str) -> None:
 
 def test_prod_takes_the_signing_key_from_a_mounted_file(tmp_path: Path) -> None:
     key_file = tmp_path / "signing-key.pem"
-    key_file.write_text("PEM FROM FILE")
+    key_file.write_text(PROD["AUTH_SIGNING_KEY"] + "\n")  # as `kubectl create secret` leaves it
     env = {k: v for k, v in PROD.items() if k != "AUTH_SIGNING_KEY"}
     settings = load_auth_settings({**env, "AUTH_SIGNING_KEY_FILE": str(key_file)})
-    assert settings.signing_key_pem == "PEM FROM FILE"
+    assert settings.signing_key_pem == PROD["AUTH_SIGNING_KEY"].strip()
+
+
+def test_a_secret_file_loses_its_trailing_newline(tmp_path: Path) -> None:
+    url_file = tmp_path / "database-url"
+    url_file.write_text("postgresql://auth@db:5432/auth\n")
+    env = {k: v for k, v in PROD.items() if k != "AUTH_DATABASE_URL"}
+    settings = load_auth_settings({**env, "AUTH_DATABASE_URL_FILE": str(url_file)})
+    assert settings.common.database_url == "postgresql://auth@db:5432/auth"
 
 
 def test_an_unreadable_signing_key_file_is_reported(tmp_path: Path) -> None:

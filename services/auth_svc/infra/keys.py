@@ -18,7 +18,7 @@ from shared.clock import Clock
 from shared.jwk import PublicKey, VerificationKey, algorithm_for, thumbprint, to_jwk
 from shared.tokens import ACCESS_TOKEN_TYPE
 
-__all__ = ["KeyRing", "load_or_create_dev_key"]
+__all__ = ["KeyRing", "key_material_problems", "load_or_create_dev_key"]
 
 _log = logging.getLogger(__name__)
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
@@ -41,6 +41,28 @@ def _load_publics(pem: str) -> list[PublicKey]:
             raise ValueError("verification keys must be Ed25519 or EC P-256")
         keys.append(key)
     return keys
+
+
+def key_material_problems(signing_key_pem: str | None, verify_keys_pem: str | None) -> list[str]:
+    """What is wrong with configured key material, as configuration problems."""
+    problems: list[str] = []
+    if signing_key_pem is not None:
+        try:
+            _load_private(signing_key_pem)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"AUTH_SIGNING_KEY is not a usable PEM private key: {_first_line(exc)}")
+    if verify_keys_pem is not None:
+        try:
+            if not _load_publics(verify_keys_pem):
+                problems.append("AUTH_VERIFY_KEYS holds no PEM public key")
+        except (ValueError, TypeError) as exc:
+            problems.append(f"AUTH_VERIFY_KEYS: not PEM public keys: {_first_line(exc)}")
+    return problems
+
+
+def _first_line(exc: Exception) -> str:
+    # cryptography's messages can be long; key bytes are never part of them.
+    return str(exc).split(". ")[0].splitlines()[0][:120] if str(exc) else type(exc).__name__
 
 
 def load_or_create_dev_key(data_dir: Path) -> str:
