@@ -184,8 +184,17 @@ def _request_id(context: Any) -> str:
     return context.request_id if isinstance(context, CallContext) else ""
 
 
+# The library's own services that need no token (probes, grpcurl's reflection).
+PUBLIC_SERVICES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+
 class TokenCheckInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Requires a valid bearer access token on every method not listed as public."""
+    """Requires a valid bearer access token on every method that is not listed as public
+    (by name, or as one of PUBLIC_SERVICES): deny by default, streaming methods included."""
 
     def __init__(self, verifier: TokenVerifier, public_methods: Iterable[str]) -> None:
         self._verifier = verifier
@@ -197,10 +206,18 @@ class TokenCheckInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(details)
-        if details.method in self._public:
+        method = details.method
+        if handler is None or method in self._public or method.startswith(PUBLIC_SERVICES):
             return handler
         header = _metadata(details, "authorization")
-        return _wrap(handler, details.method, lambda behavior: self._checked(behavior, header))
+        if handler.unary_unary is not None:
+            # Checked inside the call, so the error-mapping interceptor sees Unauthenticated.
+            return grpc.unary_unary_rpc_method_handler(
+                self._checked(handler.unary_unary, header),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return self._checked_stream(handler, header)
 
     def _checked(self, behavior: Behavior, header: str | None) -> Behavior:
         def call(request: Any, context: Any) -> Any:
@@ -209,6 +226,38 @@ class TokenCheckInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return behavior(request, ctx)
 
         return call
+
+    def _checked_stream(self, handler: Any, header: str | None) -> Any:
+        """A streaming method: the token is checked before the stream starts."""
+        try:
+            principal: Principal | None = self._verifier.verify(_bearer_token(header))
+            refusal = ""
+        except Unauthenticated as error:
+            principal, refusal = None, error.message
+
+        def wrap(behavior: Behavior) -> Behavior:
+            def call(request: Any, context: Any) -> Any:
+                if principal is None:
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+                ctx = CallContext.of(context)
+                ctx.principal = principal
+                return behavior(request, ctx)
+
+            return call
+
+        for kind, make in (
+            ("unary_stream", grpc.unary_stream_rpc_method_handler),
+            ("stream_unary", grpc.stream_unary_rpc_method_handler),
+            ("stream_stream", grpc.stream_stream_rpc_method_handler),
+        ):
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                return make(
+                    wrap(behavior),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+        return handler
 
 
 def _bearer_token(header: str | None) -> str:

@@ -363,3 +363,80 @@ def test_access_log_levels_follow_the_code(
         harness.call()
     levels = [r.levelno for r in caplog.records if r.name == "agentplatform.access"]
     assert levels == [logging.INFO, logging.WARNING, logging.ERROR]
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _StreamContext:
+    """Enough of a servicer context for a streaming behaviour."""
+
+    def __init__(self) -> None:
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        raise _Aborted
+
+
+def _details(method: str, metadata: Sequence[tuple[str, str]] = ()) -> grpc.HandlerCallDetails:
+    class Metadatum:
+        def __init__(self, key: str, value: str) -> None:
+            self.key, self.value = key, value
+
+    class Details(grpc.HandlerCallDetails):  # type: ignore[misc]
+        pass
+
+    details = Details()
+    details.method = method
+    details.invocation_metadata = tuple(Metadatum(k, v) for k, v in metadata)
+    return details
+
+
+def test_the_token_check_denies_by_default_even_outside_our_services(harness: Harness) -> None:
+    verifier = TokenVerifier(
+        StaticKeyProvider([VerificationKey(harness.kid, "EdDSA", harness.key.public_key())]),
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        clock=harness.clock,
+    )
+    check = TokenCheckInterceptor(verifier, PUBLIC)
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+    wrapped = check.intercept_service(lambda _d: handler, _details("/other.v1.Thing/Do"))
+    assert wrapped is not handler
+    with pytest.raises(Unauthenticated):
+        wrapped.unary_unary(b"", object())  # type: ignore[union-attr]
+
+
+def test_a_streaming_method_needs_a_token_before_it_starts(harness: Harness) -> None:
+    verifier = TokenVerifier(
+        StaticKeyProvider([VerificationKey(harness.kid, "EdDSA", harness.key.public_key())]),
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        clock=harness.clock,
+    )
+    check = TokenCheckInterceptor(verifier, PUBLIC)
+    seen: list[Principal] = []
+
+    def watch(request: Any, context: Any) -> Any:
+        seen.append(principal_of(context))
+        yield b"event"
+
+    handler = grpc.unary_stream_rpc_method_handler(watch)
+    method = "/agentplatform.agent.v1.AgentService/WatchAgents"
+
+    refused = check.intercept_service(lambda _d: handler, _details(method))
+    context = _StreamContext()
+    with pytest.raises(_Aborted):
+        list(refused.unary_stream(b"", context))  # type: ignore[union-attr]
+    assert context.aborted is not None
+    assert context.aborted[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert seen == []
+
+    token = harness.token("user-9")
+    allowed = check.intercept_service(
+        lambda _d: handler, _details(method, [("authorization", f"Bearer {token}")])
+    )
+    assert list(allowed.unary_stream(b"", _StreamContext())) == [b"event"]  # type: ignore[union-attr]
+    assert [p.user_id for p in seen] == ["user-9"]
