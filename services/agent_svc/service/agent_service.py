@@ -327,6 +327,8 @@ class AgentService:
             if etag and etag != current.etag:
                 raise _etag_mismatch()
             fields = apply_update_mask(current, patch, paths)
+            if fields == apply_update_mask(current, patch, ()):
+                return current  # nothing changes (e.g. only output-only paths): no write
             check_agent(fields, self._allowed_models)
             updated = Agent(
                 id=current.id,

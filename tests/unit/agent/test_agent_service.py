@@ -318,6 +318,16 @@ def test_output_only_paths_are_ignored(world: World) -> None:
     assert updated.create_time == agent.create_time
 
 
+def test_an_update_that_changes_nothing_writes_nothing(world: World) -> None:
+    owner = user()
+    agent = create(world, owner, description="same")
+    unchanged = update(world, owner, agent, ("create_time", "etag"))
+    assert unchanged == agent  # same revision, etag and update_time
+    again = update(world, owner, agent, ("description",), description="same")
+    assert again.etag == agent.etag
+    assert world.database.committed.agents[agent.id] == agent
+
+
 def test_metadata_entries_can_be_set_and_removed_by_key(world: World) -> None:
     owner = user()
     agent = create(world, owner, metadata={"keep": "1", "drop": "2", "change": "3"})
