@@ -342,13 +342,17 @@ def main() -> int:  # noqa: PLR0915
         print(header)
         hot = [agent_pb2.GetAgentRequest(id=i).SerializeToString() for i in ids[:1000]]
 
+        previous = stack.enter_context(ExitStack())
+
         def agent_server(extra: dict[str, str], redis_url: str | None) -> tuple[str, int]:
             port = _free_port()
             env = common_env("AGENT", port, agent_db, redis_url)
             env.update(
                 {"AGENT_AUTH_TARGET": auth_target, "AGENT_MIGRATE_ON_START": "false", **extra}
             )
-            pid = stack.enter_context(server("agent", env, port, cpu=0))
+            # One agent server at a time on the measured core: stop the previous one.
+            previous.close()
+            pid = previous.enter_context(server("agent", env, port, cpu=0))
             return f"127.0.0.1:{port}", pid
 
         def prewarm(target: str) -> None:
