@@ -11,7 +11,7 @@ import base64
 import hashlib
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -53,6 +53,32 @@ class Agent:
     def etag(self) -> str:
         return etag_for(self.id, self.revision)
 
+    @classmethod
+    def new(cls, fields: AgentInput, *, owner_id: uuid.UUID, now: datetime) -> Agent:
+        """A first version, owned by `owner_id`, with a fresh id."""
+        return cls(
+            id=uuid.uuid4(),
+            owner_id=owner_id,
+            create_time=now,
+            update_time=now,
+            revision=1,
+            **_settable(fields),
+        )
+
+    @property
+    def settable(self) -> AgentInput:
+        """The caller-settable fields of this version."""
+        return AgentInput(**_settable(self))
+
+    def revised(self, fields: AgentInput, *, now: datetime) -> Agent:
+        """The next version with these settable fields (update_time never goes back)."""
+        return replace(
+            self,
+            update_time=max(now, self.update_time),
+            revision=self.revision + 1,
+            **_settable(fields),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class AgentInput:
@@ -66,6 +92,15 @@ class AgentInput:
     metadata: Mapping[str, str] = field(default_factory=dict)
     temperature: float | None = None
     top_p: float | None = None
+
+
+_SETTABLE = ("name", "description", "model", "instructions", "tools", "temperature", "top_p")
+
+
+def _settable(source: Agent | AgentInput) -> dict[str, Any]:
+    fields = {name: getattr(source, name) for name in _SETTABLE}
+    fields["metadata"] = dict(source.metadata)
+    return fields
 
 
 @dataclass(frozen=True, slots=True)

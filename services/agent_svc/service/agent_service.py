@@ -134,16 +134,7 @@ def _mask_paths(update_mask: Sequence[str], patch: AgentInput) -> list[str]:
 def apply_update_mask(current: Agent, patch: AgentInput, paths: Sequence[str]) -> AgentInput:
     """The caller-settable fields after the update: the named paths from the patch, the
     rest from the current agent."""
-    fields = AgentInput(
-        name=current.name,
-        description=current.description,
-        model=current.model,
-        instructions=current.instructions,
-        tools=current.tools,
-        metadata=dict(current.metadata),
-        temperature=current.temperature,
-        top_p=current.top_p,
-    )
+    fields = current.settable
     metadata = dict(fields.metadata)
     for path in paths:
         if path.startswith(_METADATA_ENTRY):
@@ -204,21 +195,7 @@ class AgentService:
         request = _parse_id(request_id, "request_id") if request_id else None
         check_agent(agent, self._allowed_models)
         now = self._clock.now()
-        new = Agent(
-            id=uuid.uuid4(),
-            owner_id=caller.id,
-            name=agent.name,
-            description=agent.description,
-            model=agent.model,
-            instructions=agent.instructions,
-            tools=agent.tools,
-            metadata=dict(agent.metadata),
-            temperature=agent.temperature,
-            top_p=agent.top_p,
-            create_time=now,
-            update_time=now,
-            revision=1,
-        )
+        new = Agent.new(agent, owner_id=caller.id, now=now)
         with self._uow() as uow:
             if request is not None:
                 first = uow.agents.get_by_request_id(caller.id, request)
@@ -327,24 +304,10 @@ class AgentService:
             if etag and etag != current.etag:
                 raise _etag_mismatch()
             fields = apply_update_mask(current, patch, paths)
-            if fields == apply_update_mask(current, patch, ()):
+            if fields == current.settable:
                 return current  # nothing changes (e.g. only output-only paths): no write
             check_agent(fields, self._allowed_models)
-            updated = Agent(
-                id=current.id,
-                owner_id=current.owner_id,
-                name=fields.name,
-                description=fields.description,
-                model=fields.model,
-                instructions=fields.instructions,
-                tools=fields.tools,
-                metadata=dict(fields.metadata),
-                temperature=fields.temperature,
-                top_p=fields.top_p,
-                create_time=current.create_time,
-                update_time=max(self._clock.now(), current.update_time),
-                revision=current.revision + 1,
-            )
+            updated = current.revised(fields, now=self._clock.now())
             try:
                 stored = uow.agents.update(updated, expected_revision=current.revision)
             except NameTaken:
