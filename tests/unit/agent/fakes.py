@@ -9,13 +9,11 @@ in between a unit of work's read and its write.
 
 from __future__ import annotations
 
-import copy
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from services.agent_svc.domain import Agent, AgentInput, Tool
 from services.agent_svc.service.agent_service import AgentService
@@ -31,6 +29,7 @@ from services.agent_svc.service.filtering import (
 from services.agent_svc.service.paging import PageTokens
 from services.agent_svc.service.ports import AgentQuery, NameTaken, RequestReplayed
 from shared.tokens import Principal
+from tests.fakes import SnapshotDatabase, SnapshotUnitOfWork
 from tests.helpers import FakeClock
 
 MODELS = ("gpt-4o", "gpt-4o-mini", "claude-sonnet-4")
@@ -147,12 +146,11 @@ class FakeAgents:
         return True
 
 
-class FakeDatabase:
+class FakeDatabase(SnapshotDatabase[State]):
     """The committed state, and units of work that each change a private copy of it."""
 
     def __init__(self) -> None:
-        self.committed = State()
-        self.commits = 0
+        super().__init__(State)
         self.reads = 0
         self.queries: list[AgentQuery] = []
         self.interference: list[Callable[[], None]] = []
@@ -182,30 +180,12 @@ class FakeDatabase:
         self.commits += 1
 
 
-class FakeUnitOfWork:
-    def __init__(self, database: FakeDatabase) -> None:
-        self._database = database
-        self._state = State()
+class FakeUnitOfWork(SnapshotUnitOfWork[State]):
+    _database: FakeDatabase
 
     @property
     def agents(self) -> FakeAgents:
         return FakeAgents(self._state, self._database)
-
-    def __enter__(self) -> Self:
-        self._state = copy.deepcopy(self._database.committed)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._state = State()  # uncommitted changes are dropped
-
-    def commit(self) -> None:
-        self._database.committed = copy.deepcopy(self._state)
-        self._database.commits += 1
 
 
 class RecordingCache:

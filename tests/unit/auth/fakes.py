@@ -7,13 +7,10 @@ committing rolls back.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from types import TracebackType
-from typing import Self
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -23,6 +20,7 @@ from services.auth_svc.infra.keys import KeyRing
 from services.auth_svc.infra.limiter import InMemoryLoginLimiter
 from services.auth_svc.service.auth_service import AuthPolicy, AuthService
 from services.auth_svc.service.ports import EmailTaken
+from tests.fakes import SnapshotDatabase, SnapshotUnitOfWork
 from tests.helpers import FakeClock
 
 ISSUER = "test-issuer"
@@ -116,21 +114,18 @@ class FakeAudit:
         self._state.audit.append(event)
 
 
-class FakeDatabase:
+class FakeDatabase(SnapshotDatabase[State]):
     """The committed state, and units of work that each change a private copy of it."""
 
     def __init__(self) -> None:
-        self.committed = State()
-        self.commits = 0
+        super().__init__(State)
 
     def unit_of_work(self) -> FakeUnitOfWork:
         return FakeUnitOfWork(self)
 
 
-class FakeUnitOfWork:
-    def __init__(self, database: FakeDatabase) -> None:
-        self._database = database
-        self._state = State()
+class FakeUnitOfWork(SnapshotUnitOfWork[State]):
+    _database: FakeDatabase
 
     @property
     def users(self) -> FakeUsers:
@@ -143,22 +138,6 @@ class FakeUnitOfWork:
     @property
     def audit(self) -> FakeAudit:
         return FakeAudit(self._state)
-
-    def __enter__(self) -> Self:
-        self._state = copy.deepcopy(self._database.committed)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._state = State()  # uncommitted changes are dropped
-
-    def commit(self) -> None:
-        self._database.committed = copy.deepcopy(self._state)
-        self._database.commits += 1
 
 
 class FakeHasher:
