@@ -317,23 +317,25 @@ class AccessLogInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             finally:
                 duration_ms = (time.perf_counter() - start) * 1000
                 code = context.code() or grpc.StatusCode.OK
-                _access.log(
-                    _level_for(code),
-                    "%s %s %.1fms",
-                    method,
-                    code.name,
-                    duration_ms,
-                    extra={
-                        "rpc": {
-                            "method": method,
-                            "code": code.name,
-                            "duration_ms": round(duration_ms, 3),
-                            "peer": context.peer(),
-                            "request_id": request_id,
-                            "user_id": ctx.principal.user_id if ctx.principal else None,
-                        }
-                    },
-                )
+                level = _level_for(code)
+                if _access.isEnabledFor(level):
+                    _access.log(
+                        level,
+                        "%s %s %.1fms",
+                        method,
+                        code.name,
+                        duration_ms,
+                        extra={
+                            "rpc": {
+                                "method": method,
+                                "code": code.name,
+                                "duration_ms": round(duration_ms, 3),
+                                "peer": context.peer(),
+                                "request_id": request_id,
+                                "user_id": ctx.principal.user_id if ctx.principal else None,
+                            }
+                        },
+                    )
 
         return call
 

@@ -148,8 +148,12 @@ class AuthService:
 
     def current_user(self, *, principal: Principal) -> User:
         """The caller's account."""
+        try:
+            user_id = uuid.UUID(principal.user_id)
+        except ValueError:  # only a token from another issuer could carry such a subject
+            raise Unauthenticated("unknown subject", reason="ACCOUNT_INACTIVE") from None
         with self._uow() as uow:
-            user = uow.users.get(uuid.UUID(principal.user_id))
+            user = uow.users.get(user_id)
         if user is None or user.disabled:
             raise Unauthenticated("account no longer active", reason="ACCOUNT_INACTIVE")
         return user
