@@ -189,7 +189,10 @@ def load_common(
         data_dir=data_dir,
         database_url=database_url,
         redis_url=redis_url,
-        max_workers=reader.integer("MAX_WORKERS", 32, minimum=1),
+        # Worker threads: 16 served cache hits ~10 % faster than 32 on one core (less GIL
+        # hand-off between threads) with the same database-bound throughput, and about
+        # matches the 15 PostgreSQL connections a pod may hold (README, "Measured figures").
+        max_workers=reader.integer("MAX_WORKERS", 16, minimum=1),
         max_concurrent_rpcs=reader.integer("MAX_CONCURRENT_RPCS", 512, minimum=1),
         # PostgreSQL connections per pod: this many, plus half as many again under bursts.
         db_pool_size=reader.integer("DB_POOL_SIZE", 10, minimum=1),

@@ -159,6 +159,46 @@ def test_l2_fill_and_hit_across_two_instances(
     raw.close()
 
 
+def test_concurrent_l2_reads_share_round_trips_and_each_gets_its_own_value(
+    redis_url: str, make_cache: CacheFactory
+) -> None:
+    writer, _ = make_cache(make_redis(redis_url))
+    reader, events = make_cache(make_redis(redis_url), l1_max_entries=0)  # every read hits L2
+    # (A subscription that lands during a load marks it stale: no L2 fill. Wait for both.)
+    assert writer.wait_subscribed(2)
+    assert reader.wait_subscribed(2)
+    db = Database()
+    keys = [uuid.uuid4() for _ in range(200)]
+    for number, key in enumerate(keys):
+        db.write(key, number)
+        writer.get(key, db.loader(key))  # fills L2
+    reads_before = db.reads
+    wrong: list[tuple[uuid.UUID, int]] = []
+
+    def read_all(offset: int) -> None:
+        for turn in range(len(keys)):
+            key = keys[(offset + turn) % len(keys)]
+            value = reader.get(key, db.loader(key))
+            if version_of(value) != keys.index(key):
+                wrong.append((key, version_of(value)))
+
+    threads = [threading.Thread(target=read_all, args=(n * 7,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert wrong == []
+    assert db.reads == reads_before  # all from L2
+    # Each read led its own flight (one L2 read) or joined one for the same key.
+    hits, joined = events.counts[("l2", "hit")], events.counts[("flight", "joined")]
+    assert hits + joined == 16 * len(keys)
+    coalesced = reader._reads
+    assert coalesced is not None
+    assert coalesced.reads == hits
+    assert coalesced.batches < coalesced.reads  # some reads shared a round trip
+
+
 def test_invalidate_on_one_instance_drops_the_other_instances_l1(
     redis_url: str, unique: str, make_cache: CacheFactory
 ) -> None:
@@ -375,6 +415,18 @@ def test_a_writer_cut_off_from_redis_defers_invalidations_and_sends_them_on_reco
         assert version_of(reader.get(key, db.loader(key))) == 2
         assert writer_events.counts[("pubsub", "subscribed")] >= 2  # the listener came back
         assert version_of(writer.get(key, db.loader(key))) == 2
+        # The writer's L2 reads work again too (their connection was cut as well: the
+        # first read on it may fail and open the breaker once).
+        hits = writer_events.counts[("l2", "hit")]
+
+        def writer_reads_l2() -> bool:
+            other = uuid.uuid4()
+            db.write(other, 7)
+            assert version_of(reader.get(other, db.loader(other))) == 7  # fills L2
+            assert version_of(writer.get(other, db.loader(other))) == 7
+            return writer_events.counts[("l2", "hit")] > hits
+
+        assert wait_for(writer_reads_l2, timeout=3.0)
     finally:
         proxy.cut()
 

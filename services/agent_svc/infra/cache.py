@@ -9,6 +9,8 @@ Reads (`get`)
     and of the key's invalidation stamp, one round trip); an L2 hit fills L1; an L2 miss calls
     `load()`, then fills L2 (compare-and-set against the stamp, see below) and L1. Concurrent
     callers for the same key wait for the leader and share its result or its exception.
+    Leaders of different keys that read L2 at the same time share one MGET on a connection
+    reserved for reads (`coalesce.CoalescedMget`): under load a round trip serves several.
     `load()` returning None (no such record) is not cached at any level, so a create is
     visible at once everywhere; concurrent misses for one absent id still load once.
 
@@ -70,6 +72,8 @@ from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 import redis
+
+from services.agent_svc.infra.coalesce import CoalescedMget
 
 __all__ = ["Codec", "TwoLevelCache"]
 
@@ -192,6 +196,10 @@ class TwoLevelCache(Generic[T]):
         self._fill_script = (
             client.register_script(_FILL_IF_UNCHANGED) if client is not None else None
         )
+        # L2 reads: concurrent ones share one MGET, on a connection of their own.
+        self._reads = (
+            CoalescedMget(client.connection_pool.make_connection()) if client is not None else None
+        )
 
         # Invalidations Redis has not heard of yet: key -> sequence number of the latest.
         self._pending: dict[uuid.UUID, int] = {}
@@ -217,11 +225,14 @@ class TwoLevelCache(Generic[T]):
         self._listener.start()
 
     def close(self) -> None:
-        """Stop the listener. The Redis client belongs to the caller and stays open."""
+        """Stop the listener and close the read connection. The Redis client belongs to
+        the caller and stays open."""
         self._stop.set()
         listener, self._listener = self._listener, None
         if listener is not None and listener is not threading.current_thread():
             listener.join(timeout=self._poll + 2.0)
+        if self._reads is not None:
+            self._reads.close()
 
     def get(self, key: uuid.UUID, load: Callable[[], T | None]) -> T | None:
         """The value for `key`, from L1, L2 or `load()` (None if `load()` finds nothing)."""
@@ -315,9 +326,9 @@ class TwoLevelCache(Generic[T]):
         l2_read = False
         stamp: bytes = b""
         if self._l2_readable():
-            assert self._redis is not None
+            assert self._reads is not None
             try:
-                reply: Any = self._redis.mget(self._value_key(key), self._stamp_key(key))
+                reply = self._reads.mget((self._value_key(key), self._stamp_key(key)))
             except Exception as exc:
                 self._l2_failed("read", exc)
             else:

@@ -1,0 +1,169 @@
+"""CoalescedMget with a scripted connection: who sends, what each caller gets back."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import pytest
+
+from services.agent_svc.infra.coalesce import CoalescedMget
+
+
+class ScriptedConnection:
+    """Answers MGET with each key's value in `store`; `hold` makes the next reply wait
+    until `release()`, so callers can be lined up behind a batch on the wire."""
+
+    def __init__(self, store: dict[str, bytes]) -> None:
+        self.store = store
+        self.commands: list[tuple[Any, ...]] = []
+        self.disconnects = 0
+        self.fail_next: Exception | None = None
+        self.hold = False
+        self.on_the_wire = threading.Event()
+        self._release = threading.Event()
+        self._pending: tuple[Any, ...] = ()
+
+    def send_command(self, *args: Any) -> None:
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            raise error
+        self.commands.append(args)
+        self._pending = args
+
+    def read_response(self) -> Any:
+        if self.hold:
+            self.hold = False
+            self.on_the_wire.set()
+            self._release.wait(5)
+        return [self.store.get(key) for key in self._pending[1:]]
+
+    def release(self) -> None:
+        self._release.set()
+
+    def disconnect(self) -> None:
+        self.disconnects += 1
+
+
+def run(target: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            outcome["value"] = target()
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    return thread, outcome
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("condition not reached")
+
+
+STORE = {"a": b"1", "a:inv": b"s", "b": b"2", "c": b"3", "d": b"4"}
+
+
+def test_a_lone_caller_sends_its_own_mget_at_once() -> None:
+    connection = ScriptedConnection(STORE)
+    reads = CoalescedMget(connection)
+
+    assert reads.mget(("a", "a:inv")) == [b"1", b"s"]
+    assert reads.mget(("x", "a")) == [None, b"1"]
+    assert connection.commands == [("MGET", "a", "a:inv"), ("MGET", "x", "a")]
+    assert (reads.reads, reads.batches) == (2, 2)
+
+
+def test_callers_that_queue_behind_a_batch_share_the_next_mget() -> None:
+    connection = ScriptedConnection(STORE)
+    reads = CoalescedMget(connection)
+    connection.hold = True
+    first, first_outcome = run(lambda: reads.mget(("a", "a:inv")))
+    assert connection.on_the_wire.wait(5)
+
+    waiting = [run(partial(reads.mget, (key, "missing"))) for key in ("b", "c", "d")]
+    wait_until(lambda: reads.reads == 4)
+    connection.release()
+    for thread, _ in [(first, first_outcome), *waiting]:
+        thread.join(5)
+
+    assert first_outcome["value"] == [b"1", b"s"]
+    for (_, outcome), value in zip(waiting, (b"2", b"3", b"4"), strict=True):
+        assert outcome["value"] == [value, None]
+    # The three that waited went out together, in one MGET.
+    assert len(connection.commands) == 2
+    second = connection.commands[1]
+    assert second[0] == "MGET"
+    assert len(second) == 7
+    assert sorted(second[1::2]) == ["b", "c", "d"]
+    assert (reads.reads, reads.batches) == (4, 2)
+
+
+def test_a_batch_never_exceeds_max_keys() -> None:
+    connection = ScriptedConnection(STORE)
+    reads = CoalescedMget(connection, max_keys=4)
+    connection.hold = True
+    first, _ = run(lambda: reads.mget(("a",)))
+    assert connection.on_the_wire.wait(5)
+    waiting = [run(partial(reads.mget, (key, key))) for key in ("b", "c", "d")]
+    wait_until(lambda: reads.reads == 4)
+    connection.release()
+    for thread, _ in [(first, {}), *waiting]:
+        thread.join(5)
+
+    assert all(
+        outcome["value"] == [STORE[k], STORE[k]]
+        for (_, outcome), k in zip(waiting, "bcd", strict=True)
+    )
+    assert [len(command) - 1 for command in connection.commands] == [1, 4, 2]
+
+
+def test_a_failed_mget_fails_its_whole_batch_disconnects_and_the_next_one_works() -> None:
+    connection = ScriptedConnection(STORE)
+    reads = CoalescedMget(connection)
+    connection.fail_next = ConnectionError("Redis went away")
+
+    with pytest.raises(ConnectionError, match="went away"):
+        reads.mget(("a",))
+    assert connection.disconnects == 1
+    assert reads.mget(("a",)) == [b"1"]
+
+
+def test_an_error_reaches_every_caller_of_the_batch() -> None:
+    class Broken(ScriptedConnection):
+        def read_response(self) -> Any:
+            super().read_response()
+            raise TimeoutError("Timeout reading from socket")
+
+    connection = Broken(STORE)
+    reads = CoalescedMget(connection)
+    connection.hold = True
+    first, first_outcome = run(lambda: reads.mget(("a",)))
+    assert connection.on_the_wire.wait(5)
+    waiting = [run(partial(reads.mget, (key,))) for key in ("b", "c")]
+    wait_until(lambda: reads.reads == 3)
+    connection.release()
+    for thread, _ in [(first, first_outcome), *waiting]:
+        thread.join(5)
+
+    for outcome in [first_outcome, *(o for _, o in waiting)]:
+        assert isinstance(outcome["error"], TimeoutError)
+    assert connection.disconnects == 2  # once per batch that failed
+
+
+def test_a_reply_of_the_wrong_shape_is_an_error_not_a_wrong_value() -> None:
+    class Short(ScriptedConnection):
+        def read_response(self) -> Any:
+            return [b"only one"]
+
+    reads = CoalescedMget(Short(STORE))
+    with pytest.raises(ValueError, match="unexpected reply"):
+        reads.mget(("a", "b"))
