@@ -13,11 +13,13 @@ Only the sender of the current batch touches the connection, so it is a single d
 connection (made from the client's pool settings: timeouts, TLS, credentials, database)
 driven with `send_command` / `read_response`, without the pool's checkout, retry and
 instrumentation on every read. After an error it is disconnected; the next send connects
-again.
+again. A connection Redis dropped (restart, failover, `CLIENT KILL`) is found out on use
+and retried once at once, on a new connection (MGET is a read: repeating it is safe).
 
 An MGET reads all its keys at one point in time (Redis runs it as one command), so keys
 that belong together (a value and its invalidation stamp) stay consistent when they are
-passed in one `mget` call. A failure is every waiter's failure; nothing is retried here.
+passed in one `mget` call. Otherwise a failure is every waiter's failure: the sender
+raises it, each waiter a `redis.ConnectionError` of its own that names it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Protocol
+
+import redis
 
 __all__ = ["CoalescedMget", "RedisConnection"]
 
@@ -65,6 +69,7 @@ class CoalescedMget:
         self._lock = threading.Lock()
         self._queue: deque[_Read] = deque()
         self._busy = False
+        self._closed = False
         self.reads = 0
         """Calls to `mget` so far."""
         self.batches = 0
@@ -72,15 +77,22 @@ class CoalescedMget:
 
     def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         """The values of `keys` (None where missing), read in one MGET with whatever
-        other reads are waiting; raises what the MGET raised."""
+        other reads are waiting. Raises what the MGET raised (a caller whose read rode
+        on another caller's MGET gets a `redis.ConnectionError` naming it)."""
         read = _Read(keys)
         with self._lock:
+            if self._closed:
+                raise redis.ConnectionError("the coalesced reader is closed")
             self.reads += 1
             self._queue.append(read)
             lead = not self._busy
             self._busy = True
         if not lead:
-            read.ready.acquire()  # released with the reply, or to make this caller lead
+            try:
+                read.ready.acquire()  # released with the reply, or to make this caller lead
+            except BaseException:  # e.g. KeyboardInterrupt while waiting
+                self._abandon(read)
+                raise
             lead = read.lead
         if lead:
             self._send(read)
@@ -89,46 +101,100 @@ class CoalescedMget:
         return read.reply
 
     def close(self) -> None:
-        self._connection.disconnect()
+        """No more reads; the connection is closed now, or by the batch on the wire."""
+        with self._lock:
+            self._closed = True
+            busy = self._busy
+        if not busy:
+            self._connection.disconnect()
+
+    def _abandon(self, read: _Read) -> None:
+        """A waiter gives up (interrupted): it leaves the queue, and if it had just been
+        made the next sender, that role passes on, so no one is left waiting for it."""
+        successor = None
+        with self._lock:
+            if read not in self._queue:
+                return  # already in a batch: its sender releases it, harmlessly
+            self._queue.remove(read)
+            if not read.lead:
+                return
+            successor = self._next_lead()
+        if successor is not None:
+            successor.ready.release()
+
+    def _next_lead(self) -> _Read | None:
+        """Under the lock: make the first waiter the next sender, or mark the line idle."""
+        successor = self._queue[0] if self._queue else None
+        if successor is None:
+            self._busy = False
+        else:
+            successor.lead = True
+        return successor
 
     def _send(self, own: _Read) -> None:
         """Send the head of the queue as one MGET. The sender's own read is at the head:
         a caller leads only on an empty queue, or as the first waiter."""
-        with self._lock:
-            batch: list[_Read] = []
-            size = 0
-            while self._queue and (not batch or size + len(self._queue[0].keys) <= self._max_keys):
-                read = self._queue.popleft()
-                batch.append(read)
-                size += len(read.keys)
-        assert batch[0] is own, "a lead's read is at the head of the queue"
+        batch: list[_Read] = []
         try:
+            with self._lock:
+                size = 0
+                while self._queue and (
+                    not batch or size + len(self._queue[0].keys) <= self._max_keys
+                ):
+                    read = self._queue.popleft()
+                    batch.append(read)
+                    size += len(read.keys)
+                closed = self._closed
+            if not batch or batch[0] is not own:
+                raise RuntimeError("a coalesced read was sent by a caller not at its head")
+            if closed:
+                raise redis.ConnectionError("the coalesced reader is closed")
             flat = [key for read in batch for key in read.keys]
-            try:
-                self._connection.send_command("MGET", *flat)
-                replies = self._connection.read_response()
-            except BaseException:
-                self._connection.disconnect()  # the reply may still be on its way
-                raise
-            if not isinstance(replies, list) or len(replies) != len(flat):
-                raise ValueError(f"unexpected reply to an MGET of {len(flat)} keys")
+            replies = self._round_trip(flat)
             start = 0
             for read in batch:
                 read.reply = replies[start : start + len(read.keys)]
                 start += len(read.keys)
         except BaseException as exc:
+            own.error = exc
             for read in batch:
-                read.error = exc
+                if read is not own:
+                    # Each waiter raises an exception of its own (never one object in many
+                    # threads), and an interrupt of the sender is not the waiters' to raise.
+                    shared = redis.ConnectionError(
+                        f"the MGET this read shared failed: {type(exc).__name__}: {exc}"
+                    )
+                    shared.__cause__ = exc
+                    read.error = shared
         finally:
             with self._lock:
                 self.batches += 1
-                successor = self._queue[0] if self._queue else None
-                if successor is None:
-                    self._busy = False
-                else:
-                    successor.lead = True
+                successor = self._next_lead()
+                idle_and_closed = successor is None and self._closed
+            if idle_and_closed:
+                self._connection.disconnect()
             for read in batch:
                 if read is not own:
                     read.ready.release()
             if successor is not None:
                 successor.ready.release()
+
+    def _round_trip(self, flat: list[str]) -> list[bytes | None]:
+        """MGET on the reserved connection. A connection Redis dropped (restart, failover,
+        CLIENT KILL) is found out on use: reconnect and try once more. After any failure
+        the connection is closed, so a late reply can never be read as the next one's."""
+        for attempt in (1, 2):
+            try:
+                self._connection.send_command("MGET", *flat)
+                replies = self._connection.read_response()
+                if not isinstance(replies, list) or len(replies) != len(flat):
+                    raise ValueError(f"unexpected reply to an MGET of {len(flat)} keys")
+                return replies
+            except redis.ConnectionError:
+                self._connection.disconnect()
+                if attempt == 2:
+                    raise
+            except BaseException:
+                self._connection.disconnect()
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover

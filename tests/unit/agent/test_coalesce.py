@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import pytest
+import redis
 
-from services.agent_svc.infra.coalesce import CoalescedMget
+from services.agent_svc.infra.coalesce import CoalescedMget, _Read
 
 
 class ScriptedConnection:
@@ -69,6 +71,16 @@ def wait_until(condition: Callable[[], bool]) -> None:
     raise AssertionError("condition not reached")
 
 
+def first_batch_on_the_wire(
+    reads: CoalescedMget, connection: ScriptedConnection, keys: tuple[str, ...] = ("a",)
+) -> tuple[threading.Thread, dict[str, Any]]:
+    """A caller whose MGET is sent and held unanswered until `connection.release()`."""
+    connection.hold = True
+    started = run(lambda: reads.mget(keys))
+    assert connection.on_the_wire.wait(5)
+    return started
+
+
 STORE = {"a": b"1", "a:inv": b"s", "b": b"2", "c": b"3", "d": b"4"}
 
 
@@ -85,9 +97,7 @@ def test_a_lone_caller_sends_its_own_mget_at_once() -> None:
 def test_callers_that_queue_behind_a_batch_share_the_next_mget() -> None:
     connection = ScriptedConnection(STORE)
     reads = CoalescedMget(connection)
-    connection.hold = True
-    first, first_outcome = run(lambda: reads.mget(("a", "a:inv")))
-    assert connection.on_the_wire.wait(5)
+    first, first_outcome = first_batch_on_the_wire(reads, connection, ("a", "a:inv"))
 
     waiting = [run(partial(reads.mget, (key, "missing"))) for key in ("b", "c", "d")]
     wait_until(lambda: reads.reads == 4)
@@ -110,9 +120,7 @@ def test_callers_that_queue_behind_a_batch_share_the_next_mget() -> None:
 def test_a_batch_never_exceeds_max_keys() -> None:
     connection = ScriptedConnection(STORE)
     reads = CoalescedMget(connection, max_keys=4)
-    connection.hold = True
-    first, _ = run(lambda: reads.mget(("a",)))
-    assert connection.on_the_wire.wait(5)
+    first, _ = first_batch_on_the_wire(reads, connection)
     waiting = [run(partial(reads.mget, (key, key))) for key in ("b", "c", "d")]
     wait_until(lambda: reads.reads == 4)
     connection.release()
@@ -145,17 +153,23 @@ def test_an_error_reaches_every_caller_of_the_batch() -> None:
 
     connection = Broken(STORE)
     reads = CoalescedMget(connection)
-    connection.hold = True
-    first, first_outcome = run(lambda: reads.mget(("a",)))
-    assert connection.on_the_wire.wait(5)
+    first, first_outcome = first_batch_on_the_wire(reads, connection)
     waiting = [run(partial(reads.mget, (key,))) for key in ("b", "c")]
     wait_until(lambda: reads.reads == 3)
     connection.release()
     for thread, _ in [(first, first_outcome), *waiting]:
         thread.join(5)
 
-    for outcome in [first_outcome, *(o for _, o in waiting)]:
-        assert isinstance(outcome["error"], TimeoutError)
+    # b and c went out together in the second MGET: its sender raises the error itself,
+    # the other one a ConnectionError of its own that names it.
+    assert isinstance(first_outcome["error"], TimeoutError)
+    errors = [outcome["error"] for _, outcome in waiting]
+    sender = [e for e in errors if isinstance(e, TimeoutError)]
+    rider = [e for e in errors if isinstance(e, redis.ConnectionError)]
+    assert len(sender) == 1
+    assert len(rider) == 1
+    assert "TimeoutError: Timeout reading from socket" in str(rider[0])
+    assert rider[0].__cause__ is sender[0]
     assert connection.disconnects == 2  # once per batch that failed
 
 
@@ -167,3 +181,89 @@ def test_a_reply_of_the_wrong_shape_is_an_error_not_a_wrong_value() -> None:
     reads = CoalescedMget(Short(STORE))
     with pytest.raises(ValueError, match="unexpected reply"):
         reads.mget(("a", "b"))
+
+
+def test_a_connection_redis_dropped_is_retried_once_on_a_new_one() -> None:
+    connection = ScriptedConnection(STORE)
+    reads = CoalescedMget(connection)
+    connection.fail_next = redis.ConnectionError("Connection closed by server.")
+
+    assert reads.mget(("a",)) == [b"1"]
+    assert connection.disconnects == 1
+    assert connection.commands == [("MGET", "a")]
+
+
+def test_a_redis_that_stays_away_fails_after_the_one_retry() -> None:
+    class Refusing(ScriptedConnection):
+        def send_command(self, *args: Any) -> None:
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379.")
+
+    connection = Refusing(STORE)
+    with pytest.raises(redis.ConnectionError, match="111"):
+        CoalescedMget(connection).mget(("a",))
+    assert connection.disconnects == 2
+
+
+def test_a_waiter_interrupted_while_waiting_leaves_no_one_stuck() -> None:
+    connection = ScriptedConnection(STORE)
+    reads = CoalescedMget(connection)
+    first, first_outcome = first_batch_on_the_wire(reads, connection)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(Interrupted):
+            reads.mget(("b",))  # waits behind the first read, in the main thread
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    connection.release()
+    first.join(5)
+
+    assert first_outcome["value"] == [b"1"]
+    later, later_outcome = run(lambda: reads.mget(("c",)))
+    later.join(5)
+    assert later_outcome["value"] == [b"3"]
+    assert connection.commands == [("MGET", "a"), ("MGET", "c")]
+
+
+def test_a_waiter_that_gives_up_after_being_made_sender_passes_the_role_on() -> None:
+    reads = CoalescedMget(ScriptedConnection(STORE))
+    quitter, next_in_line = _Read(("a",)), _Read(("b",))
+    reads._busy = True
+    reads._queue.extend([quitter, next_in_line])
+    quitter.lead = True  # what a finished batch does to the first waiter
+
+    reads._abandon(quitter)
+
+    assert list(reads._queue) == [next_in_line]
+    assert next_in_line.lead
+    assert next_in_line.ready.acquire(timeout=1)  # woken to send
+    reads._abandon(next_in_line)
+    assert not reads._busy  # nobody left: the next caller sends at once
+
+
+def test_close_refuses_new_reads_and_closes_the_connection_after_the_batch_on_the_wire() -> None:
+    connection = ScriptedConnection(STORE)
+    reads = CoalescedMget(connection)
+    first, first_outcome = first_batch_on_the_wire(reads, connection)
+
+    reads.close()
+    assert connection.disconnects == 0  # not under the batch's feet
+    with pytest.raises(redis.ConnectionError, match="closed"):
+        reads.mget(("b",))
+    connection.release()
+    first.join(5)
+
+    assert first_outcome["value"] == [b"1"]
+    assert connection.disconnects == 1
+    idle = CoalescedMget(ScriptedConnection(STORE))
+    idle.close()
+    with pytest.raises(redis.ConnectionError, match="closed"):
+        idle.mget(("a",))
