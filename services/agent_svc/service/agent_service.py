@@ -66,11 +66,17 @@ UPDATE_ATTEMPTS = 5
 # Parsed ids by their text: the same callers and agents come back on every read, and
 # uuid.UUID() is pure Python (a fifth of a cache hit's own cost). Errors are not cached.
 _uuid = functools.lru_cache(maxsize=16_384)(uuid.UUID)
+# The longest spelling uuid.UUID() takes without padding ("urn:uuid:" + 36). It also drops
+# every "-", so without this bound a megabyte of hyphens around 32 hex digits would parse,
+# and stay in the cache above.
+_MAX_UUID_TEXT = 45
 
 
 def _parse_id(value: str, field: str) -> uuid.UUID:
     if not value:
         raise InvalidArgument.field(field, "required")
+    if len(value) > _MAX_UUID_TEXT:
+        raise InvalidArgument.field(field, "must be a UUID")
     try:
         return _uuid(value)
     except ValueError:

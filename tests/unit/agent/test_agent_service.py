@@ -179,11 +179,27 @@ def test_an_admin_gets_anyones_agent(world: World) -> None:
     assert world.service.get(principal=admin(), agent_id=str(agent.id)) == agent
 
 
-@pytest.mark.parametrize("agent_id", ["", "not-a-uuid", "123"])
+@pytest.mark.parametrize(
+    "agent_id",
+    [
+        "",
+        "not-a-uuid",
+        "123",
+        # uuid.UUID() would take this (it drops every "-"): too long to be an id.
+        "-" * 100_000 + "0123456789abcdef0123456789abcdef",
+    ],
+)
 def test_a_malformed_id_is_invalid(world: World, agent_id: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
         world.service.get(principal=user(), agent_id=agent_id)
     assert fields_of(caught.value) == ["id"]
+
+
+def test_every_spelling_of_a_uuid_is_still_an_id(world: World) -> None:
+    agent = create(world, user())
+    owner = Principal(user_id=str(agent.owner_id), roles=frozenset({"user"}))
+    for spelling in (str(agent.id), agent.id.hex, f"{{{agent.id}}}", agent.id.urn):
+        assert world.service.get(principal=owner, agent_id=spelling) == agent
 
 
 # -- update ---------------------------------------------------------------------------------
