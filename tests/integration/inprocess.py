@@ -73,30 +73,45 @@ def samples(text: str, name: str) -> list[dict[str, str]]:
     ]
 
 
+def _env(service: str, tmp_path: Path, env: Mapping[str, str]) -> tuple[dict[str, str], int]:
+    """A service's variables: a free port and metrics port, SQLite in its own folder of
+    `tmp_path` (unless `env` names a database), then `env` on top."""
+    prefix = service.upper()
+    data = tmp_path / f"{service}-{free_port()}"
+    data.mkdir(parents=True)
+    metrics_port = free_port()
+    full = {
+        f"{prefix}_PORT": "0",
+        f"{prefix}_METRICS_PORT": str(metrics_port),
+        f"{prefix}_DATA_DIR": str(data),
+        f"{prefix}_DATABASE_URL": f"sqlite:///{data}/{service}.db",
+        **env,
+    }
+    return full, metrics_port
+
+
+@contextmanager
+def _served(
+    app: Any, running: RunningServer, metrics_port: int, env: dict[str, str]
+) -> Iterator[Served]:
+    running.start()
+    try:
+        yield Served(app, running, metrics_port, env)
+    finally:
+        running.stop(0)
+
+
 @contextmanager
 def auth_service(
     tmp_path: Path, env: Mapping[str, str] | None = None, *, tracing: Tracing | None = None
 ) -> Iterator[Served]:
     """auth_svc on SQLite in `tmp_path` (cheap fake password hashing), metrics served."""
-    data = tmp_path / f"auth-{free_port()}"
-    data.mkdir(parents=True)
-    metrics_port = free_port()
-    full = {
-        "AUTH_PORT": "0",
-        "AUTH_METRICS_PORT": str(metrics_port),
-        "AUTH_DATA_DIR": str(data),
-        "AUTH_DATABASE_URL": f"sqlite:///{data}/auth.db",
-        **(env or {}),
-    }
+    full, metrics_port = _env("auth", tmp_path, env or {})
     settings = load_auth_settings(full)
     migrations.upgrade("auth", settings.common.database_url)
     app = auth_bootstrap.build_app(settings, hasher=FakeHasher(), tracing=tracing)
-    running = auth_bootstrap.build_server(app)
-    running.start()
-    try:
-        yield Served(app, running, metrics_port, full)
-    finally:
-        running.stop(0)
+    with _served(app, auth_bootstrap.build_server(app), metrics_port, full) as served:
+        yield served
 
 
 @contextmanager
@@ -104,25 +119,12 @@ def agent_service(
     tmp_path: Path, env: Mapping[str, str], *, tracing: Tracing | None = None
 ) -> Iterator[Served]:
     """agent_svc on SQLite in `tmp_path` (unless `env` names a database), metrics served."""
-    data = tmp_path / f"agent-{free_port()}"
-    data.mkdir(parents=True)
-    metrics_port = free_port()
-    full = {
-        "AGENT_PORT": "0",
-        "AGENT_METRICS_PORT": str(metrics_port),
-        "AGENT_DATA_DIR": str(data),
-        "AGENT_DATABASE_URL": f"sqlite:///{data}/agent.db",
-        **env,
-    }
+    full, metrics_port = _env("agent", tmp_path, env)
     settings = load_agent_settings(full)
     migrations.upgrade("agent", settings.common.database_url)
     app = agent_bootstrap.build_app(settings, tracing=tracing)
-    running = agent_bootstrap.build_server(app)
-    running.start()
-    try:
-        yield Served(app, running, metrics_port, full)
-    finally:
-        running.stop(0)
+    with _served(app, agent_bootstrap.build_server(app), metrics_port, full) as served:
+        yield served
 
 
 def register_and_login(
