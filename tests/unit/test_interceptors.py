@@ -88,7 +88,7 @@ class Harness:
         self.clock = FakeClock()
         self.key = ed25519.Ed25519PrivateKey.generate()
         self.kid = thumbprint(self.key.public_key())
-        verifier = TokenVerifier(
+        self.verifier = TokenVerifier(
             StaticKeyProvider([VerificationKey(self.kid, "EdDSA", self.key.public_key())]),
             issuer=ISSUER,
             audience=AUDIENCE,
@@ -98,7 +98,7 @@ class Harness:
         interceptors = [
             AccessLogInterceptor(),
             ErrorMappingInterceptor(DOMAIN, translators=[unavailable_database]),
-            TokenCheckInterceptor(verifier, PUBLIC),
+            TokenCheckInterceptor(self.verifier, PUBLIC),
         ]
         self.server = grpc_testing.server_from_dictionary(
             {SERVICE: Intercepted(self.servicer, SERVICE_NAME, interceptors)},
@@ -395,13 +395,7 @@ def _details(method: str, metadata: Sequence[tuple[str, str]] = ()) -> grpc.Hand
 
 
 def test_the_token_check_denies_by_default_even_outside_our_services(harness: Harness) -> None:
-    verifier = TokenVerifier(
-        StaticKeyProvider([VerificationKey(harness.kid, "EdDSA", harness.key.public_key())]),
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        clock=harness.clock,
-    )
-    check = TokenCheckInterceptor(verifier, PUBLIC)
+    check = TokenCheckInterceptor(harness.verifier, PUBLIC)
     handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
     wrapped = check.intercept_service(lambda _d: handler, _details("/other.v1.Thing/Do"))
     assert wrapped is not handler
@@ -410,13 +404,7 @@ def test_the_token_check_denies_by_default_even_outside_our_services(harness: Ha
 
 
 def test_a_streaming_method_needs_a_token_before_it_starts(harness: Harness) -> None:
-    verifier = TokenVerifier(
-        StaticKeyProvider([VerificationKey(harness.kid, "EdDSA", harness.key.public_key())]),
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        clock=harness.clock,
-    )
-    check = TokenCheckInterceptor(verifier, PUBLIC)
+    check = TokenCheckInterceptor(harness.verifier, PUBLIC)
     seen: list[Principal] = []
 
     def watch(request: Any, context: Any) -> Any:
