@@ -36,7 +36,7 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+def make_engine(url: str, *, pool_size: int = 10, statement_timeout: float = 0.0) -> Engine:
     """An engine sized for the worker pool; SQLite gets WAL, foreign keys and a busy timeout."""
     url = normalize_url(url)
     parsed = make_url(url)
@@ -60,7 +60,17 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         pool_timeout=5,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 5},
+        # A statement that runs (or waits for a lock) longer than `statement_timeout`
+        # seconds is cancelled by PostgreSQL, so no worker thread waits on it forever
+        # (0: no limit). The cancellation is an OperationalError: UNAVAILABLE, retry.
+        connect_args={
+            "connect_timeout": 5,
+            **(
+                {"options": f"-c statement_timeout={int(statement_timeout * 1000)}"}
+                if statement_timeout > 0
+                else {}
+            ),
+        },
         # Errors (and so logs) never show bound values: password hashes, token hashes, emails.
         hide_parameters=True,
     )

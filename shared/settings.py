@@ -128,6 +128,7 @@ class CommonSettings:
     max_workers: int
     max_concurrent_rpcs: int
     db_pool_size: int
+    db_statement_timeout_seconds: float
     grace_seconds: float
     migrate_on_start: bool
     log_level: str
@@ -196,6 +197,8 @@ def load_common(
         max_concurrent_rpcs=reader.integer("MAX_CONCURRENT_RPCS", 512, minimum=1),
         # PostgreSQL connections per pod: this many, plus half as many again under bursts.
         db_pool_size=reader.integer("DB_POOL_SIZE", 10, minimum=1),
+        # PostgreSQL cancels a statement (or a lock wait) that takes longer; 0: no limit.
+        db_statement_timeout_seconds=reader.number("DB_STATEMENT_TIMEOUT_SECONDS", 10.0),
         grace_seconds=reader.number("GRACE_SECONDS", 10.0),
         migrate_on_start=reader.flag("MIGRATE_ON_START", dev),
         log_level=reader.text("LOG_LEVEL", "INFO").upper(),

@@ -148,7 +148,11 @@ def build_app(
     observability = Observability.from_settings(common, tracing=tracing)
     metrics = observability.metrics
     closers: list[Callable[[], None]] = []
-    engine = make_engine(common.database_url, pool_size=common.db_pool_size)
+    engine = make_engine(
+        common.database_url,
+        pool_size=common.db_pool_size,
+        statement_timeout=common.db_statement_timeout_seconds,
+    )
     observability.watch_pool(engine)
     sessions = session_factory(engine)
     service = AgentService(

@@ -98,7 +98,11 @@ def build_app(
         access_token_ttl_seconds=settings.access_token_ttl_seconds,
         clock=clock,
     )
-    engine = make_engine(common.database_url, pool_size=common.db_pool_size)
+    engine = make_engine(
+        common.database_url,
+        pool_size=common.db_pool_size,
+        statement_timeout=common.db_statement_timeout_seconds,
+    )
     observability.watch_pool(engine)
     closers: list[object] = []
     sessions = session_factory(engine)

@@ -193,3 +193,10 @@ def test_observability_settings() -> None:
         {"AUTH_OTLP_ENDPOINT": "mine:4317", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://other:4317"}
     ).common
     assert common.otlp_endpoint == "mine:4317"
+
+
+def test_the_database_statement_timeout_defaults_to_ten_seconds() -> None:
+    env = {"AUTH_PROFILE": "dev"}
+    assert load_auth_settings(env).common.db_statement_timeout_seconds == 10.0
+    env["AUTH_DB_STATEMENT_TIMEOUT_SECONDS"] = "2.5"
+    assert load_auth_settings(env).common.db_statement_timeout_seconds == 2.5
