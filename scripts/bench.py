@@ -291,8 +291,8 @@ def common_env(prefix: str, port: int, database_url: str, redis_url: str | None)
 
 def seed_agents(database_url: str, owner_id: str, count: int) -> list[str]:
     """Bulk-inserts `count` agents for one owner straight into agent_svc's tables."""
-    from services.agent_svc.bench_seed import seed
-    from shared import migrations
+    from scripts.bench_seed import seed
+    from shared.data import migrations
 
     migrations.upgrade("agent", database_url)
     return seed(database_url, uuid.UUID(owner_id), count)

@@ -30,9 +30,9 @@ def main() -> int:
     if args.cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.cpu})
 
-    from shared import migrations
-    from shared.logs import configure_logging
-    from shared.server import serve
+    from shared.data import migrations
+    from shared.rpc.logs import configure_logging
+    from shared.rpc.server import serve
 
     if args.service == "agent":
         from services.agent_svc.bootstrap import build_app, build_server

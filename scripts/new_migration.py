@@ -11,7 +11,7 @@ from pathlib import Path
 
 from alembic import command
 
-from shared import migrations
+from shared.data import migrations
 
 
 def main() -> int:

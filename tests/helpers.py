@@ -162,7 +162,7 @@ class _TestingContext:
 
 
 class FakeClock:
-    """A `shared.clock.Clock` that moves only when told to: `advance(seconds)`."""
+    """A `shared.config.clock.Clock` that moves only when told to: `advance(seconds)`."""
 
     def __init__(self, start: datetime | None = None) -> None:
         self._now = start or datetime.now(UTC)

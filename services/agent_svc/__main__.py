@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from services.agent_svc.bootstrap import build_app, build_server
 from services.agent_svc.settings import load_agent_settings
-from shared.entrypoint import run_service
+from shared.rpc.entrypoint import run_service
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -20,15 +19,16 @@ from services.agent_svc.repository.sql import SqlAgentUnitOfWork
 from services.agent_svc.service.agent_service import AgentService
 from services.agent_svc.service.paging import PageTokens
 from services.agent_svc.settings import AgentSettings
-from shared.clock import Clock, SystemClock
-from shared.db import make_engine, ping, session_factory
-from shared.jwks import JwksKeyProvider, grpc_jwks_fetcher
-from shared.metrics import Metrics
-from shared.observability import Observability
-from shared.redis_client import make_redis
-from shared.server import RunningServer, create_server
-from shared.tokens import KeyProvider, TokenVerifier
-from shared.tracing import Tracing
+from shared.config.clock import Clock, SystemClock
+from shared.data.db import make_engine, ping, session_factory
+from shared.data.redis_client import make_redis
+from shared.rpc.lifecycle import Closers
+from shared.rpc.metrics import Metrics
+from shared.rpc.observability import Observability
+from shared.rpc.server import RunningServer, create_server
+from shared.rpc.tracing import Tracing
+from shared.security.jwks import JwksKeyProvider, grpc_jwks_fetcher
+from shared.security.tokens import KeyProvider, TokenVerifier
 
 __all__ = ["AgentApp", "build_app", "build_server", "interceptors_for"]
 
@@ -45,16 +45,10 @@ class AgentApp:
     service: AgentService
     verifier: TokenVerifier
     observability: Observability
-    closers: list[Callable[[], None]] = field(default_factory=list)
+    closers: Closers
 
     def close(self) -> None:
-        for close in reversed(self.closers):
-            try:
-                close()
-            except Exception:
-                _log.exception("error while closing agent_svc")
-        self.engine.dispose()
-        self.observability.close()
+        self.closers.close()
 
 
 # gRPC's default reconnect backoff grows to two minutes: after an auth_svc outage the keys
@@ -89,7 +83,7 @@ def _auth_channel(settings: AgentSettings) -> grpc.Channel:
 def _jwks_keys(
     settings: AgentSettings,
     clock: Clock,
-    closers: list[Callable[[], None]],
+    closers: Closers,
     observability: Observability,
 ) -> KeyProvider:
     """Keys fetched from auth_svc's GetJwks, refreshed in the background; the service
@@ -97,7 +91,7 @@ def _jwks_keys(
     With tracing on, each GetJwks call is a client span that carries the trace context
     (a fetch for an unknown key id during a call belongs to that call's trace)."""
     channel = _auth_channel(settings)
-    closers.append(channel.close)
+    closers.add(channel.close)
     keys = JwksKeyProvider(
         grpc_jwks_fetcher(observability.instrument_channel(channel)),
         cooldown_seconds=settings.jwks_cooldown_seconds,
@@ -105,17 +99,15 @@ def _jwks_keys(
         on_fetch=observability.metrics.jwks_fetch,
     )
     keys.start_background_refresh()
-    closers.append(keys.close)
+    closers.add(keys.close)
     return keys
 
 
-def _cache(
-    settings: AgentSettings, closers: list[Callable[[], None]], metrics: Metrics
-) -> TwoLevelCache[Agent]:
+def _cache(settings: AgentSettings, closers: Closers, metrics: Metrics) -> TwoLevelCache[Agent]:
     """L1 in process over L2 Redis (when configured); L1 only on the embedded default."""
     client = make_redis(settings.common.redis_url) if settings.common.redis_url else None
     if client is not None:
-        closers.append(client.close)
+        closers.add(client.close)
     cache = TwoLevelCache[Agent](
         redis=client,
         codec=AgentCodec(),
@@ -130,7 +122,7 @@ def _cache(
         metrics.declare(metrics.cache_events, ("l2", "hit"), ("l2", "miss"), ("l2", "error"))
         metrics.declare(metrics.redis_errors, ("cache",))
     cache.start()
-    closers.append(cache.close)
+    closers.add(cache.close)
     return cache
 
 
@@ -147,12 +139,14 @@ def build_app(
     common = settings.common
     observability = Observability.from_settings(common, tracing=tracing)
     metrics = observability.metrics
-    closers: list[Callable[[], None]] = []
+    closers = Closers()
+    closers.add(observability.close)
     engine = make_engine(
         common.database_url,
         pool_size=common.db_pool_size,
         statement_timeout=common.db_statement_timeout_seconds,
     )
+    closers.add(engine.dispose)
     observability.watch_pool(engine)
     sessions = session_factory(engine)
     service = AgentService(

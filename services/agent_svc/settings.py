@@ -20,7 +20,7 @@
   start in dev.
 
 Plus the common ones (`AGENT_PROFILE`, `AGENT_PORT` 50052, `AGENT_METRICS_PORT` 9102,
-`AGENT_DATABASE_URL`, `AGENT_REDIS_URL`, …) from shared.settings.
+`AGENT_DATABASE_URL`, `AGENT_REDIS_URL`, …) from shared.config.settings.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.settings import CommonSettings, EnvReader, load_common
+from shared.config.settings import CommonSettings, EnvReader, load_common
 
 __all__ = ["DEFAULT_ALLOWED_MODELS", "AgentSettings", "load_agent_settings"]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from agentplatform.auth.v1 import auth_pb2_grpc
@@ -18,14 +18,15 @@ from services.auth_svc.repository.sql import SqlAuthUnitOfWork
 from services.auth_svc.service.auth_service import AuthPolicy, AuthService
 from services.auth_svc.service.ports import LoginLimiter, PasswordHasher
 from services.auth_svc.settings import AuthSettings
-from shared.clock import Clock, SystemClock
-from shared.db import make_engine, ping, session_factory
-from shared.metrics import Metrics
-from shared.observability import Observability
-from shared.redis_client import make_redis
-from shared.server import RunningServer, create_server
-from shared.tokens import StaticKeyProvider, TokenVerifier
-from shared.tracing import Tracing
+from shared.config.clock import Clock, SystemClock
+from shared.data.db import make_engine, ping, session_factory
+from shared.data.redis_client import make_redis
+from shared.rpc.lifecycle import Closers
+from shared.rpc.metrics import Metrics
+from shared.rpc.observability import Observability
+from shared.rpc.server import RunningServer, create_server
+from shared.rpc.tracing import Tracing
+from shared.security.tokens import StaticKeyProvider, TokenVerifier
 
 __all__ = ["AuthApp", "build_app", "build_server", "interceptors_for"]
 
@@ -42,19 +43,14 @@ class AuthApp:
     verifier: TokenVerifier
     keys: KeyRing
     observability: Observability
-    closers: list[object] = field(default_factory=list)
+    closers: Closers
 
     def close(self) -> None:
-        self.engine.dispose()
-        for closer in self.closers:
-            close = getattr(closer, "close", None)
-            if callable(close):
-                close()
-        self.observability.close()
+        self.closers.close()
 
 
 def _limiter(
-    settings: AuthSettings, clock: Clock, app_closers: list[object], metrics: Metrics
+    settings: AuthSettings, clock: Clock, closers: Closers, metrics: Metrics
 ) -> LoginLimiter:
     fallback = InMemoryLoginLimiter(
         max_failures=settings.login_max_failures,
@@ -64,7 +60,7 @@ def _limiter(
     if not settings.common.redis_url:
         return fallback
     client = make_redis(settings.common.redis_url)
-    app_closers.append(client)
+    closers.add(client.close)
     return RedisLoginLimiter(
         client,
         max_failures=settings.login_max_failures,
@@ -87,6 +83,8 @@ def build_app(
     common = settings.common
     observability = Observability.from_settings(common, tracing=tracing)
     metrics = observability.metrics
+    closers = Closers()
+    closers.add(observability.close)
     signing_key = settings.signing_key_pem
     if signing_key is None:  # only possible in the dev profile (settings enforce it)
         signing_key = load_or_create_dev_key(common.data_dir)
@@ -103,8 +101,8 @@ def build_app(
         pool_size=common.db_pool_size,
         statement_timeout=common.db_statement_timeout_seconds,
     )
+    closers.add(engine.dispose)
     observability.watch_pool(engine)
-    closers: list[object] = []
     sessions = session_factory(engine)
     service = AuthService(
         uow=lambda: SqlAuthUnitOfWork(sessions),

@@ -36,11 +36,11 @@ from services.auth_svc.domain import ADMIN, User
 from services.auth_svc.repository.sql import SqlAuthUnitOfWork
 from services.auth_svc.service.validation import normalize_email
 from services.auth_svc.settings import AuthSettings, load_auth_settings
-from shared import migrations
-from shared.db import session_factory
-from shared.errors import AlreadyExists, DomainError
-from shared.logs import configure_logging
-from shared.settings import ConfigError
+from shared.config.settings import ConfigError
+from shared.data import migrations
+from shared.data.db import session_factory
+from shared.rpc.errors import AlreadyExists, DomainError
+from shared.rpc.logs import configure_logging
 
 __all__ = ["main"]
 

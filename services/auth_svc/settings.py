@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.auth_svc.infra.keys import key_material_problems
-from shared.settings import CommonSettings, EnvReader, load_common
+from shared.config.settings import CommonSettings, EnvReader, load_common
 
 __all__ = ["AuthSettings", "load_auth_settings"]
 

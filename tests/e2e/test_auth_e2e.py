@@ -35,9 +35,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from services.auth_svc import SERVICE_NAME
-from shared.clock import SystemClock
-from shared.jwk import from_jwk
-from shared.tokens import StaticKeyProvider, TokenVerifier
+from shared.config.clock import SystemClock
+from shared.security.jwk import from_jwk
+from shared.security.tokens import StaticKeyProvider, TokenVerifier
 from tests.helpers import ServiceProcess, error_detail, free_port
 
 pytestmark = pytest.mark.e2e

@@ -20,8 +20,8 @@ from services.auth_svc.domain import ADMIN, USER, User
 from services.auth_svc.infra.passwords import Argon2PasswordHasher
 from services.auth_svc.repository.sql import SqlAuthUnitOfWork
 from services.auth_svc.settings import load_auth_settings
-from shared import migrations
-from shared.db import make_engine, session_factory
+from shared.data import migrations
+from shared.data.db import make_engine, session_factory
 from tests.helpers import ROOT
 from tests.unit.auth.fakes import FakeHasher
 

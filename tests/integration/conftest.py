@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import migrations
-from shared.db import make_engine, session_factory
+from shared.data import migrations
+from shared.data.db import make_engine, session_factory
 
 
 @pytest.fixture

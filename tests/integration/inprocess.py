@@ -19,9 +19,9 @@ from services.agent_svc import bootstrap as agent_bootstrap
 from services.agent_svc.settings import load_agent_settings
 from services.auth_svc import bootstrap as auth_bootstrap
 from services.auth_svc.settings import load_auth_settings
-from shared import migrations
-from shared.server import RunningServer
-from shared.tracing import Tracing
+from shared.data import migrations
+from shared.rpc.server import RunningServer
+from shared.rpc.tracing import Tracing
 from tests.helpers import free_port
 from tests.unit.auth.fakes import FakeHasher
 

@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from services.agent_svc.infra.cache import TwoLevelCache
-from shared.redis_client import make_redis
+from shared.data.redis_client import make_redis
 from tests.helpers import free_port
 
 pytestmark = pytest.mark.redis

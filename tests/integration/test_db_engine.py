@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from shared.db import make_engine, unavailable_database
-from shared.errors import Unavailable
+from shared.data.db import make_engine, unavailable_database
+from shared.rpc.errors import Unavailable
 
 pytestmark = pytest.mark.postgres
 

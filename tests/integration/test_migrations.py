@@ -13,8 +13,8 @@ from sqlalchemy.pool import NullPool
 
 from services.agent_svc.repository.models import AgentBase
 from services.auth_svc.repository.models import AuthBase
-from shared import migrations
-from shared.db import normalize_url
+from shared.data import migrations
+from shared.data.db import normalize_url
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from shared.logs import JsonFormatter
-from shared.tracing import Tracing, configure_tracing
+from shared.rpc.logs import JsonFormatter
+from shared.rpc.tracing import Tracing, configure_tracing
 from tests.helpers import free_port
 from tests.integration.inprocess import (
     PASSWORD,

@@ -18,29 +18,29 @@ from google.protobuf import message
 from google.rpc import error_details_pb2, status_pb2
 from sqlalchemy.exc import OperationalError
 
-from shared.db import unavailable_database
-from shared.errors import (
+from shared.data.db import unavailable_database
+from shared.rpc.errors import (
     Aborted,
     AlreadyExists,
     DomainError,
-    FailedPrecondition,
     FieldViolation,
     Internal,
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    QuotaViolation,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
-from shared.interceptors import (
+from shared.rpc.interceptors import (
     AccessLogInterceptor,
     ErrorMappingInterceptor,
     TokenCheckInterceptor,
     principal_of,
 )
-from shared.jwk import VerificationKey, thumbprint
-from shared.tokens import Principal, StaticKeyProvider, TokenVerifier
+from shared.security.jwk import VerificationKey, thumbprint
+from shared.security.tokens import Principal, StaticKeyProvider, TokenVerifier
 from tests.helpers import FakeClock, Intercepted, error_detail, rich_status
 
 SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"]
@@ -156,7 +156,6 @@ ERRORS: list[tuple[DomainError, grpc.StatusCode]] = [
     (NotFound("no such agent", metadata={"agent": "a1"}), grpc.StatusCode.NOT_FOUND),
     (AlreadyExists("taken"), grpc.StatusCode.ALREADY_EXISTS),
     (Aborted("etag mismatch", reason="ETAG_MISMATCH"), grpc.StatusCode.ABORTED),
-    (FailedPrecondition("not now"), grpc.StatusCode.FAILED_PRECONDITION),
     (ResourceExhausted("slow down", retry_after_seconds=1.5), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable("try later", retry_after_seconds=2), grpc.StatusCode.UNAVAILABLE),
     (Internal("broken"), grpc.StatusCode.INTERNAL),
@@ -208,6 +207,22 @@ def test_retryable_errors_carry_retry_info(harness: Harness, error: DomainError)
     retry = harness.call().detail(error_details_pb2.RetryInfo)
     assert retry.retry_delay.seconds == 899
     assert retry.retry_delay.nanos == 250_000_000
+
+
+def test_an_exceeded_quota_carries_quota_failure_and_no_retry_info(harness: Harness) -> None:
+    harness.raising(
+        ResourceExhausted(
+            "you have 10 agents, the most allowed",
+            reason="AGENT_QUOTA_EXCEEDED",
+            quota_violations=(QuotaViolation("owner:42", "at most 10 agents per owner"),),
+        )
+    )
+    outcome = harness.call()
+    quota = outcome.detail(error_details_pb2.QuotaFailure)
+    assert [(v.subject, v.description) for v in quota.violations] == [
+        ("owner:42", "at most 10 agents per owner")
+    ]
+    assert outcome.detail(error_details_pb2.RetryInfo) is None
 
 
 def test_other_errors_carry_no_bad_request_or_retry_info(harness: Harness) -> None:

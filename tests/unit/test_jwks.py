@@ -15,10 +15,10 @@ import pytest
 from agentplatform.auth.v1 import auth_pb2
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from shared.errors import Unauthenticated
-from shared.jwk import to_jwk
-from shared.jwks import AUTH_CHANNEL_OPTIONS, JwksKeyProvider, grpc_jwks_fetcher
-from shared.tokens import TokenVerifier
+from shared.rpc.errors import Unauthenticated
+from shared.security.jwk import to_jwk
+from shared.security.jwks import AUTH_CHANNEL_OPTIONS, JwksKeyProvider, grpc_jwks_fetcher
+from shared.security.tokens import TokenVerifier
 from tests.helpers import free_port
 
 ISSUER = "https://auth.test"

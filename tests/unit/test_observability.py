@@ -10,16 +10,16 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.auth_svc.settings import load_auth_settings
-from shared.interceptors import (
+from shared.rpc.interceptors import (
     AccessLogInterceptor,
     ErrorMappingInterceptor,
     TokenCheckInterceptor,
     request_id_from,
 )
-from shared.metrics import Metrics, MetricsInterceptor
-from shared.observability import Observability
-from shared.tokens import StaticKeyProvider, TokenVerifier
-from shared.tracing import configure_tracing
+from shared.rpc.metrics import Metrics, MetricsInterceptor
+from shared.rpc.observability import Observability
+from shared.rpc.tracing import configure_tracing
+from shared.security.tokens import StaticKeyProvider, TokenVerifier
 from tests.helpers import FakeClock
 
 VERIFIER = TokenVerifier(StaticKeyProvider([]), issuer="i", audience="a", clock=FakeClock())

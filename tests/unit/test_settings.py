@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from services.auth_svc.settings import load_auth_settings
-from shared.settings import ConfigError, EnvReader
+from shared.config.settings import ConfigError, EnvReader
 
 PROD = {
     "AUTH_PROFILE": "prod",

@@ -40,8 +40,8 @@ from services.agent_svc.service.filtering import (
     SortField,
 )
 from services.agent_svc.service.ports import AgentQuery, NameTaken, RequestReplayed
-from shared.clock import utc
-from shared.db import SqlUnitOfWork
+from shared.config.clock import utc
+from shared.data.db import SqlUnitOfWork
 
 __all__ = ["SqlAgentRepository", "SqlAgentUnitOfWork"]
 

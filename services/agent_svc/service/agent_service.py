@@ -31,8 +31,8 @@ from services.agent_svc.service.ports import (
     RequestReplayed,
 )
 from services.agent_svc.service.validation import check_agent
-from shared.clock import Clock
-from shared.errors import (
+from shared.config.clock import Clock
+from shared.rpc.errors import (
     Aborted,
     AlreadyExists,
     FieldViolation,
@@ -40,7 +40,7 @@ from shared.errors import (
     NotFound,
     PermissionDenied,
 )
-from shared.tokens import Principal
+from shared.security.tokens import Principal
 
 __all__ = ["MUTABLE_FIELDS", "AgentService", "apply_update_mask"]
 

@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 
-from shared.errors import InvalidArgument
+from shared.rpc.errors import InvalidArgument
 
 __all__ = [
     "MAX_FILTER_LENGTH",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from services.agent_svc.service.filtering import SortField
-from shared.errors import InvalidArgument
+from shared.rpc.errors import InvalidArgument
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "Cursor", "PageTokens", "page_size_of"]
 

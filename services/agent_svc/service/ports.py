@@ -14,7 +14,7 @@ from typing import Protocol
 from services.agent_svc.domain import Agent
 from services.agent_svc.service.filtering import AgentFilter, Ordering
 from services.agent_svc.service.paging import Cursor
-from shared.uow import UnitOfWork
+from shared.data.uow import UnitOfWork
 
 __all__ = [
     "AgentCache",
@@ -73,7 +73,7 @@ class AgentRepository(Protocol):
 
 
 class AgentUnitOfWork(UnitOfWork, Protocol):
-    """One transaction over the agent repositories (see shared.uow.UnitOfWork)."""
+    """One transaction over the agent repositories (see shared.data.uow.UnitOfWork)."""
 
     @property
     def agents(self) -> AgentRepository: ...

@@ -13,8 +13,8 @@ from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from services.agent_svc.domain import AgentInput, Tool
-from shared.errors import FieldViolation, InvalidArgument
-from shared.text import has_control_characters
+from shared.config.text import has_control_characters
+from shared.rpc.errors import FieldViolation, InvalidArgument
 
 __all__ = [
     "MAX_DESCRIPTION",

@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from services.auth_svc.domain import User
-from shared.clock import Clock
-from shared.jwk import PublicKey, VerificationKey, algorithm_for, thumbprint, to_jwk
-from shared.tokens import ACCESS_TOKEN_TYPE
+from shared.config.clock import Clock
+from shared.security.jwk import PublicKey, VerificationKey, algorithm_for, thumbprint, to_jwk
+from shared.security.tokens import ACCESS_TOKEN_TYPE
 
 __all__ = ["KeyRing", "key_material_problems", "load_or_create_dev_key"]
 

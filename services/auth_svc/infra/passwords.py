@@ -8,7 +8,7 @@ from argon2 import PasswordHasher as Argon2Hasher
 from argon2 import Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from shared.errors import Unavailable
+from shared.rpc.errors import Unavailable
 
 __all__ = ["Argon2PasswordHasher"]
 

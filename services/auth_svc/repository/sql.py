@@ -17,8 +17,8 @@ from services.auth_svc.repository.models import (
     UserRow,
 )
 from services.auth_svc.service.ports import EmailTaken
-from shared.clock import utc
-from shared.db import SqlUnitOfWork
+from shared.config.clock import utc
+from shared.data.db import SqlUnitOfWork
 
 __all__ = ["SqlAuditLog", "SqlAuthUnitOfWork", "SqlRefreshTokenRepository", "SqlUserRepository"]
 

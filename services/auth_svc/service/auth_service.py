@@ -35,8 +35,9 @@ from services.auth_svc.service.validation import (
     normalize_email,
     password_violation,
 )
-from shared.clock import Clock, utc
-from shared.errors import (
+from shared.config.clock import Clock, utc
+from shared.config.text import has_control_characters
+from shared.rpc.errors import (
     AlreadyExists,
     FieldViolation,
     InvalidArgument,
@@ -44,8 +45,7 @@ from shared.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from shared.text import has_control_characters
-from shared.tokens import Principal
+from shared.security.tokens import Principal
 
 __all__ = ["AuthPolicy", "AuthService", "hash_refresh_token"]
 

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Literal, Protocol
 
 from services.auth_svc.domain import AuditEvent, RefreshToken, User
-from shared.uow import UnitOfWork
+from shared.data.uow import UnitOfWork
 
 __all__ = [
     "AuditLog",
@@ -72,7 +72,7 @@ class AuditLog(Protocol):
 
 
 class AuthUnitOfWork(UnitOfWork, Protocol):
-    """One transaction over the auth repositories (see shared.uow.UnitOfWork)."""
+    """One transaction over the auth repositories (see shared.data.uow.UnitOfWork)."""
 
     @property
     def users(self) -> UserRepository: ...

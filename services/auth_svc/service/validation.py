@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from shared.errors import FieldViolation
-from shared.text import has_control_characters
+from shared.config.text import has_control_characters
+from shared.rpc.errors import FieldViolation
 
 __all__ = [
     "MAX_DISPLAY_NAME",

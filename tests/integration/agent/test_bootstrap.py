@@ -22,9 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.agent_svc import SERVICE_NAME
 from services.agent_svc.bootstrap import build_app, build_server
 from services.agent_svc.settings import load_agent_settings
-from shared import migrations
-from shared.jwk import to_jwk
-from shared.server import RunningServer
+from shared.data import migrations
+from shared.rpc.server import RunningServer
+from shared.security.jwk import to_jwk
 from tests.helpers import free_port
 
 KID = "bootstrap-test-key"

@@ -15,9 +15,9 @@ from services.agent_svc.infra.nocache import NoCache
 from services.agent_svc.repository.sql import SqlAgentUnitOfWork
 from services.agent_svc.service.agent_service import AgentService
 from services.agent_svc.service.paging import PageTokens
-from shared.clock import SystemClock
-from shared.errors import Aborted, AlreadyExists, DomainError
-from shared.tokens import Principal
+from shared.config.clock import SystemClock
+from shared.rpc.errors import Aborted, AlreadyExists, DomainError
+from shared.security.tokens import Principal
 from tests.helpers import FakeClock
 from tests.unit.agent.fakes import MODELS, SECRET, agent_input
 

@@ -11,7 +11,7 @@ import redis
 
 from services.auth_svc.infra.limiter import InMemoryLoginLimiter, RedisLoginLimiter
 from services.auth_svc.service.ports import LoginAttempt
-from shared.redis_client import make_redis
+from shared.data.redis_client import make_redis
 from tests.helpers import FakeClock
 
 UNREACHABLE = "redis://127.0.0.1:1/0"

@@ -32,10 +32,10 @@ from services.auth_svc.infra.limiter import InMemoryLoginLimiter
 from services.auth_svc.repository.models import AuditRow, RefreshFamilyRow, RefreshTokenRow
 from services.auth_svc.repository.sql import SqlAuthUnitOfWork, SqlRefreshTokenRepository
 from services.auth_svc.service.auth_service import AuthPolicy, AuthService
-from shared import migrations
-from shared.clock import SystemClock
-from shared.db import make_engine, session_factory
-from shared.errors import DomainError
+from shared.config.clock import SystemClock
+from shared.data import migrations
+from shared.data.db import make_engine, session_factory
+from shared.rpc.errors import DomainError
 from tests.helpers import FakeClock
 from tests.unit.auth.fakes import FakeHasher, key_ring
 

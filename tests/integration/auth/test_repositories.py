@@ -16,8 +16,8 @@ from services.auth_svc.repository.models import AuditRow, RefreshFamilyRow
 from services.auth_svc.repository.sql import SqlAuthUnitOfWork
 from services.auth_svc.service.auth_service import AuthPolicy, AuthService
 from services.auth_svc.service.ports import EmailTaken
-from shared.clock import SystemClock, utc
-from shared.errors import DomainError
+from shared.config.clock import SystemClock, utc
+from shared.rpc.errors import DomainError
 from tests.helpers import FakeClock
 from tests.unit.auth.fakes import FakeHasher, key_ring
 

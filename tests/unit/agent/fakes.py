@@ -28,7 +28,7 @@ from services.agent_svc.service.filtering import (
 )
 from services.agent_svc.service.paging import PageTokens
 from services.agent_svc.service.ports import AgentQuery, NameTaken, RequestReplayed
-from shared.tokens import Principal
+from shared.security.tokens import Principal
 from tests.fakes import SnapshotDatabase, SnapshotUnitOfWork
 from tests.helpers import FakeClock
 

@@ -10,7 +10,7 @@ import pytest
 from services.agent_svc.domain import Agent, AgentInput, Tool
 from services.agent_svc.service.agent_service import UPDATE_ATTEMPTS
 from services.agent_svc.service.filtering import MetadataEquals, OwnerEquals
-from shared.errors import (
+from shared.rpc.errors import (
     Aborted,
     AlreadyExists,
     DomainError,
@@ -18,7 +18,7 @@ from shared.errors import (
     NotFound,
     PermissionDenied,
 )
-from shared.tokens import Principal
+from shared.security.tokens import Principal
 from tests.unit.agent.fakes import World, admin, agent_input, make_world, user
 
 

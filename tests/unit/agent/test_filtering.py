@@ -18,7 +18,7 @@ from services.agent_svc.service.filtering import (
     parse_filter,
     parse_order_by,
 )
-from shared.errors import InvalidArgument
+from shared.rpc.errors import InvalidArgument
 
 OWNER = uuid.UUID("6f1c8a52-2f0e-4a8e-9c1e-0d8f5b1e2a3c")
 

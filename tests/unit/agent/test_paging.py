@@ -10,7 +10,7 @@ import pytest
 
 from services.agent_svc.service.filtering import SortField
 from services.agent_svc.service.paging import Cursor, PageTokens, page_size_of
-from shared.errors import InvalidArgument
+from shared.rpc.errors import InvalidArgument
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 ROW = uuid.UUID("00000000-0000-4000-8000-000000000001")

@@ -20,14 +20,14 @@ from google.rpc import error_details_pb2, status_pb2
 
 from services.agent_svc import SERVICE_NAME
 from services.agent_svc.api.servicer import PUBLIC_METHODS, AgentServicer
-from shared.clock import SystemClock
-from shared.interceptors import (
+from shared.config.clock import SystemClock
+from shared.rpc.interceptors import (
     AccessLogInterceptor,
     ErrorMappingInterceptor,
     TokenCheckInterceptor,
 )
-from shared.jwk import VerificationKey
-from shared.tokens import StaticKeyProvider, TokenVerifier
+from shared.security.jwk import VerificationKey
+from shared.security.tokens import StaticKeyProvider, TokenVerifier
 from tests.helpers import Intercepted, error_detail, rich_status
 from tests.unit.agent.fakes import World, make_world
 

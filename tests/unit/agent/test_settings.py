@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.agent_svc.settings import DEFAULT_ALLOWED_MODELS, load_agent_settings
-from shared.settings import ConfigError
+from shared.config.settings import ConfigError
 
 PROD = {
     "AGENT_PROFILE": "prod",

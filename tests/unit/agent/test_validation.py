@@ -8,7 +8,7 @@ import pytest
 
 from services.agent_svc.domain import Tool
 from services.agent_svc.service.validation import check_agent
-from shared.errors import InvalidArgument
+from shared.rpc.errors import InvalidArgument
 from tests.unit.agent.fakes import MODELS, agent_input
 
 

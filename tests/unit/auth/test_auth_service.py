@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from services.auth_svc.domain import ADMIN, USER, AuditKind
 from services.auth_svc.service.auth_service import hash_refresh_token
-from shared.errors import DomainError, FieldViolation, InvalidArgument
-from shared.jwk import thumbprint
-from shared.tokens import Principal, StaticKeyProvider, TokenVerifier
+from shared.rpc.errors import DomainError, FieldViolation, InvalidArgument
+from shared.security.jwk import thumbprint
+from shared.security.tokens import Principal, StaticKeyProvider, TokenVerifier
 from tests.unit.auth.fakes import (
     AUDIENCE,
     ISSUER,

@@ -6,7 +6,7 @@ import pytest
 from argon2 import PasswordHasher as Argon2Hasher
 
 from services.auth_svc.infra.passwords import Argon2PasswordHasher
-from shared.errors import Unavailable
+from shared.rpc.errors import Unavailable
 
 PASSWORD = "correct horse battery staple"
 

@@ -16,12 +16,12 @@ from google.rpc import error_details_pb2, status_pb2
 
 from services.auth_svc import SERVICE_NAME
 from services.auth_svc.api.servicer import PUBLIC_METHODS, AuthServicer
-from shared.interceptors import (
+from shared.rpc.interceptors import (
     AccessLogInterceptor,
     ErrorMappingInterceptor,
     TokenCheckInterceptor,
 )
-from shared.tokens import StaticKeyProvider, TokenVerifier
+from shared.security.tokens import StaticKeyProvider, TokenVerifier
 from tests.helpers import Intercepted, error_detail, rich_status
 from tests.unit.auth.fakes import AUDIENCE, ISSUER, AuthWorld, build_world
 

@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared.settings import CommonSettings
+from shared.config.settings import CommonSettings
 
 __all__ = ["RunningServer", "create_server", "serve"]
 

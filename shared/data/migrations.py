@@ -10,11 +10,11 @@ from alembic.config import Config
 from sqlalchemy import MetaData, create_engine
 from sqlalchemy.pool import NullPool
 
-from shared.db import make_engine, normalize_url
+from shared.data.db import make_engine, normalize_url
 
 __all__ = ["MIGRATIONS_ROOT", "alembic_config", "downgrade", "run_env", "upgrade"]
 
-MIGRATIONS_ROOT = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_ROOT = Path(__file__).resolve().parents[2] / "migrations"
 
 
 def alembic_config(service: str, database_url: str) -> Config:

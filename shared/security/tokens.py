@@ -16,9 +16,9 @@ from typing import Any, Protocol
 
 import jwt
 
-from shared.clock import Clock
-from shared.errors import Unauthenticated
-from shared.jwk import VerificationKey
+from shared.config.clock import Clock
+from shared.rpc.errors import Unauthenticated
+from shared.security.jwk import VerificationKey
 
 __all__ = [
     "ACCESS_TOKEN_TYPE",
@@ -39,7 +39,6 @@ class Principal:
 
     user_id: str
     roles: frozenset[str]
-    token_id: str = ""
     expires_at: float = 0.0
 
     @property
@@ -153,7 +152,6 @@ class TokenVerifier:
         return Principal(
             user_id=str(claims["sub"]),
             roles=frozenset(roles),
-            token_id=str(claims["jti"]),
             expires_at=float(claims["exp"]),
         )
 

@@ -24,17 +24,17 @@ from collections.abc import Callable, Iterable
 import grpc
 from sqlalchemy import Engine
 
-from shared.db import unavailable_database
-from shared.interceptors import (
+from shared.config.settings import CommonSettings
+from shared.data.db import unavailable_database
+from shared.rpc.interceptors import (
     AccessLogInterceptor,
     ErrorMappingInterceptor,
     TokenCheckInterceptor,
 )
-from shared.metrics import Metrics, MetricsInterceptor, serve_metrics
-from shared.server import RunningServer
-from shared.settings import CommonSettings
-from shared.tokens import TokenVerifier
-from shared.tracing import Tracing, configure_tracing
+from shared.rpc.metrics import Metrics, MetricsInterceptor, serve_metrics
+from shared.rpc.server import RunningServer
+from shared.rpc.tracing import Tracing, configure_tracing
+from shared.security.tokens import TokenVerifier
 
 __all__ = ["Observability"]
 

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import insert
 
 from services.agent_svc.repository.models import AgentRow
-from shared.db import make_engine
+from shared.data.db import make_engine
 
 __all__ = ["seed"]
 

@@ -1,6 +1,6 @@
 """Verification keys fetched from the auth service's JWKS, cached, refetched with care.
 
-`JwksKeyProvider` implements `shared.tokens.KeyProvider` for services that verify tokens
+`JwksKeyProvider` implements `shared.security.tokens.KeyProvider` for services that verify tokens
 issued elsewhere. Its rules (DESIGN.md, "Tokens"):
 
 - The keys are cached; a lookup of a known `kid` is a lock-free dict read.
@@ -10,7 +10,7 @@ issued elsewhere. Its rules (DESIGN.md, "Tokens"):
 - A failed fetch (transport error, or a response without a single usable key) keeps the
   previous keys, logs a warning and never raises to the caller.
 - A successful fetch replaces the whole key set: keys that vanish stop verifying. JWKs that
-  `shared.jwk.from_jwk` rejects (wrong type, curve, use, missing members) are skipped.
+  `shared.security.jwk.from_jwk` rejects (wrong type, curve, use, missing members) are skipped.
 - `start_background_refresh()` runs a daemon thread that fetches at once, retries with
   exponential backoff until the first success, then refreshes every
   `refresh_interval_seconds` (retrying with backoff while a refresh fails). A service can
@@ -29,8 +29,8 @@ from typing import Any
 import grpc
 from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
 
-from shared.clock import Clock
-from shared.jwk import VerificationKey, from_jwk
+from shared.config.clock import Clock
+from shared.security.jwk import VerificationKey, from_jwk
 
 __all__ = ["AUTH_CHANNEL_OPTIONS", "JwksKeyProvider", "grpc_jwks_fetcher"]
 

@@ -9,10 +9,10 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
-from shared import migrations
-from shared.logs import configure_logging
-from shared.server import RunningServer, serve
-from shared.settings import CommonSettings, ConfigError
+from shared.config.settings import CommonSettings, ConfigError
+from shared.data import migrations
+from shared.rpc.logs import configure_logging
+from shared.rpc.server import RunningServer, serve
 
 __all__ = ["ServiceSettings", "run_service"]
 

@@ -14,7 +14,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SqlTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.errors import Unavailable
+from shared.rpc.errors import Unavailable
 
 __all__ = [
     "SqlUnitOfWork",
@@ -145,9 +145,6 @@ class SqlUnitOfWork:
 
     def commit(self) -> None:
         self.session.commit()
-
-    def rollback(self) -> None:
-        self.session.rollback()
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -23,7 +23,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from shared.errors import (
+from shared.rpc.errors import (
     DomainError,
     Internal,
     InvalidArgument,
@@ -31,7 +31,7 @@ from shared.errors import (
     Unauthenticated,
     Unavailable,
 )
-from shared.tokens import Principal, TokenVerifier
+from shared.security.tokens import Principal, TokenVerifier
 
 __all__ = [
     "REQUEST_ID_HEADER",
@@ -116,7 +116,18 @@ def status_for(error: DomainError, domain: str) -> grpc.Status:
                 ]
             )
         )
-    if isinstance(error, ResourceExhausted | Unavailable):
+    if isinstance(error, ResourceExhausted) and error.quota_violations:
+        details.append(
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject=v.subject, description=v.description
+                    )
+                    for v in error.quota_violations
+                ]
+            )
+        )
+    elif isinstance(error, ResourceExhausted | Unavailable):
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_seconds * 1e9))
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))

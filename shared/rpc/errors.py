@@ -7,12 +7,11 @@
     ├── NotFound             NOT_FOUND
     ├── AlreadyExists        ALREADY_EXISTS
     ├── Aborted              ABORTED           (etag mismatch, lost race)
-    ├── FailedPrecondition   FAILED_PRECONDITION
-    ├── ResourceExhausted    RESOURCE_EXHAUSTED (+ RetryInfo)
+    ├── ResourceExhausted    RESOURCE_EXHAUSTED (+ RetryInfo, + QuotaFailure for a quota)
     ├── Unavailable          UNAVAILABLE        (+ RetryInfo)
     └── Internal             INTERNAL           (never carries internals to the wire)
 
-The service layer raises these; one interceptor (shared.interceptors) turns them into a
+The service layer raises these; one interceptor (shared.rpc.interceptors) turns them into a
 status with `google.rpc` details. Nothing else in the code sets a status code.
 """
 
@@ -27,12 +26,12 @@ __all__ = [
     "Aborted",
     "AlreadyExists",
     "DomainError",
-    "FailedPrecondition",
     "FieldViolation",
     "Internal",
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
+    "QuotaViolation",
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
@@ -112,11 +111,6 @@ class Aborted(DomainError):
     default_reason = "ABORTED"
 
 
-class FailedPrecondition(DomainError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-    default_reason = "FAILED_PRECONDITION"
-
-
 class _Retryable(DomainError):
     def __init__(
         self,
@@ -130,9 +124,34 @@ class _Retryable(DomainError):
         self.retry_after_seconds = max(0.0, retry_after_seconds)
 
 
+@dataclass(frozen=True, slots=True)
+class QuotaViolation:
+    """One exceeded quota (google.rpc.QuotaFailure): whose, and which limit."""
+
+    subject: str
+    description: str
+
+
 class ResourceExhausted(_Retryable):
+    """A rate limit or a busy resource (retry after the delay), or a quota the caller has
+    used up (`quota_violations`; retrying does not help until something is freed)."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_seconds: float = 0.0,
+        reason: str | None = None,
+        metadata: dict[str, str] | None = None,
+        quota_violations: tuple[QuotaViolation, ...] = (),
+    ) -> None:
+        super().__init__(
+            message, retry_after_seconds=retry_after_seconds, reason=reason, metadata=metadata
+        )
+        self.quota_violations = quota_violations
 
 
 class Unavailable(_Retryable):

@@ -1,0 +1,1 @@
+"""Databases, units of work, migrations, Redis clients."""

@@ -1,0 +1,1 @@
+"""The RPC kit: server bootstrap, request path, errors, metrics, tracing, logs."""

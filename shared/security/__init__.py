@@ -1,0 +1,1 @@
+"""Access tokens: verification, JWKS fetching, JWK conversion."""
