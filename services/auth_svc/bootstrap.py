@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import grpc
 from agentplatform.auth.v1 import auth_pb2_grpc
 from sqlalchemy import Engine
 
@@ -24,11 +23,12 @@ from shared.data.redis_client import make_redis
 from shared.rpc.lifecycle import Closers
 from shared.rpc.metrics import Metrics
 from shared.rpc.observability import Observability
+from shared.rpc.request_path import RequestPath
 from shared.rpc.server import RunningServer, create_server
 from shared.rpc.tracing import Tracing
 from shared.security.tokens import StaticKeyProvider, TokenVerifier
 
-__all__ = ["AuthApp", "build_app", "build_server", "interceptors_for"]
+__all__ = ["AuthApp", "build_app", "build_server", "request_path_for"]
 
 _log = logging.getLogger(__name__)
 
@@ -131,22 +131,28 @@ def build_app(
     return AuthApp(settings, engine, service, verifier, keys, observability, closers)
 
 
-def interceptors_for(app: AuthApp) -> list[grpc.ServerInterceptor]:
-    return app.observability.server_interceptors(
+def request_path_for(app: AuthApp) -> RequestPath:
+    """The request path around every handler of the app's server."""
+    return app.observability.request_path(
         error_domain="auth.agentplatform", verifier=app.verifier, public_methods=PUBLIC_METHODS
     )
 
 
 def build_server(app: AuthApp) -> RunningServer:
-    """A bound server for the app (port 0 in settings picks a free one)."""
+    """A bound server for the app (port 0 in settings picks a free one). Ready as soon as it
+    serves: the keys are its own, and a database outage must not take every replica out of
+    its Service (GetJwks and token checks need no database). The database's state is the
+    named health service "database"."""
     running = create_server(
         app.settings.common,
-        register=lambda server: auth_pb2_grpc.add_AuthServiceServicer_to_server(
-            AuthServicer(app.service), server
+        register=lambda registrar: auth_pb2_grpc.add_AuthServiceServicer_to_server(
+            AuthServicer(app.service), registrar
         ),
         service_names=[SERVICE_NAME],
-        interceptors=interceptors_for(app),
-        is_ready=lambda: ping(app.engine),
+        request_path=request_path_for(app),
+        interceptors=app.observability.server_interceptors(),
+        is_ready=lambda: True,
+        dependencies={"database": lambda: ping(app.engine)},
     )
     app.observability.attach(running)
     running.on_stop.append(app.close)

@@ -8,7 +8,7 @@ from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
 
 from services.agent_svc.api.convert import agent_input, agent_to_proto
 from services.agent_svc.service.agent_service import AgentService
-from shared.rpc.interceptors import principal_of
+from shared.rpc.request_path import principal_of
 
 __all__ = ["PUBLIC_METHODS", "AgentServicer"]
 

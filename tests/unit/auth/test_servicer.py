@@ -1,4 +1,4 @@
-"""AuthService over gRPC (grpcio-testing), through the real interceptors, on fakes."""
+"""AuthService over gRPC (grpcio-testing), through the real request path, on fakes."""
 
 from __future__ import annotations
 
@@ -16,11 +16,8 @@ from google.rpc import error_details_pb2, status_pb2
 
 from services.auth_svc import SERVICE_NAME
 from services.auth_svc.api.servicer import PUBLIC_METHODS, AuthServicer
-from shared.rpc.interceptors import (
-    AccessLogInterceptor,
-    ErrorMappingInterceptor,
-    TokenCheckInterceptor,
-)
+from shared.rpc.metrics import RpcMetrics
+from shared.rpc.request_path import RequestPath
 from shared.security.tokens import StaticKeyProvider, TokenVerifier
 from tests.helpers import Intercepted, error_detail, rich_status
 from tests.unit.auth.fakes import AUDIENCE, ISSUER, AuthWorld, build_world
@@ -50,13 +47,14 @@ class Client:
             audience=AUDIENCE,
             clock=world.clock,
         )
-        interceptors = [
-            AccessLogInterceptor(),
-            ErrorMappingInterceptor(domain="auth.agentplatform"),
-            TokenCheckInterceptor(verifier, PUBLIC_METHODS),
-        ]
+        path = RequestPath(
+            domain="auth.agentplatform",
+            verifier=verifier,
+            public_methods=PUBLIC_METHODS,
+            metrics=RpcMetrics(),
+        )
         self._server = grpc_testing.server_from_dictionary(
-            {SERVICE: Intercepted(AuthServicer(world.service), SERVICE_NAME, interceptors)},
+            {SERVICE: Intercepted(AuthServicer(world.service), SERVICE_NAME, path)},
             grpc_testing.strict_real_time(),
         )
 
