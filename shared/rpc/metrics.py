@@ -106,14 +106,23 @@ class RpcMetrics(Collector):
             tallies.append(_Tally())
         return tallies[index]
 
-    def started(self, stats: MethodStats) -> None:
+    def started(self, stats: MethodStats) -> _Tally:
+        """Counts a call started; returns the tally to hand to `handled` (same thread)."""
         tally = self._tally(stats)
         tally.started += 1
         if not stats.streaming:
             tally.received += 1
+        return tally
 
-    def handled(self, stats: MethodStats, code: grpc.StatusCode, seconds: float) -> None:
-        tally = self._tally(stats)
+    def handled(
+        self,
+        stats: MethodStats,
+        code: grpc.StatusCode,
+        seconds: float,
+        tally: _Tally | None = None,
+    ) -> None:
+        if tally is None:
+            tally = self._tally(stats)
         tally.handled[_CODE_INDEX[code]] += 1
         tally.buckets[bisect_left(BUCKETS, seconds)] += 1
         tally.seconds += seconds

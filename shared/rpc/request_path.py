@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from contextvars import Token
@@ -115,39 +116,26 @@ class CallContext:
     authenticated caller, the request id, the deadline. Implements CallScope for the
     layers below (shared.config.deadlines)."""
 
-    __slots__ = (
-        "_context",
-        "_deadline",
-        "_ended",
-        "_hooks",
-        "_registered",
-        "finished",
-        "principal",
-        "request_id",
-        "terminating",
-    )
+    # Defaults as class attributes: a call sets only what it has (the request path makes
+    # one per call, so its construction is on every call's bill).
+    principal: Principal | None = None
+    finished = False
+    """Set when the servicer returned: what ends the call afterwards is not early."""
+    terminating = False
+    """Set when the server ends the call at shutdown: its failure is UNAVAILABLE."""
+    _hooks: list[Callable[[], None]] | None = None
+    _registered = False
+    _ended = False
 
     def __init__(self, context: Any, request_id: str | None = None) -> None:
         self._context = context
-        self.principal: Principal | None = None
         self.request_id = request_id_for(request_id)
-        left = context.time_remaining() if context is not None else None
-        self._deadline = (
-            None if left is None or left > _NO_DEADLINE else monotonic() + max(left, 0.0)
-        )
-        self._hooks: list[Callable[[], None]] | None = None
-        self._registered = False
-        self._ended = False
-        self.finished = False
-        """Set when the servicer returned: what ends the call afterwards is not early."""
-        self.terminating = False
-        """Set when the server ends the call at shutdown: its failure is UNAVAILABLE."""
 
     # -- CallScope -------------------------------------------------------------------------
 
     def remaining(self) -> float | None:
-        deadline = self._deadline
-        return None if deadline is None else max(0.0, deadline - monotonic())
+        left = self._context.time_remaining()
+        return None if left is None or left > _NO_DEADLINE else max(0.0, float(left))
 
     def on_end(self, hook: Callable[[], None]) -> Callable[[], None]:
         with _end_lock:
@@ -205,7 +193,7 @@ class CallContext:
         return self._context.invocation_metadata()
 
     def time_remaining(self) -> float | None:
-        return self.remaining()
+        return self.remaining()  # None without a deadline (grpcio: a huge number)
 
     def is_active(self) -> bool:
         return bool(self._context.is_active())
@@ -232,29 +220,20 @@ class InFlight:
 
     def __init__(self) -> None:
         self._calls: set[CallContext] = set()
-        self._idle = threading.Condition()
-
-    def add(self, call: CallContext) -> None:
-        self._calls.add(call)
-
-    def discard(self, call: CallContext) -> None:
-        self._calls.discard(call)
-        if not self._calls:
-            with self._idle:
-                self._idle.notify_all()
+        self.add: Callable[[CallContext], None] = self._calls.add
+        self.discard: Callable[[CallContext], None] = self._calls.discard
 
     def __len__(self) -> int:
         return len(self._calls)
 
     def wait_idle(self, timeout: float) -> bool:
-        """Blocks until no call is in flight (True) or `timeout` passes (False)."""
+        """Blocks until no call is in flight (True) or `timeout` passes (False); polls,
+        so that the request path never pays for a notification."""
         deadline = monotonic() + timeout
-        with self._idle:
-            while self._calls:
-                left = deadline - monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(min(left, 0.1))
+        while self._calls:
+            if monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
         return True
 
     def terminate(self) -> int:
@@ -386,6 +365,9 @@ def level_for(code: grpc.StatusCode) -> int:
     return logging.ERROR
 
 
+_LEVELS = {code: level_for(code) for code in grpc.StatusCode}
+
+
 Translator = Callable[[Exception], DomainError | None]
 
 
@@ -450,10 +432,11 @@ class RequestPath:
         stats = metrics.method(method, "unary")
         in_flight = self.in_flight
         status_of = self._status_of
+        access_enabled = _access.isEnabledFor
 
         def call(raw: bytes, context: Any) -> bytes:
             started = perf_counter()
-            metrics.started(stats)
+            tally = metrics.started(stats)
             authorization = given_id = None
             for key, value in context.invocation_metadata() or ():
                 if key == "authorization":
@@ -489,8 +472,8 @@ class RequestPath:
                 in_flight.discard(call)
                 current_call.reset(scope)
                 elapsed = perf_counter() - started
-                metrics.handled(stats, code, elapsed)
-                if own:
+                metrics.handled(stats, code, elapsed, tally)
+                if own and access_enabled(_LEVELS[code]):
                     _access_log(method, code, elapsed, call, context)
 
         return call
@@ -625,9 +608,7 @@ def _set_by_servicer(context: Any) -> bool:
 def _access_log(
     method: str, code: grpc.StatusCode, elapsed: float, call: CallContext, context: Any
 ) -> None:
-    level = level_for(code)
-    if not _access.isEnabledFor(level):
-        return
+    level = _LEVELS[code]
     duration_ms = elapsed * 1000
     _access.log(
         level,
