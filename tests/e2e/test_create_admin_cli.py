@@ -182,6 +182,50 @@ def test_a_password_on_the_command_line_is_refused(
     assert stored_user(sqlite_url, "x@example.com") is None
 
 
+SECRET = "Tr0ub4dor&3 'quoted'"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--email", "x@example.com", SECRET], "unrecognized arguments: <value hidden>"),
+        ([SECRET, "--email", "x@example.com"], "unrecognized arguments: <value hidden>"),
+        ([f"--pw={SECRET}", "--email", "x@example.com"], "unrecognized arguments"),
+        ([f"--e={SECRET}", "--email", "x@example.com"], "unrecognized arguments"),
+        ([f"-x{SECRET}", "--email", "x@example.com"], "unrecognized arguments"),
+        (["--email", "x@example.com", f"--migrate={SECRET}"], "--migrate: ignored explicit"),
+        (["--email", "x@example.com", f"-h{SECRET}"], "-h/--help: ignored explicit"),
+        (["--email", "x@example.com", "--migrate", SECRET], "unrecognized arguments"),
+        (["--email", "x@example.com", "--display-name"], "--display-name: expected one"),
+        (["--email", "x@example.com", "--display-name", "Ada", SECRET, "more"], "<value hidden>"),
+        (["--email", "x@example.com", "e"], "unrecognized"),  # a one-letter value
+        (["--email", "x@example.com", "secret\nline two"], "unrecognized"),
+    ],
+)
+def test_a_usage_error_never_shows_an_argument_value(
+    cli: Callable[..., Outcome], sqlite_url: str, args: list[str], message: str
+) -> None:
+    outcome = cli(args, AUTH_ADMIN_PASSWORD=PASSWORD)
+    assert_clean_failure(outcome, message)
+    assert "see --help" in outcome.err
+    shown = outcome.out + outcome.err
+    for token in args:
+        if token not in ("--email", "--display-name", "--migrate", "e"):
+            for fragment in (token, token.partition("=")[2], token[2:], repr(token)[1:-1]):
+                assert len(fragment) < 3 or fragment not in shown, fragment
+    assert SECRET not in shown
+    assert "Tr0ub4dor" not in shown
+    assert stored_user(sqlite_url, "x@example.com") is None
+
+
+def test_usage_errors_from_the_process_hide_values_too(env: dict[str, str]) -> None:
+    done = run_cli(["--email", "x@example.com", SECRET], {**env, "AUTH_ADMIN_PASSWORD": PASSWORD})
+    assert done.returncode == 1
+    assert "unrecognized arguments: <value hidden>" in done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    assert "Tr0ub4dor" not in done.stdout + done.stderr
+
+
 def test_refuses_to_promote_an_existing_plain_user(
     cli: Callable[..., Outcome], sqlite_url: str
 ) -> None:
@@ -204,7 +248,11 @@ def test_refuses_to_promote_an_existing_plain_user(
         (["--email", "a@example.com"], {"AUTH_ADMIN_PASSWORD": "short"}, "at least 8"),
         (["--email", "not-an-email"], {"AUTH_ADMIN_PASSWORD": PASSWORD}, "valid email"),
         ([], {"AUTH_ADMIN_PASSWORD": PASSWORD}, "--email"),
-        (["--email", "a@example.com", "--bogus"], {"AUTH_ADMIN_PASSWORD": PASSWORD}, "--bogus"),
+        (
+            ["--email", "a@example.com", "--bogus"],
+            {"AUTH_ADMIN_PASSWORD": PASSWORD},
+            "unrecognized arguments: <value hidden>",
+        ),
         (["--email", "a@example.com"], {"AUTH_PROFILE": "prod"}, "AUTH_REDIS_URL is required"),
         (
             ["--email", "a@example.com"],
