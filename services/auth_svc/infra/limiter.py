@@ -19,16 +19,23 @@ import redis
 
 from services.auth_svc.service.ports import LoginAttempt
 
-__all__ = ["InMemoryLoginLimiter", "RedisLoginLimiter"]
+__all__ = ["InMemoryLoginLimiter", "RedisLoginLimiter", "key_digest"]
 
 _log = logging.getLogger(__name__)
+
+
+def key_digest(key: str) -> bytes:
+    """The fixed-size form every limiter stores a key (an email) in: memory and keyspace are
+    bounded whatever the key's length, and no store ever holds an email address."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
 class InMemoryLoginLimiter:
     """Counts live in an insertion-ordered dict, moved to the end on every update: since every
     update sets the expiry to now + cool-down, the dict is ordered by expiry, and expired
     counts are dropped from its front in amortized O(1). `max_entries` bounds memory under
-    a flood of distinct emails (dropping the oldest counts first)."""
+    a flood of distinct emails (dropping the oldest counts first); keys are kept as
+    digests, so each entry has the same small size whatever the key."""
 
     def __init__(
         self,
@@ -43,24 +50,26 @@ class InMemoryLoginLimiter:
         self._now = monotonic
         self._max_entries = max_entries
         self._lock = threading.Lock()
-        self._counts: OrderedDict[str, tuple[int, float]] = OrderedDict()  # → (count, expiry)
+        self._counts: OrderedDict[bytes, tuple[int, float]] = OrderedDict()  # → (count, expiry)
 
     def acquire(self, key: str) -> LoginAttempt:
         now = self._now()
+        digest = key_digest(key)
         with self._lock:
-            count, expires = self._counts.get(key, (0, 0.0))
+            count, expires = self._counts.get(digest, (0, 0.0))
             if expires <= now:
                 count = 0
             if count >= self._max:
                 return LoginAttempt(allowed=False, retry_after_seconds=expires - now)
-            self._counts[key] = (count + 1, now + self._lockout)
-            self._counts.move_to_end(key)
+            self._counts[digest] = (count + 1, now + self._lockout)
+            self._counts.move_to_end(digest)
             self._evict(now)
             return LoginAttempt(allowed=True, locks_on_failure=count + 1 >= self._max)
 
     def reset(self, key: str) -> None:
+        digest = key_digest(key)
         with self._lock:
-            self._counts.pop(key, None)
+            self._counts.pop(digest, None)
 
     def _evict(self, now: float) -> None:
         while self._counts:
@@ -108,8 +117,7 @@ class RedisLoginLimiter:
         self._script = client.register_script(_ACQUIRE)
 
     def _key(self, key: str) -> str:
-        # Hashed: the Redis keyspace never holds email addresses.
-        return self._prefix + hashlib.sha256(key.encode()).hexdigest()
+        return self._prefix + key_digest(key).hex()
 
     def acquire(self, key: str) -> LoginAttempt:
         try:

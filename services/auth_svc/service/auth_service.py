@@ -30,13 +30,15 @@ from services.auth_svc.service.ports import (
     TokenIssuer,
 )
 from services.auth_svc.service.validation import (
-    MAX_DISPLAY_NAME,
+    display_name_violation,
     email_violation,
+    is_refresh_token_shaped,
+    login_email_violation,
     normalize_email,
     password_violation,
+    presented_password_violation,
 )
 from shared.config.clock import Clock, utc
-from shared.config.text import has_control_characters
 from shared.rpc.errors import (
     AlreadyExists,
     FieldViolation,
@@ -104,17 +106,11 @@ class AuthService:
         """Creates an account with the role "user" (and "admin" if asked by an operator)."""
         email = normalize_email(email)
         display_name = display_name.strip()
-        violations = [
-            v
-            for v in (
-                email_violation(email),
-                password_violation(password, self._policy.password_min_length),
-                self._display_name_violation(display_name),
-            )
-            if v is not None
-        ]
-        if violations:
-            raise InvalidArgument(violations)
+        _check(
+            email_violation(email),
+            password_violation(password, self._policy.password_min_length),
+            display_name_violation(display_name),
+        )
         now = self._clock.now()
         user = User(
             id=uuid.uuid4(),
@@ -138,14 +134,6 @@ class AuthService:
             uow.commit()
         return user
 
-    @staticmethod
-    def _display_name_violation(display_name: str) -> FieldViolation | None:
-        if len(display_name) > MAX_DISPLAY_NAME:
-            return FieldViolation("display_name", f"must be at most {MAX_DISPLAY_NAME} characters")
-        if has_control_characters(display_name):
-            return FieldViolation("display_name", "must not contain control characters")
-        return None
-
     def current_user(self, *, principal: Principal) -> User:
         """The caller's account."""
         try:
@@ -162,11 +150,12 @@ class AuthService:
         self, *, principal: Principal, current_password: str, new_password: str
     ) -> None:
         """Checks the current password, stores the new one, revokes every refresh token."""
-        violation = password_violation(
-            new_password, self._policy.password_min_length, field="new_password"
+        _check(
+            presented_password_violation(current_password, field="current_password"),
+            password_violation(
+                new_password, self._policy.password_min_length, field="new_password"
+            ),
         )
-        if violation is not None:
-            raise InvalidArgument(violation)
         user = self.current_user(principal=principal)
         attempt = self._check_attempt(user.email)
         if not self._hasher.verify(user.password_hash, current_password):
@@ -188,16 +177,7 @@ class AuthService:
     def login(self, *, email: str, password: str) -> IssuedTokens:
         """Email + password → tokens; the same error for every failure, limited per email."""
         email = normalize_email(email)
-        violations = [
-            v
-            for v in (
-                FieldViolation("email", "required") if not email else None,
-                FieldViolation("password", "required") if not password else None,
-            )
-            if v is not None
-        ]
-        if violations:
-            raise InvalidArgument(violations)
+        _check(login_email_violation(email), presented_password_violation(password))
         try:
             attempt = self._check_attempt(email)
         except ResourceExhausted:
@@ -249,8 +229,7 @@ class AuthService:
 
     def refresh(self, *, refresh_token: str) -> IssuedTokens:
         """A new pair for a live refresh token; reuse after the grace window kills the family."""
-        if not refresh_token:
-            raise InvalidArgument.field("refresh_token", "required")
+        _check_refresh_token(refresh_token)
         token_hash = hash_refresh_token(refresh_token)
         with self._uow() as uow:
             family = uow.refresh_tokens.family_of(token_hash)
@@ -282,8 +261,7 @@ class AuthService:
 
     def logout(self, *, refresh_token: str) -> None:
         """Revokes the token's family; unknown or already revoked tokens are fine."""
-        if not refresh_token:
-            raise InvalidArgument.field("refresh_token", "required")
+        _check_refresh_token(refresh_token)
         with self._uow() as uow:
             token_hash = hash_refresh_token(refresh_token)
             family = uow.refresh_tokens.family_of(token_hash)
@@ -348,6 +326,20 @@ class AuthService:
                 }
             },
         )
+
+
+def _check(*violations: FieldViolation | None) -> None:
+    """Raises InvalidArgument listing every violation found, if any."""
+    found = [v for v in violations if v is not None]
+    if found:
+        raise InvalidArgument(found)
+
+
+def _check_refresh_token(refresh_token: str) -> None:
+    if not refresh_token:
+        raise InvalidArgument.field("refresh_token", "required")
+    if not is_refresh_token_shaped(refresh_token):  # never issued: no query for it
+        raise _bad_refresh_token()
 
 
 def _ignore_login(result: LoginResult, /) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import tracemalloc
 
 import pytest
 
@@ -88,3 +89,31 @@ def test_expired_counts_are_dropped_and_memory_is_bounded(clock: FakeClock) -> N
     limits.acquire("victim@example.com")
     limits.acquire("victim@example.com")
     assert not limits.acquire("victim@example.com").allowed  # the newest counts survive
+
+
+def test_memory_is_bounded_whatever_the_key_length(clock: FakeClock) -> None:
+    limits = InMemoryLoginLimiter(
+        max_failures=2, lockout_seconds=60, monotonic=clock.monotonic, max_entries=1000
+    )
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for n in range(200):  # 200 distinct keys of a megabyte each
+            limits.acquire(f"{n}:" + "x" * 1_000_000)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(limits._counts) == 200
+    assert held - before < 200_000  # a fixed-size digest per key, not 200 MB of keys
+    assert {len(key) for key in limits._counts} == {32}
+
+
+def test_a_huge_key_is_counted_like_any_other(clock: FakeClock) -> None:
+    limits = limiter(clock, limit=2)
+    huge = "ada@example.com" + "x" * 1_000_000
+    assert limits.acquire(huge).allowed
+    assert limits.acquire(huge).allowed
+    assert not limits.acquire(huge).allowed
+    assert limits.acquire(huge[:-1]).allowed  # another key
+    limits.reset(huge)
+    assert limits.acquire(huge).allowed
