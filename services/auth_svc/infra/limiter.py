@@ -2,7 +2,8 @@
 
 Semantics (both implementations): an attempt is counted *before* the password is
 checked, atomically, and only while fewer than `max_failures` are counted, so parallel
-wrong attempts can never get more tries than the limit. A success resets the count.
+wrong attempts can never get more tries than the limit. A success resets the count; an
+attempt that ends in an infrastructure error is given back (`release`, never below zero).
 The count expires `lockout_seconds` after the last counted attempt: reaching the limit
 locks the account for that cool-down, during which even the right password is refused.
 """
@@ -66,6 +67,16 @@ class InMemoryLoginLimiter:
             self._evict(now)
             return LoginAttempt(allowed=True, locks_on_failure=count + 1 >= self._max)
 
+    def release(self, key: str) -> None:
+        digest = key_digest(key)
+        now = self._now()
+        with self._lock:
+            count, expires = self._counts.get(digest, (0, 0.0))
+            if count <= 1 or expires <= now:
+                self._counts.pop(digest, None)
+            else:  # the expiry stays: the dict stays ordered by it
+                self._counts[digest] = (count - 1, expires)
+
     def reset(self, key: str) -> None:
         digest = key_digest(key)
         with self._lock:
@@ -94,6 +105,16 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {1, count}
 """
 
+# KEYS[1]: the counter. One attempt back, never below zero; the cool-down (TTL) stays.
+_RELEASE = """
+local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+if count > 1 then
+  return redis.call('DECR', KEYS[1])
+end
+redis.call('DEL', KEYS[1])
+return 0
+"""
+
 
 class RedisLoginLimiter:
     """Shared by all replicas; falls back to the in-process limiter while Redis is down."""
@@ -114,26 +135,40 @@ class RedisLoginLimiter:
         self._lockout_ms = int(lockout_seconds * 1000)
         self._fallback = fallback
         self._prefix = prefix
-        self._script = client.register_script(_ACQUIRE)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
 
     def _key(self, key: str) -> str:
         return self._prefix + key_digest(key).hex()
 
     def acquire(self, key: str) -> LoginAttempt:
         try:
-            counted, value = self._script(keys=[self._key(key)], args=[self._max, self._lockout_ms])
+            counted, value = self._acquire(
+                keys=[self._key(key)], args=[self._max, self._lockout_ms]
+            )
         except redis.RedisError as exc:
-            self._on_redis_error()
-            _log.warning("redis unavailable for login limits, using in-process: %s", exc)
+            self._redis_failed(exc)
             return self._fallback.acquire(key)
         if not counted:
             return LoginAttempt(allowed=False, retry_after_seconds=int(value) / 1000)
         return LoginAttempt(allowed=True, locks_on_failure=int(value) >= self._max)
+
+    def release(self, key: str) -> None:
+        # Where Redis fails now, it most likely failed when the attempt was counted: the
+        # fallback counted it then. A release that misses never takes a count below zero.
+        try:
+            self._release(keys=[self._key(key)])
+        except redis.RedisError as exc:
+            self._redis_failed(exc)
+            self._fallback.release(key)
 
     def reset(self, key: str) -> None:
         self._fallback.reset(key)
         try:
             self._client.delete(self._key(key))
         except redis.RedisError as exc:
-            self._on_redis_error()
-            _log.warning("redis unavailable for login limits: %s", exc)
+            self._redis_failed(exc)
+
+    def _redis_failed(self, exc: redis.RedisError) -> None:
+        self._on_redis_error()
+        _log.warning("redis unavailable for login limits, using the fallback: %s", exc)

@@ -6,7 +6,8 @@ import hashlib
 import logging
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -158,19 +159,22 @@ class AuthService:
         )
         user = self.current_user(principal=principal)
         attempt = self._check_attempt(user.email)
-        if not self._hasher.verify(user.password_hash, current_password):
+        with self._given_back_on_error(user.email):
+            matches = self._hasher.verify(user.password_hash, current_password)
+        if not matches:
             self._record_failure(
                 user.email, user.id, "wrong_current_password", attempt.locks_on_failure
             )
             raise PermissionDenied("current password is wrong", reason="WRONG_PASSWORD")
+        with self._given_back_on_error(user.email):
+            new_hash = self._hasher.hash(new_password)
+            with self._uow() as uow:
+                now = self._clock.now()
+                uow.users.set_password_hash(user.id, new_hash, now)
+                uow.refresh_tokens.revoke_user_families(user.id, now)
+                self._audit(uow, AuditKind.PASSWORD_CHANGED, user_id=user.id)
+                uow.commit()
         self._limiter.reset(user.email)
-        new_hash = self._hasher.hash(new_password)
-        with self._uow() as uow:
-            now = self._clock.now()
-            uow.users.set_password_hash(user.id, new_hash, now)
-            uow.refresh_tokens.revoke_user_families(user.id, now)
-            self._audit(uow, AuditKind.PASSWORD_CHANGED, user_id=user.id)
-            uow.commit()
 
     # -- login and tokens --------------------------------------------------------------
 
@@ -183,27 +187,32 @@ class AuthService:
         except ResourceExhausted:
             self._on_login("locked")
             raise
-        with self._uow() as uow:
-            user = uow.users.get_by_email(email)
-        matches = self._hasher.verify(user.password_hash if user else self._dummy_hash, password)
+        with self._given_back_on_error(email):
+            with self._uow() as uow:
+                user = uow.users.get_by_email(email)
+            stored_hash = user.password_hash if user else self._dummy_hash
+            matches = self._hasher.verify(stored_hash, password)
         if user is None or not matches or user.disabled:
             why = "unknown_email" if user is None else "disabled" if matches else "wrong_password"
             self._record_failure(email, user.id if user else None, why, attempt.locks_on_failure)
             self._on_login("failure")
             raise _bad_credentials()
+        with self._given_back_on_error(email):
+            rehash = (
+                self._hasher.hash(password)
+                if self._hasher.needs_rehash(user.password_hash)
+                else None
+            )
+            with self._uow() as uow:
+                now = self._clock.now()
+                if rehash:
+                    uow.users.set_password_hash(user.id, rehash, now)
+                family = uuid.uuid4()
+                uow.refresh_tokens.add_family(family, user.id, now)
+                refresh = self._new_refresh_token(uow, family, user.id)
+                self._audit(uow, AuditKind.LOGIN_SUCCEEDED, user_id=user.id)
+                uow.commit()
         self._limiter.reset(email)
-        rehash = (
-            self._hasher.hash(password) if self._hasher.needs_rehash(user.password_hash) else None
-        )
-        with self._uow() as uow:
-            now = self._clock.now()
-            if rehash:
-                uow.users.set_password_hash(user.id, rehash, now)
-            family = uuid.uuid4()
-            uow.refresh_tokens.add_family(family, user.id, now)
-            refresh = self._new_refresh_token(uow, family, user.id)
-            self._audit(uow, AuditKind.LOGIN_SUCCEEDED, user_id=user.id)
-            uow.commit()
         issued = self._issue(user, refresh)
         self._on_login("success")
         return issued
@@ -217,6 +226,17 @@ class AuthService:
                 reason="LOGIN_LOCKED",
             )
         return attempt
+
+    @contextmanager
+    def _given_back_on_error(self, email: str) -> Iterator[None]:
+        """Around the work of a counted attempt that is not yet a judgement of the password:
+        if it fails (the database is down, hashing is busy), the attempt is given back, so
+        an obedient client retrying through an outage never locks itself out."""
+        try:
+            yield
+        except BaseException:
+            self._limiter.release(email)
+            raise
 
     def _record_failure(
         self, email: str, user_id: uuid.UUID | None, why: str, locks: bool = False

@@ -108,6 +108,12 @@ class LoginLimiter(Protocol):
         """Atomically counts an attempt for `key`, unless the limit is reached."""
         ...
 
+    def release(self, key: str) -> None:
+        """Gives one counted attempt back, atomically and never below zero: the attempt
+        ended in an infrastructure error (database down, hashing busy), which says nothing
+        about the password."""
+        ...
+
     def reset(self, key: str) -> None:
         """Forgets the counted attempts (after a successful login)."""
         ...

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from sqlalchemy.exc import OperationalError
 
 from services.auth_svc.domain import AuditEvent, RefreshToken, User
 from services.auth_svc.infra.keys import KeyRing
@@ -114,11 +116,19 @@ class FakeAudit:
         self._state.audit.append(event)
 
 
+def database_down() -> OperationalError:
+    """What SQLAlchemy raises when the database does not answer (the interceptor maps it
+    to UNAVAILABLE, see shared.data.db.unavailable_database)."""
+    return OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+
 class FakeDatabase(SnapshotDatabase[State]):
-    """The committed state, and units of work that each change a private copy of it."""
+    """The committed state, and units of work that each change a private copy of it.
+    While `down`, every read and commit raises as an unreachable database does."""
 
     def __init__(self) -> None:
         super().__init__(State)
+        self.down = False
 
     def unit_of_work(self) -> FakeUnitOfWork:
         return FakeUnitOfWork(self)
@@ -127,38 +137,61 @@ class FakeDatabase(SnapshotDatabase[State]):
 class FakeUnitOfWork(SnapshotUnitOfWork[State]):
     _database: FakeDatabase
 
+    def _state_or_outage(self) -> State:
+        if self._database.down:
+            raise database_down()
+        return self._state
+
     @property
     def users(self) -> FakeUsers:
-        return FakeUsers(self._state)
+        return FakeUsers(self._state_or_outage())
 
     @property
     def refresh_tokens(self) -> FakeRefreshTokens:
-        return FakeRefreshTokens(self._state)
+        return FakeRefreshTokens(self._state_or_outage())
 
     @property
     def audit(self) -> FakeAudit:
-        return FakeAudit(self._state)
+        return FakeAudit(self._state_or_outage())
+
+    def commit(self) -> None:
+        self._state_or_outage()
+        super().commit()
 
 
 class FakeHasher:
-    """Cheap and deterministic; counts its calls (the timing rules are about calls made)."""
+    """Cheap and deterministic; counts its calls (the timing rules are about calls made).
+
+    `failure`, when set, is raised by every hash and verification (busy hashing);
+    `after_verify`, when set, runs once after the next verification (to interleave
+    another request between a password check and what follows it)."""
 
     def __init__(self) -> None:
         self.hashes = 0
         self.verifies = 0
         self.stale_hashes: set[str] = set()
+        self.failure: Exception | None = None
+        self.after_verify: Callable[[], object] | None = None
 
     @staticmethod
     def _digest(password: str) -> str:
         return "fake$" + hashlib.sha256(password.encode()).hexdigest()
 
     def hash(self, password: str) -> str:
+        if self.failure is not None:
+            raise self.failure
         self.hashes += 1
         return self._digest(password)
 
     def verify(self, password_hash: str, password: str) -> bool:
+        if self.failure is not None:
+            raise self.failure
         self.verifies += 1
-        return password_hash == self._digest(password)
+        matches = password_hash == self._digest(password)
+        hook, self.after_verify = self.after_verify, None
+        if hook is not None:
+            hook()
+        return matches
 
     def needs_rehash(self, password_hash: str) -> bool:
         return password_hash in self.stale_hashes

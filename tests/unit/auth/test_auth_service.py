@@ -10,10 +10,12 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from sqlalchemy.exc import OperationalError
 
 from services.auth_svc.domain import ADMIN, USER, AuditKind
 from services.auth_svc.service.auth_service import hash_refresh_token
-from shared.rpc.errors import DomainError, FieldViolation, InvalidArgument
+from shared.data.db import unavailable_database
+from shared.rpc.errors import DomainError, FieldViolation, InvalidArgument, Unavailable
 from shared.security.jwk import thumbprint
 from shared.security.tokens import Principal, StaticKeyProvider, TokenVerifier
 from tests.unit.auth.fakes import (
@@ -304,6 +306,71 @@ def test_login_rehashes_a_stale_password_hash(world: AuthWorld) -> None:
     world.service.login(email=EMAIL, password=PASSWORD)
     assert world.hasher.hashes == hashes + 1
     assert world.database.committed.users[user.id].update_time == world.clock.now()
+
+
+# -- infrastructure errors are not attempts ----------------------------------------------
+
+
+def assert_unavailable(error: BaseException) -> None:
+    """The error is one the interceptor answers UNAVAILABLE (+ RetryInfo)."""
+    if not isinstance(error, DomainError):
+        translated = unavailable_database(error) if isinstance(error, Exception) else None
+        assert translated is not None, error
+        error = translated
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_database_outage_never_locks_an_account(world: AuthWorld) -> None:
+    register(world)
+    world.database.down = True
+    for _ in range(50):  # an obedient client retrying through the outage
+        with pytest.raises(OperationalError) as excinfo:
+            world.service.login(email=EMAIL, password=PASSWORD)
+        assert_unavailable(excinfo.value)
+    world.database.down = False
+    assert world.service.login(email=EMAIL, password=PASSWORD).user.email == EMAIL
+
+
+def test_attempts_during_an_outage_add_nothing_to_earlier_failures(world: AuthWorld) -> None:
+    register(world)
+    fail_login(world)
+    fail_login(world)  # 2 of 3
+    world.database.down = True
+    for _ in range(10):
+        with pytest.raises(OperationalError):
+            world.service.login(email=EMAIL, password="not the password")
+    world.database.down = False
+    assert fail_login(world).code == grpc.StatusCode.UNAUTHENTICATED  # the third
+    assert fail_login(world).code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_an_outage_after_the_password_check_is_not_counted(world: AuthWorld) -> None:
+    register(world)
+    for _ in range(5):  # the database goes away between the check and the new session
+        world.hasher.after_verify = lambda: setattr(world.database, "down", True)
+        with pytest.raises(OperationalError):
+            world.service.login(email=EMAIL, password=PASSWORD)
+        world.database.down = False
+    assert world.service.login(email=EMAIL, password=PASSWORD).user.email == EMAIL
+
+
+def test_busy_hashing_is_not_counted(world: AuthWorld) -> None:
+    register(world)
+    principal = principal_for(
+        world, world.service.login(email=EMAIL, password=PASSWORD).access_token
+    )
+    world.hasher.failure = Unavailable("busy", retry_after_seconds=1, reason="HASHING_BUSY")
+    for _ in range(5):
+        with pytest.raises(DomainError) as excinfo:
+            world.service.login(email=EMAIL, password=PASSWORD)
+        assert excinfo.value.reason == "HASHING_BUSY"
+        with pytest.raises(DomainError) as excinfo:
+            world.service.change_password(
+                principal=principal, current_password=PASSWORD, new_password="a new password"
+            )
+        assert excinfo.value.reason == "HASHING_BUSY"
+    world.hasher.failure = None
+    assert world.service.login(email=EMAIL, password=PASSWORD).user.email == EMAIL
 
 
 # -- refresh ----------------------------------------------------------------------------

@@ -117,3 +117,32 @@ def test_a_huge_key_is_counted_like_any_other(clock: FakeClock) -> None:
     assert limits.acquire(huge[:-1]).allowed  # another key
     limits.reset(huge)
     assert limits.acquire(huge).allowed
+
+
+def test_release_gives_an_attempt_back(clock: FakeClock) -> None:
+    limits = limiter(clock, limit=2)
+    limits.acquire("k")
+    limits.acquire("k")
+    assert not limits.acquire("k").allowed
+    limits.release("k")  # the last attempt ended in an infrastructure error
+    assert limits.acquire("k") == LoginAttempt(allowed=True, locks_on_failure=True)
+    assert not limits.acquire("k").allowed
+
+
+def test_release_never_goes_below_zero(clock: FakeClock) -> None:
+    limits = limiter(clock, limit=2)
+    limits.release("never-counted")
+    limits.acquire("k")
+    for _ in range(5):
+        limits.release("k")
+    assert [limits.acquire("k").allowed for _ in range(3)] == [True, True, False]
+
+
+def test_release_keeps_the_cool_down_running(clock: FakeClock) -> None:
+    limits = limiter(clock, limit=3, lockout=60)
+    for _ in range(3):
+        limits.acquire("k")
+    limits.release("k")
+    clock.advance(30)
+    assert limits.acquire("k").locks_on_failure  # the third again, counted anew
+    assert limits.acquire("k").retry_after_seconds == pytest.approx(60)
