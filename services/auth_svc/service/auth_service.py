@@ -8,7 +8,7 @@ import secrets
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from services.auth_svc.domain import (
@@ -150,7 +150,11 @@ class AuthService:
     def change_password(
         self, *, principal: Principal, current_password: str, new_password: str
     ) -> None:
-        """Checks the current password, stores the new one, revokes every refresh token."""
+        """Checks the current password, stores the new one, revokes every refresh token.
+
+        Like a login, the check runs outside any transaction; the new hash is then stored
+        only if the checked one is still there (under the user's row lock, which a login
+        creating a session also takes), and every family is revoked in that transaction."""
         _check(
             presented_password_violation(current_password, field="current_password"),
             password_violation(
@@ -168,18 +172,36 @@ class AuthService:
             raise PermissionDenied("current password is wrong", reason="WRONG_PASSWORD")
         with self._given_back_on_error(user.email):
             new_hash = self._hasher.hash(new_password)
-            with self._uow() as uow:
-                now = self._clock.now()
-                uow.users.set_password_hash(user.id, new_hash, now)
-                uow.refresh_tokens.revoke_user_families(user.id, now)
-                self._audit(uow, AuditKind.PASSWORD_CHANGED, user_id=user.id)
-                uow.commit()
+            changed = self._replace_password(user, new_hash)
+        if not changed:  # changed by another call since the check: the checked one is old
+            self._record_failure(user.email, user.id, "password_changed", attempt.locks_on_failure)
+            raise PermissionDenied("current password is wrong", reason="WRONG_PASSWORD")
         self._limiter.reset(user.email)
+
+    def _replace_password(self, user: User, new_hash: str) -> bool:
+        with self._uow() as uow:
+            current = uow.users.lock(user.id)
+            if current is None or current.disabled:
+                raise Unauthenticated("account no longer active", reason="ACCOUNT_INACTIVE")
+            now = self._clock.now()
+            if not uow.users.replace_password_hash(
+                user.id, expected=user.password_hash, new=new_hash, when=now
+            ):
+                return False
+            uow.refresh_tokens.revoke_user_families(user.id, now)
+            self._audit(uow, AuditKind.PASSWORD_CHANGED, user_id=user.id)
+            uow.commit()
+        return True
 
     # -- login and tokens --------------------------------------------------------------
 
     def login(self, *, email: str, password: str) -> IssuedTokens:
-        """Email + password → tokens; the same error for every failure, limited per email."""
+        """Email + password → tokens; the same error for every failure, limited per email.
+
+        The password is checked outside any transaction (argon2 never runs while a
+        connection or a lock is held); the session is then created under the user's row
+        lock, and only if the hash checked is still the stored one: a password change
+        that lands in between ends this login, and one that comes after revokes it."""
         email = normalize_email(email)
         _check(login_email_violation(email), presented_password_violation(password))
         try:
@@ -203,19 +225,40 @@ class AuthService:
                 if self._hasher.needs_rehash(user.password_hash)
                 else None
             )
-            with self._uow() as uow:
-                now = self._clock.now()
-                if rehash:
-                    uow.users.set_password_hash(user.id, rehash, now)
-                family = uuid.uuid4()
-                uow.refresh_tokens.add_family(family, user.id, now)
-                refresh = self._new_refresh_token(uow, family, user.id)
-                self._audit(uow, AuditKind.LOGIN_SUCCEEDED, user_id=user.id)
-                uow.commit()
+            session = self._start_session(user, rehash)
+        if isinstance(session, str):  # the account changed since the check
+            self._record_failure(email, user.id, session, attempt.locks_on_failure)
+            self._on_login("failure")
+            raise _bad_credentials()
         self._limiter.reset(email)
-        issued = self._issue(user, refresh)
+        issued = self._issue(*session)
         self._on_login("success")
         return issued
+
+    def _start_session(self, checked: User, rehash: str | None) -> tuple[User, str] | str:
+        """A new refresh family for the user whose password was checked: (the user as
+        stored, its refresh token), or why not (the reason of a failed login)."""
+        with self._uow() as uow:
+            user = uow.users.lock(checked.id)
+            if user is None:
+                return "unknown_email"
+            if user.password_hash != checked.password_hash:
+                return "password_changed"
+            if user.disabled:
+                return "disabled"
+            now = self._clock.now()
+            # Compare-and-set, though the lock makes it certain: the old password can
+            # never be stored over a new one.
+            if rehash and uow.users.replace_password_hash(
+                user.id, expected=checked.password_hash, new=rehash, when=now
+            ):
+                user = replace(user, password_hash=rehash, update_time=now)
+            family = uuid.uuid4()
+            uow.refresh_tokens.add_family(family, user.id, now)
+            refresh = self._new_refresh_token(uow, family, user.id)
+            self._audit(uow, AuditKind.LOGIN_SUCCEEDED, user_id=user.id)
+            uow.commit()
+        return user, refresh
 
     def _check_attempt(self, email: str) -> LoginAttempt:
         attempt = self._limiter.acquire(email)

@@ -42,7 +42,17 @@ class UserRepository(Protocol):
 
     def get_by_email(self, email: str) -> User | None: ...
 
-    def set_password_hash(self, user_id: uuid.UUID, password_hash: str, when: datetime) -> None: ...
+    def lock(self, user_id: uuid.UUID) -> User | None:
+        """The user as stored now, its row locked until the transaction ends (SELECT … FOR
+        UPDATE): logins and password changes of one user serialize on it."""
+        ...
+
+    def replace_password_hash(
+        self, user_id: uuid.UUID, *, expected: str, new: str, when: datetime
+    ) -> bool:
+        """Stores `new` only if the stored hash is still `expected` (compare-and-set);
+        False if it is not (or there is no such user)."""
+        ...
 
 
 class RefreshTokenRepository(Protocol):

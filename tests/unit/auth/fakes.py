@@ -62,9 +62,17 @@ class FakeUsers:
     def get_by_email(self, email: str) -> User | None:
         return next((u for u in self._state.users.values() if u.email == email), None)
 
-    def set_password_hash(self, user_id: uuid.UUID, password_hash: str, when: datetime) -> None:
-        user = self._state.users[user_id]
-        self._state.users[user_id] = replace(user, password_hash=password_hash, update_time=when)
+    def lock(self, user_id: uuid.UUID) -> User | None:
+        return self._state.users.get(user_id)  # units of work never overlap in unit tests
+
+    def replace_password_hash(
+        self, user_id: uuid.UUID, *, expected: str, new: str, when: datetime
+    ) -> bool:
+        user = self._state.users.get(user_id)
+        if user is None or user.password_hash != expected:
+            return False
+        self._state.users[user_id] = replace(user, password_hash=new, update_time=when)
+        return True
 
 
 class FakeRefreshTokens:

@@ -604,6 +604,84 @@ def test_wrong_current_passwords_count_towards_the_lockout(world: AuthWorld) -> 
     assert AuditKind.LOCKED_OUT in [e.kind for e in world.audit]
 
 
+# -- a password change racing a login or another change -----------------------------------
+
+NEW_PASSWORD = "a brand new password"
+
+
+def signed_in(world: AuthWorld) -> Principal:
+    register(world)
+    return principal_for(world, world.service.login(email=EMAIL, password=PASSWORD).access_token)
+
+
+def live_families(world: AuthWorld) -> int:
+    return sum(f.revoked_time is None for f in world.database.committed.families.values())
+
+
+def test_a_password_change_between_the_check_and_the_session_ends_the_login(
+    world: AuthWorld,
+) -> None:
+    principal = signed_in(world)
+    world.hasher.after_verify = lambda: world.service.change_password(
+        principal=principal, current_password=PASSWORD, new_password=NEW_PASSWORD
+    )
+    with pytest.raises(DomainError) as excinfo:
+        world.service.login(email=EMAIL, password=PASSWORD)
+    assert error_of(excinfo) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_CREDENTIALS")
+    assert live_families(world) == 0
+    failures = [e for e in world.audit if e.kind is AuditKind.LOGIN_FAILED]
+    assert failures[-1].detail == {"reason": "password_changed"}
+    assert world.service.login(email=EMAIL, password=NEW_PASSWORD)
+
+
+def test_a_rehash_never_puts_the_old_password_back(world: AuthWorld) -> None:
+    principal = signed_in(world)
+    user = next(iter(world.database.committed.users.values()))
+    world.hasher.stale_hashes.add(user.password_hash)  # the next login would rehash
+    world.hasher.after_verify = lambda: world.service.change_password(
+        principal=principal, current_password=PASSWORD, new_password=NEW_PASSWORD
+    )
+    with pytest.raises(DomainError):
+        world.service.login(email=EMAIL, password=PASSWORD)
+    assert world.service.login(email=EMAIL, password=NEW_PASSWORD)
+    with pytest.raises(DomainError):
+        world.service.login(email=EMAIL, password=PASSWORD)
+
+
+def test_an_account_disabled_between_the_check_and_the_session_gets_none(
+    world: AuthWorld,
+) -> None:
+    register(world)
+    world.hasher.after_verify = lambda: disable(world)
+    with pytest.raises(DomainError) as excinfo:
+        world.service.login(email=EMAIL, password=PASSWORD)
+    assert error_of(excinfo) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_CREDENTIALS")
+    assert live_families(world) == 0
+
+
+def test_of_two_racing_password_changes_the_later_check_loses(world: AuthWorld) -> None:
+    principal = signed_in(world)
+    world.hasher.after_verify = lambda: world.service.change_password(
+        principal=principal, current_password=PASSWORD, new_password=NEW_PASSWORD
+    )
+    with pytest.raises(DomainError) as excinfo:
+        world.service.change_password(
+            principal=principal, current_password=PASSWORD, new_password="yet another password"
+        )
+    assert error_of(excinfo) == (grpc.StatusCode.PERMISSION_DENIED, "WRONG_PASSWORD")
+    assert world.service.login(email=EMAIL, password=NEW_PASSWORD)
+
+
+def test_a_changed_password_keeps_its_new_hash_parameters(world: AuthWorld) -> None:
+    principal = signed_in(world)
+    world.service.change_password(
+        principal=principal, current_password=PASSWORD, new_password=NEW_PASSWORD
+    )
+    user = next(iter(world.database.committed.users.values()))
+    assert world.hasher.verify(user.password_hash, NEW_PASSWORD)
+    assert user.update_time == world.clock.now()
+
+
 # -- audit ------------------------------------------------------------------------------
 
 
