@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 
 from services.auth_svc import SERVICE_NAME
 from services.auth_svc.api.servicer import PUBLIC_METHODS, AuthServicer
+from services.auth_svc.infra.hashing import HashPool
 from services.auth_svc.infra.keys import KeyRing, load_or_create_dev_key
 from services.auth_svc.infra.limiter import InMemoryLoginLimiter, RedisLoginLimiter
 from services.auth_svc.infra.passwords import Argon2PasswordHasher
@@ -104,9 +105,13 @@ def build_app(
     closers.add(engine.dispose)
     observability.watch_pool(engine)
     sessions = session_factory(engine)
+    if hasher is None:
+        pool = HashPool(concurrency=settings.hash_concurrency, queue=settings.hash_queue)
+        closers.add(pool.close)
+        hasher = Argon2PasswordHasher(pool)
     service = AuthService(
         uow=lambda: SqlAuthUnitOfWork(sessions),
-        hasher=hasher or Argon2PasswordHasher(concurrency=settings.hash_concurrency),
+        hasher=hasher,
         limiter=_limiter(settings, clock, closers, metrics),
         tokens=keys,
         clock=clock,

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from argon2 import PasswordHasher as Argon2Hasher
 
 from services.auth_svc.bootstrap import build_app
 from services.auth_svc.cli import main
 from services.auth_svc.domain import ADMIN, USER, User
-from services.auth_svc.infra.passwords import Argon2PasswordHasher
 from services.auth_svc.repository.sql import SqlAuthUnitOfWork
 from services.auth_svc.settings import load_auth_settings
 from shared.data import migrations
@@ -83,7 +83,7 @@ def test_creates_an_admin_from_the_environment(env: dict[str, str], database_url
     assert user is not None
     assert set(user.roles) == {USER, ADMIN}
     assert user.display_name == "Root"
-    assert Argon2PasswordHasher().verify(user.password_hash, PASSWORD)
+    assert Argon2Hasher().verify(user.password_hash, PASSWORD)
 
 
 def test_reads_the_first_line_of_stdin(sqlite_url: str, tmp_path: Path) -> None:
@@ -95,7 +95,7 @@ def test_reads_the_first_line_of_stdin(sqlite_url: str, tmp_path: Path) -> None:
     user = stored_user(sqlite_url, "ops@example.com")
     assert user is not None
     assert set(user.roles) == {USER, ADMIN}
-    assert Argon2PasswordHasher().verify(user.password_hash, PASSWORD)
+    assert Argon2Hasher().verify(user.password_hash, PASSWORD)
 
 
 # -- the same command in-process (each extra process costs over a second of imports) ----
@@ -163,7 +163,7 @@ def test_reads_a_mounted_password_file(
     assert cli(["--email", "file@example.com"], AUTH_ADMIN_PASSWORD_FILE=str(secret)).code == 0
     user = stored_user(sqlite_url, "file@example.com")
     assert user is not None
-    assert Argon2PasswordHasher().verify(user.password_hash, PASSWORD)
+    assert Argon2Hasher().verify(user.password_hash, PASSWORD)
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from services.auth_svc.domain import (
 from services.auth_svc.service.ports import (
     AuthUnitOfWork,
     EmailTaken,
+    HashingSlot,
     LoginAttempt,
     LoginLimiter,
     LoginObserver,
@@ -96,8 +97,10 @@ class AuthService:
         self._clock = clock
         self._policy = policy
         self._on_login: LoginObserver = on_login or _ignore_login
-        # Verified against when the email is unknown, so both paths cost one hash check.
-        self._dummy_hash = hasher.hash(secrets.token_urlsafe(16))
+        # Verified against when the email is unknown, so both paths cost one hash check
+        # (through the same queue, with the same limits).
+        with hasher.reserve() as slot:
+            self._dummy_hash = slot.hash(secrets.token_urlsafe(16))
 
     # -- accounts ---------------------------------------------------------------------
 
@@ -112,6 +115,8 @@ class AuthService:
             password_violation(password, self._policy.password_min_length),
             display_name_violation(display_name),
         )
+        with self._hasher.reserve() as slot:
+            password_hash = slot.hash(password)
         now = self._clock.now()
         user = User(
             id=uuid.uuid4(),
@@ -119,7 +124,7 @@ class AuthService:
             display_name=display_name or email.split("@", 1)[0],
             roles=(USER, ADMIN) if admin else (USER,),
             disabled=False,
-            password_hash=self._hasher.hash(password),
+            password_hash=password_hash,
             create_time=now,
             update_time=now,
         )
@@ -161,17 +166,18 @@ class AuthService:
                 new_password, self._policy.password_min_length, field="new_password"
             ),
         )
-        user = self.current_user(principal=principal)
-        attempt = self._check_attempt(user.email)
-        with self._given_back_on_error(user.email):
-            matches = self._hasher.verify(user.password_hash, current_password)
-        if not matches:
+        with self._hasher.reserve() as slot:
+            user = self.current_user(principal=principal)
+            attempt = self._check_attempt(user.email)
+            with self._given_back_on_error(user.email):
+                matches = slot.verify(user.password_hash, current_password)
+                new_hash = slot.hash(new_password) if matches else None
+        if new_hash is None:
             self._record_failure(
                 user.email, user.id, "wrong_current_password", attempt.locks_on_failure
             )
             raise PermissionDenied("current password is wrong", reason="WRONG_PASSWORD")
         with self._given_back_on_error(user.email):
-            new_hash = self._hasher.hash(new_password)
             changed = self._replace_password(user, new_hash)
         if not changed:  # changed by another call since the check: the checked one is old
             self._record_failure(user.email, user.id, "password_changed", attempt.locks_on_failure)
@@ -204,27 +210,27 @@ class AuthService:
         that lands in between ends this login, and one that comes after revokes it."""
         email = normalize_email(email)
         _check(login_email_violation(email), presented_password_violation(password))
-        try:
-            attempt = self._check_attempt(email)
-        except ResourceExhausted:
-            self._on_login("locked")
-            raise
-        with self._given_back_on_error(email):
-            with self._uow() as uow:
-                user = uow.users.get_by_email(email)
-            stored_hash = user.password_hash if user else self._dummy_hash
-            matches = self._hasher.verify(stored_hash, password)
+        # The hashing place first, before Redis and the database: a flood the hashing
+        # queue refuses costs nothing but the refusal, and is not counted.
+        with self._hasher.reserve() as slot:
+            try:
+                attempt = self._check_attempt(email)
+            except ResourceExhausted:
+                self._on_login("locked")
+                raise
+            with self._given_back_on_error(email):
+                with self._uow() as uow:
+                    user = uow.users.get_by_email(email)
+                stored_hash = user.password_hash if user else self._dummy_hash
+                matches = slot.verify(stored_hash, password)
+                good = user is not None and matches and not user.disabled
+                rehash = self._rehash(slot, stored_hash, password) if good else None
         if user is None or not matches or user.disabled:
             why = "unknown_email" if user is None else "disabled" if matches else "wrong_password"
             self._record_failure(email, user.id if user else None, why, attempt.locks_on_failure)
             self._on_login("failure")
             raise _bad_credentials()
         with self._given_back_on_error(email):
-            rehash = (
-                self._hasher.hash(password)
-                if self._hasher.needs_rehash(user.password_hash)
-                else None
-            )
             session = self._start_session(user, rehash)
         if isinstance(session, str):  # the account changed since the check
             self._record_failure(email, user.id, session, attempt.locks_on_failure)
@@ -234,6 +240,10 @@ class AuthService:
         issued = self._issue(*session)
         self._on_login("success")
         return issued
+
+    def _rehash(self, slot: HashingSlot, stored_hash: str, password: str) -> str | None:
+        """A new hash of the checked password if the stored one has outdated parameters."""
+        return slot.hash(password) if self._hasher.needs_rehash(stored_hash) else None
 
     def _start_session(self, checked: User, rehash: str | None) -> tuple[User, str] | str:
         """A new refresh family for the user whose password was checked: (the user as

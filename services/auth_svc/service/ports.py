@@ -7,6 +7,7 @@ the key ring implement these; unit tests pass in-memory fakes.
 from __future__ import annotations
 
 import uuid
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
@@ -18,6 +19,7 @@ __all__ = [
     "AuditLog",
     "AuthUnitOfWork",
     "EmailTaken",
+    "HashingSlot",
     "LoginAttempt",
     "LoginLimiter",
     "LoginObserver",
@@ -94,11 +96,21 @@ class AuthUnitOfWork(UnitOfWork, Protocol):
     def audit(self) -> AuditLog: ...
 
 
-class PasswordHasher(Protocol):
+class HashingSlot(Protocol):
+    """One request's place for password hashes (see PasswordHasher.reserve). Each call
+    raises Unavailable (HASHING_TIMEOUT) if its hash waited too long to start."""
+
     def hash(self, password: str) -> str: ...
 
     def verify(self, password_hash: str, password: str) -> bool:
         """True if the password matches; costs the same for any well-formed hash."""
+        ...
+
+
+class PasswordHasher(Protocol):
+    def reserve(self) -> AbstractContextManager[HashingSlot]:
+        """A place in the hashing queue, taken before a request does anything costly;
+        raises ResourceExhausted (HASHING_BUSY) at once when there is none."""
         ...
 
     def needs_rehash(self, password_hash: str) -> bool: ...

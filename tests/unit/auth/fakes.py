@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -22,6 +23,7 @@ from services.auth_svc.infra.keys import KeyRing
 from services.auth_svc.infra.limiter import InMemoryLoginLimiter
 from services.auth_svc.service.auth_service import AuthPolicy, AuthService
 from services.auth_svc.service.ports import EmailTaken
+from shared.rpc.errors import ResourceExhausted
 from tests.fakes import SnapshotDatabase, SnapshotUnitOfWork
 from tests.helpers import FakeClock
 
@@ -170,13 +172,16 @@ class FakeUnitOfWork(SnapshotUnitOfWork[State]):
 class FakeHasher:
     """Cheap and deterministic; counts its calls (the timing rules are about calls made).
 
-    `failure`, when set, is raised by every hash and verification (busy hashing);
-    `after_verify`, when set, runs once after the next verification (to interleave
-    another request between a password check and what follows it)."""
+    `busy` makes `reserve()` refuse (a full hashing queue); `failure`, when set, is raised
+    by every hash and verification (a hash that waited too long); `after_verify`, when
+    set, runs once after the next verification (to interleave another request between a
+    password check and what follows it)."""
 
     def __init__(self) -> None:
         self.hashes = 0
         self.verifies = 0
+        self.reserved = 0
+        self.busy = False
         self.stale_hashes: set[str] = set()
         self.failure: Exception | None = None
         self.after_verify: Callable[[], object] | None = None
@@ -185,13 +190,25 @@ class FakeHasher:
     def _digest(password: str) -> str:
         return "fake$" + hashlib.sha256(password.encode()).hexdigest()
 
+    @contextmanager
+    def reserve(self) -> Iterator[FakeHasher]:
+        if self.busy:
+            raise ResourceExhausted("busy", retry_after_seconds=1.0, reason="HASHING_BUSY")
+        self.reserved += 1
+        try:
+            yield self
+        finally:
+            self.reserved -= 1
+
     def hash(self, password: str) -> str:
+        assert self.reserved > 0, "hashed without a reservation"
         if self.failure is not None:
             raise self.failure
         self.hashes += 1
         return self._digest(password)
 
     def verify(self, password_hash: str, password: str) -> bool:
+        assert self.reserved > 0, "verified without a reservation"
         if self.failure is not None:
             raise self.failure
         self.verifies += 1

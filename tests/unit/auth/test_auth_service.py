@@ -354,22 +354,53 @@ def test_an_outage_after_the_password_check_is_not_counted(world: AuthWorld) -> 
     assert world.service.login(email=EMAIL, password=PASSWORD).user.email == EMAIL
 
 
-def test_busy_hashing_is_not_counted(world: AuthWorld) -> None:
+def test_a_hash_that_waited_too_long_is_not_counted(world: AuthWorld) -> None:
     register(world)
     principal = principal_for(
         world, world.service.login(email=EMAIL, password=PASSWORD).access_token
     )
-    world.hasher.failure = Unavailable("busy", retry_after_seconds=1, reason="HASHING_BUSY")
+    world.hasher.failure = Unavailable("late", retry_after_seconds=1, reason="HASHING_TIMEOUT")
     for _ in range(5):
         with pytest.raises(DomainError) as excinfo:
             world.service.login(email=EMAIL, password=PASSWORD)
-        assert excinfo.value.reason == "HASHING_BUSY"
+        assert excinfo.value.reason == "HASHING_TIMEOUT"
         with pytest.raises(DomainError) as excinfo:
             world.service.change_password(
                 principal=principal, current_password=PASSWORD, new_password="a new password"
             )
-        assert excinfo.value.reason == "HASHING_BUSY"
+        assert excinfo.value.reason == "HASHING_TIMEOUT"
     world.hasher.failure = None
+    assert world.service.login(email=EMAIL, password=PASSWORD).user.email == EMAIL
+
+
+def test_a_full_hashing_queue_refuses_before_redis_or_the_database(
+    world: AuthWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register(world)
+    principal = principal_for(
+        world, world.service.login(email=EMAIL, password=PASSWORD).access_token
+    )
+    world.hasher.busy = True
+    world.database.down = True  # anything touching the database would fail otherwise
+    limited: list[str] = []
+    monkeypatch.setattr(world.limiter, "acquire", limited.append)
+    for call in (
+        lambda: world.service.login(email=EMAIL, password=PASSWORD),
+        lambda: world.service.register(email="new@example.com", password=PASSWORD, display_name=""),
+        lambda: world.service.change_password(
+            principal=principal, current_password=PASSWORD, new_password="a new password"
+        ),
+    ):
+        with pytest.raises(DomainError) as excinfo:
+            call()
+        assert (excinfo.value.code, excinfo.value.reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "HASHING_BUSY",
+        )
+    assert limited == []  # the limiter (Redis) was not asked either
+    world.hasher.busy = False
+    world.database.down = False
+    monkeypatch.undo()
     assert world.service.login(email=EMAIL, password=PASSWORD).user.email == EMAIL
 
 
@@ -678,7 +709,8 @@ def test_a_changed_password_keeps_its_new_hash_parameters(world: AuthWorld) -> N
         principal=principal, current_password=PASSWORD, new_password=NEW_PASSWORD
     )
     user = next(iter(world.database.committed.users.values()))
-    assert world.hasher.verify(user.password_hash, NEW_PASSWORD)
+    with world.hasher.reserve() as slot:
+        assert slot.verify(user.password_hash, NEW_PASSWORD)
     assert user.update_time == world.clock.now()
 
 
