@@ -1,6 +1,17 @@
-"""Per-account failed-login limits: in-process, or in Redis shared by every replica.
+"""Per-account failed-login limits: in Redis shared by every replica, with two fallbacks.
 
-Semantics (both implementations): an attempt is counted *before* the password is
+    RedisLoginLimiter   the normal case: a Lua script per attempt, shared by every replica
+    └── SqlLoginLimiter while Redis fails: auth_svc's own table, still shared by every
+        │               replica (so N replicas do not allow N times the limit)
+        └── InMemoryLoginLimiter  while the database fails too (then a login cannot read
+                                  the user anyway); also the embedded default without Redis
+
+Each tier falls back per call, and only for the call that failed. The bound this leaves:
+counts do not move between tiers, so an outage of Redis that starts in the middle of an
+account's count starts a fresh count in the table, and that account can get at most twice
+the limit, once (Redis's count, then the table's) before the cool-down.
+
+Semantics (every implementation): an attempt is counted *before* the password is
 checked, atomically, and only while fewer than `max_failures` are counted, so parallel
 wrong attempts can never get more tries than the limit. A success resets the count; an
 attempt that ends in an infrastructure error is given back (`release`, never below zero).
@@ -15,12 +26,18 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 import redis
+from sqlalchemy import Connection, Engine, case, delete, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 
-from services.auth_svc.service.ports import LoginAttempt
+from services.auth_svc.repository.models import LoginAttemptRow
+from services.auth_svc.service.ports import LoginAttempt, LoginLimiter
+from shared.config.clock import Clock, utc
 
-__all__ = ["InMemoryLoginLimiter", "RedisLoginLimiter", "key_digest"]
+__all__ = ["InMemoryLoginLimiter", "RedisLoginLimiter", "SqlLoginLimiter", "key_digest"]
 
 _log = logging.getLogger(__name__)
 
@@ -116,8 +133,116 @@ return 0
 """
 
 
+class SqlLoginLimiter:
+    """Counts in `auth_login_attempts`, one atomic upsert per attempt; falls back to
+    `fallback` (the in-process limiter) for any call the database fails."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_failures: int,
+        lockout_seconds: float,
+        clock: Clock,
+        fallback: LoginLimiter,
+        purge_every_seconds: float = 60.0,
+    ) -> None:
+        self._engine = engine
+        self._max = max_failures
+        self._lockout = timedelta(seconds=lockout_seconds)
+        self._clock = clock
+        self._fallback = fallback
+        self._purge_every = purge_every_seconds
+        self._next_purge = clock.monotonic()
+        self._upsert = _upsert_for(engine.dialect.name)
+
+    def acquire(self, key: str) -> LoginAttempt:
+        try:
+            with self._engine.begin() as connection:
+                return self._acquire(connection, key_digest(key).hex())
+        except SQLAlchemyError as exc:
+            self._database_failed(exc)
+            return self._fallback.acquire(key)
+
+    def _acquire(self, connection: Connection, digest: str) -> LoginAttempt:
+        now = self._clock.now()
+        self._purge_expired(connection, now)
+        expired = LoginAttemptRow.expire_time <= now
+        # Counted only while under the limit (or expired: counted anew from 1), atomically:
+        # the row is locked by the upsert on PostgreSQL, SQLite has one writer at a time.
+        insert = self._upsert(LoginAttemptRow).values(
+            key_digest=digest, attempts=1, expire_time=now + self._lockout
+        )
+        statement = insert.on_conflict_do_update(
+            index_elements=[LoginAttemptRow.key_digest],
+            set_={
+                "attempts": case((expired, 1), else_=LoginAttemptRow.attempts + 1),
+                "expire_time": insert.excluded.expire_time,
+            },
+            where=or_(LoginAttemptRow.attempts < self._max, expired),
+        ).returning(LoginAttemptRow.attempts)
+        counted = connection.execute(statement).scalar_one_or_none()
+        if counted is not None:
+            return LoginAttempt(allowed=True, locks_on_failure=counted >= self._max)
+        expires = connection.execute(
+            select(LoginAttemptRow.expire_time).where(LoginAttemptRow.key_digest == digest)
+        ).scalar_one_or_none()
+        if expires is None:  # reset by a successful login in between: refused this once
+            return LoginAttempt(allowed=False, retry_after_seconds=1.0)
+        return LoginAttempt(allowed=False, retry_after_seconds=(utc(expires) - now).total_seconds())
+
+    def _purge_expired(self, connection: Connection, now: datetime) -> None:
+        """Rows outlive their cool-down only until the next purge (one a minute at most)."""
+        if self._clock.monotonic() < self._next_purge:
+            return
+        self._next_purge = self._clock.monotonic() + self._purge_every
+        connection.execute(delete(LoginAttemptRow).where(LoginAttemptRow.expire_time <= now))
+
+    def release(self, key: str) -> None:
+        try:
+            with self._engine.begin() as connection:
+                connection.execute(
+                    update(LoginAttemptRow)
+                    .where(
+                        LoginAttemptRow.key_digest == key_digest(key).hex(),
+                        LoginAttemptRow.attempts > 0,
+                    )
+                    .values(attempts=LoginAttemptRow.attempts - 1)
+                )
+        except SQLAlchemyError as exc:
+            self._database_failed(exc)
+            self._fallback.release(key)
+
+    def reset(self, key: str) -> None:
+        self._fallback.reset(key)
+        try:
+            with self._engine.begin() as connection:
+                connection.execute(
+                    delete(LoginAttemptRow).where(
+                        LoginAttemptRow.key_digest == key_digest(key).hex()
+                    )
+                )
+        except SQLAlchemyError as exc:
+            self._database_failed(exc)
+
+    @staticmethod
+    def _database_failed(exc: SQLAlchemyError) -> None:
+        _log.warning(
+            "database unavailable for login limits, using in-process: %s", type(exc).__name__
+        )
+
+
+def _upsert_for(dialect: str) -> Callable[..., postgresql.Insert | sqlite.Insert]:
+    """INSERT … ON CONFLICT DO UPDATE … RETURNING: PostgreSQL, and SQLite ≥ 3.35."""
+    if dialect == "postgresql":
+        return postgresql.insert
+    if dialect == "sqlite":
+        return sqlite.insert
+    raise ValueError(f"no upsert for the {dialect} dialect")
+
+
 class RedisLoginLimiter:
-    """Shared by all replicas; falls back to the in-process limiter while Redis is down."""
+    """Shared by all replicas; falls back to `fallback` for any call Redis fails."""
 
     def __init__(
         self,
@@ -125,7 +250,7 @@ class RedisLoginLimiter:
         *,
         max_failures: int,
         lockout_seconds: float,
-        fallback: InMemoryLoginLimiter,
+        fallback: LoginLimiter,
         prefix: str = "auth:login-attempts:",
         on_redis_error: Callable[[], None] | None = None,
     ) -> None:
@@ -171,4 +296,4 @@ class RedisLoginLimiter:
 
     def _redis_failed(self, exc: redis.RedisError) -> None:
         self._on_redis_error()
-        _log.warning("redis unavailable for login limits, using the fallback: %s", exc)
+        _log.warning("redis unavailable for login limits, using the database: %s", exc)

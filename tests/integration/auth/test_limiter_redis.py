@@ -13,6 +13,7 @@ from services.auth_svc.infra.limiter import InMemoryLoginLimiter, RedisLoginLimi
 from services.auth_svc.service.ports import LoginAttempt
 from shared.data.redis_client import make_redis
 from tests.helpers import FakeClock
+from tests.integration.auth.limits import parallel_attempts
 
 UNREACHABLE = "redis://127.0.0.1:1/0"
 
@@ -42,23 +43,8 @@ def test_fifty_parallel_attempts_against_a_limit_of_ten_allow_exactly_ten(
     client: redis.Redis, unique: str
 ) -> None:
     limiter = limiter_on(client, limit=10)
-    start = threading.Barrier(50)
-    attempts: list[LoginAttempt] = []
-    lock = threading.Lock()
-
-    def attempt() -> None:
-        start.wait(timeout=10)
-        result = limiter.acquire(f"{unique}@example.com")
-        with lock:
-            attempts.append(result)
-
-    threads = [threading.Thread(target=attempt) for _ in range(50)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    attempts = parallel_attempts(limiter, f"{unique}@example.com")
     allowed = [a for a in attempts if a.allowed]
-    assert len(attempts) == 50
     assert len(allowed) == 10
     assert sum(a.locks_on_failure for a in allowed) == 1  # the tenth
     assert all(0 < a.retry_after_seconds <= 900 for a in attempts if not a.allowed)
