@@ -10,8 +10,13 @@ from sqlalchemy import Engine
 
 from services.auth_svc import SERVICE_NAME
 from services.auth_svc.api.servicer import PUBLIC_METHODS, AuthServicer
+from services.auth_svc.infra.hashing import HashPool
 from services.auth_svc.infra.keys import KeyRing, load_or_create_dev_key
-from services.auth_svc.infra.limiter import InMemoryLoginLimiter, RedisLoginLimiter
+from services.auth_svc.infra.limiter import (
+    InMemoryLoginLimiter,
+    RedisLoginLimiter,
+    SqlLoginLimiter,
+)
 from services.auth_svc.infra.passwords import Argon2PasswordHasher
 from services.auth_svc.repository.sql import SqlAuthUnitOfWork
 from services.auth_svc.service.auth_service import AuthPolicy, AuthService
@@ -50,22 +55,30 @@ class AuthApp:
 
 
 def _limiter(
-    settings: AuthSettings, clock: Clock, closers: Closers, metrics: Metrics
+    settings: AuthSettings, clock: Clock, closers: Closers, metrics: Metrics, engine: Engine
 ) -> LoginLimiter:
-    fallback = InMemoryLoginLimiter(
+    """Redis, then the database, then in-process (see infra/limiter.py)."""
+    in_process = InMemoryLoginLimiter(
         max_failures=settings.login_max_failures,
         lockout_seconds=settings.login_lockout_seconds,
         monotonic=clock.monotonic,
     )
     if not settings.common.redis_url:
-        return fallback
+        return in_process
+    database = SqlLoginLimiter(
+        engine,
+        max_failures=settings.login_max_failures,
+        lockout_seconds=settings.login_lockout_seconds,
+        clock=clock,
+        fallback=in_process,
+    )
     client = make_redis(settings.common.redis_url)
     closers.add(client.close)
     return RedisLoginLimiter(
         client,
         max_failures=settings.login_max_failures,
         lockout_seconds=settings.login_lockout_seconds,
-        fallback=fallback,
+        fallback=database,
         on_redis_error=lambda: metrics.redis_error("login_limiter"),
     )
 
@@ -104,10 +117,14 @@ def build_app(
     closers.add(engine.dispose)
     observability.watch_pool(engine)
     sessions = session_factory(engine)
+    if hasher is None:
+        pool = HashPool(concurrency=settings.hash_concurrency, queue=settings.hash_queue)
+        closers.add(pool.close)
+        hasher = Argon2PasswordHasher(pool)
     service = AuthService(
         uow=lambda: SqlAuthUnitOfWork(sessions),
-        hasher=hasher or Argon2PasswordHasher(concurrency=settings.hash_concurrency),
-        limiter=_limiter(settings, clock, closers, metrics),
+        hasher=hasher,
+        limiter=_limiter(settings, clock, closers, metrics, engine),
         tokens=keys,
         clock=clock,
         policy=AuthPolicy(

@@ -155,6 +155,33 @@ def test_login_without_fields_is_invalid_argument(client: Client) -> None:
     assert reply.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_login_with_an_email_no_account_can_have_is_invalid_argument(client: Client) -> None:
+    for email in ("a" * 250 + "@example.com", "grace\x00@example.com"):
+        reply = client.call("Login", auth_pb2.LoginRequest(email=email, password=PASSWORD))
+        assert reply.code == grpc.StatusCode.INVALID_ARGUMENT
+        bad_request = error_detail(reply.status, error_details_pb2.BadRequest)
+        assert [v.field for v in bad_request.field_violations] == ["email"]
+
+
+def test_login_while_hashing_is_busy_is_resource_exhausted_with_retry_info(
+    client: Client,
+) -> None:
+    client.register()
+    client.world.hasher.busy = True
+    reply = client.call("Login", auth_pb2.LoginRequest(email=EMAIL, password=PASSWORD))
+    assert reply.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reply.reason() == "HASHING_BUSY"
+    retry = error_detail(reply.status, error_details_pb2.RetryInfo)
+    assert retry.retry_delay.seconds >= 1
+
+
+def test_a_refresh_token_never_issued_is_unauthenticated(client: Client) -> None:
+    for token in ("x" * 129, "not a token!"):
+        reply = client.call("RefreshToken", auth_pb2.RefreshTokenRequest(refresh_token=token))
+        assert reply.code == grpc.StatusCode.UNAUTHENTICATED
+        assert reply.reason() == "INVALID_REFRESH_TOKEN"
+
+
 def test_refresh_token_returns_a_new_pair(client: Client) -> None:
     client.register()
     first = client.login()
