@@ -14,7 +14,8 @@ hashing) and starve the cheap calls (RefreshToken, GetJwks) of threads and CPU. 
   queue needs to drain (at least 1 s). Login reserves before it touches Redis or the
   database, so a rejected flood costs nothing but the rejection.
 - A reservation runs its hashes one at a time on the pool, and its request thread waits
-  for each. A hash still waiting to start after `max_wait_seconds` is abandoned (it never
+  for each. A hash still waiting to start after `max_wait_seconds` (or when the caller's
+  deadline passes, if that comes first) is abandoned (it never
   runs) and the request gets UNAVAILABLE (HASHING_TIMEOUT): the pool is behind, retry.
   A hash that has started is waited for: it ends within a hash's time.
 
@@ -35,6 +36,7 @@ from enum import Enum
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
+from shared.config import deadlines
 from shared.rpc.errors import ResourceExhausted, Unavailable
 
 __all__ = ["HashPool", "Reservation", "lower_thread_priority"]
@@ -152,7 +154,9 @@ class HashPool:
         with self._lock:
             self._jobs.append(job)
             self._lock.notify()
-        if not job.started.wait(self._max_wait):
+        remaining = deadlines.remaining()  # the caller's deadline, inside a call
+        wait = self._max_wait if remaining is None else min(self._max_wait, remaining)
+        if not job.started.wait(wait):
             with self._lock:
                 if job.state is _State.QUEUED:
                     job.state = _State.ABANDONED

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import pytest
 
 from services.auth_svc.infra.hashing import HashPool, Reservation, lower_thread_priority
+from shared.config import deadlines
 from shared.rpc.errors import ResourceExhausted, Unavailable
 from tests.helpers import FakeClock
 
@@ -171,6 +172,36 @@ def test_a_hash_that_waits_too_long_is_abandoned_and_never_runs() -> None:
         blocker.open()
         joined(threads)
     assert ran == []  # close() waited for the threads: it never ran
+
+
+class _Call:
+    """The current call as the hashing pool sees it: only its remaining time matters."""
+
+    def __init__(self, remaining: float) -> None:
+        self._remaining = remaining
+
+    def remaining(self) -> float:
+        return self._remaining
+
+    def on_end(self, hook: Callable[[], None]) -> Callable[[], None]:
+        return lambda: None
+
+
+def test_a_hash_waits_no_longer_than_its_callers_deadline() -> None:
+    blocker = Blocker()
+    # The configured wait is long: only the caller's deadline can end this one early.
+    with a_pool(concurrency=1, queue=1, max_wait_seconds=DEADLINE * 10) as pool:
+        threads, _ = in_threads(1, reserve_and_run(pool, blocker))
+        blocker.wait_started(1)
+        scope = deadlines.current_call.set(_Call(remaining=0.05))
+        try:
+            with pool.reserve() as reservation, pytest.raises(Unavailable) as excinfo:
+                reservation.run(lambda: "late")
+        finally:
+            deadlines.current_call.reset(scope)
+        assert excinfo.value.reason == "HASHING_TIMEOUT"
+        blocker.open()
+        joined(threads)
 
 
 def test_the_retry_delay_is_the_time_to_drain_the_places_taken() -> None:
