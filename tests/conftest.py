@@ -20,6 +20,15 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
+# Every test talks to the services from 127.0.0.1, many times a second: the per-address
+# limits of public methods would refuse most of it. Service processes inherit this (the
+# in-process ones get it from tests/integration/inprocess.py); the tests of the limits set
+# their own.
+GENEROUS_RATE_LIMITS = ",".join(
+    f"{method}=10000/10000" for method in ("Register", "Login", "RefreshToken", "Logout", "GetJwks")
+)
+os.environ.setdefault("AUTH_RATE_LIMITS", GENEROUS_RATE_LIMITS)
+
 
 def missing(what: str, why: str) -> None:
     """Skip on a laptop without the server; fail in CI, where the server must exist."""

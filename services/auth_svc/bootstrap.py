@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import redis
 from agentplatform.auth.v1 import auth_pb2_grpc
 from sqlalchemy import Engine
 
@@ -28,6 +29,7 @@ from shared.data.redis_client import make_redis
 from shared.rpc.lifecycle import Closers
 from shared.rpc.metrics import Metrics
 from shared.rpc.observability import Observability
+from shared.rpc.ratelimit import RateLimiter
 from shared.rpc.request_path import RequestPath
 from shared.rpc.server import RunningServer, create_server
 from shared.rpc.tracing import Tracing
@@ -49,13 +51,18 @@ class AuthApp:
     keys: KeyRing
     observability: Observability
     closers: Closers
+    rate_limiter: RateLimiter
 
     def close(self) -> None:
         self.closers.close()
 
 
 def _limiter(
-    settings: AuthSettings, clock: Clock, closers: Closers, metrics: Metrics, engine: Engine
+    settings: AuthSettings,
+    clock: Clock,
+    client: redis.Redis | None,
+    metrics: Metrics,
+    engine: Engine,
 ) -> LoginLimiter:
     """Redis, then the database, then in-process (see infra/limiter.py)."""
     in_process = InMemoryLoginLimiter(
@@ -63,7 +70,7 @@ def _limiter(
         lockout_seconds=settings.login_lockout_seconds,
         monotonic=clock.monotonic,
     )
-    if not settings.common.redis_url:
+    if client is None:
         return in_process
     database = SqlLoginLimiter(
         engine,
@@ -72,8 +79,6 @@ def _limiter(
         clock=clock,
         fallback=in_process,
     )
-    client = make_redis(settings.common.redis_url)
-    closers.add(client.close)
     return RedisLoginLimiter(
         client,
         max_failures=settings.login_max_failures,
@@ -117,6 +122,9 @@ def build_app(
     closers.add(engine.dispose)
     observability.watch_pool(engine)
     sessions = session_factory(engine)
+    client = make_redis(common.redis_url) if common.redis_url else None
+    if client is not None:
+        closers.add(client.close)
     if hasher is None:
         pool = HashPool(concurrency=settings.hash_concurrency, queue=settings.hash_queue)
         closers.add(pool.close)
@@ -124,7 +132,7 @@ def build_app(
     service = AuthService(
         uow=lambda: SqlAuthUnitOfWork(sessions),
         hasher=hasher,
-        limiter=_limiter(settings, clock, closers, metrics, engine),
+        limiter=_limiter(settings, clock, client, metrics, engine),
         tokens=keys,
         clock=clock,
         policy=AuthPolicy(
@@ -144,14 +152,26 @@ def build_app(
     metrics.declare(metrics.logins, ("success",), ("failure",), ("locked",))
     metrics.declare(metrics.token_verifications, ("verified",), ("cached",), ("rejected",))
     if common.redis_url:
-        metrics.declare(metrics.redis_errors, ("login_limiter",))
-    return AuthApp(settings, engine, service, verifier, keys, observability, closers)
+        metrics.declare(metrics.redis_errors, ("login_limiter",), ("rate_limiter",))
+    rate_limiter = RateLimiter(
+        settings.rate_limits,
+        redis_client=client,
+        prefix="auth:ratelimit:",
+        monotonic=clock.monotonic,
+        on_event=metrics.rate_limit_event,
+    )
+    for method in settings.rate_limits:
+        metrics.declare(metrics.rate_limited, (method,))
+    return AuthApp(settings, engine, service, verifier, keys, observability, closers, rate_limiter)
 
 
 def request_path_for(app: AuthApp) -> RequestPath:
     """The request path around every handler of the app's server."""
     return app.observability.request_path(
-        error_domain="auth.agentplatform", verifier=app.verifier, public_methods=PUBLIC_METHODS
+        error_domain="auth.agentplatform",
+        verifier=app.verifier,
+        public_methods=PUBLIC_METHODS,
+        rate_limiter=app.rate_limiter,
     )
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from services.auth_svc import PUBLIC_METHOD_NAMES
 from services.auth_svc.infra.keys import key_material_problems
 from shared.config.settings import CommonSettings, EnvReader, load_common
+from shared.rpc.ratelimit import Limit, parse_limits
 
 __all__ = ["AuthSettings", "load_auth_settings"]
 
@@ -26,6 +28,29 @@ class AuthSettings:
     hash_queue: int
     signing_key_pem: str | None
     verify_keys_pem: str | None
+    rate_limits: dict[str, Limit]
+
+
+# Per client address, for the public methods: RATE calls per second sustained, BURST at once.
+DEFAULT_RATE_LIMITS = "Register=2/10,Login=10/50,RefreshToken=20/100,Logout=20/100,GetJwks=50/200"
+
+
+def _rate_limits(reader: EnvReader) -> dict[str, Limit]:
+    text = reader.text("RATE_LIMITS", DEFAULT_RATE_LIMITS)
+    if text.lower() == "none":
+        return {}
+    try:
+        limits = parse_limits(text)
+    except ValueError as exc:
+        reader.problems.append(f"{reader.name('RATE_LIMITS')}: {exc}")
+        return parse_limits(DEFAULT_RATE_LIMITS)
+    unknown = set(limits) - PUBLIC_METHOD_NAMES
+    if unknown:
+        reader.problems.append(
+            f"{reader.name('RATE_LIMITS')} names methods that are not public: "
+            + ", ".join(sorted(unknown))
+        )
+    return limits
 
 
 def load_auth_settings(env: Mapping[str, str]) -> AuthSettings:
@@ -54,6 +79,7 @@ def load_auth_settings(env: Mapping[str, str]) -> AuthSettings:
         hash_queue=reader.integer("HASH_QUEUE", hash_concurrency * 4, minimum=0),
         signing_key_pem=signing_key,
         verify_keys_pem=reader.secret("VERIFY_KEYS"),
+        rate_limits=_rate_limits(reader),
     )
     reader.problems += key_material_problems(settings.signing_key_pem, settings.verify_keys_pem)
     if settings.password_min_length > 128:

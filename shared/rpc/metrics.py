@@ -278,6 +278,12 @@ class Metrics:
             ("level", "outcome"),
             registry=r,
         )
+        self.rate_limited = FastCounter(
+            "agentplatform_rate_limited_total",
+            "Calls refused by the per-address rate limit of public methods, by method.",
+            ("grpc_method",),
+            registry=r,
+        )
         self.redis_errors = Counter(
             "agentplatform_redis_errors_total",
             "Redis errors by component.",
@@ -319,6 +325,13 @@ class Metrics:
         self.cache_events.inc(level, outcome)
         if outcome == "error":
             self.redis_error("cache")
+
+    def rate_limit_event(self, method: str, outcome: str) -> None:
+        """RateLimiter's `on_event`: ("Login", "refused") or ("redis", "error")."""
+        if outcome == "refused":
+            self.rate_limited.inc(method)
+        else:
+            self.redis_error("rate_limiter")
 
     def redis_error(self, component: str) -> None:
         """A Redis call failed and was caught (the caller degraded instead of failing)."""

@@ -28,6 +28,7 @@ from sqlalchemy import Engine
 from shared.config.settings import CommonSettings
 from shared.data.db import unavailable_database
 from shared.rpc.metrics import Metrics, serve_metrics
+from shared.rpc.ratelimit import RateLimiter
 from shared.rpc.request_path import RequestPath
 from shared.rpc.server import RunningServer
 from shared.rpc.tracing import Tracing, configure_tracing
@@ -80,6 +81,7 @@ class Observability:
         error_domain: str,
         verifier: TokenVerifier,
         public_methods: Iterable[str],
+        rate_limiter: RateLimiter | None = None,
     ) -> RequestPath:
         """The request path every handler of the server is wrapped in."""
         return RequestPath(
@@ -88,6 +90,7 @@ class Observability:
             public_methods=public_methods,
             metrics=self.metrics.rpc,
             translators=[unavailable_database],
+            rate_limiter=rate_limiter,
         )
 
     def server_interceptors(self) -> list[grpc.ServerInterceptor]:

@@ -7,7 +7,9 @@
    grpcio, such a body is answered INTERNAL ("Exception deserializing request!") before
    any of our code runs, and every one leaks ~16 KB in grpcio 1.85 (measured: 5,000
    garbage bodies, +80 MB RSS, no plateau);
-2. **checks the bearer token** on every method not listed public (deny by default; the
+2. **limits public methods per client address** (shared.rpc.ratelimit: RESOURCE_EXHAUSTED
+   RATE_LIMITED at once when over), then **checks the bearer token** on every method not
+   listed public (deny by default; the
    library's health and reflection services are public): the verified Principal goes to
    the servicer in a `CallContext`, never in a thread-local;
 3. **runs the servicer** with that `CallContext`, made the current call for the layers
@@ -61,6 +63,7 @@ from shared.rpc.errors import (
     Unavailable,
 )
 from shared.rpc.metrics import RpcMetrics
+from shared.rpc.ratelimit import RateLimiter, client_address
 from shared.security.tokens import Principal, TokenVerifier
 
 __all__ = [
@@ -383,6 +386,7 @@ class RequestPath:
         metrics: RpcMetrics,
         translators: Iterable[Translator] = (),
         in_flight: InFlight | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self._domain = domain
         self._verifier = verifier
@@ -390,6 +394,7 @@ class RequestPath:
         self._metrics = metrics
         self._translators = tuple(translators)
         self.in_flight = in_flight or InFlight()
+        self._rate_limiter = rate_limiter
         # The library's unary methods (health checks) run on a small pool of their own, so
         # a probe never queues behind a saturated pool of worker threads.
         self._library_pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
@@ -422,7 +427,9 @@ class RequestPath:
 
     # -- unary -----------------------------------------------------------------------------
 
-    def _unary(self, method: str, handler: grpc.RpcMethodHandler, *, own: bool) -> Any:
+    def _unary(  # noqa: PLR0915  (one flat function on purpose: it runs on every call)
+        self, method: str, handler: grpc.RpcMethodHandler, *, own: bool
+    ) -> Any:
         behavior = handler.unary_unary
         decode = handler.request_deserializer or _identity
         encode = handler.response_serializer or _identity
@@ -433,6 +440,9 @@ class RequestPath:
         in_flight = self.in_flight
         status_of = self._status_of
         access_enabled = _access.isEnabledFor
+        limiter = self._rate_limiter if public else None
+        short_name = method.rpartition("/")[2]
+        limit = limiter.limit_for(short_name) if limiter is not None else None
 
         def call(raw: bytes, context: Any) -> bytes:
             started = perf_counter()
@@ -448,6 +458,8 @@ class RequestPath:
             in_flight.add(call)
             code = _UNKNOWN
             try:
+                if limit is not None:
+                    limiter.check(short_name, limit, client_address(context.peer()))  # type: ignore[union-attr]
                 try:
                     request = decode(raw)
                 except Exception:

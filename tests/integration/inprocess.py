@@ -22,6 +22,7 @@ from services.auth_svc.settings import load_auth_settings
 from shared.data import migrations
 from shared.rpc.server import RunningServer
 from shared.rpc.tracing import Tracing
+from tests.conftest import GENEROUS_RATE_LIMITS
 from tests.helpers import free_port
 from tests.unit.auth.fakes import FakeHasher
 
@@ -85,6 +86,7 @@ def _env(service: str, tmp_path: Path, env: Mapping[str, str]) -> tuple[dict[str
         f"{prefix}_METRICS_PORT": str(metrics_port),
         f"{prefix}_DATA_DIR": str(data),
         f"{prefix}_DATABASE_URL": f"sqlite:///{data}/{service}.db",
+        **({"AUTH_RATE_LIMITS": GENEROUS_RATE_LIMITS} if service == "auth" else {}),
         **env,
     }
     return full, metrics_port
