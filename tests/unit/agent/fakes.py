@@ -153,6 +153,9 @@ class FakeDatabase(SnapshotDatabase[State]):
         super().__init__(State)
         self.reads = 0
         self.queries: list[AgentQuery] = []
+        # Commits and cache invalidations in the order they happened ("commit",
+        # "invalidate <id>"): RecordingCache writes here too when it is given this list.
+        self.events: list[str] = []
         self.interference: list[Callable[[], None]] = []
 
     def unit_of_work(self) -> FakeUnitOfWork:
@@ -183,6 +186,10 @@ class FakeDatabase(SnapshotDatabase[State]):
 class FakeUnitOfWork(SnapshotUnitOfWork[State]):
     _database: FakeDatabase
 
+    def commit(self) -> None:
+        super().commit()
+        self._database.events.append("commit")
+
     @property
     def agents(self) -> FakeAgents:
         return FakeAgents(self._state, self._database)
@@ -190,12 +197,14 @@ class FakeUnitOfWork(SnapshotUnitOfWork[State]):
 
 class RecordingCache:
     """An AgentCache that really caches (by id only, like the real one) and records
-    invalidations, so tests can prove the service never trusts a cached owner."""
+    invalidations, so tests can prove the service never trusts a cached owner. Given the
+    database's event list, it logs each invalidation there, in order with the commits."""
 
-    def __init__(self) -> None:
+    def __init__(self, events: list[str] | None = None) -> None:
         self.entries: dict[uuid.UUID, Agent] = {}
         self.invalidated: list[uuid.UUID] = []
         self.loads = 0
+        self._events = events if events is not None else []
 
     def get(self, agent_id: uuid.UUID, load: Callable[[], Agent | None]) -> Agent | None:
         if agent_id in self.entries:
@@ -208,6 +217,7 @@ class RecordingCache:
 
     def invalidate(self, agent_id: uuid.UUID) -> None:
         self.invalidated.append(agent_id)
+        self._events.append(f"invalidate {agent_id}")
         self.entries.pop(agent_id, None)
 
     def close(self) -> None:
@@ -259,7 +269,7 @@ class World:
 
 def make_world(*, models: tuple[str, ...] = MODELS, secret: bytes = SECRET) -> World:
     database = FakeDatabase()
-    cache = RecordingCache()
+    cache = RecordingCache(database.events)
     clock = FakeClock(datetime(2026, 1, 1, 12, 0, tzinfo=UTC))
     service = AgentService(
         uow=database.unit_of_work,

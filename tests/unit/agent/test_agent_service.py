@@ -4,6 +4,7 @@ listing and the cache's place in all of it."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 import pytest
 
@@ -429,6 +430,39 @@ def test_update_invalidates_the_cache_after_commit(world: World) -> None:
     updated = update(world, owner, agent, ("description",), description="fresh")
     assert world.cache.invalidated == [agent.id]
     assert world.service.get(principal=owner, agent_id=str(agent.id)) == updated
+
+
+def _update_description(world: World, owner: Principal, agent: Agent) -> None:
+    update(world, owner, agent, ("description",), agent.etag, description="changed")
+
+
+def _update_after_a_lost_race(world: World, owner: Principal, agent: Agent) -> None:
+    world.database.interfere(lambda: world.database.bump(agent.id))
+    update(world, owner, agent, ("description",), description="retried")
+
+
+def _delete(world: World, owner: Principal, agent: Agent) -> None:
+    world.service.delete(principal=owner, agent_id=str(agent.id))
+
+
+def _delete_with_etag(world: World, owner: Principal, agent: Agent) -> None:
+    world.service.delete(principal=owner, agent_id=str(agent.id), etag=agent.etag)
+
+
+@pytest.mark.parametrize(
+    "write", [_update_description, _update_after_a_lost_race, _delete, _delete_with_etag]
+)
+def test_every_write_invalidates_the_cache_only_after_its_commit(
+    world: World, write: Callable[[World, Principal, Agent], None]
+) -> None:
+    """Invalidating before the commit would let a concurrent read put the old version back
+    into the cache, where it would stay until its TTL."""
+    owner = user()
+    agent = create(world, owner)
+    world.service.get(principal=owner, agent_id=str(agent.id))  # cached
+    world.database.events.clear()
+    write(world, owner, agent)
+    assert world.database.events == ["commit", f"invalidate {agent.id}"]
 
 
 def test_another_owner_cannot_update_and_learns_nothing(world: World) -> None:
