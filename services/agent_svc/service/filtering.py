@@ -10,7 +10,8 @@ Filter grammar (whitespace between tokens is free; `AND` is case-sensitive)::
 
 - `name = "sup*"`: a trailing `*` makes a prefix match (names starting with "sup");
   a `*` anywhere else is literal.
-- `owner_id = "<uuid>"`: admins only.
+- `owner_id = "<uuid>"`: admins only; anyone else gets PERMISSION_DENIED
+  (`OWNER_FILTER_NOT_ALLOWED`): the filter is well formed, the caller may not use it.
 - Every other form (OR, NOT, `!=`, `:`, parentheses, unquoted values, other fields) is
   INVALID_ARGUMENT with a violation on `filter`.
 
@@ -28,7 +29,7 @@ import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 
-from shared.rpc.errors import InvalidArgument
+from shared.rpc.errors import InvalidArgument, PermissionDenied
 
 __all__ = [
     "MAX_FILTER_LENGTH",
@@ -197,7 +198,9 @@ def _condition(field: str, value: str, *, allow_owner: bool) -> Condition:
         return NamePrefix(value[:-1]) if value.endswith("*") else NameEquals(value)
     if field == "owner_id":
         if not allow_owner:
-            raise _bad_filter("owner_id may only be filtered by admins")
+            raise PermissionDenied(
+                "only admins may filter by owner_id", reason="OWNER_FILTER_NOT_ALLOWED"
+            )
         try:
             return OwnerEquals(uuid.UUID(value))
         except ValueError:

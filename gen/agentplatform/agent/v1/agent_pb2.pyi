@@ -255,7 +255,9 @@ class ListAgentsRequest(_message.Message):
     """The next_page_token of a previous call with the same filter and order_by."""
     filter: _builtins.str
     """A subset of AIP-160: terms joined by AND, each `field = "value"`, over
-    model, name (a trailing * matches a prefix), metadata.KEY and (admins) owner_id.
+    model, name (a trailing * matches a prefix), metadata.KEY and owner_id. Only
+    admins may filter by owner_id: anyone else gets PERMISSION_DENIED (reason
+    OWNER_FILTER_NOT_ALLOWED).
     """
     order_by: _builtins.str
     """create_time, update_time or name, optionally followed by asc or desc.
