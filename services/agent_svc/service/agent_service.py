@@ -30,7 +30,7 @@ from services.agent_svc.service.ports import (
     NameTaken,
     RequestReplayed,
 )
-from services.agent_svc.service.validation import check_agent
+from services.agent_svc.service.validation import check_agent, reported, shown
 from shared.config.clock import Clock
 from shared.rpc.errors import (
     Aborted,
@@ -137,9 +137,9 @@ def _mask_paths(update_mask: Sequence[str], patch: AgentInput) -> list[str]:
         ):
             resolved.append(path)
         else:
-            problems.append(FieldViolation("update_mask", f"unknown field path {path!r}"))
+            problems.append(FieldViolation("update_mask", f"unknown field path {shown(path)}"))
     if problems:
-        raise InvalidArgument(problems)
+        raise InvalidArgument(reported(problems, "update_mask"))
     return resolved
 
 

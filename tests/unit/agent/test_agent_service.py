@@ -325,6 +325,15 @@ def test_every_bad_path_is_reported(world: World) -> None:
     assert world.database.committed.agents[agent.id] == agent
 
 
+def test_a_mask_error_stays_small_however_many_and_long_the_paths(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    with pytest.raises(InvalidArgument) as caught:
+        update(world, owner, agent, tuple(f"{i}{'x' * 100_000}" for i in range(1_000)))
+    assert len(caught.value.violations) == 11
+    assert len(caught.value.message) < 2_000
+
+
 def test_output_only_paths_are_ignored(world: World) -> None:
     owner = user()
     agent = create(world, owner)

@@ -239,6 +239,69 @@ def test_nan_in_tool_parameters_is_invalid_not_internal(client: Client) -> None:
     assert reply.violations() == ["agent.tools[0].parameters"]
 
 
+def deep_struct(levels: int) -> struct_pb2.Struct:
+    """A Struct `levels` objects deep: {"a": {"a": … {}}}."""
+    data: dict[str, Any] = {}
+    for _ in range(levels - 1):
+        data = {"a": data}
+    return parameters(data)
+
+
+def test_nul_anywhere_in_an_agent_is_invalid_argument_on_each_field(client: Client) -> None:
+    nul = "\x00"
+    hostile = new_agent(
+        name=f"bot{nul}",
+        description=f"d{nul}",
+        instructions=f"i{nul}",
+        metadata={f"k{nul}": "v", "team": f"v{nul}"},
+        tools=[
+            agent_pb2.Tool(
+                name=f"t{nul}",
+                description=f"d{nul}",
+                parameters=parameters({f"k{nul}": "v"}),
+            ),
+            agent_pb2.Tool(
+                name="strings", parameters=parameters({"enum": [{"nested": f"v{nul}"}]})
+            ),
+            agent_pb2.Tool(name="deep", parameters=deep_struct(33)),
+        ],
+    )
+    reply = client.call(
+        "CreateAgent", agent_pb2.CreateAgentRequest(agent=hostile), token=client.token()
+    )
+    assert (reply.code, reply.reason()) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    assert sorted(reply.violations()) == sorted(
+        [
+            "agent.name",
+            "agent.description",
+            "agent.instructions",
+            'agent.metadata["k\\u0000"]',
+            'agent.metadata["team"]',
+            "agent.tools[0].name",
+            "agent.tools[0].description",
+            "agent.tools[0].parameters",
+            "agent.tools[1].parameters",
+            "agent.tools[2].parameters",
+        ]
+    )
+    assert client.world.database.commits == 0
+
+
+def test_a_struct_32_levels_deep_is_accepted(client: Client) -> None:
+    tool = agent_pb2.Tool(name="deep", parameters=deep_struct(32))
+    created = create(client, client.token(), tools=[tool])
+    assert created.tools[0].parameters == tool.parameters
+
+
+def test_nul_in_a_filter_value_is_invalid_argument_on_filter(client: Client) -> None:
+    reply = client.call(
+        "ListAgents",
+        agent_pb2.ListAgentsRequest(filter='metadata.team = "a\x00"'),
+        token=client.token(),
+    )
+    assert (reply.code, reply.violations()) == (grpc.StatusCode.INVALID_ARGUMENT, ["filter"])
+
+
 def test_idempotent_create(client: Client) -> None:
     token, request_id = client.token(str(uuid.uuid4())), str(uuid.uuid4())
     request = agent_pb2.CreateAgentRequest(agent=new_agent(), request_id=request_id)
