@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.agent_svc.domain import Agent, AgentInput, Tool
 
-__all__ = ["agent_input", "agent_to_proto", "struct_to_dict"]
+__all__ = ["agent_input", "agent_to_proto", "serialized_size", "struct_to_dict"]
 
 
 def _timestamp(moment: datetime) -> Timestamp:
@@ -101,6 +101,13 @@ _memo = _ProtoMemo(size=10_000)
 def agent_to_proto(agent: Agent) -> agent_pb2.Agent:
     """The agent as a message; shared, so callers embed it in a response and never mutate it."""
     return _memo.get(agent)
+
+
+def serialized_size(agent: Agent) -> int:
+    """The agent's size as a message, in bytes. ListAgents sizes each agent of a page this
+    way before the servicer converts it: the message built here is the one the servicer
+    then finds in the memo, so a page costs one encoding pass more, not a second build."""
+    return int(agent_to_proto(agent).ByteSize())
 
 
 def _build(agent: Agent) -> agent_pb2.Agent:

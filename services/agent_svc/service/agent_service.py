@@ -4,6 +4,12 @@ Visibility: a caller sees their own agents; an admin sees every agent. Someone e
 agent is NOT_FOUND, exactly like a missing one. Reads of one agent go through the cache,
 which is keyed by id only, so the ownership check runs on whatever the cache returned.
 Writes go to the database in one unit of work and invalidate the cache after commit.
+
+A ListAgents page ends early, with a next_page_token, rather than carry more than
+LIST_RESPONSE_BUDGET bytes of agents (but always at least one): with agents of up to 1 MiB
+(validation.MAX_AGENT_BYTES) a client with gRPC's default 4 MiB receive limit can read
+every page. Agents are sized by the `agent_size` function the composition root passes in
+(the servicer's encoding; by default the same figure computed from the domain objects).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from services.agent_svc.service.ports import (
     NameTaken,
     RequestReplayed,
 )
+from services.agent_svc.service.sizing import agent_size, framed
 from services.agent_svc.service.validation import check_agent, reported, shown
 from shared.config.clock import Clock
 from shared.rpc.errors import (
@@ -42,7 +49,7 @@ from shared.rpc.errors import (
 )
 from shared.security.tokens import Principal
 
-__all__ = ["MUTABLE_FIELDS", "AgentService", "apply_update_mask"]
+__all__ = ["LIST_RESPONSE_BUDGET", "MUTABLE_FIELDS", "AgentService", "apply_update_mask"]
 
 _log = logging.getLogger(__name__)
 
@@ -61,6 +68,9 @@ OUTPUT_ONLY_FIELDS = frozenset({"create_time", "update_time", "etag"})
 _METADATA_ENTRY = "metadata."
 # Updates without an etag retry their compare-and-set this many times before ABORTED.
 UPDATE_ATTEMPTS = 5
+# Bytes of serialized agents in one ListAgents response (a quarter of the default 4 MiB
+# receive limit is left for the token and framing, and for safety).
+LIST_RESPONSE_BUDGET = 3 * 1024 * 1024
 
 
 # Parsed ids by their text: the same callers and agents come back on every read, and
@@ -192,12 +202,14 @@ class AgentService:
         clock: Clock,
         allowed_models: Collection[str],
         page_tokens: PageTokens,
+        agent_size: Callable[[Agent], int] = agent_size,
     ) -> None:
         self._uow = uow
         self._cache = cache
         self._clock = clock
         self._allowed_models = tuple(allowed_models)
         self._page_tokens = page_tokens
+        self._agent_size = agent_size
 
     # -- create and read ----------------------------------------------------------------
 
@@ -267,13 +279,23 @@ class AgentService:
         query = AgentQuery(owner, conditions, ordering, after, limit + 1)
         with self._uow() as uow:
             rows = uow.agents.list_page(query)
-        page, more = rows[:limit], len(rows) > limit
+        page = self._within_budget(rows[:limit])
+        more = len(rows) > len(page)
         next_token = (
             self._page_tokens.issue(_cursor(page[-1], ordering.field), binding=binding)
             if more
             else ""
         )
-        return AgentPage(tuple(page), next_token)
+        return AgentPage(page, next_token)
+
+    def _within_budget(self, rows: Sequence[Agent]) -> tuple[Agent, ...]:
+        """The leading rows whose encoding fits LIST_RESPONSE_BUDGET (at least one)."""
+        used = 0
+        for count, agent in enumerate(rows):
+            used += framed(self._agent_size(agent))
+            if count and used > LIST_RESPONSE_BUDGET:
+                return tuple(rows[:count])
+        return tuple(rows)
 
     # -- change -------------------------------------------------------------------------
 

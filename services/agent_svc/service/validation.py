@@ -15,6 +15,15 @@ What text each field accepts (the rules of shared.config.text):
   string at any depth, finite numbers, and at most `MAX_PARAMETERS_DEPTH` levels (the
   parameters object is level 1; each nested object or list is one level more).
 
+Byte limits (UTF-8 bytes; a limit in characters alone lets 256,000 four-byte characters
+of instructions weigh 1 MB):
+
+- Tool parameters: at most `MAX_TOOL_PARAMETERS_BYTES` (16 KiB) each, as compact JSON
+  (no spaces, characters unescaped).
+- A whole agent: at most `MAX_AGENT_BYTES` (1 MiB) as the Agent message it is sent as
+  (services/agent_svc/service/sizing.py), so GetAgent, and a ListAgents page of one,
+  always fit a client's default 4 MiB receive limit. Checked once every other rule holds.
+
 NUL is refused everywhere because PostgreSQL refuses it in text columns, and inside JSON
 it cannot be read back by the JSON operators a metadata filter uses: one stored NUL would
 fail every filtered listing that scans its row.
@@ -36,10 +45,12 @@ from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 from services.agent_svc.domain import AgentInput, Tool
+from services.agent_svc.service.sizing import SERVER_FIELDS_MAX, settable_size
 from shared.config.text import has_control_characters, has_nul, line_problem, text_problem
 from shared.rpc.errors import FieldViolation, InvalidArgument
 
 __all__ = [
+    "MAX_AGENT_BYTES",
     "MAX_DESCRIPTION",
     "MAX_INSTRUCTIONS",
     "MAX_METADATA_KEY",
@@ -51,6 +62,7 @@ __all__ = [
     "MAX_SHOWN",
     "MAX_TOOLS",
     "MAX_TOOL_DESCRIPTION",
+    "MAX_TOOL_PARAMETERS_BYTES",
     "check_agent",
     "reported",
     "shown",
@@ -65,6 +77,8 @@ MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
 MAX_PARAMETERS_DEPTH = 32
+MAX_TOOL_PARAMETERS_BYTES = 16 * 1024
+MAX_AGENT_BYTES = 1024 * 1024
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: `$` would let a final "\n" in
 TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_P_RANGE = (0.0, 1.0)
@@ -75,6 +89,8 @@ MAX_SHOWN = 40
 def check_agent(agent: AgentInput, allowed_models: Collection[str], prefix: str = "agent") -> None:
     """Raises InvalidArgument listing the rules the agent breaks (up to MAX_REPORTED)."""
     violations = reported(_violations(agent, allowed_models, prefix), prefix)
+    if not violations:
+        violations = list(_size(agent, prefix))
     if violations:
         raise InvalidArgument(violations)
 
@@ -150,6 +166,27 @@ def _tools(tools: tuple[Tool, ...], field: str) -> Iterator[FieldViolation]:
         yield from _text(tool.description, MAX_TOOL_DESCRIPTION, f"{at}.description")
         if problem := _parameters_problem(tool.parameters):
             yield FieldViolation(f"{at}.parameters", problem)
+        elif _json_bytes(tool.parameters) > MAX_TOOL_PARAMETERS_BYTES:
+            yield FieldViolation(
+                f"{at}.parameters",
+                f"must be at most {MAX_TOOL_PARAMETERS_BYTES:,} bytes as compact JSON",
+            )
+
+
+def _json_bytes(parameters: Mapping[str, Any]) -> int:
+    compact = json.dumps(parameters, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return len(compact.encode())
+
+
+def _size(agent: AgentInput, field: str) -> Iterator[FieldViolation]:
+    """The whole agent within MAX_AGENT_BYTES, with the most its server fields can add."""
+    size = settable_size(agent) + SERVER_FIELDS_MAX
+    if size > MAX_AGENT_BYTES:
+        yield FieldViolation(
+            field,
+            f"must be at most {MAX_AGENT_BYTES:,} bytes serialized (1 MiB); "
+            f"this one would be {size:,}",
+        )
 
 
 def _parameters_problem(parameters: Mapping[str, Any]) -> str | None:

@@ -28,6 +28,7 @@ from services.agent_svc.service.filtering import (
 )
 from services.agent_svc.service.paging import PageTokens
 from services.agent_svc.service.ports import AgentQuery, NameTaken, RequestReplayed
+from services.agent_svc.service.sizing import agent_size
 from shared.security.tokens import Principal
 from tests.fakes import SnapshotDatabase, SnapshotUnitOfWork
 from tests.helpers import FakeClock
@@ -267,7 +268,12 @@ class World:
     clock: FakeClock
 
 
-def make_world(*, models: tuple[str, ...] = MODELS, secret: bytes = SECRET) -> World:
+def make_world(
+    *,
+    models: tuple[str, ...] = MODELS,
+    secret: bytes = SECRET,
+    agent_size: Callable[[Agent], int] = agent_size,
+) -> World:
     database = FakeDatabase()
     cache = RecordingCache(database.events)
     clock = FakeClock(datetime(2026, 1, 1, 12, 0, tzinfo=UTC))
@@ -277,5 +283,6 @@ def make_world(*, models: tuple[str, ...] = MODELS, secret: bytes = SECRET) -> W
         clock=clock,
         allowed_models=models,
         page_tokens=PageTokens(secret),
+        agent_size=agent_size,
     )
     return World(service, database, cache, clock)

@@ -9,8 +9,9 @@ from collections.abc import Callable
 import pytest
 
 from services.agent_svc.domain import Agent, AgentInput, Tool
-from services.agent_svc.service.agent_service import UPDATE_ATTEMPTS
+from services.agent_svc.service.agent_service import LIST_RESPONSE_BUDGET, UPDATE_ATTEMPTS
 from services.agent_svc.service.filtering import MetadataEquals, OwnerEquals
+from services.agent_svc.service.sizing import agent_size, framed
 from shared.rpc.errors import (
     Aborted,
     AlreadyExists,
@@ -376,6 +377,17 @@ def test_the_merged_agent_is_validated(world: World) -> None:
     assert world.database.committed.agents[agent.id] == agent
 
 
+def test_an_update_that_would_make_the_agent_too_big_is_invalid_on_agent(world: World) -> None:
+    owner = user()
+    agent = create(world, owner, instructions="😀" * 256_000)
+    with pytest.raises(InvalidArgument) as caught:
+        update(
+            world, owner, agent, ("metadata",), metadata={f"k{i}": "😀" * 512 for i in range(16)}
+        )
+    assert fields_of(caught.value) == ["agent"]
+    assert world.database.committed.agents[agent.id] == agent
+
+
 def test_renaming_onto_another_agents_name_already_exists(world: World) -> None:
     owner = user()
     create(world, owner, name="taken")
@@ -680,6 +692,48 @@ def test_page_size_defaults_and_clamps(world: World) -> None:
     with pytest.raises(InvalidArgument) as caught:
         world.service.list(principal=me, page_size=-1)
     assert fields_of(caught.value) == ["page_size"]
+
+
+def all_pages(world: World, me: Principal, page_size: int) -> list[tuple[Agent, ...]]:
+    pages: list[tuple[Agent, ...]] = []
+    token = ""
+    while True:
+        page = world.service.list(
+            principal=me, page_size=page_size, page_token=token, order_by="name"
+        )
+        pages.append(page.agents)
+        token = page.next_page_token
+        if not token:
+            return pages
+
+
+def test_a_page_of_big_agents_ends_early_within_the_response_budget(world: World) -> None:
+    me = user()
+    names = [f"big-{index:02d}" for index in range(20)]
+    for name in names:  # ~600 KB each: 20 would make a 12 MB page
+        create(world, me, name=name, instructions="€" * 200_000)
+    pages = all_pages(world, me, page_size=20)
+    assert [a.name for page in pages for a in page] == names  # none lost or repeated
+    assert len(pages) == 4
+    for page in pages:
+        assert 1 <= len(page) <= 5
+        assert sum(framed(agent_size(a)) for a in page) <= LIST_RESPONSE_BUDGET
+
+
+def test_an_agent_bigger_than_the_budget_still_makes_a_page_of_its_own() -> None:
+    world = make_world(agent_size=lambda agent: LIST_RESPONSE_BUDGET + 1)
+    me = user()
+    for index in range(3):
+        create(world, me, name=f"huge-{index}")
+    pages = all_pages(world, me, page_size=50)
+    assert [[a.name for a in page] for page in pages] == [["huge-0"], ["huge-1"], ["huge-2"]]
+
+
+def test_small_agents_fill_the_page_size(world: World) -> None:
+    me = user()
+    for index in range(30):
+        create(world, me, name=f"small-{index:02d}")
+    assert [len(page) for page in all_pages(world, me, page_size=25)] == [25, 5]
 
 
 def _first_token(world: World, me: Principal, **query: str) -> str:

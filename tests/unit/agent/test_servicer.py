@@ -354,6 +354,26 @@ def test_list_pages_with_filter_and_order(client: Client) -> None:
     assert seen == ["sup-3", "sup-1"]
 
 
+def test_every_page_of_big_agents_fits_a_default_clients_receive_limit(client: Client) -> None:
+    token = client.token(str(uuid.uuid4()))
+    names = [f"big-{index:02d}" for index in range(20)]
+    for name in names:  # ~600 KB each
+        create(client, token, name=name, tools=[], instructions="€" * 200_000)
+    request = agent_pb2.ListAgentsRequest(page_size=20, order_by="name")
+    seen, pages = [], 0
+    while True:
+        reply = client.ok("ListAgents", request, token=token)
+        assert reply.agents
+        assert reply.ByteSize() < 4 * 1024 * 1024
+        seen += [a.name for a in reply.agents]
+        pages += 1
+        if not reply.next_page_token:
+            break
+        request.page_token = reply.next_page_token
+    assert seen == names
+    assert pages > 1
+
+
 @pytest.mark.parametrize(
     ("request_fields", "field"),
     [

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from services.agent_svc.domain import AgentInput, Tool
-from services.agent_svc.service.validation import check_agent
+from services.agent_svc.service.sizing import SERVER_FIELDS_MAX, settable_size
+from services.agent_svc.service.validation import MAX_AGENT_BYTES, check_agent
 from shared.rpc.errors import InvalidArgument
 from shared.rpc.interceptors import status_for
 from tests.unit.agent.fakes import MODELS, agent_input
@@ -287,3 +289,44 @@ def test_the_error_of_the_worst_agent_fits_a_default_clients_trailer_limit(
     with pytest.raises(InvalidArgument) as caught:
         check_agent(worst, MODELS)
     assert trailer_bytes(caught.value) < 6_144
+
+
+def parameters_of_json_size(size: int) -> dict[str, Any]:
+    """Parameters whose compact JSON is exactly `size` bytes: {"d":"€€…x"}."""
+    filler = size - len('{"d":""}')
+    return {"d": "€" * (filler // 3) + "x" * (filler % 3)}
+
+
+def test_tool_parameters_are_at_most_16_kib_as_compact_json() -> None:
+    at_limit = parameters_of_json_size(16 * 1024)
+    check_agent(agent_input(tools=(Tool("t", parameters=at_limit),)), MODELS)
+    found = violations(tools=(Tool("t", parameters=parameters_of_json_size(16 * 1024 + 1)),))
+    assert found == {"agent.tools[0].parameters": "must be at most 16,384 bytes as compact JSON"}
+
+
+def test_instructions_within_their_character_limit_can_still_make_the_agent_too_big() -> None:
+    """256,000 characters of instructions are 1,024,000 bytes when each takes four, and
+    128 tool descriptions within their limit add half a megabyte more."""
+    heavy = agent_input(
+        instructions="😀" * 256_000,
+        tools=tuple(tool(f"t{i}", "😀" * 1_024) for i in range(128)),
+    )
+    found = violations(**{k: getattr(heavy, k) for k in ("instructions", "tools")})
+    assert list(found) == ["agent"]
+    assert found["agent"].startswith("must be at most 1,048,576 bytes serialized")
+
+
+def test_the_agent_limit_counts_bytes_with_room_for_the_server_fields() -> None:
+    base = agent_input(instructions="", metadata={f"k{i}": "😀" * 512 for i in range(16)})
+    # Instructions of n bytes (n >= 2**14) add a tag byte and a 3-byte length.
+    room = MAX_AGENT_BYTES - SERVER_FIELDS_MAX - settable_size(base) - 4
+    at_limit = "😀" * (room // 4) + "x" * (room % 4)
+    check_agent(replace(base, instructions=at_limit), MODELS)
+    with pytest.raises(InvalidArgument) as caught:
+        check_agent(replace(base, instructions=at_limit + "x"), MODELS)
+    assert [v.field for v in caught.value.violations] == ["agent"]
+
+
+def test_the_size_is_checked_once_every_other_rule_holds() -> None:
+    found = violations(name="", instructions="😀" * 300_000)
+    assert set(found) == {"agent.name", "agent.instructions"}

@@ -32,6 +32,10 @@ class Agent(_message.Message):
     return. NUL is refused everywhere, inside tool parameters too. A field that breaks a
     rule is INVALID_ARGUMENT with a BadRequest field violation naming it, such as
     `agent.tools[0].parameters` or `agent.metadata["team"]`.
+
+    Byte limits count UTF-8 bytes: a whole agent is at most 1 MiB (1,048,576 bytes) as
+    this message, server fields included (a violation on `agent`), so any agent, and a
+    ListAgents page, fits a client's default 4 MiB receive limit.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -152,9 +156,9 @@ class Tool(_message.Message):
     """Up to 1,024 characters of free text."""
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
-        """JSON Schema of the function's parameters: no NUL in any key or string, finite
-        numbers, at most 32 levels deep (this object is level 1; each nested object or
-        list is one more).
+        """JSON Schema of the function's parameters: at most 16 KiB (16,384 bytes) as
+        compact JSON; no NUL in any key or string, finite numbers, at most 32 levels deep
+        (this object is level 1; each nested object or list is one more).
         """
 
     def __init__(
@@ -304,7 +308,12 @@ class ListAgentsResponse(_message.Message):
     next_page_token: _builtins.str
     """Empty on the last page."""
     @_builtins.property
-    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]: ...
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]:
+        """At most page_size agents, and fewer when more would exceed 3 MiB of serialized
+        agents (a page holds at least one): fewer agents than page_size do not mean the
+        last page; only an empty next_page_token does.
+        """
+
     def __init__(
         self,
         *,
