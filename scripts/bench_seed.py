@@ -46,7 +46,6 @@ def _row(owner_id: uuid.UUID, index: int, start: datetime) -> dict[str, Any]:
         "temperature": 0.2,
         "top_p": None,
         "revision": 1,
-        "request_id": None,
         "create_time": when,
         "update_time": when,
     }

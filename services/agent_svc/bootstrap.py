@@ -157,6 +157,7 @@ def build_app(
         allowed_models=settings.allowed_models,
         page_tokens=PageTokens(settings.page_token_secret),
         agent_size=serialized_size,
+        request_id_ttl_seconds=settings.request_id_ttl_seconds,
     )
     verifier = TokenVerifier(
         keys if keys is not None else _jwks_keys(settings, clock, closers, observability),

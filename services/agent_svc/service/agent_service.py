@@ -5,6 +5,13 @@ agent is NOT_FOUND, exactly like a missing one. Reads of one agent go through th
 which is keyed by id only, so the ownership check runs on whatever the cache returned.
 Writes go to the database in one unit of work and invalidate the cache after commit.
 
+Idempotent create (AIP-155): a create with a request_id records, in the same transaction
+as the agent, a fingerprint of the request and the response (the agent as created). For
+`request_id_ttl_seconds` a replay with the same fingerprint gets exactly that response,
+even after the agent was updated or deleted, and creates nothing; the id with another
+fingerprint is INVALID_ARGUMENT on `request_id` (REQUEST_ID_REUSED). An expired record is
+replaced by the next create with its id. A replay is validated like any request.
+
 A ListAgents page ends early, with a next_page_token, rather than carry more than
 LIST_RESPONSE_BUDGET bytes of agents (but always at least one): with agents of up to 1 MiB
 (validation.MAX_AGENT_BYTES) a client with gRPC's default 4 MiB receive limit can read
@@ -19,6 +26,7 @@ import logging
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
+from datetime import timedelta
 
 from services.agent_svc.domain import Agent, AgentInput, AgentPage
 from services.agent_svc.service.filtering import (
@@ -33,6 +41,7 @@ from services.agent_svc.service.ports import (
     AgentCache,
     AgentQuery,
     AgentUnitOfWork,
+    CreateRecord,
     NameTaken,
     RequestReplayed,
 )
@@ -203,6 +212,7 @@ class AgentService:
         allowed_models: Collection[str],
         page_tokens: PageTokens,
         agent_size: Callable[[Agent], int] = agent_size,
+        request_id_ttl_seconds: float = 86_400.0,
     ) -> None:
         self._uow = uow
         self._cache = cache
@@ -210,37 +220,62 @@ class AgentService:
         self._allowed_models = tuple(allowed_models)
         self._page_tokens = page_tokens
         self._agent_size = agent_size
+        self._request_id_ttl = timedelta(seconds=request_id_ttl_seconds)
 
     # -- create and read ----------------------------------------------------------------
 
     def create(self, *, principal: Principal, agent: AgentInput, request_id: str = "") -> Agent:
-        """Creates an agent owned by the caller; a repeated request_id returns the first."""
+        """Creates an agent owned by the caller. With a request_id (AIP-155), a replay of
+        the same request returns the first response, as it was then; the id used for a
+        different request is INVALID_ARGUMENT (REQUEST_ID_REUSED)."""
         caller = _caller(principal)
         request = _parse_id(request_id, "request_id") if request_id else None
         check_agent(agent, self._allowed_models)
-        now = self._clock.now()
-        new = Agent.new(agent, owner_id=caller.id, now=now)
+        new = Agent.new(agent, owner_id=caller.id, now=self._clock.now())
         with self._uow() as uow:
             if request is not None:
-                first = uow.agents.get_by_request_id(caller.id, request)
+                first = self._record_create(uow, caller.id, request, agent.fingerprint, new)
                 if first is not None:
                     return first
             try:
-                uow.agents.add(new, request_id=request)
+                uow.agents.add(new)
             except NameTaken:
                 raise _name_taken(new.name) from None
-            except RequestReplayed:
-                # A concurrent create with the same request id won the race.
-                assert request is not None
-                first = uow.agents.get_by_request_id(caller.id, request)
-                if first is None:
-                    raise Aborted(
-                        "a concurrent request with this request_id is in progress",
-                        reason="REQUEST_IN_PROGRESS",
-                    ) from None
-                return first
             uow.commit()
         return new
+
+    def _record_create(
+        self,
+        uow: AgentUnitOfWork,
+        owner_id: uuid.UUID,
+        request: uuid.UUID,
+        fingerprint: str,
+        new: Agent,
+    ) -> Agent | None:
+        """Records `new` as the response to this request id, or returns the response of
+        the create that used the id first. The record goes in before the agent, so a
+        concurrent create with the same id waits on its key and then replays."""
+        live_after = new.create_time - self._request_id_ttl
+        record = uow.create_requests.get(owner_id, request, created_after=live_after)
+        if record is None:
+            try:
+                uow.create_requests.add(
+                    owner_id, request, CreateRecord(fingerprint, new), created_after=live_after
+                )
+                return None
+            except RequestReplayed:  # a concurrent create with this id committed first
+                record = uow.create_requests.get(owner_id, request, created_after=live_after)
+            if record is None:
+                raise Aborted(
+                    "a concurrent request with this request_id is in progress",
+                    reason="REQUEST_IN_PROGRESS",
+                )
+        if record.fingerprint not in (None, fingerprint):
+            raise InvalidArgument(
+                FieldViolation("request_id", "already used for a different request"),
+                reason="REQUEST_ID_REUSED",
+            )
+        return record.agent
 
     def get(self, *, principal: Principal, agent_id: str) -> Agent:
         """One agent, if the caller may see it."""

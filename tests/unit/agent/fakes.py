@@ -27,7 +27,12 @@ from services.agent_svc.service.filtering import (
     SortField,
 )
 from services.agent_svc.service.paging import PageTokens
-from services.agent_svc.service.ports import AgentQuery, NameTaken, RequestReplayed
+from services.agent_svc.service.ports import (
+    AgentQuery,
+    CreateRecord,
+    NameTaken,
+    RequestReplayed,
+)
 from services.agent_svc.service.sizing import agent_size
 from shared.security.tokens import Principal
 from tests.fakes import SnapshotDatabase, SnapshotUnitOfWork
@@ -42,7 +47,7 @@ class State:
     """What a database would hold."""
 
     agents: dict[uuid.UUID, Agent] = field(default_factory=dict)
-    request_ids: dict[tuple[uuid.UUID, uuid.UUID], uuid.UUID] = field(default_factory=dict)
+    create_requests: dict[tuple[uuid.UUID, uuid.UUID], CreateRecord] = field(default_factory=dict)
 
 
 def _matches(agent: Agent, condition: Condition) -> bool:
@@ -80,31 +85,15 @@ class FakeAgents:
             for a in self._state.agents.values()
         )
 
-    def add(self, agent: Agent, *, request_id: uuid.UUID | None = None) -> None:
+    def add(self, agent: Agent) -> None:
         self._database.run_interference()
-        # Unique indexes see rows other transactions committed meanwhile.
-        committed = self._database.committed.request_ids
-        if request_id is not None and (
-            (agent.owner_id, request_id) in self._state.request_ids
-            or (agent.owner_id, request_id) in committed
-        ):
-            raise RequestReplayed(str(request_id))
         if self._name_taken(agent):
             raise NameTaken(agent.name)
         self._state.agents[agent.id] = agent
-        if request_id is not None:
-            self._state.request_ids[(agent.owner_id, request_id)] = agent.id
 
     def get(self, agent_id: uuid.UUID) -> Agent | None:
         self._database.reads += 1
         return self._state.agents.get(agent_id)
-
-    def get_by_request_id(self, owner_id: uuid.UUID, request_id: uuid.UUID) -> Agent | None:
-        for state in (self._state, self._database.committed):  # READ COMMITTED
-            agent_id = state.request_ids.get((owner_id, request_id))
-            if agent_id in state.agents:
-                return state.agents[agent_id]
-        return None
 
     def list_page(self, query: AgentQuery) -> list[Agent]:
         self._database.queries.append(query)
@@ -147,6 +136,50 @@ class FakeAgents:
         return True
 
 
+class FakeCreateRequests:
+    def __init__(self, state: State, database: FakeDatabase) -> None:
+        self._state = state
+        self._database = database
+
+    def _live(
+        self, key: tuple[uuid.UUID, uuid.UUID], created_after: datetime
+    ) -> CreateRecord | None:
+        # READ COMMITTED, and a unique key sees what other transactions committed.
+        for state in (self._state, self._database.committed):
+            record = state.create_requests.get(key)
+            if record is not None and record.agent.create_time > created_after:
+                return record
+        return None
+
+    def get(
+        self, owner_id: uuid.UUID, request_id: uuid.UUID, *, created_after: datetime
+    ) -> CreateRecord | None:
+        return self._live((owner_id, request_id), created_after)
+
+    def add(
+        self,
+        owner_id: uuid.UUID,
+        request_id: uuid.UUID,
+        record: CreateRecord,
+        *,
+        created_after: datetime,
+    ) -> None:
+        self._database.run_interference()
+        if self._live((owner_id, request_id), created_after) is not None:
+            raise RequestReplayed(str(request_id))
+        self._state.create_requests[(owner_id, request_id)] = record
+
+    def purge(self, *, created_before: datetime, limit: int) -> int:
+        expired = [
+            key
+            for key, record in self._state.create_requests.items()
+            if record.agent.create_time < created_before
+        ][:limit]
+        for key in expired:
+            del self._state.create_requests[key]
+        return len(expired)
+
+
 class FakeDatabase(SnapshotDatabase[State]):
     """The committed state, and units of work that each change a private copy of it."""
 
@@ -171,10 +204,11 @@ class FakeDatabase(SnapshotDatabase[State]):
             self.interference.pop(0)()
 
     def commit_agent(self, agent: Agent, request_id: uuid.UUID | None = None) -> None:
-        """A concurrent writer's committed create."""
+        """A concurrent writer's committed create (with that request id)."""
         self.committed.agents[agent.id] = agent
         if request_id is not None:
-            self.committed.request_ids[(agent.owner_id, request_id)] = agent.id
+            record = CreateRecord(agent.settable.fingerprint, agent)
+            self.committed.create_requests[(agent.owner_id, request_id)] = record
         self.commits += 1
 
     def bump(self, agent_id: uuid.UUID) -> None:
@@ -194,6 +228,10 @@ class FakeUnitOfWork(SnapshotUnitOfWork[State]):
     @property
     def agents(self) -> FakeAgents:
         return FakeAgents(self._state, self._database)
+
+    @property
+    def create_requests(self) -> FakeCreateRequests:
+        return FakeCreateRequests(self._state, self._database)
 
 
 class RecordingCache:
@@ -273,6 +311,7 @@ def make_world(
     models: tuple[str, ...] = MODELS,
     secret: bytes = SECRET,
     agent_size: Callable[[Agent], int] = agent_size,
+    request_id_ttl_seconds: float = 86_400.0,
 ) -> World:
     database = FakeDatabase()
     cache = RecordingCache(database.events)
@@ -284,5 +323,6 @@ def make_world(
         allowed_models=models,
         page_tokens=PageTokens(secret),
         agent_size=agent_size,
+        request_id_ttl_seconds=request_id_ttl_seconds,
     )
     return World(service, database, cache, clock)

@@ -77,11 +77,51 @@ def test_invalid_create_writes_nothing(world: World) -> None:
 def test_a_repeated_request_id_returns_the_first_agent(world: World) -> None:
     owner, request = user(), str(uuid.uuid4())
     first = world.service.create(principal=owner, agent=agent_input(), request_id=request)
-    again = world.service.create(
-        principal=owner, agent=agent_input(name="other"), request_id=request
-    )
+    world.clock.advance(5)
+    again = world.service.create(principal=owner, agent=agent_input(), request_id=request)
     assert again == first
     assert len(world.database.committed.agents) == 1
+
+
+def test_a_request_id_reused_for_a_different_agent_is_invalid(world: World) -> None:
+    """AIP-155: a request id names one request; another request under it is a mistake
+    to report, not a replay to answer with the first agent."""
+    owner, request = user(), str(uuid.uuid4())
+    first = world.service.create(principal=owner, agent=agent_input(), request_id=request)
+    for different in (
+        agent_input(name="other"),
+        agent_input(metadata={"team": "support", "x": "y"}),
+        agent_input(temperature=None),
+        agent_input(tools=()),
+    ):
+        with pytest.raises(InvalidArgument) as caught:
+            world.service.create(principal=owner, agent=different, request_id=request)
+        assert caught.value.reason == "REQUEST_ID_REUSED"
+        assert [(v.field, v.description) for v in caught.value.violations] == [
+            ("request_id", "already used for a different request")
+        ]
+    assert list(world.database.committed.agents) == [first.id]
+
+
+def test_a_replay_after_an_update_returns_the_first_response(world: World) -> None:
+    owner, request = user(), str(uuid.uuid4())
+    first = world.service.create(principal=owner, agent=agent_input(), request_id=request)
+    world.clock.advance(1)
+    update(world, owner, first, ("description",), description="changed since")
+    again = world.service.create(principal=owner, agent=agent_input(), request_id=request)
+    assert again == first
+    assert (again.revision, again.description) == (1, first.description)
+
+
+def test_a_replay_after_a_delete_returns_the_first_response_and_creates_nothing(
+    world: World,
+) -> None:
+    owner, request = user(), str(uuid.uuid4())
+    first = world.service.create(principal=owner, agent=agent_input(), request_id=request)
+    world.service.delete(principal=owner, agent_id=str(first.id))
+    again = world.service.create(principal=owner, agent=agent_input(), request_id=request)
+    assert again == first
+    assert world.database.committed.agents == {}
 
 
 def test_the_same_request_id_from_another_caller_creates_anew(world: World) -> None:
@@ -93,27 +133,54 @@ def test_the_same_request_id_from_another_caller_creates_anew(world: World) -> N
 
 def test_a_replay_that_loses_the_race_returns_the_winner(world: World) -> None:
     """A concurrent create with the same request id commits between this one's replay
-    check and its insert: the unique key decides, and the winner comes back."""
+    check and its insert: the record's key decides, and the winner's response comes back."""
     owner, request = user(), uuid.uuid4()
-    now = world.clock.now()
-    winner = Agent(
-        id=uuid.uuid4(),
-        owner_id=uuid.UUID(owner.user_id),
-        name="support bot",
-        description="",
-        model="gpt-4o",
-        instructions="",
-        tools=(),
-        metadata={},
-        temperature=None,
-        top_p=None,
-        create_time=now,
-        update_time=now,
-    )
+    winner = Agent.new(agent_input(), owner_id=uuid.UUID(owner.user_id), now=world.clock.now())
     world.database.interfere(lambda: world.database.commit_agent(winner, request))
     got = world.service.create(principal=owner, agent=agent_input(), request_id=str(request))
     assert got == winner
     assert list(world.database.committed.agents) == [winner.id]
+
+
+def test_a_different_request_that_loses_the_race_is_a_reused_request_id(world: World) -> None:
+    owner, request = user(), uuid.uuid4()
+    winner = Agent.new(agent_input(), owner_id=uuid.UUID(owner.user_id), now=world.clock.now())
+    world.database.interfere(lambda: world.database.commit_agent(winner, request))
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.create(
+            principal=owner, agent=agent_input(name="other"), request_id=str(request)
+        )
+    assert caught.value.reason == "REQUEST_ID_REUSED"
+    assert list(world.database.committed.agents) == [winner.id]
+
+
+def test_a_request_id_is_honoured_for_its_ttl_then_used_afresh() -> None:
+    world = make_world(request_id_ttl_seconds=60)
+    owner, request = user(), str(uuid.uuid4())
+    first = world.service.create(principal=owner, agent=agent_input(), request_id=request)
+    world.clock.advance(59.999)
+    assert world.service.create(principal=owner, agent=agent_input(), request_id=request) == first
+    world.clock.advance(0.001)  # 60 s old: expired
+    fresh = world.service.create(
+        principal=owner, agent=agent_input(name="fresh"), request_id=request
+    )
+    assert fresh.id != first.id
+    again = world.service.create(
+        principal=owner, agent=agent_input(name="fresh"), request_id=request
+    )
+    assert again == fresh
+    assert len(world.database.committed.agents) == 2
+
+
+def test_a_failed_create_leaves_its_request_id_unused(world: World) -> None:
+    owner, request = user(), str(uuid.uuid4())
+    create(world, owner, name="taken")
+    with pytest.raises(AlreadyExists):
+        world.service.create(principal=owner, agent=agent_input(name="taken"), request_id=request)
+    created = world.service.create(
+        principal=owner, agent=agent_input(name="free"), request_id=request
+    )
+    assert created.name == "free"
 
 
 @pytest.mark.parametrize("request_id", ["nope", "1234", "g" * 32])

@@ -310,6 +310,19 @@ def test_idempotent_create(client: Client) -> None:
     assert first == second
 
 
+def test_a_request_id_reused_for_another_agent_is_invalid_argument(client: Client) -> None:
+    token, request_id = client.token(str(uuid.uuid4())), str(uuid.uuid4())
+    first = agent_pb2.CreateAgentRequest(agent=new_agent(), request_id=request_id)
+    client.ok("CreateAgent", first, token=token)
+    other = agent_pb2.CreateAgentRequest(agent=new_agent(name="other"), request_id=request_id)
+    reply = client.call("CreateAgent", other, token=token)
+    assert (reply.code, reply.reason(), reply.violations()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "REQUEST_ID_REUSED",
+        ["request_id"],
+    )
+
+
 def test_duplicate_name_is_already_exists(client: Client) -> None:
     token = client.token(str(uuid.uuid4()))
     create(client, token)

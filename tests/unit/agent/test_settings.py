@@ -27,8 +27,16 @@ def test_dev_defaults() -> None:
         300.0,
     )
     assert settings.jwks_cooldown_seconds == 30.0
+    assert settings.request_id_ttl_seconds == 86_400.0
     assert settings.auth_tls_ca_file is None
     assert len(settings.page_token_secret) >= 32
+
+
+def test_the_request_id_ttl_is_set_in_seconds_and_positive() -> None:
+    settings = load_agent_settings({"AGENT_REQUEST_ID_TTL_SECONDS": "3600"})
+    assert settings.request_id_ttl_seconds == 3_600.0
+    with pytest.raises(ConfigError, match="AGENT_REQUEST_ID_TTL_SECONDS"):
+        load_agent_settings({"AGENT_REQUEST_ID_TTL_SECONDS": "0"})
 
 
 def test_dev_page_token_secrets_differ_per_start() -> None:

@@ -183,7 +183,15 @@ class CreateAgentRequest(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Optional UUID that makes the create idempotent for the caller."""
+    """Optional UUID that makes the create idempotent for the caller (AIP-155). For
+    24 hours (AGENT_REQUEST_ID_TTL_SECONDS) after the create, a request with the same
+    request_id and the same agent (every settable field equal) creates nothing and
+    returns exactly the first response: the agent as it was created (revision 1, its
+    first etag), even if it was updated or deleted since. The same request_id with a
+    different agent is INVALID_ARGUMENT (reason REQUEST_ID_REUSED, field violation on
+    request_id). After the 24 hours the request_id may be used again and creates anew.
+    Request ids are per caller: another caller's equal id is a different request.
+    """
     @_builtins.property
     def agent(self) -> Global___Agent: ...
     def __init__(

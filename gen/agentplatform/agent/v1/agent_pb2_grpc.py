@@ -71,8 +71,8 @@ class AgentServiceServicer:
     """
 
     def CreateAgent(self, request, context):
-        """Creates an agent owned by the caller. Repeating a create with the same
-        request_id returns the first result and creates nothing new.
+        """Creates an agent owned by the caller. See CreateAgentRequest.request_id for
+        what a repeated create with the same request_id returns.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
