@@ -158,6 +158,7 @@ def build_app(
         page_tokens=PageTokens(settings.page_token_secret),
         agent_size=serialized_size,
         request_id_ttl_seconds=settings.request_id_ttl_seconds,
+        max_agents_per_owner=settings.max_agents_per_owner,
     )
     verifier = TokenVerifier(
         keys if keys is not None else _jwks_keys(settings, clock, closers, observability),

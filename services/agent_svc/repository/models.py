@@ -1,6 +1,9 @@
 """agent_svc tables (its own metadata; auth_svc never reads these).
 
 - `agent_agents`: one row per agent, its current version.
+- `agent_owner_counts`: how many agents each owner has, kept by every insert and delete
+  of an agent in the same transaction, so the per-owner quota is one row's compare and
+  increment instead of a count over up to 100,000 rows.
 - `agent_create_requests`: one row per (owner, request id) of a CreateAgent sent with a
   request id (AIP-155): the request's fingerprint and the response, the agent as created,
   encoded. Kept apart from the agents so a replay still finds it after the agent was
@@ -34,7 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["AgentBase", "AgentRow", "CreateRequestRow"]
+__all__ = ["AgentBase", "AgentRow", "CreateRequestRow", "OwnerCountRow"]
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -86,6 +89,13 @@ class AgentRow(AgentBase):
     request_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
     create_time: Mapped[datetime] = mapped_column(Timestamp)
     update_time: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class OwnerCountRow(AgentBase):
+    __tablename__ = "agent_owner_counts"
+
+    owner_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    agents: Mapped[int] = mapped_column(Integer)
 
 
 class CreateRequestRow(AgentBase):

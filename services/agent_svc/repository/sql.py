@@ -26,6 +26,7 @@ from sqlalchemy import (
     and_,
     delete,
     func,
+    insert,
     literal,
     select,
     tuple_,
@@ -35,7 +36,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from services.agent_svc.domain import Agent, Tool
-from services.agent_svc.repository.models import AgentRow, CreateRequestRow
+from services.agent_svc.repository.models import AgentRow, CreateRequestRow, OwnerCountRow
 from services.agent_svc.service.filtering import (
     Condition,
     MetadataEquals,
@@ -49,6 +50,7 @@ from services.agent_svc.service.ports import (
     AgentQuery,
     CreateRecord,
     NameTaken,
+    QuotaExceeded,
     RequestReplayed,
 )
 from shared.config.clock import utc
@@ -140,7 +142,9 @@ class SqlAgentRepository:
     def __init__(self, session: Session) -> None:
         self._session = session
 
-    def add(self, agent: Agent) -> None:
+    def add(self, agent: Agent, *, max_per_owner: int = 0) -> None:
+        if not self._count_in(agent.owner_id, max_per_owner):
+            raise QuotaExceeded(str(agent.owner_id))
         row = AgentRow(
             id=agent.id, owner_id=agent.owner_id, create_time=agent.create_time, **_values(agent)
         )
@@ -189,12 +193,48 @@ class SqlAgentRepository:
             raise NameTaken(agent.name) from None
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
-    def delete(self, agent_id: uuid.UUID, *, expected_revision: int | None = None) -> bool:
+    def delete(
+        self, agent_id: uuid.UUID, *, owner_id: uuid.UUID, expected_revision: int | None = None
+    ) -> bool:
+        # The count row first, as add does: a create and a delete of one owner's agents
+        # then lock in the same order and cannot deadlock.
+        uncounted = self._count(owner_id, -1)
         statement = delete(AgentRow).where(AgentRow.id == agent_id)
         if expected_revision is not None:
             statement = statement.where(AgentRow.revision == expected_revision)
         result = self._session.execute(statement.execution_options(synchronize_session=False))
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        if not result.rowcount:  # type: ignore[attr-defined]
+            if uncounted:
+                self._count(owner_id, +1)
+            return False
+        return True
+
+    def _count_in(self, owner_id: uuid.UUID, limit: int) -> bool:
+        """Counts one more agent for the owner unless that would pass `limit` (0: none):
+        one conditional increment, atomic under concurrent creates."""
+        if self._count(owner_id, +1, below=limit):
+            return True
+        try:  # no count row yet (or the owner is at the limit: the insert tells)
+            with self._session.begin_nested():
+                self._session.execute(insert(OwnerCountRow).values(owner_id=owner_id, agents=1))
+            return True
+        except IntegrityError:  # the row exists, maybe just committed by a concurrent create
+            return self._count(owner_id, +1, below=limit)
+
+    def _count(self, owner_id: uuid.UUID, change: int, *, below: int = 0) -> bool:
+        """Changes the owner's count by one (never below 0, nor to `below` or more when
+        set); whether it did."""
+        statement = (
+            update(OwnerCountRow)
+            .where(OwnerCountRow.owner_id == owner_id)
+            .values(agents=OwnerCountRow.agents + change)
+            .execution_options(synchronize_session=False)
+        )
+        if change < 0:
+            statement = statement.where(OwnerCountRow.agents > 0)
+        if below:
+            statement = statement.where(OwnerCountRow.agents < below)
+        return bool(self._session.execute(statement).rowcount)  # type: ignore[attr-defined]
 
 
 _RESPONSE_VERSION = 1

@@ -12,6 +12,12 @@ even after the agent was updated or deleted, and creates nothing; the id with an
 fingerprint is INVALID_ARGUMENT on `request_id` (REQUEST_ID_REUSED). An expired record is
 replaced by the next create with its id. A replay is validated like any request.
 
+Each owner may have at most `max_agents_per_owner` agents (0: no limit): one more create
+is RESOURCE_EXHAUSTED (AGENT_QUOTA_EXCEEDED, with a QuotaFailure on `owners/<id>`) and
+writes nothing. The repository counts agents per owner in the create's transaction, so
+concurrent creates cannot pass the limit. A replay of a create is not a new agent: it is
+answered before the quota is looked at.
+
 A ListAgents page ends early, with a next_page_token, rather than carry more than
 LIST_RESPONSE_BUDGET bytes of agents (but always at least one): with agents of up to 1 MiB
 (validation.MAX_AGENT_BYTES) a client with gRPC's default 4 MiB receive limit can read
@@ -43,6 +49,7 @@ from services.agent_svc.service.ports import (
     AgentUnitOfWork,
     CreateRecord,
     NameTaken,
+    QuotaExceeded,
     RequestReplayed,
 )
 from services.agent_svc.service.sizing import agent_size, framed
@@ -55,6 +62,8 @@ from shared.rpc.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    QuotaViolation,
+    ResourceExhausted,
 )
 from shared.security.tokens import Principal
 
@@ -213,6 +222,7 @@ class AgentService:
         page_tokens: PageTokens,
         agent_size: Callable[[Agent], int] = agent_size,
         request_id_ttl_seconds: float = 86_400.0,
+        max_agents_per_owner: int = 0,
     ) -> None:
         self._uow = uow
         self._cache = cache
@@ -221,6 +231,7 @@ class AgentService:
         self._page_tokens = page_tokens
         self._agent_size = agent_size
         self._request_id_ttl = timedelta(seconds=request_id_ttl_seconds)
+        self._max_agents_per_owner = max_agents_per_owner
 
     # -- create and read ----------------------------------------------------------------
 
@@ -238,11 +249,22 @@ class AgentService:
                 if first is not None:
                     return first
             try:
-                uow.agents.add(new)
+                uow.agents.add(new, max_per_owner=self._max_agents_per_owner)
             except NameTaken:
                 raise _name_taken(new.name) from None
+            except QuotaExceeded:
+                raise self._quota_exceeded(caller.id) from None
             uow.commit()
         return new
+
+    def _quota_exceeded(self, owner_id: uuid.UUID) -> ResourceExhausted:
+        limit = self._max_agents_per_owner
+        agents = f"{limit:,} agent{'' if limit == 1 else 's'}"
+        return ResourceExhausted(
+            f"you have {agents}, the most an owner may have; delete one to create another",
+            reason="AGENT_QUOTA_EXCEEDED",
+            quota_violations=(QuotaViolation(f"owners/{owner_id}", f"at most {agents} per owner"),),
+        )
 
     def _record_create(
         self,
@@ -396,7 +418,11 @@ class AgentService:
                 raise _not_found(key)
             if etag and etag != current.etag:
                 raise _etag_mismatch()
-            deleted = uow.agents.delete(key, expected_revision=current.revision if etag else None)
+            deleted = uow.agents.delete(
+                key,
+                owner_id=current.owner_id,
+                expected_revision=current.revision if etag else None,
+            )
             if not deleted:
                 if etag:
                     raise _etag_mismatch()

@@ -25,12 +25,17 @@ __all__ = [
     "CreateRecord",
     "CreateRequestRepository",
     "NameTaken",
+    "QuotaExceeded",
     "RequestReplayed",
 ]
 
 
 class NameTaken(Exception):
     """The owner already has an agent with that name (raised by add and update)."""
+
+
+class QuotaExceeded(Exception):
+    """The owner has as many agents as they may have (raised by add)."""
 
 
 class RequestReplayed(Exception):
@@ -62,8 +67,10 @@ class AgentQuery:
 
 
 class AgentRepository(Protocol):
-    def add(self, agent: Agent) -> None:
-        """Stores a new agent; NameTaken if its owner has an agent of that name."""
+    def add(self, agent: Agent, *, max_per_owner: int = 0) -> None:
+        """Stores a new agent and counts it for its owner; QuotaExceeded if the owner has
+        `max_per_owner` agents already (0: no limit), NameTaken if they have one of that
+        name. Concurrent adds never take an owner past the limit."""
         ...
 
     def get(self, agent_id: uuid.UUID) -> Agent | None: ...
@@ -78,8 +85,11 @@ class AgentRepository(Protocol):
         Raises NameTaken if the new name is in use."""
         ...
 
-    def delete(self, agent_id: uuid.UUID, *, expected_revision: int | None = None) -> bool:
-        """Deletes the agent (only at that revision, if given); False if nothing matched."""
+    def delete(
+        self, agent_id: uuid.UUID, *, owner_id: uuid.UUID, expected_revision: int | None = None
+    ) -> bool:
+        """Deletes the agent (only at that revision, if given) and uncounts it for its
+        owner; False if nothing matched."""
         ...
 
 

@@ -9,8 +9,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import select, update
 
 from services.agent_svc.domain import Agent, Tool
+from services.agent_svc.repository.models import OwnerCountRow
 from services.agent_svc.repository.sql import SqlAgentUnitOfWork
 from services.agent_svc.service.filtering import (
     AgentFilter,
@@ -28,6 +30,7 @@ from services.agent_svc.service.ports import (
     AgentQuery,
     CreateRecord,
     NameTaken,
+    QuotaExceeded,
     RequestReplayed,
 )
 
@@ -233,12 +236,69 @@ def test_delete_with_and_without_a_revision(uow: UowFactory) -> None:
     one, two = an_agent("one"), an_agent("two")
     add(uow, one, two)
     with uow() as work:
-        assert not work.agents.delete(one.id, expected_revision=2)
-        assert work.agents.delete(one.id, expected_revision=1)
-        assert work.agents.delete(two.id)
-        assert not work.agents.delete(two.id)
+        assert not work.agents.delete(one.id, owner_id=ALICE, expected_revision=2)
+        assert work.agents.delete(one.id, owner_id=ALICE, expected_revision=1)
+        assert work.agents.delete(two.id, owner_id=ALICE)
+        assert not work.agents.delete(two.id, owner_id=ALICE)
         work.commit()
     assert query(uow) == []
+
+
+def counts(uow: UowFactory) -> dict[uuid.UUID, int]:
+    with uow() as work:
+        rows = work.session.execute(select(OwnerCountRow.owner_id, OwnerCountRow.agents))
+        return {row.owner_id: row.agents for row in rows}
+
+
+def test_adds_and_deletes_keep_each_owners_count(uow: UowFactory) -> None:
+    first, second, bobs = an_agent("first"), an_agent("second"), an_agent("bobs", owner=BOB)
+    add(uow, first, second, bobs)
+    assert counts(uow) == {ALICE: 2, BOB: 1}
+    with uow() as work:
+        assert not work.agents.delete(first.id, owner_id=ALICE, expected_revision=9)
+        assert not work.agents.delete(uuid.uuid4(), owner_id=ALICE)
+        work.commit()
+    assert counts(uow) == {ALICE: 2, BOB: 1}  # nothing deleted, nothing uncounted
+    with uow() as work:
+        assert work.agents.delete(first.id, owner_id=ALICE)
+        work.commit()
+    assert counts(uow) == {ALICE: 1, BOB: 1}
+    with uow() as work:
+        work.agents.add(an_agent("rolled back"))
+    assert counts(uow) == {ALICE: 1, BOB: 1}  # counted in the transaction, or not at all
+
+
+def test_a_count_that_fell_behind_never_goes_below_zero(uow: UowFactory) -> None:
+    """Agents the previous release created during a rollout were never counted."""
+    one, two = an_agent("one"), an_agent("two")
+    add(uow, one, two)
+    with uow() as work:
+        work.session.execute(update(OwnerCountRow).values(agents=0))
+        assert work.agents.delete(one.id, owner_id=ALICE)
+        assert not work.agents.delete(one.id, owner_id=ALICE)  # gone: nothing to give back
+        work.commit()
+    assert counts(uow) == {ALICE: 0}
+
+
+def test_add_refuses_an_owner_at_the_limit_and_leaves_the_count(uow: UowFactory) -> None:
+    with uow() as work:
+        for index in range(3):
+            work.agents.add(an_agent(f"a{index}"), max_per_owner=3)
+        with pytest.raises(QuotaExceeded):
+            work.agents.add(an_agent("a3"), max_per_owner=3)
+        work.agents.add(an_agent("bobs", owner=BOB), max_per_owner=3)
+        work.agents.add(an_agent("unlimited"))  # 0: no limit
+        work.commit()
+    assert counts(uow) == {ALICE: 4, BOB: 1}
+    with uow() as work, pytest.raises(QuotaExceeded):
+        work.agents.add(an_agent("a4"), max_per_owner=4)
+
+
+def test_a_name_taken_after_counting_leaves_the_count_to_the_rollback(uow: UowFactory) -> None:
+    add(uow, an_agent("taken"))
+    with uow() as work, pytest.raises(NameTaken):
+        work.agents.add(an_agent("taken"), max_per_owner=10)
+    assert counts(uow) == {ALICE: 1}
 
 
 def test_each_filter(uow: UowFactory) -> None:

@@ -9,14 +9,22 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from services.agent_svc.domain import Agent, AgentInput
 from services.agent_svc.infra.nocache import NoCache
+from services.agent_svc.repository.models import OwnerCountRow
 from services.agent_svc.repository.sql import SqlAgentUnitOfWork
 from services.agent_svc.service.agent_service import AgentService
 from services.agent_svc.service.paging import PageTokens
 from shared.config.clock import SystemClock
-from shared.rpc.errors import Aborted, AlreadyExists, DomainError, InvalidArgument
+from shared.rpc.errors import (
+    Aborted,
+    AlreadyExists,
+    DomainError,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from shared.security.tokens import Principal
 from tests.helpers import FakeClock
 from tests.unit.agent.fakes import MODELS, SECRET, agent_input
@@ -202,3 +210,42 @@ def test_concurrent_creates_of_one_name_one_wins(uow: UowFactory) -> None:
     assert sorted(type(r).__name__ for r in results) == ["Agent", "AlreadyExists"], results
     assert all(isinstance(r, Agent | AlreadyExists) for r in results)
     assert not any(isinstance(r, DomainError) and not isinstance(r, AlreadyExists) for r in results)
+
+
+@pytest.mark.parametrize("existing", [0, 2])
+def test_concurrent_creates_at_the_quota_exactly_the_quota_succeed(
+    uow: UowFactory, existing: int
+) -> None:
+    """With no count row yet (the insert race) and with one (the conditional increment)."""
+    agents, me = service(uow, max_agents_per_owner=5), a_user()
+    for index in range(existing):
+        agents.create(principal=me, agent=agent_input(name=f"before-{index}"))
+    results = run_together(
+        *[
+            lambda name=f"racer-{index}": agents.create(principal=me, agent=agent_input(name=name))
+            for index in range(8)
+        ]
+    )
+    created = [r for r in results if isinstance(r, Agent)]
+    refused = [r for r in results if isinstance(r, ResourceExhausted)]
+    assert (len(created), len(refused)) == (5 - existing, 3 + existing), results
+    assert {r.reason for r in refused} == {"AGENT_QUOTA_EXCEEDED"}
+    assert len(agents.list(principal=me).agents) == 5
+
+
+def test_concurrent_creates_and_deletes_keep_the_count_exact(uow: UowFactory) -> None:
+    agents, me = service(uow, max_agents_per_owner=100), a_user()
+    doomed = [agents.create(principal=me, agent=agent_input(name=f"d{i}")) for i in range(4)]
+    results = run_together(
+        *[lambda a=a: agents.delete(principal=me, agent_id=str(a.id)) for a in doomed],
+        *[
+            lambda name=f"n{index}": agents.create(principal=me, agent=agent_input(name=name))
+            for index in range(4)
+        ],
+    )
+    assert not [r for r in results if isinstance(r, Exception)], results
+    with uow() as work:
+        counted = work.session.scalar(
+            select(OwnerCountRow.agents).where(OwnerCountRow.owner_id == uuid.UUID(me.user_id))
+        )
+    assert counted == len(agents.list(principal=me).agents) == 4

@@ -31,6 +31,7 @@ from services.agent_svc.service.ports import (
     AgentQuery,
     CreateRecord,
     NameTaken,
+    QuotaExceeded,
     RequestReplayed,
 )
 from services.agent_svc.service.sizing import agent_size
@@ -85,8 +86,11 @@ class FakeAgents:
             for a in self._state.agents.values()
         )
 
-    def add(self, agent: Agent) -> None:
+    def add(self, agent: Agent, *, max_per_owner: int = 0) -> None:
         self._database.run_interference()
+        owned = sum(a.owner_id == agent.owner_id for a in self._state.agents.values())
+        if max_per_owner and owned >= max_per_owner:
+            raise QuotaExceeded(str(agent.owner_id))
         if self._name_taken(agent):
             raise NameTaken(agent.name)
         self._state.agents[agent.id] = agent
@@ -125,7 +129,9 @@ class FakeAgents:
         self._state.agents[agent.id] = agent
         return True
 
-    def delete(self, agent_id: uuid.UUID, *, expected_revision: int | None = None) -> bool:
+    def delete(
+        self, agent_id: uuid.UUID, *, owner_id: uuid.UUID, expected_revision: int | None = None
+    ) -> bool:
         self._database.run_interference()
         latest = self._database.committed.agents.get(agent_id)
         if latest is None or agent_id not in self._state.agents:
@@ -312,6 +318,7 @@ def make_world(
     secret: bytes = SECRET,
     agent_size: Callable[[Agent], int] = agent_size,
     request_id_ttl_seconds: float = 86_400.0,
+    max_agents_per_owner: int = 0,
 ) -> World:
     database = FakeDatabase()
     cache = RecordingCache(database.events)
@@ -324,5 +331,6 @@ def make_world(
         page_tokens=PageTokens(secret),
         agent_size=agent_size,
         request_id_ttl_seconds=request_id_ttl_seconds,
+        max_agents_per_owner=max_agents_per_owner,
     )
     return World(service, database, cache, clock)

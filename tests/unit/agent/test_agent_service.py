@@ -19,6 +19,8 @@ from shared.rpc.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    QuotaViolation,
+    ResourceExhausted,
 )
 from shared.security.tokens import Principal
 from tests.unit.agent.fakes import World, admin, agent_input, make_world, user
@@ -197,6 +199,39 @@ def test_names_are_unique_per_owner(world: World) -> None:
         create(world, owner, name="dup")
     assert caught.value.reason == "AGENT_NAME_TAKEN"
     create(world, user(), name="dup")  # another owner may use it
+
+
+def test_an_owner_has_at_most_their_quota_of_agents() -> None:
+    world = make_world(max_agents_per_owner=3)
+    owner = user()
+    kept = [create(world, owner, name=f"a{index}") for index in range(3)]
+    with pytest.raises(ResourceExhausted) as caught:
+        create(world, owner, name="one too many")
+    assert caught.value.reason == "AGENT_QUOTA_EXCEEDED"
+    assert caught.value.quota_violations == (
+        QuotaViolation(f"owners/{owner.user_id}", "at most 3 agents per owner"),
+    )
+    assert {a.name for a in world.database.committed.agents.values()} == {"a0", "a1", "a2"}
+    create(world, user(), name="another owner's")  # the quota is per owner
+    world.service.delete(principal=owner, agent_id=str(kept[0].id))
+    create(world, owner, name="after a delete")
+
+
+def test_a_replay_at_the_quota_still_returns_the_first_response() -> None:
+    world = make_world(max_agents_per_owner=1)
+    owner, request = user(), str(uuid.uuid4())
+    first = world.service.create(principal=owner, agent=agent_input(), request_id=request)
+    assert world.service.create(principal=owner, agent=agent_input(), request_id=request) == first
+    with pytest.raises(ResourceExhausted):
+        world.service.create(
+            principal=owner, agent=agent_input(name="new"), request_id=str(uuid.uuid4())
+        )
+
+
+def test_no_quota_when_it_is_zero(world: World) -> None:
+    owner = user()
+    for index in range(50):
+        create(world, owner, name=f"a{index}")
 
 
 def test_a_caller_that_is_not_a_user_cannot_create(world: World) -> None:

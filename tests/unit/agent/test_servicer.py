@@ -109,6 +109,25 @@ def client() -> Client:
     return Client(make_world())
 
 
+def test_a_create_over_the_quota_is_resource_exhausted_with_a_quota_failure() -> None:
+    client = Client(make_world(max_agents_per_owner=1))
+    owner = str(uuid.uuid4())
+    token = client.token(owner)
+    create(client, token)
+    reply = client.call(
+        "CreateAgent", agent_pb2.CreateAgentRequest(agent=new_agent(name="second")), token=token
+    )
+    assert (reply.code, reply.reason()) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "AGENT_QUOTA_EXCEEDED",
+    )
+    failure = error_detail(reply.status, error_details_pb2.QuotaFailure)
+    assert [(v.subject, v.description) for v in failure.violations] == [
+        (f"owners/{owner}", "at most 1 agent per owner")
+    ]
+    assert error_detail(reply.status, error_details_pb2.RetryInfo) is None
+
+
 def parameters(data: dict[str, Any]) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
     struct.update(data)

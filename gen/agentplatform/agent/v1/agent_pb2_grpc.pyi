@@ -38,7 +38,10 @@ class AgentServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     CreateAgent: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CreateAgentRequest, _agent_pb2.CreateAgentResponse]
     """Creates an agent owned by the caller. See CreateAgentRequest.request_id for
-    what a repeated create with the same request_id returns.
+    what a repeated create with the same request_id returns. An owner has at most
+    AGENT_MAX_AGENTS_PER_OWNER agents (10,000 by default): one more is
+    RESOURCE_EXHAUSTED (reason AGENT_QUOTA_EXCEEDED, a google.rpc.QuotaFailure on
+    `owners/<owner id>`) and creates nothing; deleting an agent frees its place.
     """
     GetAgent: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetAgentRequest, _agent_pb2.GetAgentResponse]
     """Reads one agent. Another owner's agent is NOT_FOUND."""
@@ -59,7 +62,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateAgent: _aio.UnaryUnaryMultiCallable[_agent_pb2.CreateAgentRequest, _agent_pb2.CreateAgentResponse]  # type: ignore[assignment]
     """Creates an agent owned by the caller. See CreateAgentRequest.request_id for
-    what a repeated create with the same request_id returns.
+    what a repeated create with the same request_id returns. An owner has at most
+    AGENT_MAX_AGENTS_PER_OWNER agents (10,000 by default): one more is
+    RESOURCE_EXHAUSTED (reason AGENT_QUOTA_EXCEEDED, a google.rpc.QuotaFailure on
+    `owners/<owner id>`) and creates nothing; deleting an agent frees its place.
     """
     GetAgent: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetAgentRequest, _agent_pb2.GetAgentResponse]  # type: ignore[assignment]
     """Reads one agent. Another owner's agent is NOT_FOUND."""
@@ -83,7 +89,10 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.CreateAgentResponse, _abc.Awaitable[_agent_pb2.CreateAgentResponse]]:
         """Creates an agent owned by the caller. See CreateAgentRequest.request_id for
-        what a repeated create with the same request_id returns.
+        what a repeated create with the same request_id returns. An owner has at most
+        AGENT_MAX_AGENTS_PER_OWNER agents (10,000 by default): one more is
+        RESOURCE_EXHAUSTED (reason AGENT_QUOTA_EXCEEDED, a google.rpc.QuotaFailure on
+        `owners/<owner id>`) and creates nothing; deleting an agent frees its place.
         """
 
     @_abc_1.abstractmethod

@@ -1,6 +1,10 @@
-"""Migration agent_0002 copies the request ids of agent_agents into agent_create_requests
-(SQLite and PostgreSQL): a replay of an id recorded before it still returns its agent and
-creates nothing, and a downgrade puts the ids recorded since back on their agents."""
+"""The agent migrations that move data, on SQLite and PostgreSQL:
+
+- agent_0002 copies the request ids of agent_agents into agent_create_requests: a replay
+  of an id recorded before it still returns its agent and creates nothing, and a
+  downgrade puts the ids recorded since back on their agents;
+- agent_0003 counts each owner's agents into agent_owner_counts, so the quota holds for
+  the agents that existed before it."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from sqlalchemy import (
     select,
     table,
 )
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from services.agent_svc.domain import AgentInput, Tool
@@ -34,6 +39,7 @@ from services.agent_svc.service.paging import PageTokens
 from shared.config.clock import SystemClock
 from shared.data import migrations
 from shared.data.db import make_engine, normalize_url, session_factory
+from shared.rpc.errors import ResourceExhausted
 from shared.security.tokens import Principal
 from tests.unit.agent.fakes import MODELS, SECRET, agent_input
 
@@ -66,12 +72,16 @@ def raw(database_url: str) -> Iterator[Engine]:
 
 
 def old_row(
-    name: str, request_id: uuid.UUID | None, revision: int, age: timedelta = timedelta(minutes=5)
+    name: str,
+    request_id: uuid.UUID | None,
+    revision: int,
+    age: timedelta = timedelta(minutes=5),
+    owner: uuid.UUID = OWNER,
 ) -> dict[str, Any]:
     created = datetime.now(UTC) - age
     return {
         "id": uuid.uuid4(),
-        "owner_id": OWNER,
+        "owner_id": owner,
         "name": name,
         "description": "as created" if revision == 1 else "changed since",
         "model": "gpt-4o",
@@ -85,6 +95,17 @@ def old_row(
         "create_time": created,
         "update_time": created + timedelta(seconds=revision - 1),
     }
+
+
+def service(sessions: sessionmaker[Session], max_agents_per_owner: int = 0) -> AgentService:
+    return AgentService(
+        uow=lambda: SqlAgentUnitOfWork(sessions),
+        cache=NoCache(),
+        clock=SystemClock(),
+        allowed_models=MODELS,
+        page_tokens=PageTokens(SECRET),
+        max_agents_per_owner=max_agents_per_owner,
+    )
 
 
 def test_request_ids_recorded_before_the_migration_keep_working(
@@ -105,13 +126,7 @@ def test_request_ids_recorded_before_the_migration_keep_working(
     engine = make_engine(database_url, pool_size=1)
     try:
         sessions = session_factory(engine)
-        agents = AgentService(
-            uow=lambda: SqlAgentUnitOfWork(sessions),
-            cache=NoCache(),
-            clock=SystemClock(),
-            allowed_models=MODELS,
-            page_tokens=PageTokens(SECRET),
-        )
+        agents = service(sessions)
         me = Principal(user_id=str(OWNER), roles=frozenset({"user"}))
         stored = {a.name: a for a in agents.list(principal=me).agents}
         assert set(stored) == {"fresh", "updated", "plain", "expired"}
@@ -142,3 +157,29 @@ def test_request_ids_recorded_before_the_migration_keep_working(
         "since": since,
         "anew": None,
     }
+
+
+def test_the_agents_that_exist_count_against_the_quota(database_url: str, raw: Engine) -> None:
+    migrations.upgrade("agent", database_url, "agent_0002")
+    other = uuid.uuid4()
+    rows = [old_row(f"a{index}", None, 1) for index in range(3)] + [
+        old_row("b0", None, 1, owner=other)
+    ]
+    with raw.begin() as connection:
+        connection.execute(OLD_AGENTS.insert(), rows)
+
+    migrations.upgrade("agent", database_url)
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        agents = service(session_factory(engine), max_agents_per_owner=4)
+        me = Principal(user_id=str(OWNER), roles=frozenset({"user"}))
+        agents.create(principal=me, agent=agent_input(name="a3"))
+        with pytest.raises(ResourceExhausted):
+            agents.create(principal=me, agent=agent_input(name="a4"))
+        them = Principal(user_id=str(other), roles=frozenset({"user"}))
+        for index in range(1, 4):
+            agents.create(principal=them, agent=agent_input(name=f"b{index}"))
+        with pytest.raises(ResourceExhausted):
+            agents.create(principal=them, agent=agent_input(name="b4"))
+    finally:
+        engine.dispose()
