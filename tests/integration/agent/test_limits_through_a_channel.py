@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -118,3 +119,18 @@ def test_the_error_for_a_thoroughly_invalid_agent_arrives_as_invalid_argument(
         caller.create(bad)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert len(violations(caught.value)) == 11
+
+
+def test_tool_parameters_33_levels_deep_are_refused_on_their_field(caller: Caller) -> None:
+    """33 levels is also about the deepest Struct protobuf's parser takes in an Agent
+    (its default limit is 100 messages deep, three per level): 32 is the documented rule."""
+    data: dict[str, Any] = {}
+    for _ in range(32):
+        data = {"a": data}
+    parameters = struct_pb2.Struct()
+    parameters.update(data)
+    deep = agent_pb2.Tool(name="deep", parameters=parameters)
+    with pytest.raises(grpc.RpcError) as caught:
+        caller.create(agent_pb2.Agent(name="deep", model="gpt-4o", tools=[deep]))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(caught.value) == ["agent.tools[0].parameters"]
