@@ -40,7 +40,7 @@ def _varint(value: int) -> int:
 
 def framed(size: int) -> int:
     """A length-delimited field of `size` bytes with its tag and length."""
-    return 1 + _varint(size) + size
+    return size + 2 if size < 0x80 else 1 + _varint(size) + size
 
 
 def _text(text: str) -> int:
@@ -63,15 +63,46 @@ def _value(value: Any) -> int:
     if kind is dict:
         return framed(_struct(value))
     if kind is list:
-        return framed(sum([framed(_value(item)) for item in value]))
+        return framed(_list(value))
     if value is None or kind is bool:
         return 2
     raise TypeError(f"not a JSON value: {kind.__name__}")
 
 
+# A scalar Value framed as a list element: a number is 9 bytes, true/false/null 2, plus
+# the element's tag and length. Looked up instead of computed: a list of numbers is the
+# bulk of a big Struct, and this keeps sizing one at about 0.1 us.
+_FRAMED_SCALAR: dict[type, int] = {float: 11, int: 11, bool: 4, type(None): 4}
+
+
+def _list(items: list[Any]) -> int:
+    total = 0
+    for item in items:
+        total += _framed_value(item)
+    return total
+
+
+def _framed_value(value: Any) -> int:
+    """A Value with its tag and length, as a list element or a map entry's value."""
+    kind = type(value)
+    size = _FRAMED_SCALAR.get(kind)
+    if size is not None:
+        return size
+    if kind is str:
+        length = len(value.encode())
+        if length < 126:  # both lengths fit one byte
+            return length + 4
+    elif kind is dict:
+        return framed(framed(_struct(value)))
+    return framed(_value(value))
+
+
 def _struct(fields: dict[str, Any]) -> int:
     """A google.protobuf.Struct: one map entry (key, Value) per field."""
-    return sum([_entry(key, _value(value)) for key, value in fields.items()])
+    total = 0
+    for key, value in fields.items():
+        total += framed(framed(len(key.encode())) + _framed_value(value))
+    return total
 
 
 def settable_size(agent: AgentInput | Agent) -> int:

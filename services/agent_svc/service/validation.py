@@ -142,10 +142,19 @@ def _text(text: str, limit: int, field: str) -> Iterator[FieldViolation]:
 def _model(model: str, allowed_models: Collection[str], field: str) -> Iterator[FieldViolation]:
     if not model:
         yield FieldViolation(field, "required")
-    elif problem := line_problem(model):
-        yield FieldViolation(field, problem)
     elif model not in allowed_models:
-        yield FieldViolation(field, "not an allowed model; allowed: " + ", ".join(allowed_models))
+        yield FieldViolation(
+            field,
+            _short_line_problem(model)
+            or "not an allowed model; allowed: " + ", ".join(allowed_models),
+        )
+
+
+def _short_line_problem(text: str) -> str | None:
+    """line_problem for text short enough to be what was meant (the check looks at each
+    character in Python: a megabyte would cost a second of CPU); longer text is refused
+    for its length or its form anyway."""
+    return line_problem(text) if len(text) <= MAX_NAME else None
 
 
 def _tools(tools: tuple[Tool, ...], field: str) -> Iterator[FieldViolation]:
@@ -154,11 +163,11 @@ def _tools(tools: tuple[Tool, ...], field: str) -> Iterator[FieldViolation]:
     seen: set[str] = set()
     for index, tool in enumerate(tools):
         at = f"{field}[{index}]"
-        if problem := line_problem(tool.name):
-            yield FieldViolation(f"{at}.name", problem)
-        elif not TOOL_NAME.fullmatch(tool.name):
+        if not TOOL_NAME.fullmatch(tool.name):
             yield FieldViolation(
-                f"{at}.name", "must be 1 to 64 letters, digits, underscores or hyphens"
+                f"{at}.name",
+                _short_line_problem(tool.name)
+                or "must be 1 to 64 letters, digits, underscores or hyphens",
             )
         elif tool.name in seen:
             yield FieldViolation(f"{at}.name", f"duplicate tool name {tool.name!r}")
@@ -166,16 +175,19 @@ def _tools(tools: tuple[Tool, ...], field: str) -> Iterator[FieldViolation]:
         yield from _text(tool.description, MAX_TOOL_DESCRIPTION, f"{at}.description")
         if problem := _parameters_problem(tool.parameters):
             yield FieldViolation(f"{at}.parameters", problem)
-        elif _json_bytes(tool.parameters) > MAX_TOOL_PARAMETERS_BYTES:
-            yield FieldViolation(
-                f"{at}.parameters",
-                f"must be at most {MAX_TOOL_PARAMETERS_BYTES:,} bytes as compact JSON",
-            )
 
 
-def _json_bytes(parameters: Mapping[str, Any]) -> int:
-    compact = json.dumps(parameters, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return len(compact.encode())
+def _parameters_problem(parameters: Mapping[str, Any]) -> str | None:
+    """What is wrong with a tool's parameters, or None. The size comes first: measuring it
+    runs in C, while the walk over every value runs in Python (400,000 numbers, 4 MB on
+    the wire, would take most of a second of CPU)."""
+    try:
+        compact = json.dumps(parameters, separators=(",", ":"), ensure_ascii=False)
+    except RecursionError:
+        return _TOO_DEEP
+    if len(compact.encode("utf-8", "surrogatepass")) > MAX_TOOL_PARAMETERS_BYTES:
+        return f"must be at most {MAX_TOOL_PARAMETERS_BYTES:,} bytes as compact JSON"
+    return _walk_problem(parameters)
 
 
 def _size(agent: AgentInput, field: str) -> Iterator[FieldViolation]:
@@ -189,24 +201,34 @@ def _size(agent: AgentInput, field: str) -> Iterator[FieldViolation]:
         )
 
 
-def _parameters_problem(parameters: Mapping[str, Any]) -> str | None:
-    """What is wrong with a tool's parameters as JSON, or None. Iterative, so no depth of
-    nesting can exhaust the stack before the depth rule refuses it."""
+_TOO_DEEP = f"must not be nested deeper than {MAX_PARAMETERS_DEPTH} levels"
+_NUL = "must not contain NUL characters"
+
+
+def _walk_problem(parameters: Mapping[str, Any]) -> str | None:
+    """NUL, depth and non-finite numbers anywhere in the parameters. Iterative, so no
+    depth of nesting can exhaust the stack before the depth rule refuses it."""
     pending: list[tuple[Any, int]] = [(parameters, 1)]
     while pending:
-        value, depth = pending.pop()
-        if isinstance(value, Mapping | list) and depth > MAX_PARAMETERS_DEPTH:
-            return f"must not be nested deeper than {MAX_PARAMETERS_DEPTH} levels"
-        if isinstance(value, Mapping):
-            if any(has_nul(key) for key in value):
-                return "must not contain NUL characters"
-            pending.extend((item, depth + 1) for item in value.values())
-        elif isinstance(value, list):
-            pending.extend((item, depth + 1) for item in value)
-        elif isinstance(value, str) and has_nul(value):
-            return "must not contain NUL characters"
-        elif isinstance(value, float) and not math.isfinite(value):
-            return "numbers must be finite"
+        container, depth = pending.pop()
+        if depth > MAX_PARAMETERS_DEPTH:
+            return _TOO_DEEP
+        if isinstance(container, Mapping):
+            if any(has_nul(key) for key in container):
+                return _NUL
+            items: Iterable[Any] = container.values()
+        else:
+            items = container
+        for item in items:
+            kind = type(item)
+            if kind is str:
+                if has_nul(item):
+                    return _NUL
+            elif kind is float:
+                if not math.isfinite(item):
+                    return "numbers must be finite"
+            elif kind is dict or kind is list or isinstance(item, Mapping):
+                pending.append((item, depth + 1))
     return None
 
 
