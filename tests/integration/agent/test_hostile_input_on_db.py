@@ -117,6 +117,7 @@ def test_nul_in_a_filter_value_is_invalid_on_filter(uow: UowFactory, text: str) 
     assert [v.field for v in caught.value.violations] == ["filter"]
 
 
+@pytest.mark.postgres
 def test_why_nul_is_refused_one_stored_in_metadata_breaks_every_metadata_filter(
     postgres_url: str,
 ) -> None:
