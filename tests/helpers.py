@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool, message_factory
 from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared.rpc.request_path import RequestPath
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,53 +77,37 @@ class ServiceProcess:
             self._log.close()
 
 
-class _Details(grpc.HandlerCallDetails):  # type: ignore[misc]
-    def __init__(self, method: str, metadata: Sequence[Any]) -> None:
-        self.method = method
-        self.invocation_metadata = metadata
-
-
-class _Metadatum:
-    def __init__(self, key: str, value: str) -> None:
-        self.key = key
-        self.value = value
-
-
 class Intercepted:
-    """A servicer seen through server interceptors, for grpcio-testing (which has none).
+    """A servicer seen through the request path, for grpcio-testing (which has none).
 
-    Each method runs the interceptors' wrapping exactly as the real server does."""
+    Each method is wrapped exactly as the real server's registration wraps it: the wrapper
+    gets the request's bytes, and its bytes are parsed back into the response message."""
 
-    def __init__(
-        self, servicer: Any, service: str, interceptors: Iterable[grpc.ServerInterceptor]
-    ) -> None:
+    def __init__(self, servicer: Any, service: str, path: RequestPath) -> None:
         self._servicer = servicer
-        self._service = service
-        self._interceptors = list(interceptors)
+        self._service = descriptor_pool.Default().FindServiceByName(service)
+        self._path = path
 
     def __getattr__(self, name: str) -> Any:
-        method = getattr(self._servicer, name)
+        method = self._service.methods_by_name[name]
+        handler = self._path.wrap(
+            f"/{self._service.full_name}/{name}",
+            grpc.unary_unary_rpc_method_handler(
+                getattr(self._servicer, name),
+                request_deserializer=message_factory.GetMessageClass(method.input_type).FromString,
+                response_serializer=lambda response: response.SerializeToString(),
+            ),
+        )
+        response_type = message_factory.GetMessageClass(method.output_type)
 
         def call(request: Any, context: Any) -> Any:
-            metadata = [_Metadatum(k, v) for k, v in context.invocation_metadata()]
-            details = _Details(f"/{self._service}/{name}", metadata)
-
-            def innermost(_details: Any) -> grpc.RpcMethodHandler:
-                return grpc.unary_unary_rpc_method_handler(method)
-
-            continuation: Callable[[Any], Any] = innermost
-            for interceptor in reversed(self._interceptors):
-                continuation = functools.partial(_intercept, interceptor, continuation)
             try:
-                return continuation(details).unary_unary(request, _TestingContext(context))
+                data = handler.unary_unary(request.SerializeToString(), _TestingContext(context))
             except _Aborted:
                 return None  # code, details and trailing metadata are set on the context
+            return response_type.FromString(data)
 
         return call
-
-
-def _intercept(interceptor: grpc.ServerInterceptor, continuation: Any, details: Any) -> Any:
-    return interceptor.intercept_service(continuation, details)
 
 
 class _Aborted(Exception):
@@ -140,6 +126,10 @@ class _TestingContext:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
+
+    def time_remaining(self) -> float | None:
+        remaining = self._context.time_remaining()
+        return None if remaining is None else float(remaining)
 
     def code(self) -> grpc.StatusCode | None:
         return self._code

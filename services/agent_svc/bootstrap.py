@@ -26,12 +26,13 @@ from shared.data.redis_client import make_redis
 from shared.rpc.lifecycle import Closers
 from shared.rpc.metrics import Metrics
 from shared.rpc.observability import Observability
+from shared.rpc.request_path import RequestPath
 from shared.rpc.server import RunningServer, create_server
 from shared.rpc.tracing import Tracing
 from shared.security.jwks import JwksKeyProvider, grpc_jwks_fetcher
 from shared.security.tokens import KeyProvider, TokenVerifier
 
-__all__ = ["AgentApp", "build_app", "build_server", "interceptors_for"]
+__all__ = ["AgentApp", "build_app", "build_server", "request_path_for"]
 
 _log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ class AgentApp:
     verifier: TokenVerifier
     observability: Observability
     closers: Closers
+    keys: KeyProvider
+
+    def ready(self) -> bool:
+        """Whether tokens can be verified: the keys were fetched at least once."""
+        return bool(getattr(self.keys, "has_keys", True))
 
     def close(self) -> None:
         self.closers.close()
@@ -88,7 +94,7 @@ def _jwks_keys(
     observability: Observability,
 ) -> KeyProvider:
     """Keys fetched from auth_svc's GetJwks, refreshed in the background; the service
-    starts (and reports SERVING) while auth_svc is down and verifies once keys arrive.
+    starts while auth_svc is down, and is ready (and verifies) once keys arrive.
     With tracing on, each GetJwks call is a client span that carries the trace context
     (a fetch for an unknown key id during a call belongs to that call's trace)."""
     channel = _auth_channel(settings)
@@ -160,35 +166,45 @@ def build_app(
         request_id_ttl_seconds=settings.request_id_ttl_seconds,
         max_agents_per_owner=settings.max_agents_per_owner,
     )
+    if keys is None:
+        keys = _jwks_keys(settings, clock, closers, observability)
     verifier = TokenVerifier(
-        keys if keys is not None else _jwks_keys(settings, clock, closers, observability),
+        keys,
         issuer=settings.issuer,
         audience=settings.audience,
         clock=clock,
         on_result=metrics.token_verification,
     )
-    metrics.declare(metrics.token_verifications, ("verified",), ("cached",), ("rejected",))
+    metrics.declare(
+        metrics.token_verifications, ("verified",), ("cached",), ("rejected",), ("unavailable",)
+    )
     metrics.declare(metrics.jwks_fetches, ("ok",), ("error",))
-    return AgentApp(settings, engine, service, verifier, observability, closers)
+    return AgentApp(settings, engine, service, verifier, observability, closers, keys)
 
 
-def interceptors_for(app: AgentApp) -> list[grpc.ServerInterceptor]:
-    return app.observability.server_interceptors(
+def request_path_for(app: AgentApp) -> RequestPath:
+    """The request path around every handler of the app's server."""
+    return app.observability.request_path(
         error_domain="agent.agentplatform", verifier=app.verifier, public_methods=PUBLIC_METHODS
     )
 
 
 def build_server(app: AgentApp) -> RunningServer:
-    """A bound server for the app (port 0 in settings picks a free one). Ready means the
-    database answers: auth_svc being down does not make agent_svc NOT_SERVING."""
+    """A bound server for the app (port 0 in settings picks a free one). Ready means this
+    process can verify tokens (it has fetched the keys once): a replica started while
+    auth_svc is down stays out of its Service until the keys arrive, and one that has them
+    keeps serving while auth_svc or the database is down (cache hits need neither). The
+    database's state is the named health service "database"."""
     running = create_server(
         app.settings.common,
-        register=lambda server: agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(app.service), server
+        register=lambda registrar: agent_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(app.service), registrar
         ),
         service_names=[SERVICE_NAME],
-        interceptors=interceptors_for(app),
-        is_ready=lambda: ping(app.engine),
+        request_path=request_path_for(app),
+        interceptors=app.observability.server_interceptors(),
+        is_ready=app.ready,
+        dependencies={"database": lambda: ping(app.engine)},
     )
     app.observability.attach(running)
     running.on_stop.append(app.close)

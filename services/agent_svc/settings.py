@@ -121,6 +121,12 @@ def load_agent_settings(env: Mapping[str, str]) -> AgentSettings:
             f"set both {reader.name('AUTH_TLS_CERT_FILE')} and "
             f"{reader.name('AUTH_TLS_KEY_FILE')}, or neither"
         )
+    if not settings.auth_uses_tls and not common.allow_plaintext:
+        reader.problems.append(
+            f"the prod profile fetches keys over TLS: set {reader.name('AUTH_TLS_CA_FILE')} "
+            f"(and a client certificate for mTLS), or {reader.name('ALLOW_PLAINTEXT')}=true "
+            "where something else encrypts the traffic (a service mesh)"
+        )
     if settings.auth_tls_server_name and not settings.auth_uses_tls:
         reader.problems.append(
             f"{reader.name('AUTH_TLS_SERVER_NAME')} needs TLS to auth_svc "

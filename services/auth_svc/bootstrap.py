@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import grpc
 from agentplatform.auth.v1 import auth_pb2_grpc
 from sqlalchemy import Engine
 
 from services.auth_svc import SERVICE_NAME
 from services.auth_svc.api.servicer import PUBLIC_METHODS, AuthServicer
+from services.auth_svc.infra.hashing import HashPool
 from services.auth_svc.infra.keys import KeyRing, load_or_create_dev_key
-from services.auth_svc.infra.limiter import InMemoryLoginLimiter, RedisLoginLimiter
+from services.auth_svc.infra.limiter import (
+    InMemoryLoginLimiter,
+    RedisLoginLimiter,
+    SqlLoginLimiter,
+)
 from services.auth_svc.infra.passwords import Argon2PasswordHasher
 from services.auth_svc.repository.sql import SqlAuthUnitOfWork
 from services.auth_svc.service.auth_service import AuthPolicy, AuthService
@@ -24,11 +28,12 @@ from shared.data.redis_client import make_redis
 from shared.rpc.lifecycle import Closers
 from shared.rpc.metrics import Metrics
 from shared.rpc.observability import Observability
+from shared.rpc.request_path import RequestPath
 from shared.rpc.server import RunningServer, create_server
 from shared.rpc.tracing import Tracing
 from shared.security.tokens import StaticKeyProvider, TokenVerifier
 
-__all__ = ["AuthApp", "build_app", "build_server", "interceptors_for"]
+__all__ = ["AuthApp", "build_app", "build_server", "request_path_for"]
 
 _log = logging.getLogger(__name__)
 
@@ -50,22 +55,30 @@ class AuthApp:
 
 
 def _limiter(
-    settings: AuthSettings, clock: Clock, closers: Closers, metrics: Metrics
+    settings: AuthSettings, clock: Clock, closers: Closers, metrics: Metrics, engine: Engine
 ) -> LoginLimiter:
-    fallback = InMemoryLoginLimiter(
+    """Redis, then the database, then in-process (see infra/limiter.py)."""
+    in_process = InMemoryLoginLimiter(
         max_failures=settings.login_max_failures,
         lockout_seconds=settings.login_lockout_seconds,
         monotonic=clock.monotonic,
     )
     if not settings.common.redis_url:
-        return fallback
+        return in_process
+    database = SqlLoginLimiter(
+        engine,
+        max_failures=settings.login_max_failures,
+        lockout_seconds=settings.login_lockout_seconds,
+        clock=clock,
+        fallback=in_process,
+    )
     client = make_redis(settings.common.redis_url)
     closers.add(client.close)
     return RedisLoginLimiter(
         client,
         max_failures=settings.login_max_failures,
         lockout_seconds=settings.login_lockout_seconds,
-        fallback=fallback,
+        fallback=database,
         on_redis_error=lambda: metrics.redis_error("login_limiter"),
     )
 
@@ -104,10 +117,14 @@ def build_app(
     closers.add(engine.dispose)
     observability.watch_pool(engine)
     sessions = session_factory(engine)
+    if hasher is None:
+        pool = HashPool(concurrency=settings.hash_concurrency, queue=settings.hash_queue)
+        closers.add(pool.close)
+        hasher = Argon2PasswordHasher(pool)
     service = AuthService(
         uow=lambda: SqlAuthUnitOfWork(sessions),
-        hasher=hasher or Argon2PasswordHasher(concurrency=settings.hash_concurrency),
-        limiter=_limiter(settings, clock, closers, metrics),
+        hasher=hasher,
+        limiter=_limiter(settings, clock, closers, metrics, engine),
         tokens=keys,
         clock=clock,
         policy=AuthPolicy(
@@ -131,22 +148,28 @@ def build_app(
     return AuthApp(settings, engine, service, verifier, keys, observability, closers)
 
 
-def interceptors_for(app: AuthApp) -> list[grpc.ServerInterceptor]:
-    return app.observability.server_interceptors(
+def request_path_for(app: AuthApp) -> RequestPath:
+    """The request path around every handler of the app's server."""
+    return app.observability.request_path(
         error_domain="auth.agentplatform", verifier=app.verifier, public_methods=PUBLIC_METHODS
     )
 
 
 def build_server(app: AuthApp) -> RunningServer:
-    """A bound server for the app (port 0 in settings picks a free one)."""
+    """A bound server for the app (port 0 in settings picks a free one). Ready as soon as it
+    serves: the keys are its own, and a database outage must not take every replica out of
+    its Service (GetJwks and token checks need no database). The database's state is the
+    named health service "database"."""
     running = create_server(
         app.settings.common,
-        register=lambda server: auth_pb2_grpc.add_AuthServiceServicer_to_server(
-            AuthServicer(app.service), server
+        register=lambda registrar: auth_pb2_grpc.add_AuthServiceServicer_to_server(
+            AuthServicer(app.service), registrar
         ),
         service_names=[SERVICE_NAME],
-        interceptors=interceptors_for(app),
-        is_ready=lambda: ping(app.engine),
+        request_path=request_path_for(app),
+        interceptors=app.observability.server_interceptors(),
+        is_ready=lambda: True,
+        dependencies={"database": lambda: ping(app.engine)},
     )
     app.observability.attach(running)
     running.on_stop.append(app.close)

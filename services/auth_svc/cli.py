@@ -14,6 +14,9 @@ Installed as the console script `agentplatform-create-admin`; made to run as a K
   the admin role the command fails: anyone may register an address, and promoting that
   account would hand the admin role to whoever registered it first.
 
+A usage error names the options it is about but never an argument value: a password typed
+on the command line by mistake (`--email x@y secret`) is shown as "<value hidden>".
+
 Exit codes: 0 created, or already an admin; 1 anything else, with a one-line reason on
 stderr (never a traceback, never the password).
 """
@@ -23,8 +26,9 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn, TextIO
 
@@ -55,9 +59,45 @@ class CliError(Exception):
     """A failure the operator can act on; the message is printed as is."""
 
 
+class _UsageError(Exception):
+    """argparse's complaint, before the argument values are taken out of it."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise CliError(f"{message} (see --help)")
+        raise _UsageError(message)
+
+
+HIDDEN = "<value hidden>"
+
+
+def _hide_values(message: str, argv: Sequence[str], option_names: Collection[str]) -> str:
+    """The message with every argv token that is not an option name replaced by HIDDEN.
+
+    argparse quotes what it did not understand (`unrecognized arguments: secret`,
+    `ignored explicit argument 'secret'`), and a mistyped password is exactly such a
+    token. Besides each whole token, the value part of `--name=value` and of `-xvalue`
+    (what argparse quotes as an explicit argument) and their repr() spellings are hidden,
+    wherever they stand apart from letters and digits (as argparse puts them: between
+    spaces or quotes), so a one-letter value does not blot out the words of the message.
+    One pass, longest first, so option names that contain a hidden fragment stay readable.
+    """
+    fragments: set[str] = set()
+    for token in argv:
+        if token in option_names:
+            continue
+        parts = {token, token.partition("=")[2]}
+        if token.startswith("-") and not token.startswith("--"):
+            parts.add(token[2:])
+        fragments |= {spelling for part in parts for spelling in (part, repr(part)[1:-1])}
+    fragments.discard("")
+    if not fragments:
+        return message
+    names = set(option_names)
+    alternatives = sorted(fragments | names, key=len, reverse=True)
+    either = "|".join(re.escape(text) for text in alternatives)
+    pattern = re.compile(f"(?<![0-9A-Za-z])(?:{either})(?![0-9A-Za-z])")
+    return pattern.sub(lambda m: m.group() if m.group() in names else HIDDEN, message)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,8 +117,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = _parser()
+    try:
+        return parser.parse_args(list(argv))
+    except _UsageError as exc:
+        names = {name for action in parser._actions for name in action.option_strings}
+        raise CliError(f"{_hide_values(str(exc), argv, names)} (see --help)") from None
+
+
 def _refuse_password_arguments(argv: Sequence[str]) -> None:
-    # Checked before argparse, whose error would echo the offending arguments.
+    # Checked before argparse, to say why rather than "unrecognized arguments".
     if any(arg.startswith(("--pass", "-p")) for arg in argv):
         raise CliError(
             "passwords are never taken from the command line: "
@@ -150,7 +199,7 @@ def _database_problem(exc: SQLAlchemyError) -> str:
 def run(argv: Sequence[str], env: Mapping[str, str], stdin: TextIO, stdout: TextIO) -> int:
     """The command, with its inputs explicit; raises CliError for the operator to read."""
     _refuse_password_arguments(argv)
-    args = _parser().parse_args(list(argv))
+    args = _parse(argv)
     try:
         settings = load_auth_settings(env)
     except ConfigError as exc:

@@ -23,6 +23,7 @@ class AuthSettings:
     login_max_failures: int
     login_lockout_seconds: int
     hash_concurrency: int
+    hash_queue: int
     signing_key_pem: str | None
     verify_keys_pem: str | None
 
@@ -34,6 +35,8 @@ def load_auth_settings(env: Mapping[str, str]) -> AuthSettings:
     signing_key = reader.secret("SIGNING_KEY")
     if signing_key is None and common.profile == "prod":
         reader.require("SIGNING_KEY", "in the prod profile (or AUTH_SIGNING_KEY_FILE)")
+    # Dedicated low-priority hashing threads (argon2id: tens of ms of a core, 19 MiB each).
+    hash_concurrency = reader.integer("HASH_CONCURRENCY", 2, minimum=1)
     settings = AuthSettings(
         common=common,
         issuer=reader.text("ISSUER", "agentplatform-auth"),
@@ -46,7 +49,9 @@ def load_auth_settings(env: Mapping[str, str]) -> AuthSettings:
         password_min_length=reader.integer("PASSWORD_MIN_LENGTH", 8, minimum=8),
         login_max_failures=reader.integer("LOGIN_MAX_FAILURES", 10, minimum=1),
         login_lockout_seconds=reader.integer("LOGIN_LOCKOUT_SECONDS", 900, minimum=1),
-        hash_concurrency=reader.integer("HASH_CONCURRENCY", 4, minimum=1),
+        hash_concurrency=hash_concurrency,
+        # Hashes that may wait for a hashing thread; beyond them, HASHING_BUSY at once.
+        hash_queue=reader.integer("HASH_QUEUE", hash_concurrency * 4, minimum=0),
         signing_key_pem=signing_key,
         verify_keys_pem=reader.secret("VERIFY_KEYS"),
     )

@@ -130,6 +130,8 @@ class CommonSettings:
     db_pool_size: int
     db_statement_timeout_seconds: float
     grace_seconds: float
+    shutdown_delay_seconds: float
+    allow_plaintext: bool
     migrate_on_start: bool
     log_level: str
     log_format: Literal["text", "json"]
@@ -179,8 +181,25 @@ def load_common(
     if log_format not in ("text", "json"):
         reader.problems.append(f"{reader.name('LOG_FORMAT')} must be text or json")
     cert, key = reader.raw("TLS_CERT_FILE"), reader.raw("TLS_KEY_FILE")
+    client_ca = reader.raw("TLS_CLIENT_CA_FILE")
     if bool(cert) != bool(key):
-        reader.problems.append("set both TLS_CERT_FILE and TLS_KEY_FILE, or neither")
+        reader.problems.append(
+            f"set both {reader.name('TLS_CERT_FILE')} and {reader.name('TLS_KEY_FILE')}, or neither"
+        )
+    if client_ca and not cert:
+        # Client certificates (mTLS) need TLS: without a server certificate the server
+        # would listen in plaintext and silently ignore the CA.
+        reader.problems.append(
+            f"{reader.name('TLS_CLIENT_CA_FILE')} (mTLS) needs a server certificate: set "
+            f"{reader.name('TLS_CERT_FILE')} and {reader.name('TLS_KEY_FILE')}"
+        )
+    allow_plaintext = reader.flag("ALLOW_PLAINTEXT", dev)
+    if not cert and not allow_plaintext:
+        reader.problems.append(
+            f"the prod profile serves TLS: set {reader.name('TLS_CERT_FILE')} and "
+            f"{reader.name('TLS_KEY_FILE')}, or {reader.name('ALLOW_PLAINTEXT')}=true where "
+            "something else encrypts the traffic (a service mesh)"
+        )
     return CommonSettings(
         service=service,
         profile=profile,
@@ -200,12 +219,16 @@ def load_common(
         # PostgreSQL cancels a statement (or a lock wait) that takes longer; 0: no limit.
         db_statement_timeout_seconds=reader.number("DB_STATEMENT_TIMEOUT_SECONDS", 10.0),
         grace_seconds=reader.number("GRACE_SECONDS", 10.0),
+        # After SIGTERM: NOT_SERVING while still serving, so that whatever watches health
+        # (load balancers, clients) moves away before the server stops taking calls.
+        shutdown_delay_seconds=reader.number("SHUTDOWN_DELAY_SECONDS", 0.0 if dev else 2.0),
+        allow_plaintext=allow_plaintext,
         migrate_on_start=reader.flag("MIGRATE_ON_START", dev),
         log_level=reader.text("LOG_LEVEL", "INFO").upper(),
         log_format="json" if log_format == "json" else "text",
         tls_cert_file=cert,
         tls_key_file=key,
-        tls_client_ca_file=reader.raw("TLS_CLIENT_CA_FILE"),
+        tls_client_ca_file=client_ca,
         # A plaintext health-only port, for kubelet gRPC probes when the main port is TLS.
         health_port=reader.integer("HEALTH_PORT", 0),
         # Connections are closed after this age so clients re-resolve and spread over pods.

@@ -1,8 +1,21 @@
-"""Database engines and the unit of work that every repository runs in."""
+"""Database engines and the unit of work that every repository runs in.
+
+Calls and their deadlines (shared.config.deadlines): a call never waits for a pooled
+connection longer than its caller still waits for the answer (the pool's wait is the
+smaller of `POOL_WAIT_SECONDS` and the call's remaining time), a new connection is given
+at most the remaining time to connect (libpq's floor is 2 s), and a statement of a call
+that ends early (cancelled by the caller, past its deadline, ended at shutdown) is
+cancelled on the server at once, so its connection returns to the pool instead of
+serving a caller who is gone. `DB_STATEMENT_TIMEOUT_SECONDS` stays the server-side bound
+for work outside any call.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import queue
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -13,10 +26,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SqlTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import QueuePool
 
+from shared.config import deadlines
 from shared.rpc.errors import Unavailable
 
 __all__ = [
+    "CallEnded",
     "SqlUnitOfWork",
     "make_engine",
     "normalize_url",
@@ -36,8 +52,121 @@ def normalize_url(url: str) -> str:
     return url
 
 
+POOL_WAIT_SECONDS = 5.0
+CONNECT_TIMEOUT_SECONDS = 5
+
+
+class DeadlineQueuePool(QueuePool):
+    """A QueuePool whose wait for a free connection ends with the current call's
+    deadline (QueuePool reads `_timeout` at each wait)."""
+
+    @property
+    def _timeout(self) -> float:
+        remaining = deadlines.remaining()
+        if remaining is None:
+            return self._configured_timeout
+        return min(self._configured_timeout, remaining)
+
+    @_timeout.setter
+    def _timeout(self, value: float) -> None:
+        self._configured_timeout = value
+
+
+class CallEnded(Exception):
+    """A statement of a call that is over (cancelled, past its deadline, ended at
+    shutdown) was refused: the caller is gone, the work is abandoned and rolled back."""
+
+
+class _Canceller:
+    """Cancels the statements of calls that ended, from a thread of its own: the request
+    comes from grpcio's polling thread, which must not block. A cancel that reaches the
+    server between two statements finds nothing to cancel, so it is repeated (every
+    0.25 s, up to 5 s) while the call still holds the connection; and statements not yet
+    started are refused (CallEnded)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Any, dict[str, Any]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def cancel(self, dbapi_connection: Any, info: dict[str, Any]) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="statement-canceller", daemon=True
+                )
+                self._thread.start()
+        self._queue.put((dbapi_connection, info))
+
+    def _run(self) -> None:
+        pause = threading.Event()
+        while True:
+            connection, info = self._queue.get()
+            for _ in range(20):
+                if not info.get(_CALL_ENDED):
+                    break  # checked in: the work is over
+                try:
+                    if hasattr(connection, "cancel_safe"):  # psycopg 3
+                        connection.cancel_safe(timeout=2.0)
+                    elif hasattr(connection, "interrupt"):  # sqlite3
+                        connection.interrupt()
+                except Exception as exc:
+                    _log.info("cancelling a statement failed: %s", type(exc).__name__)
+                pause.wait(0.25)
+
+
+_canceller = _Canceller()
+_END_HOOK = "agentplatform.end_hook"
+_CALL_ENDED = "agentplatform.call_ended"
+
+
+def _cancel_when_the_call_ends(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """At checkout, inside a call: if the call ends before the work does, cancel whatever
+    statement runs then, and refuse the next ones (the work fails, rolls back, and the
+    connection comes back)."""
+    scope = deadlines.current_call.get()
+    if scope is None:
+        return
+    info = record.info
+
+    def ended() -> None:
+        info[_CALL_ENDED] = True
+        _canceller.cancel(dbapi_connection, info)
+
+    info[_END_HOOK] = scope.on_end(ended)
+
+
+def _forget_the_call(_dbapi_connection: Any, record: Any) -> None:
+    unregister = record.info.pop(_END_HOOK, None)
+    if unregister is not None:
+        unregister()
+    record.info.pop(_CALL_ENDED, None)
+
+
+def _refuse_when_the_call_ended(connection: Any, *_args: Any) -> None:
+    if connection.info.get(_CALL_ENDED):
+        raise CallEnded("the call ended before its work: abandoned")
+
+
+def _bounded_connect(_dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
+    """A connection made for a call gets at most the call's remaining time."""
+    remaining = deadlines.remaining()
+    if remaining is not None:
+        cparams["connect_timeout"] = max(
+            2, min(CONNECT_TIMEOUT_SECONDS, math.ceil(remaining))
+        )  # libpq's minimum is 2 s
+
+
+def _follow_calls(engine: Engine) -> Engine:
+    event.listen(engine.pool, "checkout", _cancel_when_the_call_ends)
+    event.listen(engine.pool, "checkin", _forget_the_call)
+    event.listen(engine, "before_cursor_execute", _refuse_when_the_call_ended)
+    return engine
+
+
 def make_engine(url: str, *, pool_size: int = 10, statement_timeout: float = 0.0) -> Engine:
-    """An engine sized for the worker pool; SQLite gets WAL, foreign keys and a busy timeout."""
+    """An engine sized for the worker pool, bound by each call's deadline (see the module
+    docstring); SQLite gets WAL, foreign keys and a busy timeout."""
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -46,25 +175,28 @@ def make_engine(url: str, *, pool_size: int = 10, statement_timeout: float = 0.0
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": 30},
+            poolclass=DeadlineQueuePool,
             pool_size=pool_size,
             max_overflow=pool_size,
+            pool_timeout=POOL_WAIT_SECONDS,
             hide_parameters=True,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
-        return engine
-    return create_engine(
+        return _follow_calls(engine)
+    engine = create_engine(
         url,
+        poolclass=DeadlineQueuePool,
         pool_size=pool_size,
         max_overflow=pool_size // 2,
-        pool_timeout=5,
+        pool_timeout=POOL_WAIT_SECONDS,
         pool_pre_ping=True,
         pool_recycle=1800,
         # A statement that runs (or waits for a lock) longer than `statement_timeout`
         # seconds is cancelled by PostgreSQL, so no worker thread waits on it forever
         # (0: no limit). The cancellation is an OperationalError: UNAVAILABLE, retry.
         connect_args={
-            "connect_timeout": 5,
+            "connect_timeout": CONNECT_TIMEOUT_SECONDS,
             **(
                 {"options": f"-c statement_timeout={int(statement_timeout * 1000)}"}
                 if statement_timeout > 0
@@ -74,6 +206,8 @@ def make_engine(url: str, *, pool_size: int = 10, statement_timeout: float = 0.0
         # Errors (and so logs) never show bound values: password hashes, token hashes, emails.
         hide_parameters=True,
     )
+    event.listen(engine, "do_connect", _bounded_connect)
+    return _follow_calls(engine)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -97,7 +231,7 @@ def _sqlite_begin_immediate(connection: Any) -> None:
 def unavailable_database(exc: Exception) -> Unavailable | None:
     """A database that cannot be reached, or a pool with no connection free in time, is
     UNAVAILABLE (retry later), not INTERNAL; for the error-mapping interceptor."""
-    if isinstance(exc, SqlTimeoutError | OperationalError | InterfaceError):
+    if isinstance(exc, SqlTimeoutError | OperationalError | InterfaceError | CallEnded):
         return Unavailable(
             "the database is not available; retry",
             retry_after_seconds=1.0,

@@ -11,8 +11,9 @@ from typing import Protocol, TypeVar
 
 from shared.config.settings import CommonSettings, ConfigError
 from shared.data import migrations
+from shared.rpc.lifecycle import EXIT_FORCED, serve
 from shared.rpc.logs import configure_logging
-from shared.rpc.server import RunningServer, serve
+from shared.rpc.server import RunningServer
 
 __all__ = ["ServiceSettings", "run_service"]
 
@@ -47,10 +48,14 @@ def run_service(
         return 2
     common = settings.common
     configure_logging(service=service, level=common.log_level, fmt=common.log_format)
-    if args.command == "migrate" or common.migrate_on_start:
-        migrations.upgrade(service, common.database_url)
-        _log.info("%s migrations applied", service)
-        if args.command == "migrate":
-            return 0
-    serve(build_server(settings), common)
-    return 0
+    try:
+        if args.command == "migrate" or common.migrate_on_start:
+            migrations.upgrade(service, common.database_url)
+            _log.info("%s migrations applied", service)
+            if args.command == "migrate":
+                return 0
+        running = build_server(settings)
+    except KeyboardInterrupt:  # Ctrl-C while starting: nothing to drain yet
+        _log.info("%s interrupted while starting", service)
+        return EXIT_FORCED
+    return serve(running, common)

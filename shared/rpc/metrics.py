@@ -2,23 +2,255 @@
 
 Each app owns a `Metrics` object with its own registry (no process globals), served on
 its own HTTP port at /metrics.
+
+What happens on every call is counted without a lock: each thread keeps its own tallies
+(plain integers only that thread writes), and a scrape adds them up. prometheus_client's
+Counter and Histogram take a lock per update; five of them per call were a measurable
+part of a cache hit's cost. The exposition is the same: counters, and histograms with
+cumulative buckets, `_sum` and `_count`.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "MetricsInterceptor", "serve_metrics"]
+__all__ = ["FastCounter", "MethodStats", "Metrics", "RpcMetrics", "serve_metrics"]
 
 _LABELS = ("grpc_type", "grpc_service", "grpc_method")
 # go-grpc-prometheus' default buckets, with finer ones below 5 ms where our calls live.
-_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_CODES = tuple(grpc.StatusCode)
+_CODE_INDEX = {code: index for index, code in enumerate(_CODES)}
+
+
+def go_code_name(code: grpc.StatusCode) -> str:
+    """The status code as Go's codes.Code.String() spells it (go-grpc-prometheus labels)."""
+    if code == grpc.StatusCode.CANCELLED:
+        return "Canceled"
+    if code == grpc.StatusCode.OK:
+        return "OK"
+    return "".join(part.capitalize() for part in code.name.split("_"))
+
+
+class MethodStats:
+    """A method's slot in the per-thread tallies, and its labels."""
+
+    __slots__ = ("index", "labels", "streaming")
+
+    def __init__(self, index: int, labels: tuple[str, str, str], streaming: bool) -> None:
+        self.index = index
+        self.labels = labels
+        self.streaming = streaming
+
+
+class _Tally:
+    """One method's counts on one thread."""
+
+    __slots__ = ("buckets", "handled", "received", "seconds", "sent", "started")
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.handled = [0] * len(_CODES)
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.seconds = 0.0
+        self.received = 0
+        self.sent = 0
+
+
+class _ThreadTallies(threading.local):
+    tallies: list[_Tally]
+
+    def __init__(self, owner: RpcMetrics) -> None:
+        self.tallies = []
+        owner._adopt(self.tallies)
+
+
+class RpcMetrics(Collector):
+    """grpc_server_started_total, grpc_server_handled_total{grpc_code},
+    grpc_server_handling_seconds, grpc_server_msg_received_total, grpc_server_msg_sent_total."""
+
+    def __init__(self) -> None:
+        self._methods: list[MethodStats] = []
+        self._by_name: dict[str, MethodStats] = {}
+        self._threads: list[list[_Tally]] = []
+        self._lock = threading.Lock()
+        self._local = _ThreadTallies(self)
+
+    def _adopt(self, tallies: list[_Tally]) -> None:
+        with self._lock:
+            self._threads.append(tallies)
+
+    def method(self, full_method: str, kind: str = "unary") -> MethodStats:
+        """The slot of a method (`/package.Service/Method`), made on first use."""
+        with self._lock:
+            stats = self._by_name.get(full_method)
+            if stats is None:
+                service, _, name = full_method.lstrip("/").rpartition("/")
+                stats = MethodStats(len(self._methods), (kind, service, name), kind != "unary")
+                self._methods.append(stats)
+                self._by_name[full_method] = stats
+            return stats
+
+    def _tally(self, stats: MethodStats) -> _Tally:
+        tallies = self._local.tallies
+        index = stats.index
+        while len(tallies) <= index:
+            tallies.append(_Tally())
+        return tallies[index]
+
+    def started(self, stats: MethodStats) -> _Tally:
+        """Counts a call started; returns the tally to hand to `handled` (same thread)."""
+        tally = self._tally(stats)
+        tally.started += 1
+        if not stats.streaming:
+            tally.received += 1
+        return tally
+
+    def handled(
+        self,
+        stats: MethodStats,
+        code: grpc.StatusCode,
+        seconds: float,
+        tally: _Tally | None = None,
+    ) -> None:
+        if tally is None:
+            tally = self._tally(stats)
+        tally.handled[_CODE_INDEX[code]] += 1
+        tally.buckets[bisect_left(BUCKETS, seconds)] += 1
+        tally.seconds += seconds
+        if not stats.streaming and code is grpc.StatusCode.OK:
+            tally.sent += 1
+
+    def message(self, stats: MethodStats, *, sent: bool) -> None:
+        """One message of a stream received or sent."""
+        tally = self._tally(stats)
+        if sent:
+            tally.sent += 1
+        else:
+            tally.received += 1
+
+    def _totals(self) -> list[tuple[MethodStats, _Tally]]:
+        with self._lock:
+            methods = list(self._methods)
+            threads = [list(tallies) for tallies in self._threads]
+        totals = []
+        for stats in methods:
+            total = _Tally()
+            for tallies in threads:
+                if stats.index < len(tallies):
+                    tally = tallies[stats.index]
+                    total.started += tally.started
+                    total.received += tally.received
+                    total.sent += tally.sent
+                    total.seconds += tally.seconds
+                    total.handled = [
+                        a + b for a, b in zip(total.handled, tally.handled, strict=True)
+                    ]
+                    total.buckets = [
+                        a + b for a, b in zip(total.buckets, tally.buckets, strict=True)
+                    ]
+            totals.append((stats, total))
+        return totals
+
+    def collect(self) -> Iterator[Metric]:
+        started = CounterMetricFamily(
+            "grpc_server_started", "RPCs started on the server.", labels=_LABELS
+        )
+        handled = CounterMetricFamily(
+            "grpc_server_handled",
+            "RPCs completed on the server, regardless of success or failure.",
+            labels=(*_LABELS, "grpc_code"),
+        )
+        received = CounterMetricFamily(
+            "grpc_server_msg_received", "Stream messages received.", labels=_LABELS
+        )
+        sent = CounterMetricFamily("grpc_server_msg_sent", "Stream messages sent.", labels=_LABELS)
+        handling = HistogramMetricFamily(
+            "grpc_server_handling_seconds",
+            "Response latency of RPCs handled by the server.",
+            labels=_LABELS,
+        )
+        for stats, total in self._totals():
+            labels = list(stats.labels)
+            started.add_metric(labels, total.started)
+            received.add_metric(labels, total.received)
+            sent.add_metric(labels, total.sent)
+            for code, count in zip(_CODES, total.handled, strict=True):
+                handled.add_metric([*labels, go_code_name(code)], count)
+            cumulative, buckets = 0, []
+            for bound, count in zip((*BUCKETS, float("inf")), total.buckets, strict=True):
+                cumulative += count
+                buckets.append((_bound(bound), cumulative))
+            handling.add_metric(labels, buckets, total.seconds)
+        yield from (started, handled, received, sent, handling)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(float(value))
+
+
+class FastCounter(Collector):
+    """A labelled counter for events on the request path, without a lock per event (per-
+    thread tallies, summed at scrape time). `inc(*labels)` counts one."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], registry: Any
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._threads: list[dict[tuple[str, ...], int]] = []
+        self._declared: set[tuple[str, ...]] = set()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        registry.register(self)
+
+    def inc(self, *labels: str) -> None:
+        try:
+            counts: dict[tuple[str, ...], int] = self._local.counts
+        except AttributeError:
+            counts = self._local.counts = {}
+            with self._lock:
+                self._threads.append(counts)
+        counts[labels] = counts.get(labels, 0) + 1
+
+    def declare(self, *labels: str) -> None:
+        """Export this series at 0 before its first event (rate() needs a start)."""
+        with self._lock:
+            self._declared.add(labels)
+
+    def value(self, *labels: str) -> int:
+        with self._lock:
+            threads = list(self._threads)
+        return sum(counts.get(labels, 0) for counts in threads)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            self._name.removesuffix("_total"), self._documentation, labels=self._labelnames
+        )
+        totals: dict[tuple[str, ...], int] = dict.fromkeys(self._declared, 0)
+        with self._lock:
+            threads = list(self._threads)
+        for counts in threads:
+            for labels, count in list(counts.items()):
+                totals[labels] = totals.get(labels, 0) + count
+        for labels, count in sorted(totals.items()):
+            family.add_metric(list(labels), count)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 class Metrics:
@@ -27,41 +259,21 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.started = Counter(
-            "grpc_server_started_total", "RPCs started on the server.", _LABELS, registry=r
-        )
-        self.handled = Counter(
-            "grpc_server_handled_total",
-            "RPCs completed on the server, regardless of success or failure.",
-            (*_LABELS, "grpc_code"),
-            registry=r,
-        )
-        self.received = Counter(
-            "grpc_server_msg_received_total", "Stream messages received.", _LABELS, registry=r
-        )
-        self.sent = Counter(
-            "grpc_server_msg_sent_total", "Stream messages sent.", _LABELS, registry=r
-        )
-        self.handling = Histogram(
-            "grpc_server_handling_seconds",
-            "Response latency of RPCs handled by the server.",
-            _LABELS,
-            buckets=_BUCKETS,
-            registry=r,
-        )
+        self.rpc = RpcMetrics()
+        r.register(self.rpc)
         self.logins = Counter(
             "agentplatform_logins_total", "Login attempts by result.", ("result",), registry=r
         )
-        self.token_verifications = Counter(
+        self.token_verifications = FastCounter(
             "agentplatform_token_verifications_total",
-            "Access-token checks by result (verified, cached, rejected).",
+            "Access-token checks by result (verified, cached, rejected, unavailable).",
             ("result",),
             registry=r,
         )
-        self.cache_events = Counter(
+        self.cache_events = FastCounter(
             "agentplatform_cache_events_total",
             "Agent cache events by level and outcome: l1 hit|miss, l2 hit|miss|error|bypass|"
-            "fill|stale_fill, load db, flight joined, invalidate sent|deferred, "
+            "fill|stale_fill|older, load db, flight joined, invalidate sent|deferred, "
             "pubsub message|subscribed|error.",
             ("level", "outcome"),
             registry=r,
@@ -80,6 +292,12 @@ class Metrics:
             "Database connections checked out of the pool.",
             registry=r,
         )
+        self.dependency_up = Gauge(
+            "agentplatform_dependency_up",
+            "Whether a dependency answered its last check (1) or not (0): database.",
+            ("dependency",),
+            registry=r,
+        )
         self._bound: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def watch_pool(self, checked_out: Callable[[], int]) -> None:
@@ -93,12 +311,12 @@ class Metrics:
         self._children(self.logins, result).inc()
 
     def token_verification(self, result: str) -> None:
-        """`result`: verified, cached or rejected (TokenVerifier's `on_result`)."""
-        self._children(self.token_verifications, result).inc()
+        """`result`: verified, cached, rejected or unavailable (TokenVerifier's `on_result`)."""
+        self.token_verifications.inc(result)
 
     def cache_event(self, level: str, outcome: str) -> None:
         """TwoLevelCache's `on_event`; an L2 or pub/sub error is also a Redis error."""
-        self._children(self.cache_events, level, outcome).inc()
+        self.cache_events.inc(level, outcome)
         if outcome == "error":
             self.redis_error("cache")
 
@@ -110,98 +328,25 @@ class Metrics:
         """`result`: ok or error (JwksKeyProvider's `on_fetch`)."""
         self._children(self.jwks_fetches, result).inc()
 
-    def declare(self, counter: Counter, *label_values: tuple[str, ...]) -> None:
+    def dependency(self, name: str, up: bool) -> None:
+        """The outcome of a dependency's latest check (the readiness watcher's)."""
+        self._children(self.dependency_up, name).set(1.0 if up else 0.0)
+
+    def declare(self, counter: Counter | FastCounter, *label_values: tuple[str, ...]) -> None:
         """Exports these series at 0 before their first event (rate() needs a start)."""
         for values in label_values:
-            self._children(counter, *values)
+            if isinstance(counter, FastCounter):
+                counter.declare(*values)
+            else:
+                self._children(counter, *values)
 
-    def _children(self, counter: Counter, *values: str) -> Any:
-        """The labelled child, bound once: the hooks run on every call."""
-        key = (id(counter), values)
+    def _children(self, metric: Counter | Gauge, *values: str) -> Any:
+        """The labelled child, bound once."""
+        key = (id(metric), values)
         child = self._bound.get(key)
         if child is None:
-            child = self._bound.setdefault(key, counter.labels(*values))
+            child = self._bound.setdefault(key, metric.labels(*values))
         return child
-
-
-def _go_code_name(code: grpc.StatusCode) -> str:
-    """The status code as Go's codes.Code.String() spells it (go-grpc-prometheus labels)."""
-    if code == grpc.StatusCode.CANCELLED:
-        return "Canceled"
-    if code == grpc.StatusCode.OK:
-        return "OK"
-    return "".join(part.capitalize() for part in code.name.split("_"))
-
-
-class _MethodMetrics:
-    """The labelled children of one method, bound once (a scrape-cheap hot path)."""
-
-    __slots__ = ("handled", "handled_by_code", "handling", "received", "sent", "started")
-
-    def __init__(self, metrics: Metrics, service: str, method: str) -> None:
-        labels = ("unary", service, method)
-        self.started = metrics.started.labels(*labels)
-        self.received = metrics.received.labels(*labels)
-        self.sent = metrics.sent.labels(*labels)
-        self.handling = metrics.handling.labels(*labels)
-        self.handled = metrics.handled
-        self.handled_by_code: dict[grpc.StatusCode, Any] = {
-            code: metrics.handled.labels(*labels, _go_code_name(code)) for code in grpc.StatusCode
-        }
-
-
-class MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Counts and times every unary call (our services, health and reflection alike)."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-        self._by_method: dict[str, _MethodMetrics] = {}
-        self._lock = threading.Lock()
-
-    def _for(self, full_method: str) -> _MethodMetrics:
-        bound = self._by_method.get(full_method)
-        if bound is None:
-            service, _, method = full_method.lstrip("/").rpartition("/")
-            with self._lock:
-                bound = self._by_method.setdefault(
-                    full_method, _MethodMetrics(self._metrics, service, method)
-                )
-        return bound
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        bound = self._for(details.method)
-        behavior = handler.unary_unary
-
-        def call(request: Any, context: Any) -> Any:
-            bound.started.inc()
-            bound.received.inc()
-            start = time.perf_counter()
-            code = grpc.StatusCode.UNKNOWN
-            try:
-                response = behavior(request, context)
-                code = context.code() or grpc.StatusCode.OK
-                if code == grpc.StatusCode.OK:
-                    bound.sent.inc()
-                return response
-            except BaseException:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                bound.handling.observe(time.perf_counter() - start)
-                bound.handled_by_code[code].inc()
-
-        return grpc.unary_unary_rpc_method_handler(
-            call,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
 
 
 def serve_metrics(metrics: Metrics, host: str, port: int) -> Callable[[], None] | None:

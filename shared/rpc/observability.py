@@ -3,16 +3,17 @@
 A composition root makes one `Observability` per app (`from_settings`), hands its
 `metrics` hooks to the service and infra layers (plain callables: nothing below the
 composition root imports prometheus or OpenTelemetry), builds the server with
-`server_interceptors(...)` and calls `attach(running)` to serve /metrics while the server
-runs.
+`request_path(...)` and `server_interceptors()`, and calls `attach(running)` to serve
+/metrics while the server runs.
 
-The interceptor chain, outermost first:
+Every call passes through, outermost first:
 
-    tracing (only when configured) → metrics → access log → error mapping → token check
+    tracing (OpenTelemetry's interceptor, only when configured) → the request path
+    (shared.rpc.request_path: decoding, token check, servicer, error mapping, metrics,
+    access log)
 
-so the span and the metrics see every call with its final status (including the
-rejections of the token check and the INTERNAL of an unexpected exception), and the
-access log line carries the user the token check found.
+so the span sees every call with its final status, and the metrics and the access log
+line see the rejections of the token check and the INTERNAL of an unexpected exception.
 """
 
 from __future__ import annotations
@@ -26,12 +27,8 @@ from sqlalchemy import Engine
 
 from shared.config.settings import CommonSettings
 from shared.data.db import unavailable_database
-from shared.rpc.interceptors import (
-    AccessLogInterceptor,
-    ErrorMappingInterceptor,
-    TokenCheckInterceptor,
-)
-from shared.rpc.metrics import Metrics, MetricsInterceptor, serve_metrics
+from shared.rpc.metrics import Metrics, serve_metrics
+from shared.rpc.request_path import RequestPath
 from shared.rpc.server import RunningServer
 from shared.rpc.tracing import Tracing, configure_tracing
 from shared.security.tokens import TokenVerifier
@@ -77,24 +74,25 @@ class Observability:
 
     # -- wiring ----------------------------------------------------------------------------
 
-    def server_interceptors(
+    def request_path(
         self,
         *,
         error_domain: str,
         verifier: TokenVerifier,
         public_methods: Iterable[str],
-    ) -> list[grpc.ServerInterceptor]:
-        """The server's interceptors, outermost first (see the module docstring)."""
-        chain: list[grpc.ServerInterceptor] = []
-        if self.tracing is not None:
-            chain.append(self.tracing.server_interceptor())
-        chain += [
-            MetricsInterceptor(self.metrics),
-            AccessLogInterceptor(),
-            ErrorMappingInterceptor(domain=error_domain, translators=[unavailable_database]),
-            TokenCheckInterceptor(verifier, public_methods),
-        ]
-        return chain
+    ) -> RequestPath:
+        """The request path every handler of the server is wrapped in."""
+        return RequestPath(
+            domain=error_domain,
+            verifier=verifier,
+            public_methods=public_methods,
+            metrics=self.metrics.rpc,
+            translators=[unavailable_database],
+        )
+
+    def server_interceptors(self) -> list[grpc.ServerInterceptor]:
+        """The interceptors outside the request path: tracing, when it is configured."""
+        return [] if self.tracing is None else [self.tracing.server_interceptor()]
 
     def instrument_channel(self, channel: grpc.Channel) -> grpc.Channel:
         """The channel, carrying the trace context of its calls when tracing is on."""
@@ -108,9 +106,11 @@ class Observability:
             self.metrics.watch_pool(checked_out)
 
     def attach(self, running: RunningServer) -> None:
-        """Serve /metrics while `running` runs: up before it starts, down after it drained."""
+        """Serve /metrics while `running` runs: up before it starts, down after it drained;
+        the dependency checks of its health become metrics."""
         running.on_start.append(self.start_metrics)
         running.on_stop.append(self.close)
+        running.on_dependency = self.metrics.dependency
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -1,32 +1,119 @@
 """gRPC server bootstrap shared by both services.
 
-`create_server()` builds and binds a server (port 0 picks a free port, for tests);
-`serve()` runs it until SIGTERM/SIGINT: health NOT_SERVING → stop(grace) → return.
+`create_server()` builds and binds a server (port 0 picks a free port, for tests): the
+service's handlers and the library's health and reflection services, each wrapped once by
+the request path (shared.rpc.request_path). `serve()` (shared.rpc.lifecycle) runs it until
+SIGTERM/SIGINT.
+
+Health (grpc.health.v1):
+- "" is SERVING from start until the shutdown begins: the process is alive (liveness).
+- Each service name reports **readiness**: what this process itself can do (started, its
+  own prerequisites such as verification keys loaded, not draining). A shared dependency
+  being down must not take every replica out of its Service at once: a database outage
+  leaves cache hits and published keys servable.
+- Each dependency has a name of its own ("database"): SERVING while its last check
+  passed, for operators and dashboards (also the `agentplatform_dependency_up` metric).
+- Health checks run on a small thread pool of their own and, with `HEALTH_PORT`, on a
+  plaintext server of their own (own completion queue, threads and concurrency limit),
+  so a probe is answered while the worker threads are saturated.
+
+Shutdown (`RunningServer.shutdown`): NOT_SERVING at once while calls are still served for
+`shutdown_delay` seconds (load balancers and clients watching health move away), then no
+new calls (GOAWAY), in-flight calls get `grace` seconds to finish, the ones that do not
+are ended with UNAVAILABLE (their database statements cancelled) so clients retry
+elsewhere, and after a last short margin grpcio cancels whatever is left.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import signal
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared.config.settings import CommonSettings
+from shared.rpc.request_path import InFlight, RequestPath
 
-__all__ = ["RunningServer", "create_server", "serve"]
+__all__ = ["HandlerRegistrar", "RunningServer", "create_server", "transport_of"]
 
 _log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 OVERALL = ""
+# What the calls still running at the end of the grace period get to end by themselves
+# (with UNAVAILABLE) before grpcio cancels them.
+END_MARGIN_SECONDS = 1.0
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class HandlerRegistrar:
+    """Stands in for a grpc.Server while generated code (`add_XServicer_to_server`),
+    the health service and reflection register their handlers: each handler is wrapped
+    by the request path, then registered on the real server."""
+
+    def __init__(self, server: grpc.Server, path: RequestPath) -> None:
+        self._server = server
+        self._path = path
+        self.service_names: list[str] = []
+
+    def add_registered_method_handlers(
+        self, service_name: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> None:
+        wrapped = {
+            name: self._path.wrap(f"/{service_name}/{name}", handler)
+            for name, handler in handlers.items()
+        }
+        self._server.add_registered_method_handlers(service_name, wrapped)
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service_name, wrapped),)
+        )
+        self.service_names.append(service_name)
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        """Generated code registers each service twice (generic and registered): the
+        registered form above covers it. A handler registered only this way (a method
+        table of its own) is wrapped per method on first use."""
+        for handler in handlers:
+            if getattr(handler, "_name", None) in self.service_names:
+                continue
+            self._server.add_generic_rpc_handlers((_WrappedGeneric(handler, self._path),))
+
+
+class _WrappedGeneric(grpc.GenericRpcHandler):  # type: ignore[misc]
+    def __init__(self, inner: grpc.GenericRpcHandler, path: RequestPath) -> None:
+        self._inner = inner
+        self._path = path
+        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._lock = threading.Lock()
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = details.method
+        try:
+            return self._wrapped[method]
+        except KeyError:
+            pass
+        handler = self._inner.service(details)
+        wrapped = None if handler is None else self._path.wrap(method, handler)
+        with self._lock:
+            self._wrapped.setdefault(method, wrapped)
+        return wrapped
+
+
+def transport_of(settings: CommonSettings) -> str:
+    """plaintext, TLS, or mTLS (TLS that requires client certificates)."""
+    if not settings.tls_cert_file:
+        return "plaintext"
+    return "mTLS" if settings.tls_client_ca_file else "TLS"
 
 
 @dataclass
@@ -38,21 +125,34 @@ class RunningServer:
     port: int
     service_names: Sequence[str]
     is_ready: Callable[[], bool]
+    registrar: HandlerRegistrar
+    in_flight: InFlight
+    transport: str = "plaintext"
     health_server: grpc.Server | None = None
+    health_port: int = 0
+    dependencies: Mapping[str, Callable[[], bool]] = field(default_factory=dict)
+    """Named health services for shared dependencies, checked every few seconds."""
+    on_dependency: Callable[[str, bool], None] | None = None
+    """Told the outcome of every dependency check (metrics)."""
     on_start: list[Callable[[], None]] = field(default_factory=list)
     """Run by `start()` before the server starts (e.g. the metrics endpoint)."""
     on_stop: list[Callable[[], None]] = field(default_factory=list)
-    """Run by `stop()` once in-flight calls have drained, in order."""
+    """Run once in-flight calls have drained, in order."""
+    readiness_interval: float = 0.5
+    dependency_interval: float = 5.0
     _stopping: threading.Event = field(default_factory=threading.Event)
+    _forced: threading.Event = field(default_factory=threading.Event)
+    _stopped: bool = False
+
+    # -- health ----------------------------------------------------------------------------
 
     def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        """The readiness of the service names (and "" NOT_SERVING once stopping)."""
+        stopping = self._stopping.is_set()
+        status = _SERVING if serving and not stopping else _NOT_SERVING
         for name in self.service_names:
             self.health.set(name, status)
+        self.health.set(OVERALL, _NOT_SERVING if stopping else _SERVING)
 
     def start(self) -> None:
         for callback in self.on_start:
@@ -61,25 +161,79 @@ class RunningServer:
         self.server.start()
         if self.health_server is not None:
             self.health_server.start()
-        self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
-        threading.Thread(target=self._watch_readiness, name="readiness", daemon=True).start()
+        self._watch(self._watch_readiness, "readiness")
+        if self.dependencies:
+            self._watch(self._watch_dependencies, "dependencies")
+
+    def _watch(self, target: Callable[[], None], name: str) -> None:
+        threading.Thread(target=target, name=name, daemon=True).start()
 
     def _watch_readiness(self) -> None:
-        """SERVING while the service's dependencies answer; checked every few seconds."""
+        """SERVING while the process can serve (`is_ready`), until it drains."""
         last: bool | None = None
         while not self._stopping.is_set():
-            ready = self.is_ready()
+            try:
+                ready = self.is_ready()
+            except Exception:
+                _log.exception("readiness check failed")
+                ready = False
             if ready != last and not self._stopping.is_set():
                 self.set_serving(ready)
                 _log.info("health: %s", "SERVING" if ready else "NOT_SERVING")
                 last = ready
-            self._stopping.wait(1.0 if not ready else 5.0)
+            self._stopping.wait(self.readiness_interval)
+
+    def _watch_dependencies(self) -> None:
+        last: dict[str, bool] = {}
+        while not self._stopping.is_set():
+            for name, check in self.dependencies.items():
+                try:
+                    up = bool(check())
+                except Exception:
+                    up = False
+                self.health.set(name, _SERVING if up else _NOT_SERVING)
+                if self.on_dependency is not None:
+                    self.on_dependency(name, up)
+                if last.get(name) != up:
+                    _log.log(
+                        logging.INFO if up else logging.WARNING,
+                        "dependency %s: %s",
+                        name,
+                        "up" if up else "DOWN",
+                    )
+                    last[name] = up
+            self._stopping.wait(self.dependency_interval)
+
+    # -- stopping --------------------------------------------------------------------------
 
     def stop(self, grace: float) -> None:
-        """NOT_SERVING, drain in-flight calls for up to `grace` seconds, release resources."""
+        """Stops at once: no NOT_SERVING window (tests, and errors at start-up)."""
+        self.shutdown(delay=0.0, grace=grace)
+
+    def shutdown(self, *, delay: float, grace: float) -> None:
+        """NOT_SERVING for `delay` seconds while still serving, then no new calls; in-flight
+        calls get `grace` seconds, then the rest are ended with UNAVAILABLE; resources are
+        released. `force()` from another thread cuts every wait short."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stopping.set()
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        self.set_serving(False)
+        if delay > 0:
+            _log.info("NOT_SERVING for %.1fs before stopping", delay)
+            self._forced.wait(delay)
+        in_flight = len(self.in_flight)
+        if in_flight:
+            _log.info("stopping: %d calls in flight get up to %.1fs", in_flight, grace)
+        stopped = self.server.stop(0 if self._forced.is_set() else grace + END_MARGIN_SECONDS)
+        drained = self._wait_forced_or(lambda: self.in_flight.wait_idle(0.1), grace)
+        if not drained:
+            ended = self.in_flight.terminate()
+            if ended:
+                _log.warning("ended %d calls still running after %.1fs: UNAVAILABLE", ended, grace)
+        while not stopped.wait(0.1):
+            if self._forced.is_set():
+                self.server.stop(0)
         if self.health_server is not None:
             self.health_server.stop(0).wait()
         for callback in self.on_stop:
@@ -87,6 +241,24 @@ class RunningServer:
                 callback()
             except Exception:
                 _log.exception("error during shutdown")
+
+    def _wait_forced_or(self, done: Callable[[], bool], seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while not self._forced.is_set():
+            if done():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+        return False
+
+    def force(self) -> None:
+        """Cut the shutdown short: every call still running is cancelled now."""
+        self._forced.set()
+        self.server.stop(0)
+
+    @property
+    def forced(self) -> bool:
+        return self._forced.is_set()
 
 
 def _tune_garbage_collector() -> None:
@@ -118,17 +290,21 @@ def _credentials(settings: CommonSettings) -> grpc.ServerCredentials | None:
 def create_server(
     settings: CommonSettings,
     *,
-    register: Callable[[grpc.Server], None],
+    register: Callable[[Any], None],
     service_names: Sequence[str],
-    interceptors: Sequence[grpc.ServerInterceptor],
+    request_path: RequestPath,
     is_ready: Callable[[], bool],
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    dependencies: Mapping[str, Callable[[], bool]] | None = None,
 ) -> RunningServer:
-    """A sync thread-pool server with health, reflection and our interceptors, bound."""
+    """A sync thread-pool server with health, reflection and the request path, bound.
+    `register(registrar)` adds the service's handlers (as `add_XServicer_to_server` does);
+    `interceptors` are grpc.ServerInterceptors outside the request path (tracing)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=settings.max_workers, thread_name_prefix=settings.service
         ),
-        interceptors=list(interceptors),
+        interceptors=list(interceptors) or None,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
             ("grpc.so_reuseport", 0),
@@ -141,17 +317,22 @@ def create_server(
             ),
         ],
     )
-    register(server)
+    registrar = HandlerRegistrar(server, request_path)
+    register(registrar)
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,
-        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2),
+        experimental_thread_pool=futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="health-watch"
+        ),
     )
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
     reflection.enable_server_reflection(
-        (*service_names, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+        (*service_names, HEALTH_SERVICE, reflection.SERVICE_NAME), registrar
     )
-    for name in service_names:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in (OVERALL, *service_names):
+        health_servicer.set(name, _NOT_SERVING)
+    for name in dependencies or {}:
+        health_servicer.set(name, _NOT_SERVING)
     credentials = _credentials(settings)
     if credentials is None:
         port = server.add_insecure_port(settings.address)
@@ -159,48 +340,36 @@ def create_server(
         port = server.add_secure_port(settings.address, credentials)
     if port == 0:
         raise RuntimeError(f"cannot bind {settings.address}")
+    health_server, health_port = _health_only_server(settings, health_servicer, request_path)
     return RunningServer(
         server=server,
         health=health_servicer,
         port=port,
         service_names=service_names,
         is_ready=is_ready,
-        health_server=_health_only_server(settings, health_servicer),
+        registrar=registrar,
+        in_flight=request_path.in_flight,
+        transport=transport_of(settings),
+        health_server=health_server,
+        health_port=health_port,
+        dependencies=dict(dependencies or {}),
     )
 
 
 def _health_only_server(
-    settings: CommonSettings, health_servicer: health.HealthServicer
-) -> grpc.Server | None:
-    """A plaintext server with only grpc.health.v1 (kubelet's gRPC probes cannot do TLS)."""
+    settings: CommonSettings, health_servicer: health.HealthServicer, path: RequestPath
+) -> tuple[grpc.Server | None, int]:
+    """A plaintext server with only grpc.health.v1: kubelet's gRPC probes cannot do TLS,
+    and a server of its own answers while the main one is saturated."""
     if not settings.health_port:
-        return None
+        return None, 0
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2), options=[("grpc.so_reuseport", 0)]
+        futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+        options=[("grpc.so_reuseport", 0)],
     )
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, HandlerRegistrar(server, path))
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    if server.add_insecure_port(f"{host}:{settings.health_port}") == 0:
+    port = server.add_insecure_port(f"{host}:{settings.health_port}")
+    if port == 0:
         raise RuntimeError(f"cannot bind the health port {settings.health_port}")
-    return server
-
-
-def serve(running: RunningServer, settings: CommonSettings) -> None:
-    """Runs until SIGTERM or SIGINT, then drains and returns."""
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: object) -> None:
-        _log.info(
-            "received %s: draining (grace %.0fs)",
-            signal.Signals(signum).name,
-            settings.grace_seconds,
-        )
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    running.start()
-    _log.info("%s listening on %s:%d", settings.service, settings.host, running.port)
-    stop.wait()
-    running.stop(settings.grace_seconds)
-    _log.info("%s stopped", settings.service)
+    return server, port

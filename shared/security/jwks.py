@@ -100,6 +100,8 @@ class JwksKeyProvider:
         self._fetch_lock = threading.Lock()
         self._last_attempt: float | None = None
         self._ever_succeeded = False
+        self._last_fetch_ok = False
+        self._generation = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -121,6 +123,15 @@ class JwksKeyProvider:
             return self._keys.get(kid)
 
     # -- state ---------------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever a key leaves the trusted set."""
+        return self._generation
+
+    def available(self) -> bool:
+        """Whether the keys are current: fetched, and the latest fetch succeeded."""
+        return self._ever_succeeded and self._last_fetch_ok
 
     @property
     def has_keys(self) -> bool:
@@ -191,13 +202,20 @@ class JwksKeyProvider:
             return False
         if keys.keys() != self._keys.keys() or not self._ever_succeeded:
             _log.info("JWKS fetched (%s): key ids %s", reason, sorted(keys))
+        removed = self._keys.keys() - keys.keys()
         self._keys = keys
+        if removed:
+            # After the new set is in place: a token re-verified now sees the new keys.
+            self._generation += 1
+            _log.warning("keys no longer published, their tokens refused: %s", sorted(removed))
         self._ever_succeeded = True
+        self._last_fetch_ok = True
         if self._on_fetch is not None:
             self._on_fetch("ok")
         return True
 
     def _failed(self, message: str) -> None:
+        self._last_fetch_ok = False
         if self._keys:
             _log.warning("%s; keeping the %d keys fetched before", message, len(self._keys))
         else:

@@ -3,13 +3,21 @@
 Strict by construction: the algorithm comes from the key, never from the token; `typ`
 must be `at+jwt`; `iss`, `aud`, `exp`, `iat`, `sub` and `jti` are required; a small leeway
 absorbs clock skew. Verified tokens are remembered (bounded, until they expire) so a
-client that reuses its token pays for the signature check once.
+client that reuses its token pays for the signature check once; a remembered token is
+checked again as soon as a key leaves the trusted set (the key provider's `generation`).
+
+Refusals: an expired token is UNAUTHENTICATED with reason TOKEN_EXPIRED (refresh it);
+any other bad token INVALID_TOKEN (get a new one). A token naming a key that is not known
+while the keys cannot be fetched (the auth service is down, or never answered since this
+process started) is UNAVAILABLE with reason KEYS_UNAVAILABLE and RetryInfo: the condition
+is temporary, and the same token may well verify a moment later.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections import OrderedDict
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,7 +25,7 @@ from typing import Any, Protocol
 import jwt
 
 from shared.config.clock import Clock
-from shared.rpc.errors import Unauthenticated
+from shared.rpc.errors import Unauthenticated, Unavailable
 from shared.security.jwk import VerificationKey
 
 __all__ = [
@@ -40,6 +48,9 @@ class Principal:
     user_id: str
     roles: frozenset[str]
     expires_at: float = 0.0
+    subject: uuid.UUID | None = None
+    """`user_id` parsed, when it is a UUID (every account id is): parsed once per token,
+    not on every call that needs it."""
 
     @property
     def is_admin(self) -> bool:
@@ -51,9 +62,20 @@ class KeyProvider(Protocol):
         """The key with this id, or None if there is none (after any refetch allowed)."""
         ...
 
+    @property
+    def generation(self) -> int:
+        """A number that changes whenever a key stops being trusted."""
+        ...
+
+    def available(self) -> bool:
+        """False while the key set may be out of date because it cannot be fetched."""
+        ...
+
 
 class StaticKeyProvider:
     """A fixed set of keys (the auth service verifies with its own)."""
+
+    generation = 0
 
     def __init__(self, keys: Iterable[VerificationKey]) -> None:
         self._keys = {k.kid: k for k in keys}
@@ -61,9 +83,39 @@ class StaticKeyProvider:
     def key(self, kid: str) -> VerificationKey | None:
         return self._keys.get(kid)
 
+    def available(self) -> bool:
+        return True
+
 
 def _fail(detail: str) -> Unauthenticated:
     return Unauthenticated(f"invalid access token: {detail}", reason="INVALID_TOKEN")
+
+
+def _uuid_or_none(text: str) -> uuid.UUID | None:
+    if len(text) > 45:  # longer than any spelling uuid.UUID() accepts
+        return None
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return None
+
+
+def _keys_unavailable() -> Unavailable:
+    return Unavailable(
+        "the keys that verify access tokens cannot be fetched right now; retry",
+        retry_after_seconds=1.0,
+        reason="KEYS_UNAVAILABLE",
+    )
+
+
+class _Verified:
+    """A verified token, remembered: its principal and the key generation it was checked in."""
+
+    __slots__ = ("generation", "principal")
+
+    def __init__(self, principal: Principal, generation: int) -> None:
+        self.principal = principal
+        self.generation = generation
 
 
 class TokenVerifier:
@@ -85,30 +137,51 @@ class TokenVerifier:
         self._audience = audience
         self._clock = clock
         self._leeway = leeway_seconds
-        self._cache: OrderedDict[str, Principal] = OrderedDict()
+        # Insertion-ordered; read without a lock (one dict lookup), written under it.
+        self._cache: dict[str, _Verified] = {}
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._on_result = on_result or (lambda _result: None)
 
     def verify(self, token: str) -> Principal:
+        """The token's principal; Unauthenticated (TOKEN_EXPIRED, INVALID_TOKEN) or
+        Unavailable (KEYS_UNAVAILABLE) if it cannot be accepted now."""
         now = self._clock.now().timestamp()
-        with self._lock:
-            cached = self._cache.get(token)
-            if cached is not None and cached.expires_at + self._leeway > now:
-                self._cache.move_to_end(token)
+        cached = self._cache.get(token)
+        if cached is not None:
+            principal = cached.principal
+            if (
+                cached.generation == self._keys.generation
+                and principal.expires_at + self._leeway > now
+            ):
                 self._on_result("cached")
-                return cached
+                return principal
+            self._forget(token)
+        generation = self._keys.generation
         try:
             principal = self._verify_signature_and_claims(token, now)
         except Unauthenticated:
             self._on_result("rejected")
             raise
+        except Unavailable:
+            self._on_result("unavailable")
+            raise
         self._on_result("verified")
-        with self._lock:
-            self._cache[token] = principal
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        self._remember(token, _Verified(principal, generation))
         return principal
+
+    def _remember(self, token: str, verified: _Verified) -> None:
+        with self._lock:
+            cache = self._cache
+            if len(cache) >= self._cache_size:
+                # Oldest first (insertion order): drop a tenth at once, not one per insert.
+                for stale in list(itertools.islice(cache, max(1, self._cache_size // 10))):
+                    del cache[stale]
+            cache[token] = verified
+
+    def _forget(self, token: str) -> None:
+        with self._lock:
+            self._cache.pop(token, None)
 
     def _verify_signature_and_claims(self, token: str, now: float) -> Principal:
         try:
@@ -124,6 +197,8 @@ class TokenVerifier:
             raise _fail("no key id")
         key = self._keys.key(kid)
         if key is None:
+            if not self._keys.available():
+                raise _keys_unavailable()
             raise _fail("unknown key")
         if key.algorithm != alg:
             raise _fail("algorithm does not match the key")
@@ -149,8 +224,10 @@ class TokenVerifier:
         roles = claims.get("roles", [])
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise _fail("bad roles")
+        subject = str(claims["sub"])
         return Principal(
-            user_id=str(claims["sub"]),
+            subject=_uuid_or_none(subject),
+            user_id=subject,
             roles=frozenset(roles),
             expires_at=float(claims["exp"]),
         )
@@ -162,7 +239,7 @@ class TokenVerifier:
             raise _fail("bad time claims")
         expires, issued, not_before = times
         if expires <= now - self._leeway:
-            raise _fail("expired")
+            raise Unauthenticated("the access token has expired", reason="TOKEN_EXPIRED")
         if issued > now + self._leeway:
             raise _fail("issued in the future")
         if not_before > now + self._leeway:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from argon2 import PasswordHasher as Argon2Hasher
 
 from services.auth_svc.bootstrap import build_app
 from services.auth_svc.cli import main
 from services.auth_svc.domain import ADMIN, USER, User
-from services.auth_svc.infra.passwords import Argon2PasswordHasher
 from services.auth_svc.repository.sql import SqlAuthUnitOfWork
 from services.auth_svc.settings import load_auth_settings
 from shared.data import migrations
@@ -83,7 +83,7 @@ def test_creates_an_admin_from_the_environment(env: dict[str, str], database_url
     assert user is not None
     assert set(user.roles) == {USER, ADMIN}
     assert user.display_name == "Root"
-    assert Argon2PasswordHasher().verify(user.password_hash, PASSWORD)
+    assert Argon2Hasher().verify(user.password_hash, PASSWORD)
 
 
 def test_reads_the_first_line_of_stdin(sqlite_url: str, tmp_path: Path) -> None:
@@ -95,7 +95,7 @@ def test_reads_the_first_line_of_stdin(sqlite_url: str, tmp_path: Path) -> None:
     user = stored_user(sqlite_url, "ops@example.com")
     assert user is not None
     assert set(user.roles) == {USER, ADMIN}
-    assert Argon2PasswordHasher().verify(user.password_hash, PASSWORD)
+    assert Argon2Hasher().verify(user.password_hash, PASSWORD)
 
 
 # -- the same command in-process (each extra process costs over a second of imports) ----
@@ -163,7 +163,7 @@ def test_reads_a_mounted_password_file(
     assert cli(["--email", "file@example.com"], AUTH_ADMIN_PASSWORD_FILE=str(secret)).code == 0
     user = stored_user(sqlite_url, "file@example.com")
     assert user is not None
-    assert Argon2PasswordHasher().verify(user.password_hash, PASSWORD)
+    assert Argon2Hasher().verify(user.password_hash, PASSWORD)
 
 
 @pytest.mark.parametrize(
@@ -180,6 +180,50 @@ def test_a_password_on_the_command_line_is_refused(
     outcome = cli(args, stdin=PASSWORD)
     assert_clean_failure(outcome, "never taken from the command line")
     assert stored_user(sqlite_url, "x@example.com") is None
+
+
+SECRET = "Tr0ub4dor&3 'quoted'"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--email", "x@example.com", SECRET], "unrecognized arguments: <value hidden>"),
+        ([SECRET, "--email", "x@example.com"], "unrecognized arguments: <value hidden>"),
+        ([f"--pw={SECRET}", "--email", "x@example.com"], "unrecognized arguments"),
+        ([f"--e={SECRET}", "--email", "x@example.com"], "unrecognized arguments"),
+        ([f"-x{SECRET}", "--email", "x@example.com"], "unrecognized arguments"),
+        (["--email", "x@example.com", f"--migrate={SECRET}"], "--migrate: ignored explicit"),
+        (["--email", "x@example.com", f"-h{SECRET}"], "-h/--help: ignored explicit"),
+        (["--email", "x@example.com", "--migrate", SECRET], "unrecognized arguments"),
+        (["--email", "x@example.com", "--display-name"], "--display-name: expected one"),
+        (["--email", "x@example.com", "--display-name", "Ada", SECRET, "more"], "<value hidden>"),
+        (["--email", "x@example.com", "e"], "unrecognized"),  # a one-letter value
+        (["--email", "x@example.com", "secret\nline two"], "unrecognized"),
+    ],
+)
+def test_a_usage_error_never_shows_an_argument_value(
+    cli: Callable[..., Outcome], sqlite_url: str, args: list[str], message: str
+) -> None:
+    outcome = cli(args, AUTH_ADMIN_PASSWORD=PASSWORD)
+    assert_clean_failure(outcome, message)
+    assert "see --help" in outcome.err
+    shown = outcome.out + outcome.err
+    for token in args:
+        if token not in ("--email", "--display-name", "--migrate", "e"):
+            for fragment in (token, token.partition("=")[2], token[2:], repr(token)[1:-1]):
+                assert len(fragment) < 3 or fragment not in shown, fragment
+    assert SECRET not in shown
+    assert "Tr0ub4dor" not in shown
+    assert stored_user(sqlite_url, "x@example.com") is None
+
+
+def test_usage_errors_from_the_process_hide_values_too(env: dict[str, str]) -> None:
+    done = run_cli(["--email", "x@example.com", SECRET], {**env, "AUTH_ADMIN_PASSWORD": PASSWORD})
+    assert done.returncode == 1
+    assert "unrecognized arguments: <value hidden>" in done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    assert "Tr0ub4dor" not in done.stdout + done.stderr
 
 
 def test_refuses_to_promote_an_existing_plain_user(
@@ -204,7 +248,11 @@ def test_refuses_to_promote_an_existing_plain_user(
         (["--email", "a@example.com"], {"AUTH_ADMIN_PASSWORD": "short"}, "at least 8"),
         (["--email", "not-an-email"], {"AUTH_ADMIN_PASSWORD": PASSWORD}, "valid email"),
         ([], {"AUTH_ADMIN_PASSWORD": PASSWORD}, "--email"),
-        (["--email", "a@example.com", "--bogus"], {"AUTH_ADMIN_PASSWORD": PASSWORD}, "--bogus"),
+        (
+            ["--email", "a@example.com", "--bogus"],
+            {"AUTH_ADMIN_PASSWORD": PASSWORD},
+            "unrecognized arguments: <value hidden>",
+        ),
         (["--email", "a@example.com"], {"AUTH_PROFILE": "prod"}, "AUTH_REDIS_URL is required"),
         (
             ["--email", "a@example.com"],

@@ -75,7 +75,7 @@ def test_both_processes_serve_metrics_and_log_json_access_lines(tmp_path: Path) 
             _, call = auth_pb2_grpc.AuthServiceStub(channel).GetJwks.with_call(
                 auth_pb2.GetJwksRequest(), metadata=(("x-request-id", "e2e-request-1"),), timeout=5
             )
-            assert ("x-request-id", "e2e-request-1") in call.initial_metadata()
+            assert ("x-request-id", "e2e-request-1") in call.trailing_metadata()
         with (
             grpc.insecure_channel(agent.address) as channel,
             pytest.raises(grpc.RpcError) as caught,
@@ -84,7 +84,7 @@ def test_both_processes_serve_metrics_and_log_json_access_lines(tmp_path: Path) 
                 agent_pb2.ListAgentsRequest(), timeout=5
             )
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        agent_request_id = dict(caught.value.initial_metadata())["x-request-id"]
+        agent_request_id = dict(caught.value.trailing_metadata())["x-request-id"]
 
         fetched = "agentplatform_jwks_fetches_total{result='ok'}"
         deadline = time.monotonic() + 10  # the agent's key fetch retries until auth is up

@@ -1,4 +1,4 @@
-"""The shared observability wiring: the interceptor chain, tracing on or off, the hooks."""
+"""The shared observability wiring: the request path, tracing on or off, the hooks."""
 
 from __future__ import annotations
 
@@ -10,14 +10,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.auth_svc.settings import load_auth_settings
-from shared.rpc.interceptors import (
-    AccessLogInterceptor,
-    ErrorMappingInterceptor,
-    TokenCheckInterceptor,
-    request_id_from,
-)
-from shared.rpc.metrics import Metrics, MetricsInterceptor
+from shared.rpc.metrics import Metrics
 from shared.rpc.observability import Observability
+from shared.rpc.request_path import RequestPath, request_id_for
 from shared.rpc.tracing import configure_tracing
 from shared.security.tokens import StaticKeyProvider, TokenVerifier
 from tests.helpers import FakeClock
@@ -26,41 +21,29 @@ VERIFIER = TokenVerifier(StaticKeyProvider([]), issuer="i", audience="a", clock=
 
 
 def chain(observability: Observability) -> list[type[Any]]:
-    interceptors = observability.server_interceptors(
-        error_domain="test", verifier=VERIFIER, public_methods=()
-    )
-    return [type(interceptor) for interceptor in interceptors]
+    path = observability.request_path(error_domain="test", verifier=VERIFIER, public_methods=())
+    assert isinstance(path, RequestPath)
+    return [type(interceptor) for interceptor in observability.server_interceptors()]
 
 
 def test_without_an_otlp_endpoint_there_is_no_tracing_at_all() -> None:
     observability = Observability.from_settings(load_auth_settings({}).common)
     assert observability.tracing is None
-    assert chain(observability) == [
-        MetricsInterceptor,
-        AccessLogInterceptor,
-        ErrorMappingInterceptor,
-        TokenCheckInterceptor,
-    ]
+    assert chain(observability) == []
     channel: Any = object()
     assert observability.instrument_channel(channel) is channel
     observability.close()
     observability.close()  # idempotent
 
 
-def test_an_otlp_endpoint_puts_the_tracing_interceptor_outermost() -> None:
+def test_an_otlp_endpoint_puts_the_tracing_interceptor_outside_the_request_path() -> None:
     common = load_auth_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"}).common
     observability = Observability.from_settings(common)
     try:
         assert observability.tracing is not None
         resource = observability.tracing.provider.resource
         assert resource.attributes["service.name"] == "auth-svc"
-        assert chain(observability) == [
-            OpenTelemetryServerInterceptor,
-            MetricsInterceptor,
-            AccessLogInterceptor,
-            ErrorMappingInterceptor,
-            TokenCheckInterceptor,
-        ]
+        assert chain(observability) == [OpenTelemetryServerInterceptor]
     finally:
         observability.close()  # shuts the exporter down: nothing was exported
 
@@ -110,35 +93,22 @@ def test_hooks_count_by_label_and_cache_errors_are_redis_errors() -> None:
     assert value(metrics, "agentplatform_redis_errors_total", component="login_limiter") == 1
 
 
-class _Details:
-    method = "/agentplatform.auth.v1.AuthService/Login"
-
-    def __init__(self, *metadata: tuple[str, str]) -> None:
-        self.invocation_metadata = [_Metadatum(k, v) for k, v in metadata]
-
-
-class _Metadatum:
-    def __init__(self, key: str, value: str) -> None:
-        self.key = key
-        self.value = value
-
-
 @pytest.mark.parametrize(
     "given", ["abc", "7b0c4c1e-2f7c-4a55-9d55-1f6f1d0f3a10", "trace:1/a+b=c@d_e.f", "x" * 128]
 )
 def test_a_sane_request_id_is_kept(given: str) -> None:
-    assert request_id_from(_Details(("x-request-id", given))) == given
+    assert request_id_for(given) == given
 
 
-@pytest.mark.parametrize("given", ["", "has space", 'quote"', "x" * 129, "é", "a\tb"])
+@pytest.mark.parametrize("given", ["", "has space", 'quote"', "x" * 129, "é", "a\tb", "a\nb"])
 def test_other_request_ids_are_replaced(given: str) -> None:
-    replaced = request_id_from(_Details(("x-request-id", given)))
+    replaced = request_id_for(given)
     assert replaced != given
-    assert len(replaced) == 32
+    assert len(replaced) <= 128
     int(replaced, 16)
 
 
 def test_a_request_id_is_generated_when_none_is_sent() -> None:
-    first, second = request_id_from(_Details()), request_id_from(_Details())
-    assert first != second
-    assert len(first) == 32
+    generated = {request_id_for(None) for _ in range(1000)}
+    assert len(generated) == 1000
+    assert all(len(request_id) >= 13 for request_id in generated)

@@ -15,6 +15,7 @@ PROD = {
     "AUTH_PROFILE": "prod",
     "AUTH_DATABASE_URL": "postgresql://auth@db:5432/auth",
     "AUTH_REDIS_URL": "redis://redis:6379/0",
+    "AUTH_ALLOW_PLAINTEXT": "true",
     "AUTH_SIGNING_KEY": ed25519.Ed25519PrivateKey.generate()
     .private_bytes(
         serialization.Encoding.PEM,
@@ -138,7 +139,29 @@ def test_a_grace_of_zero_is_allowed() -> None:
 
 
 def test_tls_needs_both_certificate_and_key() -> None:
-    assert "TLS_CERT_FILE and TLS_KEY_FILE" in problems({"AUTH_TLS_CERT_FILE": "/tls/tls.crt"})
+    assert "TLS_CERT_FILE and AUTH_TLS_KEY_FILE" in problems({"AUTH_TLS_CERT_FILE": "/tls/tls.crt"})
+
+
+def test_a_client_ca_without_a_server_certificate_is_refused() -> None:
+    # It used to be ignored: the server listened in plaintext, believing itself mTLS.
+    message = problems({"AUTH_TLS_CLIENT_CA_FILE": "/tls/ca.crt"})
+    assert "AUTH_TLS_CLIENT_CA_FILE (mTLS) needs a server certificate" in message
+
+
+def test_prod_serves_plaintext_only_when_told_to() -> None:
+    plaintext = {k: v for k, v in PROD.items() if k != "AUTH_ALLOW_PLAINTEXT"}
+    assert "the prod profile serves TLS" in problems(plaintext)
+    assert load_auth_settings(PROD).common.allow_plaintext
+    with_tls = {**plaintext, "AUTH_TLS_CERT_FILE": "/tls/tls.crt", "AUTH_TLS_KEY_FILE": "/k"}
+    assert load_auth_settings(with_tls).common.tls_cert_file == "/tls/tls.crt"
+    assert load_auth_settings({}).common.allow_plaintext  # dev: plaintext on localhost
+
+
+def test_the_shutdown_delay_is_a_moment_in_prod_and_none_in_dev() -> None:
+    assert load_auth_settings(PROD).common.shutdown_delay_seconds == 2.0
+    assert load_auth_settings({}).common.shutdown_delay_seconds == 0.0
+    custom = load_auth_settings({"AUTH_SHUTDOWN_DELAY_SECONDS": "5"})
+    assert custom.common.shutdown_delay_seconds == 5.0
 
 
 def test_every_problem_is_listed_at_once() -> None:
@@ -157,9 +180,10 @@ def test_every_problem_is_listed_at_once() -> None:
         "AUTH_PORT must be an integer",
         "AUTH_LOGIN_MAX_FAILURES must be at least 1",
         "AUTH_GRACE_SECONDS must be a number",
+        "the prod profile serves TLS",
     ):
         assert expected in message
-    assert message.count("\n  ") == 6
+    assert message.count("\n  ") == 7
 
 
 def test_blank_values_count_as_unset() -> None:

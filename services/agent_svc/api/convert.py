@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from agentplatform.agent.v1 import agent_pb2
 from google.protobuf import struct_pb2
@@ -14,7 +14,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.agent_svc.domain import Agent, AgentInput, Tool
 
-__all__ = ["agent_input", "agent_to_proto", "serialized_size", "struct_to_dict"]
+__all__ = [
+    "agent_input",
+    "agent_to_proto",
+    "get_agent_response",
+    "serialized_size",
+    "struct_to_dict",
+]
 
 
 def _timestamp(moment: datetime) -> Timestamp:
@@ -70,37 +76,41 @@ def agent_input(message: agent_pb2.Agent) -> AgentInput:
     )
 
 
-class _ProtoMemo:
-    """Recently built messages by (id, revision): a version of an agent never changes, and
-    building one (Timestamps, Structs) costs ~15 times more than copying it into a response,
-    which is what the constructors of the response messages do with it."""
+T = TypeVar("T")
 
-    def __init__(self, size: int) -> None:
+
+class _VersionMemo(Generic[T]):
+    """Values made from a version of an agent, by (id, revision): a version never changes.
+    A hit is one dict lookup without a lock (the hot path of a cache hit); inserts take
+    the lock and evict the oldest entries beyond `size`."""
+
+    def __init__(self, size: int, make: Callable[[Agent], T]) -> None:
         self._size = size
-        self._messages: OrderedDict[tuple[uuid.UUID, int], agent_pb2.Agent] = OrderedDict()
+        self._make = make
+        self._values: dict[tuple[uuid.UUID, int], T] = {}
         self._lock = threading.Lock()
 
-    def get(self, agent: Agent) -> agent_pb2.Agent:
+    def get(self, agent: Agent) -> T:
         key = (agent.id, agent.revision)
-        with self._lock:
-            message = self._messages.get(key)
-            if message is not None:
-                self._messages.move_to_end(key)
-                return message
-        message = _build(agent)
-        with self._lock:
-            self._messages[key] = message
-            if len(self._messages) > self._size:
-                self._messages.popitem(last=False)
-        return message
-
-
-_memo = _ProtoMemo(size=10_000)
+        value = self._values.get(key)
+        if value is None:
+            value = self._make(agent)
+            with self._lock:
+                self._values[key] = value
+                while len(self._values) > self._size:
+                    del self._values[next(iter(self._values))]
+        return value
 
 
 def agent_to_proto(agent: Agent) -> agent_pb2.Agent:
     """The agent as a message; shared, so callers embed it in a response and never mutate it."""
-    return _memo.get(agent)
+    return _messages.get(agent)
+
+
+def get_agent_response(agent: Agent) -> bytes:
+    """GetAgent's response for this version of the agent, encoded (the request path sends
+    bytes as they are)."""
+    return _get_responses.get(agent)
 
 
 def serialized_size(agent: Agent) -> int:
@@ -133,3 +143,12 @@ def _build(agent: Agent) -> agent_pb2.Agent:
         update_time=_timestamp(agent.update_time),
         etag=agent.etag,
     )
+
+
+# Building a message (Timestamps, Structs) costs ~15 times more than copying it into a
+# response; encoding GetAgent's whole response once per version saves the copy and the
+# encoding on every cache hit.
+_messages: _VersionMemo[agent_pb2.Agent] = _VersionMemo(10_000, _build)
+_get_responses: _VersionMemo[bytes] = _VersionMemo(
+    10_000, lambda a: agent_pb2.GetAgentResponse(agent=agent_to_proto(a)).SerializeToString()
+)

@@ -6,9 +6,9 @@ from typing import Any
 
 from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
 
-from services.agent_svc.api.convert import agent_input, agent_to_proto
+from services.agent_svc.api.convert import agent_input, agent_to_proto, get_agent_response
 from services.agent_svc.service.agent_service import AgentService
-from shared.rpc.interceptors import principal_of
+from shared.rpc.request_path import principal_of
 
 __all__ = ["PUBLIC_METHODS", "AgentServicer"]
 
@@ -29,11 +29,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
         return agent_pb2.CreateAgentResponse(agent=agent_to_proto(agent))
 
-    def GetAgent(
+    def GetAgent(  # type: ignore[override]  # the encoded response, see get_agent_response
         self, request: agent_pb2.GetAgentRequest, context: Any
-    ) -> agent_pb2.GetAgentResponse:
+    ) -> bytes:
         agent = self._service.get(principal=principal_of(context), agent_id=request.id)
-        return agent_pb2.GetAgentResponse(agent=agent_to_proto(agent))
+        return get_agent_response(agent)
 
     def ListAgents(
         self, request: agent_pb2.ListAgentsRequest, context: Any

@@ -9,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.auth_svc.domain import IssuedTokens, User
 from services.auth_svc.service.auth_service import AuthService
-from shared.rpc.interceptors import principal_of
+from shared.rpc.request_path import principal_of
 
 __all__ = ["PUBLIC_METHODS", "AuthServicer", "user_to_proto"]
 

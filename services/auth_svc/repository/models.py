@@ -6,10 +6,17 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, MetaData, String, Uuid
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, String, Uuid
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["AuditRow", "AuthBase", "RefreshFamilyRow", "RefreshTokenRow", "UserRow"]
+__all__ = [
+    "AuditRow",
+    "AuthBase",
+    "LoginAttemptRow",
+    "RefreshFamilyRow",
+    "RefreshTokenRow",
+    "UserRow",
+]
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -78,3 +85,15 @@ class AuditRow(AuthBase):
     user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
     email: Mapped[str | None] = mapped_column(String(254), nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class LoginAttemptRow(AuthBase):
+    """Failed-login counts while Redis is down, shared by every replica (the limiter's
+    database fallback, infra/limiter.py). Keyed by the SHA-256 of the email: the table
+    never holds an address. Rows are purged once expired."""
+
+    __tablename__ = "auth_login_attempts"
+
+    key_digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    attempts: Mapped[int] = mapped_column(Integer)
+    expire_time: Mapped[datetime] = mapped_column(Timestamp, index=True)

@@ -68,12 +68,27 @@ class SqlUserRepository:
         row = self._session.scalars(select(UserRow).where(UserRow.email == email)).one_or_none()
         return _user(row) if row else None
 
-    def set_password_hash(self, user_id: uuid.UUID, password_hash: str, when: datetime) -> None:
-        self._session.execute(
-            update(UserRow)
+    def lock(self, user_id: uuid.UUID) -> User | None:
+        # FOR UPDATE on PostgreSQL; SQLite ignores it (BEGIN IMMEDIATE already holds the
+        # database's one write lock for the whole transaction).
+        row = self._session.scalars(
+            select(UserRow)
             .where(UserRow.id == user_id)
-            .values(password_hash=password_hash, update_time=when)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).one_or_none()
+        return _user(row) if row else None
+
+    def replace_password_hash(
+        self, user_id: uuid.UUID, *, expected: str, new: str, when: datetime
+    ) -> bool:
+        result = self._session.execute(
+            update(UserRow)
+            .where(UserRow.id == user_id, UserRow.password_hash == expected)
+            .values(password_hash=new, update_time=when)
+            .execution_options(synchronize_session=False)
         )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 class SqlRefreshTokenRepository:

@@ -6,8 +6,9 @@ import hashlib
 import logging
 import secrets
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from services.auth_svc.domain import (
@@ -22,6 +23,7 @@ from services.auth_svc.domain import (
 from services.auth_svc.service.ports import (
     AuthUnitOfWork,
     EmailTaken,
+    HashingSlot,
     LoginAttempt,
     LoginLimiter,
     LoginObserver,
@@ -30,13 +32,15 @@ from services.auth_svc.service.ports import (
     TokenIssuer,
 )
 from services.auth_svc.service.validation import (
-    MAX_DISPLAY_NAME,
+    display_name_violation,
     email_violation,
+    is_refresh_token_shaped,
+    login_email_violation,
     normalize_email,
     password_violation,
+    presented_password_violation,
 )
 from shared.config.clock import Clock, utc
-from shared.config.text import has_control_characters
 from shared.rpc.errors import (
     AlreadyExists,
     FieldViolation,
@@ -93,8 +97,10 @@ class AuthService:
         self._clock = clock
         self._policy = policy
         self._on_login: LoginObserver = on_login or _ignore_login
-        # Verified against when the email is unknown, so both paths cost one hash check.
-        self._dummy_hash = hasher.hash(secrets.token_urlsafe(16))
+        # Verified against when the email is unknown, so both paths cost one hash check
+        # (through the same queue, with the same limits).
+        with hasher.reserve() as slot:
+            self._dummy_hash = slot.hash(secrets.token_urlsafe(16))
 
     # -- accounts ---------------------------------------------------------------------
 
@@ -104,17 +110,13 @@ class AuthService:
         """Creates an account with the role "user" (and "admin" if asked by an operator)."""
         email = normalize_email(email)
         display_name = display_name.strip()
-        violations = [
-            v
-            for v in (
-                email_violation(email),
-                password_violation(password, self._policy.password_min_length),
-                self._display_name_violation(display_name),
-            )
-            if v is not None
-        ]
-        if violations:
-            raise InvalidArgument(violations)
+        _check(
+            email_violation(email),
+            password_violation(password, self._policy.password_min_length),
+            display_name_violation(display_name),
+        )
+        with self._hasher.reserve() as slot:
+            password_hash = slot.hash(password)
         now = self._clock.now()
         user = User(
             id=uuid.uuid4(),
@@ -122,7 +124,7 @@ class AuthService:
             display_name=display_name or email.split("@", 1)[0],
             roles=(USER, ADMIN) if admin else (USER,),
             disabled=False,
-            password_hash=self._hasher.hash(password),
+            password_hash=password_hash,
             create_time=now,
             update_time=now,
         )
@@ -137,14 +139,6 @@ class AuthService:
             self._audit(uow, kind, user_id=user.id, email=email)
             uow.commit()
         return user
-
-    @staticmethod
-    def _display_name_violation(display_name: str) -> FieldViolation | None:
-        if len(display_name) > MAX_DISPLAY_NAME:
-            return FieldViolation("display_name", f"must be at most {MAX_DISPLAY_NAME} characters")
-        if has_control_characters(display_name):
-            return FieldViolation("display_name", "must not contain control characters")
-        return None
 
     def current_user(self, *, principal: Principal) -> User:
         """The caller's account."""
@@ -161,72 +155,120 @@ class AuthService:
     def change_password(
         self, *, principal: Principal, current_password: str, new_password: str
     ) -> None:
-        """Checks the current password, stores the new one, revokes every refresh token."""
-        violation = password_violation(
-            new_password, self._policy.password_min_length, field="new_password"
+        """Checks the current password, stores the new one, revokes every refresh token.
+
+        Like a login, the check runs outside any transaction; the new hash is then stored
+        only if the checked one is still there (under the user's row lock, which a login
+        creating a session also takes), and every family is revoked in that transaction."""
+        _check(
+            presented_password_violation(current_password, field="current_password"),
+            password_violation(
+                new_password, self._policy.password_min_length, field="new_password"
+            ),
         )
-        if violation is not None:
-            raise InvalidArgument(violation)
-        user = self.current_user(principal=principal)
-        attempt = self._check_attempt(user.email)
-        if not self._hasher.verify(user.password_hash, current_password):
+        with self._hasher.reserve() as slot:
+            user = self.current_user(principal=principal)
+            attempt = self._check_attempt(user.email)
+            with self._given_back_on_error(user.email):
+                matches = slot.verify(user.password_hash, current_password)
+                new_hash = slot.hash(new_password) if matches else None
+        if new_hash is None:
             self._record_failure(
                 user.email, user.id, "wrong_current_password", attempt.locks_on_failure
             )
             raise PermissionDenied("current password is wrong", reason="WRONG_PASSWORD")
+        with self._given_back_on_error(user.email):
+            changed = self._replace_password(user, new_hash)
+        if not changed:  # changed by another call since the check: the checked one is old
+            self._record_failure(user.email, user.id, "password_changed", attempt.locks_on_failure)
+            raise PermissionDenied("current password is wrong", reason="WRONG_PASSWORD")
         self._limiter.reset(user.email)
-        new_hash = self._hasher.hash(new_password)
+
+    def _replace_password(self, user: User, new_hash: str) -> bool:
         with self._uow() as uow:
+            current = uow.users.lock(user.id)
+            if current is None or current.disabled:
+                raise Unauthenticated("account no longer active", reason="ACCOUNT_INACTIVE")
             now = self._clock.now()
-            uow.users.set_password_hash(user.id, new_hash, now)
+            if not uow.users.replace_password_hash(
+                user.id, expected=user.password_hash, new=new_hash, when=now
+            ):
+                return False
             uow.refresh_tokens.revoke_user_families(user.id, now)
             self._audit(uow, AuditKind.PASSWORD_CHANGED, user_id=user.id)
             uow.commit()
+        return True
 
     # -- login and tokens --------------------------------------------------------------
 
     def login(self, *, email: str, password: str) -> IssuedTokens:
-        """Email + password → tokens; the same error for every failure, limited per email."""
+        """Email + password → tokens; the same error for every failure, limited per email.
+
+        The password is checked outside any transaction (argon2 never runs while a
+        connection or a lock is held); the session is then created under the user's row
+        lock, and only if the hash checked is still the stored one: a password change
+        that lands in between ends this login, and one that comes after revokes it."""
         email = normalize_email(email)
-        violations = [
-            v
-            for v in (
-                FieldViolation("email", "required") if not email else None,
-                FieldViolation("password", "required") if not password else None,
-            )
-            if v is not None
-        ]
-        if violations:
-            raise InvalidArgument(violations)
-        try:
-            attempt = self._check_attempt(email)
-        except ResourceExhausted:
-            self._on_login("locked")
-            raise
-        with self._uow() as uow:
-            user = uow.users.get_by_email(email)
-        matches = self._hasher.verify(user.password_hash if user else self._dummy_hash, password)
+        _check(login_email_violation(email), presented_password_violation(password))
+        # The hashing place first, before Redis and the database: a flood the hashing
+        # queue refuses costs nothing but the refusal, and is not counted.
+        with self._hasher.reserve() as slot:
+            try:
+                attempt = self._check_attempt(email)
+            except ResourceExhausted:
+                self._on_login("locked")
+                raise
+            with self._given_back_on_error(email):
+                with self._uow() as uow:
+                    user = uow.users.get_by_email(email)
+                stored_hash = user.password_hash if user else self._dummy_hash
+                matches = slot.verify(stored_hash, password)
+                good = user is not None and matches and not user.disabled
+                rehash = self._rehash(slot, stored_hash, password) if good else None
         if user is None or not matches or user.disabled:
             why = "unknown_email" if user is None else "disabled" if matches else "wrong_password"
             self._record_failure(email, user.id if user else None, why, attempt.locks_on_failure)
             self._on_login("failure")
             raise _bad_credentials()
+        with self._given_back_on_error(email):
+            session = self._start_session(user, rehash)
+        if isinstance(session, str):  # the account changed since the check
+            self._record_failure(email, user.id, session, attempt.locks_on_failure)
+            self._on_login("failure")
+            raise _bad_credentials()
         self._limiter.reset(email)
-        rehash = (
-            self._hasher.hash(password) if self._hasher.needs_rehash(user.password_hash) else None
-        )
+        issued = self._issue(*session)
+        self._on_login("success")
+        return issued
+
+    def _rehash(self, slot: HashingSlot, stored_hash: str, password: str) -> str | None:
+        """A new hash of the checked password if the stored one has outdated parameters."""
+        return slot.hash(password) if self._hasher.needs_rehash(stored_hash) else None
+
+    def _start_session(self, checked: User, rehash: str | None) -> tuple[User, str] | str:
+        """A new refresh family for the user whose password was checked: (the user as
+        stored, its refresh token), or why not (the reason of a failed login)."""
         with self._uow() as uow:
+            user = uow.users.lock(checked.id)
+            if user is None:
+                return "unknown_email"
+            if user.password_hash != checked.password_hash:
+                return "password_changed"
+            if user.disabled:
+                return "disabled"
             now = self._clock.now()
-            if rehash:
-                uow.users.set_password_hash(user.id, rehash, now)
+            # Compare-and-set, though the lock makes it certain: the old password can
+            # never be stored over a new one.
+            if rehash and uow.users.replace_password_hash(
+                user.id, expected=checked.password_hash, new=rehash, when=now
+            ):
+                user = replace(user, password_hash=rehash, update_time=now)
             family = uuid.uuid4()
             uow.refresh_tokens.add_family(family, user.id, now)
             refresh = self._new_refresh_token(uow, family, user.id)
             self._audit(uow, AuditKind.LOGIN_SUCCEEDED, user_id=user.id)
             uow.commit()
-        issued = self._issue(user, refresh)
-        self._on_login("success")
-        return issued
+        return user, refresh
 
     def _check_attempt(self, email: str) -> LoginAttempt:
         attempt = self._limiter.acquire(email)
@@ -237,6 +279,17 @@ class AuthService:
                 reason="LOGIN_LOCKED",
             )
         return attempt
+
+    @contextmanager
+    def _given_back_on_error(self, email: str) -> Iterator[None]:
+        """Around the work of a counted attempt that is not yet a judgement of the password:
+        if it fails (the database is down, hashing is busy), the attempt is given back, so
+        an obedient client retrying through an outage never locks itself out."""
+        try:
+            yield
+        except BaseException:
+            self._limiter.release(email)
+            raise
 
     def _record_failure(
         self, email: str, user_id: uuid.UUID | None, why: str, locks: bool = False
@@ -249,8 +302,7 @@ class AuthService:
 
     def refresh(self, *, refresh_token: str) -> IssuedTokens:
         """A new pair for a live refresh token; reuse after the grace window kills the family."""
-        if not refresh_token:
-            raise InvalidArgument.field("refresh_token", "required")
+        _check_refresh_token(refresh_token)
         token_hash = hash_refresh_token(refresh_token)
         with self._uow() as uow:
             family = uow.refresh_tokens.family_of(token_hash)
@@ -282,8 +334,7 @@ class AuthService:
 
     def logout(self, *, refresh_token: str) -> None:
         """Revokes the token's family; unknown or already revoked tokens are fine."""
-        if not refresh_token:
-            raise InvalidArgument.field("refresh_token", "required")
+        _check_refresh_token(refresh_token)
         with self._uow() as uow:
             token_hash = hash_refresh_token(refresh_token)
             family = uow.refresh_tokens.family_of(token_hash)
@@ -348,6 +399,20 @@ class AuthService:
                 }
             },
         )
+
+
+def _check(*violations: FieldViolation | None) -> None:
+    """Raises InvalidArgument listing every violation found, if any."""
+    found = [v for v in violations if v is not None]
+    if found:
+        raise InvalidArgument(found)
+
+
+def _check_refresh_token(refresh_token: str) -> None:
+    if not refresh_token:
+        raise InvalidArgument.field("refresh_token", "required")
+    if not is_refresh_token_shaped(refresh_token):  # never issued: no query for it
+        raise _bad_refresh_token()
 
 
 def _ignore_login(result: LoginResult, /) -> None:

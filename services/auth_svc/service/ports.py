@@ -7,6 +7,7 @@ the key ring implement these; unit tests pass in-memory fakes.
 from __future__ import annotations
 
 import uuid
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
@@ -18,6 +19,7 @@ __all__ = [
     "AuditLog",
     "AuthUnitOfWork",
     "EmailTaken",
+    "HashingSlot",
     "LoginAttempt",
     "LoginLimiter",
     "LoginObserver",
@@ -42,7 +44,17 @@ class UserRepository(Protocol):
 
     def get_by_email(self, email: str) -> User | None: ...
 
-    def set_password_hash(self, user_id: uuid.UUID, password_hash: str, when: datetime) -> None: ...
+    def lock(self, user_id: uuid.UUID) -> User | None:
+        """The user as stored now, its row locked until the transaction ends (SELECT … FOR
+        UPDATE): logins and password changes of one user serialize on it."""
+        ...
+
+    def replace_password_hash(
+        self, user_id: uuid.UUID, *, expected: str, new: str, when: datetime
+    ) -> bool:
+        """Stores `new` only if the stored hash is still `expected` (compare-and-set);
+        False if it is not (or there is no such user)."""
+        ...
 
 
 class RefreshTokenRepository(Protocol):
@@ -84,11 +96,21 @@ class AuthUnitOfWork(UnitOfWork, Protocol):
     def audit(self) -> AuditLog: ...
 
 
-class PasswordHasher(Protocol):
+class HashingSlot(Protocol):
+    """One request's place for password hashes (see PasswordHasher.reserve). Each call
+    raises Unavailable (HASHING_TIMEOUT) if its hash waited too long to start."""
+
     def hash(self, password: str) -> str: ...
 
     def verify(self, password_hash: str, password: str) -> bool:
         """True if the password matches; costs the same for any well-formed hash."""
+        ...
+
+
+class PasswordHasher(Protocol):
+    def reserve(self) -> AbstractContextManager[HashingSlot]:
+        """A place in the hashing queue, taken before a request does anything costly;
+        raises ResourceExhausted (HASHING_BUSY) at once when there is none."""
         ...
 
     def needs_rehash(self, password_hash: str) -> bool: ...
@@ -106,6 +128,12 @@ class LoginAttempt:
 class LoginLimiter(Protocol):
     def acquire(self, key: str) -> LoginAttempt:
         """Atomically counts an attempt for `key`, unless the limit is reached."""
+        ...
+
+    def release(self, key: str) -> None:
+        """Gives one counted attempt back, atomically and never below zero: the attempt
+        ended in an infrastructure error (database down, hashing busy), which says nothing
+        about the password."""
         ...
 
     def reset(self, key: str) -> None:

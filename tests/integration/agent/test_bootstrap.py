@@ -17,7 +17,9 @@ from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
 from agentplatform.auth.v1 import auth_pb2
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from google.protobuf import field_mask_pb2
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from services.agent_svc import SERVICE_NAME
 from services.agent_svc.bootstrap import build_app, build_server
@@ -25,7 +27,7 @@ from services.agent_svc.settings import load_agent_settings
 from shared.data import migrations
 from shared.rpc.server import RunningServer
 from shared.security.jwk import to_jwk
-from tests.helpers import free_port
+from tests.helpers import error_detail, free_port
 
 KID = "bootstrap-test-key"
 ISSUER, AUDIENCE = "agentplatform-auth", "agentplatform"
@@ -117,12 +119,17 @@ def eventually_ok(call: Callable[[], Any], within: float = 10.0) -> Any:
         try:
             return call()
         except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.UNAUTHENTICATED or time.monotonic() > deadline:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
                 raise
         time.sleep(0.1)
 
 
-def test_serving_without_auth_then_verifying_once_keys_arrive(
+def health_now(channel: grpc.Channel, service: str = SERVICE_NAME) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return int(stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status)
+
+
+def test_started_without_auth_it_is_unavailable_and_not_ready_until_keys_arrive(
     sqlite_url: str, key: ed25519.Ed25519PrivateKey, auth_port: int
 ) -> None:
     running = start_agent_service(
@@ -136,11 +143,17 @@ def test_serving_without_auth_then_verifying_once_keys_arrive(
     metadata = (("authorization", f"Bearer {token}"),)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            assert health(channel) == health_pb2.HealthCheckResponse.SERVING
+            # Not ready (no keys to verify with), and the refusal is temporary: UNAVAILABLE
+            # with RetryInfo, never UNAUTHENTICATED for a token that may well be valid.
+            assert health_now(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert health_now(channel, "") == health_pb2.HealthCheckResponse.SERVING  # alive
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             with pytest.raises(grpc.RpcError) as caught:
                 stub.ListAgents(agent_pb2.ListAgentsRequest(), metadata=metadata, timeout=10)
-            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            status = rpc_status.from_call(caught.value)
+            assert error_detail(status, error_details_pb2.ErrorInfo).reason == "KEYS_UNAVAILABLE"
+            assert error_detail(status, error_details_pb2.RetryInfo) is not None
 
             auth = StandInAuth(key)
             server = auth.serve(auth_port)
@@ -152,6 +165,7 @@ def test_serving_without_auth_then_verifying_once_keys_arrive(
                 )
                 assert list(reply.agents) == []
                 assert auth.calls >= 1
+                assert health(channel) == health_pb2.HealthCheckResponse.SERVING
             finally:
                 server.stop(0).wait()
     finally:

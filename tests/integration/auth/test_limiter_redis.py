@@ -13,6 +13,7 @@ from services.auth_svc.infra.limiter import InMemoryLoginLimiter, RedisLoginLimi
 from services.auth_svc.service.ports import LoginAttempt
 from shared.data.redis_client import make_redis
 from tests.helpers import FakeClock
+from tests.integration.auth.limits import parallel_attempts
 
 UNREACHABLE = "redis://127.0.0.1:1/0"
 
@@ -42,23 +43,8 @@ def test_fifty_parallel_attempts_against_a_limit_of_ten_allow_exactly_ten(
     client: redis.Redis, unique: str
 ) -> None:
     limiter = limiter_on(client, limit=10)
-    start = threading.Barrier(50)
-    attempts: list[LoginAttempt] = []
-    lock = threading.Lock()
-
-    def attempt() -> None:
-        start.wait(timeout=10)
-        result = limiter.acquire(f"{unique}@example.com")
-        with lock:
-            attempts.append(result)
-
-    threads = [threading.Thread(target=attempt) for _ in range(50)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    attempts = parallel_attempts(limiter, f"{unique}@example.com")
     allowed = [a for a in attempts if a.allowed]
-    assert len(attempts) == 50
     assert len(allowed) == 10
     assert sum(a.locks_on_failure for a in allowed) == 1  # the tenth
     assert all(0 < a.retry_after_seconds <= 900 for a in attempts if not a.allowed)
@@ -100,6 +86,39 @@ def test_reset_forgets_the_failures(client: redis.Redis) -> None:
     assert limiter.acquire("ada@example.com") == LoginAttempt(allowed=True)
 
 
+def test_release_gives_an_attempt_back_and_never_goes_below_zero(client: redis.Redis) -> None:
+    limiter = limiter_on(client, limit=2, lockout=900)
+    limiter.acquire("ada@example.com")
+    limiter.acquire("ada@example.com")
+    assert not limiter.acquire("ada@example.com").allowed
+    limiter.release("ada@example.com")
+    (key,) = client.keys("test:login:*")
+    assert client.get(key) == b"1"
+    assert 0 < client.pttl(key) <= 900_000  # the cool-down keeps running
+    for _ in range(3):
+        limiter.release("ada@example.com")
+    assert client.keys("test:login:*") == []
+    limiter.release("never-counted@example.com")
+    assert client.keys("test:login:*") == []
+    assert [limiter.acquire("ada@example.com").allowed for _ in range(3)] == [True, True, False]
+
+
+def test_fifty_parallel_releases_after_fifty_attempts_leave_nothing(
+    client: redis.Redis, unique: str
+) -> None:
+    limiter = limiter_on(client, limit=100)
+    for _ in range(50):
+        limiter.acquire(f"{unique}@example.com")
+    threads = [
+        threading.Thread(target=limiter.release, args=(f"{unique}@example.com",)) for _ in range(60)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert client.keys("test:login:*") == []
+
+
 def test_redis_never_holds_the_email(client: redis.Redis) -> None:
     limiter_on(client).acquire("ada@example.com")
     (key,) = client.keys("test:login:*")
@@ -113,7 +132,10 @@ def test_an_unreachable_redis_falls_back_to_the_in_process_limit() -> None:
         limiter = limiter_on(client, limit=3)
         results = [limiter.acquire("ada@example.com").allowed for _ in range(4)]
         assert results == [True, True, True, False]
-        limiter.reset("ada@example.com")  # no error either
+        limiter.release("ada@example.com")  # no error either
+        assert limiter.acquire("ada@example.com").allowed
+        assert not limiter.acquire("ada@example.com").allowed
+        limiter.reset("ada@example.com")
         assert limiter.acquire("ada@example.com").allowed
     finally:
         client.close()

@@ -109,16 +109,44 @@ def test_a_taken_email_is_email_taken_and_the_unit_of_work_goes_on(uow: UowFacto
         assert work.users.get(other.id) == other
 
 
-def test_set_password_hash_changes_hash_and_update_time(uow: UowFactory) -> None:
+def test_replace_password_hash_changes_hash_and_update_time(uow: UowFactory) -> None:
     user = add_user(uow, a_user())
     later = T0 + timedelta(hours=1)
     with uow() as work:
-        work.users.set_password_hash(user.id, "new-hash", later)
+        assert work.users.replace_password_hash(
+            user.id, expected="hash", new="new-hash", when=later
+        )
         work.commit()
     with uow() as work:
         stored = work.users.get(user.id)
     assert stored is not None
     assert (stored.password_hash, stored.update_time, stored.create_time) == ("new-hash", later, T0)
+
+
+def test_replace_password_hash_is_a_compare_and_set(uow: UowFactory) -> None:
+    user = add_user(uow, a_user())
+    later = T0 + timedelta(hours=1)
+    with uow() as work:
+        assert not work.users.replace_password_hash(
+            user.id, expected="another hash", new="new-hash", when=later
+        )
+        assert not work.users.replace_password_hash(
+            uuid.uuid4(), expected="hash", new="new-hash", when=later
+        )
+        work.commit()
+    with uow() as work:
+        assert work.users.get(user.id) == user
+
+
+def test_lock_reads_the_user_as_stored_now(uow: UowFactory) -> None:
+    user = add_user(uow, a_user())
+    with uow() as work:
+        assert work.users.get(user.id) == user  # now in this session's identity map
+        work.users.replace_password_hash(user.id, expected="hash", new="changed", when=T0)
+        locked = work.users.lock(user.id)  # not the identity map's stale copy
+        assert work.users.lock(uuid.uuid4()) is None
+    assert locked is not None
+    assert locked.password_hash == "changed"
 
 
 def test_concurrent_registrations_of_one_email_create_exactly_one_user(

@@ -1,4 +1,4 @@
-"""AgentService over gRPC (grpcio-testing), through the real interceptors and a real token
+"""AgentService over gRPC (grpcio-testing), through the real request path and a real token
 verifier (tokens signed here with an Ed25519 key), on in-memory fakes."""
 
 from __future__ import annotations
@@ -21,11 +21,8 @@ from google.rpc import error_details_pb2, status_pb2
 from services.agent_svc import SERVICE_NAME
 from services.agent_svc.api.servicer import PUBLIC_METHODS, AgentServicer
 from shared.config.clock import SystemClock
-from shared.rpc.interceptors import (
-    AccessLogInterceptor,
-    ErrorMappingInterceptor,
-    TokenCheckInterceptor,
-)
+from shared.rpc.metrics import RpcMetrics
+from shared.rpc.request_path import RequestPath
 from shared.security.jwk import VerificationKey
 from shared.security.tokens import StaticKeyProvider, TokenVerifier
 from tests.helpers import Intercepted, error_detail, rich_status
@@ -60,13 +57,14 @@ class Client:
             audience=AUDIENCE,
             clock=SystemClock(),
         )
-        interceptors = [
-            AccessLogInterceptor(),
-            ErrorMappingInterceptor(domain="agent.agentplatform"),
-            TokenCheckInterceptor(verifier, PUBLIC_METHODS),
-        ]
+        path = RequestPath(
+            domain="agent.agentplatform",
+            verifier=verifier,
+            public_methods=PUBLIC_METHODS,
+            metrics=RpcMetrics(),
+        )
         self._server = grpc_testing.server_from_dictionary(
-            {SERVICE: Intercepted(AgentServicer(world.service), SERVICE_NAME, interceptors)},
+            {SERVICE: Intercepted(AgentServicer(world.service), SERVICE_NAME, path)},
             grpc_testing.strict_real_time(),
         )
 

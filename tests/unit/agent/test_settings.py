@@ -9,6 +9,7 @@ from shared.config.settings import ConfigError
 
 PROD = {
     "AGENT_PROFILE": "prod",
+    "AGENT_ALLOW_PLAINTEXT": "true",
     "AGENT_DATABASE_URL": "postgresql://db/agent",
     "AGENT_REDIS_URL": "redis://cache:6379/0",
 }

@@ -14,7 +14,7 @@ from services.agent_svc.domain import AgentInput, Tool
 from services.agent_svc.service.sizing import SERVER_FIELDS_MAX, settable_size
 from services.agent_svc.service.validation import MAX_AGENT_BYTES, check_agent
 from shared.rpc.errors import InvalidArgument
-from shared.rpc.interceptors import status_for
+from shared.rpc.request_path import status_for
 from tests.unit.agent.fakes import MODELS, agent_input
 
 

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from sqlalchemy.exc import OperationalError
 
 from services.auth_svc.domain import AuditEvent, RefreshToken, User
 from services.auth_svc.infra.keys import KeyRing
 from services.auth_svc.infra.limiter import InMemoryLoginLimiter
 from services.auth_svc.service.auth_service import AuthPolicy, AuthService
 from services.auth_svc.service.ports import EmailTaken
+from shared.rpc.errors import ResourceExhausted
 from tests.fakes import SnapshotDatabase, SnapshotUnitOfWork
 from tests.helpers import FakeClock
 
@@ -60,9 +64,17 @@ class FakeUsers:
     def get_by_email(self, email: str) -> User | None:
         return next((u for u in self._state.users.values() if u.email == email), None)
 
-    def set_password_hash(self, user_id: uuid.UUID, password_hash: str, when: datetime) -> None:
-        user = self._state.users[user_id]
-        self._state.users[user_id] = replace(user, password_hash=password_hash, update_time=when)
+    def lock(self, user_id: uuid.UUID) -> User | None:
+        return self._state.users.get(user_id)  # units of work never overlap in unit tests
+
+    def replace_password_hash(
+        self, user_id: uuid.UUID, *, expected: str, new: str, when: datetime
+    ) -> bool:
+        user = self._state.users.get(user_id)
+        if user is None or user.password_hash != expected:
+            return False
+        self._state.users[user_id] = replace(user, password_hash=new, update_time=when)
+        return True
 
 
 class FakeRefreshTokens:
@@ -114,11 +126,19 @@ class FakeAudit:
         self._state.audit.append(event)
 
 
+def database_down() -> OperationalError:
+    """What SQLAlchemy raises when the database does not answer (the interceptor maps it
+    to UNAVAILABLE, see shared.data.db.unavailable_database)."""
+    return OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+
 class FakeDatabase(SnapshotDatabase[State]):
-    """The committed state, and units of work that each change a private copy of it."""
+    """The committed state, and units of work that each change a private copy of it.
+    While `down`, every read and commit raises as an unreachable database does."""
 
     def __init__(self) -> None:
         super().__init__(State)
+        self.down = False
 
     def unit_of_work(self) -> FakeUnitOfWork:
         return FakeUnitOfWork(self)
@@ -127,38 +147,76 @@ class FakeDatabase(SnapshotDatabase[State]):
 class FakeUnitOfWork(SnapshotUnitOfWork[State]):
     _database: FakeDatabase
 
+    def _state_or_outage(self) -> State:
+        if self._database.down:
+            raise database_down()
+        return self._state
+
     @property
     def users(self) -> FakeUsers:
-        return FakeUsers(self._state)
+        return FakeUsers(self._state_or_outage())
 
     @property
     def refresh_tokens(self) -> FakeRefreshTokens:
-        return FakeRefreshTokens(self._state)
+        return FakeRefreshTokens(self._state_or_outage())
 
     @property
     def audit(self) -> FakeAudit:
-        return FakeAudit(self._state)
+        return FakeAudit(self._state_or_outage())
+
+    def commit(self) -> None:
+        self._state_or_outage()
+        super().commit()
 
 
 class FakeHasher:
-    """Cheap and deterministic; counts its calls (the timing rules are about calls made)."""
+    """Cheap and deterministic; counts its calls (the timing rules are about calls made).
+
+    `busy` makes `reserve()` refuse (a full hashing queue); `failure`, when set, is raised
+    by every hash and verification (a hash that waited too long); `after_verify`, when
+    set, runs once after the next verification (to interleave another request between a
+    password check and what follows it)."""
 
     def __init__(self) -> None:
         self.hashes = 0
         self.verifies = 0
+        self.reserved = 0
+        self.busy = False
         self.stale_hashes: set[str] = set()
+        self.failure: Exception | None = None
+        self.after_verify: Callable[[], object] | None = None
 
     @staticmethod
     def _digest(password: str) -> str:
         return "fake$" + hashlib.sha256(password.encode()).hexdigest()
 
+    @contextmanager
+    def reserve(self) -> Iterator[FakeHasher]:
+        if self.busy:
+            raise ResourceExhausted("busy", retry_after_seconds=1.0, reason="HASHING_BUSY")
+        self.reserved += 1
+        try:
+            yield self
+        finally:
+            self.reserved -= 1
+
     def hash(self, password: str) -> str:
+        assert self.reserved > 0, "hashed without a reservation"
+        if self.failure is not None:
+            raise self.failure
         self.hashes += 1
         return self._digest(password)
 
     def verify(self, password_hash: str, password: str) -> bool:
+        assert self.reserved > 0, "verified without a reservation"
+        if self.failure is not None:
+            raise self.failure
         self.verifies += 1
-        return password_hash == self._digest(password)
+        matches = password_hash == self._digest(password)
+        hook, self.after_verify = self.after_verify, None
+        if hook is not None:
+            hook()
+        return matches
 
     def needs_rehash(self, password_hash: str) -> bool:
         return password_hash in self.stale_hashes

@@ -10,10 +10,12 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from sqlalchemy.exc import OperationalError
 
 from services.auth_svc.domain import ADMIN, USER, AuditKind
 from services.auth_svc.service.auth_service import hash_refresh_token
-from shared.rpc.errors import DomainError, FieldViolation, InvalidArgument
+from shared.data.db import unavailable_database
+from shared.rpc.errors import DomainError, FieldViolation, InvalidArgument, Unavailable
 from shared.security.jwk import thumbprint
 from shared.security.tokens import Principal, StaticKeyProvider, TokenVerifier
 from tests.unit.auth.fakes import (
@@ -306,6 +308,102 @@ def test_login_rehashes_a_stale_password_hash(world: AuthWorld) -> None:
     assert world.database.committed.users[user.id].update_time == world.clock.now()
 
 
+# -- infrastructure errors are not attempts ----------------------------------------------
+
+
+def assert_unavailable(error: BaseException) -> None:
+    """The error is one the interceptor answers UNAVAILABLE (+ RetryInfo)."""
+    if not isinstance(error, DomainError):
+        translated = unavailable_database(error) if isinstance(error, Exception) else None
+        assert translated is not None, error
+        error = translated
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_database_outage_never_locks_an_account(world: AuthWorld) -> None:
+    register(world)
+    world.database.down = True
+    for _ in range(50):  # an obedient client retrying through the outage
+        with pytest.raises(OperationalError) as excinfo:
+            world.service.login(email=EMAIL, password=PASSWORD)
+        assert_unavailable(excinfo.value)
+    world.database.down = False
+    assert world.service.login(email=EMAIL, password=PASSWORD).user.email == EMAIL
+
+
+def test_attempts_during_an_outage_add_nothing_to_earlier_failures(world: AuthWorld) -> None:
+    register(world)
+    fail_login(world)
+    fail_login(world)  # 2 of 3
+    world.database.down = True
+    for _ in range(10):
+        with pytest.raises(OperationalError):
+            world.service.login(email=EMAIL, password="not the password")
+    world.database.down = False
+    assert fail_login(world).code == grpc.StatusCode.UNAUTHENTICATED  # the third
+    assert fail_login(world).code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_an_outage_after_the_password_check_is_not_counted(world: AuthWorld) -> None:
+    register(world)
+    for _ in range(5):  # the database goes away between the check and the new session
+        world.hasher.after_verify = lambda: setattr(world.database, "down", True)
+        with pytest.raises(OperationalError):
+            world.service.login(email=EMAIL, password=PASSWORD)
+        world.database.down = False
+    assert world.service.login(email=EMAIL, password=PASSWORD).user.email == EMAIL
+
+
+def test_a_hash_that_waited_too_long_is_not_counted(world: AuthWorld) -> None:
+    register(world)
+    principal = principal_for(
+        world, world.service.login(email=EMAIL, password=PASSWORD).access_token
+    )
+    world.hasher.failure = Unavailable("late", retry_after_seconds=1, reason="HASHING_TIMEOUT")
+    for _ in range(5):
+        with pytest.raises(DomainError) as excinfo:
+            world.service.login(email=EMAIL, password=PASSWORD)
+        assert excinfo.value.reason == "HASHING_TIMEOUT"
+        with pytest.raises(DomainError) as excinfo:
+            world.service.change_password(
+                principal=principal, current_password=PASSWORD, new_password="a new password"
+            )
+        assert excinfo.value.reason == "HASHING_TIMEOUT"
+    world.hasher.failure = None
+    assert world.service.login(email=EMAIL, password=PASSWORD).user.email == EMAIL
+
+
+def test_a_full_hashing_queue_refuses_before_redis_or_the_database(
+    world: AuthWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register(world)
+    principal = principal_for(
+        world, world.service.login(email=EMAIL, password=PASSWORD).access_token
+    )
+    world.hasher.busy = True
+    world.database.down = True  # anything touching the database would fail otherwise
+    limited: list[str] = []
+    monkeypatch.setattr(world.limiter, "acquire", limited.append)
+    for call in (
+        lambda: world.service.login(email=EMAIL, password=PASSWORD),
+        lambda: world.service.register(email="new@example.com", password=PASSWORD, display_name=""),
+        lambda: world.service.change_password(
+            principal=principal, current_password=PASSWORD, new_password="a new password"
+        ),
+    ):
+        with pytest.raises(DomainError) as excinfo:
+            call()
+        assert (excinfo.value.code, excinfo.value.reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "HASHING_BUSY",
+        )
+    assert limited == []  # the limiter (Redis) was not asked either
+    world.hasher.busy = False
+    world.database.down = False
+    monkeypatch.undo()
+    assert world.service.login(email=EMAIL, password=PASSWORD).user.email == EMAIL
+
+
 # -- refresh ----------------------------------------------------------------------------
 
 
@@ -535,6 +633,85 @@ def test_wrong_current_passwords_count_towards_the_lockout(world: AuthWorld) -> 
     assert codes[:3] == [grpc.StatusCode.PERMISSION_DENIED] * 3
     assert codes[3] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert AuditKind.LOCKED_OUT in [e.kind for e in world.audit]
+
+
+# -- a password change racing a login or another change -----------------------------------
+
+NEW_PASSWORD = "a brand new password"
+
+
+def signed_in(world: AuthWorld) -> Principal:
+    register(world)
+    return principal_for(world, world.service.login(email=EMAIL, password=PASSWORD).access_token)
+
+
+def live_families(world: AuthWorld) -> int:
+    return sum(f.revoked_time is None for f in world.database.committed.families.values())
+
+
+def test_a_password_change_between_the_check_and_the_session_ends_the_login(
+    world: AuthWorld,
+) -> None:
+    principal = signed_in(world)
+    world.hasher.after_verify = lambda: world.service.change_password(
+        principal=principal, current_password=PASSWORD, new_password=NEW_PASSWORD
+    )
+    with pytest.raises(DomainError) as excinfo:
+        world.service.login(email=EMAIL, password=PASSWORD)
+    assert error_of(excinfo) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_CREDENTIALS")
+    assert live_families(world) == 0
+    failures = [e for e in world.audit if e.kind is AuditKind.LOGIN_FAILED]
+    assert failures[-1].detail == {"reason": "password_changed"}
+    assert world.service.login(email=EMAIL, password=NEW_PASSWORD)
+
+
+def test_a_rehash_never_puts_the_old_password_back(world: AuthWorld) -> None:
+    principal = signed_in(world)
+    user = next(iter(world.database.committed.users.values()))
+    world.hasher.stale_hashes.add(user.password_hash)  # the next login would rehash
+    world.hasher.after_verify = lambda: world.service.change_password(
+        principal=principal, current_password=PASSWORD, new_password=NEW_PASSWORD
+    )
+    with pytest.raises(DomainError):
+        world.service.login(email=EMAIL, password=PASSWORD)
+    assert world.service.login(email=EMAIL, password=NEW_PASSWORD)
+    with pytest.raises(DomainError):
+        world.service.login(email=EMAIL, password=PASSWORD)
+
+
+def test_an_account_disabled_between_the_check_and_the_session_gets_none(
+    world: AuthWorld,
+) -> None:
+    register(world)
+    world.hasher.after_verify = lambda: disable(world)
+    with pytest.raises(DomainError) as excinfo:
+        world.service.login(email=EMAIL, password=PASSWORD)
+    assert error_of(excinfo) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_CREDENTIALS")
+    assert live_families(world) == 0
+
+
+def test_of_two_racing_password_changes_the_later_check_loses(world: AuthWorld) -> None:
+    principal = signed_in(world)
+    world.hasher.after_verify = lambda: world.service.change_password(
+        principal=principal, current_password=PASSWORD, new_password=NEW_PASSWORD
+    )
+    with pytest.raises(DomainError) as excinfo:
+        world.service.change_password(
+            principal=principal, current_password=PASSWORD, new_password="yet another password"
+        )
+    assert error_of(excinfo) == (grpc.StatusCode.PERMISSION_DENIED, "WRONG_PASSWORD")
+    assert world.service.login(email=EMAIL, password=NEW_PASSWORD)
+
+
+def test_a_changed_password_keeps_its_new_hash_parameters(world: AuthWorld) -> None:
+    principal = signed_in(world)
+    world.service.change_password(
+        principal=principal, current_password=PASSWORD, new_password=NEW_PASSWORD
+    )
+    user = next(iter(world.database.committed.users.values()))
+    with world.hasher.reserve() as slot:
+        assert slot.verify(user.password_hash, NEW_PASSWORD)
+    assert user.update_time == world.clock.now()
 
 
 # -- audit ------------------------------------------------------------------------------

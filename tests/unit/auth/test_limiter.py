@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import tracemalloc
 
 import pytest
 
@@ -88,3 +89,60 @@ def test_expired_counts_are_dropped_and_memory_is_bounded(clock: FakeClock) -> N
     limits.acquire("victim@example.com")
     limits.acquire("victim@example.com")
     assert not limits.acquire("victim@example.com").allowed  # the newest counts survive
+
+
+def test_memory_is_bounded_whatever_the_key_length(clock: FakeClock) -> None:
+    limits = InMemoryLoginLimiter(
+        max_failures=2, lockout_seconds=60, monotonic=clock.monotonic, max_entries=1000
+    )
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for n in range(200):  # 200 distinct keys of a megabyte each
+            limits.acquire(f"{n}:" + "x" * 1_000_000)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(limits._counts) == 200
+    assert held - before < 200_000  # a fixed-size digest per key, not 200 MB of keys
+    assert {len(key) for key in limits._counts} == {32}
+
+
+def test_a_huge_key_is_counted_like_any_other(clock: FakeClock) -> None:
+    limits = limiter(clock, limit=2)
+    huge = "ada@example.com" + "x" * 1_000_000
+    assert limits.acquire(huge).allowed
+    assert limits.acquire(huge).allowed
+    assert not limits.acquire(huge).allowed
+    assert limits.acquire(huge[:-1]).allowed  # another key
+    limits.reset(huge)
+    assert limits.acquire(huge).allowed
+
+
+def test_release_gives_an_attempt_back(clock: FakeClock) -> None:
+    limits = limiter(clock, limit=2)
+    limits.acquire("k")
+    limits.acquire("k")
+    assert not limits.acquire("k").allowed
+    limits.release("k")  # the last attempt ended in an infrastructure error
+    assert limits.acquire("k") == LoginAttempt(allowed=True, locks_on_failure=True)
+    assert not limits.acquire("k").allowed
+
+
+def test_release_never_goes_below_zero(clock: FakeClock) -> None:
+    limits = limiter(clock, limit=2)
+    limits.release("never-counted")
+    limits.acquire("k")
+    for _ in range(5):
+        limits.release("k")
+    assert [limits.acquire("k").allowed for _ in range(3)] == [True, True, False]
+
+
+def test_release_keeps_the_cool_down_running(clock: FakeClock) -> None:
+    limits = limiter(clock, limit=3, lockout=60)
+    for _ in range(3):
+        limits.acquire("k")
+    limits.release("k")
+    clock.advance(30)
+    assert limits.acquire("k").locks_on_failure  # the third again, counted anew
+    assert limits.acquire("k").retry_after_seconds == pytest.approx(60)

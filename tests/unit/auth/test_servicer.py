@@ -1,4 +1,4 @@
-"""AuthService over gRPC (grpcio-testing), through the real interceptors, on fakes."""
+"""AuthService over gRPC (grpcio-testing), through the real request path, on fakes."""
 
 from __future__ import annotations
 
@@ -16,11 +16,8 @@ from google.rpc import error_details_pb2, status_pb2
 
 from services.auth_svc import SERVICE_NAME
 from services.auth_svc.api.servicer import PUBLIC_METHODS, AuthServicer
-from shared.rpc.interceptors import (
-    AccessLogInterceptor,
-    ErrorMappingInterceptor,
-    TokenCheckInterceptor,
-)
+from shared.rpc.metrics import RpcMetrics
+from shared.rpc.request_path import RequestPath
 from shared.security.tokens import StaticKeyProvider, TokenVerifier
 from tests.helpers import Intercepted, error_detail, rich_status
 from tests.unit.auth.fakes import AUDIENCE, ISSUER, AuthWorld, build_world
@@ -50,13 +47,14 @@ class Client:
             audience=AUDIENCE,
             clock=world.clock,
         )
-        interceptors = [
-            AccessLogInterceptor(),
-            ErrorMappingInterceptor(domain="auth.agentplatform"),
-            TokenCheckInterceptor(verifier, PUBLIC_METHODS),
-        ]
+        path = RequestPath(
+            domain="auth.agentplatform",
+            verifier=verifier,
+            public_methods=PUBLIC_METHODS,
+            metrics=RpcMetrics(),
+        )
         self._server = grpc_testing.server_from_dictionary(
-            {SERVICE: Intercepted(AuthServicer(world.service), SERVICE_NAME, interceptors)},
+            {SERVICE: Intercepted(AuthServicer(world.service), SERVICE_NAME, path)},
             grpc_testing.strict_real_time(),
         )
 
@@ -155,6 +153,33 @@ def test_login_when_locked_is_resource_exhausted_with_retry_info(client: Client)
 def test_login_without_fields_is_invalid_argument(client: Client) -> None:
     reply = client.call("Login", auth_pb2.LoginRequest())
     assert reply.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_login_with_an_email_no_account_can_have_is_invalid_argument(client: Client) -> None:
+    for email in ("a" * 250 + "@example.com", "grace\x00@example.com"):
+        reply = client.call("Login", auth_pb2.LoginRequest(email=email, password=PASSWORD))
+        assert reply.code == grpc.StatusCode.INVALID_ARGUMENT
+        bad_request = error_detail(reply.status, error_details_pb2.BadRequest)
+        assert [v.field for v in bad_request.field_violations] == ["email"]
+
+
+def test_login_while_hashing_is_busy_is_resource_exhausted_with_retry_info(
+    client: Client,
+) -> None:
+    client.register()
+    client.world.hasher.busy = True
+    reply = client.call("Login", auth_pb2.LoginRequest(email=EMAIL, password=PASSWORD))
+    assert reply.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reply.reason() == "HASHING_BUSY"
+    retry = error_detail(reply.status, error_details_pb2.RetryInfo)
+    assert retry.retry_delay.seconds >= 1
+
+
+def test_a_refresh_token_never_issued_is_unauthenticated(client: Client) -> None:
+    for token in ("x" * 129, "not a token!"):
+        reply = client.call("RefreshToken", auth_pb2.RefreshTokenRequest(refresh_token=token))
+        assert reply.code == grpc.StatusCode.UNAUTHENTICATED
+        assert reply.reason() == "INVALID_REFRESH_TOKEN"
 
 
 def test_refresh_token_returns_a_new_pair(client: Client) -> None:

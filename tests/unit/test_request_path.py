@@ -1,8 +1,10 @@
-"""The shared interceptors under grpcio-testing: error mapping, token checks, access log."""
+"""The request path under grpcio-testing: decoding, error mapping, token checks, access log,
+metrics, the call context."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from google.protobuf import message
 from google.rpc import error_details_pb2, status_pb2
 from sqlalchemy.exc import OperationalError
 
+from shared.config import deadlines
 from shared.data.db import unavailable_database
 from shared.rpc.errors import (
     Aborted,
@@ -33,12 +36,8 @@ from shared.rpc.errors import (
     Unauthenticated,
     Unavailable,
 )
-from shared.rpc.interceptors import (
-    AccessLogInterceptor,
-    ErrorMappingInterceptor,
-    TokenCheckInterceptor,
-    principal_of,
-)
+from shared.rpc.metrics import Metrics
+from shared.rpc.request_path import REQUEST_ID_HEADER, RequestPath, principal_of
 from shared.security.jwk import VerificationKey, thumbprint
 from shared.security.tokens import Principal, StaticKeyProvider, TokenVerifier
 from tests.helpers import FakeClock, Intercepted, error_detail, rich_status
@@ -95,13 +94,16 @@ class Harness:
             clock=self.clock,
         )
         self.servicer = ScriptedServicer()
-        interceptors = [
-            AccessLogInterceptor(),
-            ErrorMappingInterceptor(DOMAIN, translators=[unavailable_database]),
-            TokenCheckInterceptor(self.verifier, PUBLIC),
-        ]
+        self.metrics = Metrics()
+        self.path = RequestPath(
+            domain=DOMAIN,
+            verifier=self.verifier,
+            public_methods=PUBLIC,
+            metrics=self.metrics.rpc,
+            translators=[unavailable_database],
+        )
         self.server = grpc_testing.server_from_dictionary(
-            {SERVICE: Intercepted(self.servicer, SERVICE_NAME, interceptors)},
+            {SERVICE: Intercepted(self.servicer, SERVICE_NAME, self.path)},
             grpc_testing.strict_real_time(),
         )
 
@@ -134,6 +136,12 @@ class Harness:
         )
         response, trailing, code, details = rpc.termination()
         return Outcome(response, code, details, trailing)
+
+    def metric(self, name: str, service: str, method: str, **labels: str) -> float | None:
+        result: float | None = self.metrics.registry.get_sample_value(
+            name, {"grpc_type": "unary", "grpc_service": service, "grpc_method": method, **labels}
+        )
+        return result
 
     def raising(self, error: BaseException) -> None:
         def behavior(_ctx: Any) -> message.Message:
@@ -248,11 +256,11 @@ def test_an_unexpected_exception_is_a_bare_internal_with_the_trace_in_the_log(
     for leak in ("hunter2", "RuntimeError", "Traceback", "/srv/secret"):
         assert leak not in wire
     (record,) = [r for r in caplog.records if r.name == "agentplatform.rpc"]
-    assert record.getMessage() == "unexpected error"
+    assert record.getMessage() == f"unexpected error in /{SERVICE_NAME}/GetJwks"
     assert record.exc_info is not None
     assert SECRET_TEXT in caplog.text
     assert "Traceback" in caplog.text
-    assert "test_interceptors.py" in caplog.text  # the frame that raised
+    assert "test_request_path.py" in caplog.text  # the frame that raised
 
 
 def test_a_database_that_does_not_answer_is_unavailable_with_retry_info(
@@ -321,22 +329,21 @@ def test_principal_of_a_context_without_a_check_is_unauthenticated() -> None:
         principal_of(object())
 
 
-def test_calls_outside_our_services_pass_through_untouched() -> None:
-    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
-    verifier = TokenVerifier(
-        StaticKeyProvider([]), issuer=ISSUER, audience=AUDIENCE, clock=FakeClock()
+def test_library_services_need_no_token_and_are_not_access_logged(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agentplatform.access")
+    handler = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: request, request_deserializer=lambda data: data + b"!"
     )
-
-    class Details(grpc.HandlerCallDetails):  # type: ignore[misc]
-        method = "/grpc.health.v1.Health/Check"
-        invocation_metadata = ()
-
-    for interceptor in (
-        AccessLogInterceptor(),
-        ErrorMappingInterceptor(DOMAIN),
-        TokenCheckInterceptor(verifier, PUBLIC),
-    ):
-        assert interceptor.intercept_service(lambda _d: handler, Details()) is handler
+    wrapped = harness.path.wrap("/grpc.health.v1.Health/Check", handler)
+    context = FakeContext()
+    assert wrapped.unary_unary(b"ping", context) == b"ping!"
+    assert access_lines(caplog) == []
+    handled = harness.metric(
+        "grpc_server_handled_total", "grpc.health.v1.Health", "Check", grpc_code="OK"
+    )
+    assert handled == 1
 
 
 # -- access log -------------------------------------------------------------------------
@@ -384,42 +391,60 @@ class _Aborted(Exception):
     pass
 
 
-class _StreamContext:
-    """Enough of a servicer context for a streaming behaviour."""
+class FakeContext:
+    """Enough of grpcio's servicer context for a wrapped behaviour called directly."""
 
-    def __init__(self) -> None:
+    def __init__(self, metadata: Sequence[tuple[str, str]] = (), remaining: float | None = None):
+        self.metadata = tuple(metadata)
+        self.remaining = remaining
         self.aborted: tuple[grpc.StatusCode, str] | None = None
+        self.trailing: Sequence[tuple[str, Any]] = ()
+        self.headers: Sequence[tuple[str, Any]] = ()
+        self.callbacks: list[Callable[[], None]] = []
+
+    def invocation_metadata(self) -> Sequence[tuple[str, str]]:
+        return self.metadata
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+    def code(self) -> grpc.StatusCode | None:
+        return self.aborted[0] if self.aborted else None
+
+    def set_trailing_metadata(self, metadata: Sequence[tuple[str, Any]]) -> None:
+        self.trailing = metadata
+
+    def send_initial_metadata(self, metadata: Sequence[tuple[str, Any]]) -> None:
+        self.headers = metadata
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        self.callbacks.append(callback)
+        return True
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.aborted = (code, details)
         raise _Aborted
 
-
-def _details(method: str, metadata: Sequence[tuple[str, str]] = ()) -> grpc.HandlerCallDetails:
-    class Metadatum:
-        def __init__(self, key: str, value: str) -> None:
-            self.key, self.value = key, value
-
-    class Details(grpc.HandlerCallDetails):  # type: ignore[misc]
-        pass
-
-    details = Details()
-    details.method = method
-    details.invocation_metadata = tuple(Metadatum(k, v) for k, v in metadata)
-    return details
+    def terminate(self) -> None:
+        """What grpcio does when the call ends: run the callbacks."""
+        for callback in self.callbacks:
+            callback()
 
 
 def test_the_token_check_denies_by_default_even_outside_our_services(harness: Harness) -> None:
-    check = TokenCheckInterceptor(harness.verifier, PUBLIC)
     handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
-    wrapped = check.intercept_service(lambda _d: handler, _details("/other.v1.Thing/Do"))
-    assert wrapped is not handler
-    with pytest.raises(Unauthenticated):
-        wrapped.unary_unary(b"", object())  # type: ignore[union-attr]
+    wrapped = harness.path.wrap("/other.v1.Thing/Do", handler)
+    context = FakeContext()
+    with pytest.raises(_Aborted):
+        wrapped.unary_unary(b"", context)
+    assert context.aborted is not None
+    assert context.aborted[0] == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_a_streaming_method_needs_a_token_before_it_starts(harness: Harness) -> None:
-    check = TokenCheckInterceptor(harness.verifier, PUBLIC)
     seen: list[Principal] = []
 
     def watch(request: Any, context: Any) -> Any:
@@ -427,19 +452,199 @@ def test_a_streaming_method_needs_a_token_before_it_starts(harness: Harness) -> 
         yield b"event"
 
     handler = grpc.unary_stream_rpc_method_handler(watch)
-    method = "/agentplatform.agent.v1.AgentService/WatchAgents"
+    wrapped = harness.path.wrap("/agentplatform.agent.v1.AgentService/WatchAgents", handler)
 
-    refused = check.intercept_service(lambda _d: handler, _details(method))
-    context = _StreamContext()
+    context = FakeContext()
     with pytest.raises(_Aborted):
-        list(refused.unary_stream(b"", context))  # type: ignore[union-attr]
+        list(wrapped.unary_stream(b"", context))
     assert context.aborted is not None
     assert context.aborted[0] == grpc.StatusCode.UNAUTHENTICATED
     assert seen == []
 
     token = harness.token("user-9")
-    allowed = check.intercept_service(
-        lambda _d: handler, _details(method, [("authorization", f"Bearer {token}")])
-    )
-    assert list(allowed.unary_stream(b"", _StreamContext())) == [b"event"]  # type: ignore[union-attr]
+    allowed = FakeContext([("authorization", f"Bearer {token}"), (REQUEST_ID_HEADER, "r-1")])
+    assert list(wrapped.unary_stream(b"", allowed)) == [b"event"]
     assert [p.user_id for p in seen] == ["user-9"]
+    assert allowed.headers == ((REQUEST_ID_HEADER, "r-1"),)
+
+
+# -- decoding ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [b"\xff\xff\xff", b"\x0a\x05ab", b"\x08" * 3, b"\x12\x02\xc3\x28"])
+def test_a_body_that_does_not_parse_is_invalid_argument_before_any_token_check(
+    harness: Harness, body: bytes
+) -> None:
+    handler = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: request,
+        request_deserializer=auth_pb2.RegisterRequest.FromString,
+    )
+    wrapped = harness.path.wrap(f"/{SERVICE_NAME}/GetCurrentUser", handler)
+    context = FakeContext()
+    with pytest.raises(_Aborted):
+        wrapped.unary_unary(body, context)
+    assert context.aborted is not None
+    code, message = context.aborted
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid message" in message
+    status = rich_status(context.trailing)
+    assert error_detail(status, error_details_pb2.ErrorInfo).reason == "MALFORMED_REQUEST"
+    assert (
+        harness.metric(
+            "grpc_server_handled_total", SERVICE_NAME, "GetCurrentUser", grpc_code="InvalidArgument"
+        )
+        == 1
+    )
+
+
+# -- request ids and metrics ------------------------------------------------------------
+
+
+def test_the_request_id_comes_back_in_the_trailers_on_success_and_on_error(
+    harness: Harness,
+) -> None:
+    ok = harness.call("GetJwks", [("x-request-id", "req-ok")])
+    assert (REQUEST_ID_HEADER, "req-ok") in ok.trailing
+    harness.raising(NotFound("gone"))
+    failed = harness.call("GetJwks", [("x-request-id", "req-failed")])
+    assert (REQUEST_ID_HEADER, "req-failed") in failed.trailing
+    assert failed.status is not None  # the rich status travels beside it
+    generated = dict(harness.call("GetJwks").trailing)[REQUEST_ID_HEADER]
+    assert generated not in ("", "req-ok")
+
+
+def test_every_call_is_counted_with_its_code(harness: Harness) -> None:
+    token = harness.token("user-1")
+    harness.call("GetJwks")
+    harness.call("GetCurrentUser", [("authorization", f"Bearer {token}")])
+    harness.call("GetCurrentUser")
+    started = harness.metric("grpc_server_started_total", SERVICE_NAME, "GetCurrentUser")
+    assert started == 2
+    assert (
+        harness.metric("grpc_server_handled_total", SERVICE_NAME, "GetCurrentUser", grpc_code="OK")
+        == 1
+    )
+    assert (
+        harness.metric(
+            "grpc_server_handled_total", SERVICE_NAME, "GetCurrentUser", grpc_code="Unauthenticated"
+        )
+        == 1
+    )
+    assert harness.metric("grpc_server_handling_seconds_count", SERVICE_NAME, "GetJwks") == 1
+    assert harness.metric("grpc_server_msg_sent_total", SERVICE_NAME, "GetCurrentUser") == 1
+    assert harness.metric("grpc_server_msg_received_total", SERVICE_NAME, "GetCurrentUser") == 2
+
+
+def test_counts_from_many_threads_add_up(harness: Harness) -> None:
+    def calls() -> None:
+        for _ in range(200):
+            harness.call("GetJwks")
+
+    threads = [threading.Thread(target=calls) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (
+        harness.metric("grpc_server_handled_total", SERVICE_NAME, "GetJwks", grpc_code="OK") == 1600
+    )
+    assert harness.metric("grpc_server_handling_seconds_count", SERVICE_NAME, "GetJwks") == 1600
+
+
+# -- tokens -----------------------------------------------------------------------------
+
+
+def test_an_expired_token_has_a_reason_of_its_own(harness: Harness) -> None:
+    token = harness.token("user-1")
+    harness.clock.advance(3600)
+    outcome = harness.call("GetCurrentUser", [("authorization", f"Bearer {token}")])
+    assert outcome.code == grpc.StatusCode.UNAUTHENTICATED
+    assert outcome.detail(error_details_pb2.ErrorInfo).reason == "TOKEN_EXPIRED"
+
+
+# -- the call context: deadlines, early ends, shutdown ------------------------------------
+
+
+def _scripted(behavior: Callable[[Any, Any], Any]) -> grpc.RpcMethodHandler:
+    return grpc.unary_unary_rpc_method_handler(behavior)
+
+
+def test_the_current_call_knows_the_callers_deadline(harness: Harness) -> None:
+    seen: list[float | None] = []
+
+    def behavior(request: Any, call: Any) -> bytes:
+        seen.append(deadlines.remaining())
+        return b""
+
+    wrapped = harness.path.wrap(f"/{SERVICE_NAME}/GetJwks", _scripted(behavior))
+    wrapped.unary_unary(b"", FakeContext(remaining=2.5))
+    wrapped.unary_unary(b"", FakeContext(remaining=None))
+    assert seen[0] is not None
+    assert 0 < seen[0] <= 2.5
+    assert seen[1] is None
+    assert deadlines.remaining() is None  # outside a call
+
+
+def test_end_hooks_run_when_the_call_ends_before_its_work(harness: Harness) -> None:
+    context = FakeContext()
+    ended: list[str] = []
+
+    def behavior(request: Any, call: Any) -> bytes:
+        scope = deadlines.current_call.get()
+        assert scope is not None
+        scope.on_end(lambda: ended.append("early"))
+        context.terminate()  # the caller cancels while the work runs
+        return b""
+
+    harness.path.wrap(f"/{SERVICE_NAME}/GetJwks", _scripted(behavior)).unary_unary(b"", context)
+    assert ended == ["early"]
+
+
+def test_end_hooks_do_not_run_for_a_call_that_finished(harness: Harness) -> None:
+    context = FakeContext()
+    ended: list[str] = []
+
+    def behavior(request: Any, call: Any) -> bytes:
+        scope = deadlines.current_call.get()
+        assert scope is not None
+        scope.on_end(lambda: ended.append("early"))
+        return b""
+
+    harness.path.wrap(f"/{SERVICE_NAME}/GetJwks", _scripted(behavior)).unary_unary(b"", context)
+    context.terminate()  # grpcio runs the callbacks of every call when it ends
+    assert ended == []
+
+
+def test_a_call_ended_at_shutdown_is_unavailable_so_that_clients_retry(harness: Harness) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def behavior(request: Any, call: Any) -> bytes:
+        scope = deadlines.current_call.get()
+        assert scope is not None
+        scope.on_end(release.set)  # e.g. a database statement cancelled
+        started.set()
+        release.wait(10)
+        raise OperationalError("SELECT", {}, Exception("canceling statement"))
+
+    wrapped = harness.path.wrap(f"/{SERVICE_NAME}/GetJwks", _scripted(behavior))
+    context = FakeContext()
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            wrapped.unary_unary(b"", context)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert started.wait(10)
+    assert len(harness.path.in_flight) == 1
+    assert harness.path.in_flight.terminate() == 1
+    thread.join(10)
+    assert context.aborted is not None
+    assert context.aborted[0] == grpc.StatusCode.UNAVAILABLE
+    status = rich_status(context.trailing)
+    assert error_detail(status, error_details_pb2.ErrorInfo).reason == "SHUTTING_DOWN"
+    assert error_detail(status, error_details_pb2.RetryInfo) is not None
+    assert len(harness.path.in_flight) == 0

@@ -1,0 +1,135 @@
+"""The request path on real servers over real channels: bodies that do not parse, the health
+service off the saturated path, the request id, shutdown of calls in flight."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from agentplatform.agent.v1 import agent_pb2
+from agentplatform.auth.v1 import auth_pb2
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2
+from grpc_status import rpc_status
+
+from tests.helpers import error_detail
+from tests.integration.inprocess import Served, agent_service, auth_service
+
+# Bytes no request message parses: a malformed tag, a truncated field, a dangling tag.
+GARBAGE = (b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x08" * 3)
+HEALTH = "/grpc.health.v1.Health/Check"
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+
+
+def _methods(service: object) -> list[str]:
+    descriptor = service.DESCRIPTOR  # type: ignore[attr-defined]
+    return [
+        f"/{svc.full_name}/{method.name}"
+        for svc in descriptor.services_by_name.values()
+        for method in svc.methods
+    ]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, Served]]:
+    tmp_path: Path = tmp_path_factory.mktemp("request-path")
+    with (
+        auth_service(tmp_path) as auth,
+        agent_service(tmp_path, {"AGENT_AUTH_TARGET": auth.address}) as agent,
+    ):
+        yield auth, agent
+
+
+def _refusal(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    status = rpc_status.from_call(error)
+    info = error_detail(status, error_details_pb2.ErrorInfo)
+    return error.code(), info.reason if info is not None else ""
+
+
+@pytest.mark.parametrize("body", GARBAGE)
+def test_every_unary_method_answers_a_body_that_does_not_parse_with_invalid_argument(
+    servers: tuple[Served, Served], body: bytes
+) -> None:
+    auth, agent = servers
+    for served, methods in (
+        (auth, [*_methods(auth_pb2), HEALTH]),
+        (agent, [*_methods(agent_pb2), HEALTH]),
+    ):
+        with grpc.insecure_channel(served.address) as channel:
+            for method in methods:
+                with pytest.raises(grpc.RpcError) as caught:
+                    channel.unary_unary(method)(body, timeout=10)
+                # Before any token check, and never grpcio's INTERNAL "Exception
+                # deserializing request!".
+                assert _refusal(caught.value) == (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "MALFORMED_REQUEST",
+                ), method
+                assert "not a valid message" in (caught.value.details() or ""), method
+
+
+def test_invalid_utf8_in_a_string_field_is_invalid_argument(
+    servers: tuple[Served, Served],
+) -> None:
+    _, agent = servers
+    with grpc.insecure_channel(agent.address) as channel, pytest.raises(grpc.RpcError) as caught:
+        # GetAgentRequest.id (field 1, a string) holding the bytes C3 28.
+        channel.unary_unary("/agentplatform.agent.v1.AgentService/GetAgent")(
+            b"\x0a\x02\xc3\x28", timeout=10
+        )
+    assert _refusal(caught.value) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+
+
+def test_a_streamed_message_that_does_not_parse_is_invalid_argument(
+    servers: tuple[Served, Served],
+) -> None:
+    _, agent = servers
+    with grpc.insecure_channel(agent.address) as channel:
+        replies = channel.stream_stream(REFLECTION)(iter([b"\xff\xff"]), timeout=10)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(replies)
+    assert _refusal(caught.value) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+
+
+def test_health_is_answered_while_every_worker_thread_is_busy(tmp_path: Path) -> None:
+    release = threading.Event()
+    with auth_service(tmp_path, {"AUTH_MAX_WORKERS": "2"}) as auth:
+        blocked = threading.Semaphore(0)
+
+        def stuck(request: bytes, context: object) -> bytes:
+            blocked.release()
+            release.wait(30)
+            return b""
+
+        # A method registered late, like the benchmark's empty handler: it goes through
+        # the same registrar, so through the request path (GetJwks is public: no token).
+        auth.running.server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "agentplatform.test.v1.Stuck",
+                    {"Wait": grpc.unary_unary_rpc_method_handler(stuck)},
+                ),
+            )
+        )
+        with grpc.insecure_channel(auth.address) as channel:
+            waiting = [
+                channel.unary_unary("/agentplatform.test.v1.Stuck/Wait").future(b"", timeout=30)
+                for _ in range(4)
+            ]
+            try:
+                for _ in range(2):  # both worker threads are taken
+                    assert blocked.acquire(timeout=10)
+                check = channel.unary_unary(
+                    HEALTH,
+                    request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                    response_deserializer=health_pb2.HealthCheckResponse.FromString,
+                )
+                reply = check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            finally:
+                release.set()
+                for future in waiting:
+                    future.exception()
