@@ -404,7 +404,13 @@ def main() -> int:  # noqa: PLR0915
             port = _free_port()
             env = common_env("AGENT", port, agent_db, redis_url)
             env.update(
-                {"AGENT_AUTH_TARGET": auth_target, "AGENT_MIGRATE_ON_START": "false", **extra}
+                {
+                    "AGENT_AUTH_TARGET": auth_target,
+                    "AGENT_MIGRATE_ON_START": "false",
+                    # The seeded owner has 100,000 agents, past the default quota.
+                    "AGENT_MAX_AGENTS_PER_OWNER": "0",
+                    **extra,
+                }
             )
             # One agent server at a time on the measured core: stop the previous one.
             previous.close()

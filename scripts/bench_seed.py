@@ -1,7 +1,8 @@
 """Bulk-load agents straight into agent_svc's table, for the benchmark (scripts/bench.py).
 
 Rows are what AgentService.create would store (revision 1, distinct names, create times a
-millisecond apart so every list order has work to do), inserted in large batches.
+millisecond apart so every list order has work to do), inserted in large batches, and the
+owner's agent count, which creates and deletes keep from then on.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import insert
 
-from services.agent_svc.repository.models import AgentRow
+from services.agent_svc.repository.models import AgentRow, OwnerCountRow
 from shared.data.db import make_engine
 
 __all__ = ["seed"]
@@ -46,7 +47,6 @@ def _row(owner_id: uuid.UUID, index: int, start: datetime) -> dict[str, Any]:
         "temperature": 0.2,
         "top_p": None,
         "revision": 1,
-        "request_id": None,
         "create_time": when,
         "update_time": when,
     }
@@ -64,6 +64,11 @@ def seed(database_url: str, owner_id: uuid.UUID, count: int) -> list[str]:
             with engine.begin() as connection:
                 connection.execute(statement, rows)
             ids += [str(row["id"]) for row in rows]
+        with engine.begin() as connection:
+            connection.execute(
+                insert(OwnerCountRow.__table__),  # type: ignore[arg-type]
+                [{"owner_id": owner_id, "agents": count}],
+            )
         # Fresh statistics, as autovacuum would gather after a bulk load: without them the
         # planner expects a few rows per owner and sorts all of them instead of using the
         # (owner_id, create_time, id) index. VACUUM too, now rather than by autovacuum in

@@ -11,6 +11,7 @@ from agentplatform.agent.v1 import agent_pb2_grpc
 from sqlalchemy import Engine
 
 from services.agent_svc import SERVICE_NAME
+from services.agent_svc.api.convert import serialized_size
 from services.agent_svc.api.servicer import PUBLIC_METHODS, AgentServicer
 from services.agent_svc.domain import Agent
 from services.agent_svc.infra.cache import TwoLevelCache
@@ -161,6 +162,9 @@ def build_app(
         clock=clock,
         allowed_models=settings.allowed_models,
         page_tokens=PageTokens(settings.page_token_secret),
+        agent_size=serialized_size,
+        request_id_ttl_seconds=settings.request_id_ttl_seconds,
+        max_agents_per_owner=settings.max_agents_per_owner,
     )
     if keys is None:
         keys = _jwks_keys(settings, clock, closers, observability)

@@ -3,12 +3,16 @@
 An agent's version is its `revision`, a counter the database bumps on every update; the
 `etag` handed to callers is derived from it (and the id), so it changes on every update
 and one agent's etag never matches another's.
+
+A create's `fingerprint` tells a replay (same request id, same agent: answered with the
+first response) from a reuse of the id for something else (AIP-155).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -92,6 +96,23 @@ class AgentInput:
     metadata: Mapping[str, str] = field(default_factory=dict)
     temperature: float | None = None
     top_p: float | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of a deterministic serialization of these fields: JSON with sorted
+        keys and no spaces; tools in their order, each as [name, description, parameters]."""
+        document = {
+            "name": self.name,
+            "description": self.description,
+            "model": self.model,
+            "instructions": self.instructions,
+            "tools": [[t.name, t.description, t.parameters] for t in self.tools],
+            "metadata": dict(self.metadata),
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
+        text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 _SETTABLE = ("name", "description", "model", "instructions", "tools", "temperature", "top_p")

@@ -15,6 +15,10 @@
 - `AGENT_L1_MAX_ENTRIES` (10000), `AGENT_L1_TTL_SECONDS` (30): the in-process cache; the
   TTL bounds staleness after a missed invalidation message.
 - `AGENT_L2_TTL_SECONDS` (300): the Redis cache.
+- `AGENT_MAX_AGENTS_PER_OWNER` (10000): the most agents one owner may have (0: no limit);
+  a create past it is RESOURCE_EXHAUSTED with a QuotaFailure.
+- `AGENT_REQUEST_ID_TTL_SECONDS` (86400): how long a CreateAgent request_id is honoured:
+  a replay within it gets the first response; after it the id may create anew.
 - `AGENT_PAGE_TOKEN_SECRET` (or `AGENT_PAGE_TOKEN_SECRET_FILE`, at least 32 characters):
   the HMAC key of page tokens, shared by every replica; required in prod, random per
   start in dev.
@@ -64,6 +68,8 @@ class AgentSettings:
     l1_max_entries: int
     l1_ttl_seconds: float
     l2_ttl_seconds: float
+    request_id_ttl_seconds: float
+    max_agents_per_owner: int
     page_token_secret: bytes
 
     @property
@@ -106,6 +112,8 @@ def load_agent_settings(env: Mapping[str, str]) -> AgentSettings:
         l1_max_entries=reader.integer("L1_MAX_ENTRIES", 10_000, minimum=0),  # 0: no L1
         l1_ttl_seconds=reader.number("L1_TTL_SECONDS", 30.0),
         l2_ttl_seconds=reader.number("L2_TTL_SECONDS", 300.0, minimum=1.0),
+        request_id_ttl_seconds=reader.number("REQUEST_ID_TTL_SECONDS", 86_400.0, minimum=1.0),
+        max_agents_per_owner=reader.integer("MAX_AGENTS_PER_OWNER", 10_000, minimum=0),
         page_token_secret=_page_token_secret(reader, common),
     )
     if bool(settings.auth_tls_cert_file) != bool(settings.auth_tls_key_file):

@@ -1,5 +1,14 @@
 """agent_svc tables (its own metadata; auth_svc never reads these).
 
+- `agent_agents`: one row per agent, its current version.
+- `agent_owner_counts`: how many agents each owner has, kept by every insert and delete
+  of an agent in the same transaction, so the per-owner quota is one row's compare and
+  increment instead of a count over up to 100,000 rows.
+- `agent_create_requests`: one row per (owner, request id) of a CreateAgent sent with a
+  request id (AIP-155): the request's fingerprint and the response, the agent as created,
+  encoded. Kept apart from the agents so a replay still finds it after the agent was
+  updated or deleted; expired rows are deleted by `create_time`.
+
 Indexes follow the list queries: a user's list filters on owner_id and orders by
 (create_time | update_time | name, id) with a keyset condition `(column, id) > (…)`, so
 each order has an (owner_id, column, id) index (the unique (owner_id, name) index cannot
@@ -28,7 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["AgentBase", "AgentRow"]
+__all__ = ["AgentBase", "AgentRow", "CreateRequestRow", "OwnerCountRow"]
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -74,6 +83,30 @@ class AgentRow(AgentBase):
     temperature: Mapped[float | None] = mapped_column(Float(53), nullable=True)
     top_p: Mapped[float | None] = mapped_column(Float(53), nullable=True)
     revision: Mapped[int] = mapped_column(Integer)
+    # No longer written: request ids live in agent_create_requests (migration agent_0002).
+    # Kept while the previous release, which reads and writes it, may still be serving;
+    # a later release drops it.
     request_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
     create_time: Mapped[datetime] = mapped_column(Timestamp)
     update_time: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class OwnerCountRow(AgentBase):
+    __tablename__ = "agent_owner_counts"
+
+    owner_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    agents: Mapped[int] = mapped_column(Integer)
+
+
+class CreateRequestRow(AgentBase):
+    __tablename__ = "agent_create_requests"
+    __table_args__ = (Index("ix_agent_create_requests_create_time", "create_time"),)
+
+    owner_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    request_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    # Hex SHA-256 of the request's settable fields; NULL for ids recorded before
+    # fingerprints were kept (migration agent_0002).
+    fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    agent_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    response: Mapped[str] = mapped_column(Text)
+    create_time: Mapped[datetime] = mapped_column(Timestamp)

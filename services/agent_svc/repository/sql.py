@@ -1,25 +1,32 @@
-"""SQLAlchemy implementation of the agent repository and unit of work.
+"""SQLAlchemy implementation of the agent repositories and unit of work.
 
 Everything reaches the database as bound parameters. The same SQL runs on PostgreSQL and
 SQLite: keyset paging compares row values `(sort column, id)`, metadata filters use the
 JSON path operators SQLAlchemy compiles for each dialect, and a name prefix is matched by
 an escaped LIKE (which can use an index) confirmed by an exact, case-sensitive substring
 comparison (SQLite's LIKE ignores ASCII case).
+
+The records of creates with a request id keep the response as compact JSON of the agent's
+columns (`_encode_response`), versioned, decoded by the same mapping as an agent row: the
+round trip is exact (floats, microseconds, UTC, tool parameters, the revision).
 """
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
-    Row,
     Select,
     Uuid,
     and_,
     delete,
     func,
+    insert,
     literal,
     select,
     tuple_,
@@ -29,7 +36,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from services.agent_svc.domain import Agent, Tool
-from services.agent_svc.repository.models import AgentRow
+from services.agent_svc.repository.models import AgentRow, CreateRequestRow, OwnerCountRow
 from services.agent_svc.service.filtering import (
     Condition,
     MetadataEquals,
@@ -39,11 +46,17 @@ from services.agent_svc.service.filtering import (
     OwnerEquals,
     SortField,
 )
-from services.agent_svc.service.ports import AgentQuery, NameTaken, RequestReplayed
+from services.agent_svc.service.ports import (
+    AgentQuery,
+    CreateRecord,
+    NameTaken,
+    QuotaExceeded,
+    RequestReplayed,
+)
 from shared.config.clock import utc
 from shared.data.db import SqlUnitOfWork
 
-__all__ = ["SqlAgentRepository", "SqlAgentUnitOfWork"]
+__all__ = ["SqlAgentRepository", "SqlAgentUnitOfWork", "SqlCreateRequestRepository"]
 
 _SORT_COLUMNS: dict[SortField, InstrumentedAttribute[Any]] = {
     SortField.CREATE_TIME: AgentRow.create_time,
@@ -61,8 +74,8 @@ def _read() -> Select[Any]:
     return select(_AGENTS)
 
 
-def _agent(row: Row[Any]) -> Agent:
-    column = row._mapping
+def _agent(column: Mapping[Any, Any]) -> Agent:
+    """An agent from its columns (a row's mapping, or a decoded response)."""
     return Agent(
         id=column["id"],
         owner_id=column["owner_id"],
@@ -129,13 +142,11 @@ class SqlAgentRepository:
     def __init__(self, session: Session) -> None:
         self._session = session
 
-    def add(self, agent: Agent, *, request_id: uuid.UUID | None = None) -> None:
+    def add(self, agent: Agent, *, max_per_owner: int = 0) -> None:
+        if not self._count_in(agent.owner_id, max_per_owner):
+            raise QuotaExceeded(str(agent.owner_id))
         row = AgentRow(
-            id=agent.id,
-            owner_id=agent.owner_id,
-            request_id=request_id,
-            create_time=agent.create_time,
-            **_values(agent),
+            id=agent.id, owner_id=agent.owner_id, create_time=agent.create_time, **_values(agent)
         )
         try:
             # The row joins the session inside the savepoint (begin_nested flushes what is
@@ -144,20 +155,11 @@ class SqlAgentRepository:
                 self._session.add(row)
                 self._session.flush()
         except IntegrityError:
-            # A replayed create collides on both keys; the request id decides.
-            if request_id is not None and self.get_by_request_id(agent.owner_id, request_id):
-                raise RequestReplayed(str(request_id)) from None
             raise NameTaken(agent.name) from None
 
     def get(self, agent_id: uuid.UUID) -> Agent | None:
         row = self._session.execute(_read().where(AgentRow.id == agent_id)).one_or_none()
-        return _agent(row) if row else None
-
-    def get_by_request_id(self, owner_id: uuid.UUID, request_id: uuid.UUID) -> Agent | None:
-        row = self._session.execute(
-            _read().where(AgentRow.owner_id == owner_id, AgentRow.request_id == request_id)
-        ).one_or_none()
-        return _agent(row) if row else None
+        return _agent(row._mapping) if row else None
 
     def list_page(self, query: AgentQuery) -> list[Agent]:
         column = _SORT_COLUMNS[query.ordering.field]
@@ -175,7 +177,7 @@ class SqlAgentRepository:
         else:
             statement = statement.order_by(column.asc(), AgentRow.id.asc())
         rows = self._session.execute(statement.limit(query.limit))
-        return [_agent(row) for row in rows]
+        return [_agent(row._mapping) for row in rows]
 
     def update(self, agent: Agent, *, expected_revision: int) -> bool:
         statement = (
@@ -191,16 +193,156 @@ class SqlAgentRepository:
             raise NameTaken(agent.name) from None
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
-    def delete(self, agent_id: uuid.UUID, *, expected_revision: int | None = None) -> bool:
+    def delete(
+        self, agent_id: uuid.UUID, *, owner_id: uuid.UUID, expected_revision: int | None = None
+    ) -> bool:
+        # The count row first, as add does: a create and a delete of one owner's agents
+        # then lock in the same order and cannot deadlock.
+        uncounted = self._count(owner_id, -1)
         statement = delete(AgentRow).where(AgentRow.id == agent_id)
         if expected_revision is not None:
             statement = statement.where(AgentRow.revision == expected_revision)
         result = self._session.execute(statement.execution_options(synchronize_session=False))
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        if not result.rowcount:  # type: ignore[attr-defined]
+            if uncounted:
+                self._count(owner_id, +1)
+            return False
+        return True
+
+    def _count_in(self, owner_id: uuid.UUID, limit: int) -> bool:
+        """Counts one more agent for the owner unless that would pass `limit` (0: none):
+        one conditional increment, atomic under concurrent creates."""
+        if self._count(owner_id, +1, below=limit):
+            return True
+        try:  # no count row yet (or the owner is at the limit: the insert tells)
+            with self._session.begin_nested():
+                self._session.execute(insert(OwnerCountRow).values(owner_id=owner_id, agents=1))
+            return True
+        except IntegrityError:  # the row exists, maybe just committed by a concurrent create
+            return self._count(owner_id, +1, below=limit)
+
+    def _count(self, owner_id: uuid.UUID, change: int, *, below: int = 0) -> bool:
+        """Changes the owner's count by one (never below 0, nor to `below` or more when
+        set); whether it did."""
+        statement = (
+            update(OwnerCountRow)
+            .where(OwnerCountRow.owner_id == owner_id)
+            .values(agents=OwnerCountRow.agents + change)
+            .execution_options(synchronize_session=False)
+        )
+        if change < 0:
+            statement = statement.where(OwnerCountRow.agents > 0)
+        if below:
+            statement = statement.where(OwnerCountRow.agents < below)
+        return bool(self._session.execute(statement).rowcount)  # type: ignore[attr-defined]
+
+
+_RESPONSE_VERSION = 1
+
+
+def _encode_response(agent: Agent) -> str:
+    """The agent as compact JSON of its columns (ids as hex, times as ISO 8601 UTC)."""
+    document = {
+        "v": _RESPONSE_VERSION,
+        "id": agent.id.hex,
+        "owner_id": agent.owner_id.hex,
+        "name": agent.name,
+        "description": agent.description,
+        "model": agent.model,
+        "instructions": agent.instructions,
+        "tools": _tools(agent),
+        "metadata": dict(agent.metadata),
+        "temperature": agent.temperature,
+        "top_p": agent.top_p,
+        "revision": agent.revision,
+        "create_time": agent.create_time.astimezone(UTC).isoformat(),
+        "update_time": agent.update_time.astimezone(UTC).isoformat(),
+    }
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _decode_response(text: str) -> Agent:
+    document = json.loads(text)
+    if document.get("v") != _RESPONSE_VERSION:
+        raise ValueError(f"unknown response encoding {document.get('v')!r}")
+    return _agent(
+        {
+            **document,
+            "id": uuid.UUID(hex=document["id"]),
+            "owner_id": uuid.UUID(hex=document["owner_id"]),
+            "create_time": datetime.fromisoformat(document["create_time"]),
+            "update_time": datetime.fromisoformat(document["update_time"]),
+        }
+    )
+
+
+class SqlCreateRequestRepository:
+    """Records of creates with a request id; a record's time is its agent's create time."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def get(
+        self, owner_id: uuid.UUID, request_id: uuid.UUID, *, created_after: datetime
+    ) -> CreateRecord | None:
+        row = self._session.execute(
+            select(CreateRequestRow.fingerprint, CreateRequestRow.response).where(
+                CreateRequestRow.owner_id == owner_id,
+                CreateRequestRow.request_id == request_id,
+                CreateRequestRow.create_time > created_after,
+            )
+        ).one_or_none()
+        return CreateRecord(row.fingerprint, _decode_response(row.response)) if row else None
+
+    def add(
+        self,
+        owner_id: uuid.UUID,
+        request_id: uuid.UUID,
+        record: CreateRecord,
+        *,
+        created_after: datetime,
+    ) -> None:
+        agent = record.agent
+        expired = delete(CreateRequestRow).where(
+            CreateRequestRow.owner_id == owner_id,
+            CreateRequestRow.request_id == request_id,
+            CreateRequestRow.create_time <= created_after,
+        )
+        row = CreateRequestRow(
+            owner_id=owner_id,
+            request_id=request_id,
+            fingerprint=record.fingerprint,
+            agent_id=agent.id,
+            response=_encode_response(agent),
+            create_time=agent.create_time,
+        )
+        try:
+            with self._session.begin_nested():
+                self._session.execute(expired.execution_options(synchronize_session=False))
+                self._session.add(row)
+                self._session.flush()
+        except IntegrityError:
+            raise RequestReplayed(str(request_id)) from None
+
+    def purge(self, *, created_before: datetime, limit: int) -> int:
+        key = tuple_(CreateRequestRow.owner_id, CreateRequestRow.request_id)
+        oldest = (
+            select(CreateRequestRow.owner_id, CreateRequestRow.request_id)
+            .where(CreateRequestRow.create_time < created_before)
+            .limit(limit)
+        )
+        result = self._session.execute(
+            delete(CreateRequestRow)
+            .where(key.in_(oldest))
+            .execution_options(synchronize_session=False)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 class SqlAgentUnitOfWork(SqlUnitOfWork):
     agents: SqlAgentRepository
+    create_requests: SqlCreateRequestRepository
 
     def _open_repositories(self, session: Session) -> None:
         self.agents = SqlAgentRepository(session)
+        self.create_requests = SqlCreateRequestRepository(session)

@@ -4,6 +4,25 @@ Visibility: a caller sees their own agents; an admin sees every agent. Someone e
 agent is NOT_FOUND, exactly like a missing one. Reads of one agent go through the cache,
 which is keyed by id only, so the ownership check runs on whatever the cache returned.
 Writes go to the database in one unit of work and invalidate the cache after commit.
+
+Idempotent create (AIP-155): a create with a request_id records, in the same transaction
+as the agent, a fingerprint of the request and the response (the agent as created). For
+`request_id_ttl_seconds` a replay with the same fingerprint gets exactly that response,
+even after the agent was updated or deleted, and creates nothing; the id with another
+fingerprint is INVALID_ARGUMENT on `request_id` (REQUEST_ID_REUSED). An expired record is
+replaced by the next create with its id. A replay is validated like any request.
+
+Each owner may have at most `max_agents_per_owner` agents (0: no limit): one more create
+is RESOURCE_EXHAUSTED (AGENT_QUOTA_EXCEEDED, with a QuotaFailure on `owners/<id>`) and
+writes nothing. The repository counts agents per owner in the create's transaction, so
+concurrent creates cannot pass the limit. A replay of a create is not a new agent: it is
+answered before the quota is looked at.
+
+A ListAgents page ends early, with a next_page_token, rather than carry more than
+LIST_RESPONSE_BUDGET bytes of agents (but always at least one): with agents of up to 1 MiB
+(validation.MAX_AGENT_BYTES) a client with gRPC's default 4 MiB receive limit can read
+every page. Agents are sized by the `agent_size` function the composition root passes in
+(the servicer's encoding; by default the same figure computed from the domain objects).
 """
 
 from __future__ import annotations
@@ -13,6 +32,7 @@ import logging
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
+from datetime import timedelta
 
 from services.agent_svc.domain import Agent, AgentInput, AgentPage
 from services.agent_svc.service.filtering import (
@@ -27,10 +47,13 @@ from services.agent_svc.service.ports import (
     AgentCache,
     AgentQuery,
     AgentUnitOfWork,
+    CreateRecord,
     NameTaken,
+    QuotaExceeded,
     RequestReplayed,
 )
-from services.agent_svc.service.validation import check_agent
+from services.agent_svc.service.sizing import agent_size, framed
+from services.agent_svc.service.validation import check_agent, reported, shown
 from shared.config.clock import Clock
 from shared.rpc.errors import (
     Aborted,
@@ -39,10 +62,12 @@ from shared.rpc.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    QuotaViolation,
+    ResourceExhausted,
 )
 from shared.security.tokens import Principal
 
-__all__ = ["MUTABLE_FIELDS", "AgentService", "apply_update_mask"]
+__all__ = ["LIST_RESPONSE_BUDGET", "MUTABLE_FIELDS", "AgentService", "apply_update_mask"]
 
 _log = logging.getLogger(__name__)
 
@@ -61,6 +86,9 @@ OUTPUT_ONLY_FIELDS = frozenset({"create_time", "update_time", "etag"})
 _METADATA_ENTRY = "metadata."
 # Updates without an etag retry their compare-and-set this many times before ABORTED.
 UPDATE_ATTEMPTS = 5
+# Bytes of serialized agents in one ListAgents response (a quarter of the default 4 MiB
+# receive limit is left for the token and framing, and for safety).
+LIST_RESPONSE_BUDGET = 3 * 1024 * 1024
 
 
 # Parsed ids by their text: the same callers and agents come back on every read, and
@@ -137,9 +165,9 @@ def _mask_paths(update_mask: Sequence[str], patch: AgentInput) -> list[str]:
         ):
             resolved.append(path)
         else:
-            problems.append(FieldViolation("update_mask", f"unknown field path {path!r}"))
+            problems.append(FieldViolation("update_mask", f"unknown field path {shown(path)}"))
     if problems:
-        raise InvalidArgument(problems)
+        raise InvalidArgument(reported(problems, "update_mask"))
     return resolved
 
 
@@ -198,43 +226,84 @@ class AgentService:
         clock: Clock,
         allowed_models: Collection[str],
         page_tokens: PageTokens,
+        agent_size: Callable[[Agent], int] = agent_size,
+        request_id_ttl_seconds: float = 86_400.0,
+        max_agents_per_owner: int = 0,
     ) -> None:
         self._uow = uow
         self._cache = cache
         self._clock = clock
         self._allowed_models = tuple(allowed_models)
         self._page_tokens = page_tokens
+        self._agent_size = agent_size
+        self._request_id_ttl = timedelta(seconds=request_id_ttl_seconds)
+        self._max_agents_per_owner = max_agents_per_owner
 
     # -- create and read ----------------------------------------------------------------
 
     def create(self, *, principal: Principal, agent: AgentInput, request_id: str = "") -> Agent:
-        """Creates an agent owned by the caller; a repeated request_id returns the first."""
+        """Creates an agent owned by the caller. With a request_id (AIP-155), a replay of
+        the same request returns the first response, as it was then; the id used for a
+        different request is INVALID_ARGUMENT (REQUEST_ID_REUSED)."""
         caller = _caller(principal)
         request = _parse_id(request_id, "request_id") if request_id else None
         check_agent(agent, self._allowed_models)
-        now = self._clock.now()
-        new = Agent.new(agent, owner_id=caller.id, now=now)
+        new = Agent.new(agent, owner_id=caller.id, now=self._clock.now())
         with self._uow() as uow:
             if request is not None:
-                first = uow.agents.get_by_request_id(caller.id, request)
+                first = self._record_create(uow, caller.id, request, agent.fingerprint, new)
                 if first is not None:
                     return first
             try:
-                uow.agents.add(new, request_id=request)
+                uow.agents.add(new, max_per_owner=self._max_agents_per_owner)
             except NameTaken:
                 raise _name_taken(new.name) from None
-            except RequestReplayed:
-                # A concurrent create with the same request id won the race.
-                assert request is not None
-                first = uow.agents.get_by_request_id(caller.id, request)
-                if first is None:
-                    raise Aborted(
-                        "a concurrent request with this request_id is in progress",
-                        reason="REQUEST_IN_PROGRESS",
-                    ) from None
-                return first
+            except QuotaExceeded:
+                raise self._quota_exceeded(caller.id) from None
             uow.commit()
         return new
+
+    def _quota_exceeded(self, owner_id: uuid.UUID) -> ResourceExhausted:
+        limit = self._max_agents_per_owner
+        agents = f"{limit:,} agent{'' if limit == 1 else 's'}"
+        return ResourceExhausted(
+            f"you have {agents}, the most an owner may have; delete one to create another",
+            reason="AGENT_QUOTA_EXCEEDED",
+            quota_violations=(QuotaViolation(f"owners/{owner_id}", f"at most {agents} per owner"),),
+        )
+
+    def _record_create(
+        self,
+        uow: AgentUnitOfWork,
+        owner_id: uuid.UUID,
+        request: uuid.UUID,
+        fingerprint: str,
+        new: Agent,
+    ) -> Agent | None:
+        """Records `new` as the response to this request id, or returns the response of
+        the create that used the id first. The record goes in before the agent, so a
+        concurrent create with the same id waits on its key and then replays."""
+        live_after = new.create_time - self._request_id_ttl
+        record = uow.create_requests.get(owner_id, request, created_after=live_after)
+        if record is None:
+            try:
+                uow.create_requests.add(
+                    owner_id, request, CreateRecord(fingerprint, new), created_after=live_after
+                )
+                return None
+            except RequestReplayed:  # a concurrent create with this id committed first
+                record = uow.create_requests.get(owner_id, request, created_after=live_after)
+            if record is None:
+                raise Aborted(
+                    "a concurrent request with this request_id is in progress",
+                    reason="REQUEST_IN_PROGRESS",
+                )
+        if record.fingerprint not in (None, fingerprint):
+            raise InvalidArgument(
+                FieldViolation("request_id", "already used for a different request"),
+                reason="REQUEST_ID_REUSED",
+            )
+        return record.agent
 
     def get(self, *, principal: Principal, agent_id: str) -> Agent:
         """One agent, if the caller may see it."""
@@ -273,13 +342,23 @@ class AgentService:
         query = AgentQuery(owner, conditions, ordering, after, limit + 1)
         with self._uow() as uow:
             rows = uow.agents.list_page(query)
-        page, more = rows[:limit], len(rows) > limit
+        page = self._within_budget(rows[:limit])
+        more = len(rows) > len(page)
         next_token = (
             self._page_tokens.issue(_cursor(page[-1], ordering.field), binding=binding)
             if more
             else ""
         )
-        return AgentPage(tuple(page), next_token)
+        return AgentPage(page, next_token)
+
+    def _within_budget(self, rows: Sequence[Agent]) -> tuple[Agent, ...]:
+        """The leading rows whose encoding fits LIST_RESPONSE_BUDGET (at least one)."""
+        used = 0
+        for count, agent in enumerate(rows):
+            used += framed(self._agent_size(agent))
+            if count and used > LIST_RESPONSE_BUDGET:
+                return tuple(rows[:count])
+        return tuple(rows)
 
     # -- change -------------------------------------------------------------------------
 
@@ -345,7 +424,11 @@ class AgentService:
                 raise _not_found(key)
             if etag and etag != current.etag:
                 raise _etag_mismatch()
-            deleted = uow.agents.delete(key, expected_revision=current.revision if etag else None)
+            deleted = uow.agents.delete(
+                key,
+                owner_id=current.owner_id,
+                expected_revision=current.revision if etag else None,
+            )
             if not deleted:
                 if etag:
                     raise _etag_mismatch()

@@ -10,7 +10,11 @@ Filter grammar (whitespace between tokens is free; `AND` is case-sensitive)::
 
 - `name = "sup*"`: a trailing `*` makes a prefix match (names starting with "sup");
   a `*` anywhere else is literal.
-- `owner_id = "<uuid>"`: admins only.
+- A value takes what its field takes (services/agent_svc/service/validation.py): no
+  control characters in model, name and owner_id values; none but tab and line breaks in
+  metadata values. NUL is never accepted.
+- `owner_id = "<uuid>"`: admins only; anyone else gets PERMISSION_DENIED
+  (`OWNER_FILTER_NOT_ALLOWED`): the filter is well formed, the caller may not use it.
 - Every other form (OR, NOT, `!=`, `:`, parentheses, unquoted values, other fields) is
   INVALID_ARGUMENT with a violation on `filter`.
 
@@ -28,7 +32,9 @@ import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 
-from shared.rpc.errors import InvalidArgument
+from services.agent_svc.service.validation import shown
+from shared.config.text import line_problem, text_problem
+from shared.rpc.errors import InvalidArgument, PermissionDenied
 
 __all__ = [
     "MAX_FILTER_LENGTH",
@@ -155,13 +161,13 @@ class _Scanner:
     def equals(self, field: str) -> None:
         self.skip_space()
         if not self.text.startswith("=", self.pos):
-            raise _bad_filter(f'expected "=" after {field} (only equality is supported)')
+            raise _bad_filter(f'expected "=" after {shown(field)} (only equality is supported)')
         self.pos += 1
 
     def string(self, field: str) -> str:
         self.skip_space()
         if not self.text.startswith('"', self.pos):
-            raise _bad_filter(f"the value of {field} must be a double-quoted string")
+            raise _bad_filter(f"the value of {shown(field)} must be a double-quoted string")
         out: list[str] = []
         pos = self.pos + 1
         while pos < len(self.text):
@@ -191,25 +197,33 @@ class _Scanner:
 
 
 def _condition(field: str, value: str, *, allow_owner: bool) -> Condition:
+    key = field[len(_METADATA_PREFIX) :] if field.startswith(_METADATA_PREFIX) else None
+    if field not in ("model", "name", "owner_id") and not (
+        key is not None and _METADATA_KEY.fullmatch(key)
+    ):
+        raise _bad_filter(
+            f"unknown field {shown(field)}; filterable: model, name, metadata.KEY"
+            + (", owner_id" if allow_owner else "")
+        )
+    if field == "owner_id" and not allow_owner:
+        raise PermissionDenied(
+            "only admins may filter by owner_id", reason="OWNER_FILTER_NOT_ALLOWED"
+        )
+    # A value its field refuses matches nothing stored, and NUL would reach the database
+    # (PostgreSQL refuses it): the field's own text rule applies to its filter value.
+    problem = text_problem(value) if key is not None else line_problem(value)
+    if problem:
+        raise _bad_filter(f"the value of {shown(field)} {problem}")
+    if key is not None:
+        return MetadataEquals(key, value)
     if field == "model":
         return ModelEquals(value)
     if field == "name":
         return NamePrefix(value[:-1]) if value.endswith("*") else NameEquals(value)
-    if field == "owner_id":
-        if not allow_owner:
-            raise _bad_filter("owner_id may only be filtered by admins")
-        try:
-            return OwnerEquals(uuid.UUID(value))
-        except ValueError:
-            raise _bad_filter("owner_id must be a UUID") from None
-    if field.startswith(_METADATA_PREFIX):
-        key = field[len(_METADATA_PREFIX) :]
-        if _METADATA_KEY.fullmatch(key):
-            return MetadataEquals(key, value)
-    raise _bad_filter(
-        f"unknown field {field!r}; filterable: model, name, metadata.KEY"
-        + (", owner_id" if allow_owner else "")
-    )
+    try:
+        return OwnerEquals(uuid.UUID(value))
+    except ValueError:
+        raise _bad_filter("owner_id must be a UUID") from None
 
 
 def parse_filter(text: str, *, allow_owner: bool) -> AgentFilter:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from services.agent_svc.domain import Agent
@@ -21,7 +22,10 @@ __all__ = [
     "AgentQuery",
     "AgentRepository",
     "AgentUnitOfWork",
+    "CreateRecord",
+    "CreateRequestRepository",
     "NameTaken",
+    "QuotaExceeded",
     "RequestReplayed",
 ]
 
@@ -30,8 +34,24 @@ class NameTaken(Exception):
     """The owner already has an agent with that name (raised by add and update)."""
 
 
+class QuotaExceeded(Exception):
+    """The owner has as many agents as they may have (raised by add)."""
+
+
 class RequestReplayed(Exception):
-    """The owner already created an agent with that request id (raised by add)."""
+    """A live record of a create with that request id exists (raised by
+    CreateRequestRepository.add: a concurrent create with the id committed first)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRecord:
+    """What a CreateAgent with a request id left behind (AIP-155), kept for replays."""
+
+    fingerprint: str | None
+    """AgentInput.fingerprint of the request; None for ids recorded before fingerprints
+    were kept (any replay of those gets `agent`)."""
+    agent: Agent
+    """The response: the agent as created (revision 1). Its create_time is the record's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,15 +67,13 @@ class AgentQuery:
 
 
 class AgentRepository(Protocol):
-    def add(self, agent: Agent, *, request_id: uuid.UUID | None = None) -> None:
-        """Stores a new agent; NameTaken or RequestReplayed if a unique key is in use."""
+    def add(self, agent: Agent, *, max_per_owner: int = 0) -> None:
+        """Stores a new agent and counts it for its owner; QuotaExceeded if the owner has
+        `max_per_owner` agents already (0: no limit), NameTaken if they have one of that
+        name. Concurrent adds never take an owner past the limit."""
         ...
 
     def get(self, agent_id: uuid.UUID) -> Agent | None: ...
-
-    def get_by_request_id(self, owner_id: uuid.UUID, request_id: uuid.UUID) -> Agent | None:
-        """The agent this owner created with this request id, if any."""
-        ...
 
     def list_page(self, query: AgentQuery) -> list[Agent]:
         """Up to `query.limit` agents in (sort key, id) order strictly after the cursor."""
@@ -67,8 +85,37 @@ class AgentRepository(Protocol):
         Raises NameTaken if the new name is in use."""
         ...
 
-    def delete(self, agent_id: uuid.UUID, *, expected_revision: int | None = None) -> bool:
-        """Deletes the agent (only at that revision, if given); False if nothing matched."""
+    def delete(
+        self, agent_id: uuid.UUID, *, owner_id: uuid.UUID, expected_revision: int | None = None
+    ) -> bool:
+        """Deletes the agent (only at that revision, if given) and uncounts it for its
+        owner; False if nothing matched."""
+        ...
+
+
+class CreateRequestRepository(Protocol):
+    """The records of creates made with a request id, per (owner, request id)."""
+
+    def get(
+        self, owner_id: uuid.UUID, request_id: uuid.UUID, *, created_after: datetime
+    ) -> CreateRecord | None:
+        """The record, if made after `created_after` (older ones have expired)."""
+        ...
+
+    def add(
+        self,
+        owner_id: uuid.UUID,
+        request_id: uuid.UUID,
+        record: CreateRecord,
+        *,
+        created_after: datetime,
+    ) -> None:
+        """Keeps the record, replacing one made at or before `created_after` (expired);
+        RequestReplayed if one made after it exists."""
+        ...
+
+    def purge(self, *, created_before: datetime, limit: int) -> int:
+        """Deletes up to `limit` records made before `created_before`; how many it did."""
         ...
 
 
@@ -77,6 +124,9 @@ class AgentUnitOfWork(UnitOfWork, Protocol):
 
     @property
     def agents(self) -> AgentRepository: ...
+
+    @property
+    def create_requests(self) -> CreateRequestRepository: ...
 
 
 class AgentCache(Protocol):

@@ -9,8 +9,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import select, update
 
 from services.agent_svc.domain import Agent, Tool
+from services.agent_svc.repository.models import OwnerCountRow
 from services.agent_svc.repository.sql import SqlAgentUnitOfWork
 from services.agent_svc.service.filtering import (
     AgentFilter,
@@ -24,13 +26,20 @@ from services.agent_svc.service.filtering import (
     SortField,
 )
 from services.agent_svc.service.paging import Cursor
-from services.agent_svc.service.ports import AgentQuery, NameTaken, RequestReplayed
+from services.agent_svc.service.ports import (
+    AgentQuery,
+    CreateRecord,
+    NameTaken,
+    QuotaExceeded,
+    RequestReplayed,
+)
 
 UowFactory = Callable[[], SqlAgentUnitOfWork]
 BY_NAME = Ordering(SortField.NAME, descending=False)
 T0 = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 ALICE = uuid.UUID("00000000-0000-4000-8000-00000000000a")
 BOB = uuid.UUID("00000000-0000-4000-8000-00000000000b")
+LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 def an_agent(name: str = "support bot", owner: uuid.UUID = ALICE, **changes: Any) -> Agent:
@@ -64,10 +73,10 @@ def an_agent(name: str = "support bot", owner: uuid.UUID = ALICE, **changes: Any
     return Agent(**fields)
 
 
-def add(uow: UowFactory, *agents: Agent, request_id: uuid.UUID | None = None) -> None:
+def add(uow: UowFactory, *agents: Agent) -> None:
     with uow() as work:
         for agent in agents:
-            work.agents.add(agent, request_id=request_id)
+            work.agents.add(agent)
         work.commit()
 
 
@@ -117,22 +126,74 @@ def test_names_are_unique_per_owner(uow: UowFactory) -> None:
     assert query(uow, owner=BOB) == ["dup"]
 
 
-def test_request_ids_are_unique_per_owner(uow: UowFactory) -> None:
+def record(uow: UowFactory, owner: uuid.UUID, request: uuid.UUID, agent: Agent) -> None:
+    with uow() as work:
+        work.create_requests.add(
+            owner, request, CreateRecord("f" * 64, agent), created_after=LONG_AGO
+        )
+        work.commit()
+
+
+def recorded(
+    uow: UowFactory, owner: uuid.UUID, request: uuid.UUID, after: datetime = LONG_AGO
+) -> CreateRecord | None:
+    with uow() as work:
+        return work.create_requests.get(owner, request, created_after=after)
+
+
+def test_a_create_record_round_trips_the_response_exactly(uow: UowFactory) -> None:
     request = uuid.uuid4()
-    first = an_agent("first")
-    add(uow, first, request_id=request)
+    agent = an_agent(temperature=1 / 3, top_p=0.0, description='Zoë ✨ "quoted"\nline')
+    record(uow, ALICE, request, agent)
+    assert recorded(uow, ALICE, request) == CreateRecord("f" * 64, agent)
+    bare = an_agent("bare", tools=(), metadata={}, temperature=None, top_p=None)
+    with uow() as work:
+        work.create_requests.add(ALICE, uuid.uuid4(), CreateRecord(None, bare), created_after=T0)
+        work.commit()
+    assert recorded(uow, BOB, request) is None  # another owner's ids are theirs
+    assert recorded(uow, ALICE, uuid.uuid4()) is None
+
+
+def test_a_live_record_is_never_replaced(uow: UowFactory) -> None:
+    request, first = uuid.uuid4(), an_agent("first")
+    record(uow, ALICE, request, first)
     with uow() as work:
         with pytest.raises(RequestReplayed):
-            work.agents.add(an_agent("second"), request_id=request)
-        # A replay usually repeats the name too: the request id still decides.
-        with pytest.raises(RequestReplayed):
-            work.agents.add(an_agent("first"), request_id=request)
-        assert work.agents.get_by_request_id(ALICE, request) == first
-        assert work.agents.get_by_request_id(BOB, request) is None
-        work.agents.add(an_agent("bobs", owner=BOB), request_id=request)
-        work.agents.add(an_agent("no request a"))
-        work.agents.add(an_agent("no request b"))  # NULL request ids never collide
+            work.create_requests.add(
+                ALICE, request, CreateRecord(None, an_agent("second")), created_after=LONG_AGO
+            )
+        # The failed insert rolled back to its savepoint: the unit of work goes on.
+        work.create_requests.add(BOB, request, CreateRecord(None, first), created_after=LONG_AGO)
         work.commit()
+    assert recorded(uow, ALICE, request) == CreateRecord("f" * 64, first)
+
+
+def test_an_expired_record_is_invisible_and_replaced_by_the_next_create(uow: UowFactory) -> None:
+    request, first = uuid.uuid4(), an_agent("first")
+    record(uow, ALICE, request, first)  # made at T0
+    assert recorded(uow, ALICE, request, after=T0 - timedelta(microseconds=1)) is not None
+    assert recorded(uow, ALICE, request, after=T0) is None  # expired at T0 + TTL
+    later = an_agent("later", create_time=T0 + timedelta(days=2), update_time=T0)
+    with uow() as work:
+        work.create_requests.add(ALICE, request, CreateRecord("e" * 64, later), created_after=T0)
+        work.commit()
+    assert recorded(uow, ALICE, request) == CreateRecord("e" * 64, later)
+
+
+def test_purge_deletes_records_made_before_a_time_a_batch_at_a_time(uow: UowFactory) -> None:
+    for index in range(5):
+        moment = T0 + timedelta(seconds=index)
+        agent = an_agent(f"a{index}", create_time=moment, update_time=moment)
+        record(uow, ALICE, uuid.uuid4(), agent)
+    cutoff = T0 + timedelta(seconds=3)  # records 0, 1 and 2 were made before it
+    with uow() as work:
+        assert work.create_requests.purge(created_before=cutoff, limit=2) == 2
+        assert work.create_requests.purge(created_before=cutoff, limit=2) == 1
+        assert work.create_requests.purge(created_before=cutoff, limit=2) == 0
+        work.commit()
+    with uow() as work:
+        left = work.create_requests.purge(created_before=T0 + timedelta(days=1), limit=100)
+    assert left == 2
 
 
 def test_update_is_a_compare_and_set_on_the_revision(uow: UowFactory) -> None:
@@ -175,12 +236,69 @@ def test_delete_with_and_without_a_revision(uow: UowFactory) -> None:
     one, two = an_agent("one"), an_agent("two")
     add(uow, one, two)
     with uow() as work:
-        assert not work.agents.delete(one.id, expected_revision=2)
-        assert work.agents.delete(one.id, expected_revision=1)
-        assert work.agents.delete(two.id)
-        assert not work.agents.delete(two.id)
+        assert not work.agents.delete(one.id, owner_id=ALICE, expected_revision=2)
+        assert work.agents.delete(one.id, owner_id=ALICE, expected_revision=1)
+        assert work.agents.delete(two.id, owner_id=ALICE)
+        assert not work.agents.delete(two.id, owner_id=ALICE)
         work.commit()
     assert query(uow) == []
+
+
+def counts(uow: UowFactory) -> dict[uuid.UUID, int]:
+    with uow() as work:
+        rows = work.session.execute(select(OwnerCountRow.owner_id, OwnerCountRow.agents))
+        return {row.owner_id: row.agents for row in rows}
+
+
+def test_adds_and_deletes_keep_each_owners_count(uow: UowFactory) -> None:
+    first, second, bobs = an_agent("first"), an_agent("second"), an_agent("bobs", owner=BOB)
+    add(uow, first, second, bobs)
+    assert counts(uow) == {ALICE: 2, BOB: 1}
+    with uow() as work:
+        assert not work.agents.delete(first.id, owner_id=ALICE, expected_revision=9)
+        assert not work.agents.delete(uuid.uuid4(), owner_id=ALICE)
+        work.commit()
+    assert counts(uow) == {ALICE: 2, BOB: 1}  # nothing deleted, nothing uncounted
+    with uow() as work:
+        assert work.agents.delete(first.id, owner_id=ALICE)
+        work.commit()
+    assert counts(uow) == {ALICE: 1, BOB: 1}
+    with uow() as work:
+        work.agents.add(an_agent("rolled back"))
+    assert counts(uow) == {ALICE: 1, BOB: 1}  # counted in the transaction, or not at all
+
+
+def test_a_count_that_fell_behind_never_goes_below_zero(uow: UowFactory) -> None:
+    """Agents the previous release created during a rollout were never counted."""
+    one, two = an_agent("one"), an_agent("two")
+    add(uow, one, two)
+    with uow() as work:
+        work.session.execute(update(OwnerCountRow).values(agents=0))
+        assert work.agents.delete(one.id, owner_id=ALICE)
+        assert not work.agents.delete(one.id, owner_id=ALICE)  # gone: nothing to give back
+        work.commit()
+    assert counts(uow) == {ALICE: 0}
+
+
+def test_add_refuses_an_owner_at_the_limit_and_leaves_the_count(uow: UowFactory) -> None:
+    with uow() as work:
+        for index in range(3):
+            work.agents.add(an_agent(f"a{index}"), max_per_owner=3)
+        with pytest.raises(QuotaExceeded):
+            work.agents.add(an_agent("a3"), max_per_owner=3)
+        work.agents.add(an_agent("bobs", owner=BOB), max_per_owner=3)
+        work.agents.add(an_agent("unlimited"))  # 0: no limit
+        work.commit()
+    assert counts(uow) == {ALICE: 4, BOB: 1}
+    with uow() as work, pytest.raises(QuotaExceeded):
+        work.agents.add(an_agent("a4"), max_per_owner=4)
+
+
+def test_a_name_taken_after_counting_leaves_the_count_to_the_rollback(uow: UowFactory) -> None:
+    add(uow, an_agent("taken"))
+    with uow() as work, pytest.raises(NameTaken):
+        work.agents.add(an_agent("taken"), max_per_owner=10)
+    assert counts(uow) == {ALICE: 1}
 
 
 def test_each_filter(uow: UowFactory) -> None:

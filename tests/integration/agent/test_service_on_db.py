@@ -9,14 +9,22 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from services.agent_svc.domain import Agent, AgentInput
 from services.agent_svc.infra.nocache import NoCache
+from services.agent_svc.repository.models import OwnerCountRow
 from services.agent_svc.repository.sql import SqlAgentUnitOfWork
 from services.agent_svc.service.agent_service import AgentService
 from services.agent_svc.service.paging import PageTokens
 from shared.config.clock import SystemClock
-from shared.rpc.errors import Aborted, AlreadyExists, DomainError
+from shared.rpc.errors import (
+    Aborted,
+    AlreadyExists,
+    DomainError,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from shared.security.tokens import Principal
 from tests.helpers import FakeClock
 from tests.unit.agent.fakes import MODELS, SECRET, agent_input
@@ -24,13 +32,14 @@ from tests.unit.agent.fakes import MODELS, SECRET, agent_input
 UowFactory = Callable[[], SqlAgentUnitOfWork]
 
 
-def service(uow: UowFactory, clock: Any = None) -> AgentService:
+def service(uow: UowFactory, clock: Any = None, **options: Any) -> AgentService:
     return AgentService(
         uow=uow,
         cache=NoCache(),
         clock=clock or SystemClock(),
         allowed_models=MODELS,
         page_tokens=PageTokens(SECRET),
+        **options,
     )
 
 
@@ -129,14 +138,68 @@ def test_concurrent_updates_without_etag_all_apply(uow: UowFactory) -> None:
     assert stored.revision == agent.revision + 3
 
 
-def test_a_create_replayed_concurrently_creates_once(uow: UowFactory) -> None:
+def test_a_create_replayed_concurrently_creates_once_and_answers_alike(uow: UowFactory) -> None:
+    agents, me = service(uow), a_user()
+    for round_ in range(3):
+        request = str(uuid.uuid4())
+        sent = agent_input(name=f"replayed-{round_}")
+        results = run_together(
+            *[lambda: agents.create(principal=me, agent=sent, request_id=request)] * 4  # noqa: B023
+        )
+        assert all(isinstance(r, Agent) for r in results), results
+        assert all(r == results[0] for r in results), "every caller gets the same response"
+    assert len(agents.list(principal=me).agents) == 3
+
+
+def test_concurrent_creates_of_one_request_id_with_different_agents(uow: UowFactory) -> None:
     agents, me, request = service(uow), a_user(), str(uuid.uuid4())
     results = run_together(
-        *[lambda: agents.create(principal=me, agent=agent_input(), request_id=request)] * 3
+        *[
+            lambda name=name: agents.create(
+                principal=me, agent=agent_input(name=name), request_id=request
+            )
+            for name in ("one", "two", "three")
+        ]
     )
-    assert all(isinstance(r, Agent) for r in results), results
-    assert len({r.id for r in results}) == 1
-    assert len(agents.list(principal=me).agents) == 1
+    created = [r for r in results if isinstance(r, Agent)]
+    reused = [r for r in results if isinstance(r, InvalidArgument)]
+    assert (len(created), len(reused)) == (1, 2), results
+    assert {r.reason for r in reused} == {"REQUEST_ID_REUSED"}
+    assert agents.list(principal=me).agents == (created[0],)
+
+
+def test_a_replay_returns_the_first_response_after_updates_and_a_delete(uow: UowFactory) -> None:
+    agents, me, request = service(uow), a_user(), str(uuid.uuid4())
+    first = agents.create(principal=me, agent=agent_input(), request_id=request)
+    changed = agents.update(
+        principal=me,
+        agent_id=str(first.id),
+        patch=AgentInput(description="changed"),
+        update_mask=["description"],
+    )
+    assert agents.create(principal=me, agent=agent_input(), request_id=request) == first
+    agents.delete(principal=me, agent_id=str(changed.id))
+    assert agents.create(principal=me, agent=agent_input(), request_id=request) == first
+    assert agents.list(principal=me).agents == ()
+    with pytest.raises(InvalidArgument) as caught:
+        agents.create(principal=me, agent=agent_input(name="other"), request_id=request)
+    assert caught.value.reason == "REQUEST_ID_REUSED"
+
+
+def test_an_expired_request_id_creates_anew(uow: UowFactory) -> None:
+    clock = FakeClock()
+    agents, me, request = (
+        service(uow, clock, request_id_ttl_seconds=60),
+        a_user(),
+        str(uuid.uuid4()),
+    )
+    first = agents.create(principal=me, agent=agent_input(name="first"), request_id=request)
+    clock.advance(60)
+    second = agents.create(principal=me, agent=agent_input(name="second"), request_id=request)
+    assert second.id != first.id
+    assert agents.create(principal=me, agent=agent_input(name="second"), request_id=request) == (
+        second
+    )
 
 
 def test_concurrent_creates_of_one_name_one_wins(uow: UowFactory) -> None:
@@ -147,3 +210,42 @@ def test_concurrent_creates_of_one_name_one_wins(uow: UowFactory) -> None:
     assert sorted(type(r).__name__ for r in results) == ["Agent", "AlreadyExists"], results
     assert all(isinstance(r, Agent | AlreadyExists) for r in results)
     assert not any(isinstance(r, DomainError) and not isinstance(r, AlreadyExists) for r in results)
+
+
+@pytest.mark.parametrize("existing", [0, 2])
+def test_concurrent_creates_at_the_quota_exactly_the_quota_succeed(
+    uow: UowFactory, existing: int
+) -> None:
+    """With no count row yet (the insert race) and with one (the conditional increment)."""
+    agents, me = service(uow, max_agents_per_owner=5), a_user()
+    for index in range(existing):
+        agents.create(principal=me, agent=agent_input(name=f"before-{index}"))
+    results = run_together(
+        *[
+            lambda name=f"racer-{index}": agents.create(principal=me, agent=agent_input(name=name))
+            for index in range(8)
+        ]
+    )
+    created = [r for r in results if isinstance(r, Agent)]
+    refused = [r for r in results if isinstance(r, ResourceExhausted)]
+    assert (len(created), len(refused)) == (5 - existing, 3 + existing), results
+    assert {r.reason for r in refused} == {"AGENT_QUOTA_EXCEEDED"}
+    assert len(agents.list(principal=me).agents) == 5
+
+
+def test_concurrent_creates_and_deletes_keep_the_count_exact(uow: UowFactory) -> None:
+    agents, me = service(uow, max_agents_per_owner=100), a_user()
+    doomed = [agents.create(principal=me, agent=agent_input(name=f"d{i}")) for i in range(4)]
+    results = run_together(
+        *[lambda a=a: agents.delete(principal=me, agent_id=str(a.id)) for a in doomed],
+        *[
+            lambda name=f"n{index}": agents.create(principal=me, agent=agent_input(name=name))
+            for index in range(4)
+        ],
+    )
+    assert not [r for r in results if isinstance(r, Exception)], results
+    with uow() as work:
+        counted = work.session.scalar(
+            select(OwnerCountRow.agents).where(OwnerCountRow.owner_id == uuid.UUID(me.user_id))
+        )
+    assert counted == len(agents.list(principal=me).agents) == 4

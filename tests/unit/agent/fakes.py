@@ -27,7 +27,14 @@ from services.agent_svc.service.filtering import (
     SortField,
 )
 from services.agent_svc.service.paging import PageTokens
-from services.agent_svc.service.ports import AgentQuery, NameTaken, RequestReplayed
+from services.agent_svc.service.ports import (
+    AgentQuery,
+    CreateRecord,
+    NameTaken,
+    QuotaExceeded,
+    RequestReplayed,
+)
+from services.agent_svc.service.sizing import agent_size
 from shared.security.tokens import Principal
 from tests.fakes import SnapshotDatabase, SnapshotUnitOfWork
 from tests.helpers import FakeClock
@@ -41,7 +48,7 @@ class State:
     """What a database would hold."""
 
     agents: dict[uuid.UUID, Agent] = field(default_factory=dict)
-    request_ids: dict[tuple[uuid.UUID, uuid.UUID], uuid.UUID] = field(default_factory=dict)
+    create_requests: dict[tuple[uuid.UUID, uuid.UUID], CreateRecord] = field(default_factory=dict)
 
 
 def _matches(agent: Agent, condition: Condition) -> bool:
@@ -79,31 +86,18 @@ class FakeAgents:
             for a in self._state.agents.values()
         )
 
-    def add(self, agent: Agent, *, request_id: uuid.UUID | None = None) -> None:
+    def add(self, agent: Agent, *, max_per_owner: int = 0) -> None:
         self._database.run_interference()
-        # Unique indexes see rows other transactions committed meanwhile.
-        committed = self._database.committed.request_ids
-        if request_id is not None and (
-            (agent.owner_id, request_id) in self._state.request_ids
-            or (agent.owner_id, request_id) in committed
-        ):
-            raise RequestReplayed(str(request_id))
+        owned = sum(a.owner_id == agent.owner_id for a in self._state.agents.values())
+        if max_per_owner and owned >= max_per_owner:
+            raise QuotaExceeded(str(agent.owner_id))
         if self._name_taken(agent):
             raise NameTaken(agent.name)
         self._state.agents[agent.id] = agent
-        if request_id is not None:
-            self._state.request_ids[(agent.owner_id, request_id)] = agent.id
 
     def get(self, agent_id: uuid.UUID) -> Agent | None:
         self._database.reads += 1
         return self._state.agents.get(agent_id)
-
-    def get_by_request_id(self, owner_id: uuid.UUID, request_id: uuid.UUID) -> Agent | None:
-        for state in (self._state, self._database.committed):  # READ COMMITTED
-            agent_id = state.request_ids.get((owner_id, request_id))
-            if agent_id in state.agents:
-                return state.agents[agent_id]
-        return None
 
     def list_page(self, query: AgentQuery) -> list[Agent]:
         self._database.queries.append(query)
@@ -135,7 +129,9 @@ class FakeAgents:
         self._state.agents[agent.id] = agent
         return True
 
-    def delete(self, agent_id: uuid.UUID, *, expected_revision: int | None = None) -> bool:
+    def delete(
+        self, agent_id: uuid.UUID, *, owner_id: uuid.UUID, expected_revision: int | None = None
+    ) -> bool:
         self._database.run_interference()
         latest = self._database.committed.agents.get(agent_id)
         if latest is None or agent_id not in self._state.agents:
@@ -146,6 +142,50 @@ class FakeAgents:
         return True
 
 
+class FakeCreateRequests:
+    def __init__(self, state: State, database: FakeDatabase) -> None:
+        self._state = state
+        self._database = database
+
+    def _live(
+        self, key: tuple[uuid.UUID, uuid.UUID], created_after: datetime
+    ) -> CreateRecord | None:
+        # READ COMMITTED, and a unique key sees what other transactions committed.
+        for state in (self._state, self._database.committed):
+            record = state.create_requests.get(key)
+            if record is not None and record.agent.create_time > created_after:
+                return record
+        return None
+
+    def get(
+        self, owner_id: uuid.UUID, request_id: uuid.UUID, *, created_after: datetime
+    ) -> CreateRecord | None:
+        return self._live((owner_id, request_id), created_after)
+
+    def add(
+        self,
+        owner_id: uuid.UUID,
+        request_id: uuid.UUID,
+        record: CreateRecord,
+        *,
+        created_after: datetime,
+    ) -> None:
+        self._database.run_interference()
+        if self._live((owner_id, request_id), created_after) is not None:
+            raise RequestReplayed(str(request_id))
+        self._state.create_requests[(owner_id, request_id)] = record
+
+    def purge(self, *, created_before: datetime, limit: int) -> int:
+        expired = [
+            key
+            for key, record in self._state.create_requests.items()
+            if record.agent.create_time < created_before
+        ][:limit]
+        for key in expired:
+            del self._state.create_requests[key]
+        return len(expired)
+
+
 class FakeDatabase(SnapshotDatabase[State]):
     """The committed state, and units of work that each change a private copy of it."""
 
@@ -153,6 +193,9 @@ class FakeDatabase(SnapshotDatabase[State]):
         super().__init__(State)
         self.reads = 0
         self.queries: list[AgentQuery] = []
+        # Commits and cache invalidations in the order they happened ("commit",
+        # "invalidate <id>"): RecordingCache writes here too when it is given this list.
+        self.events: list[str] = []
         self.interference: list[Callable[[], None]] = []
 
     def unit_of_work(self) -> FakeUnitOfWork:
@@ -167,10 +210,11 @@ class FakeDatabase(SnapshotDatabase[State]):
             self.interference.pop(0)()
 
     def commit_agent(self, agent: Agent, request_id: uuid.UUID | None = None) -> None:
-        """A concurrent writer's committed create."""
+        """A concurrent writer's committed create (with that request id)."""
         self.committed.agents[agent.id] = agent
         if request_id is not None:
-            self.committed.request_ids[(agent.owner_id, request_id)] = agent.id
+            record = CreateRecord(agent.settable.fingerprint, agent)
+            self.committed.create_requests[(agent.owner_id, request_id)] = record
         self.commits += 1
 
     def bump(self, agent_id: uuid.UUID) -> None:
@@ -183,19 +227,29 @@ class FakeDatabase(SnapshotDatabase[State]):
 class FakeUnitOfWork(SnapshotUnitOfWork[State]):
     _database: FakeDatabase
 
+    def commit(self) -> None:
+        super().commit()
+        self._database.events.append("commit")
+
     @property
     def agents(self) -> FakeAgents:
         return FakeAgents(self._state, self._database)
 
+    @property
+    def create_requests(self) -> FakeCreateRequests:
+        return FakeCreateRequests(self._state, self._database)
+
 
 class RecordingCache:
     """An AgentCache that really caches (by id only, like the real one) and records
-    invalidations, so tests can prove the service never trusts a cached owner."""
+    invalidations, so tests can prove the service never trusts a cached owner. Given the
+    database's event list, it logs each invalidation there, in order with the commits."""
 
-    def __init__(self) -> None:
+    def __init__(self, events: list[str] | None = None) -> None:
         self.entries: dict[uuid.UUID, Agent] = {}
         self.invalidated: list[uuid.UUID] = []
         self.loads = 0
+        self._events = events if events is not None else []
 
     def get(self, agent_id: uuid.UUID, load: Callable[[], Agent | None]) -> Agent | None:
         if agent_id in self.entries:
@@ -208,6 +262,7 @@ class RecordingCache:
 
     def invalidate(self, agent_id: uuid.UUID) -> None:
         self.invalidated.append(agent_id)
+        self._events.append(f"invalidate {agent_id}")
         self.entries.pop(agent_id, None)
 
     def close(self) -> None:
@@ -257,9 +312,16 @@ class World:
     clock: FakeClock
 
 
-def make_world(*, models: tuple[str, ...] = MODELS, secret: bytes = SECRET) -> World:
+def make_world(
+    *,
+    models: tuple[str, ...] = MODELS,
+    secret: bytes = SECRET,
+    agent_size: Callable[[Agent], int] = agent_size,
+    request_id_ttl_seconds: float = 86_400.0,
+    max_agents_per_owner: int = 0,
+) -> World:
     database = FakeDatabase()
-    cache = RecordingCache()
+    cache = RecordingCache(database.events)
     clock = FakeClock(datetime(2026, 1, 1, 12, 0, tzinfo=UTC))
     service = AgentService(
         uow=database.unit_of_work,
@@ -267,5 +329,8 @@ def make_world(*, models: tuple[str, ...] = MODELS, secret: bytes = SECRET) -> W
         clock=clock,
         allowed_models=models,
         page_tokens=PageTokens(secret),
+        agent_size=agent_size,
+        request_id_ttl_seconds=request_id_ttl_seconds,
+        max_agents_per_owner=max_agents_per_owner,
     )
     return World(service, database, cache, clock)

@@ -4,12 +4,14 @@ listing and the cache's place in all of it."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 import pytest
 
 from services.agent_svc.domain import Agent, AgentInput, Tool
-from services.agent_svc.service.agent_service import UPDATE_ATTEMPTS
+from services.agent_svc.service.agent_service import LIST_RESPONSE_BUDGET, UPDATE_ATTEMPTS
 from services.agent_svc.service.filtering import MetadataEquals, OwnerEquals
+from services.agent_svc.service.sizing import agent_size, framed
 from shared.rpc.errors import (
     Aborted,
     AlreadyExists,
@@ -17,6 +19,8 @@ from shared.rpc.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    QuotaViolation,
+    ResourceExhausted,
 )
 from shared.security.tokens import Principal
 from tests.unit.agent.fakes import World, admin, agent_input, make_world, user
@@ -75,11 +79,51 @@ def test_invalid_create_writes_nothing(world: World) -> None:
 def test_a_repeated_request_id_returns_the_first_agent(world: World) -> None:
     owner, request = user(), str(uuid.uuid4())
     first = world.service.create(principal=owner, agent=agent_input(), request_id=request)
-    again = world.service.create(
-        principal=owner, agent=agent_input(name="other"), request_id=request
-    )
+    world.clock.advance(5)
+    again = world.service.create(principal=owner, agent=agent_input(), request_id=request)
     assert again == first
     assert len(world.database.committed.agents) == 1
+
+
+def test_a_request_id_reused_for_a_different_agent_is_invalid(world: World) -> None:
+    """AIP-155: a request id names one request; another request under it is a mistake
+    to report, not a replay to answer with the first agent."""
+    owner, request = user(), str(uuid.uuid4())
+    first = world.service.create(principal=owner, agent=agent_input(), request_id=request)
+    for different in (
+        agent_input(name="other"),
+        agent_input(metadata={"team": "support", "x": "y"}),
+        agent_input(temperature=None),
+        agent_input(tools=()),
+    ):
+        with pytest.raises(InvalidArgument) as caught:
+            world.service.create(principal=owner, agent=different, request_id=request)
+        assert caught.value.reason == "REQUEST_ID_REUSED"
+        assert [(v.field, v.description) for v in caught.value.violations] == [
+            ("request_id", "already used for a different request")
+        ]
+    assert list(world.database.committed.agents) == [first.id]
+
+
+def test_a_replay_after_an_update_returns_the_first_response(world: World) -> None:
+    owner, request = user(), str(uuid.uuid4())
+    first = world.service.create(principal=owner, agent=agent_input(), request_id=request)
+    world.clock.advance(1)
+    update(world, owner, first, ("description",), description="changed since")
+    again = world.service.create(principal=owner, agent=agent_input(), request_id=request)
+    assert again == first
+    assert (again.revision, again.description) == (1, first.description)
+
+
+def test_a_replay_after_a_delete_returns_the_first_response_and_creates_nothing(
+    world: World,
+) -> None:
+    owner, request = user(), str(uuid.uuid4())
+    first = world.service.create(principal=owner, agent=agent_input(), request_id=request)
+    world.service.delete(principal=owner, agent_id=str(first.id))
+    again = world.service.create(principal=owner, agent=agent_input(), request_id=request)
+    assert again == first
+    assert world.database.committed.agents == {}
 
 
 def test_the_same_request_id_from_another_caller_creates_anew(world: World) -> None:
@@ -91,27 +135,54 @@ def test_the_same_request_id_from_another_caller_creates_anew(world: World) -> N
 
 def test_a_replay_that_loses_the_race_returns_the_winner(world: World) -> None:
     """A concurrent create with the same request id commits between this one's replay
-    check and its insert: the unique key decides, and the winner comes back."""
+    check and its insert: the record's key decides, and the winner's response comes back."""
     owner, request = user(), uuid.uuid4()
-    now = world.clock.now()
-    winner = Agent(
-        id=uuid.uuid4(),
-        owner_id=uuid.UUID(owner.user_id),
-        name="support bot",
-        description="",
-        model="gpt-4o",
-        instructions="",
-        tools=(),
-        metadata={},
-        temperature=None,
-        top_p=None,
-        create_time=now,
-        update_time=now,
-    )
+    winner = Agent.new(agent_input(), owner_id=uuid.UUID(owner.user_id), now=world.clock.now())
     world.database.interfere(lambda: world.database.commit_agent(winner, request))
     got = world.service.create(principal=owner, agent=agent_input(), request_id=str(request))
     assert got == winner
     assert list(world.database.committed.agents) == [winner.id]
+
+
+def test_a_different_request_that_loses_the_race_is_a_reused_request_id(world: World) -> None:
+    owner, request = user(), uuid.uuid4()
+    winner = Agent.new(agent_input(), owner_id=uuid.UUID(owner.user_id), now=world.clock.now())
+    world.database.interfere(lambda: world.database.commit_agent(winner, request))
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.create(
+            principal=owner, agent=agent_input(name="other"), request_id=str(request)
+        )
+    assert caught.value.reason == "REQUEST_ID_REUSED"
+    assert list(world.database.committed.agents) == [winner.id]
+
+
+def test_a_request_id_is_honoured_for_its_ttl_then_used_afresh() -> None:
+    world = make_world(request_id_ttl_seconds=60)
+    owner, request = user(), str(uuid.uuid4())
+    first = world.service.create(principal=owner, agent=agent_input(), request_id=request)
+    world.clock.advance(59.999)
+    assert world.service.create(principal=owner, agent=agent_input(), request_id=request) == first
+    world.clock.advance(0.001)  # 60 s old: expired
+    fresh = world.service.create(
+        principal=owner, agent=agent_input(name="fresh"), request_id=request
+    )
+    assert fresh.id != first.id
+    again = world.service.create(
+        principal=owner, agent=agent_input(name="fresh"), request_id=request
+    )
+    assert again == fresh
+    assert len(world.database.committed.agents) == 2
+
+
+def test_a_failed_create_leaves_its_request_id_unused(world: World) -> None:
+    owner, request = user(), str(uuid.uuid4())
+    create(world, owner, name="taken")
+    with pytest.raises(AlreadyExists):
+        world.service.create(principal=owner, agent=agent_input(name="taken"), request_id=request)
+    created = world.service.create(
+        principal=owner, agent=agent_input(name="free"), request_id=request
+    )
+    assert created.name == "free"
 
 
 @pytest.mark.parametrize("request_id", ["nope", "1234", "g" * 32])
@@ -128,6 +199,39 @@ def test_names_are_unique_per_owner(world: World) -> None:
         create(world, owner, name="dup")
     assert caught.value.reason == "AGENT_NAME_TAKEN"
     create(world, user(), name="dup")  # another owner may use it
+
+
+def test_an_owner_has_at_most_their_quota_of_agents() -> None:
+    world = make_world(max_agents_per_owner=3)
+    owner = user()
+    kept = [create(world, owner, name=f"a{index}") for index in range(3)]
+    with pytest.raises(ResourceExhausted) as caught:
+        create(world, owner, name="one too many")
+    assert caught.value.reason == "AGENT_QUOTA_EXCEEDED"
+    assert caught.value.quota_violations == (
+        QuotaViolation(f"owners/{owner.user_id}", "at most 3 agents per owner"),
+    )
+    assert {a.name for a in world.database.committed.agents.values()} == {"a0", "a1", "a2"}
+    create(world, user(), name="another owner's")  # the quota is per owner
+    world.service.delete(principal=owner, agent_id=str(kept[0].id))
+    create(world, owner, name="after a delete")
+
+
+def test_a_replay_at_the_quota_still_returns_the_first_response() -> None:
+    world = make_world(max_agents_per_owner=1)
+    owner, request = user(), str(uuid.uuid4())
+    first = world.service.create(principal=owner, agent=agent_input(), request_id=request)
+    assert world.service.create(principal=owner, agent=agent_input(), request_id=request) == first
+    with pytest.raises(ResourceExhausted):
+        world.service.create(
+            principal=owner, agent=agent_input(name="new"), request_id=str(uuid.uuid4())
+        )
+
+
+def test_no_quota_when_it_is_zero(world: World) -> None:
+    owner = user()
+    for index in range(50):
+        create(world, owner, name=f"a{index}")
 
 
 def test_a_caller_that_is_not_a_user_cannot_create(world: World) -> None:
@@ -324,6 +428,15 @@ def test_every_bad_path_is_reported(world: World) -> None:
     assert world.database.committed.agents[agent.id] == agent
 
 
+def test_a_mask_error_stays_small_however_many_and_long_the_paths(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    with pytest.raises(InvalidArgument) as caught:
+        update(world, owner, agent, tuple(f"{i}{'x' * 100_000}" for i in range(1_000)))
+    assert len(caught.value.violations) == 11
+    assert len(caught.value.message) < 2_000
+
+
 def test_output_only_paths_are_ignored(world: World) -> None:
     owner = user()
     agent = create(world, owner)
@@ -363,6 +476,17 @@ def test_the_merged_agent_is_validated(world: World) -> None:
     with pytest.raises(InvalidArgument) as caught:
         update(world, owner, agent, ("name", "top_p"), name="", top_p=7.0)
     assert fields_of(caught.value) == ["agent.name", "agent.top_p"]
+    assert world.database.committed.agents[agent.id] == agent
+
+
+def test_an_update_that_would_make_the_agent_too_big_is_invalid_on_agent(world: World) -> None:
+    owner = user()
+    agent = create(world, owner, instructions="😀" * 256_000)
+    with pytest.raises(InvalidArgument) as caught:
+        update(
+            world, owner, agent, ("metadata",), metadata={f"k{i}": "😀" * 512 for i in range(16)}
+        )
+    assert fields_of(caught.value) == ["agent"]
     assert world.database.committed.agents[agent.id] == agent
 
 
@@ -429,6 +553,39 @@ def test_update_invalidates_the_cache_after_commit(world: World) -> None:
     updated = update(world, owner, agent, ("description",), description="fresh")
     assert world.cache.invalidated == [agent.id]
     assert world.service.get(principal=owner, agent_id=str(agent.id)) == updated
+
+
+def _update_description(world: World, owner: Principal, agent: Agent) -> None:
+    update(world, owner, agent, ("description",), agent.etag, description="changed")
+
+
+def _update_after_a_lost_race(world: World, owner: Principal, agent: Agent) -> None:
+    world.database.interfere(lambda: world.database.bump(agent.id))
+    update(world, owner, agent, ("description",), description="retried")
+
+
+def _delete(world: World, owner: Principal, agent: Agent) -> None:
+    world.service.delete(principal=owner, agent_id=str(agent.id))
+
+
+def _delete_with_etag(world: World, owner: Principal, agent: Agent) -> None:
+    world.service.delete(principal=owner, agent_id=str(agent.id), etag=agent.etag)
+
+
+@pytest.mark.parametrize(
+    "write", [_update_description, _update_after_a_lost_race, _delete, _delete_with_etag]
+)
+def test_every_write_invalidates_the_cache_only_after_its_commit(
+    world: World, write: Callable[[World, Principal, Agent], None]
+) -> None:
+    """Invalidating before the commit would let a concurrent read put the old version back
+    into the cache, where it would stay until its TTL."""
+    owner = user()
+    agent = create(world, owner)
+    world.service.get(principal=owner, agent_id=str(agent.id))  # cached
+    world.database.events.clear()
+    write(world, owner, agent)
+    assert world.database.events == ["commit", f"invalidate {agent.id}"]
 
 
 def test_another_owner_cannot_update_and_learns_nothing(world: World) -> None:
@@ -557,11 +714,18 @@ def test_an_admin_lists_everyones_or_one_owners(world: World) -> None:
     assert world.database.queries[-1].filter.conditions == (OwnerEquals(uuid.UUID(other.user_id)),)
 
 
-def test_a_user_cannot_filter_by_owner(world: World) -> None:
+@pytest.mark.parametrize(
+    "filter_text",
+    ['owner_id = "{me}"', 'owner_id = "{other}"', 'model = "gpt-4o" AND owner_id = "{me}"'],
+)
+def test_a_user_filtering_by_owner_is_denied_not_invalid(world: World, filter_text: str) -> None:
+    """The filter is well formed; the caller lacks the right to use it (PERMISSION_DENIED)."""
     me = user()
-    with pytest.raises(InvalidArgument) as caught:
-        world.service.list(principal=me, filter=f'owner_id = "{me.user_id}"')
-    assert fields_of(caught.value) == ["filter"]
+    with pytest.raises(PermissionDenied) as caught:
+        world.service.list(
+            principal=me, filter=filter_text.format(me=me.user_id, other=uuid.uuid4())
+        )
+    assert caught.value.reason == "OWNER_FILTER_NOT_ALLOWED"
 
 
 def test_the_default_order_is_newest_first(world: World) -> None:
@@ -630,6 +794,48 @@ def test_page_size_defaults_and_clamps(world: World) -> None:
     with pytest.raises(InvalidArgument) as caught:
         world.service.list(principal=me, page_size=-1)
     assert fields_of(caught.value) == ["page_size"]
+
+
+def all_pages(world: World, me: Principal, page_size: int) -> list[tuple[Agent, ...]]:
+    pages: list[tuple[Agent, ...]] = []
+    token = ""
+    while True:
+        page = world.service.list(
+            principal=me, page_size=page_size, page_token=token, order_by="name"
+        )
+        pages.append(page.agents)
+        token = page.next_page_token
+        if not token:
+            return pages
+
+
+def test_a_page_of_big_agents_ends_early_within_the_response_budget(world: World) -> None:
+    me = user()
+    names = [f"big-{index:02d}" for index in range(20)]
+    for name in names:  # ~600 KB each: 20 would make a 12 MB page
+        create(world, me, name=name, instructions="€" * 200_000)
+    pages = all_pages(world, me, page_size=20)
+    assert [a.name for page in pages for a in page] == names  # none lost or repeated
+    assert len(pages) == 4
+    for page in pages:
+        assert 1 <= len(page) <= 5
+        assert sum(framed(agent_size(a)) for a in page) <= LIST_RESPONSE_BUDGET
+
+
+def test_an_agent_bigger_than_the_budget_still_makes_a_page_of_its_own() -> None:
+    world = make_world(agent_size=lambda agent: LIST_RESPONSE_BUDGET + 1)
+    me = user()
+    for index in range(3):
+        create(world, me, name=f"huge-{index}")
+    pages = all_pages(world, me, page_size=50)
+    assert [[a.name for a in page] for page in pages] == [["huge-0"], ["huge-1"], ["huge-2"]]
+
+
+def test_small_agents_fill_the_page_size(world: World) -> None:
+    me = user()
+    for index in range(30):
+        create(world, me, name=f"small-{index:02d}")
+    assert [len(page) for page in all_pages(world, me, page_size=25)] == [25, 5]
 
 
 def _first_token(world: World, me: Principal, **query: str) -> str:

@@ -85,6 +85,11 @@ class Client:
 
     def call(self, method: str, request: message.Message, *, token: str | None) -> Reply:
         metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
+        return self.raw_call(method, request, metadata)
+
+    def raw_call(
+        self, method: str, request: message.Message, metadata: Sequence[tuple[str, str]]
+    ) -> Reply:
         rpc = self._server.invoke_unary_unary(
             SERVICE.methods_by_name[method], metadata, request, None
         )
@@ -100,6 +105,25 @@ class Client:
 @pytest.fixture
 def client() -> Client:
     return Client(make_world())
+
+
+def test_a_create_over_the_quota_is_resource_exhausted_with_a_quota_failure() -> None:
+    client = Client(make_world(max_agents_per_owner=1))
+    owner = str(uuid.uuid4())
+    token = client.token(owner)
+    create(client, token)
+    reply = client.call(
+        "CreateAgent", agent_pb2.CreateAgentRequest(agent=new_agent(name="second")), token=token
+    )
+    assert (reply.code, reply.reason()) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "AGENT_QUOTA_EXCEEDED",
+    )
+    failure = error_detail(reply.status, error_details_pb2.QuotaFailure)
+    assert [(v.subject, v.description) for v in failure.violations] == [
+        (f"owners/{owner}", "at most 1 agent per owner")
+    ]
+    assert error_detail(reply.status, error_details_pb2.RetryInfo) is None
 
 
 def parameters(data: dict[str, Any]) -> struct_pb2.Struct:
@@ -168,7 +192,7 @@ def test_get_round_trips_every_field(client: Client) -> None:
 def test_every_method_needs_a_token(client: Client, method: str) -> None:
     request_type = getattr(agent_pb2, SERVICE.methods_by_name[method].input_type.name)
     reply = client.call(method, request_type(), token=None)
-    assert reply.code == grpc.StatusCode.UNAUTHENTICATED
+    assert (reply.code, reply.reason()) == (grpc.StatusCode.UNAUTHENTICATED, "MISSING_TOKEN")
 
 
 def test_a_token_signed_by_another_key_is_unauthenticated(client: Client) -> None:
@@ -176,7 +200,27 @@ def test_a_token_signed_by_another_key_is_unauthenticated(client: Client) -> Non
     reply = client.call(
         "ListAgents", agent_pb2.ListAgentsRequest(), token=other.token(str(uuid.uuid4()))
     )
-    assert reply.code == grpc.StatusCode.UNAUTHENTICATED
+    assert (reply.code, reply.reason()) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_TOKEN")
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["Basic dXNlcjpwYXNz", "Bearer", "Bearer ", "bearer-less-token"],
+)
+def test_an_authorization_header_without_a_bearer_token_is_a_missing_token(
+    client: Client, header: str
+) -> None:
+    rpc = client.raw_call("ListAgents", agent_pb2.ListAgentsRequest(), (("authorization", header),))
+    assert (rpc.code, rpc.reason()) == (grpc.StatusCode.UNAUTHENTICATED, "MISSING_TOKEN")
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["not-a-jwt", "a.b.c", "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."],
+)
+def test_a_malformed_or_unsigned_token_is_an_invalid_token(client: Client, token: str) -> None:
+    reply = client.call("ListAgents", agent_pb2.ListAgentsRequest(), token=token)
+    assert (reply.code, reply.reason()) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_TOKEN")
 
 
 def test_invalid_create_carries_field_violations(client: Client) -> None:
@@ -212,12 +256,88 @@ def test_nan_in_tool_parameters_is_invalid_not_internal(client: Client) -> None:
     assert reply.violations() == ["agent.tools[0].parameters"]
 
 
+def deep_struct(levels: int) -> struct_pb2.Struct:
+    """A Struct `levels` objects deep: {"a": {"a": … {}}}."""
+    data: dict[str, Any] = {}
+    for _ in range(levels - 1):
+        data = {"a": data}
+    return parameters(data)
+
+
+def test_nul_anywhere_in_an_agent_is_invalid_argument_on_each_field(client: Client) -> None:
+    nul = "\x00"
+    hostile = new_agent(
+        name=f"bot{nul}",
+        description=f"d{nul}",
+        instructions=f"i{nul}",
+        metadata={f"k{nul}": "v", "team": f"v{nul}"},
+        tools=[
+            agent_pb2.Tool(
+                name=f"t{nul}",
+                description=f"d{nul}",
+                parameters=parameters({f"k{nul}": "v"}),
+            ),
+            agent_pb2.Tool(
+                name="strings", parameters=parameters({"enum": [{"nested": f"v{nul}"}]})
+            ),
+            agent_pb2.Tool(name="deep", parameters=deep_struct(33)),
+        ],
+    )
+    reply = client.call(
+        "CreateAgent", agent_pb2.CreateAgentRequest(agent=hostile), token=client.token()
+    )
+    assert (reply.code, reply.reason()) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    assert sorted(reply.violations()) == sorted(
+        [
+            "agent.name",
+            "agent.description",
+            "agent.instructions",
+            'agent.metadata["k\\u0000"]',
+            'agent.metadata["team"]',
+            "agent.tools[0].name",
+            "agent.tools[0].description",
+            "agent.tools[0].parameters",
+            "agent.tools[1].parameters",
+            "agent.tools[2].parameters",
+        ]
+    )
+    assert client.world.database.commits == 0
+
+
+def test_a_struct_32_levels_deep_is_accepted(client: Client) -> None:
+    tool = agent_pb2.Tool(name="deep", parameters=deep_struct(32))
+    created = create(client, client.token(), tools=[tool])
+    assert created.tools[0].parameters == tool.parameters
+
+
+def test_nul_in_a_filter_value_is_invalid_argument_on_filter(client: Client) -> None:
+    reply = client.call(
+        "ListAgents",
+        agent_pb2.ListAgentsRequest(filter='metadata.team = "a\x00"'),
+        token=client.token(),
+    )
+    assert (reply.code, reply.violations()) == (grpc.StatusCode.INVALID_ARGUMENT, ["filter"])
+
+
 def test_idempotent_create(client: Client) -> None:
     token, request_id = client.token(str(uuid.uuid4())), str(uuid.uuid4())
     request = agent_pb2.CreateAgentRequest(agent=new_agent(), request_id=request_id)
     first = client.ok("CreateAgent", request, token=token).agent
     second = client.ok("CreateAgent", request, token=token).agent
     assert first == second
+
+
+def test_a_request_id_reused_for_another_agent_is_invalid_argument(client: Client) -> None:
+    token, request_id = client.token(str(uuid.uuid4())), str(uuid.uuid4())
+    first = agent_pb2.CreateAgentRequest(agent=new_agent(), request_id=request_id)
+    client.ok("CreateAgent", first, token=token)
+    other = agent_pb2.CreateAgentRequest(agent=new_agent(name="other"), request_id=request_id)
+    reply = client.call("CreateAgent", other, token=token)
+    assert (reply.code, reply.reason(), reply.violations()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "REQUEST_ID_REUSED",
+        ["request_id"],
+    )
 
 
 def test_duplicate_name_is_already_exists(client: Client) -> None:
@@ -264,12 +384,31 @@ def test_list_pages_with_filter_and_order(client: Client) -> None:
     assert seen == ["sup-3", "sup-1"]
 
 
+def test_every_page_of_big_agents_fits_a_default_clients_receive_limit(client: Client) -> None:
+    token = client.token(str(uuid.uuid4()))
+    names = [f"big-{index:02d}" for index in range(20)]
+    for name in names:  # ~600 KB each
+        create(client, token, name=name, tools=[], instructions="€" * 200_000)
+    request = agent_pb2.ListAgentsRequest(page_size=20, order_by="name")
+    seen, pages = [], 0
+    while True:
+        reply = client.ok("ListAgents", request, token=token)
+        assert reply.agents
+        assert reply.ByteSize() < 4 * 1024 * 1024
+        seen += [a.name for a in reply.agents]
+        pages += 1
+        if not reply.next_page_token:
+            break
+        request.page_token = reply.next_page_token
+    assert seen == names
+    assert pages > 1
+
+
 @pytest.mark.parametrize(
     ("request_fields", "field"),
     [
         ({"page_size": -1}, "page_size"),
         ({"filter": "name ~ 'x'"}, "filter"),
-        ({"filter": f'owner_id = "{uuid.uuid4()}"'}, "filter"),
         ({"order_by": "model"}, "order_by"),
         ({"page_token": "forged"}, "page_token"),
     ],
@@ -282,6 +421,19 @@ def test_bad_list_requests_name_the_field(
     )
     assert reply.code == grpc.StatusCode.INVALID_ARGUMENT
     assert reply.violations() == [field]
+
+
+def test_a_user_filtering_by_owner_is_permission_denied(client: Client) -> None:
+    me = str(uuid.uuid4())
+    reply = client.call(
+        "ListAgents",
+        agent_pb2.ListAgentsRequest(filter=f'owner_id = "{me}"'),
+        token=client.token(me),
+    )
+    assert (reply.code, reply.reason()) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "OWNER_FILTER_NOT_ALLOWED",
+    )
 
 
 def test_update_with_a_mask_and_etag(client: Client) -> None:

@@ -28,8 +28,24 @@ def test_dev_defaults() -> None:
         300.0,
     )
     assert settings.jwks_cooldown_seconds == 30.0
+    assert settings.request_id_ttl_seconds == 86_400.0
+    assert settings.max_agents_per_owner == 10_000
     assert settings.auth_tls_ca_file is None
     assert len(settings.page_token_secret) >= 32
+
+
+def test_the_request_id_ttl_is_set_in_seconds_and_positive() -> None:
+    settings = load_agent_settings({"AGENT_REQUEST_ID_TTL_SECONDS": "3600"})
+    assert settings.request_id_ttl_seconds == 3_600.0
+    with pytest.raises(ConfigError, match="AGENT_REQUEST_ID_TTL_SECONDS"):
+        load_agent_settings({"AGENT_REQUEST_ID_TTL_SECONDS": "0"})
+
+
+def test_the_agent_quota_is_a_count_and_zero_means_none() -> None:
+    assert load_agent_settings({"AGENT_MAX_AGENTS_PER_OWNER": "0"}).max_agents_per_owner == 0
+    for bad in ("-1", "ten"):
+        with pytest.raises(ConfigError, match="AGENT_MAX_AGENTS_PER_OWNER"):
+            load_agent_settings({"AGENT_MAX_AGENTS_PER_OWNER": bad})
 
 
 def test_dev_page_token_secrets_differ_per_start() -> None:

@@ -23,7 +23,20 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Agent(_message.Message):
-    """An agent configuration."""
+    """An agent configuration.
+
+    Text rules: one-line fields (name, model, tool names, metadata keys) take no
+    control, format (bidi overrides, zero-width spaces; zero-width joiners are fine) or
+    surrogate characters; free text (description, instructions, tool descriptions,
+    metadata values) takes no control characters but tab, line feed and carriage
+    return. NUL is refused everywhere, inside tool parameters too. A field that breaks a
+    rule is INVALID_ARGUMENT with a BadRequest field violation naming it, such as
+    `agent.tools[0].parameters` or `agent.metadata["team"]`.
+
+    Byte limits count UTF-8 bytes: a whole agent is at most 1 MiB (1,048,576 bytes) as
+    this message, server fields included (a violation on `agent`), so any agent, and a
+    ListAgents page, fits a client's default 4 MiB receive limit.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -65,13 +78,13 @@ class Agent(_message.Message):
     owner_id: _builtins.str
     """Output only. The id of the user who created the agent."""
     name: _builtins.str
-    """1 to 256 characters, no control characters; unique per owner."""
+    """1 to 256 characters of one-line text, not blank; unique per owner."""
     description: _builtins.str
-    """Up to 512 characters."""
+    """Up to 512 characters of free text."""
     model: _builtins.str
     """One of the configured allowed models."""
     instructions: _builtins.str
-    """Up to 256,000 characters."""
+    """Up to 256,000 characters of free text."""
     temperature: _builtins.float
     """0 to 2."""
     top_p: _builtins.float
@@ -84,7 +97,9 @@ class Agent(_message.Message):
 
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Up to 16 pairs; key up to 64 characters, value up to 512."""
+        """Up to 16 pairs; key: 1 to 64 characters of one-line text; value: up to 512
+        characters of free text.
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -138,10 +153,13 @@ class Tool(_message.Message):
     name: _builtins.str
     """1 to 64 characters of letters, digits, "_" and "-"."""
     description: _builtins.str
-    """Up to 1,024 characters."""
+    """Up to 1,024 characters of free text."""
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
-        """JSON Schema of the function's parameters."""
+        """JSON Schema of the function's parameters: at most 16 KiB (16,384 bytes) as
+        compact JSON; no NUL in any key or string, finite numbers, at most 32 levels deep
+        (this object is level 1; each nested object or list is one more).
+        """
 
     def __init__(
         self,
@@ -165,7 +183,15 @@ class CreateAgentRequest(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Optional UUID that makes the create idempotent for the caller."""
+    """Optional UUID that makes the create idempotent for the caller (AIP-155). For
+    24 hours (AGENT_REQUEST_ID_TTL_SECONDS) after the create, a request with the same
+    request_id and the same agent (every settable field equal) creates nothing and
+    returns exactly the first response: the agent as it was created (revision 1, its
+    first etag), even if it was updated or deleted since. The same request_id with a
+    different agent is INVALID_ARGUMENT (reason REQUEST_ID_REUSED, field violation on
+    request_id). After the 24 hours the request_id may be used again and creates anew.
+    Request ids are per caller: another caller's equal id is a different request.
+    """
     @_builtins.property
     def agent(self) -> Global___Agent: ...
     def __init__(
@@ -255,7 +281,11 @@ class ListAgentsRequest(_message.Message):
     """The next_page_token of a previous call with the same filter and order_by."""
     filter: _builtins.str
     """A subset of AIP-160: terms joined by AND, each `field = "value"`, over
-    model, name (a trailing * matches a prefix), metadata.KEY and (admins) owner_id.
+    model, name (a trailing * matches a prefix), metadata.KEY and owner_id. A value
+    follows its field's text rules (no NUL, no control characters but tab and line
+    breaks in metadata values, none at all in the others). Only
+    admins may filter by owner_id: anyone else gets PERMISSION_DENIED (reason
+    OWNER_FILTER_NOT_ALLOWED).
     """
     order_by: _builtins.str
     """create_time, update_time or name, optionally followed by asc or desc.
@@ -286,7 +316,12 @@ class ListAgentsResponse(_message.Message):
     next_page_token: _builtins.str
     """Empty on the last page."""
     @_builtins.property
-    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]: ...
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]:
+        """At most page_size agents, and fewer when more would exceed 3 MiB of serialized
+        agents (a page holds at least one): fewer agents than page_size do not mean the
+        last page; only an empty next_page_token does.
+        """
+
     def __init__(
         self,
         *,

@@ -71,8 +71,11 @@ class AgentServiceServicer:
     """
 
     def CreateAgent(self, request, context):
-        """Creates an agent owned by the caller. Repeating a create with the same
-        request_id returns the first result and creates nothing new.
+        """Creates an agent owned by the caller. See CreateAgentRequest.request_id for
+        what a repeated create with the same request_id returns. An owner has at most
+        AGENT_MAX_AGENTS_PER_OWNER agents (10,000 by default): one more is
+        RESOURCE_EXHAUSTED (reason AGENT_QUOTA_EXCEEDED, a google.rpc.QuotaFailure on
+        `owners/<owner id>`) and creates nothing; deleting an agent frees its place.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,8 +37,11 @@ class AgentServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     CreateAgent: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CreateAgentRequest, _agent_pb2.CreateAgentResponse]
-    """Creates an agent owned by the caller. Repeating a create with the same
-    request_id returns the first result and creates nothing new.
+    """Creates an agent owned by the caller. See CreateAgentRequest.request_id for
+    what a repeated create with the same request_id returns. An owner has at most
+    AGENT_MAX_AGENTS_PER_OWNER agents (10,000 by default): one more is
+    RESOURCE_EXHAUSTED (reason AGENT_QUOTA_EXCEEDED, a google.rpc.QuotaFailure on
+    `owners/<owner id>`) and creates nothing; deleting an agent frees its place.
     """
     GetAgent: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetAgentRequest, _agent_pb2.GetAgentResponse]
     """Reads one agent. Another owner's agent is NOT_FOUND."""
@@ -58,8 +61,11 @@ class AgentServiceAsyncStub(AgentServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateAgent: _aio.UnaryUnaryMultiCallable[_agent_pb2.CreateAgentRequest, _agent_pb2.CreateAgentResponse]  # type: ignore[assignment]
-    """Creates an agent owned by the caller. Repeating a create with the same
-    request_id returns the first result and creates nothing new.
+    """Creates an agent owned by the caller. See CreateAgentRequest.request_id for
+    what a repeated create with the same request_id returns. An owner has at most
+    AGENT_MAX_AGENTS_PER_OWNER agents (10,000 by default): one more is
+    RESOURCE_EXHAUSTED (reason AGENT_QUOTA_EXCEEDED, a google.rpc.QuotaFailure on
+    `owners/<owner id>`) and creates nothing; deleting an agent frees its place.
     """
     GetAgent: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetAgentRequest, _agent_pb2.GetAgentResponse]  # type: ignore[assignment]
     """Reads one agent. Another owner's agent is NOT_FOUND."""
@@ -82,8 +88,11 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.CreateAgentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.CreateAgentResponse, _abc.Awaitable[_agent_pb2.CreateAgentResponse]]:
-        """Creates an agent owned by the caller. Repeating a create with the same
-        request_id returns the first result and creates nothing new.
+        """Creates an agent owned by the caller. See CreateAgentRequest.request_id for
+        what a repeated create with the same request_id returns. An owner has at most
+        AGENT_MAX_AGENTS_PER_OWNER agents (10,000 by default): one more is
+        RESOURCE_EXHAUSTED (reason AGENT_QUOTA_EXCEEDED, a google.rpc.QuotaFailure on
+        `owners/<owner id>`) and creates nothing; deleting an agent frees its place.
         """
 
     @_abc_1.abstractmethod
