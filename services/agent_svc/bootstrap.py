@@ -123,6 +123,7 @@ def _cache(settings: AgentSettings, closers: Closers, metrics: Metrics) -> TwoLe
         l2_ttl_seconds=settings.l2_ttl_seconds,
         namespace="agent",
         on_event=metrics.cache_event,
+        version=lambda agent: agent.revision,  # no replica serves an older one after a newer
     )
     metrics.declare(metrics.cache_events, ("l1", "hit"), ("l1", "miss"), ("load", "db"))
     if client is not None:

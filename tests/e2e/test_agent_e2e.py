@@ -85,6 +85,7 @@ from grpc_status import rpc_status
 from services.agent_svc import SERVICE_NAME as AGENT_SERVICE
 from services.agent_svc.infra.codec import AgentCodec
 from services.auth_svc import SERVICE_NAME as AUTH_SERVICE
+from tests.conftest import GENEROUS_RATE_LIMITS
 from tests.helpers import ROOT, ServiceProcess, error_detail
 from tests.tcp_proxy import TcpProxy
 
@@ -297,6 +298,7 @@ def auth_env(
         "AUTH_REDIS_URL": redis_url,
         "AUTH_LOG_FORMAT": "json",
         "AUTH_GRACE_SECONDS": "2",
+        "AUTH_RATE_LIMITS": GENEROUS_RATE_LIMITS,  # every caller here is 127.0.0.1
     }
 
 

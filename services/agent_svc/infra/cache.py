@@ -45,6 +45,25 @@ Guarantees (and their limits)
     - The cache keys by id only: checking the owner of what `get` returns is the caller's
       job, on hits as on misses.
 
+No read goes backwards
+    - Each replica remembers the newest version it served of each key (`version(value)`,
+      a bounded map): an L2 value older than that is treated as a miss and reloaded. So
+      after an outage during which this replica read a newer version from the database,
+      the older copy a writer could not invalidate in time is never served by it again.
+      A load that finds nothing marks the key: L2 copies of it are not trusted until the
+      database has a version again.
+    - Redis restarted: a Redis that comes back from a snapshot brings back values that
+      were invalidated after the snapshot was taken. Every new read connection asks Redis
+      who it is (`run_id`, new on every start, and on failover a different server): a
+      Redis this namespace has not been cleared on yet has its values deleted (the
+      invalidation stamps can stay: a stale stamp only refuses fills) before any read,
+      then is marked as cleared. Invalidations and fills that reach it meanwhile are
+      harmless; the clear is idempotent when several replicas do it at once.
+    - What remains (documented in docs/operations.md): a replica that never served the
+      newer version may still read the older L2 copy while the writer that could not
+      reach Redis has not yet delivered its invalidation (it does so on reconnect; if it
+      dies first, for up to `l2_ttl`).
+
 Redis unavailable
     Every Redis call is caught: reads degrade to L1 + `load()`, `invalidate` still drops L1
     and remembers the key; nothing raises to the caller. After an error L2 is skipped for
@@ -64,6 +83,8 @@ import contextlib
 import itertools
 import logging
 import os
+import re
+import sys
 import threading
 import time
 import uuid
@@ -73,7 +94,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import redis
 
-from services.agent_svc.infra.coalesce import CoalescedMget
+from services.agent_svc.infra.coalesce import CoalescedMget, RedisConnection
 
 __all__ = ["Codec", "TwoLevelCache"]
 
@@ -90,6 +111,10 @@ if stamp ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 """
+
+# The version remembered for a key the database does not have: newer than any real one.
+_GONE = sys.maxsize
+_INFO_RUN_ID = re.compile(rb"^run_id:([0-9a-f]+)", re.MULTILINE)
 
 # Extra safety for the L2 fill deadline: covers the fill's own round trip.
 _FILL_MARGIN_SECONDS = 1.0
@@ -158,6 +183,8 @@ class TwoLevelCache(Generic[T]):
         listener_poll_seconds: float = 0.25,
         listener_ping_seconds: float = 5.0,
         listener_max_backoff_seconds: float = 5.0,
+        version: Callable[[T], int] | None = None,
+        max_versions: int = 100_000,
     ) -> None:
         if l1_max_entries < 0 or l1_ttl_seconds < 0 or l2_ttl_seconds <= 0:
             raise ValueError("cache sizes and lifetimes must be positive")
@@ -187,6 +214,10 @@ class TwoLevelCache(Generic[T]):
         self._lock = threading.Lock()
         self._l1: OrderedDict[uuid.UUID, tuple[T, float]] = OrderedDict()
         self._flights: dict[uuid.UUID, _Flight] = {}
+        # The newest version served per key (under `_lock`), oldest entries dropped first.
+        self._version = version
+        self._served: dict[uuid.UUID, int] = {}
+        self._max_versions = max_versions
 
         # L2 health: circuit breaker, distrust after losing track of invalidations.
         self._down_until = 0.0
@@ -196,10 +227,14 @@ class TwoLevelCache(Generic[T]):
         self._fill_script = (
             client.register_script(_FILL_IF_UNCHANGED) if client is not None else None
         )
-        # L2 reads: concurrent ones share one MGET, on a connection of their own.
+        # L2 reads: concurrent ones share one MGET, on a connection of their own, which
+        # checks which Redis it reached every time it connects.
         self._reads = (
-            CoalescedMget(client.connection_pool.make_connection()) if client is not None else None
+            CoalescedMget(client.connection_pool.make_connection(), on_connect=self._check_redis)
+            if client is not None
+            else None
         )
+        self._cleared = 0
 
         # Invalidations Redis has not heard of yet: key -> sequence number of the latest.
         self._pending: dict[uuid.UUID, int] = {}
@@ -341,24 +376,56 @@ class TwoLevelCache(Generic[T]):
                     except Exception as exc:
                         self._warn("undecodable L2 entry for %s (%s); reloading", key, exc)
                     else:
-                        self._event("l2", "hit")
-                        self._fill_l1(key, cached, flight)
-                        return cached
+                        if self._is_older_than_served(key, cached):
+                            self._event("l2", "older")
+                        else:
+                            self._event("l2", "hit")
+                            self._fill_l1(key, cached, flight)
+                            return cached
                 self._event("l2", "miss")
         elif self._redis is not None:
             self._event("l2", "bypass")
         value = load()
         self._event("load", "db")
         if value is None:
+            self._note_gone(key)
             return None
         if l2_read and not flight.stale and self._clock() - started < self._fill_deadline:
             self._fill_l2(key, value, stamp)
         self._fill_l1(key, value, flight)
         return value
 
+    def _is_older_than_served(self, key: uuid.UUID, value: T) -> bool:
+        if self._version is None:
+            return False
+        with self._lock:
+            served = self._served.get(key)
+        return served is not None and self._version(value) < served
+
+    def _note_served(self, key: uuid.UUID, value: T) -> None:
+        """Under `_lock`: the newest version served of `key` is at least this one's."""
+        if self._version is None:
+            return
+        version = self._version(value)
+        served = self._served.pop(key, None)
+        self._served[key] = version if served is None or served == _GONE else max(served, version)
+        while len(self._served) > self._max_versions:
+            del self._served[next(iter(self._served))]
+
+    def _note_gone(self, key: uuid.UUID) -> None:
+        """The database has no such key: no L2 copy of it is to be trusted."""
+        if self._version is None:
+            return
+        with self._lock:
+            self._served.pop(key, None)
+            self._served[key] = _GONE
+            while len(self._served) > self._max_versions:
+                del self._served[next(iter(self._served))]
+
     def _fill_l1(self, key: uuid.UUID, value: T, flight: _Flight) -> None:
         expires = self._clock() + self._l1_ttl
         with self._lock:
+            self._note_served(key, value)
             if flight.stale:
                 return
             self._l1[key] = (value, expires)
@@ -382,6 +449,45 @@ class TwoLevelCache(Generic[T]):
             self._l2_failed("fill", exc)
             return
         self._event("l2", "fill" if stored == 1 else "stale_fill")
+
+    # -- Redis restarted ------------------------------------------------------------------
+
+    def _check_redis(self, connection: RedisConnection) -> None:
+        """On each new read connection, before any read (see "No read goes backwards"):
+        clear the values of a Redis this namespace has not been cleared on yet."""
+        connection.send_command("INFO", "server")
+        found = _INFO_RUN_ID.search(_as_bytes(connection.read_response()))
+        if found is None:
+            raise redis.ResponseError("INFO server gave no run_id")
+        marker = f"{self._namespace}:l2-cleared:{found.group(1).decode()}"
+        connection.send_command("EXISTS", marker)
+        if connection.read_response():
+            return
+        cleared = self._clear_values(connection)
+        connection.send_command("SET", marker, "1", "EX", 30 * 24 * 3600)
+        connection.read_response()
+        self._cleared += cleared
+        _log.info(
+            "Redis %s is new to the %s cache: cleared %d values that may predate it",
+            found.group(1).decode()[:12],
+            self._namespace,
+            cleared,
+        )
+
+    def _clear_values(self, connection: RedisConnection) -> int:
+        prefix = f"{self._namespace}:".encode()
+        value_length = len(prefix) + 36  # the namespace, then a UUID
+        cursor: bytes | int = 0
+        cleared = 0
+        while True:
+            connection.send_command("SCAN", cursor, "MATCH", prefix + b"*", "COUNT", 1000)
+            cursor, keys = connection.read_response()
+            values = [k for k in keys if len(k) == value_length]
+            if values:
+                connection.send_command("UNLINK", *values)
+                cleared += int(connection.read_response())
+            if int(cursor) == 0:
+                return cleared
 
     # -- local invalidation --------------------------------------------------------------
 
@@ -565,3 +671,14 @@ class TwoLevelCache(Generic[T]):
     def _event(self, level: str, outcome: str) -> None:
         if self._on_event is not None:
             self._on_event(level, outcome)
+
+
+def _as_bytes(reply: Any) -> bytes:
+    """INFO's reply as bytes (redis-py parses it into a dict unless the raw reply is read)."""
+    if isinstance(reply, bytes):
+        return reply
+    if isinstance(reply, str):
+        return reply.encode()
+    if isinstance(reply, dict) and "run_id" in reply:
+        return f"run_id:{reply['run_id']}".encode()
+    raise redis.ResponseError(f"unexpected reply to INFO: {type(reply).__name__}")

@@ -16,6 +16,12 @@ instrumentation on every read. After an error it is disconnected; the next send 
 again. A connection Redis dropped (restart, failover, `CLIENT KILL`) is found out on use
 and retried once at once, on a new connection (MGET is a read: repeating it is safe).
 
+Each new connection (the first, and every reconnect however it happens) is handed to
+`on_connect` before it serves a read: the cache checks there which Redis it talks to
+(see cache.py, "Redis restarted"). redis-py reconnects on its own in places (a health
+check before a command); its connect callback counts connections, and a reply read on
+a connection that was replaced while the MGET was on it is thrown away and read again.
+
 An MGET reads all its keys at one point in time (Redis runs it as one command), so keys
 that belong together (a value and its invalidation stamp) stay consistent when they are
 passed in one `mget` call. Otherwise a failure is every waiter's failure: the sender
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import redis
@@ -42,6 +48,8 @@ class RedisConnection(Protocol):
     def read_response(self) -> Any: ...
 
     def disconnect(self) -> None: ...
+
+    def register_connect_callback(self, callback: Any) -> None: ...
 
 
 class _Read:
@@ -61,11 +69,23 @@ class _Read:
 class CoalescedMget:
     """`mget(keys)` shared by concurrent callers; at most `max_keys` keys per MGET."""
 
-    def __init__(self, connection: RedisConnection, *, max_keys: int = 512) -> None:
+    def __init__(
+        self,
+        connection: RedisConnection,
+        *,
+        max_keys: int = 512,
+        on_connect: Callable[[RedisConnection], None] | None = None,
+    ) -> None:
         if max_keys < 1:
             raise ValueError("max_keys must be positive")
         self._connection = connection
         self._max_keys = max_keys
+        self._on_connect = on_connect
+        # Connections made so far (counted by redis-py's callback), and the number of the
+        # one `on_connect` last approved: they differ until a new connection is checked.
+        self._connects = 0
+        self._checked = -1
+        connection.register_connect_callback(self._connected)
         self._lock = threading.Lock()
         self._queue: deque[_Read] = deque()
         self._busy = False
@@ -179,22 +199,42 @@ class CoalescedMget:
             if successor is not None:
                 successor.ready.release()
 
+    def _connected(self, _connection: Any) -> None:
+        """redis-py's connect callback (the connection is made inside our own calls)."""
+        self._connects += 1
+
+    def _checked_connection(self) -> RedisConnection:
+        """The connection, approved by `on_connect` since it was last (re)made. (A
+        connection lost since is remade inside the MGET; the caller sees the count move.)"""
+        connection = self._connection
+        if self._checked != self._connects:
+            if self._on_connect is not None:
+                self._on_connect(connection)  # its first command connects, if need be
+            self._checked = self._connects
+        return connection
+
     def _round_trip(self, flat: list[str]) -> list[bytes | None]:
         """MGET on the reserved connection. A connection Redis dropped (restart, failover,
         CLIENT KILL) is found out on use: reconnect and try once more. After any failure
         the connection is closed, so a late reply can never be read as the next one's."""
-        for attempt in (1, 2):
+        failures = 0
+        for _ in range(3):  # a reconnect under the MGET earns it one more round
             try:
-                self._connection.send_command("MGET", *flat)
-                replies = self._connection.read_response()
+                connection = self._checked_connection()
+                before = self._connects
+                connection.send_command("MGET", *flat)
+                replies = connection.read_response()
+                if self._connects != before:
+                    continue  # reconnected under the MGET: check the new one, read again
                 if not isinstance(replies, list) or len(replies) != len(flat):
                     raise ValueError(f"unexpected reply to an MGET of {len(flat)} keys")
                 return replies
             except redis.ConnectionError:
                 self._connection.disconnect()
-                if attempt == 2:
+                failures += 1
+                if failures == 2:
                     raise
             except BaseException:
                 self._connection.disconnect()
                 raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        raise redis.ConnectionError("the reserved connection kept reconnecting")

@@ -48,6 +48,9 @@ class ScriptedConnection:
     def disconnect(self) -> None:
         self.disconnects += 1
 
+    def register_connect_callback(self, callback: Any) -> None:
+        """The scripted connection is always connected: no callbacks."""
+
 
 def run(target: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
     outcome: dict[str, Any] = {}
