@@ -33,7 +33,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,17 @@ sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 
 from agentplatform.agent.v1 import agent_pb2  # noqa: E402
 from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc  # noqa: E402
+from grpc_health.v1 import health_pb2  # noqa: E402
 
 EMPTY = "/agentplatform.bench.v1.Bench/Empty"
 GET = "/agentplatform.agent.v1.AgentService/GetAgent"
 LIST = "/agentplatform.agent.v1.AgentService/ListAgents"
 CREATE = "/agentplatform.agent.v1.AgentService/CreateAgent"
 LOGIN = "/agentplatform.auth.v1.AuthService/Login"
-PHASES = ("get_l1", "list", "create", "get_l2", "get_db", "login")
+PHASES = ("get_l1", "list", "create", "get_l2", "get_db", "login", "flood", "health")
+REFRESH = "/agentplatform.auth.v1.AuthService/RefreshToken"
+JWKS = "/agentplatform.auth.v1.AuthService/GetJwks"
+HEALTH = "/grpc.health.v1.Health/Check"
 
 
 # -- load generation (runs in client processes) -------------------------------------------
@@ -66,10 +70,12 @@ class Load:
     duration: float
     warmup: float
     rate: float = 0.0  # > 0: open loop at this many calls/s (per process)
+    deadline: float = 30.0  # per call
 
 
-def _client(load: Load) -> tuple[int, int, list[float]]:
-    """Runs one process's share: returns (ok calls, errors, latencies in seconds)."""
+def _client(load: Load) -> tuple[int, int, list[float], dict[str, int]]:  # noqa: PLR0915
+    """Runs one process's share: returns (ok calls, errors, latencies in seconds of the ok
+    calls, measured calls by status code)."""
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {(os.cpu_count() or 2) - 1})
     channel = grpc.insecure_channel(load.target, options=[("grpc.so_reuseport", 0)])
@@ -78,6 +84,7 @@ def _client(load: Load) -> tuple[int, int, list[float]]:
     lock = threading.Lock()
     latencies: list[float] = []
     counts = {"ok": 0, "err": 0}
+    codes: dict[str, int] = {}
     start = time.perf_counter()
     measure_from = start + load.warmup
     end = measure_from + load.duration
@@ -89,15 +96,17 @@ def _client(load: Load) -> tuple[int, int, list[float]]:
             request = next(requests)
             outstanding[0] += 1
         sent = time.perf_counter()
-        future = call.future(request, metadata=load.metadata, timeout=30)
+        future = call.future(request, metadata=load.metadata, timeout=load.deadline)
         future.add_done_callback(lambda f: finished(f, sent))
 
     def finished(future: grpc.Future, sent: float) -> None:
         now = time.perf_counter()
-        ok = future.code() == grpc.StatusCode.OK
+        code = future.code()
+        ok = code == grpc.StatusCode.OK
         with lock:
             outstanding[0] -= 1
-            if sent >= measure_from and now <= end:
+            if measure_from <= sent <= end:
+                codes[code.name] = codes.get(code.name, 0) + 1
                 if ok:
                     counts["ok"] += 1
                     latencies.append(now - sent)
@@ -123,7 +132,7 @@ def _client(load: Load) -> tuple[int, int, list[float]]:
             issue()
         done.wait(load.warmup + load.duration + 35)
     channel.close()
-    return counts["ok"], counts["err"], latencies
+    return counts["ok"], counts["err"], latencies, codes
 
 
 @dataclass
@@ -135,10 +144,12 @@ class Result:
     p95: float
     p99: float
     cpu_us_per_call: float
+    slowest: float = float("nan")
+    codes: dict[str, int] = field(default_factory=dict)
 
     def row(self) -> str:
         return (
-            f"{self.name:<22}{self.qps:>10,.0f}{self.p50 * 1e3:>9.2f}{self.p95 * 1e3:>9.2f}"
+            f"{self.name:<30}{self.qps:>10,.0f}{self.p50 * 1e3:>9.2f}{self.p95 * 1e3:>9.2f}"
             f"{self.p99 * 1e3:>9.2f}{self.cpu_us_per_call:>11.0f}{self.errors:>8}"
         )
 
@@ -162,6 +173,7 @@ class Sample:
     ok: int
     errors: int
     latencies: list[float]
+    codes: dict[str, int]
     cpu_seconds: float
     duration: float
     window: float  # warm-up + measured time: the span the CPU figure covers
@@ -184,6 +196,10 @@ def measure(server_pid: int, load: Load, processes: int, pool: Any) -> Sample:
         ok=sum(o[0] for o in outcomes),
         errors=sum(o[1] for o in outcomes),
         latencies=[lat for o in outcomes for lat in o[2]],
+        codes={
+            name: sum(o[3].get(name, 0) for o in outcomes)
+            for name in {name for o in outcomes for name in o[3]}
+        },
         cpu_seconds=cpu_after - cpu_before,
         duration=load.duration,
         window=load.warmup + load.duration,
@@ -202,6 +218,11 @@ def summarize(name: str, samples: Sequence[Sample]) -> Result:
         p50=_percentile(latencies, 0.50),
         p95=_percentile(latencies, 0.95),
         p99=_percentile(latencies, 0.99),
+        slowest=max(latencies, default=float("nan")),
+        codes={
+            name: sum(s.codes.get(name, 0) for s in samples)
+            for name in {name for s in samples for name in s.codes}
+        },
         cpu_us_per_call=sum(s.cpu_seconds for s in samples) / calls_in_windows * 1e6,
     )
 
@@ -351,6 +372,14 @@ def main() -> int:  # noqa: PLR0915
         auth_port = _free_port()
         auth_env = common_env("AUTH", auth_port, auth_db, args.redis)
         auth_env["AUTH_LOGIN_MAX_FAILURES"] = "1000000"
+        # Every call comes from 127.0.0.1: lift the per-address limits, so that the flood
+        # phase measures what sheds load when the address is not the limit (the hashing
+        # room); a rotated refresh token stays usable, so one token serves the probe.
+        auth_env["AUTH_RATE_LIMITS"] = ",".join(
+            f"{m}=100000/100000" for m in ("Register", "Login", "RefreshToken", "Logout", "GetJwks")
+        )
+        auth_env["AUTH_REFRESH_REUSE_GRACE_SECONDS"] = str(10**9)
+        auth_env["AUTH_HEALTH_PORT"] = str(_free_port())
         auth_pid = stack.enter_context(server("auth", auth_env, auth_port, cpu=0))
         auth_target = f"127.0.0.1:{auth_port}"
         with grpc.insecure_channel(auth_target) as channel:
@@ -371,6 +400,7 @@ def main() -> int:  # noqa: PLR0915
             concurrency: int | None = None,
             rate: float = 0.0,
             duration: float | None = None,
+            deadline: float = 30.0,
         ) -> Result:
             load = Load(
                 target,
@@ -381,9 +411,12 @@ def main() -> int:  # noqa: PLR0915
                 duration or args.duration,
                 args.warmup,
                 rate,
+                deadline,
             )
             result = run_load(name, pid, load, args.processes, pool)
             print(result.row(), flush=True)
+            if result.errors:
+                print(f"{'':<30}  failed calls by code: {result.codes}", flush=True)
             results.append(result)
             return result
 
@@ -392,13 +425,14 @@ def main() -> int:  # noqa: PLR0915
         ids = seed_agents(agent_db, login.user.id, args.agents)
         print(f"seeded in {time.perf_counter() - started:.1f}s", flush=True)
         header = (
-            f"{'phase':<22}{'QPS':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+            f"{'phase':<30}{'QPS':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
             f"{'CPU µs/call':>11}{'errors':>8}"
         )
         print(header)
         hot = [agent_pb2.GetAgentRequest(id=i).SerializeToString() for i in ids[:1000]]
 
         previous = stack.enter_context(ExitStack())
+        agent_health_ports: dict[str, int] = {}
 
         def agent_server(extra: dict[str, str], redis_url: str | None) -> tuple[str, int]:
             port = _free_port()
@@ -412,6 +446,8 @@ def main() -> int:  # noqa: PLR0915
                     **extra,
                 }
             )
+            env["AGENT_HEALTH_PORT"] = str(health_port := _free_port())
+            agent_health_ports[f"127.0.0.1:{port}"] = health_port
             # One agent server at a time on the measured core: stop the previous one.
             previous.close()
             pid = previous.enter_context(server("agent", env, port, cpu=0))
@@ -463,6 +499,7 @@ def main() -> int:  # noqa: PLR0915
             return of[0].qps / to[0].qps, [a / b for a, b in zip(of[1], to[1], strict=True)]
 
         selected = set(args.phases)
+        flood_summary: tuple[float, float, dict[str, Result], dict[str, Result]] | None = None
         ratios: dict[str, tuple[float, list[float]]] = {}
         list_half: Result | None = None
         target, pid = agent_server({}, args.redis)
@@ -527,11 +564,92 @@ def main() -> int:  # noqa: PLR0915
                 [agent_pb2.GetAgentRequest(id=i).SerializeToString() for i in ids[:20_000]],
             )
 
-        if "login" in selected:
-            login_request = auth_pb2.LoginRequest(
-                email=email, password=password
-            ).SerializeToString()
-            phase("Login (argon2id)", auth_target, auth_pid, LOGIN, [login_request], concurrency=8)
+        login_request = auth_pb2.LoginRequest(email=email, password=password).SerializeToString()
+        login_capacity: float | None = None
+        if "login" in selected or "flood" in selected:
+            # In flight: 2 per client process, within the hashing room (threads + queue), so
+            # that this measures the hashing capacity, not a storm of refusals.
+            login_capacity = phase(
+                "Login (argon2id)", auth_target, auth_pid, LOGIN, [login_request], concurrency=2
+            ).qps
+
+        if "flood" in selected:
+            assert login_capacity is not None
+            flood_rate = max(10 * login_capacity, 100.0)
+            probes = [
+                (REFRESH, auth_pb2.RefreshTokenRequest(refresh_token=login.refresh_token), 40.0),
+                (JWKS, auth_pb2.GetJwksRequest(), 200.0),
+            ]
+
+            def probe(label: str) -> dict[str, Result]:
+                measured = {}
+                for method, request, rate in probes:
+                    name = method.rsplit("/", 1)[1]
+                    measured[name] = phase(
+                        f"{name} {label}",
+                        auth_target,
+                        auth_pid,
+                        method,
+                        [request.SerializeToString()],
+                        rate=rate / args.processes,
+                        deadline=2.0,
+                    )
+                return measured
+
+            alone = probe("alone")
+            flood_load = Load(
+                auth_target,
+                LOGIN,
+                [login_request],
+                (),
+                0,
+                2 * (args.duration + args.warmup) + 5,
+                0.0,
+                rate=flood_rate,
+                deadline=2.0,
+            )
+            flooder = ctx.Process(target=_client, args=(flood_load,), daemon=True)
+            flooder.start()
+            time.sleep(args.warmup)  # the flood is at its rate before the probes start
+            flooded = probe(f"+ {flood_rate:,.0f} Login/s")
+            flooder.join(2 * (args.duration + args.warmup) + 40)
+            flood_summary = (login_capacity, flood_rate, alone, flooded)
+
+        if "health" in selected:
+            target, pid = agent_server({}, args.redis)
+            health_port = agent_health_ports[target]
+            heavy = agent_pb2.ListAgentsRequest(page_size=500).SerializeToString()
+            storm = Load(
+                target,
+                LIST,
+                [heavy],
+                metadata,
+                500,
+                args.duration + args.warmup + 5,
+                0.0,
+                deadline=60.0,
+            )
+            storms = [ctx.Process(target=_client, args=(storm,), daemon=True) for _ in range(2)]
+            for process in storms:
+                process.start()
+            time.sleep(args.warmup + 1)  # 1,000 calls in flight before the checks start
+            check = health_pb2.HealthCheckRequest(service="").SerializeToString()
+            for label, address in (
+                ("health, gRPC port", target),
+                ("health, health port", f"127.0.0.1:{health_port}"),
+            ):
+                phase(
+                    label,
+                    address,
+                    pid,
+                    HEALTH,
+                    [check],
+                    rate=5.0,
+                    deadline=10.0,
+                    duration=min(args.duration, 5.0),
+                )
+            for process in storms:
+                process.join(args.duration + args.warmup + 70)
 
     print()
     for key, label, floor in (
@@ -549,6 +667,30 @@ def main() -> int:  # noqa: PLR0915
         print(
             f"ListAgents p99 at half saturation < 20 ms: {list_half.p99 * 1e3:.2f} ms ({verdict})"
         )
+    if flood_summary is not None:
+        capacity, rate, alone, flooded = flood_summary
+        print(
+            f"Login flood: {rate:,.0f} calls/s = 10 x the hashing capacity measured above "
+            f"({capacity:,.0f}/s); during it:"
+        )
+        for name in alone:
+            growth = flooded[name].p99 / alone[name].p99
+            deadline_failures = flooded[name].codes.get("DEADLINE_EXCEEDED", 0)
+            verdict = "met" if growth <= 2 and deadline_failures == 0 else "MISSED"
+            print(
+                f"  {name} p99 {alone[name].p99 * 1e3:.2f} ms alone, "
+                f"{flooded[name].p99 * 1e3:.2f} ms flooded ({growth:.2f}x; target <= 2x), "
+                f"{deadline_failures} deadline failures of "
+                f"{sum(flooded[name].codes.values())} ({verdict})"
+            )
+    for result in results:
+        if result.name.startswith("health"):
+            verdict = "met" if result.slowest < 2.0 and result.errors == 0 else "MISSED"
+            print(
+                f"{result.name} during 1,000 heavy ListAgents: p99 {result.p99 * 1e3:.1f} ms, "
+                f"slowest {result.slowest * 1e3:.1f} ms, {result.errors} failed "
+                f"(probe timeout 2 s: {verdict})"
+            )
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in results], indent=2))
     return 0

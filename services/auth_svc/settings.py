@@ -76,7 +76,9 @@ def load_auth_settings(env: Mapping[str, str]) -> AuthSettings:
         login_lockout_seconds=reader.integer("LOGIN_LOCKOUT_SECONDS", 900, minimum=1),
         hash_concurrency=hash_concurrency,
         # Hashes that may wait for a hashing thread; beyond them, HASHING_BUSY at once.
-        hash_queue=reader.integer("HASH_QUEUE", hash_concurrency * 4, minimum=0),
+        # Each waiting hash holds a gRPC worker thread: as many as run, so that a flood
+        # holds at most 2 x AUTH_HASH_CONCURRENCY of the worker threads, briefly.
+        hash_queue=reader.integer("HASH_QUEUE", hash_concurrency, minimum=0),
         signing_key_pem=signing_key,
         verify_keys_pem=reader.secret("VERIFY_KEYS"),
         rate_limits=_rate_limits(reader),

@@ -8,14 +8,14 @@ from services.auth_svc.settings import load_auth_settings
 from shared.config.settings import ConfigError
 
 
-def test_hashing_defaults_to_two_threads_and_a_queue_of_four_each() -> None:
+def test_hashing_defaults_to_two_threads_and_as_many_waiting() -> None:
     settings = load_auth_settings({})
-    assert (settings.hash_concurrency, settings.hash_queue) == (2, 8)
+    assert (settings.hash_concurrency, settings.hash_queue) == (2, 2)
 
 
 def test_the_queue_follows_the_concurrency_unless_set() -> None:
     settings = load_auth_settings({"AUTH_HASH_CONCURRENCY": "3"})
-    assert (settings.hash_concurrency, settings.hash_queue) == (3, 12)
+    assert (settings.hash_concurrency, settings.hash_queue) == (3, 3)
     settings = load_auth_settings({"AUTH_HASH_CONCURRENCY": "3", "AUTH_HASH_QUEUE": "0"})
     assert (settings.hash_concurrency, settings.hash_queue) == (3, 0)
 
