@@ -35,9 +35,12 @@ Guarantees (and their limits)
       this replica reads nothing from L2 until every pending one has been written to Redis
       and broadcast (a bounded set; on overflow L2 is bypassed for `l2_ttl`).
     - Other replicas drop their L1 copy within the pub/sub delay (sub-millisecond to a few ms
-      on a LAN, see tests/integration/test_cache_redis.py). A replica that misses a message
-      converges within `l1_ttl`; on every (re)subscription the listener clears all of L1,
-      since messages may have been lost while it was disconnected.
+      on a LAN, see tests/integration/test_cache_redis.py). On every (re)subscription the
+      listener clears all of L1, since messages may have been lost while it was
+      disconnected; and L1 is served only while the listener has heard from Redis within
+      the last `3 x listener_ping_seconds` (it pings every `listener_ping_seconds`), so a
+      replica cut off from invalidations stops serving L1 within that bound (a closed
+      connection at once) and reads through to L2 or the database instead.
     - Limits: a writer cut off from Redis broadcasts its invalidations only when it reaches
       Redis again (pending ones are flushed on reconnect); if it dies first, other replicas
       may serve the old version from L2 for up to `l2_ttl`. Read replicas of the database
@@ -181,7 +184,7 @@ class TwoLevelCache(Generic[T]):
         max_pending_invalidations: int = 10_000,
         warn_interval_seconds: float = 10.0,
         listener_poll_seconds: float = 0.25,
-        listener_ping_seconds: float = 5.0,
+        listener_ping_seconds: float = 0.5,
         listener_max_backoff_seconds: float = 5.0,
         version: Callable[[T], int] | None = None,
         max_versions: int = 100_000,
@@ -218,6 +221,11 @@ class TwoLevelCache(Generic[T]):
         self._version = version
         self._served: dict[uuid.UUID, int] = {}
         self._max_versions = max_versions
+
+        # L1 is served only while the listener has heard from Redis lately: a replica that
+        # cannot hear invalidations must not keep serving what they would have dropped.
+        self._trust_seconds = 3 * listener_ping_seconds
+        self._l1_trusted_until = float("inf") if redis is None else 0.0
 
         # L2 health: circuit breaker, distrust after losing track of invalidations.
         self._down_until = 0.0
@@ -275,7 +283,7 @@ class TwoLevelCache(Generic[T]):
         hit: tuple[T, float] | None = None
         with self._lock:
             entry = self._l1.get(key)
-            if entry is not None and entry[1] > now:
+            if entry is not None and entry[1] > now and now < self._l1_trusted_until:
                 self._l1.move_to_end(key)
                 hit = entry
             else:
@@ -318,7 +326,10 @@ class TwoLevelCache(Generic[T]):
         """Forget `key` everywhere; call after the write is committed. Never raises."""
         if self._redis is not None:
             sent = False
-            if self._l2_reachable():
+            # Tried even while the breaker skips reads: an invalidation held back is a window
+            # in which other replicas serve the old version, and writes are rare enough to
+            # afford a try (a dead Redis costs a write one short timeout).
+            if not self._pending or self._flush_pending():
                 try:
                     self._send_invalidations([key])
                     sent = True
@@ -602,6 +613,8 @@ class TwoLevelCache(Generic[T]):
                         last_seen = now
                         if self._handle(message):
                             backoff = 0.1
+                        if self._subscribed.is_set():  # Redis answered: L1 can be trusted
+                            self._l1_trusted_until = self._clock() + self._trust_seconds
                     if now - last_ping >= self._ping_every:
                         pubsub.ping()
                         last_ping = now
@@ -611,6 +624,7 @@ class TwoLevelCache(Generic[T]):
                         self._l2_reachable()  # flushes them, unless the breaker is open
             except Exception as exc:
                 self._subscribed.clear()
+                self._l1_trusted_until = 0.0  # until subscribed again (which clears L1)
                 if self._stop.is_set():
                     break
                 self._event("pubsub", "error")
