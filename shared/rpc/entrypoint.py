@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 from shared.config.settings import CommonSettings, ConfigError
 from shared.data import migrations
@@ -16,6 +16,17 @@ from shared.rpc.logs import configure_logging
 from shared.rpc.server import RunningServer
 
 __all__ = ["ServiceSettings", "run_service"]
+
+
+def _exit(code: int) -> NoReturn:
+    """Ends the process once serving is over. Not through the interpreter's shutdown: it
+    joins every worker thread of the server's pool, and a thread stuck in a call to a
+    frozen database (which a forced stop leaves behind) would hold the exit forever."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
 
 _log = logging.getLogger(__name__)
 
@@ -58,4 +69,4 @@ def run_service(
     except KeyboardInterrupt:  # Ctrl-C while starting: nothing to drain yet
         _log.info("%s interrupted while starting", service)
         return EXIT_FORCED
-    return serve(running, common)
+    _exit(serve(running, common))
