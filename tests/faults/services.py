@@ -52,6 +52,7 @@ __all__ = [
     "health_status",
     "login",
     "register_and_login",
+    "rss_mb",
     "thread_dump",
     "wait_exit",
     "wait_health",
@@ -166,6 +167,14 @@ def wait_exit(process: ServiceProcess, timeout: float) -> int | None:
         process.process.kill()
         process.process.wait()
         return None
+
+
+def rss_mb(pid: int) -> float:
+    """The resident set size of a process (VmRSS in /proc/<pid>/status), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def health_status(address: str, service: str, timeout: float = 2.0) -> Any:

@@ -15,7 +15,6 @@ import itertools
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
@@ -28,6 +27,7 @@ from tests.faults.services import (
     Caller,
     Fleet,
     agent_env,
+    rss_mb,
 )
 from tests.helpers import ServiceProcess, free_port
 
@@ -43,14 +43,6 @@ IN_FLIGHT = 64  # garbage requests on the wire at once
 class Target:
     process: ServiceProcess
     methods: list[Method]
-
-
-def rss_mb(pid: int) -> float:
-    """The resident set size of a process (VmRSS in /proc/<pid>/status), in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 @pytest.fixture(scope="module")
