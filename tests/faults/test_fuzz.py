@@ -123,7 +123,9 @@ class FuzzStack:
         return [(s, m) for s in self.servers for m in s.methods if not m.streaming]
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 def fuzz_servers(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Server, Server]]:
@@ -381,7 +383,14 @@ def test_hostile_strings_in_every_string_field_never_fail_internally(
     except grpc.RpcError as error:
         code, reason, _, details = outcome(error)
         answers.append(
-            Answer("ListAgents after", "metadata filter", code, reason, bool(reason), details)
+            Answer(
+                f"/{AGENT_SERVICE}/ListAgents",
+                "afterwards: metadata filter",
+                code,
+                reason,
+                bool(reason),
+                details,
+            )
         )
     assert_no_wrong_answer(answers)
     assert_healthy(fuzz_stack)

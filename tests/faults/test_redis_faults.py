@@ -80,15 +80,11 @@ def redis_stack(
         redis.start()
         auth = module_auth
         database = pg.create_database()
-        replicas = [
-            fleet.start(
-                "agent_svc",
-                agent_env(free_port(), root / f"r{i}", auth.address, database, redis.url, **l1),
-            )
-            for i in (1, 2)
-        ]
-        for replica in replicas:
-            replica.wait_serving(AGENT_SERVICE, timeout=60)
+        replicas = []
+        for i in (1, 2):  # one after the other: both would migrate the new database at once
+            env = agent_env(free_port(), root / f"r{i}", auth.address, database, redis.url, **l1)
+            replicas.append(fleet.start("agent_svc", env))
+            replicas[-1].wait_serving(AGENT_SERVICE, timeout=60)
         channels = [grpc.insecure_channel(p.address) for p in replicas]
         caller = auth.new_caller()
         stubs = [agent_pb2_grpc.AgentServiceStub(c) for c in channels]

@@ -49,6 +49,7 @@ from tests.faults.services import (
     AUTH_SERVICE,
     CALL_TIMEOUT,
     NOT_SERVING,
+    PASSWORD,
     SERVING,
     AuthService,
     Caller,
@@ -139,7 +140,7 @@ def _load_on(name: str, process: ServiceProcess, caller: Caller, load: Load) -> 
     channel = grpc.insecure_channel(process.address)
     if name == "auth_svc":
         auth = auth_pb2_grpc.AuthServiceStub(channel)
-        login = auth_pb2.LoginRequest(email=caller.email, password="a fault-suite password")
+        login = auth_pb2.LoginRequest(email=caller.email, password=PASSWORD)
         steps: list[tuple[str, Callable[[], Any]]] = [
             ("Login", lambda: auth.Login(login, timeout=CALL_TIMEOUT)),
             ("GetJwks", lambda: auth.GetJwks(auth_pb2.GetJwksRequest(), timeout=CALL_TIMEOUT)),
@@ -198,10 +199,11 @@ def test_sigterm_answers_not_serving_while_serving_for_the_delay_then_drains_and
 ) -> None:
     process = start_service(fleet, name, tmp_path / "data", module_auth.address, shutdown_env())
     process.wait_serving(SERVICES[name], timeout=60)
-    caller = module_auth.new_caller()
     if name == "auth_svc":  # the account must live in the auth_svc under test
         with grpc.insecure_channel(process.address) as channel:
             caller = register_and_login(auth_pb2_grpc.AuthServiceStub(channel))
+    else:
+        caller = module_auth.new_caller()
     watch = HealthWatch(process.address, SERVICES[name])
     with Load() as load:
         channel = _load_on(name, process, caller, load)
@@ -478,11 +480,12 @@ def replicas(
         port = free_port()
         env = agent_env(port, tmp_path / f"r{i}", module_auth.address, database, **shutdown_env())
         started.append((fleet.start("agent_svc", env, port), env))
-    for process, _ in started:
-        process.wait_serving(AGENT_SERVICE, timeout=60)
+        # One after the other: both would migrate the new database at once.
+        started[-1][0].wait_serving(AGENT_SERVICE, timeout=60)
     return started
 
 
+@pytest.mark.postgres
 def test_a_rolling_restart_behind_a_retrying_round_robin_channel_fails_no_call(
     replicas: list[tuple[ServiceProcess, dict[str, str]]],
     module_auth: AuthService,
