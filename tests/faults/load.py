@@ -161,6 +161,18 @@ class Load:
         self._threads.append(thread)
         thread.start()
 
+    def steady(
+        self, name: str, method: str, target: str, invoke: Callable[[], Any], pause: float
+    ) -> None:
+        """A worker repeating one kind of call (`invoke` builds and sends it), `pause`
+        seconds apart."""
+
+        def step() -> None:
+            self.call(method, target, invoke)
+            self.pause(pause)
+
+        self.worker(name, step)
+
     def wait_for(self, condition: Callable[[list[Call]], bool], timeout: float, what: str) -> None:
         """Waits until `condition(calls)` holds (a generous deadline, then a failure)."""
         deadline = time.monotonic() + timeout

@@ -103,15 +103,6 @@ def start_load(stack: PgStack) -> Load:
         load.obedient("Login", "auth", lambda: stack.auth.Login(request, timeout=timeout))
         load.pause(0.2)  # argon2id: a login a few times a second is load enough
 
-    def who_am_i() -> None:
-        request = auth_pb2.GetCurrentUserRequest()
-        load.call(
-            "GetCurrentUser",
-            "auth",
-            lambda: stack.auth.GetCurrentUser(request, metadata=owner, timeout=timeout),
-        )
-        load.pause(0.02)
-
     creates = itertools.count()
 
     def create() -> None:
@@ -125,24 +116,6 @@ def start_load(stack: PgStack) -> Load:
             "agent",
             lambda: stack.agents.CreateAgent(request, metadata=owner, timeout=timeout),
             lambda reply: (reply.agent.id, reply.agent.name, reply.agent.description),
-        )
-        load.pause(0.02)
-
-    def get() -> None:
-        request = agent_pb2.GetAgentRequest(id=random.choice(stack.seeded))
-        load.call(
-            "GetAgent",
-            "agent",
-            lambda: stack.agents.GetAgent(request, metadata=owner, timeout=timeout),
-        )
-        load.pause(0.01)
-
-    def list_page() -> None:
-        request = agent_pb2.ListAgentsRequest(page_size=50)
-        load.call(
-            "ListAgents",
-            "agent",
-            lambda: stack.agents.ListAgents(request, metadata=owner, timeout=timeout),
         )
         load.pause(0.02)
 
@@ -163,14 +136,38 @@ def start_load(stack: PgStack) -> Load:
 
     for i in range(LOGIN_CLIENTS):
         load.worker(f"login-{i}", log_in)
-    for name, step in [
-        ("whoami", who_am_i),
-        ("create", create),
-        ("get", get),
-        ("list", list_page),
-        ("update", update),
-    ]:
-        load.worker(name, step)
+    load.worker("create", create)
+    load.worker("update", update)
+    auth, agents = stack.auth, stack.agents
+    load.steady(
+        "whoami",
+        "GetCurrentUser",
+        "auth",
+        lambda: auth.GetCurrentUser(
+            auth_pb2.GetCurrentUserRequest(), metadata=owner, timeout=timeout
+        ),
+        pause=0.02,
+    )
+    load.steady(
+        "get",
+        "GetAgent",
+        "agent",
+        lambda: agents.GetAgent(
+            agent_pb2.GetAgentRequest(id=random.choice(stack.seeded)),
+            metadata=owner,
+            timeout=timeout,
+        ),
+        pause=0.01,
+    )
+    load.steady(
+        "list",
+        "ListAgents",
+        "agent",
+        lambda: agents.ListAgents(
+            agent_pb2.ListAgentsRequest(page_size=50), metadata=owner, timeout=timeout
+        ),
+        pause=0.02,
+    )
     return load
 
 

@@ -180,12 +180,7 @@ def _load_on(name: str, process: ServiceProcess, caller: Caller, load: Load) -> 
         ]
     for i in range(4):
         method, invoke = steps[i % len(steps)]
-
-        def step(method: str = method, invoke: Callable[[], Any] = invoke) -> None:
-            load.call(method, process.name, invoke)
-            load.pause(0.005)
-
-        load.worker(f"{method}-{i}", step)
+        load.steady(f"{method}-{i}", method, process.name, invoke, pause=0.005)
     return channel
 
 
@@ -508,38 +503,35 @@ def test_a_rolling_restart_behind_a_retrying_round_robin_channel_fails_no_call(
     with Load() as load:
         meta = caller.metadata
 
-        def get() -> None:
-            request = agent_pb2.GetAgentRequest(id=random.choice(seeded))
-            load.call(
-                "GetAgent",
-                "channel",
-                lambda: agents.GetAgent(request, metadata=meta, timeout=CALL_TIMEOUT),
-            )
-            load.pause(0.005)
-
-        def list_page() -> None:
-            request = agent_pb2.ListAgentsRequest(page_size=20)
-            load.call(
-                "ListAgents",
-                "channel",
-                lambda: agents.ListAgents(request, metadata=meta, timeout=CALL_TIMEOUT),
-            )
-            load.pause(0.005)
-
-        def create() -> None:
+        def create() -> Any:
             request = agent_pb2.CreateAgentRequest(
                 agent=agent_pb2.Agent(name=f"rolling-new-{uuid.uuid4().hex[:8]}", model="o3"),
                 request_id=str(uuid.uuid4()),  # retries by the channel create it once
             )
-            load.call(
-                "CreateAgent",
-                "channel",
-                lambda: agents.CreateAgent(request, metadata=meta, timeout=CALL_TIMEOUT),
-            )
-            load.pause(0.02)
+            return agents.CreateAgent(request, metadata=meta, timeout=CALL_TIMEOUT)
 
-        for name, step in [("get-1", get), ("get-2", get), ("list", list_page), ("create", create)]:
-            load.worker(name, step)
+        for i in (1, 2):
+            load.steady(
+                f"get-{i}",
+                "GetAgent",
+                "channel",
+                lambda: agents.GetAgent(
+                    agent_pb2.GetAgentRequest(id=random.choice(seeded)),
+                    metadata=meta,
+                    timeout=CALL_TIMEOUT,
+                ),
+                pause=0.005,
+            )
+        load.steady(
+            "list",
+            "ListAgents",
+            "channel",
+            lambda: agents.ListAgents(
+                agent_pb2.ListAgentsRequest(page_size=20), metadata=meta, timeout=CALL_TIMEOUT
+            ),
+            pause=0.005,
+        )
+        load.steady("create", "CreateAgent", "channel", create, pause=0.02)
         try:
             load.wait_for(lambda calls: sum(c.ok for c in calls) >= 50, 60, "the load")
             for process, env in replicas:
