@@ -1,41 +1,25 @@
-"""Fixtures of the fault suite: a private PostgreSQL cluster (one per session), private Redis
-servers (one per test or module), and `Fleet`s of service processes that are always ended.
+"""Fixtures of the fault suite: a private PostgreSQL cluster (one per session), the check
+that `redis-server` exists (each Redis test starts its own, tests/faults/servers.py), an
+auth_svc per module, and `Fleet`s of service processes that are always ended.
 
 Without `redis-server` or the PostgreSQL server binaries the tests that need them are
 skipped with the reason, and fail with CI=true (tests/conftest.py `missing()`).
-`FAULTS_FUZZ_EXAMPLES` scales the fuzz tests (scripts/fuzz sets it).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from agentplatform.auth.v1 import auth_pb2_grpc
-from hypothesis import HealthCheck, settings
 
 from tests.conftest import missing
-from tests.faults.servers import PostgresCluster, PrivateRedis, find_postgres_bindir
+from tests.faults.servers import PostgresCluster, find_postgres_bindir
 from tests.faults.services import AUTH_SERVICE, AuthService, Fleet, auth_env
 from tests.helpers import free_port
-
-settings.register_profile(
-    "faults",
-    deadline=None,  # one example is a network call to a server on a busy 2-core machine
-    database=None,  # no .hypothesis folder in the work tree
-    print_blob=True,  # a failure prints the line that reproduces it
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-
-
-def fuzz_examples(default: int) -> int:
-    """The number of examples a fuzz test runs: FAULTS_FUZZ_EXAMPLES, else `default`."""
-    raw = os.environ.get("FAULTS_FUZZ_EXAMPLES", "").strip()
-    return int(raw) if raw else default
 
 
 @pytest.fixture(scope="session")
@@ -68,24 +52,6 @@ def redis_server_binary() -> str:
         missing("redis-server", "not on PATH")
     assert path is not None
     return path
-
-
-@pytest.fixture
-def new_redis(redis_server_binary: str, tmp_path: Path) -> Iterator[Callable[..., PrivateRedis]]:
-    """A factory of private Redis servers (started), all killed when the test ends."""
-    made: list[PrivateRedis] = []
-
-    def make(*, snapshots: bool = False) -> PrivateRedis:
-        server = PrivateRedis(tmp_path / f"redis-{len(made)}", snapshots=snapshots)
-        made.append(server)
-        server.start()
-        return server
-
-    try:
-        yield make
-    finally:
-        for server in made:
-            server.close()
 
 
 @pytest.fixture

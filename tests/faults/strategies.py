@@ -7,10 +7,14 @@ maps of a few entries, google.protobuf.Struct as arbitrary JSON, FieldMask paths
 real field names and from anywhere else. `Hints` steer some string fields towards values
 that get past the first check (real agent ids, allowed models, well-formed filters,
 emails), so the property tests reach the service and the database, not only validation.
+
+`fuzz_settings(default)`: the examples a fuzz test runs, FAULTS_FUZZ_EXAMPLES if set (what
+scripts/fuzz sets), else `default`, the modest CI count.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,9 +22,23 @@ from typing import Any
 from google.protobuf import field_mask_pb2, message_factory, struct_pb2, timestamp_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-__all__ = ["Hints", "requests"]
+__all__ = ["Hints", "fuzz_settings", "requests"]
+
+_PROFILE = settings(
+    deadline=None,  # one example is a network call to a server on a busy 2-core machine
+    database=None,  # no example database: every run draws afresh
+    print_blob=True,  # a failure prints the line that reproduces it
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def fuzz_settings(default: int) -> settings:
+    raw = os.environ.get("FAULTS_FUZZ_EXAMPLES", "").strip()
+    return settings(_PROFILE, max_examples=int(raw) if raw else default)
+
 
 MODELS = ("gpt-4o", "gpt-4o-mini", "o3", "claude-sonnet-4", "gemini-2.5-pro")
 FILTER_FIELDS = ("name", "model", "description", "owner_id", "create_time", "metadata.team")

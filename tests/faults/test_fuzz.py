@@ -37,7 +37,7 @@ from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
 from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
 from google.protobuf import field_mask_pb2, struct_pb2
 from google.protobuf.message import Message
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.faults.bodies import (
@@ -53,7 +53,6 @@ from tests.faults.bodies import (
     with_invalid_utf8,
     with_value,
 )
-from tests.faults.conftest import fuzz_examples
 from tests.faults.load import outcome
 from tests.faults.servers import PostgresCluster
 from tests.faults.services import (
@@ -69,7 +68,7 @@ from tests.faults.services import (
     register_and_login,
     rss_mb,
 )
-from tests.faults.strategies import Hints, requests
+from tests.faults.strategies import Hints, fuzz_settings, requests
 from tests.helpers import ServiceProcess, free_port
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
@@ -244,10 +243,6 @@ def assert_healthy(stack: FuzzStack) -> None:
         )
 
 
-def _fuzz_settings(default: int) -> settings:
-    return settings(settings.get_profile("faults"), max_examples=fuzz_examples(default))
-
-
 # -- mutated bodies ----------------------------------------------------------------------------
 
 
@@ -258,7 +253,7 @@ def test_mutated_bodies_never_fail_internally_and_always_carry_error_info(
     valid = {m.path: requests(m.input, fuzz_stack.hints) for _, m in methods}
     answers: list[Answer] = []
 
-    @_fuzz_settings(150)
+    @fuzz_settings(150)
     @given(data=st.data())
     def examples(data: st.DataObject) -> None:
         server, method = data.draw(st.sampled_from(methods), label="method")
@@ -506,7 +501,7 @@ def test_property_based_requests_never_fail_internally(fuzz_stack: FuzzStack) ->
     strategies = {m.path: requests(m.input, fuzz_stack.hints) for _, m in methods}
     sent = Counter[str]()
 
-    @_fuzz_settings(150)
+    @fuzz_settings(150)
     @given(data=st.data())
     def examples(data: st.DataObject) -> None:
         server, method = data.draw(st.sampled_from(methods), label="method")
