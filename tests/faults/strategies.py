@@ -149,11 +149,13 @@ def _scalar(fd: FieldDescriptor, hints: Hints) -> st.SearchStrategy[Any]:
     raise TypeError(f"no strategy for {fd.full_name}")
 
 
+def _json_containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(children, max_size=4) | st.dictionaries(_text(16), children, max_size=4)
+
+
 _JSON = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=False) | _text(30),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(_text(16), children, max_size=4)
-    ),
+    _json_containers,  # a named function: Hypothesis checks a lambda's source for recursion
     max_leaves=20,
 )
 
