@@ -84,8 +84,11 @@ def _common(
 def auth_env(
     port: int, data_dir: Path, database_url: str = "", redis_url: str = "", **extra: str
 ) -> dict[str, str]:
-    """auth_svc's environment; `extra` are AUTH_* names without the prefix."""
+    """auth_svc's environment; `extra` are AUTH_* names without the prefix. The per-address
+    limits of public methods are the test suite's generous ones (tests/conftest.py): every
+    client here is 127.0.0.1."""
     env = _common("AUTH", port, data_dir, database_url, redis_url)
+    env["AUTH_RATE_LIMITS"] = os.environ.get("AUTH_RATE_LIMITS", "")
     return {**env, **{f"AUTH_{key}": value for key, value in extra.items()}}
 
 
