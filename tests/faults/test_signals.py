@@ -242,8 +242,10 @@ def test_sigterm_answers_not_serving_while_serving_for_the_delay_then_drains_and
         str(c) for c in early_failures[:5]
     )
     other = [c for c in calls if not c.ok and c.code != UNAVAILABLE]
-    assert not other, "calls ended otherwise than OK or UNAVAILABLE: " + "; ".join(
-        str(c) for c in other[:5]
+    assert not other, (
+        f"calls ended otherwise than OK or UNAVAILABLE (SIGTERM at {signalled:.3f}, NOT_SERVING"
+        f" seen at {not_serving:.3f}, last OK call started at {last_ok:.3f}, exit at"
+        f" {exited:.3f}): " + "; ".join(str(c) for c in other[:5])
     )
 
 
