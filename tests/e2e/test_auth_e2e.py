@@ -44,6 +44,7 @@ pytestmark = pytest.mark.e2e
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 MAX_FAILURES = 5
+PARALLEL_LOGINS = 20
 ISSUER, AUDIENCE = "agentplatform-auth", "agentplatform"
 ACCESS_FIELDS = {"method", "code", "duration_ms", "peer", "request_id", "user_id"}
 
@@ -134,6 +135,9 @@ def server(
             "AUTH_LOG_LEVEL": "INFO",
             "AUTH_REFRESH_REUSE_GRACE_SECONDS": "0",
             "AUTH_LOGIN_MAX_FAILURES": str(MAX_FAILURES),
+            # Room for every login of the parallel test to wait for a hashing thread: what
+            # it counts is the failed-login limit, not the hashing capacity (HASHING_BUSY).
+            "AUTH_HASH_QUEUE": str(PARALLEL_LOGINS),
             "AUTH_GRACE_SECONDS": "5",
             **backend_env,
         },
@@ -302,19 +306,20 @@ def test_parallel_wrong_passwords_never_get_more_tries_than_the_limit(server: Au
     password = "the right password"
     email = server.new_account(password)
     server.remember("a wrong password")
-    start = threading.Barrier(20)
+    start = threading.Barrier(PARALLEL_LOGINS)
 
     def wrong_login(_: int) -> grpc.RpcError:
         start.wait(timeout=10)
         return rpc_error(lambda: server.login(email, "a wrong password"))
 
-    with ThreadPoolExecutor(max_workers=20) as pool:
-        errors = list(pool.map(wrong_login, range(20)))
+    with ThreadPoolExecutor(max_workers=PARALLEL_LOGINS) as pool:
+        errors = list(pool.map(wrong_login, range(PARALLEL_LOGINS)))
     codes = collections.Counter(e.code() for e in errors)
     assert codes[grpc.StatusCode.UNAUTHENTICATED] == MAX_FAILURES
-    assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] == 20 - MAX_FAILURES
+    assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] == PARALLEL_LOGINS - MAX_FAILURES
     for error in errors:
         if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            assert reason_of(error) == "LOGIN_LOCKED"
             retry = error_detail(rpc_status.from_call(error), error_details_pb2.RetryInfo)
             assert 0 < retry.retry_delay.seconds <= 900
 
