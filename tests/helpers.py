@@ -1,4 +1,5 @@
-"""Test helpers: free ports, service processes, in-process interceptor chains."""
+"""Test helpers: what a test does when a prerequisite is missing, free ports, service
+processes, in-process interceptor chains."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
+import pytest
 from google.protobuf import descriptor_pool, message_factory
 from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,6 +22,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shared.rpc.request_path import RequestPath
 
 ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(message: str) -> NoReturn:
+    """A prerequisite (a server, a tool, a package) is not there: skip on a laptop, fail in
+    CI, where everything the suite needs must exist. Every skip of the suite goes through
+    here; a bare `pytest.skip` or `skipif` would let CI pass without running the test."""
+    if IN_CI:
+        pytest.fail(f"{message}; CI=true requires it", pytrace=False)
+    pytest.skip(f"{message} (CI=true makes this a failure)")
 
 
 def free_port() -> int:

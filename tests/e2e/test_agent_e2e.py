@@ -91,8 +91,6 @@ from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
 
-GRPCURL = Path(sys.executable).parent / "grpcurl"
-ADMIN_CLI = ROOT / "services" / "auth_svc" / "cli.py"
 ADMIN_EMAIL = "admin@example.com"
 ADMIN_PASSWORD = "the e2e admin's password"
 USER_PASSWORD = "an e2e user's password"
@@ -355,18 +353,13 @@ class Stack:
     agent: ServiceProcess
     auth_stub: auth_pb2_grpc.AuthServiceStub
     agents: agent_pb2_grpc.AgentServiceStub
-    admin: Caller | None
+    admin: Caller
     agent_database_url: str = ""
     redis_url: str = ""
     channels: list[grpc.Channel] = field(default_factory=list)
 
     def new_user(self) -> Caller:
         return register_and_login(self.auth_stub)
-
-    def require_admin(self) -> Caller:
-        if self.admin is None:
-            pytest.skip(f"no {ADMIN_CLI.relative_to(ROOT)}: cannot create an admin")
-        return self.admin
 
 
 def free_ports(count: int) -> list[int]:
@@ -406,17 +399,14 @@ def run_stack(
         agent.wait_serving(AGENT_SERVICE)
         channels += [grpc.insecure_channel(auth.address), grpc.insecure_channel(agent.address)]
         auth_stub = auth_pb2_grpc.AuthServiceStub(channels[0])
-        admin = None
-        if ADMIN_CLI.exists():
-            create_admin(env)
-            admin = login(auth_stub, ADMIN_EMAIL, ADMIN_PASSWORD)
+        create_admin(env)
         yield Stack(
             backend=backend,
             auth=auth,
             agent=agent,
             auth_stub=auth_stub,
             agents=agent_pb2_grpc.AgentServiceStub(channels[1]),
-            admin=admin,
+            admin=login(auth_stub, ADMIN_EMAIL, ADMIN_PASSWORD),
             agent_database_url=agent_database_url,
             redis_url=redis_url,
             channels=channels,
@@ -505,7 +495,7 @@ def test_another_users_agent_is_not_found_exactly_like_a_missing_one(stack: Stac
 
 
 def test_an_admin_reads_and_lists_every_owners_agents_and_filters_by_owner(stack: Stack) -> None:
-    admin = stack.require_admin()
+    admin = stack.admin
     stub, a, b = stack.agents, stack.new_user(), stack.new_user()
     a_ids = {create(stub, a, f"adm-a-{i}").id for i in range(3)}
     b_agent = create(stub, b, "adm-b-0", model="o3")
@@ -538,8 +528,7 @@ def test_the_cache_never_hands_one_owners_agent_to_another(stack: Stack) -> None
         error = rpc_error(lambda: get(stub, b, agent.id))
         assert error.code() == NOT_FOUND
     assert get(stub, a, agent.id) == agent
-    if stack.admin is not None:
-        assert get(stub, stack.admin, agent.id) == agent
+    assert get(stub, stack.admin, agent.id) == agent
 
 
 # -- 2. paging --------------------------------------------------------------------------
@@ -664,9 +653,8 @@ def test_page_tokens_are_tamper_evident_and_bound_to_query_and_caller(stack: Sta
         ("other order", a, {**query, "page_token": token, "order_by": "name desc"}),
         ("other field", a, {**query, "page_token": token, "order_by": "create_time asc"}),
         ("other caller", b, {**query, "page_token": token}),
+        ("an admin", stack.admin, {**query, "page_token": token}),
     ]
-    if stack.admin is not None:
-        refused.append(("an admin", stack.admin, {**query, "page_token": token}))
     for case, caller, request in refused:
         error = rpc_error(lambda: list_page(stub, caller, **request))  # noqa: B023
         assert error.code() == INVALID_ARGUMENT, case
@@ -1094,10 +1082,10 @@ def test_agent_started_while_auth_is_down_is_unavailable_until_keys_arrive(
 
 
 def grpcurl(
-    address: str, method: str, data: dict[str, Any] | None = None, token: str = ""
+    binary: Path, address: str, method: str, data: dict[str, Any] | None = None, token: str = ""
 ) -> tuple[int, Any]:
     """Runs grpcurl like the module docstring's commands; parsed JSON on success."""
-    args = [str(GRPCURL), "-plaintext"]
+    args = [str(binary), "-plaintext"]
     if token:
         args += ["-H", f"authorization: Bearer {token}"]
     if data is not None:
@@ -1109,23 +1097,23 @@ def grpcurl(
     return done.returncode, done.stdout + done.stderr
 
 
-@pytest.mark.skipif(not GRPCURL.exists(), reason=f"no grpcurl at {GRPCURL}")
-def test_an_operator_session_through_grpcurl(embedded_stack: Stack) -> None:
+def test_an_operator_session_through_grpcurl(embedded_stack: Stack, grpcurl_binary: Path) -> None:
     auth, agents = embedded_stack.auth.address, embedded_stack.agent.address
     auth_method, agent_method = f"{AUTH_SERVICE}/", f"{AGENT_SERVICE}/"
     email = f"ada-{uuid.uuid4().hex[:8]}@example.com"
     credentials = {"email": email, "password": "correct horse battery"}
-    code, _ = grpcurl(auth, auth_method + "Register", credentials)
+    code, _ = grpcurl(grpcurl_binary, auth, auth_method + "Register", credentials)
     assert code == 0
-    code, login_reply = grpcurl(auth, auth_method + "Login", credentials)
+    code, login_reply = grpcurl(grpcurl_binary, auth, auth_method + "Login", credentials)
     assert code == 0
     token = login_reply["access_token"]
 
-    code, listing = grpcurl(agents, "list")
+    code, listing = grpcurl(grpcurl_binary, agents, "list")
     assert code == 0
     assert AGENT_SERVICE in listing.split()
 
     code, created = grpcurl(
+        grpcurl_binary,
         agents,
         agent_method + "CreateAgent",
         {
@@ -1159,14 +1147,21 @@ def test_an_operator_session_through_grpcurl(embedded_stack: Stack) -> None:
     )
     assert agent["tools"][0]["parameters"]["properties"] == {"query": {"type": "string"}}
     code, other = grpcurl(
-        agents, agent_method + "CreateAgent", {"agent": {"name": "sales-bot", "model": "o3"}}, token
+        grpcurl_binary,
+        agents,
+        agent_method + "CreateAgent",
+        {"agent": {"name": "sales-bot", "model": "o3"}},
+        token,
     )
     assert code == 0, other
 
-    code, fetched = grpcurl(agents, agent_method + "GetAgent", {"id": agent["id"]}, token)
+    code, fetched = grpcurl(
+        grpcurl_binary, agents, agent_method + "GetAgent", {"id": agent["id"]}, token
+    )
     assert (code, fetched) == (0, {"agent": agent})
 
     code, listed = grpcurl(
+        grpcurl_binary,
         agents,
         agent_method + "ListAgents",
         {"filter": 'model = "gpt-4o" AND name = "sup*"', "order_by": "name asc", "page_size": 10},
@@ -1177,6 +1172,7 @@ def test_an_operator_session_through_grpcurl(embedded_stack: Stack) -> None:
 
     new_description = "Answers tickets in English and French"
     code, updated = grpcurl(
+        grpcurl_binary,
         agents,
         agent_method + "UpdateAgent",
         {
@@ -1191,10 +1187,15 @@ def test_an_operator_session_through_grpcurl(embedded_stack: Stack) -> None:
     assert updated["agent"]["etag"] != agent["etag"]
 
     code, output = grpcurl(
-        agents, agent_method + "DeleteAgent", {"id": agent["id"], "etag": agent["etag"]}, token
+        grpcurl_binary,
+        agents,
+        agent_method + "DeleteAgent",
+        {"id": agent["id"], "etag": agent["etag"]},
+        token,
     )
     assert code == 64 + ABORTED.value[0], output  # the etag before the update
     code, deleted = grpcurl(
+        grpcurl_binary,
         agents,
         agent_method + "DeleteAgent",
         {"id": agent["id"], "etag": updated["agent"]["etag"]},
@@ -1202,10 +1203,14 @@ def test_an_operator_session_through_grpcurl(embedded_stack: Stack) -> None:
     )
     assert (code, deleted) == (0, {})
 
-    code, output = grpcurl(agents, agent_method + "GetAgent", {"id": "not-a-uuid"}, token)
+    code, output = grpcurl(
+        grpcurl_binary, agents, agent_method + "GetAgent", {"id": "not-a-uuid"}, token
+    )
     assert code == 64 + INVALID_ARGUMENT.value[0], output
     assert "InvalidArgument" in output
-    code, output = grpcurl(agents, agent_method + "GetAgent", {"id": agent["id"]}, token)
+    code, output = grpcurl(
+        grpcurl_binary, agents, agent_method + "GetAgent", {"id": agent["id"]}, token
+    )
     assert code == 64 + NOT_FOUND.value[0], output
-    code, output = grpcurl(agents, agent_method + "ListAgents", {})
+    code, output = grpcurl(grpcurl_binary, agents, agent_method + "ListAgents", {})
     assert code == 64 + UNAUTHENTICATED.value[0], output

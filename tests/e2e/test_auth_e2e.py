@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -42,7 +41,6 @@ from tests.helpers import ServiceProcess, error_detail, free_port
 
 pytestmark = pytest.mark.e2e
 
-GRPCURL = Path(sys.executable).parent / "grpcurl"
 MAX_FAILURES = 5
 PARALLEL_LOGINS = 20
 ISSUER, AUDIENCE = "agentplatform-auth", "agentplatform"
@@ -341,12 +339,13 @@ def test_parallel_wrong_passwords_never_get_more_tries_than_the_limit(server: Au
 
 
 def grpcurl(
+    binary: Path,
     server: AuthServer,
     method: str,
     data: dict[str, Any] | None = None,
     headers: Sequence[str] = (),
 ) -> tuple[int, Any]:
-    args = [str(GRPCURL), "-plaintext", "-max-time", "15"]
+    args = [str(binary), "-plaintext", "-max-time", "15"]
     for header in headers:
         args += ["-H", header]
     if data is not None:
@@ -363,41 +362,51 @@ def grpcurl(
     return done.returncode, done.stdout + done.stderr
 
 
-@pytest.mark.skipif(not GRPCURL.exists(), reason=f"no grpcurl at {GRPCURL}")
-def test_an_operator_session_through_grpcurl(server: AuthServer) -> None:
-    code, listing = grpcurl(server, "list")
+def test_an_operator_session_through_grpcurl(server: AuthServer, grpcurl_binary: Path) -> None:
+    code, listing = grpcurl(grpcurl_binary, server, "list")
     assert code == 0
     assert SERVICE_NAME in listing.split()
 
     email = f"op-{uuid.uuid4().hex[:10]}@example.com"
     password = "operator password"
     server.remember(password)
-    code, registered = grpcurl(server, "Register", {"email": email, "password": password})
+    code, registered = grpcurl(
+        grpcurl_binary, server, "Register", {"email": email, "password": password}
+    )
     assert code == 0
     assert registered["user"]["email"] == email  # proto field names in 1.8.6
 
-    code, login = grpcurl(server, "Login", {"email": email, "password": password})
+    code, login = grpcurl(grpcurl_binary, server, "Login", {"email": email, "password": password})
     assert code == 0
     server.remember(login["access_token"], login["refresh_token"])
     assert login["token_type"] == "Bearer"
 
     code, me = grpcurl(
-        server, "GetCurrentUser", headers=[f"authorization: Bearer {login['access_token']}"]
+        grpcurl_binary,
+        server,
+        "GetCurrentUser",
+        headers=[f"authorization: Bearer {login['access_token']}"],
     )
     assert code == 0
     assert me["user"]["id"] == registered["user"]["id"]
 
-    code, refreshed = grpcurl(server, "RefreshToken", {"refresh_token": login["refresh_token"]})
+    code, refreshed = grpcurl(
+        grpcurl_binary, server, "RefreshToken", {"refresh_token": login["refresh_token"]}
+    )
     assert code == 0
     server.remember(refreshed["access_token"], refreshed["refresh_token"])
 
-    code, logout = grpcurl(server, "Logout", {"refresh_token": refreshed["refresh_token"]})
+    code, logout = grpcurl(
+        grpcurl_binary, server, "Logout", {"refresh_token": refreshed["refresh_token"]}
+    )
     assert (code, logout) == (0, {})
 
-    code, output = grpcurl(server, "Register", {"email": "bad", "password": password})
+    code, output = grpcurl(
+        grpcurl_binary, server, "Register", {"email": "bad", "password": password}
+    )
     assert code == 64 + grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "InvalidArgument" in output
-    code, output = grpcurl(server, "GetCurrentUser")
+    code, output = grpcurl(grpcurl_binary, server, "GetCurrentUser")
     assert code == 64 + grpc.StatusCode.UNAUTHENTICATED.value[0]
 
 
