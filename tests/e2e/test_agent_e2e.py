@@ -89,8 +89,6 @@ from tests.conftest import GENEROUS_RATE_LIMITS
 from tests.helpers import ROOT, ServiceProcess, error_detail
 from tests.tcp_proxy import TcpProxy
 
-pytestmark = pytest.mark.e2e
-
 ADMIN_EMAIL = "admin@example.com"
 ADMIN_PASSWORD = "the e2e admin's password"
 USER_PASSWORD = "an e2e user's password"

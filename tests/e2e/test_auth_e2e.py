@@ -39,8 +39,6 @@ from shared.security.jwk import from_jwk
 from shared.security.tokens import StaticKeyProvider, TokenVerifier
 from tests.helpers import ServiceProcess, error_detail, free_port
 
-pytestmark = pytest.mark.e2e
-
 MAX_FAILURES = 5
 PARALLEL_LOGINS = 20
 ISSUER, AUDIENCE = "agentplatform-auth", "agentplatform"

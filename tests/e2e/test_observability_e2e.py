@@ -22,8 +22,6 @@ from services.agent_svc import SERVICE_NAME as AGENT_SERVICE_NAME
 from services.auth_svc import SERVICE_NAME as AUTH_SERVICE_NAME
 from tests.helpers import ServiceProcess, free_port
 
-pytestmark = pytest.mark.e2e
-
 
 def scrape(port: int) -> dict[str, float]:
     """Every sample as `name{label="value",...}` → value."""

@@ -22,8 +22,6 @@ from services.agent_svc.infra.cache import TwoLevelCache
 from shared.data.redis_client import make_redis
 from tests.helpers import free_port
 
-pytestmark = pytest.mark.redis
-
 
 @dataclass(frozen=True, slots=True)
 class Item:

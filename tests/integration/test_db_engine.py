@@ -12,8 +12,6 @@ from sqlalchemy.exc import OperationalError
 from shared.data.db import make_engine, unavailable_database
 from shared.rpc.errors import Unavailable
 
-pytestmark = pytest.mark.postgres
-
 
 def test_a_statement_over_the_timeout_is_cancelled_and_maps_to_unavailable(
     postgres_url: str,
