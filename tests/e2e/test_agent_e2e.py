@@ -4,8 +4,8 @@ Most tests run on both backends, each a pair of processes started once for the m
 
 - `embedded`: the dev defaults (SQLite files, no Redis, L1 only);
 - `postgres_redis`: PostgreSQL (a fresh database for auth and another for agent: the two
-  services never share tables) and Redis (database 14 of the test server, which no fixture
-  flushes; skipped without them, failing with CI=true).
+  services never share tables) and Redis (the database of TEST_REDIS_URL, the session's
+  own, which no test of this module flushes; skipped without them, failing with CI=true).
 
 Tests that need a backend of their own start extra processes: Redis cut off mid-test behind
 a TCP proxy, a second agent replica sharing PostgreSQL + Redis, and agent_svc started while
@@ -96,7 +96,6 @@ USER_PASSWORD = "an e2e user's password"
 PAGE_TOKEN_SECRET = "e2e-page-token-secret-0123456789abcdef"
 ISSUER, AUDIENCE = "agentplatform-auth", "agentplatform"
 TIMEOUT = 10.0  # per call, generous: a 2-core machine running several servers
-E2E_REDIS_DB = 14  # not the fixtures' database 15, see e2e_redis_url
 L1_TTL_SECONDS = 30  # long enough that convergence within seconds is the invalidation's doing
 
 OK = grpc.StatusCode.OK
@@ -422,26 +421,20 @@ def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="module")
-def e2e_redis_url(redis_server_url: str) -> str:
-    """The test Redis server, database E2E_REDIS_DB: the `redis_url` fixture of other tests
-    flushes its database, and a flush from a test session running beside this one would
-    wipe what these tests check in L2. Keys here are per-agent UUIDs with TTLs: no cleanup."""
-    parts = urlsplit(redis_server_url)
-    return urlunsplit(parts._replace(path=f"/{E2E_REDIS_DB}"))
-
-
-@pytest.fixture(scope="module")
 def pg_stack(
     tmp_path_factory: pytest.TempPathFactory,
     new_postgres_database: Callable[[], str],
-    e2e_redis_url: str,
+    redis_server_url: str,
 ) -> Iterator[Stack]:
+    """Redis is the session's own database (TEST_REDIS_URL): a session beside this one
+    uses another, so nothing flushes it under these processes; keys are per-agent UUIDs
+    with TTLs and need no cleanup (the `redis_url` fixture of a later test empties it)."""
     yield from run_stack(
         "postgres_redis",
         tmp_path_factory.mktemp("agent-e2e-postgres"),
         auth_database_url=new_postgres_database(),
         agent_database_url=new_postgres_database(),  # never the auth database
-        redis_url=e2e_redis_url,
+        redis_url=redis_server_url,
     )
 
 
