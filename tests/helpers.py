@@ -23,6 +23,9 @@ from shared.rpc.request_path import RequestPath
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# How long a service process may take to start: imports, migrations and keys take seconds
+# alone, and a machine shared with other test runs has taken over 30 s.
+STARTUP_DEADLINE = 120.0
 
 
 def unavailable(message: str) -> NoReturn:
@@ -57,7 +60,7 @@ class ServiceProcess:
             stderr=subprocess.STDOUT,
         )
 
-    def wait_serving(self, service: str, timeout: float = 30.0) -> None:
+    def wait_serving(self, service: str, timeout: float = STARTUP_DEADLINE) -> None:
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -65,13 +68,23 @@ class ServiceProcess:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"{self.name} exited:\n{self.log()}")
                 try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.1)
         raise TimeoutError(f"{self.name} not SERVING after {timeout}s:\n{self.log()}")
+
+    def wait_logged(self, text: str, timeout: float = STARTUP_DEADLINE) -> None:
+        """Until the process has logged a line containing `text` (an event it announces)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} never logged {text!r}:\n{self.log()}")
+            time.sleep(0.02)
 
     def log(self) -> str:
         self._log.flush()
