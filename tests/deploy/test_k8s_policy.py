@@ -11,7 +11,6 @@ default-deny NetworkPolicy.
 from __future__ import annotations
 
 import importlib
-import os
 import re
 import shutil
 import subprocess
@@ -22,9 +21,10 @@ from typing import Any, NoReturn
 
 import pytest
 
+from tests.helpers import unavailable
+
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
-IN_CI = os.environ.get("CI", "").lower() == "true"
 OVERLAYS = sorted(
     p.parent.relative_to(K8S).as_posix() for p in K8S.glob("overlays/*/kustomization.yaml")
 )
@@ -40,10 +40,7 @@ Doc = dict[str, Any]
 
 
 def _unavailable(what: str) -> NoReturn:
-    message = f"{what} is not installed"
-    if IN_CI:
-        pytest.fail(f"{message}; CI=true requires it", pytrace=False)
-    pytest.skip(f"{message}; install it to check deploy/k8s (CI=true makes this a failure)")
+    unavailable(f"{what} is not installed; install it to check deploy/k8s")
 
 
 def _yaml() -> Any:

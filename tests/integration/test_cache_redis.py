@@ -22,8 +22,6 @@ from services.agent_svc.infra.cache import TwoLevelCache
 from shared.data.redis_client import make_redis
 from tests.helpers import free_port
 
-pytestmark = pytest.mark.redis
-
 
 @dataclass(frozen=True, slots=True)
 class Item:
@@ -57,6 +55,7 @@ class Recorder:
 
 
 CacheFactory = Callable[..., tuple[TwoLevelCache[Item], Recorder]]
+WAIT = 30.0  # the deadline of every wait for a condition: generous, only a failure waits it out
 
 
 @pytest.fixture
@@ -75,6 +74,10 @@ def make_cache(unique: str) -> Iterator[CacheFactory]:
             "breaker_seconds": 0.2,
             "listener_poll_seconds": 0.05,
             "listener_max_backoff_seconds": 0.2,
+            # L1 serves for three pings after the listener last heard from Redis: with
+            # pings 5 s apart a loaded machine cannot turn the L1 hits counted here into
+            # misses (a closed connection still ends it at once).
+            "listener_ping_seconds": 5.0,
         }
         options.update(kwargs)
         cache: TwoLevelCache[Item] = TwoLevelCache(
@@ -93,7 +96,30 @@ def make_cache(unique: str) -> Iterator[CacheFactory]:
         cache.close()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 2.0) -> bool:
+class SteppedClock:
+    """`time.monotonic` plus the jumps a test makes (a breaker period passes at once)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+class FrozenClock:
+    """A clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = WAIT) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -132,8 +158,8 @@ def test_l2_fill_and_hit_across_two_instances(
     a, a_events = make_cache(make_redis(redis_url))
     b, b_events = make_cache(make_redis(redis_url))
     # (Subscribing clears L1, so an entry filled before it would be dropped.)
-    assert a.wait_subscribed(2)
-    assert b.wait_subscribed(2)
+    assert a.wait_subscribed(WAIT)
+    assert b.wait_subscribed(WAIT)
     db = Database()
     key = uuid.uuid4()
     db.write(key, 1)
@@ -165,8 +191,8 @@ def test_concurrent_l2_reads_share_round_trips_and_each_gets_its_own_value(
     writer, _ = make_cache(make_redis(redis_url))
     reader, events = make_cache(make_redis(redis_url), l1_max_entries=0)  # every read hits L2
     # (A subscription that lands during a load marks it stale: no L2 fill. Wait for both.)
-    assert writer.wait_subscribed(2)
-    assert reader.wait_subscribed(2)
+    assert writer.wait_subscribed(WAIT)
+    assert reader.wait_subscribed(WAIT)
     db = Database()
     keys = [uuid.uuid4() for _ in range(200)]
     for number, key in enumerate(keys):
@@ -204,8 +230,8 @@ def test_invalidate_on_one_instance_drops_the_other_instances_l1(
 ) -> None:
     a, _ = make_cache(make_redis(redis_url))
     b, b_events = make_cache(make_redis(redis_url))
-    assert a.wait_subscribed(2)
-    assert b.wait_subscribed(2)
+    assert a.wait_subscribed(WAIT)
+    assert b.wait_subscribed(WAIT)
     db = Database()
     key = uuid.uuid4()
     db.write(key, 1)
@@ -215,7 +241,7 @@ def test_invalidate_on_one_instance_drops_the_other_instances_l1(
     db.write(key, 2)
     a.invalidate(key)
     assert version_of(a.get(key, db.loader(key))) == 2  # the writer's replica: at once
-    assert wait_for(lambda: not b.in_l1(key), timeout=2.0)
+    assert wait_for(lambda: not b.in_l1(key))
     assert version_of(b.get(key, db.loader(key))) == 2
     assert b_events.counts[("pubsub", "message")] >= 1
 
@@ -223,11 +249,12 @@ def test_invalidate_on_one_instance_drops_the_other_instances_l1(
 def test_invalidation_delay_between_instances(
     redis_url: str, make_cache: CacheFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """From the start of invalidate() on A to the L1 entry being gone on B."""
+    """From the start of invalidate() on A to the L1 entry being gone on B: measured and
+    printed (the README quotes it); the test asserts only that every one arrives."""
     a, _ = make_cache(make_redis(redis_url))
     b, b_events = make_cache(make_redis(redis_url))
-    assert a.wait_subscribed(2)
-    assert b.wait_subscribed(2)
+    assert a.wait_subscribed(WAIT)
+    assert b.wait_subscribed(WAIT)
     db = Database()
     key = uuid.uuid4()
     delays: list[float] = []
@@ -240,7 +267,7 @@ def test_invalidation_delay_between_instances(
         started = time.perf_counter()
         a.invalidate(key)
         calls.append(time.perf_counter() - started)
-        assert b_events.message.wait(2.0), "invalidation not received within 2 s"
+        assert b_events.message.wait(WAIT), "invalidation never received"
         delays.append(b_events.message_times[-1] - started)
         assert not b.in_l1(key)
     delays.sort()
@@ -253,7 +280,6 @@ def test_invalidation_delay_between_instances(
             f"p50 {p50:.2f} ms, p95 {p95:.2f} ms, max {worst:.2f} ms "
             f"(invalidate() call itself: p50 {statistics.median(calls) * 1000:.2f} ms)"
         )
-    assert worst < 2000
 
 
 def test_a_stale_fill_is_refused_in_l2(
@@ -288,7 +314,7 @@ def test_a_stale_fill_is_refused_in_l2(
     # (re)subscribing clears its L1, after which it reads version 2 from L2.
     assert reader.in_l1(key)
     reader.start()
-    assert reader.wait_subscribed(2)
+    assert reader.wait_subscribed(WAIT)
     assert not reader.in_l1(key)
     assert version_of(reader.get(key, db.loader(key))) == 2
     assert reader_events.counts[("l2", "hit")] == 1
@@ -299,26 +325,41 @@ def test_redis_unreachable_degrades_to_load_without_raising(
     make_cache: CacheFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="services.agent_svc.infra.cache")
-    cache, events = make_cache(make_redis("redis://127.0.0.1:1/0"))  # connection refused
+    clock = FrozenClock()
+    cache, events = make_cache(
+        make_redis("redis://127.0.0.1:1/0"),  # connection refused
+        start=False,  # no listener: only the calls below touch Redis
+        clock=clock,
+        breaker_seconds=1.0,
+    )
     db = Database()
     key = uuid.uuid4()
     db.write(key, 1)
-    started = time.monotonic()
-    deadline = started + 0.6  # a few breaker periods
-    rounds = 0
-    while time.monotonic() < deadline:
-        rounds += 1
-        assert version_of(cache.get(key, db.loader(key))) == db.rows[key].version
-        db.write(key, rounds + 1)
-        cache.invalidate(key)  # never raises
-        assert version_of(cache.get(key, db.loader(key))) == rounds + 1  # the writer sees it
-    elapsed = time.monotonic() - started
-    assert rounds > 50, f"only {rounds} rounds in {elapsed:.2f}s: Redis errors are not cheap"
+
+    def read_write_read(rounds: int) -> None:
+        for _ in range(rounds):
+            assert version_of(cache.get(key, db.loader(key))) == db.rows[key].version
+            db.write(key, db.rows[key].version + 1)
+            cache.invalidate(key)  # never raises
+            # The writer sees its write at once.
+            assert version_of(cache.get(key, db.loader(key))) == db.rows[key].version
+
+    # Within one breaker period reads try Redis once, however many there are: a dead Redis
+    # costs reads one connection attempt per period, not one per call. Writes try it once
+    # each (an invalidation held back is a window for other replicas to serve the old
+    # version) and keep it pending.
+    rounds = 100
+    read_write_read(rounds)
+    assert events.counts[("l2", "error")] == 1 + rounds  # the first read, every write
+    assert events.counts[("l2", "bypass")] == 2 * rounds - 1  # every other read
     assert cache.pending_invalidations == 1
-    assert events.counts[("l2", "error")] >= 1
-    assert events.counts[("l2", "bypass")] > events.counts[("l2", "error")]  # breaker works
+    clock.now += 1.0  # the period ends: the next read tries Redis again, once
+    read_write_read(rounds)
+    assert events.counts[("l2", "error")] == 2 * (1 + rounds)
+    assert events.counts[("l2", "bypass")] >= 2 * (2 * rounds - 1)
+    assert cache.pending_invalidations == 1
     warnings = [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
-    assert 1 <= len(warnings) <= 2, [r.getMessage() for r in warnings]  # rate-limited
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]  # rate-limited
 
 
 class TcpProxy:
@@ -385,12 +426,13 @@ def test_a_writer_cut_off_from_redis_defers_invalidations_and_sends_them_on_reco
     parts = urlsplit(redis_url)
     proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 6379)).start()
     try:
+        clock = SteppedClock()
         writer, writer_events = make_cache(
-            make_redis(f"redis://127.0.0.1:{proxy.port}{parts.path}")
+            make_redis(f"redis://127.0.0.1:{proxy.port}{parts.path}"), clock=clock
         )
         reader, _ = make_cache(make_redis(redis_url))
-        assert writer.wait_subscribed(2)
-        assert reader.wait_subscribed(2)
+        assert writer.wait_subscribed(WAIT)
+        assert reader.wait_subscribed(WAIT)
         db = Database()
         key = uuid.uuid4()
         db.write(key, 1)
@@ -403,15 +445,15 @@ def test_a_writer_cut_off_from_redis_defers_invalidations_and_sends_them_on_reco
         assert writer.pending_invalidations == 1
         # The replica that served the write never returns the old version...
         assert version_of(writer.get(key, db.loader(key))) == 2
-        time.sleep(0.25)  # past the breaker: L2 is still skipped while the key is pending
+        clock.advance(1.0)  # past the breaker: L2 is still skipped while the key is pending
         writer.invalidate(key)
         assert version_of(writer.get(key, db.loader(key))) == 2
         # ...while another replica still may (the documented limit), until the writer is back.
         assert version_of(reader.get(key, db.loader(key))) == 1
 
         proxy.start()
-        assert wait_for(lambda: writer.pending_invalidations == 0, timeout=3.0)
-        assert wait_for(lambda: not reader.in_l1(key), timeout=2.0)
+        assert wait_for(lambda: writer.pending_invalidations == 0)
+        assert wait_for(lambda: not reader.in_l1(key))
         assert version_of(reader.get(key, db.loader(key))) == 2
         assert writer_events.counts[("pubsub", "subscribed")] >= 2  # the listener came back
         assert version_of(writer.get(key, db.loader(key))) == 2
@@ -426,7 +468,7 @@ def test_a_writer_cut_off_from_redis_defers_invalidations_and_sends_them_on_reco
             assert version_of(writer.get(other, db.loader(other))) == 7
             return writer_events.counts[("l2", "hit")] > hits
 
-        assert wait_for(writer_reads_l2, timeout=3.0)
+        assert wait_for(writer_reads_l2)
     finally:
         proxy.cut()
 
@@ -440,8 +482,8 @@ def test_the_listener_resubscribes_after_its_connection_is_killed_and_clears_l1(
     )
     a, _ = make_cache(make_redis(redis_url))
     b, b_events = make_cache(client)
-    assert a.wait_subscribed(2)
-    assert b.wait_subscribed(2)
+    assert a.wait_subscribed(WAIT)
+    assert b.wait_subscribed(WAIT)
     db = Database()
     key = uuid.uuid4()
     db.write(key, 1)
@@ -456,7 +498,7 @@ def test_the_listener_resubscribes_after_its_connection_is_killed_and_clears_l1(
             killed += 1
     assert killed == 1
     # Messages may have been lost while it was gone: on resubscribing, B forgets its L1.
-    assert wait_for(lambda: b_events.counts[("pubsub", "subscribed")] >= 2, timeout=3.0)
+    assert wait_for(lambda: b_events.counts[("pubsub", "subscribed")] >= 2)
     assert not b.in_l1(key)
     assert b_events.counts[("pubsub", "error")] >= 1
 
@@ -465,7 +507,7 @@ def test_the_listener_resubscribes_after_its_connection_is_killed_and_clears_l1(
     assert b.in_l1(key)
     db.write(key, 2)
     a.invalidate(key)
-    assert wait_for(lambda: not b.in_l1(key), timeout=2.0)
+    assert wait_for(lambda: not b.in_l1(key))
     assert version_of(b.get(key, db.loader(key))) == 2
     admin.close()
 
@@ -491,11 +533,11 @@ def test_a_silently_dead_listener_connection_is_noticed(
     try:
         client = make_redis(f"redis://127.0.0.1:{proxy.port}{parts.path}")
         cache, events = make_cache(client, listener_ping_seconds=0.1)
-        assert cache.wait_subscribed(2)
+        assert cache.wait_subscribed(WAIT)
         frozen.set()  # the link swallows everything from now on
-        assert wait_for(lambda: events.counts[("pubsub", "error")] >= 1, timeout=2.0)
+        assert wait_for(lambda: events.counts[("pubsub", "error")] >= 1)
         frozen.clear()
-        assert wait_for(lambda: events.counts[("pubsub", "subscribed")] >= 2, timeout=3.0)
+        assert wait_for(lambda: events.counts[("pubsub", "subscribed")] >= 2)
     finally:
         proxy._pump = original_pump  # type: ignore[method-assign]
         proxy.cut()

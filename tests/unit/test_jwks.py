@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent import futures
-from datetime import UTC, datetime, timedelta
 
 import grpc
 import jwt
@@ -19,26 +19,11 @@ from shared.rpc.errors import Unauthenticated
 from shared.security.jwk import to_jwk
 from shared.security.jwks import AUTH_CHANNEL_OPTIONS, JwksKeyProvider, grpc_jwks_fetcher
 from shared.security.tokens import TokenVerifier
-from tests.helpers import free_port
+from tests.helpers import FakeClock, free_port
 
 ISSUER = "https://auth.test"
 AUDIENCE = "agentplatform"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.wall = datetime.now(UTC)
-        self.mono = 1000.0
-
-    def now(self) -> datetime:
-        return self.wall
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def advance(self, seconds: float) -> None:
-        self.wall += timedelta(seconds=seconds)
-        self.mono += seconds
+WAIT = 30.0  # the deadline of every wait for a condition: generous, only a failure waits it out
 
 
 def new_key(kid: str) -> tuple[ed25519.Ed25519PrivateKey, dict[str, str]]:
@@ -47,14 +32,24 @@ def new_key(kid: str) -> tuple[ed25519.Ed25519PrivateKey, dict[str, str]]:
 
 
 class FakeFetcher:
-    """Serves `self.jwks`; raises while `self.failures` > 0; counts calls."""
+    """Serves `self.jwks`; raises while `self.failures` > 0; counts calls. Between `hold()`
+    and `release()` a fetch waits, so a test keeps one in progress for as long as it
+    needs, without guessing how long that is."""
 
-    def __init__(self, jwks: list[dict[str, str]], *, delay: float = 0.0) -> None:
+    def __init__(self, jwks: list[dict[str, str]]) -> None:
         self.jwks = jwks
         self.failures = 0
         self.calls = 0
-        self.delay = delay
+        self.finished = 0
+        self._released = threading.Event()
+        self._released.set()
         self._lock = threading.Lock()
+
+    def hold(self) -> None:
+        self._released.clear()
+
+    def release(self) -> None:
+        self._released.set()
 
     def __call__(self) -> list[dict[str, str]]:
         with self._lock:
@@ -62,8 +57,9 @@ class FakeFetcher:
             failing = self.failures > 0
             if failing:
                 self.failures -= 1
-        if self.delay:
-            time.sleep(self.delay)
+        assert self._released.wait(WAIT), "the test never released the fetch"
+        with self._lock:
+            self.finished += 1
         if failing:
             raise ConnectionError("auth service down")
         return [dict(jwk) for jwk in self.jwks]
@@ -208,40 +204,55 @@ def test_a_jwks_without_usable_keys_counts_as_a_failure(clock: FakeClock) -> Non
     assert provider.kids() == {"good"}
 
 
+def lookups_during_one_fetch(
+    provider: JwksKeyProvider, fetcher: FakeFetcher, kid: str
+) -> list[bool]:
+    """16 concurrent `key(kid)` calls, the fetch held until all but the fetching one wait
+    in `key` for it (blocked on the provider's lock: their innermost Python frame is
+    `key`); whether each one found the key."""
+    fetcher.hold()
+    found: dict[int, bool] = {}
+    threads = [
+        threading.Thread(target=lambda n=n: found.update({n: provider.key(kid) is not None}))
+        for n in range(16)
+    ]
+    for thread in threads:
+        thread.start()
+
+    def waiting_in_key() -> int:
+        frames = sys._current_frames()
+        return sum(
+            1
+            for t in threads
+            if t.ident in frames and frames[t.ident].f_code is JwksKeyProvider.key.__code__
+        )
+
+    # A provider that let a second lookup fetch would never get here: the test then
+    # releases the fetches, and the count of calls below tells.
+    wait_for(lambda: fetcher.calls >= 1 and waiting_in_key() == len(threads) - 1)
+    fetcher.release()
+    for thread in threads:
+        thread.join(WAIT)
+    return [found[n] for n in range(len(threads))]
+
+
 def test_concurrent_unknown_kid_lookups_cause_one_fetch(clock: FakeClock) -> None:
     _, jwk = new_key("k1")
-    fetcher = FakeFetcher([jwk], delay=0.05)
+    fetcher = FakeFetcher([jwk])
     provider = provider_for(fetcher, clock)
-    threads = 16
-    barrier = threading.Barrier(threads)
-
-    def lookup(_: int) -> bool:
-        barrier.wait()
-        return provider.key("k1") is not None
-
-    with futures.ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(lookup, range(threads)))
-    assert all(results)
+    assert all(lookups_during_one_fetch(provider, fetcher, "k1"))
     assert fetcher.calls == 1
 
 
 def test_concurrent_lookups_of_a_missing_kid_cause_one_fetch(clock: FakeClock) -> None:
     _, jwk = new_key("k1")
-    fetcher = FakeFetcher([jwk], delay=0.05)
+    fetcher = FakeFetcher([jwk])
     provider = provider_for(fetcher, clock)
-    threads = 16
-    barrier = threading.Barrier(threads)
-
-    def lookup(_: int) -> bool:
-        barrier.wait()
-        return provider.key("missing") is None
-
-    with futures.ThreadPoolExecutor(threads) as pool:
-        assert all(pool.map(lookup, range(threads)))
+    assert not any(lookups_during_one_fetch(provider, fetcher, "missing"))
     assert fetcher.calls == 1
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 3.0) -> bool:
+def wait_for(condition: Callable[[], bool], timeout: float = WAIT) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -263,28 +274,31 @@ def test_background_refresh_retries_until_keys_arrive_then_refreshes_periodicall
         initial_backoff_seconds=0.01,
         max_backoff_seconds=0.04,
     )
+    before = set(threading.enumerate())
     provider.start_background_refresh()
+    (refresher,) = set(threading.enumerate()) - before
     try:
-        assert wait_for(lambda: provider.has_keys, timeout=3.0)
-        assert fetcher.calls == 4  # three failures, then the success
+        assert wait_for(lambda: provider.has_keys)
+        # Three failures, then the success (then periodic refreshes, which may have begun).
         assert provider.outcomes[:4] == ["error", "error", "error", "ok"]  # type: ignore[attr-defined]
         assert provider.key("k1") is not None
-        assert wait_for(lambda: fetcher.calls >= 5, timeout=3.0)  # periodic refresh
+        # The refresh interval is real time: the provider waits on it, no event exists.
+        assert wait_for(lambda: fetcher.calls >= 5)  # periodic refresh
     finally:
         provider.close()
-    calls = fetcher.calls
-    time.sleep(0.15)
-    assert fetcher.calls == calls  # stopped
+    assert not refresher.is_alive()  # stopped: nothing fetches any more
 
 
 def test_background_refresh_does_not_block_start(clock: FakeClock) -> None:
-    fetcher = FakeFetcher([], delay=0.2)
-    fetcher.failures = 100
+    fetcher = FakeFetcher([])
+    fetcher.hold()  # the first fetch does not end until start has returned
     provider = provider_for(fetcher, clock, initial_backoff_seconds=0.01)
-    started = time.monotonic()
     provider.start_background_refresh()
-    assert time.monotonic() - started < 0.1
-    provider.close()
+    try:
+        assert fetcher.finished == 0
+    finally:
+        fetcher.release()
+        provider.close()
 
 
 # -- end to end with TokenVerifier ---------------------------------------------------------
@@ -368,7 +382,7 @@ def test_grpc_fetcher_returns_only_non_empty_members(auth_port: int) -> None:
     server = serve_auth(auth_port, [jwk])
     try:
         with grpc.insecure_channel(f"127.0.0.1:{auth_port}") as channel:
-            fetched = grpc_jwks_fetcher(channel, timeout=2.0)()
+            fetched = grpc_jwks_fetcher(channel, timeout=WAIT)()
     finally:
         server.stop(None)
     assert fetched == [jwk]
@@ -382,7 +396,7 @@ def test_provider_starts_while_auth_is_down_and_gets_keys_once_it_is_up(
     address = f"127.0.0.1:{auth_port}"
     with grpc.insecure_channel(address, options=AUTH_CHANNEL_OPTIONS) as channel:
         provider = provider_for(
-            grpc_jwks_fetcher(channel, timeout=0.5),
+            grpc_jwks_fetcher(channel, timeout=5.0),
             clock,
             initial_backoff_seconds=0.02,
             max_backoff_seconds=0.1,
@@ -390,10 +404,10 @@ def test_provider_starts_while_auth_is_down_and_gets_keys_once_it_is_up(
         provider.start_background_refresh()
         server = None
         try:
-            assert wait_for(lambda: "error" in provider.outcomes, timeout=3.0)  # type: ignore[attr-defined]
+            assert wait_for(lambda: "error" in provider.outcomes)  # type: ignore[attr-defined]
             assert provider.key("k1") is None  # down: no key, no exception
             server = serve_auth(auth_port, [jwk])
-            assert wait_for(lambda: provider.has_keys, timeout=5.0)
+            assert wait_for(lambda: provider.has_keys)
             verifier = TokenVerifier(provider, issuer=ISSUER, audience=AUDIENCE, clock=clock)
             assert verifier.verify(sign(private, "k1", clock)).user_id == "user-1"
         finally:

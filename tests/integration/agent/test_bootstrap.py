@@ -104,15 +104,15 @@ def stand_in_auth(key: ed25519.Ed25519PrivateKey, auth_port: int) -> Iterator[St
 
 def health(channel: grpc.Channel) -> int:
     stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while True:
-        status = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2).status
+        status = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status
         if status == health_pb2.HealthCheckResponse.SERVING or time.monotonic() > deadline:
             return int(status)
         time.sleep(0.05)
 
 
-def eventually_ok(call: Callable[[], Any], within: float = 10.0) -> Any:
+def eventually_ok(call: Callable[[], Any], within: float = 30.0) -> Any:
     """The call's reply once it succeeds (the channel to auth reconnects in ≤ 2 s)."""
     deadline = time.monotonic() + within
     while True:

@@ -18,7 +18,7 @@ import pytest
 from services.auth_svc.infra.hashing import HashPool, Reservation, lower_thread_priority
 from shared.config import deadlines
 from shared.rpc.errors import ResourceExhausted, Unavailable
-from tests.helpers import FakeClock
+from tests.helpers import FakeClock, unavailable
 
 DEADLINE = 30.0
 
@@ -229,7 +229,7 @@ def test_the_retry_delay_is_the_time_to_drain_the_places_taken() -> None:
 
 def test_hashing_threads_lower_their_own_priority() -> None:
     if not hasattr(os, "getpriority"):
-        pytest.skip("no per-thread priorities on this platform")
+        unavailable("per-thread scheduling priorities (Linux)")
     request_thread = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     with a_pool() as pool, pool.reserve() as reservation:
         hashing = reservation.run(
