@@ -5,7 +5,7 @@ worker threads, a login flood would hold every worker thread (waiting for a hash
 hashing) and starve the cheap calls (RefreshToken, GetJwks) of threads and CPU. So:
 
 - Hashes run on `concurrency` dedicated threads (AUTH_HASH_CONCURRENCY), each of which
-  lowers its own scheduling priority when it starts (nice 10: on Linux niceness is per
+  lowers its own scheduling priority when it starts (nice 19: on Linux niceness is per
   thread), so request threads win the CPU over hashing. Where that fails, hashing keeps
   the normal priority and the pool works the same.
 - A request first *reserves* a place: one of `concurrency + queue` (AUTH_HASH_QUEUE
@@ -45,7 +45,7 @@ _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-HASHING_NICENESS = 10
+HASHING_NICENESS = 19
 # A first guess of one hash's duration (argon2id, OWASP parameters, one core), refined
 # by what the pool measures.
 _FIRST_ESTIMATE_SECONDS = 0.05
