@@ -21,7 +21,7 @@ from services.agent_svc.service.agent_service import AgentService
 from services.agent_svc.service.paging import PageTokens
 from services.agent_svc.settings import AgentSettings
 from shared.config.clock import Clock, SystemClock
-from shared.data.db import make_engine, ping, session_factory
+from shared.data.db import make_engine, ping, session_factory, single_statement_sessions
 from shared.data.redis_client import make_redis
 from shared.rpc.lifecycle import Closers
 from shared.rpc.metrics import Metrics
@@ -157,8 +157,10 @@ def build_app(
     closers.add(engine.dispose)
     observability.watch_pool(engine)
     sessions = session_factory(engine)
+    single_reads = single_statement_sessions(engine)
     service = AgentService(
         uow=lambda: SqlAgentUnitOfWork(sessions),
+        read_uow=lambda: SqlAgentUnitOfWork(single_reads),
         cache=_cache(settings, closers, metrics),
         clock=clock,
         allowed_models=settings.allowed_models,

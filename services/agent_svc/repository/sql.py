@@ -70,8 +70,65 @@ _SORT_COLUMNS: dict[SortField, InstrumentedAttribute[Any]] = {
 _AGENTS = AgentRow.__table__
 
 
+# The columns an agent is read from, in the order `_agent_from_row` unpacks them.
+_AGENT_COLUMNS = (
+    _AGENTS.c.id,
+    _AGENTS.c.owner_id,
+    _AGENTS.c.name,
+    _AGENTS.c.description,
+    _AGENTS.c.model,
+    _AGENTS.c.instructions,
+    _AGENTS.c.tools,
+    _AGENTS.c.metadata,
+    _AGENTS.c.temperature,
+    _AGENTS.c.top_p,
+    _AGENTS.c.create_time,
+    _AGENTS.c.update_time,
+    _AGENTS.c.revision,
+)
+
+
 def _read() -> Select[Any]:
-    return select(_AGENTS)
+    return select(*_AGENT_COLUMNS)
+
+
+def _agent_from_row(row: Any) -> Agent:
+    """An agent from a row of `_read()`: positional, the hot path of every page (a
+    mapping per row cost a fifth of a page's time)."""
+    (
+        agent_id,
+        owner_id,
+        name,
+        description,
+        model,
+        instructions,
+        tools,
+        metadata,
+        temperature,
+        top_p,
+        create_time,
+        update_time,
+        revision,
+    ) = row
+    return Agent(
+        id=agent_id,
+        owner_id=owner_id,
+        name=name,
+        description=description,
+        model=model,
+        instructions=instructions,
+        tools=tuple(Tool(t["name"], t["description"], t["parameters"]) for t in tools),
+        metadata=dict(metadata),
+        temperature=temperature,
+        top_p=top_p,
+        create_time=_utc(create_time),
+        update_time=_utc(update_time),
+        revision=revision,
+    )
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is UTC else utc(moment)
 
 
 def _agent(column: Mapping[Any, Any]) -> Agent:
@@ -159,7 +216,7 @@ class SqlAgentRepository:
 
     def get(self, agent_id: uuid.UUID) -> Agent | None:
         row = self._session.execute(_read().where(AgentRow.id == agent_id)).one_or_none()
-        return _agent(row._mapping) if row else None
+        return _agent_from_row(row) if row else None
 
     def list_page(self, query: AgentQuery) -> list[Agent]:
         column = _SORT_COLUMNS[query.ordering.field]
@@ -176,8 +233,9 @@ class SqlAgentRepository:
             statement = statement.order_by(column.desc(), AgentRow.id.desc())
         else:
             statement = statement.order_by(column.asc(), AgentRow.id.asc())
-        rows = self._session.execute(statement.limit(query.limit))
-        return [_agent(row._mapping) for row in rows]
+        # Core, not the ORM's execution: the rows are plain tuples, made into agents here.
+        rows = self._session.connection().execute(statement.limit(query.limit))
+        return [_agent_from_row(row) for row in rows]
 
     def update(self, agent: Agent, *, expected_revision: int) -> bool:
         statement = (

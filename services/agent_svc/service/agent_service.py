@@ -229,8 +229,12 @@ class AgentService:
         agent_size: Callable[[Agent], int] = agent_size,
         request_id_ttl_seconds: float = 86_400.0,
         max_agents_per_owner: int = 0,
+        read_uow: Callable[[], AgentUnitOfWork] | None = None,
     ) -> None:
         self._uow = uow
+        # Reads of one statement (a cache miss, a page) need no transaction of their own:
+        # the composition root may hand a unit of work that skips BEGIN and ROLLBACK.
+        self._read_uow = read_uow or uow
         self._cache = cache
         self._clock = clock
         self._allowed_models = tuple(allowed_models)
@@ -315,7 +319,7 @@ class AgentService:
         return agent
 
     def _load(self, agent_id: uuid.UUID) -> Agent | None:
-        with self._uow() as uow:
+        with self._read_uow() as uow:
             return uow.agents.get(agent_id)
 
     def list(
@@ -340,7 +344,7 @@ class AgentService:
             else None
         )
         query = AgentQuery(owner, conditions, ordering, after, limit + 1)
-        with self._uow() as uow:
+        with self._read_uow() as uow:
             rows = uow.agents.list_page(query)
         page = self._within_budget(rows[:limit])
         more = len(rows) > len(page)
