@@ -30,7 +30,13 @@ elif git rev-parse --verify -q HEAD~1 >/dev/null; then
   against="$(git rev-parse HEAD~1)"
 fi
 if [ -n "$against" ] && git cat-file -e "$against:buf.yaml" 2>/dev/null; then
-  "$BUF" breaking --against ".git#ref=$against"
+  # Images of our protos module only (the workspace also holds vendored imports, and an
+  # earlier commit may have had a workspace of one module: images compare either way).
+  images="$(mktemp -d)"
+  trap 'rm -rf "$images"' EXIT
+  "$BUF" build protos -o "$images/current.binpb"
+  "$BUF" build ".git#ref=$against" -o "$images/against.binpb"
+  "$BUF" breaking "$images/current.binpb" --against "$images/against.binpb"
   echo "buf breaking against $against: ok"
 else
   echo "buf breaking: no earlier protos to compare with"

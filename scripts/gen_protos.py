@@ -18,6 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
+# Vendored imports (google/api/field_behavior.proto): resolved, not generated (their
+# Python code comes with googleapis-common-protos).
+THIRD_PARTY = ROOT / "third_party" / "googleapis"
 GEN = ROOT / "gen"
 
 
@@ -33,6 +36,7 @@ def generate(out: Path) -> None:
         f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
         f"-I{PROTOS}",
+        f"-I{THIRD_PARTY}",
         f"-I{include}",
         f"--python_out={out}",
         f"--grpc_python_out={out}",

@@ -73,10 +73,12 @@ class Agent(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    UPDATED_BY_FIELD_NUMBER: _builtins.int
+    UPDATED_VIA_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Output only. UUID."""
+    """UUID. On update and delete, names the agent."""
     owner_id: _builtins.str
-    """Output only. The id of the user who created the agent."""
+    """The id of the user who created the agent."""
     name: _builtins.str
     """1 to 256 characters of one-line text, not blank; unique per owner."""
     description: _builtins.str
@@ -90,7 +92,15 @@ class Agent(_message.Message):
     top_p: _builtins.float
     """0 to 1."""
     etag: _builtins.str
-    """Output only on read; on update and delete, the version the caller expects."""
+    """Set by the server on read; on update and delete, the version the caller expects."""
+    updated_by: _builtins.str
+    """Who made the latest change (the create, or the last update): `users/<id>` or
+    `serviceAccounts/<id>`.
+    """
+    updated_via: _builtins.str
+    """When a service acted for the user who made the latest change (token exchange):
+    `serviceAccounts/<id>`; empty otherwise.
+    """
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
         """Up to 128 function tools."""
@@ -102,13 +112,9 @@ class Agent(_message.Message):
         """
 
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only."""
-
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only."""
-
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -125,10 +131,12 @@ class Agent(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        updated_by: _builtins.str = ...,
+        updated_via: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "_top_p", b"_top_p", "create_time", b"create_time", "temperature", b"temperature", "top_p", b"top_p", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "_top_p", b"_top_p", "create_time", b"create_time", "description", b"description", "etag", b"etag", "id", b"id", "instructions", b"instructions", "metadata", b"metadata", "model", b"model", "name", b"name", "owner_id", b"owner_id", "temperature", b"temperature", "tools", b"tools", "top_p", b"top_p", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "_top_p", b"_top_p", "create_time", b"create_time", "description", b"description", "etag", b"etag", "id", b"id", "instructions", b"instructions", "metadata", b"metadata", "model", b"model", "name", b"name", "owner_id", b"owner_id", "temperature", b"temperature", "tools", b"tools", "top_p", b"top_p", "update_time", b"update_time", "updated_by", b"updated_by", "updated_via", b"updated_via"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015

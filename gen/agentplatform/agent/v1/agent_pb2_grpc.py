@@ -27,8 +27,16 @@ if _version_not_supported:
 
 class AgentServiceStub:
     """AgentService stores AI agent configurations, each owned by the user who created it.
-    Every RPC needs `authorization: Bearer <access token>` metadata. A caller with the
-    role "admin" may read and change every agent; others only their own.
+    Every RPC needs `authorization: Bearer <access token>` metadata, whose token carries
+    the scope the RPC needs: `agents.read` to read (Get, List), `agents.write` to change
+    (Create, Update, Delete); `agents.admin` (an administrator) reads and changes every
+    agent, the others only their own. A missing scope is PERMISSION_DENIED, reason
+    MISSING_SCOPE, with the scope in the ErrorInfo's metadata. A service acting for a user
+    (a token from the auth service's token exchange) acts as that user, and the agents it
+    changes record it in `updated_via`.
+
+    Errors carry a google.rpc.ErrorInfo whose `reason` is one of
+    agentplatform.errors.v1.ErrorReason (domain `agent.agentplatform`).
     """
 
     def __init__(self, channel):
@@ -66,8 +74,16 @@ class AgentServiceStub:
 
 class AgentServiceServicer:
     """AgentService stores AI agent configurations, each owned by the user who created it.
-    Every RPC needs `authorization: Bearer <access token>` metadata. A caller with the
-    role "admin" may read and change every agent; others only their own.
+    Every RPC needs `authorization: Bearer <access token>` metadata, whose token carries
+    the scope the RPC needs: `agents.read` to read (Get, List), `agents.write` to change
+    (Create, Update, Delete); `agents.admin` (an administrator) reads and changes every
+    agent, the others only their own. A missing scope is PERMISSION_DENIED, reason
+    MISSING_SCOPE, with the scope in the ErrorInfo's metadata. A service acting for a user
+    (a token from the auth service's token exchange) acts as that user, and the agents it
+    changes record it in `updated_via`.
+
+    Errors carry a google.rpc.ErrorInfo whose `reason` is one of
+    agentplatform.errors.v1.ErrorReason (domain `agent.agentplatform`).
     """
 
     def CreateAgent(self, request, context):
@@ -147,8 +163,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class AgentService:
     """AgentService stores AI agent configurations, each owned by the user who created it.
-    Every RPC needs `authorization: Bearer <access token>` metadata. A caller with the
-    role "admin" may read and change every agent; others only their own.
+    Every RPC needs `authorization: Bearer <access token>` metadata, whose token carries
+    the scope the RPC needs: `agents.read` to read (Get, List), `agents.write` to change
+    (Create, Update, Delete); `agents.admin` (an administrator) reads and changes every
+    agent, the others only their own. A missing scope is PERMISSION_DENIED, reason
+    MISSING_SCOPE, with the scope in the ErrorInfo's metadata. A service acting for a user
+    (a token from the auth service's token exchange) acts as that user, and the agents it
+    changes record it in `updated_via`.
+
+    Errors carry a google.rpc.ErrorInfo whose `reason` is one of
+    agentplatform.errors.v1.ErrorReason (domain `agent.agentplatform`).
     """
 
     @staticmethod

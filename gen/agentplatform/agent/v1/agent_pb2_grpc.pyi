@@ -28,8 +28,16 @@ GRPC_VERSION: str
 
 class AgentServiceStub:
     """AgentService stores AI agent configurations, each owned by the user who created it.
-    Every RPC needs `authorization: Bearer <access token>` metadata. A caller with the
-    role "admin" may read and change every agent; others only their own.
+    Every RPC needs `authorization: Bearer <access token>` metadata, whose token carries
+    the scope the RPC needs: `agents.read` to read (Get, List), `agents.write` to change
+    (Create, Update, Delete); `agents.admin` (an administrator) reads and changes every
+    agent, the others only their own. A missing scope is PERMISSION_DENIED, reason
+    MISSING_SCOPE, with the scope in the ErrorInfo's metadata. A service acting for a user
+    (a token from the auth service's token exchange) acts as that user, and the agents it
+    changes record it in `updated_via`.
+
+    Errors carry a google.rpc.ErrorInfo whose `reason` is one of
+    agentplatform.errors.v1.ErrorReason (domain `agent.agentplatform`).
     """
 
     @_typing.overload
@@ -55,8 +63,16 @@ class AgentServiceStub:
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
     """AgentService stores AI agent configurations, each owned by the user who created it.
-    Every RPC needs `authorization: Bearer <access token>` metadata. A caller with the
-    role "admin" may read and change every agent; others only their own.
+    Every RPC needs `authorization: Bearer <access token>` metadata, whose token carries
+    the scope the RPC needs: `agents.read` to read (Get, List), `agents.write` to change
+    (Create, Update, Delete); `agents.admin` (an administrator) reads and changes every
+    agent, the others only their own. A missing scope is PERMISSION_DENIED, reason
+    MISSING_SCOPE, with the scope in the ErrorInfo's metadata. A service acting for a user
+    (a token from the auth service's token exchange) acts as that user, and the agents it
+    changes record it in `updated_via`.
+
+    Errors carry a google.rpc.ErrorInfo whose `reason` is one of
+    agentplatform.errors.v1.ErrorReason (domain `agent.agentplatform`).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -78,8 +94,16 @@ class AgentServiceAsyncStub(AgentServiceStub):
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService stores AI agent configurations, each owned by the user who created it.
-    Every RPC needs `authorization: Bearer <access token>` metadata. A caller with the
-    role "admin" may read and change every agent; others only their own.
+    Every RPC needs `authorization: Bearer <access token>` metadata, whose token carries
+    the scope the RPC needs: `agents.read` to read (Get, List), `agents.write` to change
+    (Create, Update, Delete); `agents.admin` (an administrator) reads and changes every
+    agent, the others only their own. A missing scope is PERMISSION_DENIED, reason
+    MISSING_SCOPE, with the scope in the ErrorInfo's metadata. A service acting for a user
+    (a token from the auth service's token exchange) acts as that user, and the agents it
+    changes record it in `updated_via`.
+
+    Errors carry a google.rpc.ErrorInfo whose `reason` is one of
+    agentplatform.errors.v1.ErrorReason (domain `agent.agentplatform`).
     """
 
     @_abc_1.abstractmethod

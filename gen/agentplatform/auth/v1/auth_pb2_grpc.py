@@ -30,8 +30,11 @@ class AuthServiceStub:
     tokens (JWT, RFC 9068) with rotating refresh tokens. Public keys for verifying
     access tokens are served by GetJwks.
 
-    Public (no token needed): Register, Login, RefreshToken, Logout, GetJwks.
-    Every other RPC needs `authorization: Bearer <access token>` metadata.
+    Public (no token needed, limited per client address): Register, Login, RefreshToken,
+    Logout, GetJwks. Every other RPC needs `authorization: Bearer <access token>` metadata.
+
+    Errors carry a google.rpc.ErrorInfo whose `reason` is one of
+    agentplatform.errors.v1.ErrorReason (domain `auth.agentplatform`).
     """
 
     def __init__(self, channel):
@@ -82,8 +85,11 @@ class AuthServiceServicer:
     tokens (JWT, RFC 9068) with rotating refresh tokens. Public keys for verifying
     access tokens are served by GetJwks.
 
-    Public (no token needed): Register, Login, RefreshToken, Logout, GetJwks.
-    Every other RPC needs `authorization: Bearer <access token>` metadata.
+    Public (no token needed, limited per client address): Register, Login, RefreshToken,
+    Logout, GetJwks. Every other RPC needs `authorization: Bearer <access token>` metadata.
+
+    Errors carry a google.rpc.ErrorInfo whose `reason` is one of
+    agentplatform.errors.v1.ErrorReason (domain `auth.agentplatform`).
     """
 
     def Register(self, request, context):
@@ -186,8 +192,11 @@ class AuthService:
     tokens (JWT, RFC 9068) with rotating refresh tokens. Public keys for verifying
     access tokens are served by GetJwks.
 
-    Public (no token needed): Register, Login, RefreshToken, Logout, GetJwks.
-    Every other RPC needs `authorization: Bearer <access token>` metadata.
+    Public (no token needed, limited per client address): Register, Login, RefreshToken,
+    Logout, GetJwks. Every other RPC needs `authorization: Bearer <access token>` metadata.
+
+    Errors carry a google.rpc.ErrorInfo whose `reason` is one of
+    agentplatform.errors.v1.ErrorReason (domain `auth.agentplatform`).
     """
 
     @staticmethod
@@ -369,6 +378,517 @@ class AuthService:
             '/agentplatform.auth.v1.AuthService/ChangePassword',
             agentplatform_dot_auth_dot_v1_dot_auth__pb2.ChangePasswordRequest.SerializeToString,
             agentplatform_dot_auth_dot_v1_dot_auth__pb2.ChangePasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class TokenServiceStub:
+    """The OAuth 2.0 token endpoint for machine callers (public, limited per client address).
+    Two grants:
+
+    - `client_credentials` (RFC 6749 section 4.4): a service account authenticates with
+    its client id and a client secret, or with a signed JWT assertion (RFC 7523
+    `private_key_jwt`), and gets an access token for itself (`sub` = the account,
+    `client_id`, `scope`), no refresh token.
+    - `urn:ietf:params:oauth:grant-type:token-exchange` (RFC 8693): a service account
+    with the `delegate` scope exchanges a user's access token (`subject_token`) for one
+    that acts as that user: `sub` = the user, `act` = {`sub`: the account}, scopes
+    narrowed to what was asked and what both hold, lifetime at most the user token's.
+
+    Wrong credentials are UNAUTHENTICATED INVALID_CLIENT, the same for an unknown client;
+    a client that keeps failing is slowed (RESOURCE_EXHAUSTED CLIENT_THROTTLED, seconds),
+    never locked out.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.IssueToken = channel.unary_unary(
+                '/agentplatform.auth.v1.TokenService/IssueToken',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.IssueTokenRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.IssueTokenResponse.FromString,
+                _registered_method=True)
+
+
+class TokenServiceServicer:
+    """The OAuth 2.0 token endpoint for machine callers (public, limited per client address).
+    Two grants:
+
+    - `client_credentials` (RFC 6749 section 4.4): a service account authenticates with
+    its client id and a client secret, or with a signed JWT assertion (RFC 7523
+    `private_key_jwt`), and gets an access token for itself (`sub` = the account,
+    `client_id`, `scope`), no refresh token.
+    - `urn:ietf:params:oauth:grant-type:token-exchange` (RFC 8693): a service account
+    with the `delegate` scope exchanges a user's access token (`subject_token`) for one
+    that acts as that user: `sub` = the user, `act` = {`sub`: the account}, scopes
+    narrowed to what was asked and what both hold, lifetime at most the user token's.
+
+    Wrong credentials are UNAUTHENTICATED INVALID_CLIENT, the same for an unknown client;
+    a client that keeps failing is slowed (RESOURCE_EXHAUSTED CLIENT_THROTTLED, seconds),
+    never locked out.
+    """
+
+    def IssueToken(self, request, context):
+        """Issues an access token (see the service's comment for the grants).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TokenServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'IssueToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueToken,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.IssueTokenRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.IssueTokenResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'agentplatform.auth.v1.TokenService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('agentplatform.auth.v1.TokenService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TokenService:
+    """The OAuth 2.0 token endpoint for machine callers (public, limited per client address).
+    Two grants:
+
+    - `client_credentials` (RFC 6749 section 4.4): a service account authenticates with
+    its client id and a client secret, or with a signed JWT assertion (RFC 7523
+    `private_key_jwt`), and gets an access token for itself (`sub` = the account,
+    `client_id`, `scope`), no refresh token.
+    - `urn:ietf:params:oauth:grant-type:token-exchange` (RFC 8693): a service account
+    with the `delegate` scope exchanges a user's access token (`subject_token`) for one
+    that acts as that user: `sub` = the user, `act` = {`sub`: the account}, scopes
+    narrowed to what was asked and what both hold, lifetime at most the user token's.
+
+    Wrong credentials are UNAUTHENTICATED INVALID_CLIENT, the same for an unknown client;
+    a client that keeps failing is slowed (RESOURCE_EXHAUSTED CLIENT_THROTTLED, seconds),
+    never locked out.
+    """
+
+    @staticmethod
+    def IssueToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.TokenService/IssueToken',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.IssueTokenRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.IssueTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ServiceAccountServiceStub:
+    """Service accounts: accounts of machine callers (other services), managed by
+    administrators (every RPC needs an administrator's token; anyone else gets
+    PERMISSION_DENIED ADMIN_REQUIRED).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateServiceAccount = channel.unary_unary(
+                '/agentplatform.auth.v1.ServiceAccountService/CreateServiceAccount',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.CreateServiceAccountRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.CreateServiceAccountResponse.FromString,
+                _registered_method=True)
+        self.GetServiceAccount = channel.unary_unary(
+                '/agentplatform.auth.v1.ServiceAccountService/GetServiceAccount',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetServiceAccountRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetServiceAccountResponse.FromString,
+                _registered_method=True)
+        self.ListServiceAccounts = channel.unary_unary(
+                '/agentplatform.auth.v1.ServiceAccountService/ListServiceAccounts',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListServiceAccountsRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListServiceAccountsResponse.FromString,
+                _registered_method=True)
+        self.DeleteServiceAccount = channel.unary_unary(
+                '/agentplatform.auth.v1.ServiceAccountService/DeleteServiceAccount',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.DeleteServiceAccountRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.DeleteServiceAccountResponse.FromString,
+                _registered_method=True)
+        self.AddServiceAccountSecret = channel.unary_unary(
+                '/agentplatform.auth.v1.ServiceAccountService/AddServiceAccountSecret',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.AddServiceAccountSecretRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.AddServiceAccountSecretResponse.FromString,
+                _registered_method=True)
+        self.RemoveServiceAccountSecret = channel.unary_unary(
+                '/agentplatform.auth.v1.ServiceAccountService/RemoveServiceAccountSecret',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RemoveServiceAccountSecretRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RemoveServiceAccountSecretResponse.FromString,
+                _registered_method=True)
+        self.AddServiceAccountKey = channel.unary_unary(
+                '/agentplatform.auth.v1.ServiceAccountService/AddServiceAccountKey',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.AddServiceAccountKeyRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.AddServiceAccountKeyResponse.FromString,
+                _registered_method=True)
+        self.RemoveServiceAccountKey = channel.unary_unary(
+                '/agentplatform.auth.v1.ServiceAccountService/RemoveServiceAccountKey',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RemoveServiceAccountKeyRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RemoveServiceAccountKeyResponse.FromString,
+                _registered_method=True)
+
+
+class ServiceAccountServiceServicer:
+    """Service accounts: accounts of machine callers (other services), managed by
+    administrators (every RPC needs an administrator's token; anyone else gets
+    PERMISSION_DENIED ADMIN_REQUIRED).
+    """
+
+    def CreateServiceAccount(self, request, context):
+        """Creates a service account; the response holds its first client secret, shown once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetServiceAccount(self, request, context):
+        """Reads a service account.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListServiceAccounts(self, request, context):
+        """Lists service accounts, oldest first, paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteServiceAccount(self, request, context):
+        """Deletes a service account: no token is issued to it from then on; tokens already
+        issued live until they expire.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddServiceAccountSecret(self, request, context):
+        """Adds a client secret, shown once: rotate by adding a new secret, moving callers to
+        it, then removing the old one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveServiceAccountSecret(self, request, context):
+        """Removes a client secret.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddServiceAccountKey(self, request, context):
+        """Registers a public key that verifies the account's JWT assertions
+        (`private_key_jwt`): Ed25519 or P-256, PEM.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveServiceAccountKey(self, request, context):
+        """Removes a public key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ServiceAccountServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateServiceAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateServiceAccount,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.CreateServiceAccountRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.CreateServiceAccountResponse.SerializeToString,
+            ),
+            'GetServiceAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServiceAccount,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetServiceAccountRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetServiceAccountResponse.SerializeToString,
+            ),
+            'ListServiceAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListServiceAccounts,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListServiceAccountsRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListServiceAccountsResponse.SerializeToString,
+            ),
+            'DeleteServiceAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteServiceAccount,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.DeleteServiceAccountRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.DeleteServiceAccountResponse.SerializeToString,
+            ),
+            'AddServiceAccountSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddServiceAccountSecret,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.AddServiceAccountSecretRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.AddServiceAccountSecretResponse.SerializeToString,
+            ),
+            'RemoveServiceAccountSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveServiceAccountSecret,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RemoveServiceAccountSecretRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RemoveServiceAccountSecretResponse.SerializeToString,
+            ),
+            'AddServiceAccountKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddServiceAccountKey,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.AddServiceAccountKeyRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.AddServiceAccountKeyResponse.SerializeToString,
+            ),
+            'RemoveServiceAccountKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveServiceAccountKey,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RemoveServiceAccountKeyRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RemoveServiceAccountKeyResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'agentplatform.auth.v1.ServiceAccountService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('agentplatform.auth.v1.ServiceAccountService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ServiceAccountService:
+    """Service accounts: accounts of machine callers (other services), managed by
+    administrators (every RPC needs an administrator's token; anyone else gets
+    PERMISSION_DENIED ADMIN_REQUIRED).
+    """
+
+    @staticmethod
+    def CreateServiceAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.ServiceAccountService/CreateServiceAccount',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.CreateServiceAccountRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.CreateServiceAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServiceAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.ServiceAccountService/GetServiceAccount',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetServiceAccountRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetServiceAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListServiceAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.ServiceAccountService/ListServiceAccounts',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListServiceAccountsRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListServiceAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteServiceAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.ServiceAccountService/DeleteServiceAccount',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.DeleteServiceAccountRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.DeleteServiceAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddServiceAccountSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.ServiceAccountService/AddServiceAccountSecret',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.AddServiceAccountSecretRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.AddServiceAccountSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveServiceAccountSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.ServiceAccountService/RemoveServiceAccountSecret',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.RemoveServiceAccountSecretRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.RemoveServiceAccountSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddServiceAccountKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.ServiceAccountService/AddServiceAccountKey',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.AddServiceAccountKeyRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.AddServiceAccountKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveServiceAccountKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.ServiceAccountService/RemoveServiceAccountKey',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.RemoveServiceAccountKeyRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.RemoveServiceAccountKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

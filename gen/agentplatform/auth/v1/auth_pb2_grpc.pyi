@@ -31,8 +31,11 @@ class AuthServiceStub:
     tokens (JWT, RFC 9068) with rotating refresh tokens. Public keys for verifying
     access tokens are served by GetJwks.
 
-    Public (no token needed): Register, Login, RefreshToken, Logout, GetJwks.
-    Every other RPC needs `authorization: Bearer <access token>` metadata.
+    Public (no token needed, limited per client address): Register, Login, RefreshToken,
+    Logout, GetJwks. Every other RPC needs `authorization: Bearer <access token>` metadata.
+
+    Errors carry a google.rpc.ErrorInfo whose `reason` is one of
+    agentplatform.errors.v1.ErrorReason (domain `auth.agentplatform`).
     """
 
     @_typing.overload
@@ -60,8 +63,11 @@ class AuthServiceAsyncStub(AuthServiceStub):
     tokens (JWT, RFC 9068) with rotating refresh tokens. Public keys for verifying
     access tokens are served by GetJwks.
 
-    Public (no token needed): Register, Login, RefreshToken, Logout, GetJwks.
-    Every other RPC needs `authorization: Bearer <access token>` metadata.
+    Public (no token needed, limited per client address): Register, Login, RefreshToken,
+    Logout, GetJwks. Every other RPC needs `authorization: Bearer <access token>` metadata.
+
+    Errors carry a google.rpc.ErrorInfo whose `reason` is one of
+    agentplatform.errors.v1.ErrorReason (domain `auth.agentplatform`).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -85,8 +91,11 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     tokens (JWT, RFC 9068) with rotating refresh tokens. Public keys for verifying
     access tokens are served by GetJwks.
 
-    Public (no token needed): Register, Login, RefreshToken, Logout, GetJwks.
-    Every other RPC needs `authorization: Bearer <access token>` metadata.
+    Public (no token needed, limited per client address): Register, Login, RefreshToken,
+    Logout, GetJwks. Every other RPC needs `authorization: Bearer <access token>` metadata.
+
+    Errors carry a google.rpc.ErrorInfo whose `reason` is one of
+    agentplatform.errors.v1.ErrorReason (domain `auth.agentplatform`).
     """
 
     @_abc_1.abstractmethod
@@ -146,3 +155,221 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         """Changes the caller's password and revokes all of the caller's refresh tokens."""
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class TokenServiceStub:
+    """The OAuth 2.0 token endpoint for machine callers (public, limited per client address).
+    Two grants:
+
+    - `client_credentials` (RFC 6749 section 4.4): a service account authenticates with
+      its client id and a client secret, or with a signed JWT assertion (RFC 7523
+      `private_key_jwt`), and gets an access token for itself (`sub` = the account,
+      `client_id`, `scope`), no refresh token.
+    - `urn:ietf:params:oauth:grant-type:token-exchange` (RFC 8693): a service account
+      with the `delegate` scope exchanges a user's access token (`subject_token`) for one
+      that acts as that user: `sub` = the user, `act` = {`sub`: the account}, scopes
+      narrowed to what was asked and what both hold, lifetime at most the user token's.
+
+    Wrong credentials are UNAUTHENTICATED INVALID_CLIENT, the same for an unknown client;
+    a client that keeps failing is slowed (RESOURCE_EXHAUSTED CLIENT_THROTTLED, seconds),
+    never locked out.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> TokenServiceAsyncStub: ...
+    IssueToken: _grpc.UnaryUnaryMultiCallable[_auth_pb2.IssueTokenRequest, _auth_pb2.IssueTokenResponse]
+    """Issues an access token (see the service's comment for the grants)."""
+
+@_typing.type_check_only
+class TokenServiceAsyncStub(TokenServiceStub):
+    """The OAuth 2.0 token endpoint for machine callers (public, limited per client address).
+    Two grants:
+
+    - `client_credentials` (RFC 6749 section 4.4): a service account authenticates with
+      its client id and a client secret, or with a signed JWT assertion (RFC 7523
+      `private_key_jwt`), and gets an access token for itself (`sub` = the account,
+      `client_id`, `scope`), no refresh token.
+    - `urn:ietf:params:oauth:grant-type:token-exchange` (RFC 8693): a service account
+      with the `delegate` scope exchanges a user's access token (`subject_token`) for one
+      that acts as that user: `sub` = the user, `act` = {`sub`: the account}, scopes
+      narrowed to what was asked and what both hold, lifetime at most the user token's.
+
+    Wrong credentials are UNAUTHENTICATED INVALID_CLIENT, the same for an unknown client;
+    a client that keeps failing is slowed (RESOURCE_EXHAUSTED CLIENT_THROTTLED, seconds),
+    never locked out.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    IssueToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.IssueTokenRequest, _auth_pb2.IssueTokenResponse]  # type: ignore[assignment]
+    """Issues an access token (see the service's comment for the grants)."""
+
+class TokenServiceServicer(metaclass=_abc_1.ABCMeta):
+    """The OAuth 2.0 token endpoint for machine callers (public, limited per client address).
+    Two grants:
+
+    - `client_credentials` (RFC 6749 section 4.4): a service account authenticates with
+      its client id and a client secret, or with a signed JWT assertion (RFC 7523
+      `private_key_jwt`), and gets an access token for itself (`sub` = the account,
+      `client_id`, `scope`), no refresh token.
+    - `urn:ietf:params:oauth:grant-type:token-exchange` (RFC 8693): a service account
+      with the `delegate` scope exchanges a user's access token (`subject_token`) for one
+      that acts as that user: `sub` = the user, `act` = {`sub`: the account}, scopes
+      narrowed to what was asked and what both hold, lifetime at most the user token's.
+
+    Wrong credentials are UNAUTHENTICATED INVALID_CLIENT, the same for an unknown client;
+    a client that keeps failing is slowed (RESOURCE_EXHAUSTED CLIENT_THROTTLED, seconds),
+    never locked out.
+    """
+
+    @_abc_1.abstractmethod
+    def IssueToken(
+        self,
+        request: _auth_pb2.IssueTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.IssueTokenResponse, _abc.Awaitable[_auth_pb2.IssueTokenResponse]]:
+        """Issues an access token (see the service's comment for the grants)."""
+
+def add_TokenServiceServicer_to_server(servicer: TokenServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class ServiceAccountServiceStub:
+    """Service accounts: accounts of machine callers (other services), managed by
+    administrators (every RPC needs an administrator's token; anyone else gets
+    PERMISSION_DENIED ADMIN_REQUIRED).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ServiceAccountServiceAsyncStub: ...
+    CreateServiceAccount: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CreateServiceAccountRequest, _auth_pb2.CreateServiceAccountResponse]
+    """Creates a service account; the response holds its first client secret, shown once."""
+    GetServiceAccount: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetServiceAccountRequest, _auth_pb2.GetServiceAccountResponse]
+    """Reads a service account."""
+    ListServiceAccounts: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListServiceAccountsRequest, _auth_pb2.ListServiceAccountsResponse]
+    """Lists service accounts, oldest first, paged."""
+    DeleteServiceAccount: _grpc.UnaryUnaryMultiCallable[_auth_pb2.DeleteServiceAccountRequest, _auth_pb2.DeleteServiceAccountResponse]
+    """Deletes a service account: no token is issued to it from then on; tokens already
+    issued live until they expire.
+    """
+    AddServiceAccountSecret: _grpc.UnaryUnaryMultiCallable[_auth_pb2.AddServiceAccountSecretRequest, _auth_pb2.AddServiceAccountSecretResponse]
+    """Adds a client secret, shown once: rotate by adding a new secret, moving callers to
+    it, then removing the old one.
+    """
+    RemoveServiceAccountSecret: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RemoveServiceAccountSecretRequest, _auth_pb2.RemoveServiceAccountSecretResponse]
+    """Removes a client secret."""
+    AddServiceAccountKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.AddServiceAccountKeyRequest, _auth_pb2.AddServiceAccountKeyResponse]
+    """Registers a public key that verifies the account's JWT assertions
+    (`private_key_jwt`): Ed25519 or P-256, PEM.
+    """
+    RemoveServiceAccountKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RemoveServiceAccountKeyRequest, _auth_pb2.RemoveServiceAccountKeyResponse]
+    """Removes a public key."""
+
+@_typing.type_check_only
+class ServiceAccountServiceAsyncStub(ServiceAccountServiceStub):
+    """Service accounts: accounts of machine callers (other services), managed by
+    administrators (every RPC needs an administrator's token; anyone else gets
+    PERMISSION_DENIED ADMIN_REQUIRED).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    CreateServiceAccount: _aio.UnaryUnaryMultiCallable[_auth_pb2.CreateServiceAccountRequest, _auth_pb2.CreateServiceAccountResponse]  # type: ignore[assignment]
+    """Creates a service account; the response holds its first client secret, shown once."""
+    GetServiceAccount: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetServiceAccountRequest, _auth_pb2.GetServiceAccountResponse]  # type: ignore[assignment]
+    """Reads a service account."""
+    ListServiceAccounts: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListServiceAccountsRequest, _auth_pb2.ListServiceAccountsResponse]  # type: ignore[assignment]
+    """Lists service accounts, oldest first, paged."""
+    DeleteServiceAccount: _aio.UnaryUnaryMultiCallable[_auth_pb2.DeleteServiceAccountRequest, _auth_pb2.DeleteServiceAccountResponse]  # type: ignore[assignment]
+    """Deletes a service account: no token is issued to it from then on; tokens already
+    issued live until they expire.
+    """
+    AddServiceAccountSecret: _aio.UnaryUnaryMultiCallable[_auth_pb2.AddServiceAccountSecretRequest, _auth_pb2.AddServiceAccountSecretResponse]  # type: ignore[assignment]
+    """Adds a client secret, shown once: rotate by adding a new secret, moving callers to
+    it, then removing the old one.
+    """
+    RemoveServiceAccountSecret: _aio.UnaryUnaryMultiCallable[_auth_pb2.RemoveServiceAccountSecretRequest, _auth_pb2.RemoveServiceAccountSecretResponse]  # type: ignore[assignment]
+    """Removes a client secret."""
+    AddServiceAccountKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.AddServiceAccountKeyRequest, _auth_pb2.AddServiceAccountKeyResponse]  # type: ignore[assignment]
+    """Registers a public key that verifies the account's JWT assertions
+    (`private_key_jwt`): Ed25519 or P-256, PEM.
+    """
+    RemoveServiceAccountKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.RemoveServiceAccountKeyRequest, _auth_pb2.RemoveServiceAccountKeyResponse]  # type: ignore[assignment]
+    """Removes a public key."""
+
+class ServiceAccountServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Service accounts: accounts of machine callers (other services), managed by
+    administrators (every RPC needs an administrator's token; anyone else gets
+    PERMISSION_DENIED ADMIN_REQUIRED).
+    """
+
+    @_abc_1.abstractmethod
+    def CreateServiceAccount(
+        self,
+        request: _auth_pb2.CreateServiceAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.CreateServiceAccountResponse, _abc.Awaitable[_auth_pb2.CreateServiceAccountResponse]]:
+        """Creates a service account; the response holds its first client secret, shown once."""
+
+    @_abc_1.abstractmethod
+    def GetServiceAccount(
+        self,
+        request: _auth_pb2.GetServiceAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.GetServiceAccountResponse, _abc.Awaitable[_auth_pb2.GetServiceAccountResponse]]:
+        """Reads a service account."""
+
+    @_abc_1.abstractmethod
+    def ListServiceAccounts(
+        self,
+        request: _auth_pb2.ListServiceAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ListServiceAccountsResponse, _abc.Awaitable[_auth_pb2.ListServiceAccountsResponse]]:
+        """Lists service accounts, oldest first, paged."""
+
+    @_abc_1.abstractmethod
+    def DeleteServiceAccount(
+        self,
+        request: _auth_pb2.DeleteServiceAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.DeleteServiceAccountResponse, _abc.Awaitable[_auth_pb2.DeleteServiceAccountResponse]]:
+        """Deletes a service account: no token is issued to it from then on; tokens already
+        issued live until they expire.
+        """
+
+    @_abc_1.abstractmethod
+    def AddServiceAccountSecret(
+        self,
+        request: _auth_pb2.AddServiceAccountSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.AddServiceAccountSecretResponse, _abc.Awaitable[_auth_pb2.AddServiceAccountSecretResponse]]:
+        """Adds a client secret, shown once: rotate by adding a new secret, moving callers to
+        it, then removing the old one.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveServiceAccountSecret(
+        self,
+        request: _auth_pb2.RemoveServiceAccountSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.RemoveServiceAccountSecretResponse, _abc.Awaitable[_auth_pb2.RemoveServiceAccountSecretResponse]]:
+        """Removes a client secret."""
+
+    @_abc_1.abstractmethod
+    def AddServiceAccountKey(
+        self,
+        request: _auth_pb2.AddServiceAccountKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.AddServiceAccountKeyResponse, _abc.Awaitable[_auth_pb2.AddServiceAccountKeyResponse]]:
+        """Registers a public key that verifies the account's JWT assertions
+        (`private_key_jwt`): Ed25519 or P-256, PEM.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveServiceAccountKey(
+        self,
+        request: _auth_pb2.RemoveServiceAccountKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.RemoveServiceAccountKeyResponse, _abc.Awaitable[_auth_pb2.RemoveServiceAccountKeyResponse]]:
+        """Removes a public key."""
+
+def add_ServiceAccountServiceServicer_to_server(servicer: ServiceAccountServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
