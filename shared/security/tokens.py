@@ -27,6 +27,7 @@ import jwt
 from shared.config.clock import Clock
 from shared.rpc.errors import Unauthenticated, Unavailable
 from shared.security.jwk import VerificationKey
+from shared.security.scopes import ADMIN_ROLE, parse_scope, user_scopes
 
 __all__ = [
     "ACCESS_TOKEN_TYPE",
@@ -38,12 +39,15 @@ __all__ = [
 
 ACCESS_TOKEN_TYPE = "at+jwt"
 ALLOWED_ALGORITHMS = frozenset({"EdDSA", "ES256"})
-ADMIN_ROLE = "admin"
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """The authenticated caller, handed explicitly to the service layer."""
+    """The authenticated caller, handed explicitly to the service layer.
+
+    `user_id` is the token's `sub`: the user, or the service account acting for itself.
+    A service acting for a user (a token from the token exchange) has the user's id there
+    and its own in `actor`."""
 
     user_id: str
     roles: frozenset[str]
@@ -51,10 +55,27 @@ class Principal:
     subject: uuid.UUID | None = None
     """`user_id` parsed, when it is a UUID (every account id is): parsed once per token,
     not on every call that needs it."""
+    scopes: frozenset[str] | None = None
+    """The token's `scope` claim; None for a token from before scopes existed."""
+    client_id: str = ""
+    """The OAuth client the token was issued to (a service account's id, or the issuer)."""
+    actor: str = ""
+    """`act.sub`: the service account acting for the user, if any (RFC 8693)."""
 
     @property
     def is_admin(self) -> bool:
+        """An administrator's account (the role, whatever the token's scopes)."""
         return ADMIN_ROLE in self.roles
+
+    @property
+    def granted(self) -> frozenset[str]:
+        """What the token may do (see shared.security.scopes)."""
+        return self.scopes if self.scopes is not None else user_scopes(self.roles)
+
+    @property
+    def is_service_account(self) -> bool:
+        """A service account acting for itself (client credentials: `sub` = `client_id`)."""
+        return bool(self.client_id) and self.client_id == self.user_id
 
 
 class KeyProvider(Protocol):
@@ -224,12 +245,29 @@ class TokenVerifier:
         roles = claims.get("roles", [])
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise _fail("bad roles")
+        scope = claims.get("scope")
+        if scope is not None and not isinstance(scope, str):
+            raise _fail("bad scope")
+        client_id = claims.get("client_id", "")
+        if not isinstance(client_id, str):
+            raise _fail("bad client_id")
+        act = claims.get("act")
+        actor = ""
+        if act is not None:
+            if not isinstance(act, dict) or not isinstance(act.get("sub"), str):
+                raise _fail("bad act")
+            if "act" in act:  # a chain of delegations: not something we issue
+                raise _fail("nested act")
+            actor = act["sub"]
         subject = str(claims["sub"])
         return Principal(
             subject=_uuid_or_none(subject),
             user_id=subject,
             roles=frozenset(roles),
             expires_at=float(claims["exp"]),
+            scopes=parse_scope(scope) if scope is not None else None,
+            client_id=client_id,
+            actor=actor,
         )
 
     def _check_times(self, claims: dict[str, Any], now: float) -> None:

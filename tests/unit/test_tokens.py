@@ -315,3 +315,60 @@ def test_the_cache_is_bounded(keys: Keys, clock: FakeClock, results: list[str]) 
     verifier.verify(tokens[0])  # evicted by the third
     verifier.verify(tokens[2])
     assert results == ["verified"] * 4 + ["cached"]
+
+
+# -- scopes, clients and actors ---------------------------------------------------------------
+
+
+def test_the_scope_claim_is_what_the_token_may_do(
+    verifier: TokenVerifier, keys: Keys, clock: FakeClock
+) -> None:
+    principal = verifier.verify(sign(keys.ed, claims(clock, scope="agents.read  delegate")))
+    assert principal.scopes == frozenset({"agents.read", "delegate"})
+    assert principal.granted == frozenset({"agents.read", "delegate"})
+
+
+@pytest.mark.parametrize(
+    ("roles", "granted"),
+    [
+        (["user"], {"agents.read", "agents.write"}),
+        (["user", "admin"], {"agents.read", "agents.write", "agents.admin"}),
+    ],
+)
+def test_a_token_from_before_scopes_may_do_what_a_user_token_of_its_roles_may(
+    verifier: TokenVerifier, keys: Keys, clock: FakeClock, roles: list[str], granted: set[str]
+) -> None:
+    principal = verifier.verify(sign(keys.ed, claims(clock, roles=roles)))
+    assert principal.scopes is None
+    assert principal.granted == frozenset(granted)
+
+
+def test_a_service_account_acting_for_itself_and_one_acting_for_a_user(
+    verifier: TokenVerifier, keys: Keys, clock: FakeClock
+) -> None:
+    account, user = str(uuid.uuid4()), str(uuid.uuid4())
+    own = verifier.verify(sign(keys.ed, claims(clock, sub=account, client_id=account, roles=[])))
+    assert own.is_service_account
+    assert own.actor == ""
+    delegated = verifier.verify(
+        sign(keys.ed, claims(clock, sub=user, client_id=account, act={"sub": account}))
+    )
+    assert not delegated.is_service_account
+    assert (delegated.user_id, delegated.actor) == (user, account)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"scope": ["agents.read"]},
+        {"client_id": 7},
+        {"act": "someone"},
+        {"act": {"sub": 7}},
+        {"act": {"sub": "a", "act": {"sub": "b"}}},
+    ],
+    ids=["scope-not-a-string", "client-id", "act-not-an-object", "act-sub", "nested-act"],
+)
+def test_malformed_scope_client_or_actor_claims_are_refused(
+    verifier: TokenVerifier, keys: Keys, clock: FakeClock, changes: dict[str, Any]
+) -> None:
+    assert_refused(verifier, sign(keys.ed, claims(clock, **changes)))
