@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-__all__ = ["Agent", "AgentInput", "AgentPage", "Tool", "etag_for"]
+__all__ = ["Agent", "AgentInput", "AgentPage", "ChangeAuthor", "Tool", "etag_for"]
 
 
 def etag_for(agent_id: uuid.UUID, revision: int) -> str:
@@ -52,20 +52,34 @@ class Agent:
     create_time: datetime
     update_time: datetime
     revision: int = 1
+    updated_by: str = ""
+    """Who made this version: `users/<id>` or `serviceAccounts/<id>` ("" before it was kept)."""
+    updated_via: str = ""
+    """The service that acted for `updated_by` (a delegated token), or ""."""
 
     @property
     def etag(self) -> str:
         return etag_for(self.id, self.revision)
 
     @classmethod
-    def new(cls, fields: AgentInput, *, owner_id: uuid.UUID, now: datetime) -> Agent:
-        """A first version, owned by `owner_id`, with a fresh id."""
+    def new(
+        cls,
+        fields: AgentInput,
+        *,
+        owner_id: uuid.UUID,
+        now: datetime,
+        author: ChangeAuthor | None = None,
+    ) -> Agent:
+        """A first version, owned by `owner_id`, with a fresh id, made by `author`."""
+        author = author or ChangeAuthor()
         return cls(
             id=uuid.uuid4(),
             owner_id=owner_id,
             create_time=now,
             update_time=now,
             revision=1,
+            updated_by=author.by,
+            updated_via=author.via,
             **_settable(fields),
         )
 
@@ -74,14 +88,29 @@ class Agent:
         """The caller-settable fields of this version."""
         return AgentInput(**_settable(self))
 
-    def revised(self, fields: AgentInput, *, now: datetime) -> Agent:
-        """The next version with these settable fields (update_time never goes back)."""
+    def revised(
+        self, fields: AgentInput, *, now: datetime, author: ChangeAuthor | None = None
+    ) -> Agent:
+        """The next version with these settable fields, made by `author` (update_time
+        never goes back)."""
+        author = author or ChangeAuthor()
         return replace(
             self,
             update_time=max(now, self.update_time),
             revision=self.revision + 1,
+            updated_by=author.by,
+            updated_via=author.via,
             **_settable(fields),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeAuthor:
+    """Who makes a change: the account (`users/<id>` or `serviceAccounts/<id>`) and, when a
+    service acts for a user, that service (`serviceAccounts/<id>`)."""
+
+    by: str = ""
+    via: str = ""
 
 
 @dataclass(frozen=True, slots=True)

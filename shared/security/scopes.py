@@ -14,6 +14,8 @@ a user's token of the same roles may do, so it keeps working as it did.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 __all__ = [
     "AGENTS_ADMIN",
     "AGENTS_READ",
@@ -32,12 +34,13 @@ KNOWN_SCOPES = frozenset({AGENTS_READ, AGENTS_WRITE, AGENTS_ADMIN, DELEGATE})
 ADMIN_ROLE = "admin"
 
 
-def user_scopes(roles: frozenset[str] | set[str] | tuple[str, ...]) -> frozenset[str]:
+_USER_SCOPES = frozenset({AGENTS_READ, AGENTS_WRITE})
+_ADMIN_SCOPES = _USER_SCOPES | {AGENTS_ADMIN}
+
+
+def user_scopes(roles: Collection[str]) -> frozenset[str]:
     """The scopes a user's token carries: read and write, and admin for administrators."""
-    granted = {AGENTS_READ, AGENTS_WRITE}
-    if ADMIN_ROLE in roles:
-        granted.add(AGENTS_ADMIN)
-    return frozenset(granted)
+    return _ADMIN_SCOPES if ADMIN_ROLE in roles else _USER_SCOPES
 
 
 def parse_scope(text: str) -> frozenset[str]:

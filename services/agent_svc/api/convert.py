@@ -142,6 +142,8 @@ def _build(agent: Agent) -> agent_pb2.Agent:
         create_time=_timestamp(agent.create_time),
         update_time=_timestamp(agent.update_time),
         etag=agent.etag,
+        updated_by=agent.updated_by,
+        updated_via=agent.updated_via,
     )
 
 

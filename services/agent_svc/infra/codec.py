@@ -47,6 +47,8 @@ class AgentCodec:
             "create_time": _time(agent.create_time),
             "update_time": _time(agent.update_time),
             "revision": agent.revision,
+            "updated_by": agent.updated_by,
+            "updated_via": agent.updated_via,
         }
         return json.dumps(
             document, separators=(",", ":"), ensure_ascii=False, allow_nan=False
@@ -75,6 +77,9 @@ class AgentCodec:
                 create_time=datetime.fromisoformat(document["create_time"]),
                 update_time=datetime.fromisoformat(document["update_time"]),
                 revision=int(document["revision"]),
+                # Absent from entries written before they were kept: "" (unknown).
+                updated_by=document.get("updated_by", ""),
+                updated_via=document.get("updated_via", ""),
             )
         except CodecError:
             raise

@@ -89,6 +89,10 @@ class AgentRow(AgentBase):
     request_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
     create_time: Mapped[datetime] = mapped_column(Timestamp)
     update_time: Mapped[datetime] = mapped_column(Timestamp)
+    # Who made the current version ("users/<id>" / "serviceAccounts/<id>") and the service
+    # that acted for them; null for versions made before this was kept.
+    updated_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    updated_via: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class OwnerCountRow(AgentBase):

@@ -85,6 +85,8 @@ _AGENT_COLUMNS = (
     _AGENTS.c.create_time,
     _AGENTS.c.update_time,
     _AGENTS.c.revision,
+    _AGENTS.c.updated_by,
+    _AGENTS.c.updated_via,
 )
 
 
@@ -109,6 +111,8 @@ def _agent_from_row(row: Any) -> Agent:
         create_time,
         update_time,
         revision,
+        updated_by,
+        updated_via,
     ) = row
     return Agent(
         id=agent_id,
@@ -124,6 +128,8 @@ def _agent_from_row(row: Any) -> Agent:
         create_time=_utc(create_time),
         update_time=_utc(update_time),
         revision=revision,
+        updated_by=updated_by or "",
+        updated_via=updated_via or "",
     )
 
 
@@ -150,6 +156,8 @@ def _agent(column: Mapping[Any, Any]) -> Agent:
         create_time=utc(column["create_time"]),
         update_time=utc(column["update_time"]),
         revision=column["revision"],
+        updated_by=column.get("updated_by") or "",
+        updated_via=column.get("updated_via") or "",
     )
 
 
@@ -173,6 +181,8 @@ def _values(agent: Agent) -> dict[str, Any]:
         "top_p": agent.top_p,
         "revision": agent.revision,
         "update_time": agent.update_time,
+        "updated_by": agent.updated_by or None,
+        "updated_via": agent.updated_via or None,
     }
 
 
@@ -313,6 +323,8 @@ def _encode_response(agent: Agent) -> str:
         "temperature": agent.temperature,
         "top_p": agent.top_p,
         "revision": agent.revision,
+        "updated_by": agent.updated_by,
+        "updated_via": agent.updated_via,
         "create_time": agent.create_time.astimezone(UTC).isoformat(),
         "update_time": agent.update_time.astimezone(UTC).isoformat(),
     }

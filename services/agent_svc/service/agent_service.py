@@ -1,6 +1,12 @@
 """Agent business rules: ownership, validation, idempotent create, etags, masks, paging.
 
-Visibility: a caller sees their own agents; an admin sees every agent. Someone else's
+Scopes: reading needs `agents.read`, creating, changing and deleting `agents.write`; a
+call without it is PERMISSION_DENIED (MISSING_SCOPE, metadata `scope`). The caller is the
+token's subject: a user, a service account acting for itself, or the user a service acts
+for with a delegated token; each version of an agent records who made it (`updated_by`)
+and the service that acted for them (`updated_via`).
+
+Visibility: a caller sees their own agents; `agents.admin` sees every agent. Someone else's
 agent is NOT_FOUND, exactly like a missing one. Reads of one agent go through the cache,
 which is keyed by id only, so the ownership check runs on whatever the cache returned.
 Writes go to the database in one unit of work and invalidate the cache after commit.
@@ -34,7 +40,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from datetime import timedelta
 
-from services.agent_svc.domain import Agent, AgentInput, AgentPage
+from services.agent_svc.domain import Agent, AgentInput, AgentPage, ChangeAuthor
 from services.agent_svc.service.filtering import (
     AgentFilter,
     Ordering,
@@ -65,6 +71,7 @@ from shared.rpc.errors import (
     QuotaViolation,
     ResourceExhausted,
 )
+from shared.security.scopes import AGENTS_ADMIN, AGENTS_READ, AGENTS_WRITE
 from shared.security.tokens import Principal
 
 __all__ = ["LIST_RESPONSE_BUDGET", "MUTABLE_FIELDS", "AgentService", "apply_update_mask"]
@@ -193,17 +200,29 @@ def apply_update_mask(current: Agent, patch: AgentInput, paths: Sequence[str]) -
 class _Caller:
     """Who calls, as the rules need it (built on every call: a plain class is cheapest)."""
 
-    __slots__ = ("id", "is_admin")
+    __slots__ = ("author", "id", "is_admin")
 
-    def __init__(self, caller_id: uuid.UUID, is_admin: bool) -> None:
+    def __init__(self, caller_id: uuid.UUID, is_admin: bool, author: ChangeAuthor) -> None:
         self.id = caller_id
         self.is_admin = is_admin
+        self.author = author
 
     def sees(self, agent: Agent) -> bool:
         return self.is_admin or agent.owner_id == self.id
 
 
-def _caller(principal: Principal) -> _Caller:
+def _caller(principal: Principal, scope: str) -> _Caller:
+    """The caller, if their token grants `scope` (else PERMISSION_DENIED naming it).
+
+    The caller is the token's subject: a user, a service account acting for itself, or
+    the user a service acts for (a delegated token), with the service as `via`."""
+    granted = principal.granted
+    if scope not in granted:
+        raise PermissionDenied(
+            f"the access token does not grant the {scope} scope",
+            reason="MISSING_SCOPE",
+            metadata={"scope": scope},
+        )
     caller_id = principal.subject
     if caller_id is None:
         try:
@@ -212,7 +231,11 @@ def _caller(principal: Principal) -> _Caller:
             raise PermissionDenied(
                 "the caller is not a user account", reason="CALLER_NOT_A_USER"
             ) from None
-    return _Caller(caller_id, principal.is_admin)
+    kind = "serviceAccounts" if principal.is_service_account else "users"
+    author = ChangeAuthor(
+        f"{kind}/{caller_id}", f"serviceAccounts/{principal.actor}" if principal.actor else ""
+    )
+    return _Caller(caller_id, AGENTS_ADMIN in granted, author)
 
 
 class AgentService:
@@ -249,10 +272,10 @@ class AgentService:
         """Creates an agent owned by the caller. With a request_id (AIP-155), a replay of
         the same request returns the first response, as it was then; the id used for a
         different request is INVALID_ARGUMENT (REQUEST_ID_REUSED)."""
-        caller = _caller(principal)
+        caller = _caller(principal, AGENTS_WRITE)
         request = _parse_id(request_id, "request_id") if request_id else None
         check_agent(agent, self._allowed_models)
-        new = Agent.new(agent, owner_id=caller.id, now=self._clock.now())
+        new = Agent.new(agent, owner_id=caller.id, now=self._clock.now(), author=caller.author)
         with self._uow() as uow:
             if request is not None:
                 first = self._record_create(uow, caller.id, request, agent.fingerprint, new)
@@ -311,7 +334,7 @@ class AgentService:
 
     def get(self, *, principal: Principal, agent_id: str) -> Agent:
         """One agent, if the caller may see it."""
-        caller = _caller(principal)
+        caller = _caller(principal, AGENTS_READ)
         key = _parse_id(agent_id, "id")
         agent = self._cache.get(key, lambda: self._load(key))
         if agent is None or not caller.sees(agent):
@@ -332,7 +355,7 @@ class AgentService:
         order_by: str = "",
     ) -> AgentPage:
         """The caller's agents (an admin: everyone's), filtered, ordered, one page."""
-        caller = _caller(principal)
+        caller = _caller(principal, AGENTS_READ)
         limit = page_size_of(page_size)
         conditions = parse_filter(filter, allow_owner=caller.is_admin)
         ordering = parse_order_by(order_by)
@@ -376,7 +399,7 @@ class AgentService:
         etag: str = "",
     ) -> Agent:
         """Applies the masked fields (AIP-134); a set etag must match (else ABORTED)."""
-        caller = _caller(principal)
+        caller = _caller(principal, AGENTS_WRITE)
         key = _parse_id(agent_id, "agent.id")
         paths = _mask_paths(update_mask, patch)
         for _attempt in range(UPDATE_ATTEMPTS):
@@ -408,7 +431,7 @@ class AgentService:
             if fields == current.settable:
                 return current  # nothing changes (e.g. only output-only paths): no write
             check_agent(fields, self._allowed_models)
-            updated = current.revised(fields, now=self._clock.now())
+            updated = current.revised(fields, now=self._clock.now(), author=caller.author)
             try:
                 stored = uow.agents.update(updated, expected_revision=current.revision)
             except NameTaken:
@@ -420,7 +443,7 @@ class AgentService:
 
     def delete(self, *, principal: Principal, agent_id: str, etag: str = "") -> None:
         """Deletes an agent the caller may change; a non-empty etag must match."""
-        caller = _caller(principal)
+        caller = _caller(principal, AGENTS_WRITE)
         key = _parse_id(agent_id, "id")
         with self._uow() as uow:
             current = uow.agents.get(key)

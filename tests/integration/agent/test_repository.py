@@ -100,8 +100,17 @@ def query(
     return [row.name for row in rows]
 
 
+SERVICE = "serviceAccounts/00000000-0000-4000-8000-0000000000cc"
+
+
 def test_an_agent_round_trips_exactly(uow: UowFactory) -> None:
-    agent = an_agent(temperature=1 / 3, top_p=0.0, description='Zoë ✨ "quoted"\nline')
+    agent = an_agent(
+        temperature=1 / 3,
+        top_p=0.0,
+        description='Zoë ✨ "quoted"\nline',
+        updated_by=f"users/{ALICE}",
+        updated_via=SERVICE,
+    )
     add(uow, agent)
     assert get(uow, agent.id) == agent
     bare = an_agent("bare", tools=(), metadata={}, temperature=None, top_p=None)
@@ -143,7 +152,13 @@ def recorded(
 
 def test_a_create_record_round_trips_the_response_exactly(uow: UowFactory) -> None:
     request = uuid.uuid4()
-    agent = an_agent(temperature=1 / 3, top_p=0.0, description='Zoë ✨ "quoted"\nline')
+    agent = an_agent(
+        temperature=1 / 3,
+        top_p=0.0,
+        description='Zoë ✨ "quoted"\nline',
+        updated_by=f"users/{ALICE}",
+        updated_via=SERVICE,
+    )
     record(uow, ALICE, request, agent)
     assert recorded(uow, ALICE, request) == CreateRecord("f" * 64, agent)
     bare = an_agent("bare", tools=(), metadata={}, temperature=None, top_p=None)
@@ -210,6 +225,7 @@ def test_update_is_a_compare_and_set_on_the_revision(uow: UowFactory) -> None:
         top_p=0.5,
         update_time=later,
         revision=2,
+        updated_by=SERVICE,
     )
     with uow() as work:
         assert not work.agents.update(changed, expected_revision=7)

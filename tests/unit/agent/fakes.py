@@ -277,6 +277,27 @@ def admin() -> Principal:
     return user("user", "admin")
 
 
+def service_account(*scopes: str) -> Principal:
+    """A service account's own token (client credentials) granting `scopes`."""
+    account = str(uuid.uuid4())
+    return Principal(
+        user_id=account, roles=frozenset(), scopes=frozenset(scopes), client_id=account
+    )
+
+
+def acting_for(person: Principal, *scopes: str) -> tuple[Principal, str]:
+    """A delegated token: a service account acting for `person`, and the account's id."""
+    actor = str(uuid.uuid4())
+    token = Principal(
+        user_id=person.user_id,
+        roles=person.roles,
+        scopes=frozenset(scopes),
+        client_id=actor,
+        actor=actor,
+    )
+    return token, actor
+
+
 def agent_input(**overrides: object) -> AgentInput:
     values: dict[str, object] = {
         "name": "support bot",

@@ -23,7 +23,15 @@ from shared.rpc.errors import (
     ResourceExhausted,
 )
 from shared.security.tokens import Principal
-from tests.unit.agent.fakes import World, admin, agent_input, make_world, user
+from tests.unit.agent.fakes import (
+    World,
+    acting_for,
+    admin,
+    agent_input,
+    make_world,
+    service_account,
+    user,
+)
 
 
 @pytest.fixture
@@ -923,3 +931,121 @@ def test_every_error_is_a_domain_error(world: World) -> None:
     """The servicer relies on this: nothing else may leave the service layer."""
     with pytest.raises(DomainError):
         world.service.get(principal=user(), agent_id="x")
+
+
+# -- scopes and authorship ------------------------------------------------------------------
+
+READ, WRITE, ADMIN = "agents.read", "agents.write", "agents.admin"
+
+
+def _missing_scope(call: Callable[[], object]) -> str:
+    with pytest.raises(PermissionDenied) as caught:
+        call()
+    assert caught.value.reason == "MISSING_SCOPE"
+    return caught.value.metadata["scope"]
+
+
+def test_reading_needs_agents_read(world: World) -> None:
+    writer = service_account(WRITE)
+    agent = create(world, writer)
+    assert (
+        _missing_scope(lambda: world.service.get(principal=writer, agent_id=str(agent.id))) == READ
+    )
+    assert _missing_scope(lambda: world.service.list(principal=writer)) == READ
+
+
+def test_changing_needs_agents_write_and_writes_nothing_without_it(world: World) -> None:
+    reader = service_account(READ)
+    owner = Principal(
+        user_id=reader.user_id,
+        roles=frozenset(),
+        scopes=frozenset({READ, WRITE}),
+        client_id=reader.client_id,
+    )
+    agent = create(world, owner)
+    commits = world.database.commits
+    assert _missing_scope(lambda: create(world, reader)) == WRITE
+    assert (
+        _missing_scope(
+            lambda: world.service.update(
+                principal=reader,
+                agent_id=str(agent.id),
+                patch=AgentInput(name="x"),
+                update_mask=["name"],
+            )
+        )
+        == WRITE
+    )
+    assert (
+        _missing_scope(lambda: world.service.delete(principal=reader, agent_id=str(agent.id)))
+        == WRITE
+    )
+    assert world.database.commits == commits
+    assert world.service.get(principal=reader, agent_id=str(agent.id)) == agent
+
+
+def test_a_token_without_scopes_may_do_what_its_roles_allowed() -> None:
+    world = make_world()
+    legacy_user, legacy_admin = user(), admin()
+    assert legacy_user.scopes is None
+    assert legacy_admin.scopes is None
+    mine = create(world, legacy_user)
+    assert world.service.get(principal=legacy_user, agent_id=str(mine.id)) == mine
+    assert [a.id for a in world.service.list(principal=legacy_admin).agents] == [mine.id]
+    with pytest.raises(NotFound):
+        world.service.get(principal=user(), agent_id=str(mine.id))
+
+
+def test_a_service_account_owns_what_it_creates_and_sees_only_that(world: World) -> None:
+    account = service_account(READ, WRITE)
+    someone = create(world, user(), name="theirs")
+    ours = create(world, account, name="ours")
+    assert str(ours.owner_id) == account.user_id
+    assert ours.updated_by == f"serviceAccounts/{account.user_id}"
+    assert ours.updated_via == ""
+    assert [a.id for a in world.service.list(principal=account).agents] == [ours.id]
+    with pytest.raises(NotFound):
+        world.service.get(principal=account, agent_id=str(someone.id))
+
+
+def test_agents_admin_sees_every_agent_and_the_admin_role_alone_does_not(world: World) -> None:
+    theirs = create(world, user())
+    auditor = service_account(READ, ADMIN)
+    assert world.service.get(principal=auditor, agent_id=str(theirs.id)) == theirs
+    # An administrator's token narrowed to read and write (no agents.admin) is an owner's.
+    narrowed = Principal(
+        user_id=str(uuid.uuid4()),
+        roles=frozenset({"user", "admin"}),
+        scopes=frozenset({READ, WRITE}),
+    )
+    with pytest.raises(NotFound):
+        world.service.get(principal=narrowed, agent_id=str(theirs.id))
+
+
+def test_a_service_acting_for_a_user_acts_as_the_user_and_is_recorded(world: World) -> None:
+    person = user()
+    agent = create(world, person)
+    assert agent.updated_by == f"users/{person.user_id}"
+    assert agent.updated_via == ""
+    runtime, actor = acting_for(person, READ, WRITE)
+    assert world.service.get(principal=runtime, agent_id=str(agent.id)) == agent
+    changed = world.service.update(
+        principal=runtime,
+        agent_id=str(agent.id),
+        patch=AgentInput(description="tuned"),
+        update_mask=["description"],
+    )
+    assert changed.owner_id == agent.owner_id
+    assert changed.updated_by == f"users/{person.user_id}"
+    assert changed.updated_via == f"serviceAccounts/{actor}"
+    assert world.database.committed.agents[agent.id] == changed
+    made, _ = acting_for(person, WRITE)
+    created = create(world, made, name="made for them")
+    assert str(created.owner_id) == person.user_id
+
+
+def test_a_delegated_token_sees_only_its_users_agents(world: World) -> None:
+    other = create(world, user())
+    runtime, _ = acting_for(user(), READ)
+    with pytest.raises(NotFound):
+        world.service.get(principal=runtime, agent_id=str(other.id))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -50,6 +52,7 @@ def agent(**overrides: object) -> Agent:
         agent(temperature=None, top_p=0.0),
         agent(temperature=0.0, top_p=1.0),
         agent(temperature=1 / 3, tools=(), metadata={}),
+        agent(updated_by="users/u-1", updated_via="serviceAccounts/s-2"),
     ],
 )
 def test_round_trip_is_exact(original: Agent) -> None:
@@ -59,6 +62,14 @@ def test_round_trip_is_exact(original: Agent) -> None:
     assert decoded.create_time.tzinfo is not None
     assert decoded.create_time.utcoffset() == original.create_time.utcoffset()
     assert type(decoded.temperature) is type(original.temperature)
+
+
+def test_an_entry_from_before_authors_were_kept_decodes_as_unknown() -> None:
+    original = agent(updated_by="users/u-1", updated_via="serviceAccounts/s-2")
+    document = json.loads(AgentCodec.encode(original))
+    del document["updated_by"], document["updated_via"]
+    decoded = AgentCodec.decode(json.dumps(document).encode())
+    assert decoded == replace(original, updated_by="", updated_via="")
 
 
 def test_encoding_is_compact() -> None:

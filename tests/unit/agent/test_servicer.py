@@ -166,6 +166,8 @@ def test_create_returns_the_agent_with_server_fields(client: Client) -> None:
     agent = create(client, client.token(owner), id="ignored", owner_id="ignored", etag="x")
     assert uuid.UUID(agent.id)
     assert agent.owner_id == owner
+    assert agent.updated_by == f"users/{owner}"
+    assert agent.updated_via == ""
     assert agent.etag
     assert agent.etag != "x"
     assert agent.create_time.seconds > 0
