@@ -16,8 +16,9 @@
    below (shared.config.deadlines: the caller's deadline, and hooks run when the call
    ends before its work does);
 4. **maps errors once**: a DomainError → its status with google.rpc details (ErrorInfo
-   always; BadRequest, RetryInfo, QuotaFailure as they apply), infrastructure failures
-   the caller can retry through the translators (a database that does not answer →
+   always; BadRequest, RetryInfo, QuotaFailure as they apply; beside RetryInfo the same
+   delay as `grpc-retry-pushback-ms`, which gRPC's built-in retry honours), infrastructure
+   failures the caller can retry through the translators (a database that does not answer →
    UNAVAILABLE), anything else → a bare INTERNAL whose trace goes to the log only;
 5. **encodes the response** (a servicer may return the bytes of a response it already
    encoded);
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import re
 import threading
@@ -88,6 +90,7 @@ PUBLIC_SERVICES = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 REQUEST_ID_HEADER = "x-request-id"
+RETRY_PUSHBACK_HEADER = "grpc-retry-pushback-ms"
 # What a caller's request id may look like to be kept (and logged); anything else is
 # replaced by a generated id rather than copied into our logs.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -291,6 +294,9 @@ def status_for(error: DomainError, domain: str, trailing: tuple[Any, ...] = ()) 
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_seconds * 1e9))
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        # The same delay for gRPC's own retries (gRFC A6): a client whose service config
+        # retries this code waits this long before its next attempt.
+        trailing = (*trailing, (RETRY_PUSHBACK_HEADER, _pushback_ms(error.retry_after_seconds)))
     for detail in details:
         packed = any_pb2.Any()
         packed.Pack(detail)
@@ -299,6 +305,11 @@ def status_for(error: DomainError, domain: str, trailing: tuple[Any, ...] = ()) 
     if trailing:
         return _Status(converted.code, converted.details, (*converted.trailing_metadata, *trailing))
     return converted
+
+
+def _pushback_ms(seconds: float) -> str:
+    """A delay as grpc-retry-pushback-ms spells it: whole milliseconds, rounded up."""
+    return str(math.ceil(seconds * 1000))
 
 
 class _Status(grpc.Status):  # type: ignore[misc]
@@ -636,6 +647,8 @@ def _access_log(
                 "peer": context.peer(),
                 "request_id": call.request_id,
                 "user_id": call.principal.user_id if call.principal else None,
+                # The service acting for that user (a delegated token), if any.
+                "actor": (call.principal.actor or None) if call.principal else None,
             }
         },
     )

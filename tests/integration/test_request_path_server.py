@@ -3,6 +3,8 @@ service off the saturated path, the request id, shutdown of calls in flight."""
 
 from __future__ import annotations
 
+import json
+import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,3 +142,61 @@ def test_health_is_answered_while_every_worker_thread_is_busy(tmp_path: Path) ->
                 for future in waiting:
                     future.exception()
 
+
+# -- gRPC's built-in retry honours the server's delay --------------------------------------
+
+JWKS_METHOD = "/agentplatform.auth.v1.AuthService/GetJwks"
+
+
+def _retrying(code: str) -> str:
+    """A service config retrying `code` quickly: without a pushback, five attempts would
+    all land within a few tens of milliseconds."""
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": "agentplatform.auth.v1.AuthService"}],
+                    "retryPolicy": {
+                        "maxAttempts": 5,
+                        "initialBackoff": "0.01s",
+                        "maxBackoff": "0.01s",
+                        "backoffMultiplier": 1,
+                        "retryableStatusCodes": [code],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def test_a_rate_limited_call_carries_its_retry_delay_as_a_pushback(tmp_path: Path) -> None:
+    """Two GetJwks per second, one at once: the second call of a burst is refused with a
+    delay of about half a second, in RetryInfo and in grpc-retry-pushback-ms."""
+    with (
+        auth_service(tmp_path, {"AUTH_RATE_LIMITS": "GetJwks=2/1"}) as auth,
+        grpc.insecure_channel(auth.address) as channel,
+    ):
+        call = channel.unary_unary(JWKS_METHOD)
+        call(b"", timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:
+            call(b"", timeout=10)
+        assert _refusal(refused.value) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+        status = rpc_status.from_call(refused.value)
+        retry = error_detail(status, error_details_pb2.RetryInfo)
+        assert retry is not None
+        trailers = dict(refused.value.trailing_metadata())
+        pushback_ms = int(trailers["grpc-retry-pushback-ms"])
+        assert 0 < pushback_ms == math.ceil(retry.retry_delay.ToNanoseconds() / 1e6)
+
+
+def test_grpc_retries_a_refused_call_after_the_servers_delay(tmp_path: Path) -> None:
+    """With a retry policy for RESOURCE_EXHAUSTED, the refused call is retried once, after the
+    server's delay, and succeeds; with the policy's 10 ms backoff alone its five attempts
+    would all be refused."""
+    with auth_service(tmp_path, {"AUTH_RATE_LIMITS": "GetJwks=2/1"}) as auth:
+        options = [("grpc.service_config", _retrying("RESOURCE_EXHAUSTED"))]
+        with grpc.insecure_channel(auth.address, options=options) as channel:
+            call = channel.unary_unary(JWKS_METHOD)
+            call(b"", timeout=30)
+            call(b"", timeout=30)  # refused once, then retried after the pushback
+        assert auth.metric("grpc_server_started_total", grpc_method="GetJwks") == 3

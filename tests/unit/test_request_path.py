@@ -107,9 +107,11 @@ class Harness:
             grpc_testing.strict_real_time(),
         )
 
-    def token(self, user_id: str, roles: Sequence[str] = ("user",)) -> str:
+    def token(
+        self, user_id: str, roles: Sequence[str] = ("user",), actor: str | None = None
+    ) -> str:
         now = int(self.clock.now().timestamp())
-        claims = {
+        claims: dict[str, object] = {
             "iss": ISSUER,
             "aud": AUDIENCE,
             "sub": user_id,
@@ -118,6 +120,8 @@ class Harness:
             "jti": uuid.uuid4().hex,
             "roles": list(roles),
         }
+        if actor is not None:
+            claims["act"] = {"sub": actor}
         return jwt.encode(
             claims, self.key, algorithm="EdDSA", headers={"kid": self.kid, "typ": "at+jwt"}
         )
@@ -372,8 +376,20 @@ def test_each_call_logs_one_access_line(harness: Harness, caplog: pytest.LogCapt
     assert lines[1]["request_id"]
     assert lines[1]["request_id"] != lines[2]["request_id"]
     assert [line["user_id"] for line in lines] == [None, "user-9", None, None]
+    assert [line["actor"] for line in lines] == [None, None, None, None]
     assert all(line["duration_ms"] >= 0 and "peer" in line for line in lines)
     assert token not in caplog.text
+
+
+def test_the_access_line_names_the_service_acting_for_the_user(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agentplatform.access")
+    harness.call(
+        "GetCurrentUser", [("authorization", f"Bearer {harness.token('user-9', actor='svc-7')}")]
+    )
+    (line,) = access_lines(caplog)
+    assert (line["code"], line["user_id"], line["actor"]) == ("OK", "user-9", "svc-7")
 
 
 def test_access_log_levels_follow_the_code(
