@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 
 from services.auth_svc import SERVICE_NAME
 from services.auth_svc.api.servicer import PUBLIC_METHODS, AuthServicer
+from services.auth_svc.api.well_known import JWKS_PATH, jwks_route
 from services.auth_svc.infra.hashing import HashPool
 from services.auth_svc.infra.keys import KeyRing, load_or_create_dev_key
 from services.auth_svc.infra.limiter import (
@@ -162,6 +163,7 @@ def build_app(
     )
     for method in settings.rate_limits:
         metrics.declare(metrics.rate_limited, (method,))
+    observability.route(JWKS_PATH, jwks_route(service.jwks))
     return AuthApp(settings, engine, service, verifier, keys, observability, closers, rate_limiter)
 
 

@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["FastCounter", "MethodStats", "Metrics", "RpcMetrics", "serve_metrics"]
+__all__ = ["FastCounter", "MethodStats", "Metrics", "RpcMetrics"]
 
 _LABELS = ("grpc_type", "grpc_service", "grpc_method")
 # go-grpc-prometheus' default buckets, with finer ones below 5 ms where our calls live.
@@ -360,17 +360,3 @@ class Metrics:
         if child is None:
             child = self._bound.setdefault(key, metric.labels(*values))
         return child
-
-
-def serve_metrics(metrics: Metrics, host: str, port: int) -> Callable[[], None] | None:
-    """Serves /metrics on its own port (0 disables); returns a function that stops it."""
-    if port == 0:
-        return None
-    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-    return stop

@@ -27,7 +27,8 @@ from sqlalchemy import Engine
 
 from shared.config.settings import CommonSettings
 from shared.data.db import unavailable_database
-from shared.rpc.metrics import Metrics, serve_metrics
+from shared.rpc.http import METRICS_PATH, HttpEndpoints, Route, metrics_route
+from shared.rpc.metrics import Metrics
 from shared.rpc.ratelimit import RateLimiter
 from shared.rpc.request_path import RequestPath
 from shared.rpc.server import RunningServer
@@ -54,7 +55,8 @@ class Observability:
         self.metrics = metrics
         self.tracing = tracing
         self._owns_tracing = owns_tracing
-        self._stop_metrics: Callable[[], None] | None = None
+        self._routes: dict[str, Route] = {METRICS_PATH: metrics_route(metrics.registry)}
+        self._http: HttpEndpoints | None = None
         self._lock = threading.Lock()
         self._closed = False
 
@@ -108,6 +110,13 @@ class Observability:
         if checked_out is not None:
             self.metrics.watch_pool(checked_out)
 
+    def route(self, path: str, route: Route) -> None:
+        """Serve `route` at `path` on the HTTP port too (before the server starts)."""
+        with self._lock:
+            if self._http is not None:
+                raise RuntimeError("the HTTP port is already serving")
+            self._routes[path] = route
+
     def attach(self, running: RunningServer) -> None:
         """Serve /metrics while `running` runs: up before it starts, down after it drained;
         the dependency checks of its health become metrics."""
@@ -118,23 +127,24 @@ class Observability:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start_metrics(self) -> None:
-        """Serve /metrics on `metrics_port` of the service's host (0: not at all)."""
+        """Serve /metrics (and the other routes) on `metrics_port` of the service's host
+        (0: not at all)."""
         settings = self._settings
         with self._lock:
-            if self._stop_metrics is not None or self._closed:
+            if self._http is not None or self._closed or settings.metrics_port == 0:
                 return
-            self._stop_metrics = serve_metrics(self.metrics, settings.host, settings.metrics_port)
-        if self._stop_metrics is not None:
-            _log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
+            self._http = HttpEndpoints(settings.host, settings.metrics_port, self._routes)
+            self._http.start()
+        _log.info("HTTP on port %d: %s", settings.metrics_port, ", ".join(sorted(self._routes)))
 
     def close(self) -> None:
-        """Stop serving /metrics and flush the spans (tracing this object created). Idempotent."""
+        """Stop serving HTTP and flush the spans (tracing this object created). Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            stop, self._stop_metrics = self._stop_metrics, None
-        if stop is not None:
-            stop()
+            http, self._http = self._http, None
+        if http is not None:
+            http.stop()
         if self.tracing is not None and self._owns_tracing:
             self.tracing.shutdown()
