@@ -22,6 +22,7 @@ PROTOS = ROOT / "protos"
 # Python code comes with googleapis-common-protos).
 THIRD_PARTY = ROOT / "third_party" / "googleapis"
 GEN = ROOT / "gen"
+DESCRIPTOR_SET = "descriptor_set.binpb"
 
 
 def generate(out: Path) -> None:
@@ -46,6 +47,19 @@ def generate(out: Path) -> None:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
+    # Our files' descriptors with their comments (source info), which the generated modules
+    # do not keep: the servers' reflection serves these, so `grpcurl describe` shows them.
+    descriptors = [
+        "protoc",
+        f"-I{PROTOS}",
+        f"-I{THIRD_PARTY}",
+        f"-I{include}",
+        "--include_source_info",
+        f"--descriptor_set_out={out / 'agentplatform' / DESCRIPTOR_SET}",
+        *files,
+    ]
+    if protoc.main(descriptors) != 0:
+        raise SystemExit("protoc failed (descriptor set)")
     for directory in [out, *(d for d in out.rglob("*") if d.is_dir())]:
         if directory != out:
             (directory / "__init__.py").touch()

@@ -38,9 +38,10 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from shared.config.settings import CommonSettings
+from shared.rpc.reflection import SourceReflectionServicer
 from shared.rpc.request_path import InFlight, RequestPath
 
 __all__ = ["HandlerRegistrar", "RunningServer", "create_server", "transport_of"]
@@ -326,8 +327,9 @@ def create_server(
         ),
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
-    reflection.enable_server_reflection(
-        (*service_names, HEALTH_SERVICE, reflection.SERVICE_NAME), registrar
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        SourceReflectionServicer((*service_names, HEALTH_SERVICE, reflection.SERVICE_NAME)),
+        registrar,
     )
     for name in (OVERALL, *service_names):
         health_servicer.set(name, _NOT_SERVING)

@@ -1087,17 +1087,24 @@ def test_agent_started_while_auth_is_down_is_unavailable_until_keys_arrive(
 
 
 def grpcurl(
-    binary: Path, address: str, method: str, data: dict[str, Any] | None = None, token: str = ""
+    binary: Path,
+    address: str,
+    method: str,
+    data: dict[str, Any] | None = None,
+    token: str = "",
+    *,
+    target: str = "",
 ) -> tuple[int, Any]:
-    """Runs grpcurl like the module docstring's commands; parsed JSON on success."""
+    """Runs grpcurl like the module docstring's commands; parsed JSON on success (the text
+    of `list` and `describe`)."""
     args = [str(binary), "-plaintext"]
     if token:
         args += ["-H", f"authorization: Bearer {token}"]
     if data is not None:
         args += ["-d", json.dumps(data)]
-    args += [address, method]
+    args += [address, method, *([target] if target else [])]
     done = subprocess.run(args, capture_output=True, text=True, timeout=2 * TIMEOUT, check=False)
-    if done.returncode == 0 and method != "list":
+    if done.returncode == 0 and method not in ("list", "describe"):
         return 0, json.loads(done.stdout)
     return done.returncode, done.stdout + done.stderr
 
@@ -1116,6 +1123,22 @@ def test_an_operator_session_through_grpcurl(embedded_stack: Stack, grpcurl_bina
     code, listing = grpcurl(grpcurl_binary, agents, "list")
     assert code == 0
     assert AGENT_SERVICE in listing.split()
+    # describe shows the comments written in the protos (reflection keeps source info).
+    code, described = grpcurl(grpcurl_binary, agents, "describe", target=AGENT_SERVICE)
+    assert code == 0
+    assert "// Creates an agent owned by the caller." in described
+    assert "rpc CreateAgent ( .agentplatform.agent.v1.CreateAgentRequest )" in described
+    code, described = grpcurl(
+        grpcurl_binary, auth, "describe", target="agentplatform.auth.v1.LoginRequest"
+    )
+    assert code == 0
+    assert "message LoginRequest {" in described
+    code, described = grpcurl(
+        grpcurl_binary, agents, "describe", target="agentplatform.errors.v1.ErrorReason"
+    )
+    assert code == 0
+    assert "MISSING_SCOPE = " in described
+    assert "// UNAUTHENTICATED: the access token has expired. Refresh it." in described
 
     code, created = grpcurl(
         grpcurl_binary,
