@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.auth_svc import PUBLIC_METHOD_NAMES
 from services.auth_svc.infra.keys import key_material_problems
 from shared.config.settings import CommonSettings, EnvReader, load_common
 from shared.rpc.ratelimit import Limit, parse_limits
 
-__all__ = ["AuthSettings", "load_auth_settings"]
+__all__ = ["AuthSettings", "load_auth_settings", "load_or_create_dev_secret"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,10 +32,62 @@ class AuthSettings:
     signing_key_pem: str | None
     verify_keys_pem: str | None
     rate_limits: dict[str, Limit]
+    client_secret_key: bytes | None
+    client_failure_limit: Limit
 
 
 # Per client address, for the public methods: RATE calls per second sustained, BURST at once.
-DEFAULT_RATE_LIMITS = "Register=2/10,Login=10/50,RefreshToken=20/100,Logout=20/100,GetJwks=50/200"
+DEFAULT_RATE_LIMITS = (
+    "Register=2/10,Login=10/50,RefreshToken=20/100,Logout=20/100,GetJwks=50/200,IssueToken=50/200"
+)
+# Failed IssueToken attempts per client id: 5 at once, then one every 5 seconds.
+DEFAULT_CLIENT_FAILURE_LIMIT = "0.2/5"
+MIN_CLIENT_SECRET_KEY = 32
+DEV_CLIENT_SECRET_KEY_FILE = "auth-client-secret-key"
+
+
+def _client_secret_key(reader: EnvReader, common: CommonSettings) -> bytes | None:
+    """The HMAC key of stored client secrets; None only in the dev profile (bootstrap then
+    creates one in the data folder, see load_or_create_dev_secret)."""
+    key = reader.secret("CLIENT_SECRET_KEY")
+    if key is not None:
+        key = key.strip()
+        if len(key) < MIN_CLIENT_SECRET_KEY:
+            reader.problems.append(
+                f"{reader.name('CLIENT_SECRET_KEY')} must be at least "
+                f"{MIN_CLIENT_SECRET_KEY} characters"
+            )
+        return key.encode()
+    if common.profile == "prod":
+        reader.require("CLIENT_SECRET_KEY", "in the prod profile (or AUTH_CLIENT_SECRET_KEY_FILE)")
+    return None
+
+
+def load_or_create_dev_secret(data_dir: Path) -> bytes:
+    """The dev profile's client-secret key: created once in the data folder (so client
+    secrets survive a restart), then reused."""
+    path = data_dir / DEV_CLIENT_SECRET_KEY_FILE
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process of the dev setup made it first
+        else:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(48))
+    return path.read_text().strip().encode()
+
+
+def _client_failure_limit(reader: EnvReader) -> Limit:
+    text = reader.text("CLIENT_FAILURE_LIMIT", DEFAULT_CLIENT_FAILURE_LIMIT)
+    try:
+        return parse_limits(f"IssueToken={text}")["IssueToken"]
+    except ValueError:
+        reader.problems.append(
+            f"{reader.name('CLIENT_FAILURE_LIMIT')}: expected RATE/BURST, got {text!r}"
+        )
+        return parse_limits(f"IssueToken={DEFAULT_CLIENT_FAILURE_LIMIT}")["IssueToken"]
 
 
 def _rate_limits(reader: EnvReader) -> dict[str, Limit]:
@@ -82,6 +137,8 @@ def load_auth_settings(env: Mapping[str, str]) -> AuthSettings:
         signing_key_pem=signing_key,
         verify_keys_pem=reader.secret("VERIFY_KEYS"),
         rate_limits=_rate_limits(reader),
+        client_secret_key=_client_secret_key(reader, common),
+        client_failure_limit=_client_failure_limit(reader),
     )
     reader.problems += key_material_problems(settings.signing_key_pem, settings.verify_keys_pem)
     if settings.password_min_length > 128:

@@ -264,6 +264,13 @@ class Metrics:
         self.logins = Counter(
             "agentplatform_logins_total", "Login attempts by result.", ("result",), registry=r
         )
+        self.tokens_issued = Counter(
+            "agentplatform_tokens_issued_total",
+            "IssueToken calls by grant (client_credentials, token_exchange) and result "
+            "(issued, refused, throttled).",
+            ("grant", "result"),
+            registry=r,
+        )
         self.token_verifications = FastCounter(
             "agentplatform_token_verifications_total",
             "Access-token checks by result (verified, cached, rejected, unavailable).",
@@ -315,6 +322,11 @@ class Metrics:
     def login_result(self, result: str) -> None:
         """`result`: success, failure or locked (AuthService's login observer)."""
         self._children(self.logins, result).inc()
+
+    def token_issued(self, grant: str, result: str) -> None:
+        """TokenEndpoint's `on_result`; the grant by its short name."""
+        short = "token_exchange" if grant.endswith("token-exchange") else grant
+        self._children(self.tokens_issued, short, result).inc()
 
     def token_verification(self, result: str) -> None:
         """`result`: verified, cached, rejected or unavailable (TokenVerifier's `on_result`)."""
