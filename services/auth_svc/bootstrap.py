@@ -33,7 +33,7 @@ from services.auth_svc.service.service_accounts import (
 )
 from services.auth_svc.settings import AuthSettings, load_or_create_dev_secret
 from shared.config.clock import Clock, SystemClock
-from shared.data.db import make_engine, ping, session_factory
+from shared.data.db import make_engine, ping, session_factory, single_statement_sessions
 from shared.data.redis_client import make_redis
 from shared.rpc.lifecycle import Closers
 from shared.rpc.metrics import Metrics
@@ -184,8 +184,10 @@ def build_app(
         monotonic=clock.monotonic,
         on_event=metrics.rate_limit_event,
     )
+    single_reads = single_statement_sessions(engine)
     tokens = TokenEndpoint(
         uow=uow,
+        reads=lambda: SqlAuthUnitOfWork(single_reads),
         secrets=client_secrets,
         tokens=keys,
         throttle=FailureThrottle(throttle_limiter, settings.client_failure_limit),

@@ -188,11 +188,14 @@ class RateLimiter:
             wait_ms = self._local.check(full_key, limit, count=False)
         return wait_ms / 1000
 
-    def count(self, name: str, limit: Limit, key: str) -> None:
-        """Counts one event for (name, key) if the limit allows it (see `wait`)."""
+    def count(self, name: str, limit: Limit, key: str) -> float:
+        """Counts one event for (name, key) if the limit allows it (see `wait`); else the
+        seconds until it would."""
         full_key = f"{self._prefix}{name}:{key}"
-        if self._shared(full_key, limit) is None:
-            self._local.check(full_key, limit)
+        wait_ms = self._shared(full_key, limit)
+        if wait_ms is None:
+            wait_ms = self._local.check(full_key, limit)
+        return wait_ms / 1000
 
     def _shared(self, key: str, limit: Limit, *, count: bool = True) -> float | None:
         """Checked in Redis: the wait in ms (0: allowed), or None if Redis cannot say."""

@@ -30,5 +30,5 @@ class FailureThrottle:
     def wait(self, client: str) -> float:
         return self._limiter.wait(_NAME, self._limit, self._key(client))
 
-    def failed(self, client: str) -> None:
-        self._limiter.count(_NAME, self._limit, self._key(client))
+    def failed(self, client: str) -> float:
+        return self._limiter.count(_NAME, self._limit, self._key(client))

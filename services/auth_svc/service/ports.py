@@ -103,6 +103,10 @@ class ServiceAccountRepository(Protocol):
         """The account with its secrets and keys."""
         ...
 
+    def credentials(self, account_id: uuid.UUID) -> ServiceAccount | None:
+        """The same as `get`, read in one statement (the token endpoint's hot path)."""
+        ...
+
     def page(self, *, after: tuple[datetime, uuid.UUID] | None, limit: int) -> list[ServiceAccount]:
         """Accounts in (create_time, id) order, strictly after the cursor."""
         ...
@@ -248,6 +252,6 @@ class ClientThrottle(Protocol):
         """Seconds until the client may try again (0: now)."""
         ...
 
-    def failed(self, client: str) -> None:
-        """Counts a failed attempt."""
+    def failed(self, client: str) -> float:
+        """Counts a failed attempt; past the limit, the seconds to wait instead (0: counted)."""
         ...

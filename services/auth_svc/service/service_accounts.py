@@ -101,6 +101,7 @@ MAX_DISPLAY_NAME = 128
 MAX_CREDENTIAL = 8192  # an assertion is a few hundred bytes; a secret 43 characters
 LAST_USED_EVERY = timedelta(minutes=1)
 LEEWAY_SECONDS = 30
+FAILING_FOR = 60.0  # how long a replica asks the throttle first about a client that failed
 _DEFAULT_PAGE_SIZE = 50
 _MAX_PAGE_SIZE = 1000
 _JTI = re.compile(r"[\x21-\x7e]{1,256}")
@@ -429,12 +430,14 @@ class TokenEndpoint:
         secrets: SecretHasher,
         tokens: TokenIssuer,
         throttle: ClientThrottle,
+        reads: Callable[[], AuthUnitOfWork] | None = None,
         verify_subject: Callable[[str], Principal],
         clock: Clock,
         lifetime_seconds: int,
         on_result: Callable[[str, str], None] | None = None,
     ) -> None:
         self._uow = uow
+        self._reads = reads or uow  # units of work of one read-only statement
         self._secrets = secrets
         self._tokens = tokens
         self._throttle = throttle
@@ -446,6 +449,7 @@ class TokenEndpoint:
         self._dummy = [secrets.digest(secrets.new()[0])]
         self._keys: dict[tuple[str, str], Any] = {}  # (kid, pem) → parsed public key
         self._touched: dict[uuid.UUID, datetime] = {}
+        self._failing: dict[str, float] = {}  # client → when it last failed here (monotonic)
         self._lock = threading.Lock()
 
     def issue(self, request: TokenRequest) -> IssuedAccessToken:
@@ -463,22 +467,21 @@ class TokenEndpoint:
         if len(request.scope) > 1024 or asked - KNOWN_SCOPES:
             raise _invalid_scope(f"known scopes: {', '.join(sorted(KNOWN_SCOPES))}")
         client = self._claimed_client(request)
-        wait = self._throttle.wait(client)
-        if wait > 0:
-            self._on_result(grant, "throttled")
-            raise ResourceExhausted(
-                "too many failed attempts for this client; fix its credentials, then retry",
-                retry_after_seconds=wait,
-                reason="CLIENT_THROTTLED",
-            )
+        # The shared throttle is asked first only about a client that failed here lately:
+        # the common case (good credentials) costs no round trip to Redis. A client that
+        # fails elsewhere is caught by the count below, which every replica shares.
+        if client in self._failing:
+            self._refuse_if_throttled(grant, self._throttle.wait(client))
         try:
             account = self._authenticate(request, client)
         except _Refused as refused:
-            self._throttle.failed(client)
-            self._on_result(grant, "refused")
+            wait = self._throttle.failed(client)
+            self._note_failure(client)
             _audit_line(
                 AuditKind.TOKEN_REFUSED, grant=grant, client_id=client[:64], why=refused.why
             )
+            self._refuse_if_throttled(grant, wait)
+            self._on_result(grant, "refused")
             raise _invalid_client() from None
         try:
             if grant == CLIENT_CREDENTIALS:
@@ -494,6 +497,26 @@ class TokenEndpoint:
         self._on_result(grant, "issued")
         self._touch(account.id)
         return issued
+
+    def _refuse_if_throttled(self, grant: str, wait: float) -> None:
+        if wait > 0:
+            self._on_result(grant, "throttled")
+            raise ResourceExhausted(
+                "too many failed attempts for this client; fix its credentials, then retry",
+                retry_after_seconds=wait,
+                reason="CLIENT_THROTTLED",
+            )
+
+    def _note_failure(self, client: str) -> None:
+        now = self._clock.monotonic()
+        with self._lock:
+            failing = self._failing
+            failing.pop(client, None)
+            failing[client] = now  # the newest last
+            while failing and (
+                len(failing) > 10_000 or next(iter(failing.values())) < now - FAILING_FOR
+            ):
+                del failing[next(iter(failing))]
 
     # -- grants --------------------------------------------------------------------------
 
@@ -614,8 +637,8 @@ class TokenEndpoint:
             ident = None
         if ident is None:
             return None
-        with self._uow() as uow:
-            return uow.service_accounts.get(ident)
+        with self._reads() as uow:
+            return uow.service_accounts.credentials(ident)
 
     def _by_secret(self, client: str, secret: str) -> ServiceAccount:
         account = self._account(client)

@@ -150,3 +150,24 @@ def test_expired_assertions_are_purged_and_live_ones_kept(uow: UowFactory) -> No
     with uow() as work:
         assert work.service_accounts.use_assertion("old", T0)  # forgotten: usable again
         assert not work.service_accounts.use_assertion("live", T0)
+
+
+def test_the_one_statement_read_sees_what_get_sees(uow: UowFactory) -> None:
+    account = add(uow, an_account())
+    with uow() as work:
+        for n in range(2):
+            work.service_accounts.add_key(
+                account.id, ClientKey(f"kid-{n}", "EdDSA", f"pem-{n}", T0 + timedelta(seconds=n))
+            )
+            work.service_accounts.add_secret(
+                account.id, ClientSecret(uuid.uuid4(), f"{n}" * 64, T0 + timedelta(seconds=n + 1))
+            )
+        work.commit()
+    full = get(uow, account.id)
+    assert full is not None
+    assert (len(full.secrets), len(full.keys)) == (3, 2)
+    # As the token endpoint uses it: the only statement of its unit of work.
+    with uow() as work:
+        assert work.service_accounts.credentials(account.id) == full
+    with uow() as work:
+        assert work.service_accounts.credentials(uuid.uuid4()) is None

@@ -68,6 +68,8 @@ class FakeServiceAccounts:
     def get(self, account_id: uuid.UUID) -> ServiceAccount | None:
         return self._state.service_accounts.get(account_id)
 
+    credentials = get
+
     def page(self, *, after: tuple[datetime, uuid.UUID] | None, limit: int) -> list[ServiceAccount]:
         ordered = sorted(self._state.service_accounts.values(), key=lambda a: (a.create_time, a.id))
         if after is not None:

@@ -549,3 +549,33 @@ def test_every_account_event_is_audited_without_secrets_or_tokens(
     recorded = [repr(e) for e in world.auth.audit] + [repr(r.__dict__) for r in caplog.records]
     for text in (secret, second, signed, subject, *tokens):
         assert not any(text in line for line in recorded)
+
+
+def test_failures_on_other_replicas_count_toward_the_same_throttle(world: World) -> None:
+    client_id, secret = create(world)
+    shared = FailureThrottle(RateLimiter({}, monotonic=world.auth.clock.monotonic), Limit(0.2, 3))
+
+    def replica() -> TokenEndpoint:
+        return TokenEndpoint(
+            uow=world.auth.database.unit_of_work,
+            secrets=SecretHasher(b"k" * 32),
+            tokens=world.auth.keys,
+            throttle=shared,
+            verify_subject=world.verify,
+            clock=world.auth.clock,
+            lifetime_seconds=600,
+        )
+
+    replicas = [replica() for _ in range(3)]
+    for endpoint in replicas:  # one failure on each: the burst is spent
+        with pytest.raises(DomainError) as caught:
+            endpoint.issue(by_secret(client_id, "wrong"))
+        assert caught.value.reason == "INVALID_CLIENT"
+    fresh = replica()  # has seen no failure itself
+    with pytest.raises(ResourceExhausted) as throttled:
+        fresh.issue(by_secret(client_id, "wrong"))
+    assert throttled.value.reason == "CLIENT_THROTTLED"
+    with pytest.raises(ResourceExhausted):
+        fresh.issue(by_secret(client_id, secret))  # it now asks first
+    world.auth.clock.advance(throttled.value.retry_after_seconds)
+    assert fresh.issue(by_secret(client_id, secret)).access_token
