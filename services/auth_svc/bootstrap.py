@@ -23,6 +23,7 @@ from services.auth_svc.infra.limiter import (
 )
 from services.auth_svc.infra.passwords import Argon2PasswordHasher
 from services.auth_svc.infra.throttle import FailureThrottle
+from services.auth_svc.jobs import worker_for
 from services.auth_svc.repository.sql import SqlAuthUnitOfWork
 from services.auth_svc.service.auth_service import AuthPolicy, AuthService
 from services.auth_svc.service.ports import LoginLimiter, PasswordHasher
@@ -42,6 +43,7 @@ from shared.rpc.ratelimit import RateLimiter
 from shared.rpc.request_path import RequestPath
 from shared.rpc.server import RunningServer, create_server
 from shared.rpc.tracing import Tracing
+from shared.rpc.worker import attach_in_process
 from shared.security.tokens import StaticKeyProvider, TokenVerifier
 
 __all__ = ["AuthApp", "build_app", "build_server", "request_path_for"]
@@ -247,4 +249,8 @@ def build_server(app: AuthApp) -> RunningServer:
     )
     app.observability.attach(running)
     running.on_stop.append(app.close)
+    if app.settings.common.worker_in_process:
+        attach_in_process(
+            running, worker_for(app.settings, app.engine, app.observability, SystemClock())
+        )
     return running

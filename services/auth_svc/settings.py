@@ -10,7 +10,7 @@ from pathlib import Path
 
 from services.auth_svc import PUBLIC_METHOD_NAMES
 from services.auth_svc.infra.keys import key_material_problems
-from shared.config.settings import CommonSettings, EnvReader, load_common
+from shared.config.settings import CommonSettings, EnvReader, Role, load_common
 from shared.rpc.ratelimit import Limit, parse_limits
 
 __all__ = ["AuthSettings", "load_auth_settings", "load_or_create_dev_secret"]
@@ -34,6 +34,7 @@ class AuthSettings:
     rate_limits: dict[str, Limit]
     client_secret_key: bytes | None
     client_failure_limit: Limit
+    audit_retention_days: int
 
 
 # Per client address, for the public methods: RATE calls per second sustained, BURST at once.
@@ -46,7 +47,9 @@ MIN_CLIENT_SECRET_KEY = 32
 DEV_CLIENT_SECRET_KEY_FILE = "auth-client-secret-key"
 
 
-def _client_secret_key(reader: EnvReader, common: CommonSettings) -> bytes | None:
+def _client_secret_key(
+    reader: EnvReader, common: CommonSettings, *, required: bool
+) -> bytes | None:
     """The HMAC key of stored client secrets; None only in the dev profile (bootstrap then
     creates one in the data folder, see load_or_create_dev_secret)."""
     key = reader.secret("CLIENT_SECRET_KEY")
@@ -58,7 +61,7 @@ def _client_secret_key(reader: EnvReader, common: CommonSettings) -> bytes | Non
                 f"{MIN_CLIENT_SECRET_KEY} characters"
             )
         return key.encode()
-    if common.profile == "prod":
+    if common.profile == "prod" and required:
         reader.require("CLIENT_SECRET_KEY", "in the prod profile (or AUTH_CLIENT_SECRET_KEY_FILE)")
     return None
 
@@ -108,12 +111,16 @@ def _rate_limits(reader: EnvReader) -> dict[str, Limit]:
     return limits
 
 
-def load_auth_settings(env: Mapping[str, str]) -> AuthSettings:
-    """Reads AUTH_* variables; raises ConfigError listing every problem."""
+def load_auth_settings(env: Mapping[str, str], role: Role = "serve") -> AuthSettings:
+    """Reads AUTH_* variables for the role (the worker needs no signing key, no client-secret
+    key, no Redis and no TLS); raises ConfigError listing every problem."""
     reader = EnvReader(env, "AUTH")
-    common = load_common(reader, service="auth", default_port=50051, default_metrics_port=9101)
+    common = load_common(
+        reader, service="auth", default_port=50051, default_metrics_port=9101, role=role
+    )
+    serving = role == "serve"
     signing_key = reader.secret("SIGNING_KEY")
-    if signing_key is None and common.profile == "prod":
+    if signing_key is None and common.profile == "prod" and serving:
         reader.require("SIGNING_KEY", "in the prod profile (or AUTH_SIGNING_KEY_FILE)")
     # Dedicated low-priority hashing threads (argon2id: tens of ms of a core, 19 MiB each).
     hash_concurrency = reader.integer("HASH_CONCURRENCY", 2, minimum=1)
@@ -137,8 +144,10 @@ def load_auth_settings(env: Mapping[str, str]) -> AuthSettings:
         signing_key_pem=signing_key,
         verify_keys_pem=reader.secret("VERIFY_KEYS"),
         rate_limits=_rate_limits(reader),
-        client_secret_key=_client_secret_key(reader, common),
+        client_secret_key=_client_secret_key(reader, common, required=serving),
         client_failure_limit=_client_failure_limit(reader),
+        # Audit events older than this are purged by the worker; 0 keeps them forever.
+        audit_retention_days=reader.integer("AUDIT_RETENTION_DAYS", 365, minimum=0),
     )
     reader.problems += key_material_problems(settings.signing_key_pem, settings.verify_keys_pem)
     if settings.password_min_length > 128:
