@@ -119,7 +119,9 @@ def load_auth_settings(env: Mapping[str, str], role: Role = "serve") -> AuthSett
         reader, service="auth", default_port=50051, default_metrics_port=9101, role=role
     )
     serving = role == "serve"
-    signing_key = reader.secret("SIGNING_KEY")
+    # Key material is read only to serve (the worker signs nothing; its files need not be
+    # mounted in its pod).
+    signing_key = reader.secret("SIGNING_KEY") if serving else None
     if signing_key is None and common.profile == "prod" and serving:
         reader.require("SIGNING_KEY", "in the prod profile (or AUTH_SIGNING_KEY_FILE)")
     # Dedicated low-priority hashing threads (argon2id: tens of ms of a core, 19 MiB each).
@@ -142,7 +144,7 @@ def load_auth_settings(env: Mapping[str, str], role: Role = "serve") -> AuthSett
         # holds at most 2 x AUTH_HASH_CONCURRENCY of the worker threads, briefly.
         hash_queue=reader.integer("HASH_QUEUE", hash_concurrency, minimum=0),
         signing_key_pem=signing_key,
-        verify_keys_pem=reader.secret("VERIFY_KEYS"),
+        verify_keys_pem=reader.secret("VERIFY_KEYS") if serving else None,
         rate_limits=_rate_limits(reader),
         client_secret_key=_client_secret_key(reader, common, required=serving),
         client_failure_limit=_client_failure_limit(reader),

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from services.auth_svc.settings import load_auth_settings, load_or_create_dev_secret
-from shared.config.settings import ConfigError, EnvReader
+from shared.config.settings import ConfigError, EnvReader, load_migration_settings
 
 PROD = {
     "AUTH_PROFILE": "prod",
@@ -240,3 +240,27 @@ def test_the_client_secret_key_is_long_enough_and_made_once_in_dev(tmp_path: Pat
     assert len(first) >= 32
     assert load_or_create_dev_secret(tmp_path) == first
     assert (tmp_path / "auth-client-secret-key").stat().st_mode & 0o077 == 0
+
+
+def test_the_worker_in_prod_needs_only_the_database() -> None:
+    env = {
+        "AUTH_PROFILE": "prod",
+        "AUTH_DATABASE_URL": "postgresql://auth@db:5432/auth",
+        # Named in the ConfigMap but not mounted in a worker's pod: never read.
+        "AUTH_SIGNING_KEY_FILE": "/nonexistent/signing-key.pem",
+    }
+    settings = load_auth_settings(env, "worker")
+    assert settings.signing_key_pem is None
+    assert settings.common.role == "worker"
+    assert "AUTH_SIGNING_KEY_FILE" in problems(env)  # serving reads it, and fails
+
+
+def test_migration_settings_need_only_the_database_url() -> None:
+    common = load_migration_settings(
+        {"AUTH_PROFILE": "prod", "AUTH_DATABASE_URL": "postgresql://a@db/a"}, service="auth"
+    )
+    assert common.database_url.startswith("postgresql")
+    with pytest.raises(ConfigError) as caught:
+        load_migration_settings({"AUTH_PROFILE": "prod"}, service="auth")
+    assert str(caught.value).count("\n  ") == 1
+    assert "AUTH_DATABASE_URL is required" in str(caught.value)
