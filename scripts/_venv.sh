@@ -1,5 +1,7 @@
 # Sourced by scripts/run and scripts/test: finds Python 3.11+, creates .venv and installs
 # the project (with the given extras) whenever pyproject.toml changed since last time.
+# The client package (clients/python: the generated code and agentplatform.client) goes in
+# by the same pip command, editable, so the servers' dependency on it resolves locally.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,12 +28,13 @@ ensure_venv() {
     "$(find_python)" -m venv "$VENV"
   fi
   stamp="$VENV/.installed-${extras:-base}"
-  want="$(cat "$ROOT/pyproject.toml" | "$VENV/bin/python" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
+  want="$(cat "$ROOT/pyproject.toml" "$ROOT/clients/python/pyproject.toml" | "$VENV/bin/python" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "==> installing $spec into $VENV (log: $VENV/install.log)"
     if ! {
       "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&
-        (cd "$ROOT" && "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$spec")
+        (cd "$ROOT" && "$VENV/bin/python" -m pip install --disable-pip-version-check \
+          -e ./clients/python -e "$spec")
     } >"$VENV/install.log" 2>&1; then
       tail -n 30 "$VENV/install.log" >&2
       echo "error: installing $spec failed; see $VENV/install.log" >&2

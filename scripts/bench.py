@@ -41,7 +41,7 @@ from typing import Any
 import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
+sys.path[:0] = [str(ROOT), str(ROOT / "clients" / "python" / "src")]
 
 from agentplatform.agent.v1 import agent_pb2  # noqa: E402
 from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc  # noqa: E402

@@ -1,10 +1,13 @@
-"""Generate Python code and typed stubs from protos/ into gen/ (one command, reproducible).
+"""Generate Python code and typed stubs from protos/ into the client package (one command).
 
-    python scripts/gen_protos.py          # regenerate gen/
-    python scripts/gen_protos.py --check  # fail if gen/ is not what protos/ generates
+    python scripts/gen_protos.py          # regenerate clients/python/src/agentplatform/
+    python scripts/gen_protos.py --check  # fail if it is not what protos/ generates
 
-The proto tree mirrors the Python package path (`-I protos`), so the generated
-`*_pb2_grpc.py` imports resolve without rewriting.
+The generated code lives in the `agentplatform-client` distribution (clients/python), which
+the servers depend on. The proto tree mirrors the Python package path (`-I protos`), so the
+generated `*_pb2_grpc.py` imports resolve without rewriting. Everything under
+`clients/python/src/agentplatform/` is generated except the hand-written packages named in
+HAND_WRITTEN (the client library), which regeneration leaves alone and --check ignores.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ PROTOS = ROOT / "protos"
 # Vendored imports (google/api/field_behavior.proto): resolved, not generated (their
 # Python code comes with googleapis-common-protos).
 THIRD_PARTY = ROOT / "third_party" / "googleapis"
-GEN = ROOT / "gen"
+# The output root: generation writes <GEN>/agentplatform/...
+GEN = ROOT / "clients" / "python" / "src"
+PACKAGE = "agentplatform"
+# Hand-written subpackages of agentplatform/ (not generated, kept on regeneration).
+HAND_WRITTEN = frozenset({"client"})
 DESCRIPTOR_SET = "descriptor_set.binpb"
 
 
@@ -66,11 +73,19 @@ def generate(out: Path) -> None:
     (out / "agentplatform" / "py.typed").touch()
 
 
+def generated_files(root: Path) -> set[Path]:
+    """The files of `root` that code generation owns (relative to `root`)."""
+    names = {p.relative_to(root) for p in (root / PACKAGE).rglob("*") if p.is_file()}
+    return {
+        n
+        for n in names
+        if "__pycache__" not in n.parts and not (len(n.parts) > 2 and n.parts[1] in HAND_WRITTEN)
+    }
+
+
 def differences(left: Path, right: Path) -> list[str]:
-    """Relative paths that differ between two trees (missing on either side included)."""
-    names = {p.relative_to(left) for p in left.rglob("*") if p.is_file()}
-    names |= {p.relative_to(right) for p in right.rglob("*") if p.is_file()}
-    names = {n for n in names if "__pycache__" not in n.parts}
+    """Generated files that differ between two trees (missing on either side included)."""
+    names = generated_files(left) | generated_files(right)
     return sorted(
         str(n)
         for n in names
@@ -81,22 +96,31 @@ def differences(left: Path, right: Path) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="verify gen/ is current")
+    parser.add_argument("--check", action="store_true", help="verify the generated code")
     check = parser.parse_args().check
+    target = GEN / PACKAGE
+    shown = target.relative_to(ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         fresh = Path(tmp)
         generate(fresh)
         if check:
             stale = differences(fresh, GEN)
             if stale:
-                print("gen/ is out of date; run: python scripts/gen_protos.py", file=sys.stderr)
+                print(f"{shown}/ is stale; run: python scripts/gen_protos.py", file=sys.stderr)
                 print("\n".join(f"  {name}" for name in stale), file=sys.stderr)
                 return 1
-            print("gen/ is current")
+            print(f"{shown}/ (generated code) is current")
             return 0
-        shutil.rmtree(GEN, ignore_errors=True)
-        shutil.copytree(fresh, GEN)
-    print(f"generated {GEN.relative_to(ROOT)}/")
+        target.mkdir(parents=True, exist_ok=True)
+        for entry in target.iterdir():
+            if entry.name in HAND_WRITTEN:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        shutil.copytree(fresh / PACKAGE, target, dirs_exist_ok=True)
+    print(f"generated {shown}/")
     return 0
 
 

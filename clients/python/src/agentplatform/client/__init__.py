@@ -1,0 +1,48 @@
+"""agentplatform.client: typed errors, token sources and channels for calling auth_svc and
+agent_svc from another service (see clients/python/README.md)."""
+
+from agentplatform.client.errors import (
+    Aborted,
+    AgentPlatformError,
+    AlreadyExists,
+    Cancelled,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    FieldViolation,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    QuotaViolation,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    Unknown,
+    decode,
+)
+
+__all__ = [
+    "Aborted",
+    "AgentPlatformError",
+    "AlreadyExists",
+    "Cancelled",
+    "DataLoss",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "FieldViolation",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "QuotaViolation",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "Unknown",
+    "decode",
+]
