@@ -157,3 +157,20 @@ def exported_names(families: list[Any]) -> dict[str, set[str]]:
                 RENAMED_LABELS.get(label, label) for label in sample.labels
             )
     return names
+
+
+def label_values(text: str, label: str) -> set[str]:
+    """The values an expression's selectors match `label` against with `=`."""
+    parser = promql()
+    values: set[str] = set()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, parser.VectorSelector):
+            values.update(
+                m.value
+                for m in node.matchers.matchers
+                if m.name == label and m.op == parser.MatchOp.Equal
+            )
+
+    parser.walk(parser.parse(text), visit)
+    return values
