@@ -12,7 +12,9 @@ import re
 import pytest
 
 from tests import monitoring_kit as kit
-from tests.deploy.test_k8s_policy import Doc, of_kind, render
+from tests.deploy.test_k8s_policy import ROOT, Doc, of_kind, render
+
+RUNBOOK = ROOT / "docs" / "operations.md"
 
 
 def test_the_parser_rejects_what_prometheus_rejects() -> None:
@@ -55,6 +57,22 @@ def test_recording_rule_names_are_recorded_before_use() -> None:
         if ":" in selector.metric and selector.metric not in recorded
     }
     assert not unknown, "recording rules used but never recorded: " + ", ".join(sorted(unknown))
+
+
+def test_every_alert_has_a_severity_a_summary_and_a_runbook_entry() -> None:
+    runbook = RUNBOOK.read_text()
+    problems = []
+    for rule in kit.rules():
+        if "alert" not in rule:
+            continue
+        name = rule["alert"]
+        if rule.get("labels", {}).get("severity") not in ("critical", "warning"):
+            problems.append(f"{name}: severity must be critical or warning")
+        if not rule.get("annotations", {}).get("summary"):
+            problems.append(f"{name}: no summary")
+        if f"#### {name}" not in runbook:
+            problems.append(f"{name}: no '#### {name}' entry in docs/operations.md")
+    assert not problems, "\n".join(problems)
 
 
 def _named(docs: list[Doc], kind: str, name: str) -> Doc:
