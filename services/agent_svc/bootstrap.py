@@ -32,6 +32,7 @@ from shared.rpc.server import RunningServer, create_server
 from shared.rpc.tracing import Tracing
 from shared.rpc.worker import attach_in_process
 from shared.security.jwks import JwksKeyProvider, grpc_jwks_fetcher
+from shared.security.revocations import RevocationPoller, Revocations, grpc_revocation_fetch
 from shared.security.tokens import KeyProvider, TokenVerifier
 
 __all__ = ["AgentApp", "build_app", "build_server", "request_path_for"]
@@ -89,18 +90,34 @@ def _auth_channel(settings: AgentSettings) -> grpc.Channel:
     return grpc.secure_channel(settings.auth_target, credentials, options)
 
 
+# Revocations are remembered this long (far longer than any access token lives).
+REMEMBER_REVOCATIONS_SECONDS = 24 * 3600
+
+
 def _jwks_keys(
     settings: AgentSettings,
     clock: Clock,
     closers: Closers,
     observability: Observability,
+    revocations: Revocations,
 ) -> KeyProvider:
     """Keys fetched from auth_svc's GetJwks, refreshed in the background; the service
     starts while auth_svc is down, and is ready (and verifies) once keys arrive.
     With tracing on, each GetJwks call is a client span that carries the trace context
-    (a fetch for an unknown key id during a call belongs to that call's trace)."""
+    (a fetch for an unknown key id during a call belongs to that call's trace). The token
+    revocations come over the same channel (shared.security.revocations)."""
     channel = _auth_channel(settings)
     closers.add(channel.close)
+    poller = RevocationPoller(
+        grpc_revocation_fetch(observability.instrument_channel(channel)),
+        revocations,
+        interval_seconds=settings.revocation_poll_seconds,
+        token_lifetime_seconds=REMEMBER_REVOCATIONS_SECONDS,
+        clock=clock,
+        on_poll=observability.metrics.revocation_poll,
+    )
+    poller.start()
+    closers.add(poller.stop)
     keys = JwksKeyProvider(
         grpc_jwks_fetcher(observability.instrument_channel(channel)),
         cooldown_seconds=settings.jwks_cooldown_seconds,
@@ -171,18 +188,26 @@ def build_app(
         request_id_ttl_seconds=settings.request_id_ttl_seconds,
         max_agents_per_owner=settings.max_agents_per_owner,
     )
+    revocations = Revocations()
     if keys is None:
-        keys = _jwks_keys(settings, clock, closers, observability)
+        keys = _jwks_keys(settings, clock, closers, observability, revocations)
     verifier = TokenVerifier(
         keys,
         issuer=settings.issuer,
         audience=settings.audience,
         clock=clock,
         on_result=metrics.token_verification,
+        revocations=revocations,
     )
     metrics.declare(
-        metrics.token_verifications, ("verified",), ("cached",), ("rejected",), ("unavailable",)
+        metrics.token_verifications,
+        ("verified",),
+        ("cached",),
+        ("rejected",),
+        ("revoked",),
+        ("unavailable",),
     )
+    metrics.declare(metrics.revocation_polls, ("ok",), ("error",))
     metrics.declare(metrics.jwks_fetches, ("ok",), ("error",))
     return AgentApp(settings, engine, service, verifier, observability, closers, keys)
 

@@ -65,6 +65,7 @@ class AgentSettings:
     audience: str
     allowed_models: tuple[str, ...]
     jwks_cooldown_seconds: float
+    revocation_poll_seconds: float
     l1_max_entries: int
     l1_ttl_seconds: float
     l2_ttl_seconds: float
@@ -113,6 +114,9 @@ def load_agent_settings(env: Mapping[str, str], role: Role = "serve") -> AgentSe
         audience=reader.text("AUDIENCE", "agentplatform"),
         allowed_models=reader.items("ALLOWED_MODELS", DEFAULT_ALLOWED_MODELS),
         jwks_cooldown_seconds=reader.number("JWKS_COOLDOWN_SECONDS", 30.0),
+        # How often the revocations are asked for: the bound on how long a revoked token
+        # (a disabled user's, say) is still accepted here while auth_svc answers.
+        revocation_poll_seconds=reader.number("REVOCATION_POLL_SECONDS", 2.0, minimum=0.1),
         l1_max_entries=reader.integer("L1_MAX_ENTRIES", 10_000, minimum=0),  # 0: no L1
         l1_ttl_seconds=reader.number("L1_TTL_SECONDS", 30.0),
         l2_ttl_seconds=reader.number("L2_TTL_SECONDS", 300.0, minimum=1.0),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -11,6 +12,7 @@ from agentplatform.auth.v1 import auth_pb2_grpc
 from sqlalchemy import Engine
 
 from services.auth_svc import PUBLIC_METHODS, SERVICE_NAMES
+from services.auth_svc.api.admin import AuditServicer, SessionServicer, UserServicer
 from services.auth_svc.api.service_accounts import ServiceAccountServicer, TokenServicer
 from services.auth_svc.api.servicer import AuthServicer
 from services.auth_svc.api.well_known import JWKS_PATH, jwks_route
@@ -25,6 +27,7 @@ from services.auth_svc.infra.passwords import Argon2PasswordHasher
 from services.auth_svc.infra.throttle import FailureThrottle
 from services.auth_svc.jobs import worker_for
 from services.auth_svc.repository.sql import SqlAuthUnitOfWork
+from services.auth_svc.service.admin import AuditReader, RevocationFeed, Sessions, UserAdmin
 from services.auth_svc.service.auth_service import AuthPolicy, AuthService
 from services.auth_svc.service.ports import LoginLimiter, PasswordHasher
 from services.auth_svc.service.service_accounts import (
@@ -44,11 +47,13 @@ from shared.rpc.request_path import RequestPath
 from shared.rpc.server import RunningServer, create_server
 from shared.rpc.tracing import Tracing
 from shared.rpc.worker import attach_in_process
+from shared.security.revocations import RevocationPoller, Revocations
 from shared.security.tokens import StaticKeyProvider, TokenVerifier
 
 __all__ = ["AuthApp", "build_app", "build_server", "request_path_for"]
 
 _log = logging.getLogger(__name__)
+REVOCATION_POLL_SECONDS = 1.0  # its own database: cheap, and its own RPCs see them soon
 
 
 @dataclass
@@ -62,6 +67,10 @@ class AuthApp:
     keys: KeyRing
     tokens: TokenEndpoint
     service_accounts: ServiceAccountAdmin
+    users: UserAdmin
+    sessions: Sessions
+    audit: AuditReader
+    revocations: RevocationFeed
     observability: Observability
     closers: Closers
     rate_limiter: RateLimiter
@@ -142,10 +151,11 @@ def build_app(
         pool = HashPool(concurrency=settings.hash_concurrency, queue=settings.hash_queue)
         closers.add(pool.close)
         hasher = Argon2PasswordHasher(pool)
+    limiter = _limiter(settings, clock, client, metrics, engine)
     service = AuthService(
         uow=lambda: SqlAuthUnitOfWork(sessions),
         hasher=hasher,
-        limiter=_limiter(settings, clock, client, metrics, engine),
+        limiter=limiter,
         tokens=keys,
         clock=clock,
         policy=AuthPolicy(
@@ -155,12 +165,16 @@ def build_app(
         ),
         on_login=metrics.login_result,
     )
+    # This service checks the revocations it records too (its own RPCs, and the user
+    # tokens the token exchange takes), polling its own database.
+    revocations = Revocations()
     verifier = TokenVerifier(
         StaticKeyProvider(keys.verification_keys),
         issuer=settings.issuer,
         audience=settings.audience,
         clock=clock,
         on_result=metrics.token_verification,
+        revocations=revocations,
     )
     metrics.declare(metrics.logins, ("success",), ("failure",), ("locked",))
     metrics.declare(metrics.token_verifications, ("verified",), ("cached",), ("rejected",))
@@ -200,18 +214,41 @@ def build_app(
     )
     for grant in ("client_credentials", "token_exchange"):
         metrics.declare(metrics.tokens_issued, (grant, "issued"), (grant, "refused"))
-    admin = ServiceAccountAdmin(uow=uow, secrets=client_secrets, clock=clock)
+    lifetime = settings.access_token_ttl_seconds
+    feed = RevocationFeed(uow=lambda: SqlAuthUnitOfWork(single_reads), clock=clock)
+
+    def local_fetch(since: datetime | None) -> tuple[list[tuple[str, datetime]], datetime]:
+        found, now = feed.since(since)
+        return [(r.subject, r.not_before) for r in found], now
+
+    poller = RevocationPoller(
+        local_fetch,
+        revocations,
+        interval_seconds=REVOCATION_POLL_SECONDS,
+        token_lifetime_seconds=lifetime,
+        clock=clock,
+        on_poll=metrics.revocation_poll,
+    )
+    poller.start()
+    closers.add(poller.stop)
+    admin = ServiceAccountAdmin(
+        uow=uow, secrets=client_secrets, clock=clock, token_lifetime_seconds=lifetime
+    )
     return AuthApp(
-        settings,
-        engine,
-        service,
-        verifier,
-        keys,
-        tokens,
-        admin,
-        observability,
-        closers,
-        rate_limiter,
+        settings=settings,
+        engine=engine,
+        service=service,
+        verifier=verifier,
+        keys=keys,
+        tokens=tokens,
+        service_accounts=admin,
+        users=UserAdmin(uow=uow, limiter=limiter, clock=clock, token_lifetime_seconds=lifetime),
+        sessions=Sessions(uow=uow, clock=clock, token_lifetime_seconds=lifetime),
+        audit=AuditReader(uow=uow),
+        revocations=feed,
+        observability=observability,
+        closers=closers,
+        rate_limiter=rate_limiter,
     )
 
 
@@ -226,7 +263,12 @@ def request_path_for(app: AuthApp) -> RequestPath:
 
 
 def _register(app: AuthApp, registrar: Any) -> None:
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(app.service), registrar)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(
+        AuthServicer(app.service, app.revocations), registrar
+    )
+    auth_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(app.users), registrar)
+    auth_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(app.sessions), registrar)
+    auth_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(app.audit), registrar)
     auth_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(app.tokens), registrar)
     auth_pb2_grpc.add_ServiceAccountServiceServicer_to_server(
         ServiceAccountServicer(app.service_accounts), registrar

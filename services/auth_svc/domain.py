@@ -17,7 +17,9 @@ __all__ = [
     "ClientSecret",
     "IssuedTokens",
     "RefreshToken",
+    "Revocation",
     "ServiceAccount",
+    "Session",
     "User",
 ]
 
@@ -109,14 +111,48 @@ class AuditKind(StrEnum):
     CLIENT_KEY_REMOVED = "client_key_removed"
     TOKEN_ISSUED = "token_issued"
     TOKEN_REFUSED = "token_refused"
+    USER_UPDATED = "user_updated"
+    USER_DISABLED = "user_disabled"
+    USER_ENABLED = "user_enabled"
+    USER_UNLOCKED = "user_unlocked"
+    SESSION_REVOKED = "session_revoked"
+    SESSIONS_REVOKED = "sessions_revoked"
 
 
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
-    """Who did what; never a password or a token."""
+    """Who did what; never a password or a token. `user_id` is whom it is about; `actor`
+    who did it (`users/<id>` or `serviceAccounts/<id>`; None: the user themselves or the
+    system) and `actor_via` the service acting for them; `peer` and `request_id` identify
+    the call (filled in from the call being served when not given)."""
 
     kind: AuditKind
     time: datetime
     user_id: uuid.UUID | None = None
     email: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    actor: str | None = None
+    actor_via: str | None = None
+    peer: str | None = None
+    request_id: str | None = None
+    id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A login and the refresh tokens rotated from it (a refresh family)."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    create_time: datetime
+    last_use_time: datetime
+    client_peer: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """Access tokens of `subject` issued before `not_before` are refused."""
+
+    subject: str
+    not_before: datetime
+    create_time: datetime

@@ -19,6 +19,7 @@ from services.auth_svc.repository.purge import (
     purge_empty_families,
     purge_expired_refresh_tokens,
     purge_login_attempts,
+    purge_revocations,
     purge_used_assertions,
 )
 from services.auth_svc.settings import AuthSettings
@@ -63,11 +64,15 @@ def auth_jobs(
     def login_attempts() -> dict[str, int]:
         return {"deleted": _batches(sessions, purge_login_attempts, clock.now())}
 
+    def revocations() -> dict[str, int]:
+        return {"deleted": _batches(sessions, purge_revocations, clock.now())}
+
     return [
         Job("auth.refresh_tokens.purge", refresh_tokens),
         Job("auth.audit.purge", audit),
         Job("auth.assertions.purge", assertions),
         Job("auth.login_attempts.purge", login_attempts),
+        Job("auth.revocations.purge", revocations),
     ]
 
 

@@ -273,7 +273,7 @@ class Metrics:
         )
         self.token_verifications = FastCounter(
             "agentplatform_token_verifications_total",
-            "Access-token checks by result (verified, cached, rejected, unavailable).",
+            "Access-token checks by result (verified, cached, rejected, revoked, unavailable).",
             ("result",),
             registry=r,
         )
@@ -299,6 +299,12 @@ class Metrics:
         )
         self.jwks_fetches = Counter(
             "agentplatform_jwks_fetches_total", "JWKS fetches by result.", ("result",), registry=r
+        )
+        self.revocation_polls = Counter(
+            "agentplatform_revocation_polls_total",
+            "Polls of the token revocations by result (ok, error).",
+            ("result",),
+            registry=r,
         )
         self.db_pool_in_use = Gauge(
             "agentplatform_db_pool_connections_in_use",
@@ -362,6 +368,10 @@ class Metrics:
         """TokenEndpoint's `on_result`; the grant by its short name."""
         short = "token_exchange" if grant.endswith("token-exchange") else grant
         self._children(self.tokens_issued, short, result).inc()
+
+    def revocation_poll(self, result: str) -> None:
+        """RevocationPoller's `on_poll`."""
+        self._children(self.revocation_polls, result).inc()
 
     def token_verification(self, result: str) -> None:
         """`result`: verified, cached, rejected or unavailable (TokenVerifier's `on_result`)."""

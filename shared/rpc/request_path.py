@@ -74,6 +74,7 @@ __all__ = [
     "CallContext",
     "InFlight",
     "RequestPath",
+    "call_origin",
     "principal_of",
     "request_id_for",
     "status_for",
@@ -103,6 +104,19 @@ _NO_DEADLINE = 1e8
 _OK = grpc.StatusCode.OK
 _UNKNOWN = grpc.StatusCode.UNKNOWN
 _end_lock = threading.Lock()
+
+
+def call_origin() -> tuple[str | None, str | None]:
+    """The peer and request id of the call this thread is serving, if any (for audit
+    records written deep below the servicer)."""
+    call = current_call.get()
+    if not isinstance(call, CallContext):
+        return None, None
+    try:
+        peer = call.peer()
+    except Exception:  # a test double without a peer
+        peer = None
+    return peer, call.request_id
 
 
 def request_id_for(given: str | None) -> str:

@@ -6,8 +6,9 @@ absorbs clock skew. Verified tokens are remembered (bounded, until they expire) 
 client that reuses its token pays for the signature check once; a remembered token is
 checked again as soon as a key leaves the trusted set (the key provider's `generation`).
 
-Refusals: an expired token is UNAUTHENTICATED with reason TOKEN_EXPIRED (refresh it);
-any other bad token INVALID_TOKEN (get a new one). A token naming a key that is not known
+Refusals: an expired token is UNAUTHENTICATED with reason TOKEN_EXPIRED (refresh it); a
+revoked one (shared.security.revocations) TOKEN_REVOKED, remembered tokens included; any
+other bad token INVALID_TOKEN (get a new one). A token naming a key that is not known
 while the keys cannot be fetched (the auth service is down, or never answered since this
 process started) is UNAVAILABLE with reason KEYS_UNAVAILABLE and RetryInfo: the condition
 is temporary, and the same token may well verify a moment later.
@@ -27,6 +28,7 @@ import jwt
 from shared.config.clock import Clock
 from shared.rpc.errors import Unauthenticated, Unavailable
 from shared.security.jwk import VerificationKey
+from shared.security.revocations import Revocations
 from shared.security.scopes import ADMIN_ROLE, parse_scope, user_scopes
 
 __all__ = [
@@ -61,6 +63,8 @@ class Principal:
     """The OAuth client the token was issued to (a service account's id, or the issuer)."""
     actor: str = ""
     """`act.sub`: the service account acting for the user, if any (RFC 8693)."""
+    issued_at: float = 0.0
+    """`iat`: a revocation refuses the tokens issued before its moment."""
 
     @property
     def is_admin(self) -> bool:
@@ -152,8 +156,10 @@ class TokenVerifier:
         leeway_seconds: float = 30.0,
         cache_size: int = 10_000,
         on_result: Callable[[str], None] | None = None,
+        revocations: Revocations | None = None,
     ) -> None:
         self._keys = keys
+        self._revocations = revocations
         self._issuer = issuer
         self._audience = audience
         self._clock = clock
@@ -175,6 +181,7 @@ class TokenVerifier:
                 cached.generation == self._keys.generation
                 and principal.expires_at + self._leeway > now
             ):
+                self._check_revoked(principal)
                 self._on_result("cached")
                 return principal
             self._forget(token)
@@ -187,9 +194,18 @@ class TokenVerifier:
         except Unavailable:
             self._on_result("unavailable")
             raise
-        self._on_result("verified")
         self._remember(token, _Verified(principal, generation))
+        self._check_revoked(principal)
+        self._on_result("verified")
         return principal
+
+    def _check_revoked(self, principal: Principal) -> None:
+        revocations = self._revocations
+        if revocations is not None and revocations.covers(
+            principal.user_id, principal.actor, principal.issued_at
+        ):
+            self._on_result("revoked")
+            raise Unauthenticated("the access token was revoked", reason="TOKEN_REVOKED")
 
     def _remember(self, token: str, verified: _Verified) -> None:
         with self._lock:
@@ -268,6 +284,7 @@ class TokenVerifier:
             scopes=parse_scope(scope) if scope is not None else None,
             client_id=client_id,
             actor=actor,
+            issued_at=float(claims["iat"]),
         )
 
     def _check_times(self, claims: dict[str, Any], now: float) -> None:

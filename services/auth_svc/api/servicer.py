@@ -8,7 +8,9 @@ from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.auth_svc.domain import IssuedTokens, User
+from services.auth_svc.service.admin import RevocationFeed, etag_of
 from services.auth_svc.service.auth_service import AuthService
+from shared.config.clock import utc
 from shared.rpc.request_path import principal_of
 
 __all__ = ["AuthServicer", "user_to_proto"]
@@ -24,6 +26,7 @@ def _timestamp(moment: Any) -> Timestamp:
 
 def user_to_proto(user: User) -> auth_pb2.User:
     return auth_pb2.User(
+        etag=etag_of(user),
         id=str(user.id),
         email=user.email,
         display_name=user.display_name,
@@ -44,8 +47,9 @@ def _token_fields(issued: IssuedTokens) -> dict[str, Any]:
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
-    def __init__(self, service: AuthService) -> None:
+    def __init__(self, service: AuthService, revocations: RevocationFeed | None = None) -> None:
         self._service = service
+        self._revocations = revocations
 
     def Register(
         self, request: auth_pb2.RegisterRequest, context: Any
@@ -87,3 +91,22 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             new_password=request.new_password,
         )
         return auth_pb2.ChangePasswordResponse()
+
+    def GetRevocations(
+        self, request: auth_pb2.GetRevocationsRequest, context: Any
+    ) -> auth_pb2.GetRevocationsResponse:
+        if self._revocations is None:
+            return auth_pb2.GetRevocationsResponse()
+        since = utc(request.since_time.ToDatetime()) if request.HasField("since_time") else None
+        revocations, now = self._revocations.since(since)
+        return auth_pb2.GetRevocationsResponse(
+            revocations=[
+                auth_pb2.Revocation(
+                    subject=r.subject,
+                    not_before=_timestamp(r.not_before),
+                    create_time=_timestamp(r.create_time),
+                )
+                for r in revocations
+            ],
+            server_time=_timestamp(now),
+        )

@@ -26,6 +26,7 @@ __all__ = [
     "LoginAttemptRow",
     "RefreshFamilyRow",
     "RefreshTokenRow",
+    "RevocationRow",
     "ServiceAccountKeyRow",
     "ServiceAccountRow",
     "ServiceAccountSecretRow",
@@ -74,6 +75,8 @@ class RefreshFamilyRow(AuthBase):
     create_time: Mapped[datetime] = mapped_column(Timestamp)
     last_used_time: Mapped[datetime] = mapped_column(Timestamp)
     revoked_time: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    # The client's address at login (NULL for sessions from before it was kept).
+    peer: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class RefreshTokenRow(AuthBase):
@@ -92,7 +95,10 @@ class RefreshTokenRow(AuthBase):
 
 class AuditRow(AuthBase):
     __tablename__ = "auth_audit_events"
-    __table_args__ = (Index("ix_auth_audit_events_user_time", "user_id", "time"),)
+    __table_args__ = (
+        Index("ix_auth_audit_events_user_time", "user_id", "time"),
+        Index("ix_auth_audit_events_kind_time", "kind", "time"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     time: Mapped[datetime] = mapped_column(Timestamp, index=True)
@@ -100,6 +106,11 @@ class AuditRow(AuthBase):
     user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
     email: Mapped[str | None] = mapped_column(String(254), nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Who did it, through whom, from where, in which call (NULL in events from before).
+    actor: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    actor_via: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    peer: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class LoginAttemptRow(AuthBase):
@@ -161,4 +172,17 @@ class UsedAssertionRow(AuthBase):
     __tablename__ = "auth_used_assertions"
 
     digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expire_time: Mapped[datetime] = mapped_column(Timestamp, index=True)
+
+
+class RevocationRow(AuthBase):
+    """Access tokens of `subject` issued before `not_before` are refused (agent_svc polls
+    these); kept until no such token can still be live (`expire_time`)."""
+
+    __tablename__ = "auth_revocations"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    subject: Mapped[str] = mapped_column(String(64))
+    not_before: Mapped[datetime] = mapped_column(Timestamp)
+    create_time: Mapped[datetime] = mapped_column(Timestamp, index=True)
     expire_time: Mapped[datetime] = mapped_column(Timestamp, index=True)

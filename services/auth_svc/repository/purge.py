@@ -15,6 +15,7 @@ from services.auth_svc.repository.models import (
     LoginAttemptRow,
     RefreshFamilyRow,
     RefreshTokenRow,
+    RevocationRow,
     UsedAssertionRow,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "purge_empty_families",
     "purge_expired_refresh_tokens",
     "purge_login_attempts",
+    "purge_revocations",
     "purge_used_assertions",
 ]
 
@@ -74,3 +76,9 @@ def purge_login_attempts(session: Session, now: datetime, limit: int) -> int:
             delete(LoginAttemptRow).where(LoginAttemptRow.key_digest.in_(keys.limit(limit)))
         )
     )
+
+
+def purge_revocations(session: Session, now: datetime, limit: int) -> int:
+    """Revocations no live token can be covered by any more (past their expire_time)."""
+    ids = select(RevocationRow.id).where(RevocationRow.expire_time < now).limit(limit)
+    return _count(session.execute(delete(RevocationRow).where(RevocationRow.id.in_(ids))))

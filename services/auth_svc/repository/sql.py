@@ -5,22 +5,28 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import Connection, bindparam, delete, or_, select, tuple_, update
+from sqlalchemy import Connection, String, bindparam, cast, delete, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.auth_svc.domain import (
     AuditEvent,
+    AuditKind,
     ClientKey,
     ClientSecret,
     RefreshToken,
+    Revocation,
     ServiceAccount,
     User,
+)
+from services.auth_svc.domain import (
+    Session as LoginSession,
 )
 from services.auth_svc.repository.models import (
     AuditRow,
     RefreshFamilyRow,
     RefreshTokenRow,
+    RevocationRow,
     ServiceAccountKeyRow,
     ServiceAccountRow,
     ServiceAccountSecretRow,
@@ -30,6 +36,7 @@ from services.auth_svc.repository.models import (
 from services.auth_svc.service.ports import EmailTaken, KeyExists
 from shared.config.clock import utc
 from shared.data.db import SqlUnitOfWork
+from shared.rpc.request_path import call_origin
 
 __all__ = [
     "SqlAuditLog",
@@ -107,16 +114,84 @@ class SqlUserRepository:
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
+    def page(
+        self,
+        *,
+        email_prefix: str = "",
+        role: str = "",
+        disabled: bool | None = None,
+        after: tuple[datetime, uuid.UUID] | None = None,
+        limit: int,
+    ) -> list[User]:
+        query = select(UserRow)
+        if email_prefix:
+            escaped = email_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            query = query.where(UserRow.email.like(escaped + "%", escape="\\"))
+        if role:
+            # roles is a JSON list of known names: its text holds `"<role>"` exactly then.
+            query = query.where(cast(UserRow.roles, String).like(f'%"{role}"%'))
+        if disabled is not None:
+            query = query.where(UserRow.disabled.is_(disabled))
+        if after is not None:
+            query = query.where(tuple_(UserRow.create_time, UserRow.id) > tuple_(*after))
+        rows = self._session.scalars(
+            query.order_by(UserRow.create_time, UserRow.id).limit(limit)
+        ).all()
+        return [_user(row) for row in rows]
+
+    def save(self, user: User) -> None:
+        """Stores the user's display name, roles, disabled flag and update time."""
+        self._session.execute(
+            update(UserRow)
+            .where(UserRow.id == user.id)
+            .values(
+                display_name=user.display_name,
+                roles=list(user.roles),
+                disabled=user.disabled,
+                update_time=user.update_time,
+            )
+            .execution_options(synchronize_session=False)
+        )
+
 
 class SqlRefreshTokenRepository:
     def __init__(self, session: Session) -> None:
         self._session = session
 
-    def add_family(self, family_id: uuid.UUID, user_id: uuid.UUID, when: datetime) -> None:
+    def add_family(
+        self, family_id: uuid.UUID, user_id: uuid.UUID, when: datetime, peer: str | None = None
+    ) -> None:
         self._session.add(
-            RefreshFamilyRow(id=family_id, user_id=user_id, create_time=when, last_used_time=when)
+            RefreshFamilyRow(
+                id=family_id,
+                user_id=user_id,
+                create_time=when,
+                last_used_time=when,
+                peer=_bounded(peer or call_origin()[0]),
+            )
         )
         self._session.flush()
+
+    def live_sessions(
+        self, user_id: uuid.UUID, *, before: tuple[datetime, uuid.UUID] | None, limit: int
+    ) -> list[LoginSession]:
+        query = select(RefreshFamilyRow).where(
+            RefreshFamilyRow.user_id == user_id, RefreshFamilyRow.revoked_time.is_(None)
+        )
+        if before is not None:
+            query = query.where(
+                tuple_(RefreshFamilyRow.create_time, RefreshFamilyRow.id) < tuple_(*before)
+            )
+        rows = self._session.scalars(
+            query.order_by(RefreshFamilyRow.create_time.desc(), RefreshFamilyRow.id.desc()).limit(
+                limit
+            )
+        ).all()
+        return [_session_of(row) for row in rows]
+
+    def live_session(self, family_id: uuid.UUID) -> LoginSession | None:
+        row = self._session.get(RefreshFamilyRow, family_id)
+        return _session_of(row) if row is not None and row.revoked_time is None else None
 
     def add(self, token: RefreshToken) -> None:
         self._session.add(
@@ -182,13 +257,43 @@ class SqlRefreshTokenRepository:
             .execution_options(synchronize_session=False)
         )
 
-    def revoke_user_families(self, user_id: uuid.UUID, when: datetime) -> None:
-        self._session.execute(
+    def revoke_user_families(self, user_id: uuid.UUID, when: datetime) -> int:
+        result = self._session.execute(
             update(RefreshFamilyRow)
             .where(RefreshFamilyRow.user_id == user_id, RefreshFamilyRow.revoked_time.is_(None))
             .values(revoked_time=when)
             .execution_options(synchronize_session=False)
         )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _bounded(text: str | None) -> str | None:
+    return text[:128] if text else None
+
+
+def _session_of(row: RefreshFamilyRow) -> LoginSession:
+    return LoginSession(
+        id=row.id,
+        user_id=row.user_id,
+        create_time=utc(row.create_time),
+        last_use_time=utc(row.last_used_time),
+        client_peer=row.peer,
+    )
+
+
+def _event(row: AuditRow) -> AuditEvent:
+    return AuditEvent(
+        kind=AuditKind(row.kind),
+        time=utc(row.time),
+        user_id=row.user_id,
+        email=row.email,
+        detail=dict(row.detail or {}),
+        actor=row.actor,
+        actor_via=row.actor_via,
+        peer=row.peer,
+        request_id=row.request_id,
+        id=row.id,
+    )
 
 
 class SqlAuditLog:
@@ -196,16 +301,71 @@ class SqlAuditLog:
         self._session = session
 
     def record(self, event: AuditEvent) -> None:
+        origin_peer, origin_request = call_origin()
         self._session.add(
             AuditRow(
-                id=uuid.uuid4(),
+                id=event.id or uuid.uuid4(),
                 time=event.time,
                 kind=event.kind.value,
                 user_id=event.user_id,
                 email=event.email,
                 detail=dict(event.detail),
+                actor=event.actor,
+                actor_via=event.actor_via,
+                peer=_bounded(event.peer or origin_peer),
+                request_id=_bounded(event.request_id or origin_request),
             )
         )
+
+    def page(
+        self,
+        *,
+        user_id: uuid.UUID | None = None,
+        kind: str = "",
+        start: datetime | None = None,
+        end: datetime | None = None,
+        before: tuple[datetime, uuid.UUID] | None = None,
+        limit: int,
+    ) -> list[AuditEvent]:
+        """Events newest first, strictly before the cursor (time, id)."""
+        query = select(AuditRow)
+        if user_id is not None:
+            query = query.where(AuditRow.user_id == user_id)
+        if kind:
+            query = query.where(AuditRow.kind == kind)
+        if start is not None:
+            query = query.where(AuditRow.time >= start)
+        if end is not None:
+            query = query.where(AuditRow.time < end)
+        if before is not None:
+            query = query.where(tuple_(AuditRow.time, AuditRow.id) < tuple_(*before))
+        rows = self._session.scalars(
+            query.order_by(AuditRow.time.desc(), AuditRow.id.desc()).limit(limit)
+        ).all()
+        return [_event(row) for row in rows]
+
+
+class SqlRevocationRepository:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def add(self, revocation: Revocation, *, expire_time: datetime) -> None:
+        self._session.add(
+            RevocationRow(
+                id=uuid.uuid4(),
+                subject=revocation.subject,
+                not_before=revocation.not_before,
+                create_time=revocation.create_time,
+                expire_time=expire_time,
+            )
+        )
+
+    def since(self, when: datetime | None, *, now: datetime) -> list[Revocation]:
+        query = select(RevocationRow).where(RevocationRow.expire_time > now)
+        if when is not None:
+            query = query.where(RevocationRow.create_time >= when)
+        rows = self._session.scalars(query.order_by(RevocationRow.create_time).limit(10_000))
+        return [Revocation(row.subject, utc(row.not_before), utc(row.create_time)) for row in rows]
 
 
 _ACCOUNT = ServiceAccountRow.__table__
@@ -425,9 +585,11 @@ class SqlAuthUnitOfWork(SqlUnitOfWork):
     refresh_tokens: SqlRefreshTokenRepository
     audit: SqlAuditLog
     service_accounts: SqlServiceAccountRepository
+    revocations: SqlRevocationRepository
 
     def _open_repositories(self, session: Session) -> None:
         self.users = SqlUserRepository(session)
         self.refresh_tokens = SqlRefreshTokenRepository(session)
         self.audit = SqlAuditLog(session)
         self.service_accounts = SqlServiceAccountRepository(session)
+        self.revocations = SqlRevocationRepository(session)

@@ -20,6 +20,7 @@ from services.auth_svc.domain import (
     RefreshToken,
     User,
 )
+from services.auth_svc.service.admin import revoke_tokens
 from services.auth_svc.service.ports import (
     AuthUnitOfWork,
     EmailTaken,
@@ -195,6 +196,10 @@ class AuthService:
             ):
                 return False
             uow.refresh_tokens.revoke_user_families(user.id, now)
+            # The access tokens issued with the old password stop working too.
+            revoke_tokens(
+                uow, str(user.id), now, token_lifetime_seconds=self._tokens.access_token_ttl_seconds
+            )
             self._audit(uow, AuditKind.PASSWORD_CHANGED, user_id=user.id)
             uow.commit()
         return True

@@ -18,7 +18,9 @@ from services.auth_svc.domain import (
     ClientKey,
     ClientSecret,
     RefreshToken,
+    Revocation,
     ServiceAccount,
+    Session,
     User,
 )
 from shared.data.uow import UnitOfWork
@@ -36,6 +38,7 @@ __all__ = [
     "LoginResult",
     "PasswordHasher",
     "RefreshTokenRepository",
+    "RevocationRepository",
     "ServiceAccountRepository",
     "TokenIssuer",
     "UserRepository",
@@ -71,9 +74,37 @@ class UserRepository(Protocol):
         False if it is not (or there is no such user)."""
         ...
 
+    def page(
+        self,
+        *,
+        email_prefix: str = "",
+        role: str = "",
+        disabled: bool | None = None,
+        after: tuple[datetime, uuid.UUID] | None = None,
+        limit: int,
+    ) -> list[User]:
+        """Users in (create_time, id) order strictly after the cursor, filtered."""
+        ...
+
+    def save(self, user: User) -> None:
+        """Stores the user's display name, roles, disabled flag and update time."""
+        ...
+
 
 class RefreshTokenRepository(Protocol):
-    def add_family(self, family_id: uuid.UUID, user_id: uuid.UUID, when: datetime) -> None: ...
+    def add_family(
+        self, family_id: uuid.UUID, user_id: uuid.UUID, when: datetime, peer: str | None = None
+    ) -> None: ...
+
+    def live_sessions(
+        self, user_id: uuid.UUID, *, before: tuple[datetime, uuid.UUID] | None, limit: int
+    ) -> list[Session]:
+        """The user's unrevoked sessions, newest first, strictly before the cursor."""
+        ...
+
+    def live_session(self, family_id: uuid.UUID) -> Session | None:
+        """The session if it exists and is not revoked."""
+        ...
 
     def add(self, token: RefreshToken) -> None: ...
 
@@ -91,7 +122,9 @@ class RefreshTokenRepository(Protocol):
 
     def revoke_family(self, family_id: uuid.UUID, when: datetime) -> None: ...
 
-    def revoke_user_families(self, user_id: uuid.UUID, when: datetime) -> None: ...
+    def revoke_user_families(self, user_id: uuid.UUID, when: datetime) -> int:
+        """Revokes every live family of the user; how many."""
+        ...
 
 
 class ServiceAccountRepository(Protocol):
@@ -141,6 +174,27 @@ class ServiceAccountRepository(Protocol):
 class AuditLog(Protocol):
     def record(self, event: AuditEvent) -> None: ...
 
+    def page(
+        self,
+        *,
+        user_id: uuid.UUID | None = None,
+        kind: str = "",
+        start: datetime | None = None,
+        end: datetime | None = None,
+        before: tuple[datetime, uuid.UUID] | None = None,
+        limit: int,
+    ) -> list[AuditEvent]:
+        """Events newest first, strictly before the cursor (time, id), filtered."""
+        ...
+
+
+class RevocationRepository(Protocol):
+    def add(self, revocation: Revocation, *, expire_time: datetime) -> None: ...
+
+    def since(self, when: datetime | None, *, now: datetime) -> list[Revocation]:
+        """Revocations still in force (expiring after `now`) recorded at or after `when`."""
+        ...
+
 
 class AuthUnitOfWork(UnitOfWork, Protocol):
     """One transaction over the auth repositories (see shared.data.uow.UnitOfWork)."""
@@ -156,6 +210,9 @@ class AuthUnitOfWork(UnitOfWork, Protocol):
 
     @property
     def service_accounts(self) -> ServiceAccountRepository: ...
+
+    @property
+    def revocations(self) -> RevocationRepository: ...
 
 
 class HashingSlot(Protocol):

@@ -54,6 +54,7 @@ from services.auth_svc.domain import (
     ClientSecret,
     ServiceAccount,
 )
+from services.auth_svc.service.admin import revoke_tokens
 from services.auth_svc.service.ports import (
     AuthUnitOfWork,
     ClientThrottle,
@@ -196,11 +197,17 @@ class ServiceAccountAdmin:
     for administrators acting for themselves (not through a delegated token)."""
 
     def __init__(
-        self, *, uow: Callable[[], AuthUnitOfWork], secrets: SecretHasher, clock: Clock
+        self,
+        *,
+        uow: Callable[[], AuthUnitOfWork],
+        secrets: SecretHasher,
+        clock: Clock,
+        token_lifetime_seconds: int = 900,
     ) -> None:
         self._uow = uow
         self._secrets = secrets
         self._clock = clock
+        self._lifetime = token_lifetime_seconds
 
     def create(
         self, *, principal: Principal, display_name: str, scopes: Collection[str]
@@ -260,12 +267,14 @@ class ServiceAccountAdmin:
         return accounts, ""
 
     def delete(self, *, principal: Principal, account_id: str) -> None:
-        """Deletes the account: no token is issued to it from then on."""
+        """Deletes the account: no token is issued to it from then on, and the tokens it
+        holds (its own, and those acting for users) are revoked."""
         _require_admin(principal)
         ident = _account_id(account_id, "id")
         with self._uow() as uow:
             if not uow.service_accounts.delete(ident):
                 raise _not_found()
+            revoke_tokens(uow, str(ident), self._clock.now(), token_lifetime_seconds=self._lifetime)
             self._audit(uow, AuditKind.SERVICE_ACCOUNT_DELETED, principal, ident)
             uow.commit()
 

@@ -10,13 +10,14 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.auth_svc.domain import USER, AuditEvent, AuditKind, RefreshToken, User
+from services.auth_svc.domain import USER, AuditEvent, AuditKind, RefreshToken, Revocation, User
 from services.auth_svc.jobs import auth_jobs
 from services.auth_svc.repository.models import (
     AuditRow,
     LoginAttemptRow,
     RefreshFamilyRow,
     RefreshTokenRow,
+    RevocationRow,
     UsedAssertionRow,
 )
 from services.auth_svc.repository.sql import SqlAuthUnitOfWork
@@ -34,8 +35,8 @@ def count(sessions: sessionmaker[Session], row: type) -> int:
 
 def seed(sessions: sessionmaker[Session]) -> uuid.UUID:
     """A user with a live session, a session whose only token expired, one expired token in
-    the live session; an old and a recent audit event; used assertions and login counts,
-    one expired and one live of each."""
+    the live session; an old and a recent audit event; used assertions, login counts and
+    revocations, one expired and one live of each."""
     user = User(uuid.uuid4(), "ada@example.com", "Ada", (USER,), False, "h", NOW, NOW)
     live, dead = uuid.uuid4(), uuid.uuid4()
     with SqlAuthUnitOfWork(sessions) as uow:
@@ -56,6 +57,8 @@ def seed(sessions: sessionmaker[Session]) -> uuid.UUID:
             )
         uow.service_accounts.use_assertion("old", NOW - timedelta(seconds=1))
         uow.service_accounts.use_assertion("new", NOW + timedelta(minutes=1))
+        for subject, expires in (("gone", NOW - timedelta(1)), ("kept", NOW + timedelta(1))):
+            uow.revocations.add(Revocation(subject, NOW, NOW), expire_time=expires)
         uow.commit()
     with sessions.begin() as session:
         session.add_all(
@@ -84,6 +87,7 @@ def test_the_jobs_purge_what_expired_and_keep_the_rest(
         "auth.audit.purge": {"deleted": 1},
         "auth.assertions.purge": {"deleted": 1},
         "auth.login_attempts.purge": {"deleted": 1},
+        "auth.revocations.purge": {"deleted": 1},
     }
     with sessions() as session:
         assert session.scalars(select(RefreshFamilyRow.id)).all() == [live]
@@ -91,6 +95,7 @@ def test_the_jobs_purge_what_expired_and_keep_the_rest(
         assert utc(session.scalars(select(AuditRow.time)).one()) == NOW - timedelta(days=10)
         assert session.scalars(select(UsedAssertionRow.digest)).all() == ["new"]
         assert session.scalars(select(LoginAttemptRow.key_digest)).all() == ["y" * 64]
+        assert session.scalars(select(RevocationRow.subject)).all() == ["kept"]
     # Idempotent: a second pass finds nothing.
     assert all(result == "success" for result in worker.run_once().values())
     assert count(sessions, RefreshTokenRow) == 1

@@ -62,8 +62,10 @@ class _GatedTokens(SqlRefreshTokenRepository):
         super().__init__(session)
         self._gate = gate
 
-    def add_family(self, family_id: uuid.UUID, user_id: uuid.UUID, when: datetime) -> None:
-        super().add_family(family_id, user_id, when)
+    def add_family(
+        self, family_id: uuid.UUID, user_id: uuid.UUID, when: datetime, peer: str | None = None
+    ) -> None:
+        super().add_family(family_id, user_id, when, peer)
         if self._gate.armed:
             self._gate.armed = False
             self._gate.inserted.set()

@@ -23,7 +23,9 @@ from services.auth_svc.domain import (
     ClientKey,
     ClientSecret,
     RefreshToken,
+    Revocation,
     ServiceAccount,
+    Session,
     User,
 )
 from services.auth_svc.infra.keys import KeyRing
@@ -44,6 +46,7 @@ class Family:
     create_time: datetime
     last_used_time: datetime
     revoked_time: datetime | None = None
+    peer: str | None = None
 
 
 @dataclass
@@ -56,6 +59,7 @@ class State:
     audit: list[AuditEvent] = field(default_factory=list)
     service_accounts: dict[uuid.UUID, ServiceAccount] = field(default_factory=dict)
     used_assertions: dict[str, datetime] = field(default_factory=dict)
+    revocations: list[tuple[Revocation, datetime]] = field(default_factory=list)
 
 
 class FakeServiceAccounts:
@@ -155,13 +159,66 @@ class FakeUsers:
         self._state.users[user_id] = replace(user, password_hash=new, update_time=when)
         return True
 
+    def page(
+        self,
+        *,
+        email_prefix: str = "",
+        role: str = "",
+        disabled: bool | None = None,
+        after: tuple[datetime, uuid.UUID] | None = None,
+        limit: int,
+    ) -> list[User]:
+        users = sorted(self._state.users.values(), key=lambda u: (u.create_time, u.id))
+        return [
+            u
+            for u in users
+            if u.email.startswith(email_prefix)
+            and (not role or role in u.roles)
+            and (disabled is None or u.disabled == disabled)
+            and (after is None or (u.create_time, u.id) > after)
+        ][:limit]
+
+    def save(self, user: User) -> None:
+        stored = self._state.users[user.id]
+        self._state.users[user.id] = replace(
+            stored,
+            display_name=user.display_name,
+            roles=user.roles,
+            disabled=user.disabled,
+            update_time=user.update_time,
+        )
+
 
 class FakeRefreshTokens:
     def __init__(self, state: State) -> None:
         self._state = state
 
-    def add_family(self, family_id: uuid.UUID, user_id: uuid.UUID, when: datetime) -> None:
-        self._state.families[family_id] = Family(user_id, when, when)
+    def add_family(
+        self, family_id: uuid.UUID, user_id: uuid.UUID, when: datetime, peer: str | None = None
+    ) -> None:
+        self._state.families[family_id] = Family(user_id, when, when, peer=peer)
+
+    def _session(self, family_id: uuid.UUID, family: Family) -> Session:
+        return Session(
+            family_id, family.user_id, family.create_time, family.last_used_time, family.peer
+        )
+
+    def live_sessions(
+        self, user_id: uuid.UUID, *, before: tuple[datetime, uuid.UUID] | None, limit: int
+    ) -> list[Session]:
+        live = [
+            self._session(i, f)
+            for i, f in self._state.families.items()
+            if f.user_id == user_id and f.revoked_time is None
+        ]
+        live.sort(key=lambda s: (s.create_time, s.id), reverse=True)
+        return [s for s in live if before is None or (s.create_time, s.id) < before][:limit]
+
+    def live_session(self, family_id: uuid.UUID) -> Session | None:
+        family = self._state.families.get(family_id)
+        if family is None or family.revoked_time is not None:
+            return None
+        return self._session(family_id, family)
 
     def add(self, token: RefreshToken) -> None:
         assert token.family_id in self._state.families
@@ -191,10 +248,28 @@ class FakeRefreshTokens:
         if family.revoked_time is None:
             family.revoked_time = when
 
-    def revoke_user_families(self, user_id: uuid.UUID, when: datetime) -> None:
+    def revoke_user_families(self, user_id: uuid.UUID, when: datetime) -> int:
+        count = 0
         for family in self._state.families.values():
             if family.user_id == user_id and family.revoked_time is None:
                 family.revoked_time = when
+                count += 1
+        return count
+
+
+class FakeRevocations:
+    def __init__(self, state: State) -> None:
+        self._state = state
+
+    def add(self, revocation: Revocation, *, expire_time: datetime) -> None:
+        self._state.revocations.append((revocation, expire_time))
+
+    def since(self, when: datetime | None, *, now: datetime) -> list[Revocation]:
+        return [
+            r
+            for r, expires in self._state.revocations
+            if expires > now and (when is None or r.create_time >= when)
+        ]
 
 
 class FakeAudit:
@@ -202,7 +277,28 @@ class FakeAudit:
         self._state = state
 
     def record(self, event: AuditEvent) -> None:
-        self._state.audit.append(event)
+        self._state.audit.append(replace(event, id=event.id or uuid.uuid4()))
+
+    def page(
+        self,
+        *,
+        user_id: uuid.UUID | None = None,
+        kind: str = "",
+        start: datetime | None = None,
+        end: datetime | None = None,
+        before: tuple[datetime, uuid.UUID] | None = None,
+        limit: int,
+    ) -> list[AuditEvent]:
+        events = sorted(self._state.audit, key=lambda e: (e.time, e.id), reverse=True)
+        return [
+            e
+            for e in events
+            if (user_id is None or e.user_id == user_id)
+            and (not kind or e.kind.value == kind)
+            and (start is None or e.time >= start)
+            and (end is None or e.time < end)
+            and (before is None or (e.time, e.id) < before)
+        ][:limit]
 
 
 def database_down() -> OperationalError:
@@ -246,6 +342,10 @@ class FakeUnitOfWork(SnapshotUnitOfWork[State]):
     @property
     def service_accounts(self) -> FakeServiceAccounts:
         return FakeServiceAccounts(self._state_or_outage())
+
+    @property
+    def revocations(self) -> FakeRevocations:
+        return FakeRevocations(self._state_or_outage())
 
     def commit(self) -> None:
         self._state_or_outage()

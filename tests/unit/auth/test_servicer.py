@@ -332,12 +332,13 @@ def test_exactly_the_documented_methods_are_public() -> None:
     assert {
         *(
             f"/agentplatform.auth.v1.AuthService/{name}"
-            for name in ("Register", "Login", "RefreshToken", "Logout", "GetJwks")
+            for name in ("Register", "Login", "RefreshToken", "Logout", "GetJwks", "GetRevocations")
         ),
         "/agentplatform.auth.v1.TokenService/IssueToken",
     } == PUBLIC_METHODS
     public = {m.rsplit("/", 1)[1] for m in PUBLIC_METHODS}
     assert set(SERVICE.methods_by_name) - public == {"GetCurrentUser", "ChangePassword"}
-    # Every ServiceAccountService method needs a token (an administrator's).
-    accounts = auth_pb2.DESCRIPTOR.services_by_name["ServiceAccountService"]
-    assert not {f"/{accounts.full_name}/{m}" for m in accounts.methods_by_name} & PUBLIC_METHODS
+    # Every method of the administrators' services needs a token.
+    for name in ("ServiceAccountService", "UserService", "SessionService", "AuditService"):
+        service = auth_pb2.DESCRIPTOR.services_by_name[name]
+        assert not {f"/{service.full_name}/{m}" for m in service.methods_by_name} & PUBLIC_METHODS

@@ -31,7 +31,8 @@ class AuthServiceStub:
     access tokens are served by GetJwks.
 
     Public (no token needed, limited per client address): Register, Login, RefreshToken,
-    Logout, GetJwks. Every other RPC needs `authorization: Bearer <access token>` metadata.
+    Logout, GetJwks, GetRevocations. Every other RPC needs `authorization: Bearer <access
+    token>` metadata.
 
     Errors carry a google.rpc.ErrorInfo whose `reason` is one of
     agentplatform.errors.v1.ErrorReason (domain `auth.agentplatform`).
@@ -78,6 +79,11 @@ class AuthServiceStub:
                 request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ChangePasswordRequest.SerializeToString,
                 response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ChangePasswordResponse.FromString,
                 _registered_method=True)
+        self.GetRevocations = channel.unary_unary(
+                '/agentplatform.auth.v1.AuthService/GetRevocations',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetRevocationsRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetRevocationsResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -86,7 +92,8 @@ class AuthServiceServicer:
     access tokens are served by GetJwks.
 
     Public (no token needed, limited per client address): Register, Login, RefreshToken,
-    Logout, GetJwks. Every other RPC needs `authorization: Bearer <access token>` metadata.
+    Logout, GetJwks, GetRevocations. Every other RPC needs `authorization: Bearer <access
+    token>` metadata.
 
     Errors carry a google.rpc.ErrorInfo whose `reason` is one of
     agentplatform.errors.v1.ErrorReason (domain `auth.agentplatform`).
@@ -141,6 +148,15 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRevocations(self, request, context):
+        """Public, for verifiers (agent_svc polls it): the subjects whose access tokens issued
+        before a moment must be refused (a user disabled, demoted, logged out everywhere or
+        with a new password; a service account deleted), recorded since `since_time`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +195,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ChangePasswordRequest.FromString,
                     response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ChangePasswordResponse.SerializeToString,
             ),
+            'GetRevocations': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRevocations,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetRevocationsRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetRevocationsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'agentplatform.auth.v1.AuthService', rpc_method_handlers)
@@ -193,7 +214,8 @@ class AuthService:
     access tokens are served by GetJwks.
 
     Public (no token needed, limited per client address): Register, Login, RefreshToken,
-    Logout, GetJwks. Every other RPC needs `authorization: Bearer <access token>` metadata.
+    Logout, GetJwks, GetRevocations. Every other RPC needs `authorization: Bearer <access
+    token>` metadata.
 
     Errors carry a google.rpc.ErrorInfo whose `reason` is one of
     agentplatform.errors.v1.ErrorReason (domain `auth.agentplatform`).
@@ -378,6 +400,581 @@ class AuthService:
             '/agentplatform.auth.v1.AuthService/ChangePassword',
             agentplatform_dot_auth_dot_v1_dot_auth__pb2.ChangePasswordRequest.SerializeToString,
             agentplatform_dot_auth_dot_v1_dot_auth__pb2.ChangePasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.AuthService/GetRevocations',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetRevocationsRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetRevocationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class UserServiceStub:
+    """Users, for administrators: an administrator's token, acting for themselves (anyone
+    else: PERMISSION_DENIED ADMIN_REQUIRED). Every call is audited with its actor.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListUsers = channel.unary_unary(
+                '/agentplatform.auth.v1.UserService/ListUsers',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
+        self.GetUser = channel.unary_unary(
+                '/agentplatform.auth.v1.UserService/GetUser',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetUserRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetUserResponse.FromString,
+                _registered_method=True)
+        self.UpdateUser = channel.unary_unary(
+                '/agentplatform.auth.v1.UserService/UpdateUser',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.UpdateUserRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.UpdateUserResponse.FromString,
+                _registered_method=True)
+        self.DisableUser = channel.unary_unary(
+                '/agentplatform.auth.v1.UserService/DisableUser',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.DisableUserRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.DisableUserResponse.FromString,
+                _registered_method=True)
+        self.EnableUser = channel.unary_unary(
+                '/agentplatform.auth.v1.UserService/EnableUser',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.EnableUserRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.EnableUserResponse.FromString,
+                _registered_method=True)
+        self.UnlockUser = channel.unary_unary(
+                '/agentplatform.auth.v1.UserService/UnlockUser',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.UnlockUserRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.UnlockUserResponse.FromString,
+                _registered_method=True)
+
+
+class UserServiceServicer:
+    """Users, for administrators: an administrator's token, acting for themselves (anyone
+    else: PERMISSION_DENIED ADMIN_REQUIRED). Every call is audited with its actor.
+    """
+
+    def ListUsers(self, request, context):
+        """Lists users, oldest first, paged; filtered by email prefix, role and disabled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUser(self, request, context):
+        """Reads a user (with its `etag`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateUser(self, request, context):
+        """Changes `display_name` and `roles` (update_mask names which), if `etag` (when given)
+        is the stored one (else ABORTED ETAG_MISMATCH). Removing a role ends the user's
+        sessions and the access tokens issued before (see DisableUser).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableUser(self, request, context):
+        """Disables a user: logins and refreshes are refused, every session is revoked at once,
+        and the access tokens already issued are refused by agent_svc within seconds
+        (AGENT_REVOCATION_POLL_SECONDS).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnableUser(self, request, context):
+        """Enables a disabled user (who then logs in again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnlockUser(self, request, context):
+        """Clears the user's login lock-out (failed logins counted so far).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_UserServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListUsersRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'GetUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUser,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetUserRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetUserResponse.SerializeToString,
+            ),
+            'UpdateUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateUser,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.UpdateUserRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.UpdateUserResponse.SerializeToString,
+            ),
+            'DisableUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableUser,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.DisableUserRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.DisableUserResponse.SerializeToString,
+            ),
+            'EnableUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableUser,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.EnableUserRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.EnableUserResponse.SerializeToString,
+            ),
+            'UnlockUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnlockUser,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.UnlockUserRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.UnlockUserResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'agentplatform.auth.v1.UserService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('agentplatform.auth.v1.UserService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class UserService:
+    """Users, for administrators: an administrator's token, acting for themselves (anyone
+    else: PERMISSION_DENIED ADMIN_REQUIRED). Every call is audited with its actor.
+    """
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.UserService/ListUsers',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListUsersRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.UserService/GetUser',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetUserRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.GetUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.UserService/UpdateUser',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.UpdateUserRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.UpdateUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.UserService/DisableUser',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.DisableUserRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.DisableUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.UserService/EnableUser',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.EnableUserRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.EnableUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnlockUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.UserService/UnlockUser',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.UnlockUserRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.UnlockUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class SessionServiceStub:
+    """Sessions: a session is one login and the refresh tokens rotated from it. Your own
+    sessions; an administrator's token may name anyone's.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListSessions = channel.unary_unary(
+                '/agentplatform.auth.v1.SessionService/ListSessions',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
+        self.RevokeSession = channel.unary_unary(
+                '/agentplatform.auth.v1.SessionService/RevokeSession',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeSessionRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeSessionResponse.FromString,
+                _registered_method=True)
+        self.RevokeAllSessions = channel.unary_unary(
+                '/agentplatform.auth.v1.SessionService/RevokeAllSessions',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeAllSessionsRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeAllSessionsResponse.FromString,
+                _registered_method=True)
+
+
+class SessionServiceServicer:
+    """Sessions: a session is one login and the refresh tokens rotated from it. Your own
+    sessions; an administrator's token may name anyone's.
+    """
+
+    def ListSessions(self, request, context):
+        """Lists the live sessions of a user, newest first, paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeSession(self, request, context):
+        """Ends one session: its refresh token stops working (its access tokens expire on
+        their own, within the access-token lifetime).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeAllSessions(self, request, context):
+        """Logs a user out everywhere: every session ends and every access token issued before
+        is refused by agent_svc within seconds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SessionServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListSessionsRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'RevokeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeSession,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeSessionRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeSessionResponse.SerializeToString,
+            ),
+            'RevokeAllSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAllSessions,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeAllSessionsRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeAllSessionsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'agentplatform.auth.v1.SessionService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('agentplatform.auth.v1.SessionService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SessionService:
+    """Sessions: a session is one login and the refresh tokens rotated from it. Your own
+    sessions; an administrator's token may name anyone's.
+    """
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.SessionService/ListSessions',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListSessionsRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.SessionService/RevokeSession',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeSessionRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAllSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.SessionService/RevokeAllSessions',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeAllSessionsRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeAllSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AuditServiceStub:
+    """The audit trail, for administrators.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListAuditEvents = channel.unary_unary(
+                '/agentplatform.auth.v1.AuditService/ListAuditEvents',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
+
+
+class AuditServiceServicer:
+    """The audit trail, for administrators.
+    """
+
+    def ListAuditEvents(self, request, context):
+        """Lists audit events, newest first, paged; filtered by user, kind and time range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AuditServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'agentplatform.auth.v1.AuditService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('agentplatform.auth.v1.AuditService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AuditService:
+    """The audit trail, for administrators.
+    """
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.AuditService/ListAuditEvents',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListAuditEventsRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

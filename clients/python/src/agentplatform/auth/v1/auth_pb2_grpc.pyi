@@ -32,7 +32,8 @@ class AuthServiceStub:
     access tokens are served by GetJwks.
 
     Public (no token needed, limited per client address): Register, Login, RefreshToken,
-    Logout, GetJwks. Every other RPC needs `authorization: Bearer <access token>` metadata.
+    Logout, GetJwks, GetRevocations. Every other RPC needs `authorization: Bearer <access
+    token>` metadata.
 
     Errors carry a google.rpc.ErrorInfo whose `reason` is one of
     agentplatform.errors.v1.ErrorReason (domain `auth.agentplatform`).
@@ -56,6 +57,11 @@ class AuthServiceStub:
     """The authenticated caller."""
     ChangePassword: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ChangePasswordRequest, _auth_pb2.ChangePasswordResponse]
     """Changes the caller's password and revokes all of the caller's refresh tokens."""
+    GetRevocations: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetRevocationsRequest, _auth_pb2.GetRevocationsResponse]
+    """Public, for verifiers (agent_svc polls it): the subjects whose access tokens issued
+    before a moment must be refused (a user disabled, demoted, logged out everywhere or
+    with a new password; a service account deleted), recorded since `since_time`.
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -64,7 +70,8 @@ class AuthServiceAsyncStub(AuthServiceStub):
     access tokens are served by GetJwks.
 
     Public (no token needed, limited per client address): Register, Login, RefreshToken,
-    Logout, GetJwks. Every other RPC needs `authorization: Bearer <access token>` metadata.
+    Logout, GetJwks, GetRevocations. Every other RPC needs `authorization: Bearer <access
+    token>` metadata.
 
     Errors carry a google.rpc.ErrorInfo whose `reason` is one of
     agentplatform.errors.v1.ErrorReason (domain `auth.agentplatform`).
@@ -85,6 +92,11 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """The authenticated caller."""
     ChangePassword: _aio.UnaryUnaryMultiCallable[_auth_pb2.ChangePasswordRequest, _auth_pb2.ChangePasswordResponse]  # type: ignore[assignment]
     """Changes the caller's password and revokes all of the caller's refresh tokens."""
+    GetRevocations: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetRevocationsRequest, _auth_pb2.GetRevocationsResponse]  # type: ignore[assignment]
+    """Public, for verifiers (agent_svc polls it): the subjects whose access tokens issued
+    before a moment must be refused (a user disabled, demoted, logged out everywhere or
+    with a new password; a service account deleted), recorded since `since_time`.
+    """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """AuthService registers users, logs them in and issues short-lived signed access
@@ -92,7 +104,8 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     access tokens are served by GetJwks.
 
     Public (no token needed, limited per client address): Register, Login, RefreshToken,
-    Logout, GetJwks. Every other RPC needs `authorization: Bearer <access token>` metadata.
+    Logout, GetJwks, GetRevocations. Every other RPC needs `authorization: Bearer <access
+    token>` metadata.
 
     Errors carry a google.rpc.ErrorInfo whose `reason` is one of
     agentplatform.errors.v1.ErrorReason (domain `auth.agentplatform`).
@@ -154,7 +167,237 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_auth_pb2.ChangePasswordResponse, _abc.Awaitable[_auth_pb2.ChangePasswordResponse]]:
         """Changes the caller's password and revokes all of the caller's refresh tokens."""
 
+    @_abc_1.abstractmethod
+    def GetRevocations(
+        self,
+        request: _auth_pb2.GetRevocationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.GetRevocationsResponse, _abc.Awaitable[_auth_pb2.GetRevocationsResponse]]:
+        """Public, for verifiers (agent_svc polls it): the subjects whose access tokens issued
+        before a moment must be refused (a user disabled, demoted, logged out everywhere or
+        with a new password; a service account deleted), recorded since `since_time`.
+        """
+
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class UserServiceStub:
+    """Users, for administrators: an administrator's token, acting for themselves (anyone
+    else: PERMISSION_DENIED ADMIN_REQUIRED). Every call is audited with its actor.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> UserServiceAsyncStub: ...
+    ListUsers: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListUsersRequest, _auth_pb2.ListUsersResponse]
+    """Lists users, oldest first, paged; filtered by email prefix, role and disabled."""
+    GetUser: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetUserRequest, _auth_pb2.GetUserResponse]
+    """Reads a user (with its `etag`)."""
+    UpdateUser: _grpc.UnaryUnaryMultiCallable[_auth_pb2.UpdateUserRequest, _auth_pb2.UpdateUserResponse]
+    """Changes `display_name` and `roles` (update_mask names which), if `etag` (when given)
+    is the stored one (else ABORTED ETAG_MISMATCH). Removing a role ends the user's
+    sessions and the access tokens issued before (see DisableUser).
+    """
+    DisableUser: _grpc.UnaryUnaryMultiCallable[_auth_pb2.DisableUserRequest, _auth_pb2.DisableUserResponse]
+    """Disables a user: logins and refreshes are refused, every session is revoked at once,
+    and the access tokens already issued are refused by agent_svc within seconds
+    (AGENT_REVOCATION_POLL_SECONDS).
+    """
+    EnableUser: _grpc.UnaryUnaryMultiCallable[_auth_pb2.EnableUserRequest, _auth_pb2.EnableUserResponse]
+    """Enables a disabled user (who then logs in again)."""
+    UnlockUser: _grpc.UnaryUnaryMultiCallable[_auth_pb2.UnlockUserRequest, _auth_pb2.UnlockUserResponse]
+    """Clears the user's login lock-out (failed logins counted so far)."""
+
+@_typing.type_check_only
+class UserServiceAsyncStub(UserServiceStub):
+    """Users, for administrators: an administrator's token, acting for themselves (anyone
+    else: PERMISSION_DENIED ADMIN_REQUIRED). Every call is audited with its actor.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListUsers: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListUsersRequest, _auth_pb2.ListUsersResponse]  # type: ignore[assignment]
+    """Lists users, oldest first, paged; filtered by email prefix, role and disabled."""
+    GetUser: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetUserRequest, _auth_pb2.GetUserResponse]  # type: ignore[assignment]
+    """Reads a user (with its `etag`)."""
+    UpdateUser: _aio.UnaryUnaryMultiCallable[_auth_pb2.UpdateUserRequest, _auth_pb2.UpdateUserResponse]  # type: ignore[assignment]
+    """Changes `display_name` and `roles` (update_mask names which), if `etag` (when given)
+    is the stored one (else ABORTED ETAG_MISMATCH). Removing a role ends the user's
+    sessions and the access tokens issued before (see DisableUser).
+    """
+    DisableUser: _aio.UnaryUnaryMultiCallable[_auth_pb2.DisableUserRequest, _auth_pb2.DisableUserResponse]  # type: ignore[assignment]
+    """Disables a user: logins and refreshes are refused, every session is revoked at once,
+    and the access tokens already issued are refused by agent_svc within seconds
+    (AGENT_REVOCATION_POLL_SECONDS).
+    """
+    EnableUser: _aio.UnaryUnaryMultiCallable[_auth_pb2.EnableUserRequest, _auth_pb2.EnableUserResponse]  # type: ignore[assignment]
+    """Enables a disabled user (who then logs in again)."""
+    UnlockUser: _aio.UnaryUnaryMultiCallable[_auth_pb2.UnlockUserRequest, _auth_pb2.UnlockUserResponse]  # type: ignore[assignment]
+    """Clears the user's login lock-out (failed logins counted so far)."""
+
+class UserServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Users, for administrators: an administrator's token, acting for themselves (anyone
+    else: PERMISSION_DENIED ADMIN_REQUIRED). Every call is audited with its actor.
+    """
+
+    @_abc_1.abstractmethod
+    def ListUsers(
+        self,
+        request: _auth_pb2.ListUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ListUsersResponse, _abc.Awaitable[_auth_pb2.ListUsersResponse]]:
+        """Lists users, oldest first, paged; filtered by email prefix, role and disabled."""
+
+    @_abc_1.abstractmethod
+    def GetUser(
+        self,
+        request: _auth_pb2.GetUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.GetUserResponse, _abc.Awaitable[_auth_pb2.GetUserResponse]]:
+        """Reads a user (with its `etag`)."""
+
+    @_abc_1.abstractmethod
+    def UpdateUser(
+        self,
+        request: _auth_pb2.UpdateUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.UpdateUserResponse, _abc.Awaitable[_auth_pb2.UpdateUserResponse]]:
+        """Changes `display_name` and `roles` (update_mask names which), if `etag` (when given)
+        is the stored one (else ABORTED ETAG_MISMATCH). Removing a role ends the user's
+        sessions and the access tokens issued before (see DisableUser).
+        """
+
+    @_abc_1.abstractmethod
+    def DisableUser(
+        self,
+        request: _auth_pb2.DisableUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.DisableUserResponse, _abc.Awaitable[_auth_pb2.DisableUserResponse]]:
+        """Disables a user: logins and refreshes are refused, every session is revoked at once,
+        and the access tokens already issued are refused by agent_svc within seconds
+        (AGENT_REVOCATION_POLL_SECONDS).
+        """
+
+    @_abc_1.abstractmethod
+    def EnableUser(
+        self,
+        request: _auth_pb2.EnableUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.EnableUserResponse, _abc.Awaitable[_auth_pb2.EnableUserResponse]]:
+        """Enables a disabled user (who then logs in again)."""
+
+    @_abc_1.abstractmethod
+    def UnlockUser(
+        self,
+        request: _auth_pb2.UnlockUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.UnlockUserResponse, _abc.Awaitable[_auth_pb2.UnlockUserResponse]]:
+        """Clears the user's login lock-out (failed logins counted so far)."""
+
+def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class SessionServiceStub:
+    """Sessions: a session is one login and the refresh tokens rotated from it. Your own
+    sessions; an administrator's token may name anyone's.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SessionServiceAsyncStub: ...
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListSessionsRequest, _auth_pb2.ListSessionsResponse]
+    """Lists the live sessions of a user, newest first, paged."""
+    RevokeSession: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeSessionRequest, _auth_pb2.RevokeSessionResponse]
+    """Ends one session: its refresh token stops working (its access tokens expire on
+    their own, within the access-token lifetime).
+    """
+    RevokeAllSessions: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeAllSessionsRequest, _auth_pb2.RevokeAllSessionsResponse]
+    """Logs a user out everywhere: every session ends and every access token issued before
+    is refused by agent_svc within seconds.
+    """
+
+@_typing.type_check_only
+class SessionServiceAsyncStub(SessionServiceStub):
+    """Sessions: a session is one login and the refresh tokens rotated from it. Your own
+    sessions; an administrator's token may name anyone's.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListSessions: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListSessionsRequest, _auth_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """Lists the live sessions of a user, newest first, paged."""
+    RevokeSession: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeSessionRequest, _auth_pb2.RevokeSessionResponse]  # type: ignore[assignment]
+    """Ends one session: its refresh token stops working (its access tokens expire on
+    their own, within the access-token lifetime).
+    """
+    RevokeAllSessions: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeAllSessionsRequest, _auth_pb2.RevokeAllSessionsResponse]  # type: ignore[assignment]
+    """Logs a user out everywhere: every session ends and every access token issued before
+    is refused by agent_svc within seconds.
+    """
+
+class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Sessions: a session is one login and the refresh tokens rotated from it. Your own
+    sessions; an administrator's token may name anyone's.
+    """
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _auth_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ListSessionsResponse, _abc.Awaitable[_auth_pb2.ListSessionsResponse]]:
+        """Lists the live sessions of a user, newest first, paged."""
+
+    @_abc_1.abstractmethod
+    def RevokeSession(
+        self,
+        request: _auth_pb2.RevokeSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.RevokeSessionResponse, _abc.Awaitable[_auth_pb2.RevokeSessionResponse]]:
+        """Ends one session: its refresh token stops working (its access tokens expire on
+        their own, within the access-token lifetime).
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeAllSessions(
+        self,
+        request: _auth_pb2.RevokeAllSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.RevokeAllSessionsResponse, _abc.Awaitable[_auth_pb2.RevokeAllSessionsResponse]]:
+        """Logs a user out everywhere: every session ends and every access token issued before
+        is refused by agent_svc within seconds.
+        """
+
+def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AuditServiceStub:
+    """The audit trail, for administrators."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AuditServiceAsyncStub: ...
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListAuditEventsRequest, _auth_pb2.ListAuditEventsResponse]
+    """Lists audit events, newest first, paged; filtered by user, kind and time range."""
+
+@_typing.type_check_only
+class AuditServiceAsyncStub(AuditServiceStub):
+    """The audit trail, for administrators."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListAuditEventsRequest, _auth_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """Lists audit events, newest first, paged; filtered by user, kind and time range."""
+
+class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
+    """The audit trail, for administrators."""
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _auth_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ListAuditEventsResponse, _abc.Awaitable[_auth_pb2.ListAuditEventsResponse]]:
+        """Lists audit events, newest first, paged; filtered by user, kind and time range."""
+
+def add_AuditServiceServicer_to_server(servicer: AuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class TokenServiceStub:
     """The OAuth 2.0 token endpoint for machine callers (public, limited per client address).

@@ -39,6 +39,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     TOKEN_EXPIRED: _ErrorReason.ValueType  # 5
     """UNAUTHENTICATED: the access token has expired. Refresh it."""
+    TOKEN_REVOKED: _ErrorReason.ValueType  # 20
+    """UNAUTHENTICATED: the access token was revoked (its user was disabled, demoted or
+    logged out everywhere, or changed their password). Log in again.
+    """
     KEYS_UNAVAILABLE: _ErrorReason.ValueType  # 6
     """UNAVAILABLE: the keys that verify tokens cannot be fetched right now. Retry."""
     MISSING_SCOPE: _ErrorReason.ValueType  # 7
@@ -99,6 +103,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """RESOURCE_EXHAUSTED: too many failed IssueToken attempts for this client; wait the
     RetryInfo delay (seconds), then fix the credentials.
     """
+    USER_NOT_FOUND: _ErrorReason.ValueType  # 115
+    """NOT_FOUND: no such user."""
+    SESSION_NOT_FOUND: _ErrorReason.ValueType  # 116
+    """NOT_FOUND: no such session of the user (or one already ended)."""
     AGENT_NOT_FOUND: _ErrorReason.ValueType  # 200
     """-- agent_svc ---------------------------------------------------------------------------
 
@@ -107,7 +115,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     AGENT_NAME_TAKEN: _ErrorReason.ValueType  # 201
     """ALREADY_EXISTS: the owner has an agent with this name."""
     ETAG_MISMATCH: _ErrorReason.ValueType  # 202
-    """ABORTED: the etag does not match the stored one: read the agent again."""
+    """ABORTED: the etag does not match the stored one: read the agent (or, in UpdateUser,
+    the user) again.
+    """
     CONCURRENT_UPDATE: _ErrorReason.ValueType  # 203
     """ABORTED: too many concurrent updates of one agent; retry."""
     REQUEST_IN_PROGRESS: _ErrorReason.ValueType  # 204
@@ -147,6 +157,10 @@ type, unknown key...). Get a new one.
 """
 TOKEN_EXPIRED: ErrorReason.ValueType  # 5
 """UNAUTHENTICATED: the access token has expired. Refresh it."""
+TOKEN_REVOKED: ErrorReason.ValueType  # 20
+"""UNAUTHENTICATED: the access token was revoked (its user was disabled, demoted or
+logged out everywhere, or changed their password). Log in again.
+"""
 KEYS_UNAVAILABLE: ErrorReason.ValueType  # 6
 """UNAVAILABLE: the keys that verify tokens cannot be fetched right now. Retry."""
 MISSING_SCOPE: ErrorReason.ValueType  # 7
@@ -207,6 +221,10 @@ CLIENT_THROTTLED: ErrorReason.ValueType  # 114
 """RESOURCE_EXHAUSTED: too many failed IssueToken attempts for this client; wait the
 RetryInfo delay (seconds), then fix the credentials.
 """
+USER_NOT_FOUND: ErrorReason.ValueType  # 115
+"""NOT_FOUND: no such user."""
+SESSION_NOT_FOUND: ErrorReason.ValueType  # 116
+"""NOT_FOUND: no such session of the user (or one already ended)."""
 AGENT_NOT_FOUND: ErrorReason.ValueType  # 200
 """-- agent_svc ---------------------------------------------------------------------------
 
@@ -215,7 +233,9 @@ NOT_FOUND: no such agent, or not one the caller may see.
 AGENT_NAME_TAKEN: ErrorReason.ValueType  # 201
 """ALREADY_EXISTS: the owner has an agent with this name."""
 ETAG_MISMATCH: ErrorReason.ValueType  # 202
-"""ABORTED: the etag does not match the stored one: read the agent again."""
+"""ABORTED: the etag does not match the stored one: read the agent (or, in UpdateUser,
+the user) again.
+"""
 CONCURRENT_UPDATE: ErrorReason.ValueType  # 203
 """ABORTED: too many concurrent updates of one agent; retry."""
 REQUEST_IN_PROGRESS: ErrorReason.ValueType  # 204

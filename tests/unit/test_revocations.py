@@ -1,0 +1,156 @@
+"""Revoked tokens are refused by the verifier, remembered ones included, once learned."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from shared.rpc.errors import Unauthenticated
+from shared.security.jwk import VerificationKey, algorithm_for, thumbprint
+from shared.security.revocations import OVERLAP, RevocationPoller, Revocations
+from shared.security.tokens import StaticKeyProvider, TokenVerifier
+from tests.helpers import FakeClock
+
+ISSUER, AUDIENCE = "https://auth.test", "agentplatform-test"
+
+
+class Issuer:
+    def __init__(self, clock: FakeClock) -> None:
+        self.private = ed25519.Ed25519PrivateKey.generate()
+        self.kid = thumbprint(self.private.public_key())
+        self.clock = clock
+
+    def keys(self) -> StaticKeyProvider:
+        public = self.private.public_key()
+        return StaticKeyProvider([VerificationKey(self.kid, algorithm_for(public), public)])
+
+    def token(self, subject: str, *, actor: str = "") -> str:
+        now = int(self.clock.now().timestamp())
+        claims = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": subject,
+            "iat": now,
+            "exp": now + 900,
+            "jti": uuid.uuid4().hex,
+            "roles": ["user"],
+        }
+        if actor:
+            claims["act"] = {"sub": actor}
+        return jwt.encode(
+            claims, self.private, algorithm="EdDSA", headers={"kid": self.kid, "typ": "at+jwt"}
+        )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(datetime(2031, 1, 1, tzinfo=UTC))
+
+
+def test_a_remembered_token_is_refused_once_its_subject_is_revoked(clock: FakeClock) -> None:
+    issuer = Issuer(clock)
+    revocations = Revocations()
+    results: list[str] = []
+    verifier = TokenVerifier(
+        issuer.keys(),
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        clock=clock,
+        revocations=revocations,
+        on_result=results.append,
+    )
+    token = issuer.token("ada")
+    other = issuer.token("bob")
+    verifier.verify(token)
+    verifier.verify(token)
+    assert results == ["verified", "cached"]
+    clock.advance(10)
+    revocations.add([("ada", clock.now())])
+    with pytest.raises(Unauthenticated) as caught:
+        verifier.verify(token)  # remembered, and still refused
+    assert caught.value.reason == "TOKEN_REVOKED"
+    assert results[-1] == "revoked"
+    assert verifier.verify(other).user_id == "bob"
+    clock.advance(1)
+    fresh = issuer.token("ada")  # issued after the moment: accepted
+    assert verifier.verify(fresh).user_id == "ada"
+
+
+def test_revoking_a_service_account_refuses_what_it_does_for_users(clock: FakeClock) -> None:
+    issuer = Issuer(clock)
+    revocations = Revocations()
+    verifier = TokenVerifier(
+        issuer.keys(), issuer=ISSUER, audience=AUDIENCE, clock=clock, revocations=revocations
+    )
+    delegated = issuer.token("ada", actor="svc")
+    verifier.verify(delegated)
+    clock.advance(1)
+    revocations.add([("svc", clock.now())])
+    with pytest.raises(Unauthenticated) as caught:
+        verifier.verify(delegated)
+    assert caught.value.reason == "TOKEN_REVOKED"
+
+
+def test_the_later_moment_wins_and_old_entries_are_forgotten() -> None:
+    revocations = Revocations()
+    early = datetime(2031, 1, 1, tzinfo=UTC)
+    assert revocations.add([("ada", early + timedelta(seconds=5)), ("ada", early)]) == 1
+    assert revocations.covers("ada", "", early.timestamp() + 4)
+    assert not revocations.covers("ada", "", early.timestamp() + 5)
+    revocations.forget_before(early.timestamp() + 6)
+    assert len(revocations) == 0
+
+
+def test_the_poller_asks_since_its_last_answer_with_a_margin_and_survives_failures(
+    clock: FakeClock,
+) -> None:
+    asked: list[datetime | None] = []
+    answers: list[object] = [
+        ([("ada", clock.now())], clock.now()),
+        ConnectionError("auth_svc is down"),
+        ([("bob", clock.now())], clock.now() + timedelta(seconds=2)),
+    ]
+
+    def fetch(since: datetime | None) -> tuple[list[tuple[str, datetime]], datetime]:
+        asked.append(since)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[return-value]
+
+    polls: list[str] = []
+    poller = RevocationPoller(
+        fetch,
+        Revocations(),
+        interval_seconds=1,
+        token_lifetime_seconds=900,
+        clock=clock,
+        on_poll=polls.append,
+    )
+    assert poller.poll()
+    assert not poller.poll()  # kept what it knew
+    assert poller.revocations.covers("ada", "", clock.now().timestamp() - 1)
+    assert poller.poll()
+    assert asked == [None, clock.now() - OVERLAP, clock.now() - OVERLAP]
+    assert polls == ["ok", "error", "ok"]
+    assert len(poller.revocations) == 2
+
+
+def test_the_poller_runs_on_a_thread_until_stopped(clock: FakeClock) -> None:
+    calls = threading.Semaphore(0)
+
+    def fetch(since: datetime | None) -> tuple[list[tuple[str, datetime]], datetime]:
+        calls.release()
+        return [], clock.now()
+
+    poller = RevocationPoller(
+        fetch, Revocations(), interval_seconds=0.01, token_lifetime_seconds=900, clock=clock
+    )
+    poller.start()
+    assert poller.wait_for_polls(3, timeout=30)
+    poller.stop()
