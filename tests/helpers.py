@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -44,16 +44,23 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """A service started as `python -m services.<name>` with the given environment."""
+    """A service started as `python -m services.<name> [args]` with the given environment."""
 
-    def __init__(self, name: str, env: dict[str, str], port: int, log_path: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        env: dict[str, str],
+        port: int,
+        log_path: Path,
+        args: Sequence[str] = (),
+    ) -> None:
         self.name = name
         self.port = port
         self.address = f"127.0.0.1:{port}"
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"],
+            [sys.executable, "-m", f"services.{name}", *args],
             env={**os.environ, **env},
             cwd=ROOT,
             stdout=self._log,

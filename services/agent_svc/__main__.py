@@ -1,4 +1,4 @@
-"""Run agent_svc: `python -m services.agent_svc [serve|migrate]`."""
+"""Run agent_svc: `python -m services.agent_svc [serve|migrate|worker [--once]]`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from services.agent_svc.bootstrap import build_app, build_server
+from services.agent_svc.jobs import build_worker
 from services.agent_svc.settings import load_agent_settings
 from shared.rpc.entrypoint import run_service
 
@@ -16,6 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="The agentplatform agent service",
         load_settings=load_agent_settings,
         build_server=lambda settings: build_server(build_app(settings)),
+        build_worker=build_worker,
         argv=argv,
     )
 

@@ -16,6 +16,7 @@ from services.agent_svc.api.servicer import PUBLIC_METHODS, AgentServicer
 from services.agent_svc.domain import Agent
 from services.agent_svc.infra.cache import TwoLevelCache
 from services.agent_svc.infra.codec import AgentCodec
+from services.agent_svc.jobs import worker_for
 from services.agent_svc.repository.sql import SqlAgentUnitOfWork
 from services.agent_svc.service.agent_service import AgentService
 from services.agent_svc.service.paging import PageTokens
@@ -29,6 +30,7 @@ from shared.rpc.observability import Observability
 from shared.rpc.request_path import RequestPath
 from shared.rpc.server import RunningServer, create_server
 from shared.rpc.tracing import Tracing
+from shared.rpc.worker import attach_in_process
 from shared.security.jwks import JwksKeyProvider, grpc_jwks_fetcher
 from shared.security.tokens import KeyProvider, TokenVerifier
 
@@ -211,4 +213,8 @@ def build_server(app: AgentApp) -> RunningServer:
     )
     app.observability.attach(running)
     running.on_stop.append(app.close)
+    if app.settings.common.worker_in_process:
+        attach_in_process(
+            running, worker_for(app.settings, app.engine, app.observability, SystemClock())
+        )
     return running

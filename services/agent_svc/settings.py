@@ -33,7 +33,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.config.settings import CommonSettings, EnvReader, load_common
+from shared.config.settings import CommonSettings, EnvReader, Role, load_common
 
 __all__ = ["DEFAULT_ALLOWED_MODELS", "AgentSettings", "load_agent_settings"]
 
@@ -78,7 +78,7 @@ class AgentSettings:
         return bool(self.auth_tls_ca_file or self.auth_tls_cert_file)
 
 
-def _page_token_secret(reader: EnvReader, common: CommonSettings) -> bytes:
+def _page_token_secret(reader: EnvReader, common: CommonSettings, *, required: bool) -> bytes:
     secret = reader.secret("PAGE_TOKEN_SECRET")
     if secret is not None:
         secret = secret.strip()
@@ -88,16 +88,20 @@ def _page_token_secret(reader: EnvReader, common: CommonSettings) -> bytes:
                 f"{MIN_PAGE_TOKEN_SECRET} characters"
             )
         return secret.encode()
-    if common.profile == "prod":
+    if common.profile == "prod" and required:
         # Every replica must accept every other replica's page tokens.
         reader.require("PAGE_TOKEN_SECRET", "in the prod profile (or AGENT_PAGE_TOKEN_SECRET_FILE)")
     return secrets.token_bytes(32)
 
 
-def load_agent_settings(env: Mapping[str, str]) -> AgentSettings:
-    """Reads AGENT_* variables; raises ConfigError listing every problem."""
+def load_agent_settings(env: Mapping[str, str], role: Role = "serve") -> AgentSettings:
+    """Reads AGENT_* variables for the role (the worker needs neither the page-token secret
+    nor the way to auth_svc); raises ConfigError listing every problem."""
     reader = EnvReader(env, "AGENT")
-    common = load_common(reader, service="agent", default_port=50052, default_metrics_port=9102)
+    common = load_common(
+        reader, service="agent", default_port=50052, default_metrics_port=9102, role=role
+    )
+    serving = role == "serve"
     settings = AgentSettings(
         common=common,
         auth_target=reader.text("AUTH_TARGET", "127.0.0.1:50051"),
@@ -114,14 +118,14 @@ def load_agent_settings(env: Mapping[str, str]) -> AgentSettings:
         l2_ttl_seconds=reader.number("L2_TTL_SECONDS", 300.0, minimum=1.0),
         request_id_ttl_seconds=reader.number("REQUEST_ID_TTL_SECONDS", 86_400.0, minimum=1.0),
         max_agents_per_owner=reader.integer("MAX_AGENTS_PER_OWNER", 10_000, minimum=0),
-        page_token_secret=_page_token_secret(reader, common),
+        page_token_secret=_page_token_secret(reader, common, required=serving),
     )
     if bool(settings.auth_tls_cert_file) != bool(settings.auth_tls_key_file):
         reader.problems.append(
             f"set both {reader.name('AUTH_TLS_CERT_FILE')} and "
             f"{reader.name('AUTH_TLS_KEY_FILE')}, or neither"
         )
-    if not settings.auth_uses_tls and not common.allow_plaintext:
+    if not settings.auth_uses_tls and not common.allow_plaintext and serving:
         reader.problems.append(
             f"the prod profile fetches keys over TLS: set {reader.name('AUTH_TLS_CA_FILE')} "
             f"(and a client certificate for mTLS), or {reader.name('ALLOW_PLAINTEXT')}=true "

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from agentplatform.auth.v1 import auth_pb2_grpc
 from sqlalchemy import Engine
 
-from services.auth_svc import SERVICE_NAME
-from services.auth_svc.api.servicer import PUBLIC_METHODS, AuthServicer
+from services.auth_svc import PUBLIC_METHODS, SERVICE_NAMES
+from services.auth_svc.api.service_accounts import ServiceAccountServicer, TokenServicer
+from services.auth_svc.api.servicer import AuthServicer
 from services.auth_svc.api.well_known import JWKS_PATH, jwks_route
 from services.auth_svc.infra.hashing import HashPool
 from services.auth_svc.infra.keys import KeyRing, load_or_create_dev_key
@@ -20,12 +22,19 @@ from services.auth_svc.infra.limiter import (
     SqlLoginLimiter,
 )
 from services.auth_svc.infra.passwords import Argon2PasswordHasher
+from services.auth_svc.infra.throttle import FailureThrottle
+from services.auth_svc.jobs import worker_for
 from services.auth_svc.repository.sql import SqlAuthUnitOfWork
 from services.auth_svc.service.auth_service import AuthPolicy, AuthService
 from services.auth_svc.service.ports import LoginLimiter, PasswordHasher
-from services.auth_svc.settings import AuthSettings
+from services.auth_svc.service.service_accounts import (
+    SecretHasher,
+    ServiceAccountAdmin,
+    TokenEndpoint,
+)
+from services.auth_svc.settings import AuthSettings, load_or_create_dev_secret
 from shared.config.clock import Clock, SystemClock
-from shared.data.db import make_engine, ping, session_factory
+from shared.data.db import make_engine, ping, session_factory, single_statement_sessions
 from shared.data.redis_client import make_redis
 from shared.rpc.lifecycle import Closers
 from shared.rpc.metrics import Metrics
@@ -34,6 +43,7 @@ from shared.rpc.ratelimit import RateLimiter
 from shared.rpc.request_path import RequestPath
 from shared.rpc.server import RunningServer, create_server
 from shared.rpc.tracing import Tracing
+from shared.rpc.worker import attach_in_process
 from shared.security.tokens import StaticKeyProvider, TokenVerifier
 
 __all__ = ["AuthApp", "build_app", "build_server", "request_path_for"]
@@ -50,6 +60,8 @@ class AuthApp:
     service: AuthService
     verifier: TokenVerifier
     keys: KeyRing
+    tokens: TokenEndpoint
+    service_accounts: ServiceAccountAdmin
     observability: Observability
     closers: Closers
     rate_limiter: RateLimiter
@@ -164,7 +176,43 @@ def build_app(
     for method in settings.rate_limits:
         metrics.declare(metrics.rate_limited, (method,))
     observability.route(JWKS_PATH, jwks_route(service.jwks))
-    return AuthApp(settings, engine, service, verifier, keys, observability, closers, rate_limiter)
+    secret_key = settings.client_secret_key or load_or_create_dev_secret(common.data_dir)
+    client_secrets = SecretHasher(secret_key)
+    uow = lambda: SqlAuthUnitOfWork(sessions)  # noqa: E731
+    throttle_limiter = RateLimiter(
+        {},
+        redis_client=client,
+        prefix="auth:client:",
+        monotonic=clock.monotonic,
+        on_event=metrics.rate_limit_event,
+    )
+    single_reads = single_statement_sessions(engine)
+    tokens = TokenEndpoint(
+        uow=uow,
+        reads=lambda: SqlAuthUnitOfWork(single_reads),
+        secrets=client_secrets,
+        tokens=keys,
+        throttle=FailureThrottle(throttle_limiter, settings.client_failure_limit),
+        verify_subject=verifier.verify,
+        clock=clock,
+        lifetime_seconds=settings.access_token_ttl_seconds,
+        on_result=metrics.token_issued,
+    )
+    for grant in ("client_credentials", "token_exchange"):
+        metrics.declare(metrics.tokens_issued, (grant, "issued"), (grant, "refused"))
+    admin = ServiceAccountAdmin(uow=uow, secrets=client_secrets, clock=clock)
+    return AuthApp(
+        settings,
+        engine,
+        service,
+        verifier,
+        keys,
+        tokens,
+        admin,
+        observability,
+        closers,
+        rate_limiter,
+    )
 
 
 def request_path_for(app: AuthApp) -> RequestPath:
@@ -177,6 +225,14 @@ def request_path_for(app: AuthApp) -> RequestPath:
     )
 
 
+def _register(app: AuthApp, registrar: Any) -> None:
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(app.service), registrar)
+    auth_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(app.tokens), registrar)
+    auth_pb2_grpc.add_ServiceAccountServiceServicer_to_server(
+        ServiceAccountServicer(app.service_accounts), registrar
+    )
+
+
 def build_server(app: AuthApp) -> RunningServer:
     """A bound server for the app (port 0 in settings picks a free one). Ready as soon as it
     serves: the keys are its own, and a database outage must not take every replica out of
@@ -184,10 +240,8 @@ def build_server(app: AuthApp) -> RunningServer:
     named health service "database"."""
     running = create_server(
         app.settings.common,
-        register=lambda registrar: auth_pb2_grpc.add_AuthServiceServicer_to_server(
-            AuthServicer(app.service), registrar
-        ),
-        service_names=[SERVICE_NAME],
+        register=lambda registrar: _register(app, registrar),
+        service_names=list(SERVICE_NAMES),
         request_path=request_path_for(app),
         interceptors=app.observability.server_interceptors(),
         is_ready=lambda: True,
@@ -195,4 +249,8 @@ def build_server(app: AuthApp) -> RunningServer:
     )
     app.observability.attach(running)
     running.on_stop.append(app.close)
+    if app.settings.common.worker_in_process:
+        attach_in_process(
+            running, worker_for(app.settings, app.engine, app.observability, SystemClock())
+        )
     return running

@@ -1,4 +1,4 @@
-"""The auth domain: users, refresh tokens, audit events."""
+"""The auth domain: users, refresh tokens, service accounts, audit events."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ __all__ = [
     "USER",
     "AuditEvent",
     "AuditKind",
+    "ClientKey",
+    "ClientSecret",
     "IssuedTokens",
     "RefreshToken",
+    "ServiceAccount",
     "User",
 ]
 
@@ -56,6 +59,38 @@ class IssuedTokens:
     user: User
 
 
+@dataclass(frozen=True, slots=True)
+class ClientSecret:
+    """A client secret of a service account: only its keyed hash is kept."""
+
+    id: uuid.UUID
+    secret_hash: str
+    create_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKey:
+    """A public key that verifies a service account's JWT assertions (RFC 7523)."""
+
+    kid: str
+    alg: str
+    public_key_pem: str
+    create_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceAccount:
+    """An account of a machine caller; its id is the OAuth client id."""
+
+    id: uuid.UUID
+    display_name: str
+    scopes: tuple[str, ...]
+    create_time: datetime
+    last_used_time: datetime | None = None
+    secrets: tuple[ClientSecret, ...] = ()
+    keys: tuple[ClientKey, ...] = ()
+
+
 class AuditKind(StrEnum):
     REGISTERED = "register"
     LOGIN_SUCCEEDED = "login_succeeded"
@@ -66,6 +101,14 @@ class AuditKind(StrEnum):
     LOGGED_OUT = "logout"
     PASSWORD_CHANGED = "password_changed"
     ADMIN_CREATED = "admin_created"
+    SERVICE_ACCOUNT_CREATED = "service_account_created"
+    SERVICE_ACCOUNT_DELETED = "service_account_deleted"
+    CLIENT_SECRET_ADDED = "client_secret_added"
+    CLIENT_SECRET_REMOVED = "client_secret_removed"
+    CLIENT_KEY_ADDED = "client_key_added"
+    CLIENT_KEY_REMOVED = "client_key_removed"
+    TOKEN_ISSUED = "token_issued"
+    TOKEN_REFUSED = "token_refused"
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.auth_svc import PUBLIC_METHOD_NAMES
 from services.auth_svc.infra.keys import key_material_problems
-from shared.config.settings import CommonSettings, EnvReader, load_common
+from shared.config.settings import CommonSettings, EnvReader, Role, load_common
 from shared.rpc.ratelimit import Limit, parse_limits
 
-__all__ = ["AuthSettings", "load_auth_settings"]
+__all__ = ["AuthSettings", "load_auth_settings", "load_or_create_dev_secret"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,10 +32,65 @@ class AuthSettings:
     signing_key_pem: str | None
     verify_keys_pem: str | None
     rate_limits: dict[str, Limit]
+    client_secret_key: bytes | None
+    client_failure_limit: Limit
+    audit_retention_days: int
 
 
 # Per client address, for the public methods: RATE calls per second sustained, BURST at once.
-DEFAULT_RATE_LIMITS = "Register=2/10,Login=10/50,RefreshToken=20/100,Logout=20/100,GetJwks=50/200"
+DEFAULT_RATE_LIMITS = (
+    "Register=2/10,Login=10/50,RefreshToken=20/100,Logout=20/100,GetJwks=50/200,IssueToken=50/200"
+)
+# Failed IssueToken attempts per client id: 5 at once, then one every 5 seconds.
+DEFAULT_CLIENT_FAILURE_LIMIT = "0.2/5"
+MIN_CLIENT_SECRET_KEY = 32
+DEV_CLIENT_SECRET_KEY_FILE = "auth-client-secret-key"
+
+
+def _client_secret_key(
+    reader: EnvReader, common: CommonSettings, *, required: bool
+) -> bytes | None:
+    """The HMAC key of stored client secrets; None only in the dev profile (bootstrap then
+    creates one in the data folder, see load_or_create_dev_secret)."""
+    key = reader.secret("CLIENT_SECRET_KEY")
+    if key is not None:
+        key = key.strip()
+        if len(key) < MIN_CLIENT_SECRET_KEY:
+            reader.problems.append(
+                f"{reader.name('CLIENT_SECRET_KEY')} must be at least "
+                f"{MIN_CLIENT_SECRET_KEY} characters"
+            )
+        return key.encode()
+    if common.profile == "prod" and required:
+        reader.require("CLIENT_SECRET_KEY", "in the prod profile (or AUTH_CLIENT_SECRET_KEY_FILE)")
+    return None
+
+
+def load_or_create_dev_secret(data_dir: Path) -> bytes:
+    """The dev profile's client-secret key: created once in the data folder (so client
+    secrets survive a restart), then reused."""
+    path = data_dir / DEV_CLIENT_SECRET_KEY_FILE
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process of the dev setup made it first
+        else:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(48))
+    return path.read_text().strip().encode()
+
+
+def _client_failure_limit(reader: EnvReader) -> Limit:
+    text = reader.text("CLIENT_FAILURE_LIMIT", DEFAULT_CLIENT_FAILURE_LIMIT)
+    try:
+        return parse_limits(f"IssueToken={text}")["IssueToken"]
+    except ValueError:
+        reader.problems.append(
+            f"{reader.name('CLIENT_FAILURE_LIMIT')}: expected RATE/BURST, got {text!r}"
+        )
+        return parse_limits(f"IssueToken={DEFAULT_CLIENT_FAILURE_LIMIT}")["IssueToken"]
 
 
 def _rate_limits(reader: EnvReader) -> dict[str, Limit]:
@@ -53,12 +111,18 @@ def _rate_limits(reader: EnvReader) -> dict[str, Limit]:
     return limits
 
 
-def load_auth_settings(env: Mapping[str, str]) -> AuthSettings:
-    """Reads AUTH_* variables; raises ConfigError listing every problem."""
+def load_auth_settings(env: Mapping[str, str], role: Role = "serve") -> AuthSettings:
+    """Reads AUTH_* variables for the role (the worker needs no signing key, no client-secret
+    key, no Redis and no TLS); raises ConfigError listing every problem."""
     reader = EnvReader(env, "AUTH")
-    common = load_common(reader, service="auth", default_port=50051, default_metrics_port=9101)
-    signing_key = reader.secret("SIGNING_KEY")
-    if signing_key is None and common.profile == "prod":
+    common = load_common(
+        reader, service="auth", default_port=50051, default_metrics_port=9101, role=role
+    )
+    serving = role == "serve"
+    # Key material is read only to serve (the worker signs nothing; its files need not be
+    # mounted in its pod).
+    signing_key = reader.secret("SIGNING_KEY") if serving else None
+    if signing_key is None and common.profile == "prod" and serving:
         reader.require("SIGNING_KEY", "in the prod profile (or AUTH_SIGNING_KEY_FILE)")
     # Dedicated low-priority hashing threads (argon2id: tens of ms of a core, 19 MiB each).
     hash_concurrency = reader.integer("HASH_CONCURRENCY", 2, minimum=1)
@@ -80,8 +144,12 @@ def load_auth_settings(env: Mapping[str, str]) -> AuthSettings:
         # holds at most 2 x AUTH_HASH_CONCURRENCY of the worker threads, briefly.
         hash_queue=reader.integer("HASH_QUEUE", hash_concurrency, minimum=0),
         signing_key_pem=signing_key,
-        verify_keys_pem=reader.secret("VERIFY_KEYS"),
+        verify_keys_pem=reader.secret("VERIFY_KEYS") if serving else None,
         rate_limits=_rate_limits(reader),
+        client_secret_key=_client_secret_key(reader, common, required=serving),
+        client_failure_limit=_client_failure_limit(reader),
+        # Audit events older than this are purged by the worker; 0 keeps them forever.
+        audit_retention_days=reader.integer("AUDIT_RETENTION_DAYS", 365, minimum=0),
     )
     reader.problems += key_material_problems(settings.signing_key_pem, settings.verify_keys_pem)
     if settings.password_min_length > 128:

@@ -14,9 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["CommonSettings", "ConfigError", "EnvReader", "Profile", "load_common"]
+__all__ = [
+    "CommonSettings",
+    "ConfigError",
+    "EnvReader",
+    "Profile",
+    "Role",
+    "load_common",
+    "load_migration_settings",
+]
 
 Profile = Literal["dev", "prod"]
+Role = Literal["serve", "worker", "migrate"]
+"""What the process is for: serving gRPC, running the background jobs (`worker`), or
+applying migrations. A role checks only what it uses: a migration Job needs the database
+URL and nothing else, a worker serves no gRPC and needs no TLS."""
 
 
 class ConfigError(ValueError):
@@ -143,6 +155,9 @@ class CommonSettings:
     max_connection_age_grace_seconds: float
     otlp_endpoint: str | None
     trace_service_name: str
+    worker_in_process: bool
+    worker_interval_seconds: float
+    role: Role = "serve"
 
     @property
     def address(self) -> str:
@@ -156,8 +171,10 @@ def load_common(
     service: str,
     default_port: int,
     default_metrics_port: int,
+    role: Role = "serve",
 ) -> CommonSettings:
     """The common part of a service's settings; `reader.check()` is left to the caller."""
+    serving = role == "serve"
     profile_raw = reader.text("PROFILE", "dev").lower()
     if profile_raw not in ("dev", "prod"):
         reader.problems.append(f"{reader.name('PROFILE')} must be dev or prod, got {profile_raw!r}")
@@ -175,7 +192,7 @@ def load_common(
     elif not dev and database_url.startswith("sqlite"):
         reader.problems.append(f"{reader.name('DATABASE_URL')} must be PostgreSQL in prod")
     redis_url = reader.secret("REDIS_URL")
-    if redis_url is None and not dev:
+    if redis_url is None and not dev and serving:
         reader.require("REDIS_URL", "in the prod profile")
     log_format = reader.text("LOG_FORMAT", "text" if dev else "json").lower()
     if log_format not in ("text", "json"):
@@ -194,7 +211,7 @@ def load_common(
             f"{reader.name('TLS_CERT_FILE')} and {reader.name('TLS_KEY_FILE')}"
         )
     allow_plaintext = reader.flag("ALLOW_PLAINTEXT", dev)
-    if not cert and not allow_plaintext:
+    if not cert and not allow_plaintext and serving:
         reader.problems.append(
             f"the prod profile serves TLS: set {reader.name('TLS_CERT_FILE')} and "
             f"{reader.name('TLS_KEY_FILE')}, or {reader.name('ALLOW_PLAINTEXT')}=true where "
@@ -238,4 +255,21 @@ def load_common(
         or reader.unprefixed("OTEL_EXPORTER_OTLP_ENDPOINT"),
         # The traces' service.name, as the OpenTelemetry SDK's standard variable names it.
         trace_service_name=reader.unprefixed("OTEL_SERVICE_NAME") or f"{service}-svc",
+        # The background jobs (shared.data.jobs) on a thread of the serving process: the
+        # local run command turns it on (one command runs everything); in Kubernetes a
+        # worker Deployment runs them.
+        worker_in_process=reader.flag("WORKER_IN_PROCESS", False),
+        worker_interval_seconds=reader.number("WORKER_INTERVAL_SECONDS", 300.0, minimum=1.0),
+        role=role,
     )
+
+
+def load_migration_settings(env: Mapping[str, str], *, service: str) -> CommonSettings:
+    """What `migrate` needs: the database URL (and the profile, data folder and log
+    settings it is read with); nothing the serving process needs (no keys, no TLS)."""
+    reader = EnvReader(env, service.upper())
+    common = load_common(
+        reader, service=service, default_port=0, default_metrics_port=0, role="migrate"
+    )
+    reader.check()
+    return common

@@ -1,4 +1,11 @@
-"""The command line of a service: `python -m services.<name>_svc [serve|migrate]`."""
+"""The command line of a service: `python -m services.<name>_svc [serve|migrate|worker]`.
+
+- `serve` (the default): the gRPC server (migrating first if `*_MIGRATE_ON_START`);
+- `migrate`: applies the service's migrations and exits; reads only what it needs (the
+  database URL, profile and logging: `load_migration_settings`), so a migration Job gets
+  no keys and no Redis;
+- `worker [--once]`: the background jobs (shared.rpc.worker).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +16,14 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn, Protocol, TypeVar
 
-from shared.config.settings import CommonSettings, ConfigError
+from shared.config.settings import CommonSettings, ConfigError, Role, load_migration_settings
 from shared.data import migrations
+from shared.data.jobs import Worker
 from shared.rpc.lifecycle import EXIT_FORCED, serve
 from shared.rpc.logs import configure_logging
+from shared.rpc.observability import Observability
 from shared.rpc.server import RunningServer
+from shared.rpc.worker import run_worker
 
 __all__ = ["ServiceSettings", "run_service"]
 
@@ -43,30 +53,50 @@ def run_service(
     *,
     service: str,
     description: str,
-    load_settings: Callable[[Mapping[str, str]], S],
+    load_settings: Callable[[Mapping[str, str], Role], S],
     build_server: Callable[[S], RunningServer],
+    build_worker: Callable[[S], tuple[Worker, Observability]],
     argv: Sequence[str] | None = None,
 ) -> int:
-    """Reads settings (exit 2 with every problem listed), migrates if asked or configured,
-    then serves until SIGTERM/SIGINT; returns the exit code."""
+    """Reads settings (exit 2 with every problem listed), then migrates, runs the worker, or
+    (migrating first if configured) serves until SIGTERM/SIGINT; returns the exit code."""
     parser = argparse.ArgumentParser(prog=f"{service}_svc", description=description)
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"])
+    parser.add_argument(
+        "command", nargs="?", default="serve", choices=["serve", "migrate", "worker"]
+    )
+    parser.add_argument("--once", action="store_true", help="worker: one pass, then exit")
     args = parser.parse_args(argv)
+    if args.command == "migrate":
+        return _migrate(service)
+    role: Role = "worker" if args.command == "worker" else "serve"
     try:
-        settings = load_settings(os.environ)
+        settings = load_settings(os.environ, role)
     except ConfigError as exc:
         print(f"{service}_svc: {exc}", file=sys.stderr)
         return 2
     common = settings.common
     configure_logging(service=service, level=common.log_level, fmt=common.log_format)
+    if args.command == "worker":
+        worker, observability = build_worker(settings)
+        return run_worker(worker, observability, once=args.once)
     try:
-        if args.command == "migrate" or common.migrate_on_start:
+        if common.migrate_on_start:
             migrations.upgrade(service, common.database_url)
             _log.info("%s migrations applied", service)
-            if args.command == "migrate":
-                return 0
         running = build_server(settings)
     except KeyboardInterrupt:  # Ctrl-C while starting: nothing to drain yet
         _log.info("%s interrupted while starting", service)
         return EXIT_FORCED
     _exit(serve(running, common))
+
+
+def _migrate(service: str) -> int:
+    try:
+        common = load_migration_settings(os.environ, service=service)
+    except ConfigError as exc:
+        print(f"{service}_svc: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(service=service, level=common.log_level, fmt=common.log_format)
+    migrations.upgrade(service, common.database_url)
+    _log.info("%s migrations applied", service)
+    return 0

@@ -36,11 +36,13 @@ METRICS_PATH = "/metrics"
 
 @dataclass(frozen=True, slots=True)
 class Document:
-    """What a route answers: the body, its media type, and how long it may be cached."""
+    """What a route answers: the body, its media type, how long it may be cached, and the
+    HTTP status (200 unless a health route says otherwise)."""
 
     body: bytes
     content_type: str
     max_age_seconds: int = 0
+    status: HTTPStatus = HTTPStatus.OK
 
 
 Route = Callable[[Mapping[str, str]], Document]
@@ -109,7 +111,7 @@ class _Handler(BaseHTTPRequestHandler):
             body, encoding = gzip.compress(body), "gzip"
         cache = f"public, max-age={document.max_age_seconds}" if document.max_age_seconds else None
         self._send(
-            HTTPStatus.OK,
+            document.status,
             body,
             content_type=document.content_type,
             cache_control=cache or "no-store",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -264,6 +264,13 @@ class Metrics:
         self.logins = Counter(
             "agentplatform_logins_total", "Login attempts by result.", ("result",), registry=r
         )
+        self.tokens_issued = Counter(
+            "agentplatform_tokens_issued_total",
+            "IssueToken calls by grant (client_credentials, token_exchange) and result "
+            "(issued, refused, throttled).",
+            ("grant", "result"),
+            registry=r,
+        )
         self.token_verifications = FastCounter(
             "agentplatform_token_verifications_total",
             "Access-token checks by result (verified, cached, rejected, unavailable).",
@@ -304,6 +311,25 @@ class Metrics:
             ("dependency",),
             registry=r,
         )
+        self.job_runs = Counter(
+            "agentplatform_job_runs_total",
+            "Background job passes by job and result (success, failure, skipped: another "
+            "replica held the job's lock).",
+            ("job", "result"),
+            registry=r,
+        )
+        self.job_items = Counter(
+            "agentplatform_job_items_total",
+            "What background jobs did, by job and kind (e.g. deleted).",
+            ("job", "kind"),
+            registry=r,
+        )
+        self.job_last_success = Gauge(
+            "agentplatform_job_last_success_timestamp_seconds",
+            "When each background job last ended a pass successfully (Unix time).",
+            ("job",),
+            registry=r,
+        )
         self._bound: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def watch_pool(self, checked_out: Callable[[], int]) -> None:
@@ -315,6 +341,27 @@ class Metrics:
     def login_result(self, result: str) -> None:
         """`result`: success, failure or locked (AuthService's login observer)."""
         self._children(self.logins, result).inc()
+
+    def job_result(
+        self, job: str, result: str, counts: Mapping[str, int], finished_at: float
+    ) -> None:
+        """shared.data.jobs.Worker's `on_result`."""
+        self._children(self.job_runs, job, result).inc()
+        for kind, count in counts.items():
+            self._children(self.job_items, job, kind).inc(count)
+        if result == "success":
+            self.job_last_success.labels(job).set(finished_at)
+
+    def declare_jobs(self, jobs: Iterable[str]) -> None:
+        """Exports every job's series at 0 before its first pass."""
+        for job in jobs:
+            for result in ("success", "failure", "skipped"):
+                self._children(self.job_runs, job, result)
+
+    def token_issued(self, grant: str, result: str) -> None:
+        """TokenEndpoint's `on_result`; the grant by its short name."""
+        short = "token_exchange" if grant.endswith("token-exchange") else grant
+        self._children(self.tokens_issued, short, result).inc()
 
     def token_verification(self, result: str) -> None:
         """`result`: verified, cached, rejected or unavailable (TokenVerifier's `on_result`)."""

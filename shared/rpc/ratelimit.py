@@ -93,6 +93,21 @@ redis.call('SET', KEYS[1], tostring(next_tat), 'PX', math.ceil(next_tat - now) +
 return {1, 0}
 """
 
+# The same decision without counting: ms until a call would be allowed (0: now).
+_GCRA_PEEK = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local tolerance = interval * tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local allow_at = tat + interval - tolerance
+if allow_at > now then
+  return math.ceil(allow_at - now)
+end
+return 0
+"""
+
 
 class _LocalGcra:
     """The same algorithm in process: key → theoretical arrival time (monotonic ms)."""
@@ -103,16 +118,18 @@ class _LocalGcra:
         self._now = now
         self._lock = threading.Lock()
 
-    def check(self, key: str, limit: Limit) -> float:
-        """0 if allowed (and counted), else the milliseconds until the next one is."""
+    def check(self, key: str, limit: Limit, *, count: bool = True) -> float:
+        """0 if allowed (and counted, unless `count` is False), else the milliseconds until
+        the next one is."""
         now = self._now() * 1000
         interval = limit.interval_ms
         with self._lock:
             tat = max(self._tats.pop(key, now), now)
             allow_at = tat + interval - interval * limit.burst
-            if allow_at > now:
-                self._tats[key] = tat
-                return allow_at - now
+            if allow_at > now or not count:
+                if tat > now:
+                    self._tats[key] = tat
+                return max(allow_at - now, 0.0)
             self._tats[key] = tat + interval  # re-inserted last: the dict is ordered by use
             while len(self._tats) > self._max_keys:
                 del self._tats[next(iter(self._tats))]
@@ -136,6 +153,7 @@ class RateLimiter:
         self._limits = dict(limits)
         self._redis = redis_client
         self._script = redis_client.register_script(_GCRA) if redis_client is not None else None
+        self._peek = redis_client.register_script(_GCRA_PEEK) if redis_client is not None else None
         self._prefix = prefix
         self._breaker = breaker_seconds
         self._down_until = 0.0
@@ -161,11 +179,32 @@ class RateLimiter:
                 reason="RATE_LIMITED",
             )
 
-    def _shared(self, key: str, limit: Limit) -> float | None:
+    def wait(self, name: str, limit: Limit, key: str) -> float:
+        """Seconds until `check` would allow a call for (name, key), without counting one
+        (0: now). For limits on outcomes: peek before the work, `count` after a failure."""
+        full_key = f"{self._prefix}{name}:{key}"
+        wait_ms = self._shared(full_key, limit, count=False)
+        if wait_ms is None:
+            wait_ms = self._local.check(full_key, limit, count=False)
+        return wait_ms / 1000
+
+    def count(self, name: str, limit: Limit, key: str) -> float:
+        """Counts one event for (name, key) if the limit allows it (see `wait`); else the
+        seconds until it would."""
+        full_key = f"{self._prefix}{name}:{key}"
+        wait_ms = self._shared(full_key, limit)
+        if wait_ms is None:
+            wait_ms = self._local.check(full_key, limit)
+        return wait_ms / 1000
+
+    def _shared(self, key: str, limit: Limit, *, count: bool = True) -> float | None:
         """Checked in Redis: the wait in ms (0: allowed), or None if Redis cannot say."""
         if self._script is None or self._monotonic() < self._down_until:
             return None
         try:
+            if not count:
+                assert self._peek is not None
+                return float(self._peek(keys=[key], args=[limit.interval_ms, limit.burst]))
             allowed, wait_ms = self._script(keys=[key], args=[limit.interval_ms, limit.burst])
         except redis.RedisError as exc:
             self._down_until = self._monotonic() + self._breaker

@@ -85,6 +85,7 @@ class Workload:
     name: str
     pod: Doc  # the pod template's metadata + spec
     spec: Doc  # the pod spec
+    doc_replicas: int | None = None  # the workload's own `replicas`, if stated
 
     @property
     def label(self) -> str:
@@ -105,7 +106,15 @@ def workloads(docs: list[Doc]) -> list[Workload]:
             template = doc["spec"]["jobTemplate"]["spec"]["template"]
         else:
             continue
-        found.append(Workload(kind, doc["metadata"]["name"], template, template["spec"]))
+        found.append(
+            Workload(
+                kind,
+                doc["metadata"]["name"],
+                template,
+                template["spec"],
+                (doc.get("spec") or {}).get("replicas"),
+            )
+        )
     return found
 
 
@@ -170,11 +179,33 @@ def selects(selector: Doc, labels: dict[str, str]) -> bool:
 # ---- the rules (each returns the violations it finds) ----------------------------------------
 
 
+def is_worker(w: Workload) -> bool:
+    """A background-job Deployment (`worker`): no gRPC port, no Service, no HPA."""
+    return (w.pod.get("metadata", {}).get("labels") or {}).get(
+        "app.kubernetes.io/component"
+    ) == "worker"
+
+
+def worker_probe_violations(w: Workload) -> list[str]:
+    problems = []
+    for c in w.spec.get("containers") or []:
+        named = {p.get("name") for p in c.get("ports") or []}
+        probe = (c.get("livenessProbe") or {}).get("httpGet") or {}
+        if probe.get("path") != "/healthz" or probe.get("port") not in named:
+            problems.append(f"{w.label} container {c['name']}: liveness must GET /healthz")
+        if c.get("args") != ["worker"]:
+            problems.append(f"{w.label} container {c['name']}: must run `worker`")
+    return problems
+
+
 def probe_violations(docs: list[Doc]) -> list[str]:
     problems = []
     for w in workloads(docs):
         if w.kind not in LONG_RUNNING:
             continue  # Jobs run to completion: no probes
+        if is_worker(w):
+            problems += worker_probe_violations(w)
+            continue
         for c in w.spec.get("containers") or []:
             where = f"{w.label} container {c['name']}"
             ports = {p["containerPort"] for p in c.get("ports") or []}
@@ -265,8 +296,8 @@ def secret_violations(docs: list[Doc]) -> list[str]:
 def shutdown_violations(docs: list[Doc]) -> list[str]:
     problems = []
     for w in workloads(docs):
-        if w.kind not in LONG_RUNNING:
-            continue
+        if w.kind not in LONG_RUNNING or is_worker(w):
+            continue  # a worker takes no traffic: nothing to drain
         budget = w.spec.get("terminationGracePeriodSeconds", 30)
         for c in w.spec.get("containers") or []:
             delay = prestop_sleep_seconds(c)
@@ -289,6 +320,10 @@ def scaling_violations(docs: list[Doc]) -> list[str]:
     services = of_kind(docs, "Service")
     for w in workloads(docs):
         if w.kind != "Deployment":
+            continue
+        if is_worker(w):
+            if w.doc_replicas is None:
+                problems.append(f"{w.label}: a worker states its replicas (no HPA owns them)")
             continue
         labels = w.pod.get("metadata", {}).get("labels") or {}
         targets = [
@@ -364,6 +399,7 @@ RULES = [
 def test_renders_both_services(docs: list[Doc]) -> None:
     names = {w.label for w in workloads(docs)}
     assert {"Deployment/auth-svc", "Deployment/agent-svc"} <= names
+    assert {"Deployment/auth-svc-worker", "Deployment/agent-svc-worker"} <= names
     assert {"Job/auth-svc-migrate", "Job/agent-svc-migrate", "Job/auth-svc-create-admin"} <= names
 
 
@@ -414,3 +450,20 @@ def test_rules_catch_a_bad_manifest() -> None:
     ]
     for rule in RULES:
         assert rule(bad), f"{rule.__name__} did not flag the bad manifest"
+    worker = {
+        "kind": "Deployment",
+        "metadata": {"name": "bad-worker"},
+        "spec": {
+            "template": {
+                "metadata": {"labels": {"app.kubernetes.io/component": "worker"}},
+                "spec": {"containers": [{"name": "w", "args": ["serve"], "ports": []}]},
+            }
+        },
+    }
+    assert probe_violations([worker]) == [
+        "Deployment/bad-worker container w: liveness must GET /healthz",
+        "Deployment/bad-worker container w: must run `worker`",
+    ]
+    assert scaling_violations([worker]) == [
+        "Deployment/bad-worker: a worker states its replicas (no HPA owns them)"
+    ]

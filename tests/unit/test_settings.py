@@ -8,14 +8,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from services.auth_svc.settings import load_auth_settings
-from shared.config.settings import ConfigError, EnvReader
+from services.auth_svc.settings import load_auth_settings, load_or_create_dev_secret
+from shared.config.settings import ConfigError, EnvReader, load_migration_settings
 
 PROD = {
     "AUTH_PROFILE": "prod",
     "AUTH_DATABASE_URL": "postgresql://auth@db:5432/auth",
     "AUTH_REDIS_URL": "redis://redis:6379/0",
     "AUTH_ALLOW_PLAINTEXT": "true",
+    "AUTH_CLIENT_SECRET_KEY": "a-client-secret-key-of-at-least-32-chars",
     "AUTH_SIGNING_KEY": ed25519.Ed25519PrivateKey.generate()
     .private_bytes(
         serialization.Encoding.PEM,
@@ -75,7 +76,10 @@ def test_a_complete_prod_environment_loads() -> None:
     assert settings.signing_key_pem == PROD["AUTH_SIGNING_KEY"].strip()
 
 
-@pytest.mark.parametrize("missing", ["AUTH_DATABASE_URL", "AUTH_REDIS_URL", "AUTH_SIGNING_KEY"])
+@pytest.mark.parametrize(
+    "missing",
+    ["AUTH_DATABASE_URL", "AUTH_REDIS_URL", "AUTH_SIGNING_KEY", "AUTH_CLIENT_SECRET_KEY"],
+)
 def test_prod_refuses_to_start_without(missing: str) -> None:
     env = {k: v for k, v in PROD.items() if k != missing}
     assert missing in problems(env)
@@ -177,13 +181,14 @@ def test_every_problem_is_listed_at_once() -> None:
         "AUTH_DATABASE_URL is required",
         "AUTH_REDIS_URL is required",
         "AUTH_SIGNING_KEY is required",
+        "AUTH_CLIENT_SECRET_KEY is required",
         "AUTH_PORT must be an integer",
         "AUTH_LOGIN_MAX_FAILURES must be at least 1",
         "AUTH_GRACE_SECONDS must be a number",
         "the prod profile serves TLS",
     ):
         assert expected in message
-    assert message.count("\n  ") == 7
+    assert message.count("\n  ") == 8
 
 
 def test_blank_values_count_as_unset() -> None:
@@ -224,3 +229,38 @@ def test_the_database_statement_timeout_defaults_to_ten_seconds() -> None:
     assert load_auth_settings(env).common.db_statement_timeout_seconds == 10.0
     env["AUTH_DB_STATEMENT_TIMEOUT_SECONDS"] = "2.5"
     assert load_auth_settings(env).common.db_statement_timeout_seconds == 2.5
+
+
+def test_the_client_secret_key_is_long_enough_and_made_once_in_dev(tmp_path: Path) -> None:
+    short = problems({**PROD, "AUTH_CLIENT_SECRET_KEY": "short"})
+    assert "AUTH_CLIENT_SECRET_KEY must be at least 32 characters" in short
+    dev = load_auth_settings({"AUTH_DATA_DIR": str(tmp_path)})
+    assert dev.client_secret_key is None  # made by bootstrap, in the data folder
+    first = load_or_create_dev_secret(tmp_path)
+    assert len(first) >= 32
+    assert load_or_create_dev_secret(tmp_path) == first
+    assert (tmp_path / "auth-client-secret-key").stat().st_mode & 0o077 == 0
+
+
+def test_the_worker_in_prod_needs_only_the_database() -> None:
+    env = {
+        "AUTH_PROFILE": "prod",
+        "AUTH_DATABASE_URL": "postgresql://auth@db:5432/auth",
+        # Named in the ConfigMap but not mounted in a worker's pod: never read.
+        "AUTH_SIGNING_KEY_FILE": "/nonexistent/signing-key.pem",
+    }
+    settings = load_auth_settings(env, "worker")
+    assert settings.signing_key_pem is None
+    assert settings.common.role == "worker"
+    assert "AUTH_SIGNING_KEY_FILE" in problems(env)  # serving reads it, and fails
+
+
+def test_migration_settings_need_only_the_database_url() -> None:
+    common = load_migration_settings(
+        {"AUTH_PROFILE": "prod", "AUTH_DATABASE_URL": "postgresql://a@db/a"}, service="auth"
+    )
+    assert common.database_url.startswith("postgresql")
+    with pytest.raises(ConfigError) as caught:
+        load_migration_settings({"AUTH_PROFILE": "prod"}, service="auth")
+    assert str(caught.value).count("\n  ") == 1
+    assert "AUTH_DATABASE_URL is required" in str(caught.value)

@@ -7,14 +7,12 @@ from typing import Any
 from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.auth_svc import PUBLIC_METHOD_NAMES, SERVICE_NAME
 from services.auth_svc.domain import IssuedTokens, User
 from services.auth_svc.service.auth_service import AuthService
 from shared.rpc.request_path import principal_of
 
-__all__ = ["PUBLIC_METHODS", "AuthServicer", "user_to_proto"]
+__all__ = ["AuthServicer", "user_to_proto"]
 
-PUBLIC_METHODS = frozenset(f"/{SERVICE_NAME}/{name}" for name in PUBLIC_METHOD_NAMES)
 TOKEN_TYPE = "Bearer"
 
 

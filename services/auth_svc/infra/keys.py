@@ -7,7 +7,9 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -16,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from services.auth_svc.domain import User
 from shared.config.clock import Clock
 from shared.security.jwk import PublicKey, VerificationKey, algorithm_for, thumbprint, to_jwk
+from shared.security.scopes import user_scopes
 from shared.security.tokens import ACCESS_TOKEN_TYPE
 
 __all__ = ["KeyRing", "key_material_problems", "load_or_create_dev_key"]
@@ -112,19 +115,64 @@ class KeyRing:
     def access_token_ttl_seconds(self) -> int:
         return self._ttl
 
+    @property
+    def issuer(self) -> str:
+        return self._issuer
+
     def issue_access_token(self, user: User) -> str:
+        """A user's token: their roles, and the scopes a user of those roles holds."""
+        return self._sign(
+            subject=str(user.id),
+            client_id=self._issuer,
+            scopes=user_scopes(user.roles),
+            lifetime_seconds=self._ttl,
+            roles=user.roles,
+        )
+
+    def issue_token(
+        self,
+        *,
+        subject: str,
+        client_id: str,
+        scopes: Collection[str],
+        lifetime_seconds: int,
+        roles: Sequence[str] = (),
+        actor: str | None = None,
+    ) -> str:
+        return self._sign(
+            subject=subject,
+            client_id=client_id,
+            scopes=scopes,
+            lifetime_seconds=lifetime_seconds,
+            roles=roles,
+            actor=actor,
+        )
+
+    def _sign(
+        self,
+        *,
+        subject: str,
+        client_id: str,
+        scopes: Collection[str],
+        lifetime_seconds: int,
+        roles: Sequence[str],
+        actor: str | None = None,
+    ) -> str:
         now = int(self._clock.now().timestamp())
-        claims = {
+        claims: dict[str, Any] = {
             "iss": self._issuer,
             "aud": self._audience,
-            "sub": str(user.id),
+            "sub": subject,
             "iat": now,
             "nbf": now,
-            "exp": now + self._ttl,
+            "exp": now + lifetime_seconds,
             "jti": uuid.uuid4().hex,
-            "client_id": self._issuer,
-            "roles": list(user.roles),
+            "client_id": client_id,
+            "roles": list(roles),
+            "scope": " ".join(sorted(scopes)),
         }
+        if actor is not None:
+            claims["act"] = {"sub": actor}
         return jwt.encode(
             claims,
             self._private,

@@ -6,7 +6,18 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, String, Uuid
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    Uuid,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
@@ -15,6 +26,10 @@ __all__ = [
     "LoginAttemptRow",
     "RefreshFamilyRow",
     "RefreshTokenRow",
+    "ServiceAccountKeyRow",
+    "ServiceAccountRow",
+    "ServiceAccountSecretRow",
+    "UsedAssertionRow",
     "UserRow",
 ]
 
@@ -96,4 +111,54 @@ class LoginAttemptRow(AuthBase):
 
     key_digest: Mapped[str] = mapped_column(String(64), primary_key=True)
     attempts: Mapped[int] = mapped_column(Integer)
+    expire_time: Mapped[datetime] = mapped_column(Timestamp, index=True)
+
+
+class ServiceAccountRow(AuthBase):
+    """A machine caller's account (its id is the OAuth client id)."""
+
+    __tablename__ = "auth_service_accounts"
+    __table_args__ = (Index("ix_auth_service_accounts_create_time_id", "create_time", "id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    display_name: Mapped[str] = mapped_column(String(128))
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    create_time: Mapped[datetime] = mapped_column(Timestamp)
+    last_used_time: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class ServiceAccountSecretRow(AuthBase):
+    """A client secret, as its keyed hash (HMAC-SHA256 under AUTH_CLIENT_SECRET_KEY)."""
+
+    __tablename__ = "auth_service_account_secrets"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    account_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("auth_service_accounts.id", ondelete="CASCADE"), index=True
+    )
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    create_time: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class ServiceAccountKeyRow(AuthBase):
+    """A public key verifying the account's JWT assertions; kid = its RFC 7638 thumbprint."""
+
+    __tablename__ = "auth_service_account_keys"
+
+    account_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("auth_service_accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    kid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    alg: Mapped[str] = mapped_column(String(16))
+    public_key_pem: Mapped[str] = mapped_column(Text)
+    create_time: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class UsedAssertionRow(AuthBase):
+    """The `jti` of every accepted client assertion until it expires: a replay fails the
+    primary key, on every replica. Keyed by the SHA-256 of (client id, jti)."""
+
+    __tablename__ = "auth_used_assertions"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
     expire_time: Mapped[datetime] = mapped_column(Timestamp, index=True)

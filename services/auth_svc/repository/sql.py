@@ -5,22 +5,39 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, bindparam, delete, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from services.auth_svc.domain import AuditEvent, RefreshToken, User
+from services.auth_svc.domain import (
+    AuditEvent,
+    ClientKey,
+    ClientSecret,
+    RefreshToken,
+    ServiceAccount,
+    User,
+)
 from services.auth_svc.repository.models import (
     AuditRow,
     RefreshFamilyRow,
     RefreshTokenRow,
+    ServiceAccountKeyRow,
+    ServiceAccountRow,
+    ServiceAccountSecretRow,
+    UsedAssertionRow,
     UserRow,
 )
-from services.auth_svc.service.ports import EmailTaken
+from services.auth_svc.service.ports import EmailTaken, KeyExists
 from shared.config.clock import utc
 from shared.data.db import SqlUnitOfWork
 
-__all__ = ["SqlAuditLog", "SqlAuthUnitOfWork", "SqlRefreshTokenRepository", "SqlUserRepository"]
+__all__ = [
+    "SqlAuditLog",
+    "SqlAuthUnitOfWork",
+    "SqlRefreshTokenRepository",
+    "SqlServiceAccountRepository",
+    "SqlUserRepository",
+]
 
 
 def _user(row: UserRow) -> User:
@@ -191,12 +208,226 @@ class SqlAuditLog:
         )
 
 
+_ACCOUNT = ServiceAccountRow.__table__
+_SECRET = ServiceAccountSecretRow.__table__
+_KEY = ServiceAccountKeyRow.__table__
+# Built once: constructing the statement costs more than running it.
+_CREDENTIALS = (
+    select(
+        _ACCOUNT.c.display_name,
+        _ACCOUNT.c.scopes,
+        _ACCOUNT.c.create_time,
+        _ACCOUNT.c.last_used_time,
+        _SECRET.c.id,
+        _SECRET.c.secret_hash,
+        _SECRET.c.create_time,
+        _KEY.c.kid,
+        _KEY.c.alg,
+        _KEY.c.public_key_pem,
+        _KEY.c.create_time,
+    )
+    .select_from(
+        _ACCOUNT.outerjoin(_SECRET, _SECRET.c.account_id == _ACCOUNT.c.id).outerjoin(
+            _KEY, _KEY.c.account_id == _ACCOUNT.c.id
+        )
+    )
+    .where(_ACCOUNT.c.id == bindparam("account_id"))
+)
+
+
+class SqlServiceAccountRepository:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def add(self, account: ServiceAccount) -> None:
+        self._session.add(
+            ServiceAccountRow(
+                id=account.id,
+                display_name=account.display_name,
+                scopes=list(account.scopes),
+                create_time=account.create_time,
+                last_used_time=account.last_used_time,
+            )
+        )
+        self._session.flush()
+        for secret in account.secrets:
+            self.add_secret(account.id, secret)
+
+    def get(self, account_id: uuid.UUID) -> ServiceAccount | None:
+        row = self._session.get(ServiceAccountRow, account_id)
+        if row is None:
+            return None
+        return self._accounts([row])[0]
+
+    def credentials(self, account_id: uuid.UUID) -> ServiceAccount | None:
+        """`get` in one prepared statement on a connection of its own, outside this unit of
+        work's transaction (the token endpoint's read; in autocommit it is one round trip):
+        the account joined with its secrets and keys (at most 5 x 5 rows)."""
+        bind = self._session.get_bind()
+        if isinstance(bind, Connection):
+            rows = bind.execute(_CREDENTIALS, {"account_id": account_id}).all()
+        else:
+            with bind.connect() as connection:
+                rows = connection.execute(_CREDENTIALS, {"account_id": account_id}).all()
+        if not rows:
+            return None
+        secrets: dict[uuid.UUID, ClientSecret] = {}
+        keys: dict[str, ClientKey] = {}
+        for row in rows:
+            if row[4] is not None:
+                secrets.setdefault(row[4], ClientSecret(row[4], row[5], utc(row[6])))
+            if row[7] is not None:
+                keys.setdefault(row[7], ClientKey(row[7], row[8], row[9], utc(row[10])))
+        first = rows[0]
+        return ServiceAccount(
+            id=account_id,
+            display_name=first[0],
+            scopes=tuple(first[1]),
+            create_time=utc(first[2]),
+            last_used_time=utc(first[3]) if first[3] else None,
+            secrets=tuple(sorted(secrets.values(), key=lambda s: (s.create_time, s.id))),
+            keys=tuple(sorted(keys.values(), key=lambda k: (k.create_time, k.kid))),
+        )
+
+    def page(self, *, after: tuple[datetime, uuid.UUID] | None, limit: int) -> list[ServiceAccount]:
+        query = select(ServiceAccountRow)
+        if after is not None:
+            query = query.where(
+                tuple_(ServiceAccountRow.create_time, ServiceAccountRow.id) > tuple_(*after)
+            )
+        rows = self._session.scalars(
+            query.order_by(ServiceAccountRow.create_time, ServiceAccountRow.id).limit(limit)
+        ).all()
+        return self._accounts(list(rows))
+
+    def _accounts(self, rows: list[ServiceAccountRow]) -> list[ServiceAccount]:
+        """The accounts of these rows with their secrets and keys (two more queries)."""
+        ids = [row.id for row in rows]
+        secrets: dict[uuid.UUID, list[ClientSecret]] = {i: [] for i in ids}
+        keys: dict[uuid.UUID, list[ClientKey]] = {i: [] for i in ids}
+        if ids:
+            for secret in self._session.scalars(
+                select(ServiceAccountSecretRow)
+                .where(ServiceAccountSecretRow.account_id.in_(ids))
+                .order_by(ServiceAccountSecretRow.create_time, ServiceAccountSecretRow.id)
+            ):
+                secrets[secret.account_id].append(
+                    ClientSecret(secret.id, secret.secret_hash, utc(secret.create_time))
+                )
+            for key in self._session.scalars(
+                select(ServiceAccountKeyRow)
+                .where(ServiceAccountKeyRow.account_id.in_(ids))
+                .order_by(ServiceAccountKeyRow.create_time, ServiceAccountKeyRow.kid)
+            ):
+                keys[key.account_id].append(
+                    ClientKey(key.kid, key.alg, key.public_key_pem, utc(key.create_time))
+                )
+        return [
+            ServiceAccount(
+                id=row.id,
+                display_name=row.display_name,
+                scopes=tuple(row.scopes),
+                create_time=utc(row.create_time),
+                last_used_time=utc(row.last_used_time) if row.last_used_time else None,
+                secrets=tuple(secrets[row.id]),
+                keys=tuple(keys[row.id]),
+            )
+            for row in rows
+        ]
+
+    def delete(self, account_id: uuid.UUID) -> bool:
+        # Children first: SQLite enforces no foreign keys unless asked, so no cascade there.
+        for table in (ServiceAccountSecretRow, ServiceAccountKeyRow):
+            self._session.execute(delete(table).where(table.account_id == account_id))
+        result = self._session.execute(
+            delete(ServiceAccountRow).where(ServiceAccountRow.id == account_id)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def add_secret(self, account_id: uuid.UUID, secret: ClientSecret) -> None:
+        self._session.add(
+            ServiceAccountSecretRow(
+                id=secret.id,
+                account_id=account_id,
+                secret_hash=secret.secret_hash,
+                create_time=secret.create_time,
+            )
+        )
+        self._session.flush()
+
+    def remove_secret(self, account_id: uuid.UUID, secret_id: uuid.UUID) -> bool:
+        result = self._session.execute(
+            delete(ServiceAccountSecretRow).where(
+                ServiceAccountSecretRow.account_id == account_id,
+                ServiceAccountSecretRow.id == secret_id,
+            )
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def add_key(self, account_id: uuid.UUID, key: ClientKey) -> None:
+        row = ServiceAccountKeyRow(
+            account_id=account_id,
+            kid=key.kid,
+            alg=key.alg,
+            public_key_pem=key.public_key_pem,
+            create_time=key.create_time,
+        )
+        try:
+            with self._session.begin_nested():
+                self._session.add(row)
+                self._session.flush()
+        except IntegrityError:
+            raise KeyExists(key.kid) from None
+
+    def remove_key(self, account_id: uuid.UUID, kid: str) -> bool:
+        result = self._session.execute(
+            delete(ServiceAccountKeyRow).where(
+                ServiceAccountKeyRow.account_id == account_id, ServiceAccountKeyRow.kid == kid
+            )
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def touch(self, account_id: uuid.UUID, when: datetime, *, not_since: datetime) -> None:
+        self._session.execute(
+            update(ServiceAccountRow)
+            .where(
+                ServiceAccountRow.id == account_id,
+                or_(
+                    ServiceAccountRow.last_used_time.is_(None),
+                    ServiceAccountRow.last_used_time < not_since,
+                ),
+            )
+            .values(last_used_time=when)
+            .execution_options(synchronize_session=False)
+        )
+
+    def use_assertion(self, digest: str, expire_time: datetime) -> bool:
+        try:
+            with self._session.begin_nested():
+                self._session.add(UsedAssertionRow(digest=digest, expire_time=expire_time))
+                self._session.flush()
+        except IntegrityError:
+            return False
+        return True
+
+    def purge_assertions(self, before: datetime, *, limit: int = 1000) -> int:
+        digests = select(UsedAssertionRow.digest).where(UsedAssertionRow.expire_time < before)
+        result = self._session.execute(
+            delete(UsedAssertionRow).where(
+                UsedAssertionRow.digest.in_(digests.limit(limit).scalar_subquery())
+            )
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 class SqlAuthUnitOfWork(SqlUnitOfWork):
     users: SqlUserRepository
     refresh_tokens: SqlRefreshTokenRepository
     audit: SqlAuditLog
+    service_accounts: SqlServiceAccountRepository
 
     def _open_repositories(self, session: Session) -> None:
         self.users = SqlUserRepository(session)
         self.refresh_tokens = SqlRefreshTokenRepository(session)
         self.audit = SqlAuditLog(session)
+        self.service_accounts = SqlServiceAccountRepository(session)

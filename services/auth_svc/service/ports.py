@@ -7,25 +7,36 @@ the key ring implement these; unit tests pass in-memory fakes.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
 
-from services.auth_svc.domain import AuditEvent, RefreshToken, User
+from services.auth_svc.domain import (
+    AuditEvent,
+    ClientKey,
+    ClientSecret,
+    RefreshToken,
+    ServiceAccount,
+    User,
+)
 from shared.data.uow import UnitOfWork
 
 __all__ = [
     "AuditLog",
     "AuthUnitOfWork",
+    "ClientThrottle",
     "EmailTaken",
     "HashingSlot",
+    "KeyExists",
     "LoginAttempt",
     "LoginLimiter",
     "LoginObserver",
     "LoginResult",
     "PasswordHasher",
     "RefreshTokenRepository",
+    "ServiceAccountRepository",
     "TokenIssuer",
     "UserRepository",
 ]
@@ -33,6 +44,10 @@ __all__ = [
 
 class EmailTaken(Exception):
     """A user with that email exists (raised by UserRepository.add)."""
+
+
+class KeyExists(Exception):
+    """The account already has a key with that id (raised by ServiceAccountRepository)."""
 
 
 class UserRepository(Protocol):
@@ -79,6 +94,50 @@ class RefreshTokenRepository(Protocol):
     def revoke_user_families(self, user_id: uuid.UUID, when: datetime) -> None: ...
 
 
+class ServiceAccountRepository(Protocol):
+    def add(self, account: ServiceAccount) -> None:
+        """Stores a new account with its secrets (its keys are added one by one)."""
+        ...
+
+    def get(self, account_id: uuid.UUID) -> ServiceAccount | None:
+        """The account with its secrets and keys."""
+        ...
+
+    def credentials(self, account_id: uuid.UUID) -> ServiceAccount | None:
+        """The same as `get`, read in one statement (the token endpoint's hot path)."""
+        ...
+
+    def page(self, *, after: tuple[datetime, uuid.UUID] | None, limit: int) -> list[ServiceAccount]:
+        """Accounts in (create_time, id) order, strictly after the cursor."""
+        ...
+
+    def delete(self, account_id: uuid.UUID) -> bool:
+        """Deletes the account, its secrets and keys; False if there was none."""
+        ...
+
+    def add_secret(self, account_id: uuid.UUID, secret: ClientSecret) -> None: ...
+
+    def remove_secret(self, account_id: uuid.UUID, secret_id: uuid.UUID) -> bool: ...
+
+    def add_key(self, account_id: uuid.UUID, key: ClientKey) -> None:
+        """Raises KeyExists if the account has a key with that kid."""
+        ...
+
+    def remove_key(self, account_id: uuid.UUID, kid: str) -> bool: ...
+
+    def touch(self, account_id: uuid.UUID, when: datetime, *, not_since: datetime) -> None:
+        """Sets last_used_time to `when` unless it is already at or after `not_since`."""
+        ...
+
+    def use_assertion(self, digest: str, expire_time: datetime) -> bool:
+        """Records a client assertion as used until `expire_time`; False if it was."""
+        ...
+
+    def purge_assertions(self, before: datetime, *, limit: int = 1000) -> int:
+        """Forgets used assertions that expired before `before`; how many."""
+        ...
+
+
 class AuditLog(Protocol):
     def record(self, event: AuditEvent) -> None: ...
 
@@ -94,6 +153,9 @@ class AuthUnitOfWork(UnitOfWork, Protocol):
 
     @property
     def audit(self) -> AuditLog: ...
+
+    @property
+    def service_accounts(self) -> ServiceAccountRepository: ...
 
 
 class HashingSlot(Protocol):
@@ -156,8 +218,40 @@ class TokenIssuer(Protocol):
     @property
     def access_token_ttl_seconds(self) -> int: ...
 
+    @property
+    def issuer(self) -> str:
+        """The `iss` of the tokens issued, and the `aud` client assertions must name."""
+        ...
+
     def issue_access_token(self, user: User) -> str: ...
+
+    def issue_token(
+        self,
+        *,
+        subject: str,
+        client_id: str,
+        scopes: Collection[str],
+        lifetime_seconds: int,
+        roles: Sequence[str] = (),
+        actor: str | None = None,
+    ) -> str:
+        """An access token for a machine caller: `sub`, `client_id`, `scope`, and `act`
+        = {`sub`: actor} when it acts for the subject."""
+        ...
 
     def public_jwks(self) -> list[dict[str, str]]:
         """Every public key that may still verify a live token, as JWK member dicts."""
+        ...
+
+
+class ClientThrottle(Protocol):
+    """Slows a client that keeps failing to authenticate (shared by every replica when
+    there is Redis): a few failures pass at once, then one per interval."""
+
+    def wait(self, client: str) -> float:
+        """Seconds until the client may try again (0: now)."""
+        ...
+
+    def failed(self, client: str) -> float:
+        """Counts a failed attempt; past the limit, the seconds to wait instead (0: counted)."""
         ...

@@ -18,11 +18,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from sqlalchemy.exc import OperationalError
 
-from services.auth_svc.domain import AuditEvent, RefreshToken, User
+from services.auth_svc.domain import (
+    AuditEvent,
+    ClientKey,
+    ClientSecret,
+    RefreshToken,
+    ServiceAccount,
+    User,
+)
 from services.auth_svc.infra.keys import KeyRing
 from services.auth_svc.infra.limiter import InMemoryLoginLimiter
 from services.auth_svc.service.auth_service import AuthPolicy, AuthService
-from services.auth_svc.service.ports import EmailTaken
+from services.auth_svc.service.ports import EmailTaken, KeyExists
 from shared.rpc.errors import ResourceExhausted
 from tests.fakes import SnapshotDatabase, SnapshotUnitOfWork
 from tests.helpers import FakeClock
@@ -47,6 +54,78 @@ class State:
     families: dict[uuid.UUID, Family] = field(default_factory=dict)
     tokens: dict[str, RefreshToken] = field(default_factory=dict)  # by hash
     audit: list[AuditEvent] = field(default_factory=list)
+    service_accounts: dict[uuid.UUID, ServiceAccount] = field(default_factory=dict)
+    used_assertions: dict[str, datetime] = field(default_factory=dict)
+
+
+class FakeServiceAccounts:
+    def __init__(self, state: State) -> None:
+        self._state = state
+
+    def add(self, account: ServiceAccount) -> None:
+        self._state.service_accounts[account.id] = account
+
+    def get(self, account_id: uuid.UUID) -> ServiceAccount | None:
+        return self._state.service_accounts.get(account_id)
+
+    credentials = get
+
+    def page(self, *, after: tuple[datetime, uuid.UUID] | None, limit: int) -> list[ServiceAccount]:
+        ordered = sorted(self._state.service_accounts.values(), key=lambda a: (a.create_time, a.id))
+        if after is not None:
+            ordered = [a for a in ordered if (a.create_time, a.id) > after]
+        return ordered[:limit]
+
+    def delete(self, account_id: uuid.UUID) -> bool:
+        return self._state.service_accounts.pop(account_id, None) is not None
+
+    def _change(self, account_id: uuid.UUID, **changes: object) -> None:
+        account = self._state.service_accounts[account_id]
+        self._state.service_accounts[account_id] = replace(account, **changes)  # type: ignore[arg-type]
+
+    def add_secret(self, account_id: uuid.UUID, secret: ClientSecret) -> None:
+        self._change(
+            account_id, secrets=(*self._state.service_accounts[account_id].secrets, secret)
+        )
+
+    def remove_secret(self, account_id: uuid.UUID, secret_id: uuid.UUID) -> bool:
+        account = self._state.service_accounts.get(account_id)
+        if account is None or all(s.id != secret_id for s in account.secrets):
+            return False
+        self._change(account_id, secrets=tuple(s for s in account.secrets if s.id != secret_id))
+        return True
+
+    def add_key(self, account_id: uuid.UUID, key: ClientKey) -> None:
+        account = self._state.service_accounts[account_id]
+        if any(k.kid == key.kid for k in account.keys):
+            raise KeyExists(key.kid)
+        self._change(account_id, keys=(*account.keys, key))
+
+    def remove_key(self, account_id: uuid.UUID, kid: str) -> bool:
+        account = self._state.service_accounts.get(account_id)
+        if account is None or all(k.kid != kid for k in account.keys):
+            return False
+        self._change(account_id, keys=tuple(k for k in account.keys if k.kid != kid))
+        return True
+
+    def touch(self, account_id: uuid.UUID, when: datetime, *, not_since: datetime) -> None:
+        account = self._state.service_accounts.get(account_id)
+        if account is not None and (
+            account.last_used_time is None or account.last_used_time < not_since
+        ):
+            self._change(account_id, last_used_time=when)
+
+    def use_assertion(self, digest: str, expire_time: datetime) -> bool:
+        if digest in self._state.used_assertions:
+            return False
+        self._state.used_assertions[digest] = expire_time
+        return True
+
+    def purge_assertions(self, before: datetime, *, limit: int = 1000) -> int:
+        old = [d for d, t in self._state.used_assertions.items() if t < before][:limit]
+        for digest in old:
+            del self._state.used_assertions[digest]
+        return len(old)
 
 
 class FakeUsers:
@@ -163,6 +242,10 @@ class FakeUnitOfWork(SnapshotUnitOfWork[State]):
     @property
     def audit(self) -> FakeAudit:
         return FakeAudit(self._state_or_outage())
+
+    @property
+    def service_accounts(self) -> FakeServiceAccounts:
+        return FakeServiceAccounts(self._state_or_outage())
 
     def commit(self) -> None:
         self._state_or_outage()

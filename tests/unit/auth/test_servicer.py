@@ -14,8 +14,8 @@ from agentplatform.auth.v1 import auth_pb2
 from google.protobuf import message
 from google.rpc import error_details_pb2, status_pb2
 
-from services.auth_svc import SERVICE_NAME
-from services.auth_svc.api.servicer import PUBLIC_METHODS, AuthServicer
+from services.auth_svc import PUBLIC_METHODS, SERVICE_NAME
+from services.auth_svc.api.servicer import AuthServicer
 from shared.rpc.metrics import RpcMetrics
 from shared.rpc.request_path import RequestPath
 from shared.security.tokens import StaticKeyProvider, TokenVerifier
@@ -329,6 +329,15 @@ def test_public_methods_ignore_a_bad_token(client: Client) -> None:
 
 
 def test_exactly_the_documented_methods_are_public() -> None:
-    names = {m.rsplit("/", 1)[1] for m in PUBLIC_METHODS}
-    assert names == {"Register", "Login", "RefreshToken", "Logout", "GetJwks"}
-    assert set(SERVICE.methods_by_name) - names == {"GetCurrentUser", "ChangePassword"}
+    assert {
+        *(
+            f"/agentplatform.auth.v1.AuthService/{name}"
+            for name in ("Register", "Login", "RefreshToken", "Logout", "GetJwks")
+        ),
+        "/agentplatform.auth.v1.TokenService/IssueToken",
+    } == PUBLIC_METHODS
+    public = {m.rsplit("/", 1)[1] for m in PUBLIC_METHODS}
+    assert set(SERVICE.methods_by_name) - public == {"GetCurrentUser", "ChangePassword"}
+    # Every ServiceAccountService method needs a token (an administrator's).
+    accounts = auth_pb2.DESCRIPTOR.services_by_name["ServiceAccountService"]
+    assert not {f"/{accounts.full_name}/{m}" for m in accounts.methods_by_name} & PUBLIC_METHODS

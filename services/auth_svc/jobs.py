@@ -1,0 +1,93 @@
+"""auth_svc's background jobs (shared.data.jobs): what piles up, purged in batches.
+
+auth.refresh_tokens.purge    expired refresh tokens, then sessions left without one
+auth.audit.purge             audit events older than AUTH_AUDIT_RETENTION_DAYS (0: kept)
+auth.assertions.purge        used client-assertion ids whose assertions have expired
+auth.login_attempts.purge    expired failed-login counts of the limiter's fallback
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.auth_svc.repository.purge import (
+    purge_audit_events,
+    purge_empty_families,
+    purge_expired_refresh_tokens,
+    purge_login_attempts,
+    purge_used_assertions,
+)
+from services.auth_svc.settings import AuthSettings
+from shared.config.clock import Clock, SystemClock
+from shared.data.db import make_engine, session_factory
+from shared.data.jobs import Job, Worker, purge_in_batches
+from shared.rpc.observability import Observability
+from shared.rpc.worker import make_worker
+
+__all__ = ["auth_jobs", "build_worker"]
+
+Purge = Callable[[Session, datetime, int], int]
+
+
+def _batches(sessions: sessionmaker[Session], purge: Purge, cutoff: datetime) -> int:
+    def one_batch(limit: int) -> int:
+        with sessions.begin() as session:
+            return purge(session, cutoff, limit)
+
+    return purge_in_batches(one_batch)
+
+
+def auth_jobs(
+    sessions: sessionmaker[Session], *, clock: Clock, audit_retention_days: int
+) -> list[Job]:
+    def refresh_tokens() -> dict[str, int]:
+        now = clock.now()
+        return {
+            "tokens_deleted": _batches(sessions, purge_expired_refresh_tokens, now),
+            "sessions_deleted": _batches(sessions, purge_empty_families, now),
+        }
+
+    def audit() -> dict[str, int]:
+        if audit_retention_days <= 0:
+            return {}
+        before = clock.now() - timedelta(days=audit_retention_days)
+        return {"deleted": _batches(sessions, purge_audit_events, before)}
+
+    def assertions() -> dict[str, int]:
+        return {"deleted": _batches(sessions, purge_used_assertions, clock.now())}
+
+    def login_attempts() -> dict[str, int]:
+        return {"deleted": _batches(sessions, purge_login_attempts, clock.now())}
+
+    return [
+        Job("auth.refresh_tokens.purge", refresh_tokens),
+        Job("auth.audit.purge", audit),
+        Job("auth.assertions.purge", assertions),
+        Job("auth.login_attempts.purge", login_attempts),
+    ]
+
+
+def worker_for(
+    settings: AuthSettings, engine: Engine, observability: Observability, clock: Clock
+) -> Worker:
+    jobs = auth_jobs(
+        session_factory(engine), clock=clock, audit_retention_days=settings.audit_retention_days
+    )
+    return make_worker(jobs, engine=engine, settings=settings.common, observability=observability)
+
+
+def build_worker(settings: AuthSettings) -> tuple[Worker, Observability]:
+    """`python -m services.auth_svc worker`: the jobs on their own engine and metrics."""
+    common = settings.common
+    observability = Observability.from_settings(common)
+    engine = make_engine(
+        common.database_url,
+        pool_size=2,
+        statement_timeout=common.db_statement_timeout_seconds,
+    )
+    observability.watch_pool(engine)
+    return worker_for(settings, engine, observability, SystemClock()), observability
