@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# buf lint (STANDARD) and buf breaking against main (or, on main, the previous commit).
+# buf lint (STANDARD), buf generate (buf.gen.yaml) against the committed code, and buf
+# breaking against main (or, on main, the previous commit).
 # buf comes from the npm package @bufbuild/buf, installed into .tools/.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,6 +22,26 @@ if [ ! -x "$BUF" ] || [ "$("$BUF" --version 2>/dev/null)" != "$BUF_VERSION" ]; t
 fi
 "$BUF" lint
 echo "buf lint: ok"
+
+# buf generate (buf.gen.yaml) must give the committed code: its plugins are grpcio-tools'
+# and mypy-protobuf's, from the dev venv (scripts/test puts it first on PATH).
+VENV_BIN="${AGENTPLATFORM_VENV:-$ROOT/.venv}/bin"
+[ -d "$VENV_BIN" ] && export PATH="$VENV_BIN:$PATH"
+if python -c 'import grpc_tools, mypy_protobuf' 2>/dev/null; then
+  generated="$(mktemp -d)"
+  "$BUF" generate -o "$generated/out" >"$generated/log" 2>&1 || {
+    cat "$generated/log" >&2
+    exit 1
+  }
+  "$BUF" build protos --exclude-imports --as-file-descriptor-set -o "$generated/set.binpb"
+  python scripts/buf_generate_check.py "$generated/out" "$generated/set.binpb"
+  rm -rf "$generated"
+elif [ "${CI:-}" = "true" ]; then
+  echo "error: buf generate needs grpcio-tools and mypy-protobuf (the dev extras)" >&2
+  exit 1
+else
+  echo "skipping buf generate check: grpcio-tools / mypy-protobuf not installed"
+fi
 
 against=""
 branch="$(git rev-parse --abbrev-ref HEAD 2>/dev/null || true)"

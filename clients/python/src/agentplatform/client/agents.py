@@ -1,0 +1,114 @@
+"""AgentsClient: agentplatform.agent.v1.AgentService, typed, errors decoded."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import field_mask_pb2
+
+from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
+from agentplatform.client.errors import decode
+
+__all__ = ["AgentsClient"]
+
+_Response = TypeVar("_Response")
+
+
+def _call(method: Callable[..., _Response], request: Any, timeout: float | None) -> _Response:
+    try:
+        return method(request, timeout=timeout)
+    except grpc.RpcError as rpc_error:
+        raise decode(rpc_error) from rpc_error
+
+
+class AgentsClient:
+    """The agent registry. Use a channel from `connect(target, credentials)`; every
+    method raises an AgentPlatformError subclass on failure (NotFound, Aborted, ...).
+    `timeout` (seconds) overrides the channel's default deadline for one call."""
+
+    def __init__(self, channel: Any) -> None:
+        self._stub = agent_pb2_grpc.AgentServiceStub(channel)
+
+    def create(
+        self,
+        agent: agent_pb2.Agent,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> agent_pb2.Agent:
+        """Creates `agent`. A request_id (a new UUID unless given) makes the create
+        idempotent: the channel's retries, and yours with the same request_id within
+        24 hours, return the first response instead of creating twice."""
+        request = agent_pb2.CreateAgentRequest(
+            agent=agent, request_id=request_id or str(uuid.uuid4())
+        )
+        response: agent_pb2.CreateAgentResponse = _call(self._stub.CreateAgent, request, timeout)
+        return response.agent
+
+    def get(self, agent_id: str, *, timeout: float | None = None) -> agent_pb2.Agent:
+        request = agent_pb2.GetAgentRequest(id=agent_id)
+        response: agent_pb2.GetAgentResponse = _call(self._stub.GetAgent, request, timeout)
+        return response.agent
+
+    def list_pages(
+        self,
+        *,
+        filter: str = "",
+        order_by: str = "",
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[agent_pb2.ListAgentsResponse]:
+        """Every page, fetched as the iteration reaches it (`timeout` per page). A page
+        may hold fewer than page_size agents; only an empty next_page_token ends."""
+        request = agent_pb2.ListAgentsRequest(filter=filter, order_by=order_by, page_size=page_size)
+        while True:
+            page: agent_pb2.ListAgentsResponse = _call(self._stub.ListAgents, request, timeout)
+            yield page
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def list(
+        self,
+        *,
+        filter: str = "",
+        order_by: str = "",
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[agent_pb2.Agent]:
+        """Every agent that matches, page after page (see list_pages)."""
+        for page in self.list_pages(
+            filter=filter, order_by=order_by, page_size=page_size, timeout=timeout
+        ):
+            yield from page.agents
+
+    def update(
+        self,
+        agent: agent_pb2.Agent,
+        paths: Sequence[str],
+        *,
+        etag: str | None = None,
+        timeout: float | None = None,
+    ) -> agent_pb2.Agent:
+        """Sets the fields named by `paths` (e.g. ["description", "metadata"]) to
+        `agent`'s values. The update is conditional on `etag` (default: agent.etag; ""
+        for an unconditional one): a stale etag raises Aborted (ETAG_MISMATCH); read the
+        agent again, then decide."""
+        if not paths:
+            raise ValueError("name the fields to update (paths)")
+        sent = agent_pb2.Agent()
+        sent.CopyFrom(agent)
+        if etag is not None:
+            sent.etag = etag
+        request = agent_pb2.UpdateAgentRequest(
+            agent=sent, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
+        )
+        response: agent_pb2.UpdateAgentResponse = _call(self._stub.UpdateAgent, request, timeout)
+        return response.agent
+
+    def delete(self, agent_id: str, *, etag: str = "", timeout: float | None = None) -> None:
+        """Deletes the agent (only if its etag still is `etag`, when given)."""
+        _call(self._stub.DeleteAgent, agent_pb2.DeleteAgentRequest(id=agent_id, etag=etag), timeout)

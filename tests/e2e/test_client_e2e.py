@@ -1,0 +1,144 @@
+"""agentplatform.client against real auth_svc and agent_svc processes (embedded backend):
+a service account's tokens by client secret, by private_key_jwt and by delegation, the
+typed AgentsClient's whole lifecycle, and the typed errors the servers' statuses become."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from agentplatform.agent.v1 import agent_pb2
+from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
+from agentplatform.client import (
+    Aborted,
+    AgentsClient,
+    ClientSecret,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    client_secret,
+    connect,
+    delegated,
+    private_key_jwt,
+)
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from tests.e2e.test_agent_e2e import ISSUER, TIMEOUT, Stack, new_agent, run_stack
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    yield from run_stack("embedded", tmp_path_factory.mktemp("client-e2e"))
+
+
+def create_account(stack: Stack, *scopes: str) -> auth_pb2.CreateServiceAccountResponse:
+    reply: auth_pb2.CreateServiceAccountResponse = auth_pb2_grpc.ServiceAccountServiceStub(
+        stack.channels[0]
+    ).CreateServiceAccount(
+        auth_pb2.CreateServiceAccountRequest(
+            service_account=auth_pb2.ServiceAccount(
+                display_name=f"client-{uuid.uuid4().hex[:8]}", scopes=list(scopes)
+            )
+        ),
+        metadata=stack.admin().metadata,
+        timeout=TIMEOUT,
+    )
+    return reply
+
+
+def test_a_service_account_manages_agents_with_the_typed_client(stack: Stack) -> None:
+    account = create_account(stack, "agents.read", "agents.write")
+    with (
+        connect(stack.auth.address) as auth,
+        connect(
+            stack.agent.address,
+            client_secret(auth, account.service_account.id, account.client_secret),
+        ) as channel,
+    ):
+        agents = AgentsClient(channel)
+        request_id = str(uuid.uuid4())
+        created = agents.create(new_agent("client-bot"), request_id=request_id)
+        assert created.updated_by == f"serviceAccounts/{account.service_account.id}"
+        # The same request_id: the first response, nothing created twice.
+        assert agents.create(new_agent("client-bot"), request_id=request_id) == created
+        assert agents.get(created.id) == created
+        assert [a.id for a in agents.list(filter='name = "client-bot"', page_size=1)] == [
+            created.id
+        ]
+
+        changed = agent_copy(created, description="now described")
+        updated = agents.update(changed, ["description"])
+        assert updated.description == "now described"
+        with pytest.raises(Aborted) as stale:
+            agents.update(changed, ["description"])  # the first etag again
+        assert stale.value.reason == "ETAG_MISMATCH"
+        assert stale.value.request_id
+
+        with pytest.raises(InvalidArgument) as invalid:
+            agents.create(new_agent(""))
+        assert invalid.value.field_violations
+        agents.delete(created.id, etag=updated.etag)
+        with pytest.raises(NotFound) as gone:
+            agents.get(created.id)
+        assert gone.value.reason == "AGENT_NOT_FOUND"
+
+
+def agent_copy(agent: agent_pb2.Agent, **changes: object) -> agent_pb2.Agent:
+    copy = agent_pb2.Agent()
+    copy.CopyFrom(agent)
+    for name, value in changes.items():
+        setattr(copy, name, value)
+    return copy
+
+
+def test_private_key_jwt_and_a_missing_scope(stack: Stack) -> None:
+    account = create_account(stack, "agents.read")
+    key = ed25519.Ed25519PrivateKey.generate()
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    auth_pb2_grpc.ServiceAccountServiceStub(stack.channels[0]).AddServiceAccountKey(
+        auth_pb2.AddServiceAccountKeyRequest(
+            service_account_id=account.service_account.id, public_key_pem=public_pem.decode()
+        ),
+        metadata=stack.admin().metadata,
+        timeout=TIMEOUT,
+    )
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    with connect(stack.auth.address) as auth:
+        tokens = private_key_jwt(
+            auth, account.service_account.id, audience=ISSUER, private_key_pem=private_pem
+        )
+        with connect(stack.agent.address, tokens) as channel:
+            agents = AgentsClient(channel)
+            assert list(agents.list(page_size=5)) == []
+            with pytest.raises(PermissionDenied) as denied:
+                agents.create(new_agent("not-allowed"))
+            assert denied.value.missing_scope == "agents.write"
+
+        wrong = client_secret(auth, account.service_account.id, "not-the-secret")
+        with pytest.raises(Unauthenticated) as refused:
+            wrong.token()
+        assert refused.value.reason == "INVALID_CLIENT"
+
+
+def test_delegation_acts_for_the_user(stack: Stack) -> None:
+    account = create_account(stack, "agents.read", "agents.write", "delegate")
+    user = stack.new_user()
+    with connect(stack.auth.address) as auth:
+        tokens = delegated(
+            auth,
+            ClientSecret(account.service_account.id, account.client_secret),
+            user.token,
+        )
+        with connect(stack.agent.address, tokens) as channel:
+            created = AgentsClient(channel).create(new_agent("for-the-user"))
+    assert created.owner_id == user.user_id
+    assert created.updated_via == f"serviceAccounts/{account.service_account.id}"
