@@ -1,9 +1,11 @@
-"""Create an admin account: `python -m services.auth_svc.cli --email X [--display-name Y]`.
+"""Create an admin account: `python -m services.auth_svc.cli --email X [--display-name Y]`,
+or promote an existing user: `… --email X --promote`.
 
 Installed as the console script `agentplatform-create-admin`; made to run as a Kubernetes Job.
 
-- Settings are the server's own: the AUTH_* variables, hence the same database (and, in the
-  prod profile, the same required secrets). `--migrate` applies the auth migrations first;
+- Settings are the server's AUTH_* variables, of which it reads only what it uses: the
+  database URL (with the profile, the password policy and logging). No signing key, no
+  client-secret key, no Redis, no TLS. `--migrate` applies the auth migrations first;
   without it the schema must already exist (the server or the migration Job made it).
 - The password comes from AUTH_ADMIN_PASSWORD, or from the file named by
   AUTH_ADMIN_PASSWORD_FILE (a mounted Secret; one trailing newline is dropped), or else from
@@ -11,8 +13,10 @@ Installed as the console script `agentplatform-create-admin`; made to run as a K
   arguments show up in `ps`, shell history and Job specs, so `--password` is refused.
 - Idempotent for re-run Jobs: if the account exists and already has the admin role, nothing
   changes (the stored password is left alone) and the exit code is 0. If it exists without
-  the admin role the command fails: anyone may register an address, and promoting that
-  account would hand the admin role to whoever registered it first.
+  the admin role the command fails unless `--promote` says to promote it: anyone may
+  register an address, and promoting that account by accident would hand the admin role
+  to whoever registered it first. `--promote` changes only the roles (no password is read)
+  and is audited (`user_updated`, actor `operator:create-admin`).
 
 A usage error names the options it is about but never an argument value: a password typed
 on the command line by mistake (`--email x@y secret`) is shown as "<value hidden>".
@@ -28,6 +32,7 @@ import getpass
 import os
 import re
 import sys
+import time
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn, TextIO
@@ -35,14 +40,19 @@ from typing import NoReturn, TextIO
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from services.auth_svc.bootstrap import build_app
-from services.auth_svc.domain import ADMIN, User
+from services.auth_svc.domain import ADMIN, USER, AuditEvent, AuditKind, User
+from services.auth_svc.infra.hashing import HashPool
+from services.auth_svc.infra.limiter import InMemoryLoginLimiter
+from services.auth_svc.infra.passwords import Argon2PasswordHasher
 from services.auth_svc.repository.sql import SqlAuthUnitOfWork
+from services.auth_svc.service.auth_service import AuthPolicy, AuthService
+from services.auth_svc.service.ports import PasswordHasher
 from services.auth_svc.service.validation import normalize_email
 from services.auth_svc.settings import AuthSettings, load_auth_settings
+from shared.config.clock import SystemClock
 from shared.config.settings import ConfigError
 from shared.data import migrations
-from shared.data.db import session_factory
+from shared.data.db import make_engine, session_factory
 from shared.rpc.errors import AlreadyExists, DomainError
 from shared.rpc.logs import configure_logging
 
@@ -114,6 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--migrate", action="store_true", help="apply the auth migrations before creating"
     )
+    parser.add_argument(
+        "--promote",
+        action="store_true",
+        help="give an existing user the admin role (no password is read or changed)",
+    )
     return parser
 
 
@@ -163,25 +178,91 @@ def _strip_line_end(text: str) -> str:
     return text.split("\n", 1)[0].removesuffix("\r")
 
 
-def create_admin(settings: AuthSettings, *, email: str, display_name: str, password: str) -> str:
+ACTOR = "operator:create-admin"
+
+
+def create_admin(
+    settings: AuthSettings,
+    *,
+    email: str,
+    display_name: str,
+    password: str,
+    hasher: PasswordHasher | None = None,
+) -> str:
     """Creates the admin (or finds it already there); returns what happened, for the operator."""
-    app = build_app(settings)
+    engine = make_engine(settings.common.database_url, pool_size=2)
+    pool = None
+    if hasher is None:
+        pool = HashPool(concurrency=1, queue=1)
+        hasher = Argon2PasswordHasher(pool)
     try:
+        service = AuthService(
+            uow=lambda: SqlAuthUnitOfWork(session_factory(engine)),
+            hasher=hasher,
+            limiter=InMemoryLoginLimiter(
+                max_failures=1, lockout_seconds=1, monotonic=time.monotonic
+            ),
+            tokens=None,  # registers only: issues no token
+            clock=SystemClock(),
+            policy=AuthPolicy(password_min_length=settings.password_min_length),
+        )
         try:
-            user = app.service.register(
+            user = service.register(
                 email=email, password=password, display_name=display_name, admin=True
             )
         except AlreadyExists:
-            existing = _user_by_email(app.engine, email)
+            existing = _user_by_email(engine, email)
             if existing is None or ADMIN not in existing.roles:
                 raise CliError(
                     f"{normalize_email(email)} exists without the admin role; not promoting "
-                    "an account that anyone could have registered"
+                    "an account that anyone could have registered (--promote does, if you "
+                    "mean it)"
                 ) from None
             return f"{existing.email} is already an admin (id {existing.id}); nothing changed"
         return f"created admin {user.email} (id {user.id})"
     finally:
-        app.close()
+        if pool is not None:
+            pool.close()
+        engine.dispose()
+
+
+def promote(settings: AuthSettings, *, email: str) -> str:
+    """Gives an existing user the admin role (their tokens carry the new role once renewed)."""
+    engine = make_engine(settings.common.database_url, pool_size=2)
+    try:
+        with SqlAuthUnitOfWork(session_factory(engine)) as uow:
+            found = uow.users.get_by_email(normalize_email(email))
+            user = uow.users.lock(found.id) if found is not None else None
+            if user is None:
+                raise CliError(f"no user {normalize_email(email)} to promote")
+            if ADMIN in user.roles:
+                return f"{user.email} is already an admin (id {user.id}); nothing changed"
+            now = SystemClock().now()
+            promoted = User(
+                id=user.id,
+                email=user.email,
+                display_name=user.display_name,
+                roles=(USER, ADMIN),
+                disabled=user.disabled,
+                password_hash=user.password_hash,
+                create_time=user.create_time,
+                update_time=now,
+            )
+            uow.users.save(promoted)
+            uow.audit.record(
+                AuditEvent(
+                    kind=AuditKind.USER_UPDATED,
+                    time=now,
+                    user_id=user.id,
+                    email=user.email,
+                    detail={"fields": "roles", "roles": "user,admin"},
+                    actor=ACTOR,
+                )
+            )
+            uow.commit()
+        return f"promoted {user.email} (id {user.id}) to admin"
+    finally:
+        engine.dispose()
 
 
 def _user_by_email(engine: Engine, email: str) -> User | None:
@@ -201,18 +282,21 @@ def run(argv: Sequence[str], env: Mapping[str, str], stdin: TextIO, stdout: Text
     _refuse_password_arguments(argv)
     args = _parse(argv)
     try:
-        settings = load_auth_settings(env)
+        settings = load_auth_settings(env, role="cli")
     except ConfigError as exc:
         raise CliError(str(exc)) from None
-    password = read_password(env, stdin)
+    password = "" if args.promote else read_password(env, stdin)
     common = settings.common
     configure_logging(service="auth-create-admin", level=common.log_level, fmt=common.log_format)
     try:
         if args.migrate:
             migrations.upgrade("auth", common.database_url)
-        outcome = create_admin(
-            settings, email=args.email, display_name=args.display_name, password=password
-        )
+        if args.promote:
+            outcome = promote(settings, email=args.email)
+        else:
+            outcome = create_admin(
+                settings, email=args.email, display_name=args.display_name, password=password
+            )
     except DomainError as exc:
         raise CliError(exc.message) from None
     except SQLAlchemyError as exc:

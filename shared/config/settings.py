@@ -25,10 +25,11 @@ __all__ = [
 ]
 
 Profile = Literal["dev", "prod"]
-Role = Literal["serve", "worker", "migrate"]
-"""What the process is for: serving gRPC, running the background jobs (`worker`), or
-applying migrations. A role checks only what it uses: a migration Job needs the database
-URL and nothing else, a worker serves no gRPC and needs no TLS."""
+Role = Literal["serve", "worker", "migrate", "cli"]
+"""What the process is for: serving gRPC, running the background jobs (`worker`), applying
+migrations, or an operator's command (`cli`: create-admin). A role checks only what it
+uses: a migration Job needs the database URL and nothing else; a worker or a command
+serves no gRPC and needs no TLS, Redis or keys."""
 
 
 class ConfigError(ValueError):

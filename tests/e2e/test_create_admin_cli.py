@@ -236,9 +236,51 @@ def test_refuses_to_promote_an_existing_plain_user(
         app.close()
     outcome = cli(["--email", "taken@example.com"], AUTH_ADMIN_PASSWORD=PASSWORD)
     assert_clean_failure(outcome, "exists without the admin role")
+    assert "--promote" in outcome.err
     user = stored_user(sqlite_url, "taken@example.com")
     assert user is not None
     assert user.roles == (USER,)
+
+
+def test_promote_gives_an_existing_user_the_admin_role_and_audits_it(
+    cli: Callable[..., Outcome], sqlite_url: str
+) -> None:
+    app = build_app(load_auth_settings(os.environ), hasher=FakeHasher())
+    try:
+        app.service.register(
+            email="ops@example.com", password="their own password", display_name=""
+        )
+    finally:
+        app.close()
+    before = stored_user(sqlite_url, "ops@example.com")
+    outcome = cli(["--email", "OPS@example.com", "--promote"])  # no password asked for
+    assert outcome.code == 0, outcome.err
+    assert "promoted ops@example.com" in outcome.out
+    user = stored_user(sqlite_url, "ops@example.com")
+    assert user is not None
+    assert before is not None
+    assert set(user.roles) == {USER, ADMIN}
+    assert user.password_hash == before.password_hash
+    again = cli(["--email", "ops@example.com", "--promote"])
+    assert again.code == 0
+    assert "already an admin" in again.out
+    engine = make_engine(sqlite_url, pool_size=1)
+    try:
+        with SqlAuthUnitOfWork(session_factory(engine)) as uow:
+            (event,) = uow.audit.page(user_id=user.id, kind="user_updated", limit=10)
+    finally:
+        engine.dispose()
+    assert event.actor == "operator:create-admin"
+    assert event.detail == {"fields": "roles", "roles": "user,admin"}
+
+
+def test_in_prod_it_needs_only_the_database(cli: Callable[..., Outcome], sqlite_url: str) -> None:
+    """No signing key, client-secret key, Redis or TLS: what the serving process needs.
+    (SQLite is refused in prod, so the database check itself is what fails here.)"""
+    outcome = cli(["--email", "a@example.com"], AUTH_PROFILE="prod", AUTH_ADMIN_PASSWORD=PASSWORD)
+    assert_clean_failure(outcome, "AUTH_DATABASE_URL must be PostgreSQL in prod")
+    for needless in ("SIGNING_KEY", "CLIENT_SECRET_KEY", "REDIS_URL", "TLS"):
+        assert needless not in outcome.err
 
 
 @pytest.mark.parametrize(
@@ -253,7 +295,12 @@ def test_refuses_to_promote_an_existing_plain_user(
             {"AUTH_ADMIN_PASSWORD": PASSWORD},
             "unrecognized arguments: <value hidden>",
         ),
-        (["--email", "a@example.com"], {"AUTH_PROFILE": "prod"}, "AUTH_REDIS_URL is required"),
+        (
+            ["--email", "a@example.com"],
+            {"AUTH_PROFILE": "prod", "AUTH_DATABASE_URL": ""},
+            "AUTH_DATABASE_URL is required",
+        ),
+        (["--email", "nobody@example.com", "--promote"], {}, "no user nobody@example.com"),
         (
             ["--email", "a@example.com"],
             {"AUTH_ADMIN_PASSWORD": PASSWORD, "AUTH_ADMIN_PASSWORD_FILE": "/x"},
@@ -281,3 +328,20 @@ def test_a_missing_schema_suggests_migrate(tmp_path: Path, cli: Callable[..., Ou
         ).code
         == 0
     )
+
+
+def test_in_prod_the_database_url_is_enough(postgres_url: str) -> None:
+    done = run_cli(
+        ["--email", "root@example.com", "--migrate"],
+        {
+            "AUTH_PROFILE": "prod",
+            "AUTH_DATABASE_URL": postgres_url,
+            "AUTH_ADMIN_PASSWORD": PASSWORD,
+            "AUTH_LOG_FORMAT": "text",
+        },
+    )
+    assert done.returncode == 0, done.stderr
+    assert "created admin root@example.com" in done.stdout
+    user = stored_user(postgres_url, "root@example.com")
+    assert user is not None
+    assert ADMIN in user.roles

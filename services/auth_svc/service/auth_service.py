@@ -86,7 +86,7 @@ class AuthService:
         uow: Callable[[], AuthUnitOfWork],
         hasher: PasswordHasher,
         limiter: LoginLimiter,
-        tokens: TokenIssuer,
+        tokens: TokenIssuer | None,
         clock: Clock,
         policy: AuthPolicy,
         on_login: LoginObserver | None = None,
@@ -197,9 +197,8 @@ class AuthService:
                 return False
             uow.refresh_tokens.revoke_user_families(user.id, now)
             # The access tokens issued with the old password stop working too.
-            revoke_tokens(
-                uow, str(user.id), now, token_lifetime_seconds=self._tokens.access_token_ttl_seconds
-            )
+            lifetime = self._tokens.access_token_ttl_seconds if self._tokens is not None else 0
+            revoke_tokens(uow, str(user.id), now, token_lifetime_seconds=lifetime)
             self._audit(uow, AuditKind.PASSWORD_CHANGED, user_id=user.id)
             uow.commit()
         return True
@@ -354,7 +353,7 @@ class AuthService:
 
     def jwks(self) -> list[dict[str, str]]:
         """The public keys that verify access tokens."""
-        return self._tokens.public_jwks()
+        return self._tokens.public_jwks() if self._tokens is not None else []
 
     def _new_refresh_token(self, uow: AuthUnitOfWork, family: uuid.UUID, user_id: uuid.UUID) -> str:
         value = secrets.token_urlsafe(32)
@@ -372,6 +371,8 @@ class AuthService:
         return value
 
     def _issue(self, user: User, refresh_token: str) -> IssuedTokens:
+        if self._tokens is None:
+            raise RuntimeError("this AuthService was built to register only: it issues no token")
         return IssuedTokens(
             access_token=self._tokens.issue_access_token(user),
             refresh_token=refresh_token,
