@@ -108,6 +108,12 @@ def _jwks_keys(
     revocations come over the same channel (shared.security.revocations)."""
     channel = _auth_channel(settings)
     closers.add(channel.close)
+    keys = JwksKeyProvider(
+        grpc_jwks_fetcher(observability.instrument_channel(channel)),
+        cooldown_seconds=settings.jwks_cooldown_seconds,
+        clock=clock,
+        on_fetch=observability.metrics.jwks_fetch,
+    )
     poller = RevocationPoller(
         grpc_revocation_fetch(observability.instrument_channel(channel)),
         revocations,
@@ -115,17 +121,12 @@ def _jwks_keys(
         token_lifetime_seconds=REMEMBER_REVOCATIONS_SECONDS,
         clock=clock,
         on_poll=observability.metrics.revocation_poll,
-    )
-    poller.start()
-    closers.add(poller.stop)
-    keys = JwksKeyProvider(
-        grpc_jwks_fetcher(observability.instrument_channel(channel)),
-        cooldown_seconds=settings.jwks_cooldown_seconds,
-        clock=clock,
-        on_fetch=observability.metrics.jwks_fetch,
+        on_revoked_kids=keys.revoke,
     )
     keys.start_background_refresh()
     closers.add(keys.close)
+    poller.start()
+    closers.add(poller.stop)
     return keys
 
 

@@ -6,6 +6,7 @@ SERVICE_ACCOUNT_SERVICE_NAME = "agentplatform.auth.v1.ServiceAccountService"
 USER_SERVICE_NAME = "agentplatform.auth.v1.UserService"
 SESSION_SERVICE_NAME = "agentplatform.auth.v1.SessionService"
 AUDIT_SERVICE_NAME = "agentplatform.auth.v1.AuditService"
+SIGNING_KEY_SERVICE_NAME = "agentplatform.auth.v1.SigningKeyService"
 SERVICE_NAMES = (
     SERVICE_NAME,
     TOKEN_SERVICE_NAME,
@@ -13,6 +14,7 @@ SERVICE_NAMES = (
     USER_SERVICE_NAME,
     SESSION_SERVICE_NAME,
     AUDIT_SERVICE_NAME,
+    SIGNING_KEY_SERVICE_NAME,
 )
 # The methods anyone may call without a token (each limited per client address instead),
 # by short name (the names AUTH_RATE_LIMITS uses) and by full name.

@@ -10,14 +10,21 @@ from typing import Any
 import redis
 from agentplatform.auth.v1 import auth_pb2_grpc
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.auth_svc import PUBLIC_METHODS, SERVICE_NAMES
-from services.auth_svc.api.admin import AuditServicer, SessionServicer, UserServicer
+from services.auth_svc.api.admin import (
+    AuditServicer,
+    SessionServicer,
+    SigningKeyServicer,
+    UserServicer,
+)
 from services.auth_svc.api.service_accounts import ServiceAccountServicer, TokenServicer
 from services.auth_svc.api.servicer import AuthServicer
 from services.auth_svc.api.well_known import JWKS_PATH, jwks_route
 from services.auth_svc.infra.hashing import HashPool
-from services.auth_svc.infra.keys import KeyRing, load_or_create_dev_key
+from services.auth_svc.infra.keys import PEM_BLOCK
+from services.auth_svc.infra.keystore import DatabaseKeyRing, KeyEncryption, KeyFactory
 from services.auth_svc.infra.limiter import (
     InMemoryLoginLimiter,
     RedisLoginLimiter,
@@ -35,7 +42,12 @@ from services.auth_svc.service.service_accounts import (
     ServiceAccountAdmin,
     TokenEndpoint,
 )
-from services.auth_svc.settings import AuthSettings, load_or_create_dev_secret
+from services.auth_svc.service.signing_keys import SigningKeyAdmin
+from services.auth_svc.settings import (
+    AuthSettings,
+    load_or_create_dev_kek,
+    load_or_create_dev_secret,
+)
 from shared.config.clock import Clock, SystemClock
 from shared.data.db import make_engine, ping, session_factory, single_statement_sessions
 from shared.data.redis_client import make_redis
@@ -48,7 +60,7 @@ from shared.rpc.server import RunningServer, create_server
 from shared.rpc.tracing import Tracing
 from shared.rpc.worker import attach_in_process
 from shared.security.revocations import RevocationPoller, Revocations
-from shared.security.tokens import StaticKeyProvider, TokenVerifier
+from shared.security.tokens import TokenVerifier
 
 __all__ = ["AuthApp", "build_app", "build_server", "request_path_for"]
 
@@ -64,7 +76,9 @@ class AuthApp:
     engine: Engine
     service: AuthService
     verifier: TokenVerifier
-    keys: KeyRing
+    keys: DatabaseKeyRing
+    signing_keys: SigningKeyAdmin
+    clock: Clock
     tokens: TokenEndpoint
     service_accounts: ServiceAccountAdmin
     users: UserAdmin
@@ -110,6 +124,57 @@ def _limiter(
     )
 
 
+def _signing_keys(
+    settings: AuthSettings, sessions: Any, clock: Clock, closers: Closers
+) -> tuple[DatabaseKeyRing, SigningKeyAdmin]:
+    """The signing keys from the database (made or imported on the first start), reloaded
+    every few seconds. If the database does not answer at start, the service starts
+    without keys (not ready; tokens cannot be issued or checked) and keeps trying."""
+    keks = settings.key_encryption_keys or load_or_create_dev_kek(settings.common.data_dir)
+    encryption = KeyEncryption(keks)
+
+    def load() -> list[Any]:
+        with SqlAuthUnitOfWork(sessions) as uow:
+            return uow.signing_keys.all()
+
+    admin: SigningKeyAdmin | None = None
+
+    def prepare() -> None:
+        assert admin is not None
+        outcome = admin.ensure(
+            signing_pem=settings.signing_key_pem,
+            verify_pems=PEM_BLOCK.findall(settings.verify_keys_pem or ""),
+        )
+        _log.info("signing keys: %s", outcome)
+
+    ring = DatabaseKeyRing(
+        load,
+        encryption,
+        prepare=prepare,
+        issuer=settings.issuer,
+        audience=settings.audience,
+        access_token_ttl_seconds=settings.access_token_ttl_seconds,
+        clock=clock,
+    )
+    admin = SigningKeyAdmin(
+        uow=lambda: SqlAuthUnitOfWork(sessions),
+        keys=KeyFactory(encryption),
+        reload=ring.reload,
+        clock=clock,
+        publish_ahead_seconds=settings.key_publish_ahead_seconds,
+        token_lifetime_seconds=settings.access_token_ttl_seconds,
+        rotation_days=settings.key_rotation_days,
+    )
+    try:
+        prepare()
+        ring.reload()
+    except SQLAlchemyError as exc:
+        _log.warning("signing keys: the database did not answer (%s); retrying", exc)
+    ring.start()
+    closers.add(ring.stop)
+    return ring, admin
+
+
 def build_app(
     settings: AuthSettings,
     *,
@@ -125,17 +190,6 @@ def build_app(
     metrics = observability.metrics
     closers = Closers()
     closers.add(observability.close)
-    signing_key = settings.signing_key_pem
-    if signing_key is None:  # only possible in the dev profile (settings enforce it)
-        signing_key = load_or_create_dev_key(common.data_dir)
-    keys = KeyRing(
-        signing_key_pem=signing_key,
-        verify_keys_pem=settings.verify_keys_pem,
-        issuer=settings.issuer,
-        audience=settings.audience,
-        access_token_ttl_seconds=settings.access_token_ttl_seconds,
-        clock=clock,
-    )
     engine = make_engine(
         common.database_url,
         pool_size=common.db_pool_size,
@@ -144,6 +198,7 @@ def build_app(
     closers.add(engine.dispose)
     observability.watch_pool(engine)
     sessions = session_factory(engine)
+    keys, key_admin = _signing_keys(settings, sessions, clock, closers)
     client = make_redis(common.redis_url) if common.redis_url else None
     if client is not None:
         closers.add(client.close)
@@ -169,7 +224,7 @@ def build_app(
     # tokens the token exchange takes), polling its own database.
     revocations = Revocations()
     verifier = TokenVerifier(
-        StaticKeyProvider(keys.verification_keys),
+        keys,
         issuer=settings.issuer,
         audience=settings.audience,
         clock=clock,
@@ -215,11 +270,18 @@ def build_app(
     for grant in ("client_credentials", "token_exchange"):
         metrics.declare(metrics.tokens_issued, (grant, "issued"), (grant, "refused"))
     lifetime = settings.access_token_ttl_seconds
-    feed = RevocationFeed(uow=lambda: SqlAuthUnitOfWork(single_reads), clock=clock)
+    feed = RevocationFeed(
+        uow=lambda: SqlAuthUnitOfWork(single_reads),
+        clock=clock,
+        revoked_kids=key_admin.revoked_kids,
+    )
 
-    def local_fetch(since: datetime | None) -> tuple[list[tuple[str, datetime]], datetime]:
+    def local_fetch(
+        since: datetime | None,
+    ) -> tuple[list[tuple[str, datetime]], datetime, list[str]]:
         found, now = feed.since(since)
-        return [(r.subject, r.not_before) for r in found], now
+        # Revoked signing keys: this service's ring drops them by itself.
+        return [(r.subject, r.not_before) for r in found], now, []
 
     poller = RevocationPoller(
         local_fetch,
@@ -240,6 +302,8 @@ def build_app(
         service=service,
         verifier=verifier,
         keys=keys,
+        signing_keys=key_admin,
+        clock=clock,
         tokens=tokens,
         service_accounts=admin,
         users=UserAdmin(uow=uow, limiter=limiter, clock=clock, token_lifetime_seconds=lifetime),
@@ -269,6 +333,9 @@ def _register(app: AuthApp, registrar: Any) -> None:
     auth_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(app.users), registrar)
     auth_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(app.sessions), registrar)
     auth_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(app.audit), registrar)
+    auth_pb2_grpc.add_SigningKeyServiceServicer_to_server(
+        SigningKeyServicer(app.signing_keys, app.clock), registrar
+    )
     auth_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(app.tokens), registrar)
     auth_pb2_grpc.add_ServiceAccountServiceServicer_to_server(
         ServiceAccountServicer(app.service_accounts), registrar
@@ -276,17 +343,17 @@ def _register(app: AuthApp, registrar: Any) -> None:
 
 
 def build_server(app: AuthApp) -> RunningServer:
-    """A bound server for the app (port 0 in settings picks a free one). Ready as soon as it
-    serves: the keys are its own, and a database outage must not take every replica out of
-    its Service (GetJwks and token checks need no database). The database's state is the
-    named health service "database"."""
+    """A bound server for the app (port 0 in settings picks a free one). Ready once its
+    signing keys are loaded (from the database, at start): after that a database outage
+    does not take it out of its Service (GetJwks and token checks need no database). The
+    database's state is the named health service "database"."""
     running = create_server(
         app.settings.common,
         register=lambda registrar: _register(app, registrar),
         service_names=list(SERVICE_NAMES),
         request_path=request_path_for(app),
         interceptors=app.observability.server_interceptors(),
-        is_ready=lambda: True,
+        is_ready=app.keys.available,
         dependencies={"database": lambda: ping(app.engine)},
     )
     app.observability.attach(running)

@@ -20,6 +20,7 @@ __all__ = [
     "Revocation",
     "ServiceAccount",
     "Session",
+    "SigningKeyRecord",
     "User",
 ]
 
@@ -117,6 +118,8 @@ class AuditKind(StrEnum):
     USER_UNLOCKED = "user_unlocked"
     SESSION_REVOKED = "session_revoked"
     SESSIONS_REVOKED = "sessions_revoked"
+    SIGNING_KEY_CREATED = "signing_key_created"
+    SIGNING_KEY_REVOKED = "signing_key_revoked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,3 +159,33 @@ class Revocation:
     subject: str
     not_before: datetime
     create_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKeyRecord:
+    """A key that signs access tokens, its private part encrypted (`private_blob` under the
+    key-encryption key `kek_id`). Its state follows from its times (see `state`)."""
+
+    kid: str
+    alg: str
+    public_pem: str
+    private_blob: bytes
+    kek_id: str
+    create_time: datetime
+    activate_time: datetime
+    remove_time: datetime | None = None
+    revoke_time: datetime | None = None
+
+    def state(self, now: datetime, signer: str | None) -> str:
+        """next, active, retired, removed or revoked; `signer`: the kid that signs now."""
+        if self.revoke_time is not None:
+            return "revoked"
+        if self.remove_time is not None and self.remove_time <= now:
+            return "removed"
+        if self.activate_time > now:
+            return "next"
+        return "active" if self.kid == signer else "retired"
+
+    def published(self, now: datetime) -> bool:
+        """In the JWKS: not revoked, not yet removed (a next key is published ahead)."""
+        return self.revoke_time is None and (self.remove_time is None or self.remove_time > now)

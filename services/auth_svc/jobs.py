@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.auth_svc.infra.keystore import KeyEncryption, KeyFactory
 from services.auth_svc.repository.purge import (
     purge_audit_events,
     purge_empty_families,
@@ -22,7 +23,9 @@ from services.auth_svc.repository.purge import (
     purge_revocations,
     purge_used_assertions,
 )
-from services.auth_svc.settings import AuthSettings
+from services.auth_svc.repository.sql import SqlAuthUnitOfWork
+from services.auth_svc.service.signing_keys import SigningKeyAdmin
+from services.auth_svc.settings import AuthSettings, load_or_create_dev_kek
 from shared.config.clock import Clock, SystemClock
 from shared.data.db import make_engine, session_factory
 from shared.data.jobs import Job, Worker, purge_in_batches
@@ -43,7 +46,11 @@ def _batches(sessions: sessionmaker[Session], purge: Purge, cutoff: datetime) ->
 
 
 def auth_jobs(
-    sessions: sessionmaker[Session], *, clock: Clock, audit_retention_days: int
+    sessions: sessionmaker[Session],
+    *,
+    clock: Clock,
+    audit_retention_days: int,
+    signing_keys: SigningKeyAdmin | None = None,
 ) -> list[Job]:
     def refresh_tokens() -> dict[str, int]:
         now = clock.now()
@@ -73,14 +80,33 @@ def auth_jobs(
         Job("auth.assertions.purge", assertions),
         Job("auth.login_attempts.purge", login_attempts),
         Job("auth.revocations.purge", revocations),
+        *(
+            [Job("auth.signing_keys.maintain", signing_keys.maintain)]
+            if signing_keys is not None
+            else []
+        ),
     ]
 
 
 def worker_for(
     settings: AuthSettings, engine: Engine, observability: Observability, clock: Clock
 ) -> Worker:
+    sessions = session_factory(engine)
+    keks = settings.key_encryption_keys or load_or_create_dev_kek(settings.common.data_dir)
+    signing_keys = SigningKeyAdmin(
+        uow=lambda: SqlAuthUnitOfWork(sessions),
+        keys=KeyFactory(KeyEncryption(keks)),
+        reload=lambda: None,  # the servers reload on their own within seconds
+        clock=clock,
+        publish_ahead_seconds=settings.key_publish_ahead_seconds,
+        token_lifetime_seconds=settings.access_token_ttl_seconds,
+        rotation_days=settings.key_rotation_days,
+    )
     jobs = auth_jobs(
-        session_factory(engine), clock=clock, audit_retention_days=settings.audit_retention_days
+        sessions,
+        clock=clock,
+        audit_retention_days=settings.audit_retention_days,
+        signing_keys=signing_keys,
     )
     return make_worker(jobs, engine=engine, settings=settings.common, observability=observability)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 from collections.abc import Mapping
@@ -10,10 +11,16 @@ from pathlib import Path
 
 from services.auth_svc import PUBLIC_METHOD_NAMES
 from services.auth_svc.infra.keys import key_material_problems
+from services.auth_svc.infra.keystore import parse_keks
 from shared.config.settings import CommonSettings, EnvReader, Role, load_common
 from shared.rpc.ratelimit import Limit, parse_limits
 
-__all__ = ["AuthSettings", "load_auth_settings", "load_or_create_dev_secret"]
+__all__ = [
+    "AuthSettings",
+    "load_auth_settings",
+    "load_or_create_dev_kek",
+    "load_or_create_dev_secret",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +42,10 @@ class AuthSettings:
     client_secret_key: bytes | None
     client_failure_limit: Limit
     audit_retention_days: int
+    key_encryption_keys: dict[str, bytes] | None
+    """None only in the dev profile (bootstrap then makes one in the data folder)."""
+    key_rotation_days: float
+    key_publish_ahead_seconds: float
 
 
 # Per client address, for the public methods: RATE calls per second sustained, BURST at once.
@@ -45,6 +56,7 @@ DEFAULT_RATE_LIMITS = (
 DEFAULT_CLIENT_FAILURE_LIMIT = "0.2/5"
 MIN_CLIENT_SECRET_KEY = 32
 DEV_CLIENT_SECRET_KEY_FILE = "auth-client-secret-key"
+DEV_KEK_FILE = "auth-key-encryption-key"
 
 
 def _client_secret_key(
@@ -80,6 +92,39 @@ def load_or_create_dev_secret(data_dir: Path) -> bytes:
             with os.fdopen(fd, "w") as out:
                 out.write(secrets.token_urlsafe(48))
     return path.read_text().strip().encode()
+
+
+def _key_encryption_keys(
+    reader: EnvReader, common: CommonSettings, *, required: bool
+) -> dict[str, bytes] | None:
+    """`AUTH_KEY_ENCRYPTION_KEYS`: `id:base64key,…` (32 bytes each; the first encrypts)."""
+    text = reader.secret("KEY_ENCRYPTION_KEYS")
+    if text is None:
+        if common.profile == "prod" and required:
+            reader.require(
+                "KEY_ENCRYPTION_KEYS", "in the prod profile (or AUTH_KEY_ENCRYPTION_KEYS_FILE)"
+            )
+        return None
+    try:
+        return parse_keks(text)
+    except ValueError as exc:
+        reader.problems.append(f"{reader.name('KEY_ENCRYPTION_KEYS')}: {exc}")
+        return None
+
+
+def load_or_create_dev_kek(data_dir: Path) -> dict[str, bytes]:
+    """The dev profile's key-encryption key: made once in the data folder, then reused."""
+    path = data_dir / DEV_KEK_FILE
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process of the dev setup made it first
+        else:
+            with os.fdopen(fd, "w") as out:
+                out.write("dev:" + base64.b64encode(secrets.token_bytes(32)).decode())
+    return parse_keks(path.read_text().strip())
 
 
 def _client_failure_limit(reader: EnvReader) -> Limit:
@@ -119,11 +164,10 @@ def load_auth_settings(env: Mapping[str, str], role: Role = "serve") -> AuthSett
         reader, service="auth", default_port=50051, default_metrics_port=9101, role=role
     )
     serving = role == "serve"
-    # Key material is read only to serve (the worker signs nothing; its files need not be
-    # mounted in its pod).
+    # The keys live in the database (encrypted under the KEKs); an environment key is
+    # imported on the first start only. Read only to serve (its files need not be mounted
+    # in the worker's pod).
     signing_key = reader.secret("SIGNING_KEY") if serving else None
-    if signing_key is None and common.profile == "prod" and serving:
-        reader.require("SIGNING_KEY", "in the prod profile (or AUTH_SIGNING_KEY_FILE)")
     # Dedicated low-priority hashing threads (argon2id: tens of ms of a core, 19 MiB each).
     hash_concurrency = reader.integer("HASH_CONCURRENCY", 2, minimum=1)
     settings = AuthSettings(
@@ -150,6 +194,11 @@ def load_auth_settings(env: Mapping[str, str], role: Role = "serve") -> AuthSett
         client_failure_limit=_client_failure_limit(reader),
         # Audit events older than this are purged by the worker; 0 keeps them forever.
         audit_retention_days=reader.integer("AUDIT_RETENTION_DAYS", 365, minimum=0),
+        key_encryption_keys=_key_encryption_keys(reader, common, required=role != "cli"),
+        key_rotation_days=reader.number("KEY_ROTATION_DAYS", 30.0, minimum=0.0),
+        # Longer than verifiers take to see a new key in the JWKS (agent_svc refetches it
+        # every 5 minutes): 10 minutes.
+        key_publish_ahead_seconds=reader.number("KEY_PUBLISH_AHEAD_SECONDS", 600.0, minimum=0.0),
     )
     reader.problems += key_material_problems(settings.signing_key_pem, settings.verify_keys_pem)
     if settings.password_min_length > 128:

@@ -102,6 +102,7 @@ class JwksKeyProvider:
         self._ever_succeeded = False
         self._last_fetch_ok = False
         self._generation = 0
+        self._revoked: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -141,6 +142,21 @@ class JwksKeyProvider:
     def kids(self) -> frozenset[str]:
         """The ids of the keys currently trusted."""
         return frozenset(self._keys)
+
+    def revoke(self, kids: list[str]) -> None:
+        """Keys revoked at the source: dropped now (their tokens refused, remembered ones
+        included) and never taken back from a fetch (a replica of the source may still
+        publish one for a moment)."""
+        new = set(kids) - self._revoked
+        if not new:
+            return
+        with self._fetch_lock:
+            self._revoked |= new
+            dropped = new & self._keys.keys()
+            if dropped:
+                self._keys = {k: v for k, v in self._keys.items() if k not in self._revoked}
+                self._generation += 1
+                _log.warning("signing keys revoked, their tokens refused: %s", sorted(dropped))
 
     def refresh(self) -> bool:
         """Fetch now (regardless of the cooldown); True if the key set was replaced."""
@@ -194,7 +210,8 @@ class JwksKeyProvider:
             except Exception as exc:
                 _log.warning("skipping an unusable JWK (kid %r): %s", jwk.get("kid"), exc)
                 continue
-            keys.setdefault(key.kid, key)
+            if key.kid not in self._revoked:
+                keys.setdefault(key.kid, key)
         if not keys:
             # An auth service always publishes its signing key: an empty (or entirely
             # unusable) set is a fault, not a revocation of every key.

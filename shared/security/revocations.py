@@ -32,9 +32,11 @@ __all__ = ["RevocationFetch", "RevocationPoller", "Revocations", "grpc_revocatio
 
 _log = logging.getLogger(__name__)
 
-RevocationFetch = Callable[[datetime | None], tuple[list[tuple[str, datetime]], datetime]]
-"""Revocations (subject, not_before) recorded since a moment (None: all in force), and the
-source's clock when it answered."""
+RevocationFetch = Callable[
+    [datetime | None], tuple[list[tuple[str, datetime]], datetime, list[str]]
+]
+"""Revocations (subject, not_before) recorded since a moment (None: all in force), the
+source's clock when it answered, and the signing keys revoked lately (their kids)."""
 
 OVERLAP = timedelta(seconds=60)
 
@@ -85,13 +87,15 @@ def grpc_revocation_fetch(channel: grpc.Channel, timeout: float = 2.0) -> Revoca
     """A fetch calling `AuthService.GetRevocations` (public: no credentials)."""
     stub = auth_pb2_grpc.AuthServiceStub(channel)
 
-    def fetch(since: datetime | None) -> tuple[list[tuple[str, datetime]], datetime]:
+    def fetch(
+        since: datetime | None,
+    ) -> tuple[list[tuple[str, datetime]], datetime, list[str]]:
         request = auth_pb2.GetRevocationsRequest()
         if since is not None:
             request.since_time.FromDatetime(since)
         reply: Any = stub.GetRevocations(request, timeout=timeout)
         entries = [(r.subject, utc(r.not_before.ToDatetime())) for r in reply.revocations]
-        return entries, utc(reply.server_time.ToDatetime())
+        return entries, utc(reply.server_time.ToDatetime()), list(reply.revoked_kids)
 
     return fetch
 
@@ -108,8 +112,10 @@ class RevocationPoller:
         token_lifetime_seconds: float,
         clock: Clock,
         on_poll: Callable[[str], None] | None = None,
+        on_revoked_kids: Callable[[list[str]], None] | None = None,
     ) -> None:
         self._fetch = fetch
+        self._on_revoked_kids = on_revoked_kids
         self.revocations = revocations
         self._interval = interval_seconds
         self._keep = token_lifetime_seconds + OVERLAP.total_seconds()
@@ -124,11 +130,13 @@ class RevocationPoller:
     def poll(self) -> bool:
         """One poll; False if the source could not be asked."""
         try:
-            entries, server_time = self._fetch(self._since)
+            entries, server_time, revoked_kids = self._fetch(self._since)
         except Exception as exc:  # a source down: keep what is known, try again
             _log.warning("revocations: poll failed: %s", exc)
             self._on_poll("error")
             return False
+        if revoked_kids and self._on_revoked_kids is not None:
+            self._on_revoked_kids(revoked_kids)
         learned = self.revocations.add(entries)
         if learned:
             _log.info("revocations: %d learned (%d known)", learned, len(self.revocations))

@@ -7,6 +7,7 @@ python -m services.auth_svc worker           # a pass every AUTH_WORKER_INTERVAL
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
@@ -119,6 +120,8 @@ def test_the_worker_loop_in_prod_exports_its_passes_and_stops_on_sigterm(
     env = clean_env(
         AUTH_PROFILE="prod",  # no signing key, no client-secret key, no Redis, no TLS
         AUTH_DATABASE_URL=url,
+        # The key-encryption key: the worker rotates and re-seals the signing keys.
+        AUTH_KEY_ENCRYPTION_KEYS="k1:" + base64.b64encode(os.urandom(32)).decode(),
         AUTH_METRICS_PORT=str(metrics_port),
         AUTH_WORKER_INTERVAL_SECONDS="1",
         AUTH_LOG_FORMAT="text",

@@ -111,12 +111,15 @@ def test_the_poller_asks_since_its_last_answer_with_a_margin_and_survives_failur
 ) -> None:
     asked: list[datetime | None] = []
     answers: list[object] = [
-        ([("ada", clock.now())], clock.now()),
+        ([("ada", clock.now())], clock.now(), []),
         ConnectionError("auth_svc is down"),
-        ([("bob", clock.now())], clock.now() + timedelta(seconds=2)),
+        ([("bob", clock.now())], clock.now() + timedelta(seconds=2), ["kid-1"]),
     ]
+    kids: list[list[str]] = []
 
-    def fetch(since: datetime | None) -> tuple[list[tuple[str, datetime]], datetime]:
+    def fetch(
+        since: datetime | None,
+    ) -> tuple[list[tuple[str, datetime]], datetime, list[str]]:
         asked.append(since)
         answer = answers.pop(0)
         if isinstance(answer, Exception):
@@ -131,6 +134,7 @@ def test_the_poller_asks_since_its_last_answer_with_a_margin_and_survives_failur
         token_lifetime_seconds=900,
         clock=clock,
         on_poll=polls.append,
+        on_revoked_kids=kids.append,
     )
     assert poller.poll()
     assert not poller.poll()  # kept what it knew
@@ -139,14 +143,17 @@ def test_the_poller_asks_since_its_last_answer_with_a_margin_and_survives_failur
     assert asked == [None, clock.now() - OVERLAP, clock.now() - OVERLAP]
     assert polls == ["ok", "error", "ok"]
     assert len(poller.revocations) == 2
+    assert kids == [["kid-1"]]
 
 
 def test_the_poller_runs_on_a_thread_until_stopped(clock: FakeClock) -> None:
     calls = threading.Semaphore(0)
 
-    def fetch(since: datetime | None) -> tuple[list[tuple[str, datetime]], datetime]:
+    def fetch(
+        since: datetime | None,
+    ) -> tuple[list[tuple[str, datetime]], datetime, list[str]]:
         calls.release()
-        return [], clock.now()
+        return [], clock.now(), []
 
     poller = RevocationPoller(
         fetch, Revocations(), interval_seconds=0.01, token_lifetime_seconds=900, clock=clock

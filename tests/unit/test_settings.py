@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ PROD = {
     "AUTH_REDIS_URL": "redis://redis:6379/0",
     "AUTH_ALLOW_PLAINTEXT": "true",
     "AUTH_CLIENT_SECRET_KEY": "a-client-secret-key-of-at-least-32-chars",
+    "AUTH_KEY_ENCRYPTION_KEYS": "k1:" + base64.b64encode(bytes(range(32))).decode(),
     "AUTH_SIGNING_KEY": ed25519.Ed25519PrivateKey.generate()
     .private_bytes(
         serialization.Encoding.PEM,
@@ -78,7 +80,12 @@ def test_a_complete_prod_environment_loads() -> None:
 
 @pytest.mark.parametrize(
     "missing",
-    ["AUTH_DATABASE_URL", "AUTH_REDIS_URL", "AUTH_SIGNING_KEY", "AUTH_CLIENT_SECRET_KEY"],
+    [
+        "AUTH_DATABASE_URL",
+        "AUTH_REDIS_URL",
+        "AUTH_CLIENT_SECRET_KEY",
+        "AUTH_KEY_ENCRYPTION_KEYS",
+    ],
 )
 def test_prod_refuses_to_start_without(missing: str) -> None:
     env = {k: v for k, v in PROD.items() if k != missing}
@@ -180,8 +187,8 @@ def test_every_problem_is_listed_at_once() -> None:
     for expected in (
         "AUTH_DATABASE_URL is required",
         "AUTH_REDIS_URL is required",
-        "AUTH_SIGNING_KEY is required",
         "AUTH_CLIENT_SECRET_KEY is required",
+        "AUTH_KEY_ENCRYPTION_KEYS is required",
         "AUTH_PORT must be an integer",
         "AUTH_LOGIN_MAX_FAILURES must be at least 1",
         "AUTH_GRACE_SECONDS must be a number",
@@ -242,10 +249,11 @@ def test_the_client_secret_key_is_long_enough_and_made_once_in_dev(tmp_path: Pat
     assert (tmp_path / "auth-client-secret-key").stat().st_mode & 0o077 == 0
 
 
-def test_the_worker_in_prod_needs_only_the_database() -> None:
+def test_the_worker_in_prod_needs_the_database_and_the_key_encryption_keys() -> None:
     env = {
         "AUTH_PROFILE": "prod",
         "AUTH_DATABASE_URL": "postgresql://auth@db:5432/auth",
+        "AUTH_KEY_ENCRYPTION_KEYS": PROD["AUTH_KEY_ENCRYPTION_KEYS"],
         # Named in the ConfigMap but not mounted in a worker's pod: never read.
         "AUTH_SIGNING_KEY_FILE": "/nonexistent/signing-key.pem",
     }
@@ -253,6 +261,24 @@ def test_the_worker_in_prod_needs_only_the_database() -> None:
     assert settings.signing_key_pem is None
     assert settings.common.role == "worker"
     assert "AUTH_SIGNING_KEY_FILE" in problems(env)  # serving reads it, and fails
+    without = {k: v for k, v in env.items() if k != "AUTH_KEY_ENCRYPTION_KEYS"}
+    with pytest.raises(ConfigError, match="AUTH_KEY_ENCRYPTION_KEYS is required"):
+        load_auth_settings(without, "worker")  # it rotates and re-seals the signing keys
+
+
+def test_key_encryption_keys_are_checked() -> None:
+    for bad, why in (
+        ("k1", "id:base64key"),
+        ("k1:not base64!", "not base64"),
+        ("k1:" + base64.b64encode(b"short").decode(), "must be 32 bytes"),
+        ("k1:{0},k1:{0}".format(base64.b64encode(bytes(32)).decode()), "appears twice"),
+    ):
+        assert why in problems({**PROD, "AUTH_KEY_ENCRYPTION_KEYS": bad})
+    new, old = (base64.b64encode(key).decode() for key in (bytes(32), bytes(range(32))))
+    two = f"new:{new},old:{old}"
+    keks = load_auth_settings({**PROD, "AUTH_KEY_ENCRYPTION_KEYS": two}).key_encryption_keys
+    assert keks is not None
+    assert list(keks) == ["new", "old"]  # the first encrypts
 
 
 def test_migration_settings_need_only_the_database_url() -> None:

@@ -9,12 +9,13 @@ from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.auth_svc.api.servicer import user_to_proto
-from services.auth_svc.domain import AuditEvent, Session
+from services.auth_svc.domain import AuditEvent, Session, SigningKeyRecord
 from services.auth_svc.service.admin import AuditReader, Sessions, UserAdmin
-from shared.config.clock import utc
+from services.auth_svc.service.signing_keys import SigningKeyAdmin
+from shared.config.clock import Clock, utc
 from shared.rpc.request_path import principal_of
 
-__all__ = ["AuditServicer", "SessionServicer", "UserServicer"]
+__all__ = ["AuditServicer", "SessionServicer", "SigningKeyServicer", "UserServicer"]
 
 
 def _timestamp(moment: datetime) -> Timestamp:
@@ -159,4 +160,53 @@ class AuditServicer(auth_pb2_grpc.AuditServiceServicer):
         )
         return auth_pb2.ListAuditEventsResponse(
             audit_events=[event_to_proto(e) for e in events], next_page_token=next_token
+        )
+
+
+def signing_key_to_proto(
+    record: SigningKeyRecord, now: datetime, signer: str | None
+) -> auth_pb2.SigningKey:
+    message = auth_pb2.SigningKey(
+        kid=record.kid,
+        alg=record.alg,
+        state=record.state(now, signer),
+        create_time=_timestamp(record.create_time),
+        activate_time=_timestamp(record.activate_time),
+    )
+    if record.remove_time is not None:
+        message.remove_time.CopyFrom(_timestamp(record.remove_time))
+    if record.revoke_time is not None:
+        message.revoke_time.CopyFrom(_timestamp(record.revoke_time))
+    return message
+
+
+class SigningKeyServicer(auth_pb2_grpc.SigningKeyServiceServicer):
+    def __init__(self, admin: SigningKeyAdmin, clock: Clock) -> None:
+        self._admin = admin
+        self._clock = clock
+
+    def ListSigningKeys(
+        self, request: auth_pb2.ListSigningKeysRequest, context: Any
+    ) -> auth_pb2.ListSigningKeysResponse:
+        records, signer = self._admin.list_keys(principal=principal_of(context))
+        now = self._clock.now()
+        return auth_pb2.ListSigningKeysResponse(
+            signing_keys=[signing_key_to_proto(r, now, signer) for r in records]
+        )
+
+    def RotateSigningKey(
+        self, request: auth_pb2.RotateSigningKeyRequest, context: Any
+    ) -> auth_pb2.RotateSigningKeyResponse:
+        record = self._admin.rotate(principal=principal_of(context))
+        return auth_pb2.RotateSigningKeyResponse(
+            signing_key=signing_key_to_proto(record, self._clock.now(), None)
+        )
+
+    def RevokeSigningKey(
+        self, request: auth_pb2.RevokeSigningKeyRequest, context: Any
+    ) -> auth_pb2.RevokeSigningKeyResponse:
+        record, signer = self._admin.revoke(principal=principal_of(context), kid=request.kid)
+        return auth_pb2.RevokeSigningKeyResponse(
+            signing_key=signing_key_to_proto(record, self._clock.now(), signer),
+            active_kid=signer or "",
         )

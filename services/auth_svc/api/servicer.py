@@ -109,4 +109,5 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
                 for r in revocations
             ],
             server_time=_timestamp(now),
+            revoked_kids=self._revocations.revoked_kids(),
         )

@@ -25,7 +25,7 @@ __all__ = ["KeyRing", "key_material_problems", "load_or_create_dev_key"]
 
 _log = logging.getLogger(__name__)
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
-_PEM_BLOCK = re.compile(r"-----BEGIN [A-Z ]+-----.+?-----END [A-Z ]+-----", re.DOTALL)
+PEM_BLOCK = re.compile(r"-----BEGIN [A-Z ]+-----.+?-----END [A-Z ]+-----", re.DOTALL)
 
 
 def _load_private(pem: str) -> PrivateKey:
@@ -38,7 +38,7 @@ def _load_private(pem: str) -> PrivateKey:
 
 def _load_publics(pem: str) -> list[PublicKey]:
     keys: list[PublicKey] = []
-    for block in _PEM_BLOCK.findall(pem):
+    for block in PEM_BLOCK.findall(pem):
         key = serialization.load_pem_public_key(block.encode())
         if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
             raise ValueError("verification keys must be Ed25519 or EC P-256")

@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -30,6 +31,7 @@ __all__ = [
     "ServiceAccountKeyRow",
     "ServiceAccountRow",
     "ServiceAccountSecretRow",
+    "SigningKeyRow",
     "UsedAssertionRow",
     "UserRow",
 ]
@@ -186,3 +188,20 @@ class RevocationRow(AuthBase):
     not_before: Mapped[datetime] = mapped_column(Timestamp)
     create_time: Mapped[datetime] = mapped_column(Timestamp, index=True)
     expire_time: Mapped[datetime] = mapped_column(Timestamp, index=True)
+
+
+class SigningKeyRow(AuthBase):
+    """A signing key; the private part AES-GCM encrypted under a key-encryption key from
+    the environment (nonce ‖ ciphertext, with the kid as associated data)."""
+
+    __tablename__ = "auth_signing_keys"
+
+    kid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    alg: Mapped[str] = mapped_column(String(16))
+    public_pem: Mapped[str] = mapped_column(Text)
+    private_blob: Mapped[bytes] = mapped_column(LargeBinary)
+    kek_id: Mapped[str] = mapped_column(String(64))
+    create_time: Mapped[datetime] = mapped_column(Timestamp)
+    activate_time: Mapped[datetime] = mapped_column(Timestamp)
+    remove_time: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    revoke_time: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)

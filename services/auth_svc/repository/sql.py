@@ -5,7 +5,18 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import Connection, String, bindparam, cast, delete, or_, select, tuple_, update
+from sqlalchemy import (
+    Connection,
+    String,
+    bindparam,
+    cast,
+    delete,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -17,6 +28,7 @@ from services.auth_svc.domain import (
     RefreshToken,
     Revocation,
     ServiceAccount,
+    SigningKeyRecord,
     User,
 )
 from services.auth_svc.domain import (
@@ -30,6 +42,7 @@ from services.auth_svc.repository.models import (
     ServiceAccountKeyRow,
     ServiceAccountRow,
     ServiceAccountSecretRow,
+    SigningKeyRow,
     UsedAssertionRow,
     UserRow,
 )
@@ -580,12 +593,79 @@ class SqlServiceAccountRepository:
         return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+def _key(row: SigningKeyRow) -> SigningKeyRecord:
+    return SigningKeyRecord(
+        kid=row.kid,
+        alg=row.alg,
+        public_pem=row.public_pem,
+        private_blob=bytes(row.private_blob),
+        kek_id=row.kek_id,
+        create_time=utc(row.create_time),
+        activate_time=utc(row.activate_time),
+        remove_time=utc(row.remove_time) if row.remove_time else None,
+        revoke_time=utc(row.revoke_time) if row.revoke_time else None,
+    )
+
+
+class SqlSigningKeyRepository:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def lock(self) -> None:
+        """Serializes changes to the key ring for this transaction (first start of several
+        replicas at once, rotations): a transaction-scoped advisory lock on PostgreSQL;
+        SQLite's BEGIN IMMEDIATE already holds the database's write lock."""
+        if self._session.get_bind().dialect.name == "postgresql":
+            self._session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _RING_LOCK})
+
+    def all(self) -> list[SigningKeyRecord]:
+        rows = self._session.scalars(
+            select(SigningKeyRow).order_by(SigningKeyRow.activate_time, SigningKeyRow.kid)
+        ).all()
+        return [_key(row) for row in rows]
+
+    def add(self, key: SigningKeyRecord) -> None:
+        self._session.add(
+            SigningKeyRow(
+                kid=key.kid,
+                alg=key.alg,
+                public_pem=key.public_pem,
+                private_blob=key.private_blob,
+                kek_id=key.kek_id,
+                create_time=key.create_time,
+                activate_time=key.activate_time,
+                remove_time=key.remove_time,
+                revoke_time=key.revoke_time,
+            )
+        )
+        self._session.flush()
+
+    def save(self, key: SigningKeyRecord) -> None:
+        """Stores a key's times and (re-wrapped) private part."""
+        self._session.execute(
+            update(SigningKeyRow)
+            .where(SigningKeyRow.kid == key.kid)
+            .values(
+                private_blob=key.private_blob,
+                kek_id=key.kek_id,
+                activate_time=key.activate_time,
+                remove_time=key.remove_time,
+                revoke_time=key.revoke_time,
+            )
+            .execution_options(synchronize_session=False)
+        )
+
+
+_RING_LOCK = 0x61757468_6B657973  # "authkeys"
+
+
 class SqlAuthUnitOfWork(SqlUnitOfWork):
     users: SqlUserRepository
     refresh_tokens: SqlRefreshTokenRepository
     audit: SqlAuditLog
     service_accounts: SqlServiceAccountRepository
     revocations: SqlRevocationRepository
+    signing_keys: SqlSigningKeyRepository
 
     def _open_repositories(self, session: Session) -> None:
         self.users = SqlUserRepository(session)
@@ -593,3 +673,4 @@ class SqlAuthUnitOfWork(SqlUnitOfWork):
         self.audit = SqlAuditLog(session)
         self.service_accounts = SqlServiceAccountRepository(session)
         self.revocations = SqlRevocationRepository(session)
+        self.signing_keys = SqlSigningKeyRepository(session)

@@ -442,13 +442,24 @@ class AuditReader:
 
 
 class RevocationFeed:
-    """What verifiers poll: the revocations still in force recorded since a moment."""
+    """What verifiers poll: the revocations still in force recorded since a moment, and the
+    signing keys revoked lately."""
 
-    def __init__(self, *, uow: Callable[[], AuthUnitOfWork], clock: Clock) -> None:
+    def __init__(
+        self,
+        *,
+        uow: Callable[[], AuthUnitOfWork],
+        clock: Clock,
+        revoked_kids: Callable[[], list[str]] | None = None,
+    ) -> None:
         self._uow = uow
         self._clock = clock
+        self._revoked_kids = revoked_kids or list
 
     def since(self, when: datetime | None) -> tuple[list[Revocation], datetime]:
         now = self._clock.now()
         with self._uow() as uow:
             return uow.revocations.since(when, now=now), now
+
+    def revoked_kids(self) -> list[str]:
+        return self._revoked_kids()

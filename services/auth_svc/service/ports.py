@@ -21,6 +21,7 @@ from services.auth_svc.domain import (
     Revocation,
     ServiceAccount,
     Session,
+    SigningKeyRecord,
     User,
 )
 from shared.data.uow import UnitOfWork
@@ -32,6 +33,7 @@ __all__ = [
     "EmailTaken",
     "HashingSlot",
     "KeyExists",
+    "KeyFactory",
     "LoginAttempt",
     "LoginLimiter",
     "LoginObserver",
@@ -40,6 +42,7 @@ __all__ = [
     "RefreshTokenRepository",
     "RevocationRepository",
     "ServiceAccountRepository",
+    "SigningKeyRepository",
     "TokenIssuer",
     "UserRepository",
 ]
@@ -171,6 +174,40 @@ class ServiceAccountRepository(Protocol):
         ...
 
 
+class SigningKeyRepository(Protocol):
+    def lock(self) -> None:
+        """Serializes changes to the key ring until the transaction ends."""
+        ...
+
+    def all(self) -> list[SigningKeyRecord]:
+        """Every key, by activation time."""
+        ...
+
+    def add(self, key: SigningKeyRecord) -> None: ...
+
+    def save(self, key: SigningKeyRecord) -> None:
+        """Stores a key's times and private part."""
+        ...
+
+
+class KeyFactory(Protocol):
+    def create(
+        self, *, now: datetime, activate_time: datetime, private_pem: bytes | None = None
+    ) -> SigningKeyRecord:
+        """A new key record (a fresh key, or the given private key), sealed."""
+        ...
+
+    def public_only(
+        self, public_pem: str, *, now: datetime, activate_time: datetime
+    ) -> SigningKeyRecord:
+        """A verify-only key (no private part)."""
+        ...
+
+    def rewrap(self, record: SigningKeyRecord) -> SigningKeyRecord | None:
+        """The record sealed under the current key-encryption key, or None if it is."""
+        ...
+
+
 class AuditLog(Protocol):
     def record(self, event: AuditEvent) -> None: ...
 
@@ -213,6 +250,9 @@ class AuthUnitOfWork(UnitOfWork, Protocol):
 
     @property
     def revocations(self) -> RevocationRepository: ...
+
+    @property
+    def signing_keys(self) -> SigningKeyRepository: ...
 
 
 class HashingSlot(Protocol):

@@ -26,6 +26,7 @@ from services.auth_svc.domain import (
     Revocation,
     ServiceAccount,
     Session,
+    SigningKeyRecord,
     User,
 )
 from services.auth_svc.infra.keys import KeyRing
@@ -60,6 +61,7 @@ class State:
     service_accounts: dict[uuid.UUID, ServiceAccount] = field(default_factory=dict)
     used_assertions: dict[str, datetime] = field(default_factory=dict)
     revocations: list[tuple[Revocation, datetime]] = field(default_factory=list)
+    signing_keys: dict[str, SigningKeyRecord] = field(default_factory=dict)
 
 
 class FakeServiceAccounts:
@@ -257,6 +259,24 @@ class FakeRefreshTokens:
         return count
 
 
+class FakeSigningKeys:
+    def __init__(self, state: State) -> None:
+        self._state = state
+
+    def lock(self) -> None:
+        """Units of work never overlap in unit tests."""
+
+    def all(self) -> list[SigningKeyRecord]:
+        return sorted(self._state.signing_keys.values(), key=lambda k: (k.activate_time, k.kid))
+
+    def add(self, key: SigningKeyRecord) -> None:
+        assert key.kid not in self._state.signing_keys
+        self._state.signing_keys[key.kid] = key
+
+    def save(self, key: SigningKeyRecord) -> None:
+        self._state.signing_keys[key.kid] = key
+
+
 class FakeRevocations:
     def __init__(self, state: State) -> None:
         self._state = state
@@ -346,6 +366,10 @@ class FakeUnitOfWork(SnapshotUnitOfWork[State]):
     @property
     def revocations(self) -> FakeRevocations:
         return FakeRevocations(self._state_or_outage())
+
+    @property
+    def signing_keys(self) -> FakeSigningKeys:
+        return FakeSigningKeys(self._state_or_outage())
 
     def commit(self) -> None:
         self._state_or_outage()

@@ -910,6 +910,183 @@ class SessionService:
             _registered_method=True)
 
 
+class SigningKeyServiceStub:
+    """The keys that sign access tokens, for administrators. A key is `next` (published in the
+    JWKS, not yet signing), then `active` (signing), then `retired` (published until every
+    token it signed has expired), then `removed`; or `revoked` (gone from the JWKS at once).
+    Private parts are stored encrypted (AES-GCM) under AUTH_KEY_ENCRYPTION_KEYS.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListSigningKeys = channel.unary_unary(
+                '/agentplatform.auth.v1.SigningKeyService/ListSigningKeys',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListSigningKeysRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListSigningKeysResponse.FromString,
+                _registered_method=True)
+        self.RotateSigningKey = channel.unary_unary(
+                '/agentplatform.auth.v1.SigningKeyService/RotateSigningKey',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RotateSigningKeyRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RotateSigningKeyResponse.FromString,
+                _registered_method=True)
+        self.RevokeSigningKey = channel.unary_unary(
+                '/agentplatform.auth.v1.SigningKeyService/RevokeSigningKey',
+                request_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeSigningKeyRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeSigningKeyResponse.FromString,
+                _registered_method=True)
+
+
+class SigningKeyServiceServicer:
+    """The keys that sign access tokens, for administrators. A key is `next` (published in the
+    JWKS, not yet signing), then `active` (signing), then `retired` (published until every
+    token it signed has expired), then `removed`; or `revoked` (gone from the JWKS at once).
+    Private parts are stored encrypted (AES-GCM) under AUTH_KEY_ENCRYPTION_KEYS.
+    """
+
+    def ListSigningKeys(self, request, context):
+        """Lists the keys, newest first, with their states and times.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateSigningKey(self, request, context):
+        """Creates the next key: published now, signing once AUTH_KEY_PUBLISH_AHEAD_SECONDS have
+        passed (longer than verifiers take to refetch the JWKS), when the active key retires.
+        If a next key is pending already, returns it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeSigningKey(self, request, context):
+        """Emergency: the key leaves the JWKS now and verifiers refuse its tokens within their
+        revocation poll (agent_svc: AGENT_REVOCATION_POLL_SECONDS), remembered ones included.
+        Revoking the active key makes a new key active at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SigningKeyServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListSigningKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSigningKeys,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListSigningKeysRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListSigningKeysResponse.SerializeToString,
+            ),
+            'RotateSigningKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateSigningKey,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RotateSigningKeyRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RotateSigningKeyResponse.SerializeToString,
+            ),
+            'RevokeSigningKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeSigningKey,
+                    request_deserializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeSigningKeyRequest.FromString,
+                    response_serializer=agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeSigningKeyResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'agentplatform.auth.v1.SigningKeyService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('agentplatform.auth.v1.SigningKeyService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SigningKeyService:
+    """The keys that sign access tokens, for administrators. A key is `next` (published in the
+    JWKS, not yet signing), then `active` (signing), then `retired` (published until every
+    token it signed has expired), then `removed`; or `revoked` (gone from the JWKS at once).
+    Private parts are stored encrypted (AES-GCM) under AUTH_KEY_ENCRYPTION_KEYS.
+    """
+
+    @staticmethod
+    def ListSigningKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.SigningKeyService/ListSigningKeys',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListSigningKeysRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.ListSigningKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateSigningKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.SigningKeyService/RotateSigningKey',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.RotateSigningKeyRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.RotateSigningKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeSigningKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.auth.v1.SigningKeyService/RevokeSigningKey',
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeSigningKeyRequest.SerializeToString,
+            agentplatform_dot_auth_dot_v1_dot_auth__pb2.RevokeSigningKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class AuditServiceStub:
     """The audit trail, for administrators.
     """

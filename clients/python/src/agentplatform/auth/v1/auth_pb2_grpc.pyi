@@ -368,6 +368,91 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class SigningKeyServiceStub:
+    """The keys that sign access tokens, for administrators. A key is `next` (published in the
+    JWKS, not yet signing), then `active` (signing), then `retired` (published until every
+    token it signed has expired), then `removed`; or `revoked` (gone from the JWKS at once).
+    Private parts are stored encrypted (AES-GCM) under AUTH_KEY_ENCRYPTION_KEYS.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SigningKeyServiceAsyncStub: ...
+    ListSigningKeys: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListSigningKeysRequest, _auth_pb2.ListSigningKeysResponse]
+    """Lists the keys, newest first, with their states and times."""
+    RotateSigningKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RotateSigningKeyRequest, _auth_pb2.RotateSigningKeyResponse]
+    """Creates the next key: published now, signing once AUTH_KEY_PUBLISH_AHEAD_SECONDS have
+    passed (longer than verifiers take to refetch the JWKS), when the active key retires.
+    If a next key is pending already, returns it.
+    """
+    RevokeSigningKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeSigningKeyRequest, _auth_pb2.RevokeSigningKeyResponse]
+    """Emergency: the key leaves the JWKS now and verifiers refuse its tokens within their
+    revocation poll (agent_svc: AGENT_REVOCATION_POLL_SECONDS), remembered ones included.
+    Revoking the active key makes a new key active at once.
+    """
+
+@_typing.type_check_only
+class SigningKeyServiceAsyncStub(SigningKeyServiceStub):
+    """The keys that sign access tokens, for administrators. A key is `next` (published in the
+    JWKS, not yet signing), then `active` (signing), then `retired` (published until every
+    token it signed has expired), then `removed`; or `revoked` (gone from the JWKS at once).
+    Private parts are stored encrypted (AES-GCM) under AUTH_KEY_ENCRYPTION_KEYS.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListSigningKeys: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListSigningKeysRequest, _auth_pb2.ListSigningKeysResponse]  # type: ignore[assignment]
+    """Lists the keys, newest first, with their states and times."""
+    RotateSigningKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.RotateSigningKeyRequest, _auth_pb2.RotateSigningKeyResponse]  # type: ignore[assignment]
+    """Creates the next key: published now, signing once AUTH_KEY_PUBLISH_AHEAD_SECONDS have
+    passed (longer than verifiers take to refetch the JWKS), when the active key retires.
+    If a next key is pending already, returns it.
+    """
+    RevokeSigningKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeSigningKeyRequest, _auth_pb2.RevokeSigningKeyResponse]  # type: ignore[assignment]
+    """Emergency: the key leaves the JWKS now and verifiers refuse its tokens within their
+    revocation poll (agent_svc: AGENT_REVOCATION_POLL_SECONDS), remembered ones included.
+    Revoking the active key makes a new key active at once.
+    """
+
+class SigningKeyServiceServicer(metaclass=_abc_1.ABCMeta):
+    """The keys that sign access tokens, for administrators. A key is `next` (published in the
+    JWKS, not yet signing), then `active` (signing), then `retired` (published until every
+    token it signed has expired), then `removed`; or `revoked` (gone from the JWKS at once).
+    Private parts are stored encrypted (AES-GCM) under AUTH_KEY_ENCRYPTION_KEYS.
+    """
+
+    @_abc_1.abstractmethod
+    def ListSigningKeys(
+        self,
+        request: _auth_pb2.ListSigningKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ListSigningKeysResponse, _abc.Awaitable[_auth_pb2.ListSigningKeysResponse]]:
+        """Lists the keys, newest first, with their states and times."""
+
+    @_abc_1.abstractmethod
+    def RotateSigningKey(
+        self,
+        request: _auth_pb2.RotateSigningKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.RotateSigningKeyResponse, _abc.Awaitable[_auth_pb2.RotateSigningKeyResponse]]:
+        """Creates the next key: published now, signing once AUTH_KEY_PUBLISH_AHEAD_SECONDS have
+        passed (longer than verifiers take to refetch the JWKS), when the active key retires.
+        If a next key is pending already, returns it.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeSigningKey(
+        self,
+        request: _auth_pb2.RevokeSigningKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.RevokeSigningKeyResponse, _abc.Awaitable[_auth_pb2.RevokeSigningKeyResponse]]:
+        """Emergency: the key leaves the JWKS now and verifiers refuse its tokens within their
+        revocation poll (agent_svc: AGENT_REVOCATION_POLL_SECONDS), remembered ones included.
+        Revoking the active key makes a new key active at once.
+        """
+
+def add_SigningKeyServiceServicer_to_server(servicer: SigningKeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class AuditServiceStub:
     """The audit trail, for administrators."""
 

@@ -107,6 +107,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND: no such user."""
     SESSION_NOT_FOUND: _ErrorReason.ValueType  # 116
     """NOT_FOUND: no such session of the user (or one already ended)."""
+    SIGNING_KEY_NOT_FOUND: _ErrorReason.ValueType  # 117
+    """NOT_FOUND: no such signing key (or one already removed or revoked)."""
     AGENT_NOT_FOUND: _ErrorReason.ValueType  # 200
     """-- agent_svc ---------------------------------------------------------------------------
 
@@ -225,6 +227,8 @@ USER_NOT_FOUND: ErrorReason.ValueType  # 115
 """NOT_FOUND: no such user."""
 SESSION_NOT_FOUND: ErrorReason.ValueType  # 116
 """NOT_FOUND: no such session of the user (or one already ended)."""
+SIGNING_KEY_NOT_FOUND: ErrorReason.ValueType  # 117
+"""NOT_FOUND: no such signing key (or one already removed or revoked)."""
 AGENT_NOT_FOUND: ErrorReason.ValueType  # 200
 """-- agent_svc ---------------------------------------------------------------------------
 
