@@ -308,7 +308,7 @@ def build_app(
         service_accounts=admin,
         users=UserAdmin(uow=uow, limiter=limiter, clock=clock, token_lifetime_seconds=lifetime),
         sessions=Sessions(uow=uow, clock=clock, token_lifetime_seconds=lifetime),
-        audit=AuditReader(uow=uow),
+        audit=AuditReader(uow=uow, clock=clock),
         revocations=feed,
         observability=observability,
         closers=closers,

@@ -17,6 +17,7 @@ is temporary, and the same token may well verify a moment later.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import uuid
 from collections.abc import Callable, Iterable
@@ -290,7 +291,10 @@ class TokenVerifier:
     def _check_times(self, claims: dict[str, Any], now: float) -> None:
         """`exp` passed, `nbf` or `iat` in the future (each with the leeway) → rejected."""
         times = [claims["exp"], claims["iat"], claims.get("nbf", claims["iat"])]
-        if not all(isinstance(t, int | float) and not isinstance(t, bool) for t in times):
+        if not all(
+            isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t)
+            for t in times
+        ):
             raise _fail("bad time claims")
         expires, issued, not_before = times
         if expires <= now - self._leeway:

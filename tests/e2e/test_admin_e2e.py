@@ -20,7 +20,8 @@ from typing import Any
 import grpc
 import pytest
 from agentplatform.agent.v1 import agent_pb2
-from agentplatform.auth.v1 import auth_pb2
+from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
+from google.protobuf import timestamp_pb2
 
 from tests.e2e.test_agent_e2e import (
     TIMEOUT,
@@ -198,3 +199,30 @@ def test_a_user_cannot_administer(embedded: Stack, grpcurl_binary: Path) -> None
     )
     assert code == 64 + 7, reply  # PERMISSION_DENIED
     assert "ADMIN_REQUIRED" in reply
+
+
+def test_out_of_range_timestamps_are_a_bad_request(embedded: Stack) -> None:
+    stub = embedded.auth_stub
+    admin = embedded.admin()
+    audit = auth_pb2_grpc.AuditServiceStub(embedded.channels[0])
+    for seconds, nanos in ((10_000_000_000_000, 0), (1, -5), (-70_000_000_000, 0)):
+        stamp = timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+        error = rpc_error(
+            lambda s=stamp: stub.GetRevocations(  # type: ignore[misc]
+                auth_pb2.GetRevocationsRequest(since_time=s), timeout=TIMEOUT
+            )
+        )
+        assert (error.code(), reason_of(error)) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        )
+        assert "since_time" in (error.details() or "")
+        error = rpc_error(
+            lambda s=stamp: audit.ListAuditEvents(  # type: ignore[misc]
+                auth_pb2.ListAuditEventsRequest(end_time=s),
+                metadata=admin.metadata,
+                timeout=TIMEOUT,
+            )
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "end_time" in (error.details() or "")

@@ -8,11 +8,11 @@ from typing import Any
 from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.auth_svc.api.servicer import user_to_proto
+from services.auth_svc.api.servicer import moment_of, user_to_proto
 from services.auth_svc.domain import AuditEvent, Session, SigningKeyRecord
 from services.auth_svc.service.admin import AuditReader, Sessions, UserAdmin
 from services.auth_svc.service.signing_keys import SigningKeyAdmin
-from shared.config.clock import Clock, utc
+from shared.config.clock import Clock
 from shared.rpc.request_path import principal_of
 
 __all__ = ["AuditServicer", "SessionServicer", "SigningKeyServicer", "UserServicer"]
@@ -22,10 +22,6 @@ def _timestamp(moment: datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(moment)
     return stamp
-
-
-def _moment(message: Any, field: str) -> datetime | None:
-    return utc(getattr(message, field).ToDatetime()) if message.HasField(field) else None
 
 
 def session_to_proto(session: Session) -> auth_pb2.Session:
@@ -153,8 +149,8 @@ class AuditServicer(auth_pb2_grpc.AuditServiceServicer):
             principal=principal_of(context),
             user_id=request.user_id,
             kind=request.kind,
-            start=_moment(request, "start_time"),
-            end=_moment(request, "end_time"),
+            start=moment_of(request, "start_time"),
+            end=moment_of(request, "end_time"),
             page_size=request.page_size,
             page_token=request.page_token,
         )

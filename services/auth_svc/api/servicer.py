@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -11,11 +12,26 @@ from services.auth_svc.domain import IssuedTokens, User
 from services.auth_svc.service.admin import RevocationFeed, etag_of
 from services.auth_svc.service.auth_service import AuthService
 from shared.config.clock import utc
+from shared.rpc.errors import InvalidArgument
 from shared.rpc.request_path import principal_of
 
-__all__ = ["AuthServicer", "user_to_proto"]
+__all__ = ["AuthServicer", "moment_of", "user_to_proto"]
 
 TOKEN_TYPE = "Bearer"
+
+
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799  # years 1 to 9999
+
+
+def moment_of(message: Any, field: str) -> datetime | None:
+    """A Timestamp field as a datetime (None if unset); INVALID_ARGUMENT naming the field
+    if it is out of the Timestamp range (which ToDatetime() would raise on)."""
+    if not message.HasField(field):
+        return None
+    stamp = getattr(message, field)
+    if not (_MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS and 0 <= stamp.nanos < 1_000_000_000):
+        raise InvalidArgument.field(field, "not a valid timestamp (years 1 to 9999)")
+    return utc(stamp.ToDatetime())
 
 
 def _timestamp(moment: Any) -> Timestamp:
@@ -97,7 +113,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     ) -> auth_pb2.GetRevocationsResponse:
         if self._revocations is None:
             return auth_pb2.GetRevocationsResponse()
-        since = utc(request.since_time.ToDatetime()) if request.HasField("since_time") else None
+        since = moment_of(request, "since_time")
         revocations, now = self._revocations.since(since)
         return auth_pb2.GetRevocationsResponse(
             revocations=[

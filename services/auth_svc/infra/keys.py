@@ -138,6 +138,7 @@ class KeyRing:
         lifetime_seconds: int,
         roles: Sequence[str] = (),
         actor: str | None = None,
+        issued_at: int | None = None,
     ) -> str:
         return self._sign(
             subject=subject,
@@ -146,6 +147,7 @@ class KeyRing:
             lifetime_seconds=lifetime_seconds,
             roles=roles,
             actor=actor,
+            issued_at=issued_at,
         )
 
     def _sign(
@@ -157,13 +159,14 @@ class KeyRing:
         lifetime_seconds: int,
         roles: Sequence[str],
         actor: str | None = None,
+        issued_at: int | None = None,
     ) -> str:
         now = int(self._clock.now().timestamp())
         claims: dict[str, Any] = {
             "iss": self._issuer,
             "aud": self._audience,
             "sub": subject,
-            "iat": now,
+            "iat": issued_at if issued_at is not None else now,
             "nbf": now,
             "exp": now + lifetime_seconds,
             "jti": uuid.uuid4().hex,

@@ -292,6 +292,7 @@ class DatabaseKeyRing:
         lifetime_seconds: int,
         roles: Sequence[str] = (),
         actor: str | None = None,
+        issued_at: int | None = None,
     ) -> str:
         return self._sign(
             subject=subject,
@@ -300,6 +301,7 @@ class DatabaseKeyRing:
             lifetime_seconds=lifetime_seconds,
             roles=roles,
             actor=actor,
+            issued_at=issued_at,
         )
 
     def _sign(
@@ -311,6 +313,7 @@ class DatabaseKeyRing:
         lifetime_seconds: int,
         roles: Sequence[str],
         actor: str | None = None,
+        issued_at: int | None = None,
     ) -> str:
         moment = self._clock.now()
         signer = self.signer(moment)
@@ -320,7 +323,7 @@ class DatabaseKeyRing:
             "iss": self._issuer,
             "aud": self._audience,
             "sub": subject,
-            "iat": now,
+            "iat": issued_at if issued_at is not None else now,
             "nbf": now,
             "exp": now + lifetime_seconds,
             "jti": uuid.uuid4().hex,

@@ -14,9 +14,8 @@ _NAME = "IssueTokenFailures"
 
 class FailureThrottle:
     """Failed attempts per client id: `limit.burst` at once, then `limit.rate` a second.
-    Checked before the credentials (`wait`), counted after a failure (`failed`): only
-    failures count, and a client that keeps failing waits seconds between attempts, never
-    minutes (its right credentials too, for those seconds)."""
+    Counted after a failure (`failed`), which then says how long the client should wait:
+    only failures count and only failures are slowed (seconds, never minutes)."""
 
     def __init__(self, limiter: RateLimiter, limit: Limit) -> None:
         self._limiter = limiter

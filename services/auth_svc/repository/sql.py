@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import (
     Connection,
@@ -371,6 +371,23 @@ class SqlRevocationRepository:
                 create_time=revocation.create_time,
                 expire_time=expire_time,
             )
+        )
+
+    def covers(self, subject: str, issued_at: float, now: datetime) -> bool:
+        if not subject:
+            return False
+        issued = datetime.fromtimestamp(issued_at, UTC)
+        return (
+            self._session.scalars(
+                select(RevocationRow.id)
+                .where(
+                    RevocationRow.subject == subject,
+                    RevocationRow.not_before > issued,
+                    RevocationRow.expire_time > now,
+                )
+                .limit(1)
+            ).first()
+            is not None
         )
 
     def since(self, when: datetime | None, *, now: datetime) -> list[Revocation]:

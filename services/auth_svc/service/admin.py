@@ -40,6 +40,7 @@ from shared.rpc.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unauthenticated,
 )
 from shared.security.tokens import Principal
 
@@ -50,6 +51,7 @@ __all__ = [
     "UserAdmin",
     "actor_of",
     "etag_of",
+    "require_admin",
     "revoke_tokens",
 ]
 
@@ -135,6 +137,20 @@ def _require_admin(principal: Principal) -> None:
         raise PermissionDenied("this is for administrators", reason="ADMIN_REQUIRED")
 
 
+def require_admin(principal: Principal, uow: Callable[[], AuthUnitOfWork], clock: Clock) -> None:
+    """An administrator acting for themselves — as the database says now, not only as the
+    token says: a token revoked since (TOKEN_REVOKED), or of a user disabled or demoted
+    since (ADMIN_REQUIRED), is refused here at once, before any verifier polls."""
+    _require_admin(principal)
+    with uow() as work:
+        user = work.users.get(principal.subject) if principal.subject is not None else None
+        revoked = work.revocations.covers(principal.user_id, principal.issued_at, clock.now())
+    if revoked:
+        raise Unauthenticated("the access token was revoked", reason="TOKEN_REVOKED")
+    if user is None or user.disabled or ADMIN not in user.roles:
+        raise PermissionDenied("this is for administrators", reason="ADMIN_REQUIRED")
+
+
 def _user_not_found() -> NotFound:
     return NotFound("no such user", reason="USER_NOT_FOUND")
 
@@ -194,7 +210,7 @@ class UserAdmin(_Audited):
         role: str = "",
         disabled: bool | None = None,
     ) -> tuple[list[User], str]:
-        _require_admin(principal)
+        require_admin(principal, self._uow, self._clock)
         size = _page_size(page_size)
         prefix = email_prefix.strip().lower()
         if len(prefix) > 254:
@@ -213,7 +229,7 @@ class UserAdmin(_Audited):
         return users, ""
 
     def get(self, *, principal: Principal, user_id: str) -> User:
-        _require_admin(principal)
+        require_admin(principal, self._uow, self._clock)
         ident = _uuid(user_id, "id")
         with self._uow() as uow:
             user = uow.users.get(ident)
@@ -232,7 +248,7 @@ class UserAdmin(_Audited):
         roles: Sequence[str],
     ) -> User:
         """Changes the named fields; removing a role revokes the user's sessions and tokens."""
-        _require_admin(principal)
+        require_admin(principal, self._uow, self._clock)
         ident = _uuid(user_id, "user.id")
         problems: list[FieldViolation] = []
         if not paths:
@@ -302,7 +318,7 @@ class UserAdmin(_Audited):
 
     def set_disabled(self, *, principal: Principal, user_id: str, disabled: bool) -> User:
         """Disables (ending every session and token) or enables a user; idempotent."""
-        _require_admin(principal)
+        require_admin(principal, self._uow, self._clock)
         ident = _uuid(user_id, "id")
         if disabled and ident == principal.subject:
             raise InvalidArgument.field("id", "an administrator cannot disable themselves")
@@ -349,8 +365,15 @@ class Sessions(_Audited):
             if principal.subject is None or principal.is_service_account:
                 raise PermissionDenied("only users have sessions", reason="CALLER_NOT_A_USER")
             return principal.subject
-        _require_admin(principal)
+        require_admin(principal, self._uow, self._clock)
         return _uuid(user_id, "user_id")
+
+    def _is_admin(self, principal: Principal) -> bool:
+        try:
+            require_admin(principal, self._uow, self._clock)
+        except (PermissionDenied, Unauthenticated):
+            return False
+        return True
 
     def list(
         self, *, principal: Principal, user_id: str, page_size: int, page_token: str
@@ -370,10 +393,12 @@ class Sessions(_Audited):
         ident = _uuid(session_id, "id")
         with self._uow() as uow:
             session = uow.refresh_tokens.live_session(ident)
-            mine = session is not None and session.user_id == principal.subject
-            if session is None or not (mine or _is_admin(principal)):
-                # Someone else's session is NOT_FOUND, as one that does not exist.
-                raise NotFound("no such session", reason="SESSION_NOT_FOUND")
+        mine = session is not None and session.user_id == principal.subject
+        # (The administrator check reads the database itself: outside the unit of work.)
+        if session is None or not (mine or self._is_admin(principal)):
+            # Someone else's session is NOT_FOUND, as one that does not exist.
+            raise NotFound("no such session", reason="SESSION_NOT_FOUND")
+        with self._uow() as uow:
             now = self._clock.now()
             uow.refresh_tokens.revoke_family(ident, now)
             user = uow.users.get(session.user_id)
@@ -395,18 +420,15 @@ class Sessions(_Audited):
         return count
 
 
-def _is_admin(principal: Principal) -> bool:
-    return principal.is_admin and not principal.actor and not principal.is_service_account
-
-
 # -- the audit trail and the revocation feed -------------------------------------------------
 
 
 class AuditReader:
     """The audit trail, newest first (administrators only)."""
 
-    def __init__(self, *, uow: Callable[[], AuthUnitOfWork]) -> None:
+    def __init__(self, *, uow: Callable[[], AuthUnitOfWork], clock: Clock) -> None:
         self._uow = uow
+        self._clock = clock
 
     def list(
         self,
@@ -419,7 +441,7 @@ class AuditReader:
         page_size: int,
         page_token: str,
     ) -> tuple[list[AuditEvent], str]:
-        _require_admin(principal)
+        require_admin(principal, self._uow, self._clock)
         size = _page_size(page_size)
         whose = _uuid(user_id, "user_id") if user_id else None
         if kind and kind not in {k.value for k in AuditKind}:

@@ -232,6 +232,10 @@ class RevocationRepository(Protocol):
         """Revocations still in force (expiring after `now`) recorded at or after `when`."""
         ...
 
+    def covers(self, subject: str, issued_at: float, now: datetime) -> bool:
+        """Whether a token of `subject` issued at `issued_at` (epoch s) is revoked."""
+        ...
+
 
 class AuthUnitOfWork(UnitOfWork, Protocol):
     """One transaction over the auth repositories (see shared.data.uow.UnitOfWork)."""
@@ -331,9 +335,11 @@ class TokenIssuer(Protocol):
         lifetime_seconds: int,
         roles: Sequence[str] = (),
         actor: str | None = None,
+        issued_at: int | None = None,
     ) -> str:
         """An access token for a machine caller: `sub`, `client_id`, `scope`, and `act`
-        = {`sub`: actor} when it acts for the subject."""
+        = {`sub`: actor} when it acts for the subject; `iat` = `issued_at` if given (a
+        delegated token keeps its user token's, so revocations of the user cover it)."""
         ...
 
     def public_jwks(self) -> list[dict[str, str]]:

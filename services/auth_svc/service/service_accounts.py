@@ -18,7 +18,9 @@ The token endpoint (`TokenService.IssueToken`) implements two OAuth grants:
 
 Every refusal of credentials is the same UNAUTHENTICATED INVALID_CLIENT, for an unknown
 client too (which costs the same database read and hash). A client that keeps failing is
-slowed (RESOURCE_EXHAUSTED CLIENT_THROTTLED, RetryInfo of seconds), never locked out.
+told to slow down: past a few failures, its failures are answered RESOURCE_EXHAUSTED
+CLIENT_THROTTLED with a RetryInfo of seconds. Right credentials are always accepted: the
+throttle never turns away a client for failures someone else made with its id.
 
 Audit without a database write per token: each issuance and refusal is an audit log line
 (the `agentplatform.audit` logger: account, grant, scopes, subject, jti) and a metric;
@@ -34,6 +36,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -54,7 +57,7 @@ from services.auth_svc.domain import (
     ClientSecret,
     ServiceAccount,
 )
-from services.auth_svc.service.admin import revoke_tokens
+from services.auth_svc.service.admin import actor_of, require_admin, revoke_tokens
 from services.auth_svc.service.ports import (
     AuthUnitOfWork,
     ClientThrottle,
@@ -75,7 +78,7 @@ from shared.rpc.errors import (
     Unauthenticated,
 )
 from shared.security.jwk import algorithm_for, thumbprint
-from shared.security.scopes import DELEGATE, KNOWN_SCOPES, parse_scope
+from shared.security.scopes import DELEGATE, KNOWN_SCOPES, parse_scope, user_scopes
 from shared.security.tokens import Principal
 
 __all__ = [
@@ -102,7 +105,6 @@ MAX_DISPLAY_NAME = 128
 MAX_CREDENTIAL = 8192  # an assertion is a few hundred bytes; a secret 43 characters
 LAST_USED_EVERY = timedelta(minutes=1)
 LEEWAY_SECONDS = 30
-FAILING_FOR = 60.0  # how long a replica asks the throttle first about a client that failed
 _DEFAULT_PAGE_SIZE = 50
 _MAX_PAGE_SIZE = 1000
 _JTI = re.compile(r"[\x21-\x7e]{1,256}")
@@ -213,7 +215,7 @@ class ServiceAccountAdmin:
         self, *, principal: Principal, display_name: str, scopes: Collection[str]
     ) -> tuple[ServiceAccount, str]:
         """A new account and its first client secret (the value, shown only now)."""
-        _require_admin(principal)
+        require_admin(principal, self._uow, self._clock)
         display_name = display_name.strip()
         problems = _scope_violations(scopes, "service_account.scopes")
         name_problem = (
@@ -243,7 +245,7 @@ class ServiceAccountAdmin:
         return account, value
 
     def get(self, *, principal: Principal, account_id: str) -> ServiceAccount:
-        _require_admin(principal)
+        require_admin(principal, self._uow, self._clock)
         ident = _account_id(account_id, "id")
         with self._uow() as uow:
             account = uow.service_accounts.get(ident)
@@ -255,7 +257,7 @@ class ServiceAccountAdmin:
         self, *, principal: Principal, page_size: int, page_token: str
     ) -> tuple[list[ServiceAccount], str]:
         """A page of accounts, oldest first, and the token of the next page ("" at the end)."""
-        _require_admin(principal)
+        require_admin(principal, self._uow, self._clock)
         if page_size < 0:
             raise InvalidArgument.field("page_size", "must not be negative")
         size = min(page_size or _DEFAULT_PAGE_SIZE, _MAX_PAGE_SIZE)
@@ -269,7 +271,7 @@ class ServiceAccountAdmin:
     def delete(self, *, principal: Principal, account_id: str) -> None:
         """Deletes the account: no token is issued to it from then on, and the tokens it
         holds (its own, and those acting for users) are revoked."""
-        _require_admin(principal)
+        require_admin(principal, self._uow, self._clock)
         ident = _account_id(account_id, "id")
         with self._uow() as uow:
             if not uow.service_accounts.delete(ident):
@@ -281,7 +283,7 @@ class ServiceAccountAdmin:
     def add_secret(self, *, principal: Principal, account_id: str) -> tuple[ClientSecret, str]:
         """A new client secret (at most MAX_SECRETS at once): rotate by adding one, moving
         callers to it, then removing the old one."""
-        _require_admin(principal)
+        require_admin(principal, self._uow, self._clock)
         ident = _account_id(account_id, "service_account_id")
         value, digest = self._secrets.new()
         secret = ClientSecret(uuid.uuid4(), digest, self._clock.now())
@@ -299,7 +301,7 @@ class ServiceAccountAdmin:
         return secret, value
 
     def remove_secret(self, *, principal: Principal, account_id: str, secret_id: str) -> None:
-        _require_admin(principal)
+        require_admin(principal, self._uow, self._clock)
         ident = _account_id(account_id, "service_account_id")
         secret = _account_id(secret_id, "secret_id")
         with self._uow() as uow:
@@ -313,7 +315,7 @@ class ServiceAccountAdmin:
     def add_key(self, *, principal: Principal, account_id: str, public_key_pem: str) -> ClientKey:
         """Registers a public key for the account's JWT assertions (its kid: the RFC 7638
         thumbprint)."""
-        _require_admin(principal)
+        require_admin(principal, self._uow, self._clock)
         ident = _account_id(account_id, "service_account_id")
         if not public_key_pem.strip():
             raise InvalidArgument.field("public_key_pem", "required")
@@ -344,7 +346,7 @@ class ServiceAccountAdmin:
         return client_key
 
     def remove_key(self, *, principal: Principal, account_id: str, kid: str) -> None:
-        _require_admin(principal)
+        require_admin(principal, self._uow, self._clock)
         ident = _account_id(account_id, "service_account_id")
         if not kid:
             raise InvalidArgument.field("kid", "required")
@@ -362,15 +364,15 @@ class ServiceAccountAdmin:
         account_id: uuid.UUID,
         **detail: str,
     ) -> None:
-        detail = {"service_account_id": str(account_id), "actor": principal.user_id, **detail}
-        uow.audit.record(AuditEvent(kind=kind, time=self._clock.now(), detail=detail))
-        _audit_log.info("audit %s", kind.value, extra={"audit": {"event": kind.value, **detail}})
-
-
-def _require_admin(principal: Principal) -> None:
-    if not principal.is_admin or principal.actor:
-        raise PermissionDenied(
-            "service accounts are managed by administrators", reason="ADMIN_REQUIRED"
+        actor, via = actor_of(principal)
+        detail = {"service_account_id": str(account_id), **detail}
+        uow.audit.record(
+            AuditEvent(kind=kind, time=self._clock.now(), detail=detail, actor=actor, actor_via=via)
+        )
+        _audit_log.info(
+            "audit %s",
+            kind.value,
+            extra={"audit": {"event": kind.value, "actor": actor, **detail}},
         )
 
 
@@ -458,7 +460,6 @@ class TokenEndpoint:
         self._dummy = [secrets.digest(secrets.new()[0])]
         self._keys: dict[tuple[str, str], Any] = {}  # (kid, pem) → parsed public key
         self._touched: dict[uuid.UUID, datetime] = {}
-        self._failing: dict[str, float] = {}  # client → when it last failed here (monotonic)
         self._lock = threading.Lock()
 
     def issue(self, request: TokenRequest) -> IssuedAccessToken:
@@ -476,16 +477,12 @@ class TokenEndpoint:
         if len(request.scope) > 1024 or asked - KNOWN_SCOPES:
             raise _invalid_scope(f"known scopes: {', '.join(sorted(KNOWN_SCOPES))}")
         client = self._claimed_client(request)
-        # The shared throttle is asked first only about a client that failed here lately:
-        # the common case (good credentials) costs no round trip to Redis. A client that
-        # fails elsewhere is caught by the count below, which every replica shares.
-        if client in self._failing:
-            self._refuse_if_throttled(grant, self._throttle.wait(client))
         try:
             account = self._authenticate(request, client)
         except _Refused as refused:
+            # Only failures are counted, and only failures are slowed: right credentials
+            # are never refused for someone else's (or an attacker's) wrong ones.
             wait = self._throttle.failed(client)
-            self._note_failure(client)
             _audit_line(
                 AuditKind.TOKEN_REFUSED, grant=grant, client_id=client[:64], why=refused.why
             )
@@ -515,17 +512,6 @@ class TokenEndpoint:
                 retry_after_seconds=wait,
                 reason="CLIENT_THROTTLED",
             )
-
-    def _note_failure(self, client: str) -> None:
-        now = self._clock.monotonic()
-        with self._lock:
-            failing = self._failing
-            failing.pop(client, None)
-            failing[client] = now  # the newest last
-            while failing and (
-                len(failing) > 10_000 or next(iter(failing.values())) < now - FAILING_FOR
-            ):
-                del failing[next(iter(failing))]
 
     # -- grants --------------------------------------------------------------------------
 
@@ -578,11 +564,18 @@ class TokenEndpoint:
             raise _invalid_grant("not a user's token")
         if user.subject is None:
             raise _invalid_grant("not a user's token")
+        now = self._clock.now()
         with self._uow() as uow:
             stored = uow.users.get(user.subject)
+            # Checked in the database, not only by this replica's poll of the revocations.
+            revoked = uow.revocations.covers(user.user_id, user.issued_at, now)
         if stored is None or stored.disabled:
             raise _invalid_grant("the user is not active")
-        both = (user.granted & frozenset(account.scopes)) - {DELEGATE}
+        if revoked:
+            raise _invalid_grant("the user's token was revoked")
+        # What the user holds now (roles as stored), within what the token says.
+        held = user.granted & user_scopes(stored.roles)
+        both = (held & frozenset(account.scopes)) - {DELEGATE}
         scopes = tuple(sorted((asked & both) if asked else both))
         if not scopes:
             raise _invalid_scope("no scope is held by both the user and the account")
@@ -598,6 +591,9 @@ class TokenEndpoint:
             lifetime_seconds=lifetime,
             roles=stored.roles,
             actor=str(account.id),
+            # The user's token's issue time: a later revocation of the user (which covers
+            # the tokens issued before it) covers this one too.
+            issued_at=int(user.issued_at),
         )
         _audit_line(
             AuditKind.TOKEN_ISSUED,
@@ -710,7 +706,10 @@ class TokenEndpoint:
     def _check_assertion_times(self, claims: dict[str, Any]) -> datetime:
         now = self._clock.now().timestamp()
         stamps = [claims["exp"], claims.get("iat", now), claims.get("nbf", now)]
-        if not all(isinstance(t, int | float) and not isinstance(t, bool) for t in stamps):
+        if not all(
+            isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t)
+            for t in stamps
+        ):
             raise _Refused("bad time claims")
         expires, issued, not_before = (float(t) for t in stamps)
         if expires <= now - LEEWAY_SECONDS:

@@ -26,7 +26,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from services.auth_svc.domain import AuditEvent, AuditKind, SigningKeyRecord
-from services.auth_svc.service.admin import _require_admin, actor_of
+from services.auth_svc.service.admin import actor_of, require_admin
 from services.auth_svc.service.ports import AuthUnitOfWork, KeyFactory
 from shared.config.clock import Clock
 from shared.rpc.errors import InvalidArgument, NotFound
@@ -74,7 +74,7 @@ class SigningKeyAdmin:
         return max(live, key=lambda r: (r.activate_time, r.kid)).kid if live else None
 
     def list_keys(self, *, principal: Principal) -> tuple[list[SigningKeyRecord], str | None]:
-        _require_admin(principal)
+        require_admin(principal, self._uow, self._clock)
         with self._uow() as uow:
             records = uow.signing_keys.all()
         now = self._clock.now()
@@ -125,7 +125,7 @@ class SigningKeyAdmin:
     def rotate(self, *, principal: Principal | None) -> SigningKeyRecord:
         """The next key (a new one, or the one already pending)."""
         if principal is not None:
-            _require_admin(principal)
+            require_admin(principal, self._uow, self._clock)
         with self._uow() as uow:
             uow.signing_keys.lock()
             records = uow.signing_keys.all()
@@ -143,7 +143,7 @@ class SigningKeyAdmin:
         return fresh
 
     def revoke(self, *, principal: Principal, kid: str) -> tuple[SigningKeyRecord, str | None]:
-        _require_admin(principal)
+        require_admin(principal, self._uow, self._clock)
         if not kid or len(kid) > 64:
             raise InvalidArgument.field("kid", "required, at most 64 characters")
         with self._uow() as uow:

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -284,6 +284,12 @@ class FakeRevocations:
     def add(self, revocation: Revocation, *, expire_time: datetime) -> None:
         self._state.revocations.append((revocation, expire_time))
 
+    def covers(self, subject: str, issued_at: float, now: datetime) -> bool:
+        return any(
+            r.subject == subject and r.not_before.timestamp() > issued_at and expires > now
+            for r, expires in self._state.revocations
+        )
+
     def since(self, when: datetime | None, *, now: datetime) -> list[Revocation]:
         return [
             r
@@ -496,3 +502,11 @@ def build_world(
         ),
     )
     return AuthWorld(service, database, hasher, limiter, keys, clock)
+
+
+def store_admin(database: FakeDatabase, admin_id: uuid.UUID) -> None:
+    """The administrator the tests act as, as the database knows them."""
+    now = datetime.now(UTC)
+    database.committed.users[admin_id] = User(
+        admin_id, "root@example.com", "root", ("user", "admin"), False, "h", now, now
+    )

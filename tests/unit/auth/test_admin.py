@@ -58,7 +58,7 @@ def world() -> World:
         auth,
         UserAdmin(uow=uow, limiter=auth.limiter, clock=auth.clock, token_lifetime_seconds=900),
         Sessions(uow=uow, clock=auth.clock, token_lifetime_seconds=900),
-        AuditReader(uow=uow),
+        AuditReader(uow=uow, clock=auth.clock),
         RevocationFeed(uow=uow, clock=auth.clock),
     )
 
@@ -331,3 +331,26 @@ def test_a_password_change_revokes_the_tokens_issued_before(world: World) -> Non
     assert now == world.auth.clock.now()
     later, _ = world.feed.since(now + timedelta(seconds=1))
     assert later == []
+
+
+def test_an_admin_token_is_judged_by_the_database_at_once(world: World, admin: Principal) -> None:
+    """Not only by what the token says: demoted or revoked since, refused before any poll."""
+    second_id = world.register("second@example.com", admin=True)
+    second = world.principal("second@example.com")
+    assert world.users.list(principal=second, page_size=1, page_token="")[0]
+    world.users.update(
+        principal=admin,
+        user_id=second_id,
+        etag="",
+        paths=["roles"],
+        display_name="",
+        roles=["user"],
+    )
+    with pytest.raises(DomainError) as caught:  # its token still carries the admin role
+        world.users.list(principal=second, page_size=1, page_token="")
+    assert reason(caught) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
+    world.auth.clock.advance(2)
+    fresh = world.principal("second@example.com")  # a new token, no longer an admin
+    with pytest.raises(DomainError) as caught:
+        world.users.list(principal=fresh, page_size=1, page_token="")
+    assert reason(caught) == (grpc.StatusCode.PERMISSION_DENIED, "ADMIN_REQUIRED")

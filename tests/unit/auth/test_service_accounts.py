@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from services.auth_svc.domain import USER, AuditKind
 from services.auth_svc.infra.throttle import FailureThrottle
+from services.auth_svc.service.admin import revoke_tokens
 from services.auth_svc.service.service_accounts import (
     CLIENT_CREDENTIALS,
     JWT_BEARER,
@@ -29,9 +30,10 @@ from services.auth_svc.service.service_accounts import (
 from shared.rpc.errors import DomainError, InvalidArgument, ResourceExhausted
 from shared.rpc.ratelimit import Limit, RateLimiter
 from shared.security.tokens import Principal, StaticKeyProvider, TokenVerifier
-from tests.unit.auth.fakes import AUDIENCE, ISSUER, AuthWorld, build_world
+from tests.unit.auth.fakes import AUDIENCE, ISSUER, AuthWorld, build_world, store_admin
 
-ADMIN = Principal(user_id=str(uuid.uuid4()), roles=frozenset({"user", "admin"}))
+ADMIN_ID = uuid.uuid4()
+ADMIN = Principal(user_id=str(ADMIN_ID), roles=frozenset({"user", "admin"}), subject=ADMIN_ID)
 NOT_ADMIN = Principal(user_id=str(uuid.uuid4()), roles=frozenset({"user"}))
 
 
@@ -53,6 +55,7 @@ class World:
 @pytest.fixture
 def world() -> World:
     auth = build_world()
+    store_admin(auth.database, ADMIN_ID)
     clock = auth.clock
     verifier = TokenVerifier(
         StaticKeyProvider(auth.keys.verification_keys),
@@ -164,7 +167,8 @@ def test_the_secret_is_shown_once_and_stored_only_as_a_keyed_hash(world: World) 
     assert [s.secret_hash for s in stored.secrets] == [SecretHasher(b"k" * 32).digest(secret)]
     audit = world.auth.audit[-1]
     assert audit.kind is AuditKind.SERVICE_ACCOUNT_CREATED
-    assert audit.detail == {"service_account_id": client_id, "actor": ADMIN.user_id}
+    assert audit.detail == {"service_account_id": client_id}
+    assert (audit.actor, audit.actor_via) == (f"users/{ADMIN.user_id}", None)
 
 
 def test_accounts_are_listed_oldest_first_in_pages(world: World) -> None:
@@ -328,15 +332,20 @@ def test_a_deleted_account_gets_no_token_from_then_on(world: World) -> None:
 
 def test_a_client_that_keeps_failing_is_slowed_for_seconds_not_locked_out(world: World) -> None:
     client_id, secret = create(world)
-    for _ in range(3):  # the burst
-        with pytest.raises(DomainError):
+    for _ in range(3):  # the burst: plain refusals
+        with pytest.raises(DomainError) as refused:
             world.endpoint.issue(by_secret(client_id, "wrong"))
+        assert refused.value.reason == "INVALID_CLIENT"
     with pytest.raises(ResourceExhausted) as caught:
-        world.endpoint.issue(by_secret(client_id, secret))  # even the right secret, for now
+        world.endpoint.issue(by_secret(client_id, "wrong"))
     assert caught.value.reason == "CLIENT_THROTTLED"
     assert 0 < caught.value.retry_after_seconds <= 5
-    world.auth.clock.advance(caught.value.retry_after_seconds)
+    # The right secret is never turned away, whoever failed with this id before.
     assert world.endpoint.issue(by_secret(client_id, secret)).access_token
+    world.auth.clock.advance(caught.value.retry_after_seconds)
+    with pytest.raises(DomainError) as later:
+        world.endpoint.issue(by_secret(client_id, "wrong"))
+    assert later.value.reason == "INVALID_CLIENT"  # one more allowed after the wait
     other_id, other_secret = create(world, name="other")
     assert world.endpoint.issue(by_secret(other_id, other_secret)).access_token
 
@@ -566,8 +575,7 @@ def test_failures_on_other_replicas_count_toward_the_same_throttle(world: World)
             lifetime_seconds=600,
         )
 
-    replicas = [replica() for _ in range(3)]
-    for endpoint in replicas:  # one failure on each: the burst is spent
+    for endpoint in [replica() for _ in range(3)]:  # one failure on each: the burst is spent
         with pytest.raises(DomainError) as caught:
             endpoint.issue(by_secret(client_id, "wrong"))
         assert caught.value.reason == "INVALID_CLIENT"
@@ -575,7 +583,46 @@ def test_failures_on_other_replicas_count_toward_the_same_throttle(world: World)
     with pytest.raises(ResourceExhausted) as throttled:
         fresh.issue(by_secret(client_id, "wrong"))
     assert throttled.value.reason == "CLIENT_THROTTLED"
-    with pytest.raises(ResourceExhausted):
-        fresh.issue(by_secret(client_id, secret))  # it now asks first
-    world.auth.clock.advance(throttled.value.retry_after_seconds)
     assert fresh.issue(by_secret(client_id, secret)).access_token
+
+
+def test_a_revoked_user_token_cannot_be_exchanged_and_delegation_inherits_its_issue_time(
+    world: World,
+) -> None:
+    client_id, secret = create(world, "agents.read", "agents.admin", "delegate")
+    subject, user_id = user_token(world, admin=True)
+    delegated = world.endpoint.issue(exchange(client_id, secret, subject)).access_token
+    assert world.claims(delegated)["iat"] == world.claims(subject)["iat"]
+    assert world.verify(delegated).granted == {"agents.read", "agents.admin"}
+    # Demoted in the database: the token still says admin, the exchange says what is held.
+    with world.auth.database.unit_of_work() as uow:
+        user = uow.users.get(uuid.UUID(user_id))
+        assert user is not None
+        uow.users.save(replace(user, roles=("user",)))
+        uow.commit()
+    narrowed = world.endpoint.issue(exchange(client_id, secret, subject)).access_token
+    assert world.verify(narrowed).granted == {"agents.read"}
+    # Revoked (the verifier of this replica has not polled yet): refused in the database.
+    world.auth.clock.advance(1)
+    with world.auth.database.unit_of_work() as uow:
+        revoke_tokens(uow, user_id, world.auth.clock.now(), token_lifetime_seconds=900)
+        uow.commit()
+    with pytest.raises(DomainError) as caught:
+        world.endpoint.issue(exchange(client_id, secret, subject))
+    assert caught.value.reason == "INVALID_GRANT"
+    assert "revoked" in caught.value.message
+
+
+def test_assertion_times_that_are_not_numbers_are_refused(world: World) -> None:
+    client_id, _ = create(world)
+    key, pem = ed25519_key()
+    kid = world.admin.add_key(principal=ADMIN, account_id=client_id, public_key_pem=pem).kid
+    for claim in ("exp", "iat", "nbf"):
+        nan: dict[str, Any] = {claim: float("nan")}
+        token = assertion(world, client_id, key, kid, **nan)
+        with pytest.raises(DomainError) as caught:
+            world.endpoint.issue(by_assertion(token, client_id))
+        assert (caught.value.code, caught.value.reason) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "INVALID_CLIENT",
+        ), claim

@@ -4,6 +4,7 @@ imported once, rotated on schedule, re-sealed under a new key-encryption key."""
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -22,9 +23,10 @@ from services.auth_svc.service.signing_keys import REMOVAL_MARGIN, SigningKeyAdm
 from shared.rpc.errors import DomainError, Unauthenticated
 from shared.security.tokens import Principal, TokenVerifier
 from tests.helpers import FakeClock
-from tests.unit.auth.fakes import AUDIENCE, ISSUER, FakeDatabase, ed25519_pem
+from tests.unit.auth.fakes import AUDIENCE, ISSUER, FakeDatabase, ed25519_pem, store_admin
 
-ADMIN = Principal(user_id="a0000000-0000-0000-0000-000000000001", roles=frozenset({"admin"}))
+ADMIN_ID = uuid.UUID("a0000000-0000-0000-0000-000000000001")
+ADMIN = Principal(user_id=str(ADMIN_ID), roles=frozenset({"user", "admin"}), subject=ADMIN_ID)
 AHEAD = 600.0
 TTL = 900
 
@@ -57,7 +59,9 @@ def make_world(
     clock: FakeClock | None = None,
 ) -> World:
     clock = clock or FakeClock()
-    database = database or FakeDatabase()
+    if database is None:
+        database = FakeDatabase()
+        store_admin(database, ADMIN_ID)
     encryption = KeyEncryption(keks or {"k1": os.urandom(32)})
 
     def load() -> list:  # type: ignore[type-arg]
