@@ -157,6 +157,9 @@ class JwksKeyProvider:
                 self._keys = {k: v for k, v in self._keys.items() if k not in self._revoked}
                 self._generation += 1
                 _log.warning("signing keys revoked, their tokens refused: %s", sorted(dropped))
+                # The key that replaces a revoked one is fetched now, not at first sight of
+                # its kid (which the refetch cooldown may delay).
+                self._refresh_locked(reason="a signing key was revoked")
 
     def refresh(self) -> bool:
         """Fetch now (regardless of the cooldown); True if the key set was replaced."""

@@ -31,6 +31,7 @@ from tests.e2e.test_agent_e2e import (
     auth_env,
     create_admin,
     free_ports,
+    grpcurl,
     reason_of,
     start,
     wait_agent_ready,
@@ -51,7 +52,9 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
             "agent_svc",
             agent_env(
                 port,
-                tmp_path / "agent-data",  # one SQLite file: two replicas of one service
+                # Each its own SQLite file (two migrating one file at start would contend);
+                # what they share here is auth_svc and its keys.
+                tmp_path / f"agent-data-{port}",
                 auth.address,
                 AGENT_JWKS_COOLDOWN_SECONDS="1",
             ),
@@ -77,7 +80,7 @@ def kid_of(token: str) -> str:
 
 
 def test_rotation_under_load_fails_nothing_and_a_revoked_key_is_refused_everywhere(
-    stack: dict[str, Any],
+    stack: dict[str, Any], grpcurl_binary: Path
 ) -> None:
     auth_channel = grpc.insecure_channel(stack["auth"].address)
     channels = [grpc.insecure_channel(a.address) for a in stack["agents"]]
@@ -125,9 +128,18 @@ def test_rotation_under_load_fails_nothing_and_a_revoked_key_is_refused_everywhe
     worker = threading.Thread(target=load, daemon=True)
     worker.start()
     try:
-        nxt = keys.RotateSigningKey(
-            auth_pb2.RotateSigningKeyRequest(), metadata=metadata, timeout=TIMEOUT
-        ).signing_key
+        # The operator's command: grpcurl … SigningKeyService/RotateSigningKey.
+        code, rotated = grpcurl(
+            grpcurl_binary,
+            stack["auth"].address,
+            "agentplatform.auth.v1.SigningKeyService/RotateSigningKey",
+            {},
+            admin,
+        )
+        assert code == 0, rotated
+        nxt = auth_pb2.SigningKey(
+            kid=rotated["signing_key"]["kid"], state=rotated["signing_key"]["state"]
+        )
         assert nxt.state == "next"
         deadline = time.monotonic() + AHEAD + 30
         while kid_of(tokens[-1]) != nxt.kid:  # the switch, AHEAD seconds later
@@ -179,12 +191,22 @@ def test_rotation_under_load_fails_nothing_and_a_revoked_key_is_refused_everywhe
     )
     fresh = login()
     assert kid_of(fresh) == reply.active_kid
+    # The replacement key is fetched on first sight of its kid, at most once per refetch
+    # cooldown (AGENT_JWKS_COOLDOWN_SECONDS, 1 s here): within it, "unknown key".
     for replica in replicas:
-        replica.ListAgents(
-            agent_pb2.ListAgentsRequest(),
-            metadata=(("authorization", f"Bearer {fresh}"),),
-            timeout=TIMEOUT,
-        )
+        accepted_by = time.monotonic() + 10
+        while True:
+            try:
+                replica.ListAgents(
+                    agent_pb2.ListAgentsRequest(),
+                    metadata=(("authorization", f"Bearer {fresh}"),),
+                    timeout=TIMEOUT,
+                )
+                break
+            except grpc.RpcError as error:
+                if time.monotonic() > accepted_by or "unknown key" not in (error.details() or ""):
+                    raise
+            time.sleep(0.1)
     jwks = {k.kid for k in auth.GetJwks(auth_pb2.GetJwksRequest(), timeout=TIMEOUT).keys}
     assert nxt.kid not in jwks
     assert {first.kid, reply.active_kid} <= jwks  # the retired one verifies its tokens on

@@ -414,3 +414,27 @@ def test_provider_starts_while_auth_is_down_and_gets_keys_once_it_is_up(
             provider.close()
             if server is not None:
                 server.stop(None)
+
+
+def test_a_revoked_key_is_dropped_at_once_never_taken_back_and_its_successor_fetched(
+    clock: FakeClock,
+) -> None:
+    _, old = new_key("old")
+    _, leaked = new_key("leaked")
+    _, successor = new_key("successor")
+    fetcher = FakeFetcher([old, leaked])
+    provider = provider_for(fetcher, clock)
+    assert provider.key("leaked") is not None  # fetched (and the cooldown starts now)
+    generation = provider.generation
+    # The source still publishes it for a moment (a replica not yet reloaded) and already
+    # has the successor: the revocation drops it and fetches, whatever the cooldown.
+    fetcher.jwks = [old, leaked, successor]
+    provider.revoke(["leaked"])
+    assert provider.generation == generation + 1  # remembered tokens are checked again
+    assert provider.kids() == {"old", "successor"}
+    clock.advance(11)
+    provider.refresh()
+    assert "leaked" not in provider.kids()  # never taken back from a fetch
+    calls = fetcher.calls
+    provider.revoke(["leaked"])  # known already: nothing to do
+    assert fetcher.calls == calls
