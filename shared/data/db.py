@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -84,8 +86,11 @@ class _Canceller:
     """Cancels the statements of calls that ended, from a thread of its own: the request
     comes from grpcio's polling thread, which must not block. A cancel that reaches the
     server between two statements finds nothing to cancel, so it is repeated (every
-    0.25 s, up to 5 s) while the call still holds the connection; and statements not yet
-    started are refused (CallEnded)."""
+    0.25 s) while the call still holds the connection; and statements not yet started are
+    refused (CallEnded). A server that does not answer the cancel within a second (frozen:
+    stopped, or cut off without a reset) gets the connection's socket shut down instead:
+    the call's thread, blocked on it, gets an error at once instead of waiting for the
+    server to come back (and the pool drops the connection)."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[Any, dict[str, Any]]] = queue.SimpleQueue()
@@ -105,19 +110,39 @@ class _Canceller:
         pause = threading.Event()
         while True:
             connection, info = self._queue.get()
+            started = time.monotonic()
             for _ in range(20):
                 if not info.get(_CALL_ENDED):
                     break  # checked in: the work is over
                 try:
                     if hasattr(connection, "cancel_safe"):  # psycopg 3
-                        connection.cancel_safe(timeout=2.0)
+                        connection.cancel_safe(timeout=0.5)
                     elif hasattr(connection, "interrupt"):  # sqlite3
                         connection.interrupt()
                 except Exception as exc:
                     _log.info("cancelling a statement failed: %s", type(exc).__name__)
                 pause.wait(0.25)
+                if info.get(_CALL_ENDED) and time.monotonic() - started >= SEVER_AFTER_SECONDS:
+                    _sever(connection)
+                    break
 
 
+def _sever(connection: Any) -> None:
+    """Shuts the socket of a psycopg connection whose server does not answer: the thread
+    blocked reading it gets an error now (the connection is then discarded)."""
+    pgconn = getattr(connection, "pgconn", None)
+    fd = getattr(pgconn, "socket", -1) if pgconn is not None else -1
+    if fd is None or fd < 0:
+        return
+    try:
+        with socket.socket(fileno=os.dup(fd)) as duplicate:
+            duplicate.shutdown(socket.SHUT_RDWR)
+        _log.warning("the database did not answer a cancel: the connection was shut down")
+    except OSError as exc:
+        _log.info("shutting down a stuck connection failed: %s", exc)
+
+
+SEVER_AFTER_SECONDS = 1.0
 _canceller = _Canceller()
 _END_HOOK = "agentplatform.end_hook"
 _CALL_ENDED = "agentplatform.call_ended"
@@ -238,9 +263,12 @@ def make_engine(url: str, *, pool_size: int = 10, statement_timeout: float = 0.0
         hide_parameters=True,
     )
     event.listen(engine, "do_connect", _bounded_connect)
+    # The call is followed first, so that the idle ping is under its deadline too (a ping
+    # to a frozen server is cancelled, then its connection shut down, like a statement).
+    _follow_calls(engine)
     event.listen(engine.pool, "checkout", _ping_if_idle)
     event.listen(engine.pool, "checkin", _note_checkin)
-    return _follow_calls(engine)
+    return engine
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -286,3 +287,47 @@ def test_database_outage_costs_only_retryable_calls_and_no_acknowledged_write(
         auth_pb2.LoginRequest(email=pg_stack.login_user.email, password=PASSWORD), timeout=30
     )
     assert fresh.access_token
+
+
+def test_a_frozen_database_holds_no_thread_past_its_call(
+    pg: PostgresCluster, fleet: Fleet, tmp_path: Path
+) -> None:
+    """PostgreSQL frozen (SIGSTOP: connections open, nothing answers, cancels neither):
+    calls past their deadline must give their worker threads back, so calls that need no
+    database (GetJwks, which every verifier depends on) are still answered while it is
+    frozen. Before: the threads waited for the server to come back, and GetJwks with them."""
+    auth = fleet.start(
+        "auth_svc",
+        auth_env(free_port(), tmp_path / "auth", pg.create_database(), MAX_WORKERS="4"),
+    )
+    auth.wait_serving(AUTH_SERVICE, timeout=60)
+    with grpc.insecure_channel(auth.address) as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        caller = register_and_login(stub)
+
+        def current_users(timeout: float) -> list[Any]:
+            return [
+                stub.GetCurrentUser.future(
+                    auth_pb2.GetCurrentUserRequest(), metadata=caller.metadata, timeout=timeout
+                )
+                for _ in range(8)
+            ]
+
+        # Every worker thread has its pooled connection (used just now: no idle ping), so
+        # the calls below block in statements on the frozen server, not in connecting.
+        assert all(f.result() for f in current_users(30.0))
+        pg.freeze()
+        try:
+            # Twice as many database-bound calls as worker threads, 1 s deadline each.
+            futures = current_users(1.0)
+            codes = {f.exception().code() for f in futures if f.exception() is not None}
+            assert codes <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}
+            assert codes, "a call succeeded against a frozen database"
+            started = time.monotonic()
+            reply = stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=20.0)
+            waited = time.monotonic() - started
+            assert reply.keys
+            assert pg.postmaster_pid() is not None  # still frozen: answered without it
+        finally:
+            pg.thaw()
+    print(f"\nGetJwks answered {waited:.1f}s after the stuck calls' deadlines, PostgreSQL frozen")
