@@ -26,6 +26,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             principal=principal_of(context),
             agent=agent_input(request.agent),
             request_id=request.request_id,
+            validate_only=request.validate_only,
         )
         return agent_pb2.CreateAgentResponse(agent=agent_to_proto(agent))
 
@@ -34,6 +35,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     ) -> bytes:
         agent = self._service.get(principal=principal_of(context), agent_id=request.id)
         return get_agent_response(agent)
+
+    def BatchGetAgents(
+        self, request: agent_pb2.BatchGetAgentsRequest, context: Any
+    ) -> agent_pb2.BatchGetAgentsResponse:
+        agents = self._service.batch_get(principal=principal_of(context), agent_ids=request.ids)
+        return agent_pb2.BatchGetAgentsResponse(agents=[agent_to_proto(a) for a in agents])
 
     def ListAgents(
         self, request: agent_pb2.ListAgentsRequest, context: Any
@@ -59,6 +66,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             patch=agent_input(request.agent),
             update_mask=list(request.update_mask.paths),
             etag=request.agent.etag,
+            validate_only=request.validate_only,
         )
         return agent_pb2.UpdateAgentResponse(agent=agent_to_proto(agent))
 

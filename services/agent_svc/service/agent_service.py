@@ -93,6 +93,7 @@ OUTPUT_ONLY_FIELDS = frozenset({"create_time", "update_time", "etag"})
 _METADATA_ENTRY = "metadata."
 # Updates without an etag retry their compare-and-set this many times before ABORTED.
 UPDATE_ATTEMPTS = 5
+MAX_BATCH = 100  # BatchGetAgents (AIP-231)
 # Bytes of serialized agents in one ListAgents response (a quarter of the default 4 MiB
 # receive limit is left for the token and framing, and for safety).
 LIST_RESPONSE_BUDGET = 3 * 1024 * 1024
@@ -268,14 +269,24 @@ class AgentService:
 
     # -- create and read ----------------------------------------------------------------
 
-    def create(self, *, principal: Principal, agent: AgentInput, request_id: str = "") -> Agent:
+    def create(
+        self,
+        *,
+        principal: Principal,
+        agent: AgentInput,
+        request_id: str = "",
+        validate_only: bool = False,
+    ) -> Agent:
         """Creates an agent owned by the caller. With a request_id (AIP-155), a replay of
         the same request returns the first response, as it was then; the id used for a
-        different request is INVALID_ARGUMENT (REQUEST_ID_REUSED)."""
+        different request is INVALID_ARGUMENT (REQUEST_ID_REUSED). `validate_only`
+        (AIP-163): the checks, and the agent that would be created; nothing is stored."""
         caller = _caller(principal, AGENTS_WRITE)
         request = _parse_id(request_id, "request_id") if request_id else None
         check_agent(agent, self._allowed_models)
         new = Agent.new(agent, owner_id=caller.id, now=self._clock.now(), author=caller.author)
+        if validate_only:
+            return new
         with self._uow() as uow:
             if request is not None:
                 first = self._record_create(uow, caller.id, request, agent.fingerprint, new)
@@ -341,6 +352,39 @@ class AgentService:
             raise _not_found(key)
         return agent
 
+    def batch_get(self, *, principal: Principal, agent_ids: Sequence[str]) -> list[Agent]:
+        """Up to MAX_BATCH agents in the order asked (AIP-231): all, or NOT_FOUND naming
+        the first one the caller may not see."""
+        caller = _caller(principal, AGENTS_READ)
+        if not agent_ids:
+            raise InvalidArgument.field("ids", "name at least one agent")
+        if len(agent_ids) > MAX_BATCH:
+            raise InvalidArgument.field("ids", f"at most {MAX_BATCH} agents at once")
+        problems: list[FieldViolation] = []
+        keys: list[uuid.UUID] = []
+        for index, text in enumerate(agent_ids):
+            try:
+                keys.append(_parse_id(text, f"ids[{index}]"))
+            except InvalidArgument as exc:
+                problems += exc.violations
+        if problems:
+            raise InvalidArgument(problems)
+        found: dict[uuid.UUID, Agent] = {}
+        for key in dict.fromkeys(keys):  # each once, through the cache like GetAgent
+            agent = self._cache.get(key, lambda key=key: self._load(key))  # type: ignore[misc]
+            if agent is None or not caller.sees(agent):
+                raise _not_found(key)
+            found[key] = agent
+        agents = [found[key] for key in keys]
+        size = sum(framed(self._agent_size(agent)) for agent in agents)
+        if size > LIST_RESPONSE_BUDGET:  # a default client could not receive the reply
+            raise InvalidArgument.field(
+                "ids",
+                f"these agents add up to {size:,} bytes, over the "
+                f"{LIST_RESPONSE_BUDGET:,} a response may carry: ask for fewer at once",
+            )
+        return agents
+
     def _load(self, agent_id: uuid.UUID) -> Agent | None:
         with self._read_uow() as uow:
             return uow.agents.get(agent_id)
@@ -397,11 +441,16 @@ class AgentService:
         patch: AgentInput,
         update_mask: Sequence[str] = (),
         etag: str = "",
+        validate_only: bool = False,
     ) -> Agent:
-        """Applies the masked fields (AIP-134); a set etag must match (else ABORTED)."""
+        """Applies the masked fields (AIP-134); a set etag must match (else ABORTED).
+        `validate_only` (AIP-163): the checks, and the agent that would result; nothing
+        is stored."""
         caller = _caller(principal, AGENTS_WRITE)
         key = _parse_id(agent_id, "agent.id")
         paths = _mask_paths(update_mask, patch)
+        if validate_only:
+            return self._preview_update(caller, key, patch, paths, etag)
         for _attempt in range(UPDATE_ATTEMPTS):
             updated = self._try_update(caller, key, patch, paths, etag)
             if updated is not None:
@@ -411,6 +460,26 @@ class AgentService:
                 raise _etag_mismatch()
             _log.info("concurrent update of agent %s; retrying", key)
         raise Aborted("too many concurrent updates; try again", reason="CONCURRENT_UPDATE")
+
+    def _preview_update(
+        self,
+        caller: _Caller,
+        key: uuid.UUID,
+        patch: AgentInput,
+        paths: Sequence[str],
+        etag: str,
+    ) -> Agent:
+        with self._read_uow() as uow:
+            current = uow.agents.get(key)
+        if current is None or not caller.sees(current):
+            raise _not_found(key)
+        if etag and etag != current.etag:
+            raise _etag_mismatch()
+        fields = apply_update_mask(current, patch, paths)
+        if fields == current.settable:
+            return current
+        check_agent(fields, self._allowed_models)
+        return current.revised(fields, now=self._clock.now(), author=caller.author)
 
     def _try_update(
         self,

@@ -1049,3 +1049,96 @@ def test_a_delegated_token_sees_only_its_users_agents(world: World) -> None:
     runtime, _ = acting_for(user(), READ)
     with pytest.raises(NotFound):
         world.service.get(principal=runtime, agent_id=str(other.id))
+
+
+# -- batch reads and dry runs (AIP-231, AIP-163) ----------------------------------------------
+
+
+def test_a_batch_comes_back_in_the_order_asked_through_the_cache(world: World) -> None:
+    owner = user()
+    first, second = create(world, owner, name="a"), create(world, owner, name="b")
+    ids = [str(second.id), str(first.id), str(second.id)]
+    assert world.service.batch_get(principal=owner, agent_ids=ids) == [second, first, second]
+    assert world.cache.loads == 2  # each agent loaded once, repeats included
+    assert world.service.batch_get(principal=admin(), agent_ids=ids[:1]) == [second]
+
+
+def test_a_batch_is_all_or_nothing(world: World) -> None:
+    owner = user()
+    mine = create(world, owner, name="mine")
+    theirs = create(world, user(), name="theirs")
+    for missing in (theirs.id, uuid.uuid4()):
+        with pytest.raises(NotFound) as caught:
+            world.service.batch_get(principal=owner, agent_ids=[str(mine.id), str(missing)])
+        assert str(missing) in caught.value.message
+
+
+def test_a_bad_batch_names_every_bad_id_and_its_size_limits(world: World) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.batch_get(principal=user(), agent_ids=[str(uuid.uuid4()), "x", "", "y"])
+    assert fields_of(caught.value) == ["ids[1]", "ids[2]", "ids[3]"]
+    for ids in ([], [str(uuid.uuid4())] * 101):
+        with pytest.raises(InvalidArgument) as caught:
+            world.service.batch_get(principal=user(), agent_ids=ids)
+        assert fields_of(caught.value) == ["ids"]
+    with pytest.raises(PermissionDenied):
+        world.service.batch_get(principal=service_account("agents.write"), agent_ids=["x"])
+
+
+def test_a_batch_too_big_for_one_response_is_refused() -> None:
+    world = make_world()
+    owner = user()
+    big = "x" * 250_000
+    count = LIST_RESPONSE_BUDGET // len(big) + 1  # together just past the budget
+    ids = [str(create(world, owner, name=f"big-{n}", instructions=big).id) for n in range(count)]
+    assert world.service.batch_get(principal=owner, agent_ids=ids[:-2])  # under it: fine
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.batch_get(principal=owner, agent_ids=ids)
+    assert "ask for fewer" in caught.value.violations[0].description
+
+
+def test_validate_only_create_checks_everything_and_stores_nothing(world: World) -> None:
+    owner = user()
+    would = world.service.create(principal=owner, agent=agent_input(), validate_only=True)
+    assert would.name == agent_input().name
+    assert world.database.committed.agents == {}
+    with pytest.raises(InvalidArgument):
+        world.service.create(principal=owner, agent=agent_input(name=""), validate_only=True)
+    with pytest.raises(PermissionDenied):
+        world.service.create(
+            principal=service_account("agents.read"), agent=agent_input(), validate_only=True
+        )
+
+
+def test_validate_only_update_checks_the_etag_and_changes_nothing(world: World) -> None:
+    owner = user()
+    agent = create(world, owner)
+    world.clock.advance(5)
+    would = world.service.update(
+        principal=owner,
+        agent_id=str(agent.id),
+        patch=AgentInput(description="new"),
+        update_mask=["description"],
+        etag=agent.etag,
+        validate_only=True,
+    )
+    assert would.description == "new"
+    assert would.revision == agent.revision + 1
+    assert world.database.committed.agents[agent.id] == agent
+    with pytest.raises(Aborted):
+        world.service.update(
+            principal=owner,
+            agent_id=str(agent.id),
+            patch=AgentInput(description="new"),
+            update_mask=["description"],
+            etag="stale",
+            validate_only=True,
+        )
+    with pytest.raises(NotFound):
+        world.service.update(
+            principal=user(),
+            agent_id=str(agent.id),
+            patch=AgentInput(description="new"),
+            update_mask=["description"],
+            validate_only=True,
+        )

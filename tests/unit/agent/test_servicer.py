@@ -516,3 +516,42 @@ def test_delete_rules(client: Client) -> None:
     )
     gone = client.call("GetAgent", agent_pb2.GetAgentRequest(id=agent.id), token=token)
     assert gone.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_batch_get_returns_the_agents_in_order_and_names_a_missing_one(client: Client) -> None:
+    token = client.token()
+    first, second = create(client, token, name="first"), create(client, token, name="second")
+    reply = client.ok(
+        "BatchGetAgents",
+        agent_pb2.BatchGetAgentsRequest(ids=[second.id, first.id]),
+        token=token,
+    )
+    assert list(reply.agents) == [second, first]
+    missing = str(uuid.uuid4())
+    refused = client.call(
+        "BatchGetAgents", agent_pb2.BatchGetAgentsRequest(ids=[first.id, missing]), token=token
+    )
+    assert (refused.code, refused.reason()) == (grpc.StatusCode.NOT_FOUND, "AGENT_NOT_FOUND")
+    assert missing in refused.details
+    bad = client.call(
+        "BatchGetAgents", agent_pb2.BatchGetAgentsRequest(ids=[first.id, "x"]), token=token
+    )
+    assert (bad.code, bad.violations()) == (grpc.StatusCode.INVALID_ARGUMENT, ["ids[1]"])
+
+
+def test_validate_only_answers_the_would_be_agent_and_writes_nothing(client: Client) -> None:
+    token = client.token()
+    request = agent_pb2.CreateAgentRequest(agent=new_agent(name="dry"), validate_only=True)
+    would = client.ok("CreateAgent", request, token=token).agent
+    assert would.name == "dry"
+    got = client.call("GetAgent", agent_pb2.GetAgentRequest(id=would.id), token=token)
+    assert got.code == grpc.StatusCode.NOT_FOUND
+    real = create(client, token, name="real")
+    update = agent_pb2.UpdateAgentRequest(
+        agent=agent_pb2.Agent(id=real.id, description="changed", etag=real.etag),
+        update_mask=field_mask_pb2.FieldMask(paths=["description"]),
+        validate_only=True,
+    )
+    assert client.ok("UpdateAgent", update, token=token).agent.description == "changed"
+    stored = client.ok("GetAgent", agent_pb2.GetAgentRequest(id=real.id), token=token).agent
+    assert stored == real

@@ -53,6 +53,16 @@ class AgentsClient:
         response: agent_pb2.GetAgentResponse = _call(self._stub.GetAgent, request, timeout)
         return response.agent
 
+    def batch_get(
+        self, agent_ids: list[str], *, timeout: float | None = None
+    ) -> list[agent_pb2.Agent]:
+        """Up to 100 agents in the order asked; NotFound if any is missing (AIP-231)."""
+        request = agent_pb2.BatchGetAgentsRequest(ids=agent_ids)
+        response: agent_pb2.BatchGetAgentsResponse = _call(
+            self._stub.BatchGetAgents, request, timeout
+        )
+        return list(response.agents)
+
     def list_pages(
         self,
         *,

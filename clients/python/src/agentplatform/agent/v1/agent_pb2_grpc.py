@@ -55,6 +55,11 @@ class AgentServiceStub:
                 request_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.GetAgentRequest.SerializeToString,
                 response_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.GetAgentResponse.FromString,
                 _registered_method=True)
+        self.BatchGetAgents = channel.unary_unary(
+                '/agentplatform.agent.v1.AgentService/BatchGetAgents',
+                request_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.BatchGetAgentsRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.BatchGetAgentsResponse.FromString,
+                _registered_method=True)
         self.ListAgents = channel.unary_unary(
                 '/agentplatform.agent.v1.AgentService/ListAgents',
                 request_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListAgentsRequest.SerializeToString,
@@ -104,6 +109,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchGetAgents(self, request, context):
+        """Reads up to 100 agents at once (AIP-231), in the order asked: all or nothing — if
+        one is not found (or is another owner's), the call is NOT_FOUND naming it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAgents(self, request, context):
         """Lists the caller's agents (an admin: everyone's), keyset-paged.
         """
@@ -137,6 +150,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.GetAgent,
                     request_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.GetAgentRequest.FromString,
                     response_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.GetAgentResponse.SerializeToString,
+            ),
+            'BatchGetAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchGetAgents,
+                    request_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.BatchGetAgentsRequest.FromString,
+                    response_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.BatchGetAgentsResponse.SerializeToString,
             ),
             'ListAgents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAgents,
@@ -219,6 +237,33 @@ class AgentService:
             '/agentplatform.agent.v1.AgentService/GetAgent',
             agentplatform_dot_agent_dot_v1_dot_agent__pb2.GetAgentRequest.SerializeToString,
             agentplatform_dot_agent_dot_v1_dot_agent__pb2.GetAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchGetAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.agent.v1.AgentService/BatchGetAgents',
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.BatchGetAgentsRequest.SerializeToString,
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.BatchGetAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,10 @@ class AgentServiceStub:
     """
     GetAgent: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetAgentRequest, _agent_pb2.GetAgentResponse]
     """Reads one agent. Another owner's agent is NOT_FOUND."""
+    BatchGetAgents: _grpc.UnaryUnaryMultiCallable[_agent_pb2.BatchGetAgentsRequest, _agent_pb2.BatchGetAgentsResponse]
+    """Reads up to 100 agents at once (AIP-231), in the order asked: all or nothing — if
+    one is not found (or is another owner's), the call is NOT_FOUND naming it.
+    """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListAgentsRequest, _agent_pb2.ListAgentsResponse]
     """Lists the caller's agents (an admin: everyone's), keyset-paged."""
     UpdateAgent: _grpc.UnaryUnaryMultiCallable[_agent_pb2.UpdateAgentRequest, _agent_pb2.UpdateAgentResponse]
@@ -85,6 +89,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """
     GetAgent: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetAgentRequest, _agent_pb2.GetAgentResponse]  # type: ignore[assignment]
     """Reads one agent. Another owner's agent is NOT_FOUND."""
+    BatchGetAgents: _aio.UnaryUnaryMultiCallable[_agent_pb2.BatchGetAgentsRequest, _agent_pb2.BatchGetAgentsResponse]  # type: ignore[assignment]
+    """Reads up to 100 agents at once (AIP-231), in the order asked: all or nothing — if
+    one is not found (or is another owner's), the call is NOT_FOUND naming it.
+    """
     ListAgents: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListAgentsRequest, _agent_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """Lists the caller's agents (an admin: everyone's), keyset-paged."""
     UpdateAgent: _aio.UnaryUnaryMultiCallable[_agent_pb2.UpdateAgentRequest, _agent_pb2.UpdateAgentResponse]  # type: ignore[assignment]
@@ -126,6 +134,16 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.GetAgentResponse, _abc.Awaitable[_agent_pb2.GetAgentResponse]]:
         """Reads one agent. Another owner's agent is NOT_FOUND."""
+
+    @_abc_1.abstractmethod
+    def BatchGetAgents(
+        self,
+        request: _agent_pb2.BatchGetAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.BatchGetAgentsResponse, _abc.Awaitable[_agent_pb2.BatchGetAgentsResponse]]:
+        """Reads up to 100 agents at once (AIP-231), in the order asked: all or nothing — if
+        one is not found (or is another owner's), the call is NOT_FOUND naming it.
+        """
 
     @_abc_1.abstractmethod
     def ListAgents(
