@@ -184,6 +184,7 @@ def build_app(
         cache=_cache(settings, closers, metrics),
         clock=clock,
         allowed_models=settings.allowed_models,
+        catalogue=settings.catalogue,
         page_tokens=PageTokens(settings.page_token_secret),
         agent_size=serialized_size,
         request_id_ttl_seconds=settings.request_id_ttl_seconds,

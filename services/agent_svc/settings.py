@@ -9,7 +9,10 @@
   when it differs from the host in `AGENT_AUTH_TARGET` (e.g. a target given as an IP).
 - `AGENT_ISSUER` (`agentplatform-auth`), `AGENT_AUDIENCE` (`agentplatform`): the `iss`
   and `aud` every access token must carry.
-- `AGENT_ALLOWED_MODELS` (`DEFAULT_ALLOWED_MODELS` below): comma-separated allow-list.
+- `AGENT_ALLOWED_MODELS` (`DEFAULT_ALLOWED_MODELS` below): comma-separated active models.
+- `AGENT_DEPRECATED_MODELS` (none): `model@YYYY-MM-DD>replacement,…`: usable, with a notice
+  in the replies; `AGENT_RETIRED_MODELS` (none): `model>replacement,…`: refused (see
+  services/agent_svc/service/models.py).
 - `AGENT_JWKS_COOLDOWN_SECONDS` (30): at most one key refetch per cool-down on an unknown
   `kid`.
 - `AGENT_L1_MAX_ENTRIES` (10000), `AGENT_L1_TTL_SECONDS` (30): the in-process cache; the
@@ -33,6 +36,14 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from services.agent_svc.service.models import (
+    ACTIVE,
+    DEPRECATED,
+    RETIRED,
+    ModelCatalogue,
+    ModelEntry,
+    parse_entries,
+)
 from shared.config.settings import CommonSettings, EnvReader, Role, load_common
 
 __all__ = ["DEFAULT_ALLOWED_MODELS", "AgentSettings", "load_agent_settings"]
@@ -64,6 +75,7 @@ class AgentSettings:
     issuer: str
     audience: str
     allowed_models: tuple[str, ...]
+    catalogue: ModelCatalogue
     jwks_cooldown_seconds: float
     revocation_poll_seconds: float
     l1_max_entries: int
@@ -95,6 +107,20 @@ def _page_token_secret(reader: EnvReader, common: CommonSettings, *, required: b
     return secrets.token_bytes(32)
 
 
+def _catalogue(reader: EnvReader, active: tuple[str, ...]) -> ModelCatalogue:
+    entries = [ModelEntry(name, ACTIVE) for name in active]
+    for key, state in (("DEPRECATED_MODELS", DEPRECATED), ("RETIRED_MODELS", RETIRED)):
+        try:
+            entries += parse_entries(reader.text(key, ""), state)
+        except ValueError as exc:
+            reader.problems.append(f"{reader.name(key)}: {exc}")
+    try:
+        return ModelCatalogue(entries)
+    except ValueError as exc:
+        reader.problems.append(f"the model catalogue: {exc}")
+        return ModelCatalogue.of_active(active)
+
+
 def load_agent_settings(env: Mapping[str, str], role: Role = "serve") -> AgentSettings:
     """Reads AGENT_* variables for the role (the worker needs neither the page-token secret
     nor the way to auth_svc); raises ConfigError listing every problem."""
@@ -112,7 +138,8 @@ def load_agent_settings(env: Mapping[str, str], role: Role = "serve") -> AgentSe
         auth_tls_server_name=reader.raw("AUTH_TLS_SERVER_NAME"),
         issuer=reader.text("ISSUER", "agentplatform-auth"),
         audience=reader.text("AUDIENCE", "agentplatform"),
-        allowed_models=reader.items("ALLOWED_MODELS", DEFAULT_ALLOWED_MODELS),
+        allowed_models=(allowed := reader.items("ALLOWED_MODELS", DEFAULT_ALLOWED_MODELS)),
+        catalogue=_catalogue(reader, allowed),
         jwks_cooldown_seconds=reader.number("JWKS_COOLDOWN_SECONDS", 30.0),
         # How often the revocations are asked for: the bound on how long a revoked token
         # (a disabled user's, say) is still accepted here while auth_svc answers.

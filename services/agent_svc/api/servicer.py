@@ -8,11 +8,22 @@ from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
 
 from services.agent_svc.api.convert import agent_input, agent_to_proto, get_agent_response
 from services.agent_svc.service.agent_service import AgentService
+from services.agent_svc.service.models import ModelEntry
 from shared.rpc.request_path import principal_of
 
 __all__ = ["PUBLIC_METHODS", "AgentServicer"]
 
 PUBLIC_METHODS: frozenset[str] = frozenset()
+
+
+def model_to_proto(entry: ModelEntry, agent_count: int = 0) -> agent_pb2.Model:
+    return agent_pb2.Model(
+        name=entry.name,
+        state=entry.state,
+        sunset_date=entry.sunset.isoformat() if entry.sunset else "",
+        replacement=entry.replacement or "",
+        agent_count=agent_count,
+    )
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -28,7 +39,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             request_id=request.request_id,
             validate_only=request.validate_only,
         )
-        return agent_pb2.CreateAgentResponse(agent=agent_to_proto(agent))
+        return agent_pb2.CreateAgentResponse(
+            agent=agent_to_proto(agent), model_notice=self._notice(agent.model)
+        )
 
     def GetAgent(  # type: ignore[override]  # the encoded response, see get_agent_response
         self, request: agent_pb2.GetAgentRequest, context: Any
@@ -68,7 +81,21 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             etag=request.agent.etag,
             validate_only=request.validate_only,
         )
-        return agent_pb2.UpdateAgentResponse(agent=agent_to_proto(agent))
+        return agent_pb2.UpdateAgentResponse(
+            agent=agent_to_proto(agent), model_notice=self._notice(agent.model)
+        )
+
+    def _notice(self, model: str) -> agent_pb2.Model | None:
+        entry = self._service.model_notice(model)
+        return model_to_proto(entry) if entry is not None else None
+
+    def ListModels(
+        self, request: agent_pb2.ListModelsRequest, context: Any
+    ) -> agent_pb2.ListModelsResponse:
+        models = self._service.models(principal=principal_of(context))
+        return agent_pb2.ListModelsResponse(
+            models=[model_to_proto(entry, count) for entry, count in models]
+        )
 
     def DeleteAgent(
         self, request: agent_pb2.DeleteAgentRequest, context: Any

@@ -228,6 +228,12 @@ class SqlAgentRepository:
         row = self._session.execute(_read().where(AgentRow.id == agent_id)).one_or_none()
         return _agent_from_row(row) if row else None
 
+    def count_by_model(self, owner_id: uuid.UUID | None) -> dict[str, int]:
+        statement = select(AgentRow.model, func.count()).group_by(AgentRow.model)
+        if owner_id is not None:
+            statement = statement.where(AgentRow.owner_id == owner_id)
+        return {model: int(count) for model, count in self._session.execute(statement)}
+
     def list_page(self, query: AgentQuery) -> list[Agent]:
         column = _SORT_COLUMNS[query.ordering.field]
         statement = _read()

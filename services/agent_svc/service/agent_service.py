@@ -48,6 +48,7 @@ from services.agent_svc.service.filtering import (
     parse_filter,
     parse_order_by,
 )
+from services.agent_svc.service.models import RETIRED, ModelCatalogue, ModelEntry
 from services.agent_svc.service.paging import Cursor, PageTokens, page_size_of
 from services.agent_svc.service.ports import (
     AgentCache,
@@ -254,6 +255,7 @@ class AgentService:
         request_id_ttl_seconds: float = 86_400.0,
         max_agents_per_owner: int = 0,
         read_uow: Callable[[], AgentUnitOfWork] | None = None,
+        catalogue: ModelCatalogue | None = None,
     ) -> None:
         self._uow = uow
         # Reads of one statement (a cache miss, a page) need no transaction of their own:
@@ -261,7 +263,8 @@ class AgentService:
         self._read_uow = read_uow or uow
         self._cache = cache
         self._clock = clock
-        self._allowed_models = tuple(allowed_models)
+        self._catalogue = catalogue or ModelCatalogue.of_active(allowed_models)
+        self._allowed_models = self._catalogue.usable
         self._page_tokens = page_tokens
         self._agent_size = agent_size
         self._request_id_ttl = timedelta(seconds=request_id_ttl_seconds)
@@ -283,7 +286,7 @@ class AgentService:
         (AIP-163): the checks, and the agent that would be created; nothing is stored."""
         caller = _caller(principal, AGENTS_WRITE)
         request = _parse_id(request_id, "request_id") if request_id else None
-        check_agent(agent, self._allowed_models)
+        self._check(agent)
         new = Agent.new(agent, owner_id=caller.id, now=self._clock.now(), author=caller.author)
         if validate_only:
             return new
@@ -300,6 +303,29 @@ class AgentService:
                 raise self._quota_exceeded(caller.id) from None
             uow.commit()
         return new
+
+    def _check(self, agent: AgentInput) -> None:
+        """The agent's rules; a retired model is refused naming its replacement."""
+        retired = self._catalogue.retired(agent.model)
+        if retired is not None:
+            instead = f"; use {retired.replacement}" if retired.replacement else ""
+            raise InvalidArgument.field("agent.model", f"{agent.model} is retired{instead}")
+        check_agent(agent, self._allowed_models)
+
+    def model_notice(self, model: str) -> ModelEntry | None:
+        """What a reply says about the agent's model: its entry when it is deprecated."""
+        return self._catalogue.notice(model)
+
+    def models(self, *, principal: Principal) -> list[tuple[ModelEntry, int]]:
+        """The catalogue, each model with the agents using it: the caller's (an admin: all)."""
+        caller = _caller(principal, AGENTS_READ)
+        with self._read_uow() as uow:
+            counts = uow.agents.count_by_model(None if caller.is_admin else caller.id)
+        entries = list(self._catalogue.entries)
+        known = {entry.name for entry in entries}
+        # Agents naming a model no longer in the catalogue show too (a retired one dropped).
+        entries += [ModelEntry(name, RETIRED) for name in sorted(set(counts) - known)]
+        return [(entry, counts.get(entry.name, 0)) for entry in entries]
 
     def _quota_exceeded(self, owner_id: uuid.UUID) -> ResourceExhausted:
         limit = self._max_agents_per_owner
@@ -478,7 +504,7 @@ class AgentService:
         fields = apply_update_mask(current, patch, paths)
         if fields == current.settable:
             return current
-        check_agent(fields, self._allowed_models)
+        self._check(fields)
         return current.revised(fields, now=self._clock.now(), author=caller.author)
 
     def _try_update(
@@ -499,7 +525,7 @@ class AgentService:
             fields = apply_update_mask(current, patch, paths)
             if fields == current.settable:
                 return current  # nothing changes (e.g. only output-only paths): no write
-            check_agent(fields, self._allowed_models)
+            self._check(fields)
             updated = current.revised(fields, now=self._clock.now(), author=caller.author)
             try:
                 stored = uow.agents.update(updated, expected_revision=current.revision)

@@ -67,6 +67,10 @@ class AgentQuery:
 
 
 class AgentRepository(Protocol):
+    def count_by_model(self, owner_id: uuid.UUID | None) -> dict[str, int]:
+        """How many agents name each model: an owner's, or (None) everyone's."""
+        ...
+
     def add(self, agent: Agent, *, max_per_owner: int = 0) -> None:
         """Stores a new agent and counts it for its owner; QuotaExceeded if the owner has
         `max_per_owner` agents already (0: no limit), NameTaken if they have one of that

@@ -421,3 +421,18 @@ def test_two_compare_and_sets_on_one_revision_one_wins(uow: UowFactory) -> None:
     stored = get(uow, agent.id)
     assert stored is not None
     assert stored.revision == 2
+
+
+def test_agents_are_counted_by_model_for_an_owner_or_everyone(uow: UowFactory) -> None:
+    other = uuid.uuid4()
+    add(
+        uow,
+        an_agent("a", model="gpt-4o"),
+        an_agent("b", model="gpt-4o"),
+        an_agent("c", model="gpt-4.1"),
+        an_agent("d", owner=other, model="gpt-4o"),
+    )
+    with uow() as work:
+        assert work.agents.count_by_model(ALICE) == {"gpt-4o": 2, "gpt-4.1": 1}
+        assert work.agents.count_by_model(None) == {"gpt-4o": 3, "gpt-4.1": 1}
+        assert work.agents.count_by_model(uuid.uuid4()) == {}

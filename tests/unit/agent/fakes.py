@@ -26,6 +26,7 @@ from services.agent_svc.service.filtering import (
     OwnerEquals,
     SortField,
 )
+from services.agent_svc.service.models import ModelCatalogue
 from services.agent_svc.service.paging import PageTokens
 from services.agent_svc.service.ports import (
     AgentQuery,
@@ -98,6 +99,13 @@ class FakeAgents:
     def get(self, agent_id: uuid.UUID) -> Agent | None:
         self._database.reads += 1
         return self._state.agents.get(agent_id)
+
+    def count_by_model(self, owner_id: uuid.UUID | None) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for agent in self._state.agents.values():
+            if owner_id is None or agent.owner_id == owner_id:
+                counts[agent.model] = counts.get(agent.model, 0) + 1
+        return counts
 
     def list_page(self, query: AgentQuery) -> list[Agent]:
         self._database.queries.append(query)
@@ -340,6 +348,7 @@ def make_world(
     agent_size: Callable[[Agent], int] = agent_size,
     request_id_ttl_seconds: float = 86_400.0,
     max_agents_per_owner: int = 0,
+    catalogue: ModelCatalogue | None = None,
 ) -> World:
     database = FakeDatabase()
     cache = RecordingCache(database.events)
@@ -353,5 +362,6 @@ def make_world(
         agent_size=agent_size,
         request_id_ttl_seconds=request_id_ttl_seconds,
         max_agents_per_owner=max_agents_per_owner,
+        catalogue=catalogue,
     )
     return World(service, database, cache, clock)

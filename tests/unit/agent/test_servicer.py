@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
 import grpc
@@ -20,6 +21,13 @@ from google.rpc import error_details_pb2, status_pb2
 
 from services.agent_svc import SERVICE_NAME
 from services.agent_svc.api.servicer import PUBLIC_METHODS, AgentServicer
+from services.agent_svc.service.models import (
+    ACTIVE,
+    DEPRECATED,
+    RETIRED,
+    ModelCatalogue,
+    ModelEntry,
+)
 from shared.config.clock import SystemClock
 from shared.rpc.metrics import RpcMetrics
 from shared.rpc.request_path import RequestPath
@@ -555,3 +563,43 @@ def test_validate_only_answers_the_would_be_agent_and_writes_nothing(client: Cli
     assert client.ok("UpdateAgent", update, token=token).agent.description == "changed"
     stored = client.ok("GetAgent", agent_pb2.GetAgentRequest(id=real.id), token=token).agent
     assert stored == real
+
+
+def test_list_models_and_the_notice_of_a_deprecated_model() -> None:
+    catalogue = ModelCatalogue(
+        [
+            ModelEntry("gpt-4.1", ACTIVE),
+            ModelEntry("gpt-4o", DEPRECATED, date(2027, 3, 1), "gpt-4.1"),
+            ModelEntry("gpt-3.5", RETIRED, None, "gpt-4.1"),
+        ]
+    )
+    client = Client(make_world(catalogue=catalogue))
+    token = client.token()
+    reply = client.ok(
+        "CreateAgent", agent_pb2.CreateAgentRequest(agent=new_agent(model="gpt-4o")), token=token
+    )
+    assert reply.model_notice == agent_pb2.Model(
+        name="gpt-4o", state="deprecated", sunset_date="2027-03-01", replacement="gpt-4.1"
+    )
+    fresh = client.ok(
+        "CreateAgent",
+        agent_pb2.CreateAgentRequest(agent=new_agent(model="gpt-4.1", name="fresh")),
+        token=token,
+    )
+    assert not fresh.HasField("model_notice")
+    retired = client.call(
+        "CreateAgent",
+        agent_pb2.CreateAgentRequest(agent=new_agent(model="gpt-3.5", name="old")),
+        token=token,
+    )
+    assert (retired.code, retired.violations()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["agent.model"],
+    )
+    assert "use gpt-4.1" in retired.details
+    models = client.ok("ListModels", agent_pb2.ListModelsRequest(), token=token).models
+    assert [(m.name, m.state, m.agent_count) for m in models] == [
+        ("gpt-4.1", "active", 1),
+        ("gpt-4o", "deprecated", 1),
+        ("gpt-3.5", "retired", 0),
+    ]

@@ -75,6 +75,7 @@ RETRIED_ON_UNAVAILABLE: frozenset[str] = frozenset(
         f"/{AGENT}/CreateAgent",
         f"/{AGENT}/GetAgent",
         f"/{AGENT}/BatchGetAgents",
+        f"/{AGENT}/ListModels",
         f"/{AGENT}/ListAgents",
         f"/{AGENT}/UpdateAgent",
         f"/{AGENT}/DeleteAgent",

@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"agentplatform/agent/v1/agent.proto\x12\x16\x61gentplatform.agent.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\x04\n\x05\x41gent\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x16\n\x08owner_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x13\n\x05model\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0cinstructions\x18\x06 \x01(\t\x12+\n\x05tools\x18\x07 \x03(\x0b\x32\x1c.agentplatform.agent.v1.Tool\x12=\n\x08metadata\x18\x08 \x03(\x0b\x32+.agentplatform.agent.v1.Agent.MetadataEntry\x12\x18\n\x0btemperature\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x35\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\r \x01(\t\x12\x18\n\nupdated_by\x18\x0e \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0bupdated_via\x18\x0f \x01(\tB\x04\xe2\x41\x01\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_p\"\\\n\x04Tool\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"s\n\x12\x43reateAgentRequest\x12\x32\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1d.agentplatform.agent.v1.AgentB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"C\n\x13\x43reateAgentResponse\x12,\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1d.agentplatform.agent.v1.Agent\"#\n\x0fGetAgentRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"*\n\x15\x42\x61tchGetAgentsRequest\x12\x11\n\x03ids\x18\x01 \x03(\tB\x04\xe2\x41\x01\x02\"G\n\x16\x42\x61tchGetAgentsResponse\x12-\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1d.agentplatform.agent.v1.Agent\"@\n\x10GetAgentResponse\x12,\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1d.agentplatform.agent.v1.Agent\"\\\n\x11ListAgentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\"\\\n\x12ListAgentsResponse\x12-\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1d.agentplatform.agent.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x90\x01\n\x12UpdateAgentRequest\x12\x32\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1d.agentplatform.agent.v1.AgentB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"C\n\x13UpdateAgentResponse\x12,\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1d.agentplatform.agent.v1.Agent\"4\n\x12\x44\x65leteAgentRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x15\n\x13\x44\x65leteAgentResponse2\xfb\x04\n\x0c\x41gentService\x12\x66\n\x0b\x43reateAgent\x12*.agentplatform.agent.v1.CreateAgentRequest\x1a+.agentplatform.agent.v1.CreateAgentResponse\x12]\n\x08GetAgent\x12\'.agentplatform.agent.v1.GetAgentRequest\x1a(.agentplatform.agent.v1.GetAgentResponse\x12o\n\x0e\x42\x61tchGetAgents\x12-.agentplatform.agent.v1.BatchGetAgentsRequest\x1a..agentplatform.agent.v1.BatchGetAgentsResponse\x12\x63\n\nListAgents\x12).agentplatform.agent.v1.ListAgentsRequest\x1a*.agentplatform.agent.v1.ListAgentsResponse\x12\x66\n\x0bUpdateAgent\x12*.agentplatform.agent.v1.UpdateAgentRequest\x1a+.agentplatform.agent.v1.UpdateAgentResponse\x12\x66\n\x0b\x44\x65leteAgent\x12*.agentplatform.agent.v1.DeleteAgentRequest\x1a+.agentplatform.agent.v1.DeleteAgentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"agentplatform/agent/v1/agent.proto\x12\x16\x61gentplatform.agent.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\x04\n\x05\x41gent\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x16\n\x08owner_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x13\n\x05model\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0cinstructions\x18\x06 \x01(\t\x12+\n\x05tools\x18\x07 \x03(\x0b\x32\x1c.agentplatform.agent.v1.Tool\x12=\n\x08metadata\x18\x08 \x03(\x0b\x32+.agentplatform.agent.v1.Agent.MetadataEntry\x12\x18\n\x0btemperature\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x35\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\r \x01(\t\x12\x18\n\nupdated_by\x18\x0e \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0bupdated_via\x18\x0f \x01(\tB\x04\xe2\x41\x01\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_p\"\\\n\x04Tool\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"s\n\x12\x43reateAgentRequest\x12\x32\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1d.agentplatform.agent.v1.AgentB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"x\n\x13\x43reateAgentResponse\x12,\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1d.agentplatform.agent.v1.Agent\x12\x33\n\x0cmodel_notice\x18\x02 \x01(\x0b\x32\x1d.agentplatform.agent.v1.Model\"#\n\x0fGetAgentRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"*\n\x15\x42\x61tchGetAgentsRequest\x12\x11\n\x03ids\x18\x01 \x03(\tB\x04\xe2\x41\x01\x02\"G\n\x16\x42\x61tchGetAgentsResponse\x12-\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1d.agentplatform.agent.v1.Agent\"@\n\x10GetAgentResponse\x12,\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1d.agentplatform.agent.v1.Agent\"\\\n\x11ListAgentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\"\\\n\x12ListAgentsResponse\x12-\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1d.agentplatform.agent.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x90\x01\n\x12UpdateAgentRequest\x12\x32\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1d.agentplatform.agent.v1.AgentB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"x\n\x13UpdateAgentResponse\x12,\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1d.agentplatform.agent.v1.Agent\x12\x33\n\x0cmodel_notice\x18\x02 \x01(\x0b\x32\x1d.agentplatform.agent.v1.Model\"4\n\x12\x44\x65leteAgentRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x15\n\x13\x44\x65leteAgentResponse\"c\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0bsunset_date\x18\x03 \x01(\t\x12\x13\n\x0breplacement\x18\x04 \x01(\t\x12\x13\n\x0b\x61gent_count\x18\x05 \x01(\x03\"\x13\n\x11ListModelsRequest\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.agentplatform.agent.v1.Model2\xe0\x05\n\x0c\x41gentService\x12\x66\n\x0b\x43reateAgent\x12*.agentplatform.agent.v1.CreateAgentRequest\x1a+.agentplatform.agent.v1.CreateAgentResponse\x12]\n\x08GetAgent\x12\'.agentplatform.agent.v1.GetAgentRequest\x1a(.agentplatform.agent.v1.GetAgentResponse\x12o\n\x0e\x42\x61tchGetAgents\x12-.agentplatform.agent.v1.BatchGetAgentsRequest\x1a..agentplatform.agent.v1.BatchGetAgentsResponse\x12\x63\n\nListAgents\x12).agentplatform.agent.v1.ListAgentsRequest\x1a*.agentplatform.agent.v1.ListAgentsResponse\x12\x66\n\x0bUpdateAgent\x12*.agentplatform.agent.v1.UpdateAgentRequest\x1a+.agentplatform.agent.v1.UpdateAgentResponse\x12\x66\n\x0b\x44\x65leteAgent\x12*.agentplatform.agent.v1.DeleteAgentRequest\x1a+.agentplatform.agent.v1.DeleteAgentResponse\x12\x63\n\nListModels\x12).agentplatform.agent.v1.ListModelsRequest\x1a*.agentplatform.agent.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -74,27 +74,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEAGENTREQUEST']._serialized_start=828
   _globals['_CREATEAGENTREQUEST']._serialized_end=943
   _globals['_CREATEAGENTRESPONSE']._serialized_start=945
-  _globals['_CREATEAGENTRESPONSE']._serialized_end=1012
-  _globals['_GETAGENTREQUEST']._serialized_start=1014
-  _globals['_GETAGENTREQUEST']._serialized_end=1049
-  _globals['_BATCHGETAGENTSREQUEST']._serialized_start=1051
-  _globals['_BATCHGETAGENTSREQUEST']._serialized_end=1093
-  _globals['_BATCHGETAGENTSRESPONSE']._serialized_start=1095
-  _globals['_BATCHGETAGENTSRESPONSE']._serialized_end=1166
-  _globals['_GETAGENTRESPONSE']._serialized_start=1168
-  _globals['_GETAGENTRESPONSE']._serialized_end=1232
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1234
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1326
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1328
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1420
-  _globals['_UPDATEAGENTREQUEST']._serialized_start=1423
-  _globals['_UPDATEAGENTREQUEST']._serialized_end=1567
-  _globals['_UPDATEAGENTRESPONSE']._serialized_start=1569
-  _globals['_UPDATEAGENTRESPONSE']._serialized_end=1636
-  _globals['_DELETEAGENTREQUEST']._serialized_start=1638
-  _globals['_DELETEAGENTREQUEST']._serialized_end=1690
-  _globals['_DELETEAGENTRESPONSE']._serialized_start=1692
-  _globals['_DELETEAGENTRESPONSE']._serialized_end=1713
-  _globals['_AGENTSERVICE']._serialized_start=1716
-  _globals['_AGENTSERVICE']._serialized_end=2351
+  _globals['_CREATEAGENTRESPONSE']._serialized_end=1065
+  _globals['_GETAGENTREQUEST']._serialized_start=1067
+  _globals['_GETAGENTREQUEST']._serialized_end=1102
+  _globals['_BATCHGETAGENTSREQUEST']._serialized_start=1104
+  _globals['_BATCHGETAGENTSREQUEST']._serialized_end=1146
+  _globals['_BATCHGETAGENTSRESPONSE']._serialized_start=1148
+  _globals['_BATCHGETAGENTSRESPONSE']._serialized_end=1219
+  _globals['_GETAGENTRESPONSE']._serialized_start=1221
+  _globals['_GETAGENTRESPONSE']._serialized_end=1285
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1287
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1379
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1381
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1473
+  _globals['_UPDATEAGENTREQUEST']._serialized_start=1476
+  _globals['_UPDATEAGENTREQUEST']._serialized_end=1620
+  _globals['_UPDATEAGENTRESPONSE']._serialized_start=1622
+  _globals['_UPDATEAGENTRESPONSE']._serialized_end=1742
+  _globals['_DELETEAGENTREQUEST']._serialized_start=1744
+  _globals['_DELETEAGENTREQUEST']._serialized_end=1796
+  _globals['_DELETEAGENTRESPONSE']._serialized_start=1798
+  _globals['_DELETEAGENTRESPONSE']._serialized_end=1819
+  _globals['_MODEL']._serialized_start=1821
+  _globals['_MODEL']._serialized_end=1920
+  _globals['_LISTMODELSREQUEST']._serialized_start=1922
+  _globals['_LISTMODELSREQUEST']._serialized_end=1941
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1943
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2010
+  _globals['_AGENTSERVICE']._serialized_start=2013
+  _globals['_AGENTSERVICE']._serialized_end=2749
 # @@protoc_insertion_point(module_scope)

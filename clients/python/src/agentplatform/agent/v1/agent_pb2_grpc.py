@@ -75,6 +75,11 @@ class AgentServiceStub:
                 request_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.DeleteAgentRequest.SerializeToString,
                 response_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.DeleteAgentResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/agentplatform.agent.v1.AgentService/ListModels',
+                request_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -138,6 +143,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The model catalogue: every model an agent may name, with its state, and how many of
+        the caller's agents (an admin: of all agents) use it — to plan a migration.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +183,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.DeleteAgent,
                     request_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.DeleteAgentRequest.FromString,
                     response_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.DeleteAgentResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListModelsRequest.FromString,
+                    response_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -345,6 +363,33 @@ class AgentService:
             '/agentplatform.agent.v1.AgentService/DeleteAgent',
             agentplatform_dot_agent_dot_v1_dot_agent__pb2.DeleteAgentRequest.SerializeToString,
             agentplatform_dot_agent_dot_v1_dot_agent__pb2.DeleteAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.agent.v1.AgentService/ListModels',
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListModelsRequest.SerializeToString,
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

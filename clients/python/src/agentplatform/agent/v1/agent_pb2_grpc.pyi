@@ -63,6 +63,10 @@ class AgentServiceStub:
     """Updates the fields named by update_mask (AIP-134); optimistic concurrency via etag."""
     DeleteAgent: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DeleteAgentRequest, _agent_pb2.DeleteAgentResponse]
     """Deletes an agent; a non-empty etag must match."""
+    ListModels: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListModelsRequest, _agent_pb2.ListModelsResponse]
+    """The model catalogue: every model an agent may name, with its state, and how many of
+    the caller's agents (an admin: of all agents) use it — to plan a migration.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -99,6 +103,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Updates the fields named by update_mask (AIP-134); optimistic concurrency via etag."""
     DeleteAgent: _aio.UnaryUnaryMultiCallable[_agent_pb2.DeleteAgentRequest, _agent_pb2.DeleteAgentResponse]  # type: ignore[assignment]
     """Deletes an agent; a non-empty etag must match."""
+    ListModels: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListModelsRequest, _agent_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """The model catalogue: every model an agent may name, with its state, and how many of
+    the caller's agents (an admin: of all agents) use it — to plan a migration.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService stores AI agent configurations, each owned by the user who created it.
@@ -168,5 +176,15 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.DeleteAgentResponse, _abc.Awaitable[_agent_pb2.DeleteAgentResponse]]:
         """Deletes an agent; a non-empty etag must match."""
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _agent_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ListModelsResponse, _abc.Awaitable[_agent_pb2.ListModelsResponse]]:
+        """The model catalogue: every model an agent may name, with its state, and how many of
+        the caller's agents (an admin: of all agents) use it — to plan a migration.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
