@@ -231,9 +231,13 @@ def assert_healthy(stack: FuzzStack) -> None:
     auth = auth_pb2_grpc.AuthServiceStub(stack.auth.channel)
     assert auth.GetJwks(auth_pb2.GetJwksRequest(), timeout=CALL_TIMEOUT).keys
     agents = agent_pb2_grpc.AgentServiceStub(stack.agent.channel)
-    fresh = create_agent(agents, stack.caller, f"after-fuzz-{uuid.uuid4().hex[:8]}")
+    # A user of its own: with the caller's token, a drawn RevokeAllSessions (an empty
+    # request is valid) revokes the caller's access tokens, and drawn Logins with its email
+    # and wrong passwords lock it out, both as they should.
+    caller = register_and_login(auth)
+    fresh = create_agent(agents, caller, f"after-fuzz-{uuid.uuid4().hex[:8]}")
     got = agents.GetAgent(
-        agent_pb2.GetAgentRequest(id=fresh.id), metadata=stack.caller.metadata, timeout=30
+        agent_pb2.GetAgentRequest(id=fresh.id), metadata=caller.metadata, timeout=30
     )
     assert got.agent == fresh
     for server in stack.servers:
