@@ -199,6 +199,7 @@ def build_app(
     observability.watch_pool(engine)
     sessions = session_factory(engine)
     keys, key_admin = _signing_keys(settings, sessions, clock, closers)
+    metrics.signing_key_ready.set_function(lambda: 1.0 if keys.can_sign() else 0.0)
     client = make_redis(common.redis_url) if common.redis_url else None
     if client is not None:
         closers.add(client.close)
@@ -274,6 +275,9 @@ def build_app(
         uow=lambda: SqlAuthUnitOfWork(single_reads),
         clock=clock,
         revoked_kids=key_admin.revoked_kids,
+        # A key revoked through another replica leaves this one's JWKS before it tells a
+        # verifier about the revocation (not only at its next 5 s reload).
+        on_revoked_kids=lambda kids: keys.reload() if keys.publishes(kids) else None,
     )
 
     def local_fetch(
@@ -343,17 +347,18 @@ def _register(app: AuthApp, registrar: Any) -> None:
 
 
 def build_server(app: AuthApp) -> RunningServer:
-    """A bound server for the app (port 0 in settings picks a free one). Ready once its
-    signing keys are loaded (from the database, at start): after that a database outage
-    does not take it out of its Service (GetJwks and token checks need no database). The
-    database's state is the named health service "database"."""
+    """A bound server for the app (port 0 in settings picks a free one). Ready while it has
+    a signing key that signs (loaded from the database at start, and decryptable with its
+    KEKs): after that a database outage does not take it out of its Service (GetJwks and
+    token checks need no database). The database's state is the named health service
+    "database"."""
     running = create_server(
         app.settings.common,
         register=lambda registrar: _register(app, registrar),
         service_names=list(SERVICE_NAMES),
         request_path=request_path_for(app),
         interceptors=app.observability.server_interceptors(),
-        is_ready=app.keys.available,
+        is_ready=app.keys.can_sign,
         dependencies={"database": lambda: ping(app.engine)},
     )
     app.observability.attach(running)

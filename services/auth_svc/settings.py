@@ -167,7 +167,7 @@ def load_auth_settings(env: Mapping[str, str], role: Role = "serve") -> AuthSett
     # The keys live in the database (encrypted under the KEKs); an environment key is
     # imported on the first start only. Read only to serve (its files need not be mounted
     # in the worker's pod).
-    signing_key = reader.secret("SIGNING_KEY") if serving else None
+    signing_key = (reader.secret("SIGNING_KEY", optional_file=True) or None) if serving else None
     # Dedicated low-priority hashing threads (argon2id: tens of ms of a core, 19 MiB each).
     hash_concurrency = reader.integer("HASH_CONCURRENCY", 2, minimum=1)
     settings = AuthSettings(
@@ -188,7 +188,10 @@ def load_auth_settings(env: Mapping[str, str], role: Role = "serve") -> AuthSett
         # holds at most 2 x AUTH_HASH_CONCURRENCY of the worker threads, briefly.
         hash_queue=reader.integer("HASH_QUEUE", hash_concurrency, minimum=0),
         signing_key_pem=signing_key,
-        verify_keys_pem=reader.secret("VERIFY_KEYS") if serving else None,
+        # Empty (a verify-keys.pem with nothing in it yet) is none.
+        verify_keys_pem=(reader.secret("VERIFY_KEYS", optional_file=True) or None)
+        if serving
+        else None,
         rate_limits=_rate_limits(reader),
         client_secret_key=_client_secret_key(reader, common, required=serving),
         client_failure_limit=_client_failure_limit(reader),

@@ -106,13 +106,17 @@ class EnvReader:
         if self.raw(key) is None:
             self.problems.append(f"{self.name(key)} is required {why}")
 
-    def secret(self, key: str) -> str | None:
-        """A secret given inline (`KEY`) or as a mounted file (`KEY_FILE`)."""
+    def secret(self, key: str, *, optional_file: bool = False) -> str | None:
+        """A secret given inline (`KEY`) or as a mounted file (`KEY_FILE`). With
+        `optional_file`, a file that is not there (an optional Secret volume) or holds
+        nothing counts as not given."""
         inline = self.raw(key)
         path = self.raw(f"{key}_FILE")
         if inline and path:
             self.problems.append(f"set {self.name(key)} or {self.name(key)}_FILE, not both")
         if path:
+            if optional_file and not Path(path).is_file():
+                return None
             try:
                 # Secret files usually end in a newline (echo, kubectl --from-file).
                 return Path(path).read_text().strip()

@@ -300,6 +300,11 @@ class Metrics:
         self.jwks_fetches = Counter(
             "agentplatform_jwks_fetches_total", "JWKS fetches by result.", ("result",), registry=r
         )
+        self.signing_key_ready = Gauge(
+            "agentplatform_signing_key_ready",
+            "Whether this auth-svc replica has a signing key it can use (1) or not (0).",
+            registry=r,
+        )
         self.revocation_polls = Counter(
             "agentplatform_revocation_polls_total",
             "Polls of the token revocations by result (ok, error).",

@@ -49,6 +49,10 @@ AUTH_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 
 # The members of agentplatform.auth.v1.Jwk, RFC 7517/7518/8037 names.
 _JWK_MEMBERS = ("kid", "kty", "alg", "use", "crv", "x", "y", "n", "e")
+# After a key was revoked: for this long, an unknown kid is refetched at most every
+# EAGER_COOLDOWN seconds (instead of the configured cooldown).
+EAGER_AFTER_REVOCATION = 15.0
+EAGER_COOLDOWN = 1.0
 
 
 def grpc_jwks_fetcher(channel: grpc.Channel, timeout: float = 2.0) -> JwksFetcher:
@@ -103,6 +107,7 @@ class JwksKeyProvider:
         self._last_fetch_ok = False
         self._generation = 0
         self._revoked: set[str] = set()
+        self._eager_until = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -118,7 +123,9 @@ class JwksKeyProvider:
             if found is not None:
                 return found
             last = self._last_attempt
-            if last is not None and self._clock.monotonic() - last < self._cooldown:
+            now = self._clock.monotonic()
+            cooldown = EAGER_COOLDOWN if now < self._eager_until else self._cooldown
+            if last is not None and now - last < min(cooldown, self._cooldown):
                 return None
             self._refresh_locked(reason=f"unknown kid {kid[:64]!r}")
             return self._keys.get(kid)
@@ -158,8 +165,11 @@ class JwksKeyProvider:
                 self._generation += 1
                 _log.warning("signing keys revoked, their tokens refused: %s", sorted(dropped))
                 # The key that replaces a revoked one is fetched now, not at first sight of
-                # its kid (which the refetch cooldown may delay).
+                # its kid (which the refetch cooldown may delay); and for a little while an
+                # unknown kid is fetched without the cooldown (another replica of the
+                # source may publish the replacement a few seconds later).
                 self._refresh_locked(reason="a signing key was revoked")
+                self._eager_until = self._clock.monotonic() + EAGER_AFTER_REVOCATION
 
     def refresh(self) -> bool:
         """Fetch now (regardless of the cooldown); True if the key set was replaced."""

@@ -438,3 +438,19 @@ def test_a_revoked_key_is_dropped_at_once_never_taken_back_and_its_successor_fet
     calls = fetcher.calls
     provider.revoke(["leaked"])  # known already: nothing to do
     assert fetcher.calls == calls
+
+
+def test_after_a_revocation_an_unknown_kid_is_fetched_without_the_long_cooldown(
+    clock: FakeClock,
+) -> None:
+    _, old = new_key("old")
+    _, leaked = new_key("leaked")
+    _, successor = new_key("successor")
+    fetcher = FakeFetcher([old, leaked])
+    provider = provider_for(fetcher, clock)  # cooldown 10 s
+    assert provider.key("leaked") is not None
+    provider.revoke(["leaked"])  # its fetch finds no successor yet (a replica lags)
+    assert provider.key("successor") is None
+    fetcher.jwks = [old, successor]
+    clock.advance(1.5)  # well within the 10 s cooldown, past the eager one
+    assert provider.key("successor") is not None

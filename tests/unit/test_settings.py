@@ -108,10 +108,9 @@ def test_a_secret_file_loses_its_trailing_newline(tmp_path: Path) -> None:
     assert settings.common.database_url == "postgresql://auth@db:5432/auth"
 
 
-def test_an_unreadable_signing_key_file_is_reported(tmp_path: Path) -> None:
-    env = {k: v for k, v in PROD.items() if k != "AUTH_SIGNING_KEY"}
-    message = problems({**env, "AUTH_SIGNING_KEY_FILE": str(tmp_path / "absent.pem")})
-    assert "AUTH_SIGNING_KEY_FILE: cannot read" in message
+def test_an_unreadable_secret_file_is_reported(tmp_path: Path) -> None:
+    message = problems({**PROD, "AUTH_DATABASE_URL_FILE": str(tmp_path / "absent")})
+    assert "AUTH_DATABASE_URL_FILE: cannot read" in message
 
 
 def test_a_signing_key_given_twice_is_refused(tmp_path: Path) -> None:
@@ -260,7 +259,7 @@ def test_the_worker_in_prod_needs_the_database_and_the_key_encryption_keys() -> 
     settings = load_auth_settings(env, "worker")
     assert settings.signing_key_pem is None
     assert settings.common.role == "worker"
-    assert "AUTH_SIGNING_KEY_FILE" in problems(env)  # serving reads it, and fails
+    assert "AUTH_REDIS_URL is required" in problems(env)  # serving needs more
     without = {k: v for k, v in env.items() if k != "AUTH_KEY_ENCRYPTION_KEYS"}
     with pytest.raises(ConfigError, match="AUTH_KEY_ENCRYPTION_KEYS is required"):
         load_auth_settings(without, "worker")  # it rotates and re-seals the signing keys
@@ -290,3 +289,20 @@ def test_migration_settings_need_only_the_database_url() -> None:
         load_migration_settings({"AUTH_PROFILE": "prod"}, service="auth")
     assert str(caught.value).count("\n  ") == 1
     assert "AUTH_DATABASE_URL is required" in str(caught.value)
+
+
+def test_an_empty_or_absent_key_file_is_no_key(tmp_path: Path) -> None:
+    """The Secret with the signing key is optional (imported on the first start only), and
+    its verify-keys.pem may be empty: neither stops the service."""
+    empty = tmp_path / "verify-keys.pem"
+    empty.write_text("\n")
+    settings = load_auth_settings(
+        {
+            **PROD,
+            "AUTH_SIGNING_KEY": "",
+            "AUTH_SIGNING_KEY_FILE": str(tmp_path / "absent" / "signing-key.pem"),
+            "AUTH_VERIFY_KEYS_FILE": str(empty),
+        }
+    )
+    assert settings.signing_key_pem is None
+    assert settings.verify_keys_pem is None

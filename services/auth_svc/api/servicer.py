@@ -115,6 +115,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             return auth_pb2.GetRevocationsResponse()
         since = moment_of(request, "since_time")
         revocations, now = self._revocations.since(since)
+        revoked_kids = self._revocations.revoked_kids()
         return auth_pb2.GetRevocationsResponse(
             revocations=[
                 auth_pb2.Revocation(
@@ -125,5 +126,5 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
                 for r in revocations
             ],
             server_time=_timestamp(now),
-            revoked_kids=self._revocations.revoked_kids(),
+            revoked_kids=revoked_kids,
         )

@@ -196,10 +196,16 @@ class DatabaseKeyRing:
         loaded: list[_Loaded] = []
         for record in records:
             known = previous.get(record.kid)
-            if known is not None and known.record.kek_id == record.kek_id:
-                loaded.append(_Loaded(record, known.private, known.verification))
+            if known is not None and (known.private is not None or not record.private_blob):
+                # Opened before: the private key is the same whatever KEK seals it now (the
+                # worker re-seals under a new KEK while replicas still have only the old).
+                private = known.private if record.private_blob and not record.revoke_time else None
+                loaded.append(_Loaded(record, private, known.verification))
                 continue
-            loaded.append(self._open(record))
+            try:
+                loaded.append(self._open(record))
+            except ValueError as exc:  # a damaged row: the other keys still serve
+                _log.error("%s; left out", exc)
         with self._lock:
             now = self._clock.now()
             live = {k.record.kid for k in loaded if k.record.published(now)}
@@ -212,8 +218,12 @@ class DatabaseKeyRing:
             self._loaded_ok = True
 
     def _open(self, record: SigningKeyRecord) -> _Loaded:
-        public = serialization.load_pem_public_key(record.public_pem.encode())
-        assert isinstance(public, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey)
+        try:
+            public = serialization.load_pem_public_key(record.public_pem.encode())
+        except ValueError:
+            public = None
+        if not isinstance(public, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
+            raise ValueError(f"signing key {record.kid}: its public key is not a usable PEM")
         verification = VerificationKey(record.kid, record.alg, public)
         private: PrivateKey | None = None
         if record.revoke_time is None and record.private_blob:
@@ -257,6 +267,18 @@ class DatabaseKeyRing:
             if record.published(moment) and record.activate_time <= moment and loaded.private:
                 return loaded
         raise RuntimeError("no signing key can sign: see the auth_svc log")
+
+    def can_sign(self) -> bool:
+        """Whether this replica has a key that signs now (its readiness)."""
+        return self._loaded_ok and self.signer_kid() is not None
+
+    def publishes(self, kids: Collection[str]) -> bool:
+        """Whether any of these kids is in this replica's published set."""
+        now = self._clock.now()
+        return any(
+            (loaded := self._by_kid.get(kid)) is not None and loaded.record.published(now)
+            for kid in kids
+        )
 
     def signer_kid(self, now: datetime | None = None) -> str | None:
         try:

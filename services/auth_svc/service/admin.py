@@ -473,10 +473,12 @@ class RevocationFeed:
         uow: Callable[[], AuthUnitOfWork],
         clock: Clock,
         revoked_kids: Callable[[], list[str]] | None = None,
+        on_revoked_kids: Callable[[list[str]], None] | None = None,
     ) -> None:
         self._uow = uow
         self._clock = clock
         self._revoked_kids = revoked_kids or list
+        self._on_revoked_kids = on_revoked_kids
 
     def since(self, when: datetime | None) -> tuple[list[Revocation], datetime]:
         now = self._clock.now()
@@ -484,4 +486,7 @@ class RevocationFeed:
             return uow.revocations.since(when, now=now), now
 
     def revoked_kids(self) -> list[str]:
-        return self._revoked_kids()
+        kids = self._revoked_kids()
+        if kids and self._on_revoked_kids is not None:
+            self._on_revoked_kids(kids)  # this replica drops them too, before it answers
+        return kids

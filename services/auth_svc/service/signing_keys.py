@@ -101,14 +101,33 @@ class SigningKeyAdmin:
             records = uow.signing_keys.all()
             now = self._clock.now()
             if records:
-                return "the stored keys (the environment's key is imported on first start only)"
-            removal = now + self._lifetime + REMOVAL_MARGIN
-            for pem in verify_pems:  # keys that signed before: verify until their tokens end
-                old = self._keys.public_only(pem, now=now, activate_time=_EPOCH)
-                uow.signing_keys.add(replace(old, remove_time=removal))
+                if self.signer_of(records, now) is not None:
+                    return "the stored keys (the environment's key is imported on first start only)"
+                # Stored keys, none of which can sign now: a new one signs at once.
+                fresh = self._keys.create(now=now, activate_time=now)
+                uow.signing_keys.add(fresh)
+                self._settle_removals(uow, [*records, fresh])
+                uow.audit.record(
+                    AuditEvent(
+                        kind=AuditKind.SIGNING_KEY_CREATED,
+                        time=now,
+                        detail={"kid": fresh.kid, "source": "no key could sign"},
+                    )
+                )
+                uow.commit()
+                self._reload()
+                return f"no stored key could sign: generated {fresh.kid}"
             private = signing_pem.encode() if signing_pem is not None else None
             first = self._keys.create(now=now, activate_time=now, private_pem=private)
+            olds: dict[str, SigningKeyRecord] = {}
+            for pem in verify_pems:  # keys that signed before: verify until their tokens end
+                old = self._keys.public_only(pem, now=now, activate_time=_EPOCH)
+                if old.kid != first.kid:  # the signing key's own half, or a repeat: once
+                    olds.setdefault(old.kid, old)
+            for old in olds.values():
+                uow.signing_keys.add(old)
             uow.signing_keys.add(first)
+            self._settle_removals(uow, [*olds.values(), first])
             uow.audit.record(
                 AuditEvent(
                     kind=AuditKind.SIGNING_KEY_CREATED,
@@ -136,7 +155,7 @@ class SigningKeyAdmin:
             activate = now + self._ahead
             fresh = self._keys.create(now=now, activate_time=activate)
             uow.signing_keys.add(fresh)
-            self._retire_before(uow, records, activate)
+            self._settle_removals(uow, [*records, fresh])
             self._audit(uow, AuditKind.SIGNING_KEY_CREATED, principal, fresh.kid, "rotation")
             uow.commit()
         self._reload()
@@ -162,9 +181,10 @@ class SigningKeyAdmin:
                 # Emergency: a new key signs now (verifiers fetch it on first sight of its kid).
                 fresh = self._keys.create(now=now, activate_time=now)
                 uow.signing_keys.add(fresh)
-                self._retire_before(uow, remaining, now)
                 remaining.append(fresh)
                 self._audit(uow, AuditKind.SIGNING_KEY_CREATED, principal, fresh.kid, "revocation")
+            # A revoked pending key gives the active one back its place (no removal).
+            self._settle_removals(uow, remaining)
             uow.commit()
         self._reload()
         return revoked, self.signer_of(remaining, now)
@@ -180,7 +200,11 @@ class SigningKeyAdmin:
         signer = self.signer_of(records, now)
         current = next((r for r in records if r.kid == signer), None)
         pending = any(r.published(now) and r.activate_time > now for r in records)
-        if (
+        if current is None:
+            # Nothing can sign (every key removed or revoked): a new key, at once.
+            self.ensure(signing_pem=None)
+            counts["rotated"] = 1
+        elif (
             self._rotation is not None
             and current is not None
             and not pending
@@ -188,15 +212,22 @@ class SigningKeyAdmin:
         ):
             self.rotate(principal=None)
             counts["rotated"] = 1
+        counts["unreadable"] = 0
         with self._uow() as uow:
             uow.signing_keys.lock()
+            self._settle_removals(uow, uow.signing_keys.all())  # repairs what came before
             for record in uow.signing_keys.all():
                 if record.remove_time is not None and record.remove_time <= now:
                     if record.private_blob:
                         uow.signing_keys.save(replace(record, private_blob=b"", kek_id=""))
                         counts["wiped"] += 1
                     continue
-                resealed = self._keys.rewrap(record)
+                try:
+                    resealed = self._keys.rewrap(record)
+                except ValueError as exc:  # one damaged key must not stop the others
+                    _log.error("signing key %s cannot be re-sealed: %s", record.kid, exc)
+                    counts["unreadable"] += 1
+                    continue
                 if resealed is not None:
                     uow.signing_keys.save(resealed)
                     counts["resealed"] += 1
@@ -207,18 +238,25 @@ class SigningKeyAdmin:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _retire_before(
-        self, uow: AuthUnitOfWork, records: Sequence[SigningKeyRecord], activate: datetime
-    ) -> None:
-        """Keys that sign until `activate` leave the JWKS once their tokens have expired."""
-        removal = activate + self._lifetime + REMOVAL_MARGIN
-        for record in records:
-            if (
-                record.revoke_time is None
-                and record.activate_time <= activate
-                and (record.remove_time is None or record.remove_time > removal)
+    def _settle_removals(self, uow: AuthUnitOfWork, records: Sequence[SigningKeyRecord]) -> None:
+        """Every live key leaves the JWKS once the key after it has signed for a token
+        lifetime (and a margin); the newest key — the one that signs, or will — never has
+        a removal time. Recomputed from all the keys after every change, so a revoked
+        pending key cannot leave the active one scheduled for removal with no successor."""
+        live = sorted(
+            (r for r in records if r.revoke_time is None),
+            key=lambda r: (r.activate_time, r.kid),
+        )
+        for record, successor in zip(live, [*live[1:], None], strict=True):
+            wanted = (
+                successor.activate_time + self._lifetime + REMOVAL_MARGIN
+                if successor is not None
+                else None
+            )
+            if record.remove_time != wanted and not (
+                record.remove_time is not None and record.remove_time <= self._clock.now()
             ):
-                uow.signing_keys.save(replace(record, remove_time=removal))
+                uow.signing_keys.save(replace(record, remove_time=wanted))
 
     def _audit(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import grpc
@@ -198,7 +198,7 @@ def test_the_worker_rotates_on_schedule_and_wipes_removed_keys() -> None:
     made = make_world(rotation_days=1)
     made.admin.ensure(signing_pem=None)
     (first,) = made.kids()
-    assert made.admin.maintain() == {"rotated": 0, "wiped": 0, "resealed": 0}
+    assert made.admin.maintain() == {"rotated": 0, "wiped": 0, "resealed": 0, "unreadable": 0}
     made.clock.advance(timedelta(days=1).total_seconds())
     assert made.admin.maintain()["rotated"] == 1
     assert made.admin.maintain()["rotated"] == 0  # one pending is enough
@@ -234,3 +234,74 @@ def test_a_sealed_key_does_not_open_under_another_kid_or_kek() -> None:
     tampered = blob[:-1] + bytes([blob[-1] ^ 1])
     with pytest.raises(ValueError, match="does not decrypt"):
         encryption.decrypt(kek, tampered, kid="a")
+
+
+def test_revoking_the_pending_key_leaves_the_active_one_signing(world: World) -> None:
+    """A revoked next key must not leave the active key scheduled for removal with no
+    successor (then nothing could sign once the time passed)."""
+    (first,) = world.kids()
+    nxt = world.admin.rotate(principal=ADMIN)
+    world.admin.revoke(principal=ADMIN, kid=nxt.kid)
+    assert world.database.committed.signing_keys[first].remove_time is None
+    world.clock.advance(AHEAD + TTL + REMOVAL_MARGIN.total_seconds() + 60)
+    world.ring.reload()
+    assert world.kids() == [first]
+    assert world.signed_by(world.token()) == first
+    assert world.admin.maintain()["wiped"] == 0
+
+
+def test_the_worker_and_the_start_repair_a_ring_that_cannot_sign(world: World) -> None:
+    (first,) = world.kids()
+    with world.database.unit_of_work() as uow:  # as a bug of an older release left it
+        record = uow.signing_keys.all()[0]
+        uow.signing_keys.save(replace(record, remove_time=world.clock.now()))
+        uow.commit()
+    world.clock.advance(1)
+    world.ring.reload()
+    assert not world.ring.can_sign()
+    assert world.admin.maintain()["rotated"] == 1
+    assert world.ring.can_sign()
+    assert world.signed_by(world.token()) != first
+    # The start does the same (no worker needed): a ring with no signer gets one.
+    with world.database.unit_of_work() as uow:
+        for record in uow.signing_keys.all():
+            uow.signing_keys.save(replace(record, remove_time=world.clock.now()))
+        uow.commit()
+    world.clock.advance(1)
+    assert world.admin.ensure(signing_pem=None).startswith("no stored key could sign")
+    assert world.ring.can_sign()
+
+
+def test_a_replica_keeps_signing_while_the_worker_reseals_under_a_kek_it_lacks() -> None:
+    old, new = os.urandom(32), os.urandom(32)
+    server = make_world({"old": old})  # a replica not yet rolled out with the new KEK
+    server.admin.ensure(signing_pem=None)
+    worker = make_world({"new": new, "old": old}, database=server.database, clock=server.clock)
+    assert worker.admin.maintain()["resealed"] == 1
+    server.ring.reload()
+    assert server.ring.can_sign()
+    assert server.token()
+
+
+def test_the_signing_keys_own_half_among_the_old_keys_is_imported_once() -> None:
+    pem = ed25519_pem()
+    own = key_from_pem(pem).public_pem
+    old = key_from_pem(ed25519_pem()).public_pem
+    made = make_world()
+    made.admin.ensure(signing_pem=pem, verify_pems=[old, own, old])
+    assert len(made.kids()) == 2
+    assert made.signed_by(made.token()) == key_from_pem(pem).kid
+
+
+def test_one_damaged_key_does_not_stop_the_others_being_maintained() -> None:
+    old, new = os.urandom(32), os.urandom(32)
+    made = make_world({"old": old})
+    made.admin.ensure(signing_pem=None)
+    made.admin.rotate(principal=ADMIN)
+    with made.database.unit_of_work() as uow:
+        first = uow.signing_keys.all()[0]
+        uow.signing_keys.save(replace(first, private_blob=first.private_blob[:-1] + b"x"))
+        uow.commit()
+    worker = make_world({"new": new, "old": old}, database=made.database, clock=made.clock)
+    counts = worker.admin.maintain()
+    assert (counts["unreadable"], counts["resealed"]) == (1, 1)
