@@ -4,11 +4,9 @@ verify (for rotation), and access-token issuing (RFC 9068)."""
 from __future__ import annotations
 
 import logging
-import os
 import re
 import uuid
 from collections.abc import Collection, Sequence
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -21,7 +19,7 @@ from shared.security.jwk import PublicKey, VerificationKey, algorithm_for, thumb
 from shared.security.scopes import user_scopes
 from shared.security.tokens import ACCESS_TOKEN_TYPE
 
-__all__ = ["KeyRing", "key_material_problems", "load_or_create_dev_key"]
+__all__ = ["PEM_BLOCK", "KeyRing", "key_material_problems"]
 
 _log = logging.getLogger(__name__)
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
@@ -68,25 +66,10 @@ def _first_line(exc: Exception) -> str:
     return str(exc).split(". ")[0].splitlines()[0][:120] if str(exc) else type(exc).__name__
 
 
-def load_or_create_dev_key(data_dir: Path) -> str:
-    """The dev profile's signing key: created once in the data folder, then reused."""
-    path = data_dir / "auth-signing-key.pem"
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(pem)
-        _log.info("created a dev signing key in %s", path)
-    return path.read_text()
-
-
 class KeyRing:
-    """Signs access tokens with the current key; publishes every key that may verify one."""
+    """An in-memory ring: signs with one key given as PEM; publishes it and the verify keys.
+    The service signs with the database's keys (infra/keystore.py); this one serves where
+    no database is wanted (the unit tests' fakes)."""
 
     def __init__(
         self,
