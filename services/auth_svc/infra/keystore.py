@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from services.auth_svc.domain import SigningKeyRecord, User
 from shared.config.clock import Clock
+from shared.rpc.errors import Unavailable
 from shared.security.jwk import VerificationKey, algorithm_for, thumbprint, to_jwk
 from shared.security.scopes import user_scopes
 from shared.security.tokens import ACCESS_TOKEN_TYPE
@@ -149,6 +150,10 @@ def generate_key() -> NewKey:
     )
 
 
+class NoSigningKey(Unavailable):
+    """This replica has no key it may sign with now (UNAVAILABLE: retry elsewhere)."""
+
+
 @dataclass(frozen=True)
 class _Loaded:
     record: SigningKeyRecord
@@ -260,13 +265,22 @@ class DatabaseKeyRing:
     # -- what is current -------------------------------------------------------------------
 
     def signer(self, now: datetime | None = None) -> _Loaded:
-        """The newest live key whose activation time has come and that can sign here."""
+        """The newest live key whose activation time has come — every replica's signer.
+        If this replica cannot open it (a KEK it lacks), it does not sign with an older
+        key instead (whose tokens could outlive that key's place in the JWKS): it cannot
+        sign (UNAVAILABLE, not ready) until it can."""
         moment = now or self._clock.now()
         for loaded in reversed(self._keys):
             record = loaded.record
-            if record.published(moment) and record.activate_time <= moment and loaded.private:
+            if record.published(moment) and record.activate_time <= moment:
+                if loaded.private is None:
+                    break
                 return loaded
-        raise RuntimeError("no signing key can sign: see the auth_svc log")
+        raise NoSigningKey(
+            "no signing key can sign here; retry (another replica may)",
+            retry_after_seconds=1.0,
+            reason="KEYS_UNAVAILABLE",
+        )
 
     def can_sign(self) -> bool:
         """Whether this replica has a key that signs now (its readiness)."""
@@ -283,7 +297,7 @@ class DatabaseKeyRing:
     def signer_kid(self, now: datetime | None = None) -> str | None:
         try:
             return self.signer(now).record.kid
-        except RuntimeError:
+        except NoSigningKey:
             return None
 
     # -- TokenIssuer -----------------------------------------------------------------------

@@ -17,6 +17,7 @@ from services.auth_svc.infra.keystore import (
     DatabaseKeyRing,
     KeyEncryption,
     KeyFactory,
+    NoSigningKey,
     key_from_pem,
 )
 from services.auth_svc.service.signing_keys import REMOVAL_MARGIN, SigningKeyAdmin
@@ -305,3 +306,23 @@ def test_one_damaged_key_does_not_stop_the_others_being_maintained() -> None:
     worker = make_world({"new": new, "old": old}, database=made.database, clock=made.clock)
     counts = worker.admin.maintain()
     assert (counts["unreadable"], counts["resealed"]) == (1, 1)
+
+
+def test_a_replica_that_cannot_open_the_active_key_does_not_sign_with_an_older_one() -> None:
+    """Its tokens would outlive the older key's place in the JWKS: it is unready instead."""
+    old, new = os.urandom(32), os.urandom(32)
+    lagging = make_world({"old": old})  # not yet rolled out with the new KEK
+    lagging.admin.ensure(signing_pem=None)
+    (first,) = lagging.kids()
+    rolled = make_world({"new": new, "old": old}, database=lagging.database, clock=lagging.clock)
+    nxt = rolled.admin.rotate(principal=ADMIN)  # sealed under the new KEK
+    lagging.ring.reload()
+    assert lagging.signed_by(lagging.token()) == first  # before the switch: fine
+    lagging.clock.advance(AHEAD)
+    lagging.ring.reload()
+    assert not lagging.ring.can_sign()
+    with pytest.raises(NoSigningKey) as caught:
+        lagging.token()
+    assert caught.value.reason == "KEYS_UNAVAILABLE"
+    rolled.ring.reload()
+    assert rolled.signed_by(rolled.token()) == nxt.kid
