@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,20 +78,26 @@ def _client_secret_key(
     return None
 
 
-def load_or_create_dev_secret(data_dir: Path) -> bytes:
-    """The dev profile's client-secret key: created once in the data folder (so client
-    secrets survive a restart), then reused."""
-    path = data_dir / DEV_CLIENT_SECRET_KEY_FILE
+def _dev_file(path: Path, make: Callable[[], str]) -> str:
+    """The dev profile's value kept in `path`: made once (mode 0600), then reused; two dev
+    processes starting together agree on it (the file is created exclusively)."""
     if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             pass  # another process of the dev setup made it first
         else:
             with os.fdopen(fd, "w") as out:
-                out.write(secrets.token_urlsafe(48))
-    return path.read_text().strip().encode()
+                out.write(make())
+    return path.read_text().strip()
+
+
+def load_or_create_dev_secret(data_dir: Path) -> bytes:
+    """The dev profile's client-secret key (client secrets survive a restart)."""
+    return _dev_file(
+        data_dir / DEV_CLIENT_SECRET_KEY_FILE, lambda: secrets.token_urlsafe(48)
+    ).encode()
 
 
 def _key_encryption_keys(
@@ -113,18 +119,13 @@ def _key_encryption_keys(
 
 
 def load_or_create_dev_kek(data_dir: Path) -> dict[str, bytes]:
-    """The dev profile's key-encryption key: made once in the data folder, then reused."""
-    path = data_dir / DEV_KEK_FILE
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process of the dev setup made it first
-        else:
-            with os.fdopen(fd, "w") as out:
-                out.write("dev:" + base64.b64encode(secrets.token_bytes(32)).decode())
-    return parse_keks(path.read_text().strip())
+    """The dev profile's key-encryption key (the signing keys in the dev database)."""
+    return parse_keks(
+        _dev_file(
+            data_dir / DEV_KEK_FILE,
+            lambda: "dev:" + base64.b64encode(secrets.token_bytes(32)).decode(),
+        )
+    )
 
 
 def _client_failure_limit(reader: EnvReader) -> Limit:

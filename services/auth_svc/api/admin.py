@@ -6,9 +6,8 @@ from datetime import datetime
 from typing import Any
 
 from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.auth_svc.api.servicer import moment_of, user_to_proto
+from services.auth_svc.api.servicer import moment_of, timestamp_of, user_to_proto
 from services.auth_svc.domain import AuditEvent, Session, SigningKeyRecord
 from services.auth_svc.service.admin import AuditReader, Sessions, UserAdmin
 from services.auth_svc.service.signing_keys import SigningKeyAdmin
@@ -18,18 +17,12 @@ from shared.rpc.request_path import principal_of
 __all__ = ["AuditServicer", "SessionServicer", "SigningKeyServicer", "UserServicer"]
 
 
-def _timestamp(moment: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
 def session_to_proto(session: Session) -> auth_pb2.Session:
     return auth_pb2.Session(
         id=str(session.id),
         user_id=str(session.user_id),
-        create_time=_timestamp(session.create_time),
-        last_use_time=_timestamp(session.last_use_time),
+        create_time=timestamp_of(session.create_time),
+        last_use_time=timestamp_of(session.last_use_time),
         client_peer=session.client_peer or "",
     )
 
@@ -38,7 +31,7 @@ def event_to_proto(event: AuditEvent) -> auth_pb2.AuditEvent:
     return auth_pb2.AuditEvent(
         id=str(event.id or ""),
         kind=event.kind.value,
-        time=_timestamp(event.time),
+        time=timestamp_of(event.time),
         user_id=str(event.user_id or ""),
         email=event.email or "",
         actor=event.actor or "",
@@ -166,13 +159,13 @@ def signing_key_to_proto(
         kid=record.kid,
         alg=record.alg,
         state=record.state(now, signer),
-        create_time=_timestamp(record.create_time),
-        activate_time=_timestamp(record.activate_time),
+        create_time=timestamp_of(record.create_time),
+        activate_time=timestamp_of(record.activate_time),
     )
     if record.remove_time is not None:
-        message.remove_time.CopyFrom(_timestamp(record.remove_time))
+        message.remove_time.CopyFrom(timestamp_of(record.remove_time))
     if record.revoke_time is not None:
-        message.revoke_time.CopyFrom(_timestamp(record.revoke_time))
+        message.revoke_time.CopyFrom(timestamp_of(record.revoke_time))
     return message
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.auth_svc.api.servicer import timestamp_of
 from services.auth_svc.domain import ClientKey, ClientSecret, ServiceAccount
 from services.auth_svc.service.service_accounts import (
     TOKEN_TYPE_ACCESS_TOKEN,
@@ -22,21 +21,15 @@ __all__ = ["ServiceAccountServicer", "TokenServicer", "account_to_proto"]
 TOKEN_TYPE = "Bearer"
 
 
-def _timestamp(moment: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
 def secret_to_proto(secret: ClientSecret) -> auth_pb2.ServiceAccountSecret:
     return auth_pb2.ServiceAccountSecret(
-        id=str(secret.id), create_time=_timestamp(secret.create_time)
+        id=str(secret.id), create_time=timestamp_of(secret.create_time)
     )
 
 
 def key_to_proto(key: ClientKey) -> auth_pb2.ServiceAccountKey:
     return auth_pb2.ServiceAccountKey(
-        kid=key.kid, alg=key.alg, create_time=_timestamp(key.create_time)
+        kid=key.kid, alg=key.alg, create_time=timestamp_of(key.create_time)
     )
 
 
@@ -47,10 +40,10 @@ def account_to_proto(account: ServiceAccount) -> auth_pb2.ServiceAccount:
         scopes=list(account.scopes),
         secrets=[secret_to_proto(s) for s in account.secrets],
         keys=[key_to_proto(k) for k in account.keys],
-        create_time=_timestamp(account.create_time),
+        create_time=timestamp_of(account.create_time),
     )
     if account.last_used_time is not None:
-        message.last_used_time.CopyFrom(_timestamp(account.last_used_time))
+        message.last_used_time.CopyFrom(timestamp_of(account.last_used_time))
     return message
 
 

@@ -15,7 +15,7 @@ from shared.config.clock import utc
 from shared.rpc.errors import InvalidArgument
 from shared.rpc.request_path import principal_of
 
-__all__ = ["AuthServicer", "moment_of", "user_to_proto"]
+__all__ = ["AuthServicer", "moment_of", "timestamp_of", "user_to_proto"]
 
 TOKEN_TYPE = "Bearer"
 
@@ -34,7 +34,8 @@ def moment_of(message: Any, field: str) -> datetime | None:
     return utc(stamp.ToDatetime())
 
 
-def _timestamp(moment: Any) -> Timestamp:
+def timestamp_of(moment: datetime) -> Timestamp:
+    """A datetime as a protobuf Timestamp (every auth API message's times)."""
     stamp = Timestamp()
     stamp.FromDatetime(moment)
     return stamp
@@ -48,8 +49,8 @@ def user_to_proto(user: User) -> auth_pb2.User:
         display_name=user.display_name,
         roles=list(user.roles),
         disabled=user.disabled,
-        create_time=_timestamp(user.create_time),
-        update_time=_timestamp(user.update_time),
+        create_time=timestamp_of(user.create_time),
+        update_time=timestamp_of(user.update_time),
     )
 
 
@@ -120,11 +121,11 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             revocations=[
                 auth_pb2.Revocation(
                     subject=r.subject,
-                    not_before=_timestamp(r.not_before),
-                    create_time=_timestamp(r.create_time),
+                    not_before=timestamp_of(r.not_before),
+                    create_time=timestamp_of(r.create_time),
                 )
                 for r in revocations
             ],
-            server_time=_timestamp(now),
+            server_time=timestamp_of(now),
             revoked_kids=revoked_kids,
         )

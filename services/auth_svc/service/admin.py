@@ -50,7 +50,11 @@ __all__ = [
     "Sessions",
     "UserAdmin",
     "actor_of",
+    "decode_cursor",
+    "encode_cursor",
     "etag_of",
+    "page_size_of",
+    "parse_uuid",
     "require_admin",
     "revoke_tokens",
 ]
@@ -90,7 +94,7 @@ def revoke_tokens(
     )
 
 
-def _uuid(text: str, field: str) -> uuid.UUID:
+def parse_uuid(text: str, field: str) -> uuid.UUID:
     if not text:
         raise InvalidArgument.field(field, "required")
     try:
@@ -101,18 +105,18 @@ def _uuid(text: str, field: str) -> uuid.UUID:
         raise InvalidArgument.field(field, "must be a UUID") from None
 
 
-def _page_size(requested: int) -> int:
+def page_size_of(requested: int) -> int:
     if requested < 0:
         raise InvalidArgument.field("page_size", "must not be negative")
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
-def _encode_cursor(moment: datetime, ident: uuid.UUID, bound: str) -> str:
+def encode_cursor(moment: datetime, ident: uuid.UUID, bound: str) -> str:
     payload = json.dumps([moment.isoformat(), str(ident), bound]).encode()
     return base64.urlsafe_b64encode(payload).decode().rstrip("=")
 
 
-def _decode_cursor(token: str, bound: str) -> tuple[datetime, uuid.UUID]:
+def decode_cursor(token: str, bound: str) -> tuple[datetime, uuid.UUID]:
     """The cursor of a page token made for the same query (`bound`); else INVALID_ARGUMENT."""
     try:
         if len(token) > 1000:
@@ -211,26 +215,26 @@ class UserAdmin(_Audited):
         disabled: bool | None = None,
     ) -> tuple[list[User], str]:
         require_admin(principal, self._uow, self._clock)
-        size = _page_size(page_size)
+        size = page_size_of(page_size)
         prefix = email_prefix.strip().lower()
         if len(prefix) > 254:
             raise InvalidArgument.field("email_prefix", "at most 254 characters")
         if role and role not in KNOWN_ROLES:
             raise InvalidArgument.field("role", f"one of {', '.join(sorted(KNOWN_ROLES))}")
         bound = json.dumps([prefix, role, disabled])
-        after = _decode_cursor(page_token, bound) if page_token else None
+        after = decode_cursor(page_token, bound) if page_token else None
         with self._uow() as uow:
             users = uow.users.page(
                 email_prefix=prefix, role=role, disabled=disabled, after=after, limit=size + 1
             )
         if len(users) > size:
             last = users[size - 1]
-            return users[:size], _encode_cursor(last.create_time, last.id, bound)
+            return users[:size], encode_cursor(last.create_time, last.id, bound)
         return users, ""
 
     def get(self, *, principal: Principal, user_id: str) -> User:
         require_admin(principal, self._uow, self._clock)
-        ident = _uuid(user_id, "id")
+        ident = parse_uuid(user_id, "id")
         with self._uow() as uow:
             user = uow.users.get(ident)
         if user is None:
@@ -249,7 +253,7 @@ class UserAdmin(_Audited):
     ) -> User:
         """Changes the named fields; removing a role revokes the user's sessions and tokens."""
         require_admin(principal, self._uow, self._clock)
-        ident = _uuid(user_id, "user.id")
+        ident = parse_uuid(user_id, "user.id")
         problems: list[FieldViolation] = []
         if not paths:
             problems.append(FieldViolation("update_mask", "name at least one field"))
@@ -319,7 +323,7 @@ class UserAdmin(_Audited):
     def set_disabled(self, *, principal: Principal, user_id: str, disabled: bool) -> User:
         """Disables (ending every session and token) or enables a user; idempotent."""
         require_admin(principal, self._uow, self._clock)
-        ident = _uuid(user_id, "id")
+        ident = parse_uuid(user_id, "id")
         if disabled and ident == principal.subject:
             raise InvalidArgument.field("id", "an administrator cannot disable themselves")
         with self._uow() as uow:
@@ -366,7 +370,7 @@ class Sessions(_Audited):
                 raise PermissionDenied("only users have sessions", reason="CALLER_NOT_A_USER")
             return principal.subject
         require_admin(principal, self._uow, self._clock)
-        return _uuid(user_id, "user_id")
+        return parse_uuid(user_id, "user_id")
 
     def _is_admin(self, principal: Principal) -> bool:
         try:
@@ -379,18 +383,18 @@ class Sessions(_Audited):
         self, *, principal: Principal, user_id: str, page_size: int, page_token: str
     ) -> tuple[list[Session], str]:
         whose = self._whose(principal, user_id)
-        size = _page_size(page_size)
+        size = page_size_of(page_size)
         bound = str(whose)
-        before = _decode_cursor(page_token, bound) if page_token else None
+        before = decode_cursor(page_token, bound) if page_token else None
         with self._uow() as uow:
             sessions = uow.refresh_tokens.live_sessions(whose, before=before, limit=size + 1)
         if len(sessions) > size:
             last = sessions[size - 1]
-            return sessions[:size], _encode_cursor(last.create_time, last.id, bound)
+            return sessions[:size], encode_cursor(last.create_time, last.id, bound)
         return sessions, ""
 
     def revoke(self, *, principal: Principal, session_id: str) -> None:
-        ident = _uuid(session_id, "id")
+        ident = parse_uuid(session_id, "id")
         with self._uow() as uow:
             session = uow.refresh_tokens.live_session(ident)
         mine = session is not None and session.user_id == principal.subject
@@ -442,8 +446,8 @@ class AuditReader:
         page_token: str,
     ) -> tuple[list[AuditEvent], str]:
         require_admin(principal, self._uow, self._clock)
-        size = _page_size(page_size)
-        whose = _uuid(user_id, "user_id") if user_id else None
+        size = page_size_of(page_size)
+        whose = parse_uuid(user_id, "user_id") if user_id else None
         if kind and kind not in {k.value for k in AuditKind}:
             raise InvalidArgument.field("kind", "not an audit event kind")
         if start and end and end <= start:
@@ -451,7 +455,7 @@ class AuditReader:
         bound = json.dumps(
             [user_id, kind, start.isoformat() if start else "", end.isoformat() if end else ""]
         )
-        before = _decode_cursor(page_token, bound) if page_token else None
+        before = decode_cursor(page_token, bound) if page_token else None
         with self._uow() as uow:
             events = uow.audit.page(
                 user_id=whose, kind=kind, start=start, end=end, before=before, limit=size + 1
@@ -459,7 +463,7 @@ class AuditReader:
         if len(events) > size:
             last = events[size - 1]
             assert last.id is not None
-            return events[:size], _encode_cursor(last.time, last.id, bound)
+            return events[:size], encode_cursor(last.time, last.id, bound)
         return events, ""
 
 

@@ -30,11 +30,8 @@ accounts (created, deleted, secrets and keys added or removed) are audit rows.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
-import json
 import logging
 import math
 import re
@@ -57,7 +54,15 @@ from services.auth_svc.domain import (
     ClientSecret,
     ServiceAccount,
 )
-from services.auth_svc.service.admin import actor_of, require_admin, revoke_tokens
+from services.auth_svc.service.admin import (
+    actor_of,
+    decode_cursor,
+    encode_cursor,
+    page_size_of,
+    parse_uuid,
+    require_admin,
+    revoke_tokens,
+)
 from services.auth_svc.service.ports import (
     AuthUnitOfWork,
     ClientThrottle,
@@ -105,8 +110,7 @@ MAX_DISPLAY_NAME = 128
 MAX_CREDENTIAL = 8192  # an assertion is a few hundred bytes; a secret 43 characters
 LAST_USED_EVERY = timedelta(minutes=1)
 LEEWAY_SECONDS = 30
-_DEFAULT_PAGE_SIZE = 50
-_MAX_PAGE_SIZE = 1000
+_ACCOUNTS = "service accounts"  # what a page token of the account list is bound to
 _JTI = re.compile(r"[\x21-\x7e]{1,256}")
 
 _audit_log = logging.getLogger("agentplatform.audit")
@@ -143,15 +147,6 @@ def _not_found(what: str = "service account") -> NotFound:
     return NotFound(f"no such {what}", reason="SERVICE_ACCOUNT_NOT_FOUND")
 
 
-def _account_id(text: str, field: str) -> uuid.UUID:
-    if not text:
-        raise InvalidArgument.field(field, "required")
-    try:
-        return uuid.UUID(text) if len(text) <= 45 else uuid.UUID("")
-    except ValueError:
-        raise InvalidArgument.field(field, "must be a UUID") from None
-
-
 def _scope_violations(scopes: Collection[str], field: str) -> list[FieldViolation]:
     if not scopes:
         return [FieldViolation(field, "at least one scope is required")]
@@ -161,26 +156,6 @@ def _scope_violations(scopes: Collection[str], field: str) -> list[FieldViolatio
         shown = ", ".join(repr(s[:64]) for s in unknown[:5])
         return [FieldViolation(field, f"unknown scope {shown}; known: {names}")]
     return []
-
-
-def _encode_page_token(account: ServiceAccount) -> str:
-    payload = json.dumps([account.create_time.isoformat(), str(account.id)]).encode()
-    return base64.urlsafe_b64encode(payload).decode().rstrip("=")
-
-
-def _decode_page_token(token: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        if len(token) > 200:
-            raise ValueError("too long")
-        when, ident = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        moment = datetime.fromisoformat(when)
-        if moment.tzinfo is None:
-            raise ValueError("naive")
-        return moment, uuid.UUID(ident)
-    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
-        raise InvalidArgument.field(
-            "page_token", "not a page token of this list (pass back next_page_token unchanged)"
-        ) from None
 
 
 def _public_key(pem: str) -> tuple[ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey, str]:
@@ -246,7 +221,7 @@ class ServiceAccountAdmin:
 
     def get(self, *, principal: Principal, account_id: str) -> ServiceAccount:
         require_admin(principal, self._uow, self._clock)
-        ident = _account_id(account_id, "id")
+        ident = parse_uuid(account_id, "id")
         with self._uow() as uow:
             account = uow.service_accounts.get(ident)
         if account is None:
@@ -258,21 +233,20 @@ class ServiceAccountAdmin:
     ) -> tuple[list[ServiceAccount], str]:
         """A page of accounts, oldest first, and the token of the next page ("" at the end)."""
         require_admin(principal, self._uow, self._clock)
-        if page_size < 0:
-            raise InvalidArgument.field("page_size", "must not be negative")
-        size = min(page_size or _DEFAULT_PAGE_SIZE, _MAX_PAGE_SIZE)
-        after = _decode_page_token(page_token) if page_token else None
+        size = page_size_of(page_size)
+        after = decode_cursor(page_token, _ACCOUNTS) if page_token else None
         with self._uow() as uow:
             accounts = uow.service_accounts.page(after=after, limit=size + 1)
         if len(accounts) > size:
-            return accounts[:size], _encode_page_token(accounts[size - 1])
+            last = accounts[size - 1]
+            return accounts[:size], encode_cursor(last.create_time, last.id, _ACCOUNTS)
         return accounts, ""
 
     def delete(self, *, principal: Principal, account_id: str) -> None:
         """Deletes the account: no token is issued to it from then on, and the tokens it
         holds (its own, and those acting for users) are revoked."""
         require_admin(principal, self._uow, self._clock)
-        ident = _account_id(account_id, "id")
+        ident = parse_uuid(account_id, "id")
         with self._uow() as uow:
             if not uow.service_accounts.delete(ident):
                 raise _not_found()
@@ -284,7 +258,7 @@ class ServiceAccountAdmin:
         """A new client secret (at most MAX_SECRETS at once): rotate by adding one, moving
         callers to it, then removing the old one."""
         require_admin(principal, self._uow, self._clock)
-        ident = _account_id(account_id, "service_account_id")
+        ident = parse_uuid(account_id, "service_account_id")
         value, digest = self._secrets.new()
         secret = ClientSecret(uuid.uuid4(), digest, self._clock.now())
         with self._uow() as uow:
@@ -302,8 +276,8 @@ class ServiceAccountAdmin:
 
     def remove_secret(self, *, principal: Principal, account_id: str, secret_id: str) -> None:
         require_admin(principal, self._uow, self._clock)
-        ident = _account_id(account_id, "service_account_id")
-        secret = _account_id(secret_id, "secret_id")
+        ident = parse_uuid(account_id, "service_account_id")
+        secret = parse_uuid(secret_id, "secret_id")
         with self._uow() as uow:
             if not uow.service_accounts.remove_secret(ident, secret):
                 raise _not_found("client secret of this service account")
@@ -316,7 +290,7 @@ class ServiceAccountAdmin:
         """Registers a public key for the account's JWT assertions (its kid: the RFC 7638
         thumbprint)."""
         require_admin(principal, self._uow, self._clock)
-        ident = _account_id(account_id, "service_account_id")
+        ident = parse_uuid(account_id, "service_account_id")
         if not public_key_pem.strip():
             raise InvalidArgument.field("public_key_pem", "required")
         if len(public_key_pem) > MAX_CREDENTIAL:
@@ -347,7 +321,7 @@ class ServiceAccountAdmin:
 
     def remove_key(self, *, principal: Principal, account_id: str, kid: str) -> None:
         require_admin(principal, self._uow, self._clock)
-        ident = _account_id(account_id, "service_account_id")
+        ident = parse_uuid(account_id, "service_account_id")
         if not kid:
             raise InvalidArgument.field("kid", "required")
         with self._uow() as uow:
