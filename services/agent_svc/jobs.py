@@ -14,10 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.agent_svc.repository.models import CreateRequestRow
 from services.agent_svc.settings import AgentSettings
 from shared.config.clock import Clock, SystemClock
-from shared.data.db import make_engine, session_factory
+from shared.data.db import session_factory
 from shared.data.jobs import Job, Worker, purge_in_batches
 from shared.rpc.observability import Observability
-from shared.rpc.worker import make_worker
+from shared.rpc.worker import make_worker, worker_process
 
 __all__ = ["agent_jobs", "build_worker"]
 
@@ -60,12 +60,7 @@ def worker_for(
 
 def build_worker(settings: AgentSettings) -> tuple[Worker, Observability]:
     """`python -m services.agent_svc worker`: the jobs on their own engine and metrics."""
-    common = settings.common
-    observability = Observability.from_settings(common)
-    engine = make_engine(
-        common.database_url,
-        pool_size=2,
-        statement_timeout=common.db_statement_timeout_seconds,
+    return worker_process(
+        settings.common,
+        lambda engine, observability: worker_for(settings, engine, observability, SystemClock()),
     )
-    observability.watch_pool(engine)
-    return worker_for(settings, engine, observability, SystemClock()), observability

@@ -27,10 +27,10 @@ from services.auth_svc.repository.sql import SqlAuthUnitOfWork
 from services.auth_svc.service.signing_keys import SigningKeyAdmin
 from services.auth_svc.settings import AuthSettings, load_or_create_dev_kek
 from shared.config.clock import Clock, SystemClock
-from shared.data.db import make_engine, session_factory
+from shared.data.db import session_factory
 from shared.data.jobs import Job, Worker, purge_in_batches
 from shared.rpc.observability import Observability
-from shared.rpc.worker import make_worker
+from shared.rpc.worker import make_worker, worker_process
 
 __all__ = ["auth_jobs", "build_worker"]
 
@@ -113,12 +113,7 @@ def worker_for(
 
 def build_worker(settings: AuthSettings) -> tuple[Worker, Observability]:
     """`python -m services.auth_svc worker`: the jobs on their own engine and metrics."""
-    common = settings.common
-    observability = Observability.from_settings(common)
-    engine = make_engine(
-        common.database_url,
-        pool_size=2,
-        statement_timeout=common.db_statement_timeout_seconds,
+    return worker_process(
+        settings.common,
+        lambda engine, observability: worker_for(settings, engine, observability, SystemClock()),
     )
-    observability.watch_pool(engine)
-    return worker_for(settings, engine, observability, SystemClock()), observability

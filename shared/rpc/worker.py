@@ -14,17 +14,27 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 
+from sqlalchemy import Engine
+
 from shared.config.settings import CommonSettings
+from shared.data.db import make_engine
 from shared.data.jobs import Job, Worker, job_locks_for
 from shared.rpc.http import Document, Route
 from shared.rpc.lifecycle import ShutdownSignals
 from shared.rpc.observability import Observability
 from shared.rpc.server import RunningServer
 
-__all__ = ["HEALTHZ_PATH", "attach_in_process", "healthz_route", "make_worker", "run_worker"]
+__all__ = [
+    "HEALTHZ_PATH",
+    "attach_in_process",
+    "healthz_route",
+    "make_worker",
+    "run_worker",
+    "worker_process",
+]
 
 _log = logging.getLogger(__name__)
 HEALTHZ_PATH = "/healthz"
@@ -42,6 +52,20 @@ def make_worker(
         interval_seconds=settings.worker_interval_seconds,
         on_result=observability.metrics.job_result,
     )
+
+
+def worker_process(
+    settings: CommonSettings, make: Callable[[Engine, Observability], Worker]
+) -> tuple[Worker, Observability]:
+    """The `worker` command's parts: a small engine of its own, its metrics, its jobs."""
+    observability = Observability.from_settings(settings)
+    engine = make_engine(
+        settings.database_url,
+        pool_size=2,
+        statement_timeout=settings.db_statement_timeout_seconds,
+    )
+    observability.watch_pool(engine)
+    return make(engine, observability), observability
 
 
 def attach_in_process(running: RunningServer, worker: Worker) -> None:
