@@ -219,6 +219,8 @@ class UserAdmin(_Audited):
         prefix = email_prefix.strip().lower()
         if len(prefix) > 254:
             raise InvalidArgument.field("email_prefix", "at most 254 characters")
+        if prefix and (problem := line_problem(prefix)):  # NUL would fail in PostgreSQL
+            raise InvalidArgument.field("email_prefix", problem)
         if role and role not in KNOWN_ROLES:
             raise InvalidArgument.field("role", f"one of {', '.join(sorted(KNOWN_ROLES))}")
         bound = json.dumps([prefix, role, disabled])

@@ -111,6 +111,7 @@ MAX_CREDENTIAL = 8192  # an assertion is a few hundred bytes; a secret 43 charac
 LAST_USED_EVERY = timedelta(minutes=1)
 LEEWAY_SECONDS = 30
 _ACCOUNTS = "service accounts"  # what a page token of the account list is bound to
+_KID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _JTI = re.compile(r"[\x21-\x7e]{1,256}")
 
 _audit_log = logging.getLogger("agentplatform.audit")
@@ -324,8 +325,10 @@ class ServiceAccountAdmin:
         ident = parse_uuid(account_id, "service_account_id")
         if not kid:
             raise InvalidArgument.field("kid", "required")
+        if not _KID.fullmatch(kid):  # a thumbprint is base64url: anything else is no key
+            raise _not_found("key of this service account")
         with self._uow() as uow:
-            if len(kid) > 64 or not uow.service_accounts.remove_key(ident, kid):
+            if not uow.service_accounts.remove_key(ident, kid):
                 raise _not_found("key of this service account")
             self._audit(uow, AuditKind.CLIENT_KEY_REMOVED, principal, ident, kid=kid)
             uow.commit()

@@ -354,3 +354,12 @@ def test_an_admin_token_is_judged_by_the_database_at_once(world: World, admin: P
     with pytest.raises(DomainError) as caught:
         world.users.list(principal=fresh, page_size=1, page_token="")
     assert reason(caught) == (grpc.StatusCode.PERMISSION_DENIED, "ADMIN_REQUIRED")
+
+
+def test_a_control_character_in_the_email_prefix_is_a_bad_request(
+    world: World, admin: Principal
+) -> None:
+    """PostgreSQL refuses NUL in text: it must never reach the query (it was INTERNAL)."""
+    with pytest.raises(InvalidArgument) as caught:
+        world.users.list(principal=admin, page_size=0, page_token="", email_prefix="a\x00b")
+    assert caught.value.violations[0].field == "email_prefix"

@@ -626,3 +626,12 @@ def test_assertion_times_that_are_not_numbers_are_refused(world: World) -> None:
             grpc.StatusCode.UNAUTHENTICATED,
             "INVALID_CLIENT",
         ), claim
+
+
+def test_a_kid_that_cannot_be_a_thumbprint_is_no_key(world: World) -> None:
+    """It never reaches the database (NUL there was INTERNAL on PostgreSQL)."""
+    client_id, _ = create(world)
+    for kid in ("a\x00b", "x" * 65, "not base64url!"):
+        with pytest.raises(DomainError) as caught:
+            world.admin.remove_key(principal=ADMIN, account_id=client_id, kid=kid)
+        assert caught.value.reason == "SERVICE_ACCOUNT_NOT_FOUND"
