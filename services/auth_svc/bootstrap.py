@@ -327,8 +327,6 @@ def request_path_for(app: AuthApp) -> RequestPath:
         verifier=app.verifier,
         public_methods=PUBLIC_METHODS,
         rate_limiter=app.rate_limiter,
-        # Polled by every agent pod (every 2 s) and by gateways: successes at DEBUG.
-        quiet_methods=(f"/{SERVICE_NAMES[0]}/GetRevocations", f"/{SERVICE_NAMES[0]}/GetJwks"),
     )
 
 
