@@ -327,6 +327,9 @@ def request_path_for(app: AuthApp) -> RequestPath:
         verifier=app.verifier,
         public_methods=PUBLIC_METHODS,
         rate_limiter=app.rate_limiter,
+        # Polled by every agent pod every 2 s: its successes at DEBUG (GetJwks, fetched
+        # on a new key id and every few minutes, stays at INFO).
+        quiet_methods=(f"/{SERVICE_NAMES[0]}/GetRevocations",),
     )
 
 

@@ -84,6 +84,7 @@ class Observability:
         verifier: TokenVerifier,
         public_methods: Iterable[str],
         rate_limiter: RateLimiter | None = None,
+        quiet_methods: Iterable[str] = (),
     ) -> RequestPath:
         """The request path every handler of the server is wrapped in."""
         return RequestPath(
@@ -93,6 +94,7 @@ class Observability:
             metrics=self.metrics.rpc,
             translators=[unavailable_database],
             rate_limiter=rate_limiter,
+            quiet_methods=quiet_methods,
         )
 
     def server_interceptors(self) -> list[grpc.ServerInterceptor]:

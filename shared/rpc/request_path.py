@@ -394,6 +394,9 @@ def level_for(code: grpc.StatusCode) -> int:
 
 
 _LEVELS = {code: level_for(code) for code in grpc.StatusCode}
+# Methods polled by machines every few seconds (GetRevocations): their successes
+# would drown the access log at INFO; they log at DEBUG, their failures as any call's.
+_QUIET_LEVELS = {**_LEVELS, grpc.StatusCode.OK: logging.DEBUG}
 
 
 Translator = Callable[[Exception], DomainError | None]
@@ -412,7 +415,9 @@ class RequestPath:
         translators: Iterable[Translator] = (),
         in_flight: InFlight | None = None,
         rate_limiter: RateLimiter | None = None,
+        quiet_methods: Iterable[str] = (),
     ) -> None:
+        self._quiet = frozenset(quiet_methods)
         self._domain = domain
         self._verifier = verifier
         self._public = frozenset(public_methods)
@@ -465,6 +470,7 @@ class RequestPath:
         in_flight = self.in_flight
         status_of = self._status_of
         access_enabled = _access.isEnabledFor
+        levels = _QUIET_LEVELS if method in self._quiet else _LEVELS
         limiter = self._rate_limiter if public else None
         short_name = method.rpartition("/")[2]
         limit = limiter.limit_for(short_name) if limiter is not None else None
@@ -510,8 +516,8 @@ class RequestPath:
                 current_call.reset(scope)
                 elapsed = perf_counter() - started
                 metrics.handled(stats, code, elapsed, tally)
-                if own and access_enabled(_LEVELS[code]):
-                    _access_log(method, code, elapsed, call, context)
+                if own and access_enabled(levels[code]):
+                    _access_log(method, code, elapsed, call, context, level=levels[code])
 
         return call
 
@@ -643,9 +649,14 @@ def _set_by_servicer(context: Any) -> bool:
 
 
 def _access_log(
-    method: str, code: grpc.StatusCode, elapsed: float, call: CallContext, context: Any
+    method: str,
+    code: grpc.StatusCode,
+    elapsed: float,
+    call: CallContext,
+    context: Any,
+    *,
+    level: int,
 ) -> None:
-    level = _LEVELS[code]
     duration_ms = elapsed * 1000
     _access.log(
         level,

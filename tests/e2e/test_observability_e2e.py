@@ -96,6 +96,11 @@ def test_both_processes_serve_metrics_and_log_json_access_lines(tmp_path: Path) 
         handled = f"grpc_server_handled_total{{grpc_code='OK',grpc_method='GetJwks',{jwks}}}"
         assert auth_samples[handled] >= 2  # ours and the agent service's key fetch
         assert "agentplatform_logins_total{result='success'}" in auth_samples
+        # The agent service polls GetRevocations every 2 s: wait for one answered poll.
+        polled = f"grpc_server_handled_total{{grpc_code='OK',grpc_method='GetRevocations',{jwks}}}"
+        while scrape(auth_metrics).get(polled, 0) < 1:
+            assert time.monotonic() < deadline, auth.log()
+            time.sleep(0.1)
     finally:
         for process in (agent, auth):  # one SIGTERM to each (a second one could land
             if process.process.poll() is None:  # in interpreter shutdown and kill it)
@@ -112,6 +117,8 @@ def test_both_processes_serve_metrics_and_log_json_access_lines(tmp_path: Path) 
     assert auth_line["service"] == "auth"
     assert auth_line["method"] == "/agentplatform.auth.v1.AuthService/GetJwks"
     assert auth_line["code"] == "OK"
+    # A poll every 2 s per agent pod would drown the log: its successes are DEBUG lines.
+    assert not [e for e in access_lines(auth) if str(e["method"]).endswith("/GetRevocations")]
     [agent_line] = access_lines(agent)
     assert agent_line["service"] == "agent"
     assert agent_line["request_id"] == agent_request_id

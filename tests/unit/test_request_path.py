@@ -101,6 +101,7 @@ class Harness:
             public_methods=PUBLIC,
             metrics=self.metrics.rpc,
             translators=[unavailable_database],
+            quiet_methods=[f"/{SERVICE_NAME}/GetJwks"],
         )
         self.server = grpc_testing.server_from_dictionary(
             {SERVICE: Intercepted(self.servicer, SERVICE_NAME, self.path)},
@@ -360,6 +361,7 @@ def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
 def test_each_call_logs_one_access_line(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="agentplatform.access")
     token = harness.token("user-9")
+    caplog.set_level(logging.DEBUG, logger="agentplatform.access")  # GetJwks is quiet
     harness.call("GetJwks", [("x-request-id", "req-1")])
     harness.call("GetCurrentUser", [("authorization", f"Bearer {token}")])
     harness.call("GetCurrentUser")
@@ -379,6 +381,19 @@ def test_each_call_logs_one_access_line(harness: Harness, caplog: pytest.LogCapt
     assert [line["actor"] for line in lines] == [None, None, None, None]
     assert all(line["duration_ms"] >= 0 and "peer" in line for line in lines)
     assert token not in caplog.text
+
+
+def test_a_quiet_method_logs_its_successes_at_debug_and_its_failures_as_usual(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agentplatform.access")
+    harness.call("GetJwks")
+    assert access_lines(caplog) == []  # a poll every 2 s per agent pod: not at INFO
+    caplog.set_level(logging.DEBUG, logger="agentplatform.access")
+    harness.call("GetJwks")
+    assert [r.levelno for r in caplog.records if r.name == "agentplatform.access"] == [
+        logging.DEBUG
+    ]
 
 
 def test_the_access_line_names_the_service_acting_for_the_user(
