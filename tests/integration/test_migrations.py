@@ -32,7 +32,7 @@ class History:
         return set(self.metadata.tables)
 
 
-AUTH = History("auth", AuthBase.metadata, "auth_0005")
+AUTH = History("auth", AuthBase.metadata, "auth_0006")
 AGENT = History("agent", AgentBase.metadata, "agent_0004")
 HISTORIES = [pytest.param(AUTH, id="auth"), pytest.param(AGENT, id="agent")]
 

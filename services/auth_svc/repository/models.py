@@ -182,6 +182,8 @@ class RevocationRow(AuthBase):
     these); kept until no such token can still be live (`expire_time`)."""
 
     __tablename__ = "auth_revocations"
+    # Every admin call and token exchange asks whether the caller's token is covered.
+    __table_args__ = (Index("ix_auth_revocations_subject", "subject", "not_before"),)
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     subject: Mapped[str] = mapped_column(String(64))
