@@ -235,13 +235,12 @@ class AuthService:
             self._on_login("failure")
             raise _bad_credentials()
         with self._given_back_on_error(email):
-            session = self._start_session(user, rehash)
-        if isinstance(session, str):  # the account changed since the check
-            self._record_failure(email, user.id, session, attempt.locks_on_failure)
+            issued = self._start_session(user, rehash)
+        if isinstance(issued, str):  # the account changed since the check
+            self._record_failure(email, user.id, issued, attempt.locks_on_failure)
             self._on_login("failure")
             raise _bad_credentials()
         self._limiter.reset(email)
-        issued = self._issue(*session)
         self._on_login("success")
         return issued
 
@@ -249,9 +248,10 @@ class AuthService:
         """A new hash of the checked password if the stored one has outdated parameters."""
         return slot.hash(password) if self._hasher.needs_rehash(stored_hash) else None
 
-    def _start_session(self, checked: User, rehash: str | None) -> tuple[User, str] | str:
-        """A new refresh family for the user whose password was checked: (the user as
-        stored, its refresh token), or why not (the reason of a failed login)."""
+    def _start_session(self, checked: User, rehash: str | None) -> IssuedTokens | str:
+        """A new refresh family for the user whose password was checked and its tokens,
+        or why not (the reason of a failed login). The access token is signed before the
+        commit: a replica that cannot sign (UNAVAILABLE) leaves no session behind."""
         with self._uow() as uow:
             user = uow.users.lock(checked.id)
             if user is None:
@@ -271,8 +271,9 @@ class AuthService:
             uow.refresh_tokens.add_family(family, user.id, now)
             refresh = self._new_refresh_token(uow, family, user.id)
             self._audit(uow, AuditKind.LOGIN_SUCCEEDED, user_id=user.id)
+            issued = self._issue(user, refresh)
             uow.commit()
-        return user, refresh
+        return issued
 
     def _check_attempt(self, email: str) -> LoginAttempt:
         attempt = self._limiter.acquire(email)
@@ -333,8 +334,10 @@ class AuthService:
                 raise _bad_refresh_token()
             refresh = self._new_refresh_token(uow, family, user.id)
             self._audit(uow, AuditKind.REFRESHED, user_id=user.id)
+            # Signed before the commit: if it cannot be, the presented token is not spent.
+            issued = self._issue(user, refresh)
             uow.commit()
-        return self._issue(user, refresh)
+        return issued
 
     def logout(self, *, refresh_token: str) -> None:
         """Revokes the token's family; unknown or already revoked tokens are fine."""

@@ -822,3 +822,43 @@ def test_field_violation_is_a_value(world: AuthWorld) -> None:
     with pytest.raises(InvalidArgument) as excinfo:
         world.service.register(email="x", password=PASSWORD, display_name="")
     assert excinfo.value.violations == [FieldViolation("email", "not a valid email address")]
+
+
+# -- a replica that cannot sign writes nothing --------------------------------------------
+
+
+class _CannotSign:
+    """A token issuer with no usable signing key (a replica whose key store is not ready)."""
+
+    def __init__(self, keys: object) -> None:
+        self._keys = keys
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._keys, name)
+
+    def issue_access_token(self, user: object) -> str:
+        raise Unavailable("no signing key is ready", retry_after_seconds=1.0)
+
+
+def test_a_login_that_cannot_sign_its_token_leaves_no_session_behind(world: AuthWorld) -> None:
+    register(world)
+    world.service._tokens = _CannotSign(world.keys)  # type: ignore[assignment]
+    with pytest.raises(Unavailable):
+        world.service.login(email=EMAIL, password=PASSWORD)
+    state = world.database.committed
+    assert state.families == {}
+    assert state.tokens == {}
+    assert AuditKind.LOGIN_SUCCEEDED not in [event.kind for event in world.audit]
+
+
+def test_a_refresh_that_cannot_sign_keeps_the_presented_token_usable(world: AuthWorld) -> None:
+    register(world)
+    first = world.service.login(email=EMAIL, password=PASSWORD)
+    world.service._tokens = _CannotSign(world.keys)  # type: ignore[assignment]
+    with pytest.raises(Unavailable):
+        world.service.refresh(refresh_token=first.refresh_token)
+    [stored] = world.database.committed.tokens.values()
+    assert stored.rotated_time is None  # not spent: no new token was handed out
+    world.service._tokens = world.keys
+    world.clock.advance(60)  # past the reuse grace: a spent token would kill the family
+    assert world.service.refresh(refresh_token=first.refresh_token).access_token
