@@ -59,7 +59,7 @@ from shared.rpc.request_path import RequestPath
 from shared.rpc.server import RunningServer, create_server
 from shared.rpc.tracing import Tracing
 from shared.rpc.worker import attach_in_process
-from shared.security.revocations import RevocationPoller, Revocations
+from shared.security.revocations import RevocationPoller, RevocationReply, Revocations
 from shared.security.tokens import TokenVerifier
 
 __all__ = ["AuthApp", "build_app", "build_server", "request_path_for"]
@@ -280,12 +280,11 @@ def build_app(
         on_revoked_kids=lambda kids: keys.reload() if keys.publishes(kids) else None,
     )
 
-    def local_fetch(
-        since: datetime | None,
-    ) -> tuple[list[tuple[str, datetime]], datetime, list[str]]:
-        found, now = feed.since(since)
+    def local_fetch(since: datetime | None) -> RevocationReply:
+        found, now, truncated = feed.since(since)
         # Revoked signing keys: this service's ring drops them by itself.
-        return [(r.subject, r.not_before) for r in found], now, []
+        resume = found[-1].create_time if truncated else None
+        return RevocationReply([(r.subject, r.not_before) for r in found], now, [], resume)
 
     poller = RevocationPoller(
         local_fetch,

@@ -11,8 +11,11 @@ their own within their lifetime (15 minutes).
 
 Each poll asks for the revocations recorded since the previous reply's server time minus
 a margin (a revocation committed late, by a slow transaction, is still seen); a
-revocation seen twice changes nothing. An entry is forgotten once no token it covers can
-be live (its `not_before` older than the longest token lifetime plus a margin).
+revocation seen twice changes nothing. A reply carries at most 10,000 (oldest first) and
+says when it left some out: the poll then asks again from the last one's create_time, up
+to MAX_REPLIES_PER_POLL replies, before it moves on to the server time. An entry is
+forgotten once no token it covers can be live (its `not_before` older than the longest
+token lifetime plus a margin).
 """
 
 from __future__ import annotations
@@ -21,24 +24,42 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
 
 from shared.config.clock import Clock, utc
 
-__all__ = ["RevocationFetch", "RevocationPoller", "Revocations", "grpc_revocation_fetch"]
+__all__ = [
+    "RevocationFetch",
+    "RevocationPoller",
+    "RevocationReply",
+    "Revocations",
+    "grpc_revocation_fetch",
+]
 
 _log = logging.getLogger(__name__)
 
-RevocationFetch = Callable[
-    [datetime | None], tuple[list[tuple[str, datetime]], datetime, list[str]]
-]
-"""Revocations (subject, not_before) recorded since a moment (None: all in force), the
-source's clock when it answered, and the signing keys revoked lately (their kids)."""
+
+class RevocationReply(NamedTuple):
+    entries: list[tuple[str, datetime]]
+    """Revocations (subject, not_before) recorded since the moment asked, oldest first."""
+    server_time: datetime
+    """The source's clock when it answered."""
+    revoked_kids: list[str]
+    """Signing keys revoked lately (their kids)."""
+    resume: datetime | None = None
+    """Set when the reply left revocations out: ask again from this moment (the create
+    time of the last one it carries)."""
+
+
+RevocationFetch = Callable[[datetime | None], RevocationReply]
+"""The revocations recorded since a moment (None: all in force)."""
 
 OVERLAP = timedelta(seconds=60)
+# Replies one poll reads when each says it left some out (10,000 revocations each).
+MAX_REPLIES_PER_POLL = 100
 
 
 class Revocations:
@@ -87,15 +108,20 @@ def grpc_revocation_fetch(channel: grpc.Channel, timeout: float = 2.0) -> Revoca
     """A fetch calling `AuthService.GetRevocations` (public: no credentials)."""
     stub = auth_pb2_grpc.AuthServiceStub(channel)
 
-    def fetch(
-        since: datetime | None,
-    ) -> tuple[list[tuple[str, datetime]], datetime, list[str]]:
+    def fetch(since: datetime | None) -> RevocationReply:
         request = auth_pb2.GetRevocationsRequest()
         if since is not None:
             request.since_time.FromDatetime(since)
         reply: Any = stub.GetRevocations(request, timeout=timeout)
         entries = [(r.subject, utc(r.not_before.ToDatetime())) for r in reply.revocations]
-        return entries, utc(reply.server_time.ToDatetime()), list(reply.revoked_kids)
+        resume = (
+            utc(reply.revocations[-1].create_time.ToDatetime())
+            if reply.truncated and reply.revocations
+            else None
+        )
+        return RevocationReply(
+            entries, utc(reply.server_time.ToDatetime()), list(reply.revoked_kids), resume
+        )
 
     return fetch
 
@@ -128,19 +154,37 @@ class RevocationPoller:
         self._polled = threading.Condition()
 
     def poll(self) -> bool:
-        """One poll; False if the source could not be asked."""
-        try:
-            entries, server_time, revoked_kids = self._fetch(self._since)
-        except Exception as exc:  # a source down: keep what is known, try again
-            _log.warning("revocations: poll failed: %s", exc)
-            self._on_poll("error")
-            return False
-        if revoked_kids and self._on_revoked_kids is not None:
-            self._on_revoked_kids(revoked_kids)
-        learned = self.revocations.add(entries)
+        """One poll (every reply it takes to catch up); False if the source could not be
+        asked. A failure after some replies keeps what they taught, and the next poll
+        asks from the same moment again."""
+        since = self._since
+        learned = 0
+        caught_up = False
+        for _reply in range(MAX_REPLIES_PER_POLL):
+            try:
+                reply = self._fetch(since)
+            except Exception as exc:  # a source down: keep what is known, try again
+                _log.warning("revocations: poll failed: %s", exc)
+                self._on_poll("error")
+                return False
+            if reply.revoked_kids and self._on_revoked_kids is not None:
+                self._on_revoked_kids(reply.revoked_kids)
+            learned += self.revocations.add(reply.entries)
+            if reply.resume is None:
+                caught_up = True
+                break
+            if since is not None and reply.resume <= since:  # cannot move on from here
+                _log.warning("revocations: over a reply's worth recorded at %s", since)
+                caught_up = True
+                break
+            since = reply.resume
         if learned:
             _log.info("revocations: %d learned (%d known)", learned, len(self.revocations))
-        self._since = server_time - OVERLAP
+        if caught_up:
+            self._since = reply.server_time - OVERLAP
+        else:  # the next poll goes on from here
+            _log.warning("revocations: more after %d replies", MAX_REPLIES_PER_POLL)
+            self._since = since
         self.revocations.forget_before(self._clock.now().timestamp() - self._keep)
         self._on_poll("ok")
         with self._polled:

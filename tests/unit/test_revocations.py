@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from shared.rpc.errors import Unauthenticated
 from shared.security.jwk import VerificationKey, algorithm_for, thumbprint
-from shared.security.revocations import OVERLAP, RevocationPoller, Revocations
+from shared.security.revocations import OVERLAP, RevocationPoller, RevocationReply, Revocations
 from shared.security.tokens import StaticKeyProvider, TokenVerifier
 from tests.helpers import FakeClock
 
@@ -111,15 +111,13 @@ def test_the_poller_asks_since_its_last_answer_with_a_margin_and_survives_failur
 ) -> None:
     asked: list[datetime | None] = []
     answers: list[object] = [
-        ([("ada", clock.now())], clock.now(), []),
+        RevocationReply([("ada", clock.now())], clock.now(), []),
         ConnectionError("auth_svc is down"),
-        ([("bob", clock.now())], clock.now() + timedelta(seconds=2), ["kid-1"]),
+        RevocationReply([("bob", clock.now())], clock.now() + timedelta(seconds=2), ["kid-1"]),
     ]
     kids: list[list[str]] = []
 
-    def fetch(
-        since: datetime | None,
-    ) -> tuple[list[tuple[str, datetime]], datetime, list[str]]:
+    def fetch(since: datetime | None) -> RevocationReply:
         asked.append(since)
         answer = answers.pop(0)
         if isinstance(answer, Exception):
@@ -149,11 +147,9 @@ def test_the_poller_asks_since_its_last_answer_with_a_margin_and_survives_failur
 def test_the_poller_runs_on_a_thread_until_stopped(clock: FakeClock) -> None:
     calls = threading.Semaphore(0)
 
-    def fetch(
-        since: datetime | None,
-    ) -> tuple[list[tuple[str, datetime]], datetime, list[str]]:
+    def fetch(since: datetime | None) -> RevocationReply:
         calls.release()
-        return [], clock.now(), []
+        return RevocationReply([], clock.now(), [])
 
     poller = RevocationPoller(
         fetch, Revocations(), interval_seconds=0.01, token_lifetime_seconds=900, clock=clock
@@ -161,3 +157,55 @@ def test_the_poller_runs_on_a_thread_until_stopped(clock: FakeClock) -> None:
     poller.start()
     assert poller.wait_for_polls(3, timeout=30)
     poller.stop()
+
+
+def test_a_poll_reads_on_while_replies_say_they_left_revocations_out(clock: FakeClock) -> None:
+    """More revocations than one reply carries (a mass disable): the poll asks again from
+    the last one's create time until it has them all, and only then moves on."""
+    start = clock.now()
+    recorded = [(f"user-{n}", start + timedelta(milliseconds=n)) for n in range(7)]
+    asked: list[datetime | None] = []
+
+    def fetch(since: datetime | None) -> RevocationReply:  # 3 per reply, oldest first
+        asked.append(since)
+        due = [r for r in recorded if since is None or r[1] >= since]
+        return RevocationReply(
+            due[:3], start + timedelta(seconds=5), [], due[2][1] if len(due) > 3 else None
+        )
+
+    poller = RevocationPoller(
+        fetch, Revocations(), interval_seconds=1, token_lifetime_seconds=900, clock=clock
+    )
+    assert poller.poll()
+    assert asked == [None, recorded[2][1], recorded[4][1]]
+    for subject, moment in recorded:
+        assert poller.revocations.covers(subject, "", moment.timestamp() - 1)
+    assert poller.poll()
+    assert asked[3] == start + timedelta(seconds=5) - OVERLAP  # caught up: from the clock
+
+
+def test_a_poll_that_fails_half_way_asks_from_the_same_moment_next_time(
+    clock: FakeClock,
+) -> None:
+    start = clock.now()
+    replies: list[RevocationReply | Exception] = [
+        RevocationReply([("ada", start)], start, [], start + timedelta(seconds=1)),
+        ConnectionError("auth_svc went away"),
+    ]
+    asked: list[datetime | None] = []
+
+    def fetch(since: datetime | None) -> RevocationReply:
+        asked.append(since)
+        reply = replies.pop(0)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    poller = RevocationPoller(
+        fetch, Revocations(), interval_seconds=1, token_lifetime_seconds=900, clock=clock
+    )
+    assert not poller.poll()
+    assert poller.revocations.covers("ada", "", start.timestamp() - 1)  # kept
+    replies.append(RevocationReply([], start, []))
+    assert poller.poll()
+    assert asked == [None, start + timedelta(seconds=1), None]

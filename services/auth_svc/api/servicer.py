@@ -115,7 +115,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         if self._revocations is None:
             return auth_pb2.GetRevocationsResponse()
         since = moment_of(request, "since_time")
-        revocations, now = self._revocations.since(since)
+        revocations, now, truncated = self._revocations.since(since)
         revoked_kids = self._revocations.revoked_kids()
         return auth_pb2.GetRevocationsResponse(
             revocations=[
@@ -128,4 +128,5 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             ],
             server_time=timestamp_of(now),
             revoked_kids=revoked_kids,
+            truncated=truncated,
         )

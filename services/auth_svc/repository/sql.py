@@ -390,11 +390,13 @@ class SqlRevocationRepository:
             is not None
         )
 
-    def since(self, when: datetime | None, *, now: datetime) -> list[Revocation]:
+    def since(self, when: datetime | None, *, now: datetime, limit: int) -> list[Revocation]:
         query = select(RevocationRow).where(RevocationRow.expire_time > now)
         if when is not None:
             query = query.where(RevocationRow.create_time >= when)
-        rows = self._session.scalars(query.order_by(RevocationRow.create_time).limit(10_000))
+        rows = self._session.scalars(
+            query.order_by(RevocationRow.create_time, RevocationRow.id).limit(limit)
+        )
         return [Revocation(row.subject, utc(row.not_before), utc(row.create_time)) for row in rows]
 
 

@@ -45,6 +45,7 @@ from shared.rpc.errors import (
 from shared.security.tokens import Principal
 
 __all__ = [
+    "REVOCATIONS_PER_REPLY",
     "AuditReader",
     "RevocationFeed",
     "Sessions",
@@ -60,6 +61,8 @@ __all__ = [
 ]
 
 DEFAULT_PAGE_SIZE = 50
+# Revocations in one GetRevocations reply (a reply that leaves some out says so).
+REVOCATIONS_PER_REPLY = 10_000
 MAX_PAGE_SIZE = 1000
 MAX_DISPLAY_NAME = 128
 REVOCATION_LEEWAY = timedelta(minutes=1)
@@ -486,10 +489,16 @@ class RevocationFeed:
         self._revoked_kids = revoked_kids or list
         self._on_revoked_kids = on_revoked_kids
 
-    def since(self, when: datetime | None) -> tuple[list[Revocation], datetime]:
+    def since(
+        self, when: datetime | None, *, limit: int = REVOCATIONS_PER_REPLY
+    ) -> tuple[list[Revocation], datetime, bool]:
+        """Up to `limit` revocations recorded at or after `when` (oldest first), this
+        replica's clock, and whether more were left out: the caller asks again from the
+        last one's create_time before it moves on to the clock."""
         now = self._clock.now()
         with self._uow() as uow:
-            return uow.revocations.since(when, now=now), now
+            found = uow.revocations.since(when, now=now, limit=limit + 1)
+        return found[:limit], now, len(found) > limit
 
     def revoked_kids(self) -> list[str]:
         kids = self._revoked_kids()

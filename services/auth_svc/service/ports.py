@@ -228,8 +228,9 @@ class AuditLog(Protocol):
 class RevocationRepository(Protocol):
     def add(self, revocation: Revocation, *, expire_time: datetime) -> None: ...
 
-    def since(self, when: datetime | None, *, now: datetime) -> list[Revocation]:
-        """Revocations still in force (expiring after `now`) recorded at or after `when`."""
+    def since(self, when: datetime | None, *, now: datetime, limit: int) -> list[Revocation]:
+        """Up to `limit` revocations still in force (expiring after `now`) recorded at or
+        after `when`, oldest first (by create_time)."""
         ...
 
     def covers(self, subject: str, issued_at: float, now: datetime) -> bool:

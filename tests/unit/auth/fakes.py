@@ -290,12 +290,13 @@ class FakeRevocations:
             for r, expires in self._state.revocations
         )
 
-    def since(self, when: datetime | None, *, now: datetime) -> list[Revocation]:
-        return [
+    def since(self, when: datetime | None, *, now: datetime, limit: int) -> list[Revocation]:
+        found = [
             r
             for r, expires in self._state.revocations
             if expires > now and (when is None or r.create_time >= when)
         ]
+        return sorted(found, key=lambda r: r.create_time)[:limit]
 
 
 class FakeAudit:

@@ -326,11 +326,28 @@ def test_a_password_change_revokes_the_tokens_issued_before(world: World) -> Non
     world.auth.service.change_password(
         principal=ada, current_password=PASSWORD, new_password="a brand new password"
     )
-    revocations, now = world.feed.since(None)
+    revocations, now, more = world.feed.since(None)
     assert [r.subject for r in revocations] == [user_id]
     assert now == world.auth.clock.now()
-    later, _ = world.feed.since(now + timedelta(seconds=1))
+    assert not more
+    later, _, _ = world.feed.since(now + timedelta(seconds=1))
     assert later == []
+
+
+def test_a_revocation_reply_says_when_it_left_some_out(world: World) -> None:
+    """Oldest first, at most `limit`, and `more` when the rest needs another reply."""
+    subjects = []
+    for n in range(3):
+        subjects.append(world.register(f"user{n}@example.com"))
+        user = world.principal(f"user{n}@example.com")
+        world.auth.service.change_password(
+            principal=user, current_password=PASSWORD, new_password="a brand new password"
+        )
+        world.auth.clock.advance(1)
+    first, _, more = world.feed.since(None, limit=2)
+    assert ([r.subject for r in first], more) == (subjects[:2], True)
+    rest, _, more = world.feed.since(first[-1].create_time, limit=2)
+    assert ([r.subject for r in rest], more) == (subjects[1:], False)
 
 
 def test_an_admin_token_is_judged_by_the_database_at_once(world: World, admin: Principal) -> None:

@@ -976,6 +976,12 @@ class GetRevocationsResponse(_message.Message):
     REVOCATIONS_FIELD_NUMBER: _builtins.int
     SERVER_TIME_FIELD_NUMBER: _builtins.int
     REVOKED_KIDS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """More revocations were recorded than one reply carries (10,000, oldest first): ask
+    again with `since_time` = the last one's `create_time` before moving on to
+    `server_time`.
+    """
     @_builtins.property
     def revocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Revocation]: ...
     @_builtins.property
@@ -992,10 +998,11 @@ class GetRevocationsResponse(_message.Message):
         revocations: _abc.Iterable[Global___Revocation] | None = ...,
         server_time: _timestamp_pb2.Timestamp | None = ...,
         revoked_kids: _abc.Iterable[_builtins.str] | None = ...,
+        truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["server_time", b"server_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["revocations", b"revocations", "revoked_kids", b"revoked_kids", "server_time", b"server_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revocations", b"revocations", "revoked_kids", b"revoked_kids", "server_time", b"server_time", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
