@@ -519,11 +519,15 @@ def test_delete_rules(client: Client) -> None:
         "DeleteAgent", agent_pb2.DeleteAgentRequest(id=agent.id, etag="stale"), token=token
     )
     assert wrong.code == grpc.StatusCode.ABORTED
-    client.ok(
+    reply = client.ok(
         "DeleteAgent", agent_pb2.DeleteAgentRequest(id=agent.id, etag=agent.etag), token=token
     )
-    gone = client.call("GetAgent", agent_pb2.GetAgentRequest(id=agent.id), token=token)
-    assert gone.code == grpc.StatusCode.NOT_FOUND
+    assert reply.agent.HasField("delete_time")
+    assert reply.agent.HasField("purge_time")
+    again = client.call("DeleteAgent", agent_pb2.DeleteAgentRequest(id=agent.id), token=token)
+    assert again.code == grpc.StatusCode.NOT_FOUND  # AIP-164: deleting a deleted agent
+    kept = client.ok("GetAgent", agent_pb2.GetAgentRequest(id=agent.id), token=token)
+    assert kept.agent == reply.agent  # AIP-164: Get returns the soft-deleted agent
 
 
 def test_batch_get_returns_the_agents_in_order_and_names_a_missing_one(client: Client) -> None:
