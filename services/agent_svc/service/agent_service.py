@@ -377,8 +377,11 @@ class AgentService:
         self._max_agents_per_owner = max_agents_per_owner
         self._revisions_kept = revisions_kept
         self._deleted_retention = timedelta(seconds=deleted_retention_seconds)
-        self._alias_cache: AliasCache = alias_cache or _ReadThrough()
-        self._revision_cache: RevisionCache = revision_cache or _ReadThrough()
+        # `is None`, not `or`: an empty cache has a length of 0.
+        self._alias_cache: AliasCache = _ReadThrough() if alias_cache is None else alias_cache
+        self._revision_cache: RevisionCache = (
+            _ReadThrough() if revision_cache is None else revision_cache
+        )
 
     # -- create and read ----------------------------------------------------------------
 
