@@ -4,6 +4,7 @@ over in-memory fakes."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -180,7 +181,7 @@ def test_someone_elses_revisions_and_aliases_are_not_found(world: World) -> None
     agent_id = str(versions[0].id)
     world.service.tag(principal=owner, agent_id=agent_id, revision_id="2", alias="prod")
     stranger = user()
-    calls = [
+    calls: list[Callable[[], object]] = [
         lambda: get(world, stranger, f"{agent_id}@2"),
         lambda: get(world, stranger, f"{agent_id}@prod"),
         lambda: world.service.list_revisions(principal=stranger, agent_id=agent_id),
