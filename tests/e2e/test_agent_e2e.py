@@ -397,13 +397,21 @@ def run_stack(
     auth_database_url: str = "",
     agent_database_url: str = "",
     redis_url: str = "",
+    agent_settings: dict[str, str] | None = None,
 ) -> Iterator[Stack]:
     auth_port, agent_port = free_ports(2)
     env = auth_env(auth_port, log_dir / "auth-data", auth_database_url, redis_url)
     auth = start("auth_svc", env, auth_port, log_dir)
     agent = start(
         "agent_svc",
-        agent_env(agent_port, log_dir / "agent-data", auth.address, agent_database_url, redis_url),
+        agent_env(
+            agent_port,
+            log_dir / "agent-data",
+            auth.address,
+            agent_database_url,
+            redis_url,
+            **(agent_settings or {}),
+        ),
         agent_port,
         log_dir,
     )
@@ -715,7 +723,7 @@ def test_delete_with_a_stale_etag_is_aborted_and_with_an_empty_etag_succeeds(
     assert stale_update.code() == ABORTED
 
     delete(stub, caller, agent.id, "")
-    assert rpc_error(lambda: get(stub, caller, agent.id)).code() == NOT_FOUND
+    assert get(stub, caller, agent.id).HasField("delete_time")  # soft (AIP-164)
     assert rpc_error(lambda: delete(stub, caller, agent.id)).code() == NOT_FOUND
 
     matching = create(stub, caller, "current")
@@ -1229,7 +1237,37 @@ def test_an_operator_session_through_grpcurl(embedded_stack: Stack, grpcurl_bina
         {"id": agent["id"], "etag": updated["agent"]["etag"]},
         token,
     )
-    assert (code, deleted) == (0, {})
+    assert code == 0, deleted
+    assert "delete_time" in deleted["agent"]
+    assert "purge_time" in deleted["agent"]
+
+    code, revisions = grpcurl(
+        grpcurl_binary, agents, agent_method + "ListAgentRevisions", {"id": agent["id"]}, token
+    )
+    assert code == 0, revisions
+    assert [r["revision_id"] for r in revisions["agents"]] == ["2", "1"]
+    code, first = grpcurl(
+        grpcurl_binary, agents, agent_method + "GetAgent", {"id": agent["id"] + "@1"}, token
+    )
+    assert code == 0, first
+    assert first["agent"]["description"] == agent["description"]
+    code, restored = grpcurl(
+        grpcurl_binary, agents, agent_method + "UndeleteAgent", {"id": agent["id"]}, token
+    )
+    assert code == 0, restored
+    assert "delete_time" not in restored["agent"]
+    code, tagged = grpcurl(
+        grpcurl_binary,
+        agents,
+        agent_method + "TagAgentRevision",
+        {"id": agent["id"], "revision_id": "1", "alias": "prod"},
+        token,
+    )
+    assert code == 0, tagged
+    code, pinned = grpcurl(
+        grpcurl_binary, agents, agent_method + "GetAgent", {"id": agent["id"] + "@prod"}, token
+    )
+    assert (code, pinned["agent"]["revision_id"]) == (0, "1"), pinned
 
     code, output = grpcurl(
         grpcurl_binary, agents, agent_method + "GetAgent", {"id": "not-a-uuid"}, token
@@ -1237,7 +1275,11 @@ def test_an_operator_session_through_grpcurl(embedded_stack: Stack, grpcurl_bina
     assert code == 64 + INVALID_ARGUMENT.value[0], output
     assert "InvalidArgument" in output
     code, output = grpcurl(
-        grpcurl_binary, agents, agent_method + "GetAgent", {"id": agent["id"]}, token
+        grpcurl_binary, agents, agent_method + "GetAgent", {"id": agent["id"] + "@"}, token
+    )
+    assert code == 64 + INVALID_ARGUMENT.value[0], output
+    code, output = grpcurl(
+        grpcurl_binary, agents, agent_method + "GetAgent", {"id": str(uuid.uuid4())}, token
     )
     assert code == 64 + NOT_FOUND.value[0], output
     code, output = grpcurl(grpcurl_binary, agents, agent_method + "ListAgents", {})
