@@ -197,12 +197,15 @@ def delete(
     etag: str = "",
     *,
     timeout: float = TIMEOUT,
-) -> None:
-    stub.DeleteAgent(
+) -> agent_pb2.Agent:
+    """Soft-deletes (AIP-164); the agent as deleted."""
+    reply = stub.DeleteAgent(
         agent_pb2.DeleteAgentRequest(id=agent_id, etag=etag),
         metadata=caller.metadata,
         timeout=timeout,
     )
+    result: agent_pb2.Agent = reply.agent
+    return result
 
 
 def list_page(
@@ -998,6 +1001,57 @@ def test_a_write_on_one_replica_reaches_the_other_within_the_invalidation_delay(
         r2, caller, page_size=1, order_by="name asc", page_token=first.next_page_token
     )
     assert [x.name for x in second.agents] == ["replicated-2"]
+
+
+def _eventually(read: Callable[[], Any], done: Callable[[Any], bool]) -> tuple[Any, float]:
+    """Reads until `done(value)` or INVALIDATION_DEADLINE passes; the last value and when."""
+    started = time.monotonic()
+    while True:
+        value = read()
+        delay = time.monotonic() - started
+        if done(value) or delay > INVALIDATION_DEADLINE:
+            return value, delay
+        time.sleep(0.002)
+
+
+def _tag(stub: agent_pb2_grpc.AgentServiceStub, caller: Caller, agent_id: str, rev: str) -> None:
+    stub.TagAgentRevision(
+        agent_pb2.TagAgentRevisionRequest(id=agent_id, revision_id=rev, alias="prod"),
+        metadata=caller.metadata,
+        timeout=TIMEOUT,
+    )
+
+
+def test_alias_moves_deletes_and_purges_on_one_replica_reach_the_other(
+    pg_stack: Stack, second_replica: agent_pb2_grpc.AgentServiceStub
+) -> None:
+    r1, r2, owner = pg_stack.agents, second_replica, pg_stack.new_user()
+    agent = create(r1, owner, "pinned", description="v1")
+    agent = update(r1, owner, agent_pb2.Agent(id=agent.id, description="v2"), ["description"])
+    pinned = f"{agent.id}@prod"
+    _tag(r1, owner, agent.id, "1")
+    for _ in range(2):  # R2's caches now hold the agent and its aliases
+        assert get(r2, owner, pinned).description == "v1"
+
+    _tag(r1, owner, agent.id, "2")  # promote
+    seen, delay = _eventually(lambda: get(r2, owner, pinned), lambda a: a.description == "v2")
+    assert seen.revision_id == "2", f"R2 still resolved prod to revision 1 after {delay:.3f}s"
+
+    deleted = delete(r1, owner, agent.id, "")
+    seen, delay = _eventually(lambda: get(r2, owner, agent.id), lambda a: a.etag == deleted.etag)
+    assert seen.HasField("delete_time"), f"R2 still served the live agent after {delay:.3f}s"
+
+    r1.PurgeAgent(
+        agent_pb2.PurgeAgentRequest(id=agent.id),
+        metadata=pg_stack.admin().metadata,
+        timeout=TIMEOUT,
+    )
+    for ref in (agent.id, pinned, f"{agent.id}@1"):
+        code, delay = _eventually(
+            lambda ref=ref: status_of(lambda: get(r2, owner, ref)),  # type: ignore[misc]
+            lambda code: code == NOT_FOUND,
+        )
+        assert code == NOT_FOUND, f"R2 still served {ref} after {delay:.3f}s"
 
 
 # -- 8. auth_svc down -------------------------------------------------------------------
