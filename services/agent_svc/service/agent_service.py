@@ -538,6 +538,26 @@ class AgentService:
             raise _revision_not_found(key, str(ref))
         return revision
 
+    @staticmethod
+    def _revision_in(
+        uow: AgentUnitOfWork, agent: Agent, ref: int | str, text: str
+    ) -> AgentRevision:
+        """The revision `ref` (an id or an alias) as the write's own transaction sees it
+        (no cache: a write decides on what it has locked or will compare-and-set)."""
+        if isinstance(ref, str):
+            aliases = uow.revisions.aliases(agent.id)
+            if ref not in aliases:
+                raise _alias_not_found(agent.id, ref)
+            revision_id = aliases[ref]
+        else:
+            revision_id = ref
+        if revision_id == agent.revision_id:
+            return agent.current_revision
+        revision = uow.revisions.get(agent.id, revision_id)
+        if revision is None:
+            raise _revision_not_found(agent.id, text)
+        return revision
+
     def list_revisions(
         self, *, principal: Principal, agent_id: str, page_size: int = 0, page_token: str = ""
     ) -> RevisionPage:
@@ -755,7 +775,7 @@ class AgentService:
         for _attempt in range(UPDATE_ATTEMPTS):
             with self._uow() as uow:
                 current = self._changeable(caller, key, uow.agents.get(key), etag)
-                target = self._revision(current, ref)
+                target = self._revision_in(uow, current, ref, revision_id)
                 updated = self._revise(uow, caller, current, target.fields)
             if updated is not None:
                 self._cache.invalidate(key)
@@ -777,15 +797,7 @@ class AgentService:
             # The row lock: a concurrent update cannot prune the revision between the
             # check and the tag (it waits, then keeps the tagged revision).
             current = self._changeable(caller, key, uow.agents.get(key, for_update=True), "")
-            if isinstance(ref, str):
-                aliases = uow.revisions.aliases(key)
-                if ref not in aliases:
-                    raise _alias_not_found(key, ref)
-                target = uow.revisions.get(key, aliases[ref])
-            else:
-                target = uow.revisions.get(key, ref)
-            if target is None:
-                raise _revision_not_found(key, revision_id)
+            target = self._revision_in(uow, current, ref, revision_id)
             uow.revisions.set_alias(
                 key, name, target.revision_id, now=self._clock.now(), by=caller.author.by
             )
