@@ -240,7 +240,8 @@ class AgentServiceServicer:
 
     def ListModels(self, request, context):
         """The model catalogue: every model an agent may name, with its state, and how many of
-        the caller's agents (an admin: of all agents) use it — to plan a migration.
+        the caller's agents (an admin: of all agents), soft-deleted ones left out, use it —
+        to plan a migration.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -106,7 +106,8 @@ class AgentServiceStub:
     """Removes an alias; an alias the agent does not have is NOT_FOUND (ALIAS_NOT_FOUND)."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListModelsRequest, _agent_pb2.ListModelsResponse]
     """The model catalogue: every model an agent may name, with its state, and how many of
-    the caller's agents (an admin: of all agents) use it — to plan a migration.
+    the caller's agents (an admin: of all agents), soft-deleted ones left out, use it —
+    to plan a migration.
     """
 
 @_typing.type_check_only
@@ -187,7 +188,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Removes an alias; an alias the agent does not have is NOT_FOUND (ALIAS_NOT_FOUND)."""
     ListModels: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListModelsRequest, _agent_pb2.ListModelsResponse]  # type: ignore[assignment]
     """The model catalogue: every model an agent may name, with its state, and how many of
-    the caller's agents (an admin: of all agents) use it — to plan a migration.
+    the caller's agents (an admin: of all agents), soft-deleted ones left out, use it —
+    to plan a migration.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -343,7 +345,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.ListModelsResponse, _abc.Awaitable[_agent_pb2.ListModelsResponse]]:
         """The model catalogue: every model an agent may name, with its state, and how many of
-        the caller's agents (an admin: of all agents) use it — to plan a migration.
+        the caller's agents (an admin: of all agents), soft-deleted ones left out, use it —
+        to plan a migration.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
