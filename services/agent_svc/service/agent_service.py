@@ -74,7 +74,6 @@ from services.agent_svc.service.filtering import (
     parse_filter,
     parse_order_by,
 )
-from services.agent_svc.service.filtering import SortField as _SortField
 from services.agent_svc.service.models import RETIRED, ModelCatalogue, ModelEntry
 from services.agent_svc.service.paging import Cursor, PageTokens, page_size_of
 from services.agent_svc.service.ports import (
@@ -570,7 +569,7 @@ class AgentService:
         binding = f"revisions\n{caller.id}\n{key}"
         before: int | None = None
         if page_token:
-            cursor = self._page_tokens.read(page_token, binding=binding, field=_SortField.NAME)
+            cursor = self._page_tokens.read(page_token, binding=binding, field=SortField.NAME)
             if not isinstance(cursor.value, str) or not _REVISION_ID.fullmatch(cursor.value):
                 raise InvalidArgument.field("page_token", "invalid")
             before = int(cursor.value)
