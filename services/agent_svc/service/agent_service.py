@@ -566,6 +566,8 @@ class AgentService:
         key = _parse_id(agent_id, "id")
         limit = page_size_of(page_size)
         agent = self._visible(caller, key)
+        # The token's cursor is the last revision id shown, as text (the page-token codec's
+        # text key), bound to the caller and the agent.
         binding = f"revisions\n{caller.id}\n{key}"
         before: int | None = None
         if page_token:
