@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 from agentplatform.agent.v1 import agent_pb2_grpc
+from redis import Redis
 from sqlalchemy import Engine
 
 from services.agent_svc import SERVICE_NAME
@@ -16,10 +17,12 @@ from services.agent_svc.api.servicer import PUBLIC_METHODS, AgentServicer
 from services.agent_svc.domain import Agent
 from services.agent_svc.infra.cache import TwoLevelCache
 from services.agent_svc.infra.codec import AgentCodec
+from services.agent_svc.infra.revisions import AliasesCodec, RevisionMemory
 from services.agent_svc.jobs import worker_for
 from services.agent_svc.repository.sql import SqlAgentUnitOfWork
 from services.agent_svc.service.agent_service import AgentService
 from services.agent_svc.service.paging import PageTokens
+from services.agent_svc.service.ports import AgentAliases
 from services.agent_svc.settings import AgentSettings
 from shared.config.clock import Clock, SystemClock
 from shared.data.db import make_engine, ping, session_factory, single_statement_sessions
@@ -130,11 +133,35 @@ def _jwks_keys(
     return keys
 
 
-def _cache(settings: AgentSettings, closers: Closers, metrics: Metrics) -> TwoLevelCache[Agent]:
-    """L1 in process over L2 Redis (when configured); L1 only on the embedded default."""
+@dataclass
+class _Caches:
+    agents: TwoLevelCache[Agent]
+    aliases: TwoLevelCache[AgentAliases]
+
+
+def _caches(settings: AgentSettings, closers: Closers, metrics: Metrics) -> _Caches:
+    """L1 in process over L2 Redis (when configured); L1 only on the embedded default.
+    Agents and their aliases each have one (namespaces `agent`, `agent-aliases`), both
+    invalidated on every replica by their writes."""
     client = make_redis(settings.common.redis_url) if settings.common.redis_url else None
     if client is not None:
         closers.add(client.close)
+    aliases = TwoLevelCache[AgentAliases](
+        redis=client,
+        codec=AliasesCodec(),
+        l1_max_entries=settings.l1_max_entries,
+        l1_ttl_seconds=settings.l1_ttl_seconds,
+        l2_ttl_seconds=settings.l2_ttl_seconds,
+        namespace="agent-aliases",
+    )
+    aliases.start()
+    closers.add(aliases.close)
+    return _Caches(_agent_cache(settings, client, closers, metrics), aliases)
+
+
+def _agent_cache(
+    settings: AgentSettings, client: Redis | None, closers: Closers, metrics: Metrics
+) -> TwoLevelCache[Agent]:
     cache = TwoLevelCache[Agent](
         redis=client,
         codec=AgentCodec(),
@@ -178,10 +205,15 @@ def build_app(
     observability.watch_pool(engine)
     sessions = session_factory(engine)
     single_reads = single_statement_sessions(engine)
+    caches = _caches(settings, closers, metrics)
     service = AgentService(
         uow=lambda: SqlAgentUnitOfWork(sessions),
         read_uow=lambda: SqlAgentUnitOfWork(single_reads),
-        cache=_cache(settings, closers, metrics),
+        cache=caches.agents,
+        alias_cache=caches.aliases,
+        revision_cache=RevisionMemory(settings.l1_max_entries),
+        revisions_kept=settings.revisions_kept,
+        deleted_retention_seconds=settings.deleted_retention_days * 86_400.0,
         clock=clock,
         allowed_models=settings.allowed_models,
         catalogue=settings.catalogue,

@@ -1,8 +1,18 @@
 """The agent domain: agents, their function tools, and what callers send to change them.
 
-An agent's version is its `revision`, a counter the database bumps on every update; the
-`etag` handed to callers is derived from it (and the id), so it changes on every update
-and one agent's etag never matches another's.
+An agent's version is its `revision`, a counter bumped on every write of the agent row
+(an update, a rollback, a delete, an undelete); the `etag` handed to callers is derived
+from it (and the id), so it changes on every write and one agent's etag never matches
+another's.
+
+Its configuration has revisions of its own (AIP-162): `revision_id` counts the changes
+of configuration only (the create is 1; each update that changes something, and each
+rollback, is one more; a delete or an undelete is none), and each is kept as an
+`AgentRevision`, immutable. Revision ids are decimal digits and aliases start with a
+letter, so `id@5` and `id@prod` never mean the same thing.
+
+A soft-deleted agent (AIP-164) has a `delete_time` and a `purge_time`, after which the
+worker removes it with its revisions.
 
 A create's `fingerprint` tells a replay (same request id, same agent: answered with the
 first response) from a reuse of the id for something else (AIP-155).
@@ -19,7 +29,16 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-__all__ = ["Agent", "AgentInput", "AgentPage", "ChangeAuthor", "Tool", "etag_for"]
+__all__ = [
+    "Agent",
+    "AgentInput",
+    "AgentPage",
+    "AgentRevision",
+    "ChangeAuthor",
+    "RevisionPage",
+    "Tool",
+    "etag_for",
+]
 
 
 def etag_for(agent_id: uuid.UUID, revision: int) -> str:
@@ -56,10 +75,23 @@ class Agent:
     """Who made this version: `users/<id>` or `serviceAccounts/<id>` ("" before it was kept)."""
     updated_via: str = ""
     """The service that acted for `updated_by` (a delegated token), or ""."""
+    revision_id: int = 1
+    """The configuration revision this version shows (AIP-162); `update_time` is its
+    create time."""
+    delete_time: datetime | None = None
+    """When it was soft-deleted (AIP-164); None while it is not deleted."""
+    purge_time: datetime | None = None
+    """When the worker removes it for good (set with delete_time)."""
+    snapshot: bool = False
+    """A past revision's view (`id@revision`): it has no etag, and is never written."""
 
     @property
     def etag(self) -> str:
-        return etag_for(self.id, self.revision)
+        return "" if self.snapshot else etag_for(self.id, self.revision)
+
+    @property
+    def deleted(self) -> bool:
+        return self.delete_time is not None
 
     @classmethod
     def new(
@@ -98,10 +130,59 @@ class Agent:
             self,
             update_time=max(now, self.update_time),
             revision=self.revision + 1,
+            revision_id=self.revision_id + 1,
             updated_by=author.by,
             updated_via=author.via,
             **_settable(fields),
         )
+
+    def soft_deleted(self, *, now: datetime, purge_time: datetime) -> Agent:
+        """This version, marked deleted (a new etag; the configuration is unchanged)."""
+        return replace(self, revision=self.revision + 1, delete_time=now, purge_time=purge_time)
+
+    def undeleted(self) -> Agent:
+        """This version, no longer deleted (a new etag; the configuration is unchanged)."""
+        return replace(self, revision=self.revision + 1, delete_time=None, purge_time=None)
+
+    @property
+    def current_revision(self) -> AgentRevision:
+        """The revision record of this version's configuration."""
+        return AgentRevision(
+            agent_id=self.id,
+            revision_id=self.revision_id,
+            create_time=self.update_time,
+            fields=self.settable,
+            created_by=self.updated_by,
+            created_via=self.updated_via,
+        )
+
+    def at(self, revision: AgentRevision) -> Agent:
+        """The agent as it was at `revision`: its configuration and author, `update_time`
+        the revision's create time; id, owner, create time and deletion state are the
+        agent's. The current revision is the agent itself (with its etag)."""
+        if revision.revision_id == self.revision_id and not self.snapshot:
+            return self
+        return replace(
+            self,
+            update_time=revision.create_time,
+            revision_id=revision.revision_id,
+            updated_by=revision.created_by,
+            updated_via=revision.created_via,
+            snapshot=True,
+            **_settable(revision.fields),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRevision:
+    """One configuration of an agent, as recorded when it was made (immutable)."""
+
+    agent_id: uuid.UUID
+    revision_id: int
+    create_time: datetime
+    fields: AgentInput
+    created_by: str = ""
+    created_via: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,3 +238,12 @@ def _settable(source: Agent | AgentInput) -> dict[str, Any]:
 class AgentPage:
     agents: tuple[Agent, ...]
     next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class RevisionPage:
+    """A page of an agent's revisions, newest first, and all its aliases."""
+
+    agents: tuple[Agent, ...]
+    next_page_token: str
+    aliases: Mapping[str, int]

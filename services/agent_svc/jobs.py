@@ -2,20 +2,35 @@
 
 agent.request_ids.purge    CreateAgent request ids past AGENT_REQUEST_ID_TTL_SECONDS:
                            a replay after it may create anew anyway
+agent.deleted.purge        soft-deleted agents past their purge_time (AIP-164), with
+                           their revisions and aliases: a batch per transaction, the
+                           purged agents returned by the repository (one change-log
+                           event each can join that transaction); then their cache
+                           entries are invalidated on every replica (when Redis is
+                           configured; otherwise the serving replicas' L1 TTL bounds it)
 """
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable
 from datetime import timedelta
 
 from sqlalchemy import Engine, delete, select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.agent_svc.domain import Agent
+from services.agent_svc.infra.cache import TwoLevelCache
+from services.agent_svc.infra.codec import AgentCodec
+from services.agent_svc.infra.revisions import AliasesCodec
 from services.agent_svc.repository.models import CreateRequestRow
+from services.agent_svc.repository.sql import SqlAgentUnitOfWork
+from services.agent_svc.service.ports import AgentAliases
 from services.agent_svc.settings import AgentSettings
 from shared.config.clock import Clock, SystemClock
 from shared.data.db import session_factory
 from shared.data.jobs import Job, Worker, purge_in_batches
+from shared.data.redis_client import make_redis
 from shared.rpc.observability import Observability
 from shared.rpc.worker import make_worker, worker_process
 
@@ -23,7 +38,11 @@ __all__ = ["agent_jobs", "build_worker"]
 
 
 def agent_jobs(
-    sessions: sessionmaker[Session], *, clock: Clock, request_id_ttl_seconds: float
+    sessions: sessionmaker[Session],
+    *,
+    clock: Clock,
+    request_id_ttl_seconds: float,
+    on_purged: Callable[[list[uuid.UUID]], None] | None = None,
 ) -> list[Job]:
     def request_ids() -> dict[str, int]:
         before = clock.now() - timedelta(seconds=request_id_ttl_seconds)
@@ -44,7 +63,55 @@ def agent_jobs(
 
         return {"deleted": purge_in_batches(one_batch)}
 
-    return [Job("agent.request_ids.purge", request_ids)]
+    def deleted_agents() -> dict[str, int]:
+        now = clock.now()
+
+        def one_batch(limit: int) -> int:
+            with SqlAgentUnitOfWork(sessions) as uow:
+                purged = uow.agents.purge_expired(now=now, limit=limit)
+                uow.commit()
+            if purged and on_purged is not None:
+                on_purged([agent.id for agent in purged])
+            return len(purged)
+
+        return {"purged": purge_in_batches(one_batch)}
+
+    return [
+        Job("agent.request_ids.purge", request_ids),
+        Job("agent.deleted.purge", deleted_agents),
+    ]
+
+
+def _cache_invalidator(settings: AgentSettings) -> Callable[[list[uuid.UUID]], None] | None:
+    """Tells every serving replica to drop purged agents (and their aliases) from its
+    caches, through the same Redis channels their writes use."""
+    if not settings.common.redis_url:
+        return None
+    client = make_redis(settings.common.redis_url)
+    # No L1 and no listener: these caches only send invalidations.
+    agents = TwoLevelCache[Agent](
+        redis=client,
+        codec=AgentCodec(),
+        namespace="agent",
+        l1_max_entries=0,
+        l1_ttl_seconds=0.0,
+        l2_ttl_seconds=settings.l2_ttl_seconds,
+    )
+    aliases = TwoLevelCache[AgentAliases](
+        redis=client,
+        codec=AliasesCodec(),
+        namespace="agent-aliases",
+        l1_max_entries=0,
+        l1_ttl_seconds=0.0,
+        l2_ttl_seconds=settings.l2_ttl_seconds,
+    )
+
+    def invalidate(ids: list[uuid.UUID]) -> None:
+        for agent_id in ids:
+            agents.invalidate(agent_id)
+            aliases.invalidate(agent_id)
+
+    return invalidate
 
 
 def worker_for(
@@ -54,6 +121,7 @@ def worker_for(
         session_factory(engine),
         clock=clock,
         request_id_ttl_seconds=settings.request_id_ttl_seconds,
+        on_purged=_cache_invalidator(settings),
     )
     return make_worker(jobs, engine=engine, settings=settings.common, observability=observability)
 

@@ -22,6 +22,11 @@
   a create past it is RESOURCE_EXHAUSTED with a QuotaFailure.
 - `AGENT_REQUEST_ID_TTL_SECONDS` (86400): how long a CreateAgent request_id is honoured:
   a replay within it gets the first response; after it the id may create anew.
+- `AGENT_REVISIONS_KEPT` (100, at least 1): how many of an agent's latest revisions are
+  kept (AIP-162); older ones are removed by the write that makes a new one, unless an
+  alias names them.
+- `AGENT_DELETED_RETENTION_DAYS` (30; fractions allowed): how long a soft-deleted agent
+  can be undeleted (its `purge_time`); the worker then removes it with its revisions.
 - `AGENT_PAGE_TOKEN_SECRET` (or `AGENT_PAGE_TOKEN_SECRET_FILE`, at least 32 characters):
   the HMAC key of page tokens, shared by every replica; required in prod, random per
   start in dev.
@@ -62,6 +67,7 @@ DEFAULT_ALLOWED_MODELS = (
 )
 MIN_PAGE_TOKEN_SECRET = 32
 MAX_MODEL_NAME = 128  # the width of the model column
+MAX_RETENTION_DAYS = 3650.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +90,8 @@ class AgentSettings:
     request_id_ttl_seconds: float
     max_agents_per_owner: int
     page_token_secret: bytes
+    revisions_kept: int = 100
+    deleted_retention_days: float = 30.0
 
     @property
     def auth_uses_tls(self) -> bool:
@@ -150,6 +158,8 @@ def load_agent_settings(env: Mapping[str, str], role: Role = "serve") -> AgentSe
         request_id_ttl_seconds=reader.number("REQUEST_ID_TTL_SECONDS", 86_400.0, minimum=1.0),
         max_agents_per_owner=reader.integer("MAX_AGENTS_PER_OWNER", 10_000, minimum=0),
         page_token_secret=_page_token_secret(reader, common, required=serving),
+        revisions_kept=reader.integer("REVISIONS_KEPT", 100, minimum=1),
+        deleted_retention_days=reader.number("DELETED_RETENTION_DAYS", 30.0, minimum=0.0),
     )
     if bool(settings.auth_tls_cert_file) != bool(settings.auth_tls_key_file):
         reader.problems.append(
@@ -166,6 +176,10 @@ def load_agent_settings(env: Mapping[str, str], role: Role = "serve") -> AgentSe
         reader.problems.append(
             f"{reader.name('AUTH_TLS_SERVER_NAME')} needs TLS to auth_svc "
             f"({reader.name('AUTH_TLS_CA_FILE')} or a client certificate)"
+        )
+    if not 0 <= settings.deleted_retention_days <= MAX_RETENTION_DAYS:
+        reader.problems.append(
+            f"{reader.name('DELETED_RETENTION_DAYS')} must be from 0 to {MAX_RETENTION_DAYS}"
         )
     if not settings.allowed_models:
         reader.problems.append(f"{reader.name('ALLOWED_MODELS')} must name at least one model")

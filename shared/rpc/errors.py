@@ -26,6 +26,7 @@ __all__ = [
     "Aborted",
     "AlreadyExists",
     "DomainError",
+    "FailedPrecondition",
     "FieldViolation",
     "Internal",
     "InvalidArgument",
@@ -109,6 +110,13 @@ class AlreadyExists(DomainError):
 class Aborted(DomainError):
     code = grpc.StatusCode.ABORTED
     default_reason = "ABORTED"
+
+
+class FailedPrecondition(DomainError):
+    """The resource is not in a state the call needs (AIP-164: a soft-deleted one)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
 
 
 class _Retryable(DomainError):

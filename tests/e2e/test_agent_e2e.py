@@ -197,12 +197,15 @@ def delete(
     etag: str = "",
     *,
     timeout: float = TIMEOUT,
-) -> None:
-    stub.DeleteAgent(
+) -> agent_pb2.Agent:
+    """Soft-deletes (AIP-164); the agent as deleted."""
+    reply = stub.DeleteAgent(
         agent_pb2.DeleteAgentRequest(id=agent_id, etag=etag),
         metadata=caller.metadata,
         timeout=timeout,
     )
+    result: agent_pb2.Agent = reply.agent
+    return result
 
 
 def list_page(
@@ -397,13 +400,21 @@ def run_stack(
     auth_database_url: str = "",
     agent_database_url: str = "",
     redis_url: str = "",
+    agent_settings: dict[str, str] | None = None,
 ) -> Iterator[Stack]:
     auth_port, agent_port = free_ports(2)
     env = auth_env(auth_port, log_dir / "auth-data", auth_database_url, redis_url)
     auth = start("auth_svc", env, auth_port, log_dir)
     agent = start(
         "agent_svc",
-        agent_env(agent_port, log_dir / "agent-data", auth.address, agent_database_url, redis_url),
+        agent_env(
+            agent_port,
+            log_dir / "agent-data",
+            auth.address,
+            agent_database_url,
+            redis_url,
+            **(agent_settings or {}),
+        ),
         agent_port,
         log_dir,
     )
@@ -715,7 +726,7 @@ def test_delete_with_a_stale_etag_is_aborted_and_with_an_empty_etag_succeeds(
     assert stale_update.code() == ABORTED
 
     delete(stub, caller, agent.id, "")
-    assert rpc_error(lambda: get(stub, caller, agent.id)).code() == NOT_FOUND
+    assert get(stub, caller, agent.id).HasField("delete_time")  # soft (AIP-164)
     assert rpc_error(lambda: delete(stub, caller, agent.id)).code() == NOT_FOUND
 
     matching = create(stub, caller, "current")
@@ -880,8 +891,8 @@ def test_calls_keep_succeeding_while_redis_is_unreachable_and_it_recovers(
         listed = timed(list_page, page_size=1000)
         assert {x.id for x in listed.agents} == {before.id, during.id}
         timed(delete, during.id, during.etag)
-        gone = rpc_error(lambda: get(stub, caller, during.id, timeout=timeout))  # noqa: B023
-        assert gone.code() == NOT_FOUND
+        # The deleted version, never the cached live one (soft delete: Get still answers).
+        assert get(stub, caller, during.id, timeout=timeout).HasField("delete_time")
         if time.monotonic() - cut_at > 1.5:
             break
     # The stale copy is still in the real Redis: the invalidation waits for the way back.
@@ -990,6 +1001,57 @@ def test_a_write_on_one_replica_reaches_the_other_within_the_invalidation_delay(
         r2, caller, page_size=1, order_by="name asc", page_token=first.next_page_token
     )
     assert [x.name for x in second.agents] == ["replicated-2"]
+
+
+def _eventually(read: Callable[[], Any], done: Callable[[Any], bool]) -> tuple[Any, float]:
+    """Reads until `done(value)` or INVALIDATION_DEADLINE passes; the last value and when."""
+    started = time.monotonic()
+    while True:
+        value = read()
+        delay = time.monotonic() - started
+        if done(value) or delay > INVALIDATION_DEADLINE:
+            return value, delay
+        time.sleep(0.002)
+
+
+def _tag(stub: agent_pb2_grpc.AgentServiceStub, caller: Caller, agent_id: str, rev: str) -> None:
+    stub.TagAgentRevision(
+        agent_pb2.TagAgentRevisionRequest(id=agent_id, revision_id=rev, alias="prod"),
+        metadata=caller.metadata,
+        timeout=TIMEOUT,
+    )
+
+
+def test_alias_moves_deletes_and_purges_on_one_replica_reach_the_other(
+    pg_stack: Stack, second_replica: agent_pb2_grpc.AgentServiceStub
+) -> None:
+    r1, r2, owner = pg_stack.agents, second_replica, pg_stack.new_user()
+    agent = create(r1, owner, "pinned", description="v1")
+    agent = update(r1, owner, agent_pb2.Agent(id=agent.id, description="v2"), ["description"])
+    pinned = f"{agent.id}@prod"
+    _tag(r1, owner, agent.id, "1")
+    for _ in range(2):  # R2's caches now hold the agent and its aliases
+        assert get(r2, owner, pinned).description == "v1"
+
+    _tag(r1, owner, agent.id, "2")  # promote
+    seen, delay = _eventually(lambda: get(r2, owner, pinned), lambda a: a.description == "v2")
+    assert seen.revision_id == "2", f"R2 still resolved prod to revision 1 after {delay:.3f}s"
+
+    deleted = delete(r1, owner, agent.id, "")
+    seen, delay = _eventually(lambda: get(r2, owner, agent.id), lambda a: a.etag == deleted.etag)
+    assert seen.HasField("delete_time"), f"R2 still served the live agent after {delay:.3f}s"
+
+    r1.PurgeAgent(
+        agent_pb2.PurgeAgentRequest(id=agent.id),
+        metadata=pg_stack.admin().metadata,
+        timeout=TIMEOUT,
+    )
+    for ref in (agent.id, pinned, f"{agent.id}@1"):
+        code, delay = _eventually(
+            lambda ref=ref: status_of(lambda: get(r2, owner, ref)),  # type: ignore[misc]
+            lambda code: code == NOT_FOUND,
+        )
+        assert code == NOT_FOUND, f"R2 still served {ref} after {delay:.3f}s"
 
 
 # -- 8. auth_svc down -------------------------------------------------------------------
@@ -1229,7 +1291,37 @@ def test_an_operator_session_through_grpcurl(embedded_stack: Stack, grpcurl_bina
         {"id": agent["id"], "etag": updated["agent"]["etag"]},
         token,
     )
-    assert (code, deleted) == (0, {})
+    assert code == 0, deleted
+    assert "delete_time" in deleted["agent"]
+    assert "purge_time" in deleted["agent"]
+
+    code, revisions = grpcurl(
+        grpcurl_binary, agents, agent_method + "ListAgentRevisions", {"id": agent["id"]}, token
+    )
+    assert code == 0, revisions
+    assert [r["revision_id"] for r in revisions["agents"]] == ["2", "1"]
+    code, first = grpcurl(
+        grpcurl_binary, agents, agent_method + "GetAgent", {"id": agent["id"] + "@1"}, token
+    )
+    assert code == 0, first
+    assert first["agent"]["description"] == agent["description"]
+    code, restored = grpcurl(
+        grpcurl_binary, agents, agent_method + "UndeleteAgent", {"id": agent["id"]}, token
+    )
+    assert code == 0, restored
+    assert "delete_time" not in restored["agent"]
+    code, tagged = grpcurl(
+        grpcurl_binary,
+        agents,
+        agent_method + "TagAgentRevision",
+        {"id": agent["id"], "revision_id": "1", "alias": "prod"},
+        token,
+    )
+    assert code == 0, tagged
+    code, pinned = grpcurl(
+        grpcurl_binary, agents, agent_method + "GetAgent", {"id": agent["id"] + "@prod"}, token
+    )
+    assert (code, pinned["agent"]["revision_id"]) == (0, "1"), pinned
 
     code, output = grpcurl(
         grpcurl_binary, agents, agent_method + "GetAgent", {"id": "not-a-uuid"}, token
@@ -1237,7 +1329,11 @@ def test_an_operator_session_through_grpcurl(embedded_stack: Stack, grpcurl_bina
     assert code == 64 + INVALID_ARGUMENT.value[0], output
     assert "InvalidArgument" in output
     code, output = grpcurl(
-        grpcurl_binary, agents, agent_method + "GetAgent", {"id": agent["id"]}, token
+        grpcurl_binary, agents, agent_method + "GetAgent", {"id": agent["id"] + "@"}, token
+    )
+    assert code == 64 + INVALID_ARGUMENT.value[0], output
+    code, output = grpcurl(
+        grpcurl_binary, agents, agent_method + "GetAgent", {"id": str(uuid.uuid4())}, token
     )
     assert code == 64 + NOT_FOUND.value[0], output
     code, output = grpcurl(grpcurl_binary, agents, agent_method + "ListAgents", {})

@@ -13,6 +13,7 @@ from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
 from agentplatform.client import (
     Aborted,
     AgentsClient,
+    AlreadyExists,
     ClientSecret,
     InvalidArgument,
     NotFound,
@@ -80,9 +81,41 @@ def test_a_service_account_manages_agents_with_the_typed_client(stack: Stack) ->
         with pytest.raises(InvalidArgument) as invalid:
             agents.create(new_agent(""))
         assert invalid.value.field_violations
-        agents.delete(created.id, etag=updated.etag)
+        # Revisions and aliases: list, tag, read pinned, roll back.
+        assert [a.revision_id for a in agents.list_revisions(created.id, page_size=1)] == [
+            "2",
+            "1",
+        ]
+        assert agents.tag(created.id, "1", "prod").description == created.description
+        assert agents.get_revision(created.id, "prod").revision_id == "1"
+        with pytest.raises(InvalidArgument) as bad_alias:
+            agents.tag(created.id, "1", "Prod")
+        assert [v.field for v in bad_alias.value.field_violations] == ["alias"]
+        rolled = agents.rollback(created.id, "prod", etag=updated.etag)
+        assert (rolled.revision_id, rolled.description) == ("3", created.description)
+        agents.untag(created.id, "prod")
+        with pytest.raises(NotFound) as untagged:
+            agents.get_revision(created.id, "prod")
+        assert untagged.value.reason == "ALIAS_NOT_FOUND"
+
+        # Soft delete: still readable, listed only when asked, undeletable.
+        deleted = agents.delete(created.id, etag=rolled.etag)
+        assert deleted.HasField("purge_time")
+        assert agents.get(created.id) == deleted
+        assert [a.id for a in agents.list(filter='name = "client-bot"')] == []
+        assert [a.id for a in agents.list(filter='name = "client-bot"', show_deleted=True)] == [
+            created.id
+        ]
+        with pytest.raises(PermissionDenied):  # agents.admin only
+            agents.purge(created.id)
+        restored = agents.undelete(created.id, etag=deleted.etag)
+        assert not restored.HasField("delete_time")
+        with pytest.raises(AlreadyExists) as twice:
+            agents.undelete(created.id)
+        assert twice.value.reason == "AGENT_NOT_DELETED"
+        agents.delete(created.id)
         with pytest.raises(NotFound) as gone:
-            agents.get(created.id)
+            agents.delete(created.id)
         assert gone.value.reason == "AGENT_NOT_FOUND"
 
 

@@ -316,8 +316,25 @@ def _bases(stack: FuzzStack) -> dict[str, list[Message]]:
                 ),
             )
         ],
-        f"/{agents}/GetAgent": [agent_pb2.GetAgentRequest(id=stack.seeded[1])],
+        f"/{agents}/GetAgent": [
+            agent_pb2.GetAgentRequest(id=stack.seeded[1]),
+            agent_pb2.GetAgentRequest(id=f"{stack.seeded[1]}@prod"),
+        ],
         f"/{agents}/DeleteAgent": [agent_pb2.DeleteAgentRequest(id=str(uuid.uuid4()), etag="e")],
+        f"/{agents}/UndeleteAgent": [agent_pb2.UndeleteAgentRequest(id=stack.seeded[1], etag="e")],
+        f"/{agents}/PurgeAgent": [agent_pb2.PurgeAgentRequest(id=str(uuid.uuid4()), etag="e")],
+        f"/{agents}/ListAgentRevisions": [
+            agent_pb2.ListAgentRevisionsRequest(id=stack.seeded[1], page_token="a-page-token")
+        ],
+        f"/{agents}/RollbackAgent": [
+            agent_pb2.RollbackAgentRequest(id=stack.seeded[0], revision_id="1", etag="e")
+        ],
+        f"/{agents}/TagAgentRevision": [
+            agent_pb2.TagAgentRevisionRequest(id=stack.seeded[0], revision_id="1", alias="prod")
+        ],
+        f"/{agents}/UntagAgentRevision": [
+            agent_pb2.UntagAgentRevisionRequest(id=stack.seeded[0], alias="staging")
+        ],
         f"/{agents}/ListAgents": [
             agent_pb2.ListAgentsRequest(filter='metadata.team = "x"', order_by="name asc"),
             agent_pb2.ListAgentsRequest(page_token="a-page-token"),

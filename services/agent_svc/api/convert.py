@@ -80,18 +80,20 @@ T = TypeVar("T")
 
 
 class _VersionMemo(Generic[T]):
-    """Values made from a version of an agent, by (id, revision): a version never changes.
+    """Values made from a version of an agent, by (id, revision, revision id): a version
+    never changes (a past revision's view shows the agent's version it was read with and
+    that revision's id, so it never takes the place of the current agent's entry).
     A hit is one dict lookup without a lock (the hot path of a cache hit); inserts take
     the lock and evict the oldest entries beyond `size`."""
 
     def __init__(self, size: int, make: Callable[[Agent], T]) -> None:
         self._size = size
         self._make = make
-        self._values: dict[tuple[uuid.UUID, int], T] = {}
+        self._values: dict[tuple[uuid.UUID, int, int], T] = {}
         self._lock = threading.Lock()
 
     def get(self, agent: Agent) -> T:
-        key = (agent.id, agent.revision)
+        key = (agent.id, agent.revision, agent.revision_id)
         value = self._values.get(key)
         if value is None:
             value = self._make(agent)
@@ -144,6 +146,10 @@ def _build(agent: Agent) -> agent_pb2.Agent:
         etag=agent.etag,
         updated_by=agent.updated_by,
         updated_via=agent.updated_via,
+        revision_id=str(agent.revision_id),
+        revision_create_time=_timestamp(agent.update_time),
+        delete_time=_timestamp(agent.delete_time) if agent.delete_time else None,
+        purge_time=_timestamp(agent.purge_time) if agent.purge_time else None,
     )
 
 

@@ -64,6 +64,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             page_token=request.page_token,
             filter=request.filter,
             order_by=request.order_by,
+            show_deleted=request.show_deleted,
         )
         return agent_pb2.ListAgentsResponse(
             agents=[agent_to_proto(agent) for agent in page.agents],
@@ -100,7 +101,66 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def DeleteAgent(
         self, request: agent_pb2.DeleteAgentRequest, context: Any
     ) -> agent_pb2.DeleteAgentResponse:
-        self._service.delete(
+        agent = self._service.delete(
             principal=principal_of(context), agent_id=request.id, etag=request.etag
         )
-        return agent_pb2.DeleteAgentResponse()
+        return agent_pb2.DeleteAgentResponse(agent=agent_to_proto(agent))
+
+    def UndeleteAgent(
+        self, request: agent_pb2.UndeleteAgentRequest, context: Any
+    ) -> agent_pb2.UndeleteAgentResponse:
+        agent = self._service.undelete(
+            principal=principal_of(context), agent_id=request.id, etag=request.etag
+        )
+        return agent_pb2.UndeleteAgentResponse(agent=agent_to_proto(agent))
+
+    def PurgeAgent(
+        self, request: agent_pb2.PurgeAgentRequest, context: Any
+    ) -> agent_pb2.PurgeAgentResponse:
+        self._service.purge(principal=principal_of(context), agent_id=request.id, etag=request.etag)
+        return agent_pb2.PurgeAgentResponse()
+
+    def ListAgentRevisions(
+        self, request: agent_pb2.ListAgentRevisionsRequest, context: Any
+    ) -> agent_pb2.ListAgentRevisionsResponse:
+        page = self._service.list_revisions(
+            principal=principal_of(context),
+            agent_id=request.id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return agent_pb2.ListAgentRevisionsResponse(
+            agents=[agent_to_proto(agent) for agent in page.agents],
+            next_page_token=page.next_page_token,
+            aliases={alias: str(revision) for alias, revision in page.aliases.items()},
+        )
+
+    def RollbackAgent(
+        self, request: agent_pb2.RollbackAgentRequest, context: Any
+    ) -> agent_pb2.RollbackAgentResponse:
+        agent = self._service.rollback(
+            principal=principal_of(context),
+            agent_id=request.id,
+            revision_id=request.revision_id,
+            etag=request.etag,
+        )
+        return agent_pb2.RollbackAgentResponse(agent=agent_to_proto(agent))
+
+    def TagAgentRevision(
+        self, request: agent_pb2.TagAgentRevisionRequest, context: Any
+    ) -> agent_pb2.TagAgentRevisionResponse:
+        agent = self._service.tag(
+            principal=principal_of(context),
+            agent_id=request.id,
+            revision_id=request.revision_id,
+            alias=request.alias,
+        )
+        return agent_pb2.TagAgentRevisionResponse(agent=agent_to_proto(agent))
+
+    def UntagAgentRevision(
+        self, request: agent_pb2.UntagAgentRevisionRequest, context: Any
+    ) -> agent_pb2.UntagAgentRevisionResponse:
+        self._service.untag(
+            principal=principal_of(context), agent_id=request.id, alias=request.alias
+        )
+        return agent_pb2.UntagAgentRevisionResponse()

@@ -27,6 +27,10 @@ def _time(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat()
 
 
+def _moment(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text is not None else None
+
+
 class AgentCodec:
     """`encode(agent) -> bytes`, `decode(bytes) -> Agent`."""
 
@@ -49,7 +53,11 @@ class AgentCodec:
             "revision": agent.revision,
             "updated_by": agent.updated_by,
             "updated_via": agent.updated_via,
+            "revision_id": agent.revision_id,
         }
+        if agent.delete_time is not None and agent.purge_time is not None:
+            document["delete_time"] = _time(agent.delete_time)
+            document["purge_time"] = _time(agent.purge_time)
         return json.dumps(
             document, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         ).encode()
@@ -80,6 +88,10 @@ class AgentCodec:
                 # Absent from entries written before they were kept: "" (unknown).
                 updated_by=document.get("updated_by", ""),
                 updated_via=document.get("updated_via", ""),
+                # Absent from entries written before revisions were kept.
+                revision_id=int(document.get("revision_id", 1)),
+                delete_time=_moment(document.get("delete_time")),
+                purge_time=_moment(document.get("purge_time")),
             )
         except CodecError:
             raise

@@ -1,6 +1,10 @@
 """agent_svc tables (its own metadata; auth_svc never reads these).
 
-- `agent_agents`: one row per agent, its current version.
+- `agent_agents`: one row per agent, its current version; a soft-deleted one (AIP-164)
+  has `delete_time` and `purge_time` set, and keeps its row (and its name) until purged.
+- `agent_revisions`: each configuration an agent had (AIP-162), by (agent, revision id),
+  immutable; the last AGENT_REVISIONS_KEPT and every aliased one are kept.
+- `agent_aliases`: named pointers (`prod`) from an agent to one of its revisions.
 - `agent_owner_counts`: how many agents each owner has, kept by every insert and delete
   of an agent in the same transaction, so the per-owner quota is one row's compare and
   increment instead of a count over up to 100,000 rows.
@@ -37,7 +41,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["AgentBase", "AgentRow", "CreateRequestRow", "OwnerCountRow"]
+__all__ = [
+    "AgentAliasRow",
+    "AgentBase",
+    "AgentRevisionRow",
+    "AgentRow",
+    "CreateRequestRow",
+    "OwnerCountRow",
+]
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -69,6 +80,7 @@ class AgentRow(AgentBase):
         Index("ix_agent_agents_create", "create_time", "id"),
         Index("ix_agent_agents_update", "update_time", "id"),
         Index("ix_agent_agents_name", "name", "id"),
+        Index("ix_agent_agents_purge_time", "purge_time"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
@@ -93,6 +105,39 @@ class AgentRow(AgentBase):
     # that acted for them; null for versions made before this was kept.
     updated_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
     updated_via: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The configuration revision this row shows (agent_revisions.revision_id).
+    revision_id: Mapped[int] = mapped_column(Integer, server_default="1")
+    # Soft delete (AIP-164): both set, or both null.
+    delete_time: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    purge_time: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class AgentRevisionRow(AgentBase):
+    __tablename__ = "agent_revisions"
+
+    agent_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    revision_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(NAME_TYPE)
+    description: Mapped[str] = mapped_column(String(512))
+    model: Mapped[str] = mapped_column(String(128))
+    instructions: Mapped[str] = mapped_column(Text)
+    tools: Mapped[list[Any]] = mapped_column(JSON)
+    metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSON)
+    temperature: Mapped[float | None] = mapped_column(Float(53), nullable=True)
+    top_p: Mapped[float | None] = mapped_column(Float(53), nullable=True)
+    create_time: Mapped[datetime] = mapped_column(Timestamp)
+    created_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_via: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class AgentAliasRow(AgentBase):
+    __tablename__ = "agent_aliases"
+
+    agent_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    alias: Mapped[str] = mapped_column(String(63), primary_key=True)
+    revision_id: Mapped[int] = mapped_column(Integer)
+    update_time: Mapped[datetime] = mapped_column(Timestamp)
+    updated_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class OwnerCountRow(AgentBase):

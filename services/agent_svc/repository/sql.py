@@ -25,6 +25,7 @@ from sqlalchemy import (
     Uuid,
     and_,
     delete,
+    exists,
     func,
     insert,
     literal,
@@ -35,8 +36,14 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from services.agent_svc.domain import Agent, Tool
-from services.agent_svc.repository.models import AgentRow, CreateRequestRow, OwnerCountRow
+from services.agent_svc.domain import Agent, AgentInput, AgentRevision, Tool
+from services.agent_svc.repository.models import (
+    AgentAliasRow,
+    AgentRevisionRow,
+    AgentRow,
+    CreateRequestRow,
+    OwnerCountRow,
+)
 from services.agent_svc.service.filtering import (
     Condition,
     MetadataEquals,
@@ -56,7 +63,12 @@ from services.agent_svc.service.ports import (
 from shared.config.clock import utc
 from shared.data.db import SqlUnitOfWork
 
-__all__ = ["SqlAgentRepository", "SqlAgentUnitOfWork", "SqlCreateRequestRepository"]
+__all__ = [
+    "SqlAgentRepository",
+    "SqlAgentUnitOfWork",
+    "SqlCreateRequestRepository",
+    "SqlRevisionRepository",
+]
 
 _SORT_COLUMNS: dict[SortField, InstrumentedAttribute[Any]] = {
     SortField.CREATE_TIME: AgentRow.create_time,
@@ -87,6 +99,9 @@ _AGENT_COLUMNS = (
     _AGENTS.c.revision,
     _AGENTS.c.updated_by,
     _AGENTS.c.updated_via,
+    _AGENTS.c.revision_id,
+    _AGENTS.c.delete_time,
+    _AGENTS.c.purge_time,
 )
 
 
@@ -113,6 +128,9 @@ def _agent_from_row(row: Any) -> Agent:
         revision,
         updated_by,
         updated_via,
+        revision_id,
+        delete_time,
+        purge_time,
     ) = row
     return Agent(
         id=agent_id,
@@ -130,6 +148,9 @@ def _agent_from_row(row: Any) -> Agent:
         revision=revision,
         updated_by=updated_by or "",
         updated_via=updated_via or "",
+        revision_id=revision_id,
+        delete_time=_utc(delete_time) if delete_time is not None else None,
+        purge_time=_utc(purge_time) if purge_time is not None else None,
     )
 
 
@@ -158,6 +179,7 @@ def _agent(column: Mapping[Any, Any]) -> Agent:
         revision=column["revision"],
         updated_by=column.get("updated_by") or "",
         updated_via=column.get("updated_via") or "",
+        revision_id=column.get("revision_id", 1),
     )
 
 
@@ -183,7 +205,64 @@ def _values(agent: Agent) -> dict[str, Any]:
         "update_time": agent.update_time,
         "updated_by": agent.updated_by or None,
         "updated_via": agent.updated_via or None,
+        "revision_id": agent.revision_id,
+        "delete_time": agent.delete_time,
+        "purge_time": agent.purge_time,
     }
+
+
+_REVISIONS = AgentRevisionRow.__table__
+_REVISION_COLUMNS = (
+    _REVISIONS.c.agent_id,
+    _REVISIONS.c.revision_id,
+    _REVISIONS.c.create_time,
+    _REVISIONS.c.name,
+    _REVISIONS.c.description,
+    _REVISIONS.c.model,
+    _REVISIONS.c.instructions,
+    _REVISIONS.c.tools,
+    _REVISIONS.c.metadata,
+    _REVISIONS.c.temperature,
+    _REVISIONS.c.top_p,
+    _REVISIONS.c.created_by,
+    _REVISIONS.c.created_via,
+)
+
+
+def _revision_from_row(row: Any) -> AgentRevision:
+    (
+        agent_id,
+        revision_id,
+        create_time,
+        name,
+        description,
+        model,
+        instructions,
+        tools,
+        metadata,
+        temperature,
+        top_p,
+        created_by,
+        created_via,
+    ) = row
+    fields = AgentInput(
+        name=name,
+        description=description,
+        model=model,
+        instructions=instructions,
+        tools=tuple(Tool(t["name"], t["description"], t["parameters"]) for t in tools),
+        metadata=dict(metadata),
+        temperature=temperature,
+        top_p=top_p,
+    )
+    return AgentRevision(
+        agent_id=agent_id,
+        revision_id=revision_id,
+        create_time=_utc(create_time),
+        fields=fields,
+        created_by=created_by or "",
+        created_via=created_via or "",
+    )
 
 
 def _condition(condition: Condition) -> ColumnElement[bool]:
@@ -224,12 +303,19 @@ class SqlAgentRepository:
         except IntegrityError:
             raise NameTaken(agent.name) from None
 
-    def get(self, agent_id: uuid.UUID) -> Agent | None:
-        row = self._session.execute(_read().where(AgentRow.id == agent_id)).one_or_none()
+    def get(self, agent_id: uuid.UUID, *, for_update: bool = False) -> Agent | None:
+        statement = _read().where(AgentRow.id == agent_id)
+        if for_update:
+            statement = statement.with_for_update()
+        row = self._session.execute(statement).one_or_none()
         return _agent_from_row(row) if row else None
 
     def count_by_model(self, owner_id: uuid.UUID | None) -> dict[str, int]:
-        statement = select(AgentRow.model, func.count()).group_by(AgentRow.model)
+        statement = (
+            select(AgentRow.model, func.count())
+            .where(AgentRow.delete_time.is_(None))
+            .group_by(AgentRow.model)
+        )
         if owner_id is not None:
             statement = statement.where(AgentRow.owner_id == owner_id)
         return {model: int(count) for model, count in self._session.execute(statement)}
@@ -239,6 +325,8 @@ class SqlAgentRepository:
         statement = _read()
         if query.owner_id is not None:
             statement = statement.where(AgentRow.owner_id == query.owner_id)
+        if not query.show_deleted:
+            statement = statement.where(AgentRow.delete_time.is_(None))
         for condition in query.filter.conditions:
             statement = statement.where(_condition(condition))
         if query.after is not None:
@@ -267,21 +355,81 @@ class SqlAgentRepository:
             raise NameTaken(agent.name) from None
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
-    def delete(
-        self, agent_id: uuid.UUID, *, owner_id: uuid.UUID, expected_revision: int | None = None
-    ) -> bool:
+    def _store(self, agent: Agent, expected_revision: int) -> bool:
+        statement = (
+            update(AgentRow)
+            .where(AgentRow.id == agent.id, AgentRow.revision == expected_revision)
+            .values(**_values(agent))
+            .execution_options(synchronize_session=False)
+        )
+        return bool(self._session.execute(statement).rowcount)  # type: ignore[attr-defined]
+
+    def soft_delete(self, agent: Agent, *, expected_revision: int) -> bool:
         # The count row first, as add does: a create and a delete of one owner's agents
         # then lock in the same order and cannot deadlock.
-        uncounted = self._count(owner_id, -1)
+        uncounted = self._count(agent.owner_id, -1)
+        if self._store(agent, expected_revision):
+            return True
+        if uncounted:
+            self._count(agent.owner_id, +1)
+        return False
+
+    def undelete(self, agent: Agent, *, expected_revision: int, max_per_owner: int = 0) -> bool:
+        if not self._count_in(agent.owner_id, max_per_owner):
+            raise QuotaExceeded(str(agent.owner_id))
+        if self._store(agent, expected_revision):
+            return True
+        self._count(agent.owner_id, -1)
+        return False
+
+    def purge(self, agent_id: uuid.UUID, *, expected_revision: int | None = None) -> Agent | None:
+        current = self.get(agent_id)
+        if current is None:
+            return None
+        if not current.deleted:
+            self._count(current.owner_id, -1)  # the count row first (see soft_delete)
         statement = delete(AgentRow).where(AgentRow.id == agent_id)
         if expected_revision is not None:
             statement = statement.where(AgentRow.revision == expected_revision)
+        else:
+            statement = statement.where(AgentRow.revision == current.revision)
         result = self._session.execute(statement.execution_options(synchronize_session=False))
         if not result.rowcount:  # type: ignore[attr-defined]
-            if uncounted:
-                self._count(owner_id, +1)
-            return False
-        return True
+            if not current.deleted:
+                self._count(current.owner_id, +1)
+            return None
+        self._remove_history([agent_id])
+        return current
+
+    def purge_expired(self, *, now: datetime, limit: int) -> list[Agent]:
+        # Rows another purger has locked are skipped (PostgreSQL), so replicas of the
+        # worker share the work instead of queueing on it; SQLite has one writer anyway.
+        expired = (
+            _read()
+            .where(AgentRow.purge_time < now)
+            .order_by(AgentRow.purge_time)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        agents = [_agent_from_row(row) for row in self._session.execute(expired)]
+        if not agents:
+            return []
+        ids = [agent.id for agent in agents]
+        self._session.execute(
+            delete(AgentRow)
+            .where(AgentRow.id.in_(ids))
+            .execution_options(synchronize_session=False)
+        )
+        self._remove_history(ids)
+        return agents
+
+    def _remove_history(self, ids: list[uuid.UUID]) -> None:
+        for table in (AgentRevisionRow, AgentAliasRow):
+            self._session.execute(
+                delete(table)
+                .where(table.agent_id.in_(ids))
+                .execution_options(synchronize_session=False)
+            )
 
     def _count_in(self, owner_id: uuid.UUID, limit: int) -> bool:
         """Counts one more agent for the owner unless that would pass `limit` (0: none):
@@ -329,6 +477,7 @@ def _encode_response(agent: Agent) -> str:
         "temperature": agent.temperature,
         "top_p": agent.top_p,
         "revision": agent.revision,
+        "revision_id": agent.revision_id,
         "updated_by": agent.updated_by,
         "updated_via": agent.updated_via,
         "create_time": agent.create_time.astimezone(UTC).isoformat(),
@@ -415,10 +564,104 @@ class SqlCreateRequestRepository:
         return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+class SqlRevisionRepository:
+    """Configuration revisions (immutable rows) and the aliases that name them."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def add(self, revision: AgentRevision, *, keep: int) -> None:
+        fields = revision.fields
+        self._session.execute(
+            insert(AgentRevisionRow).values(
+                agent_id=revision.agent_id,
+                revision_id=revision.revision_id,
+                create_time=revision.create_time,
+                name=fields.name,
+                description=fields.description,
+                model=fields.model,
+                instructions=fields.instructions,
+                tools=[
+                    {"name": t.name, "description": t.description, "parameters": t.parameters}
+                    for t in fields.tools
+                ],
+                metadata_=dict(fields.metadata),
+                temperature=fields.temperature,
+                top_p=fields.top_p,
+                created_by=revision.created_by or None,
+                created_via=revision.created_via or None,
+            )
+        )
+        aliased = exists().where(
+            AgentAliasRow.agent_id == AgentRevisionRow.agent_id,
+            AgentAliasRow.revision_id == AgentRevisionRow.revision_id,
+        )
+        self._session.execute(
+            delete(AgentRevisionRow)
+            .where(
+                AgentRevisionRow.agent_id == revision.agent_id,
+                AgentRevisionRow.revision_id <= revision.revision_id - keep,
+                ~aliased,
+            )
+            .execution_options(synchronize_session=False)
+        )
+
+    def get(self, agent_id: uuid.UUID, revision_id: int) -> AgentRevision | None:
+        row = self._session.execute(
+            select(*_REVISION_COLUMNS).where(
+                AgentRevisionRow.agent_id == agent_id, AgentRevisionRow.revision_id == revision_id
+            )
+        ).one_or_none()
+        return _revision_from_row(row) if row else None
+
+    def list_page(
+        self, agent_id: uuid.UUID, *, before: int | None, limit: int
+    ) -> list[AgentRevision]:
+        statement = select(*_REVISION_COLUMNS).where(AgentRevisionRow.agent_id == agent_id)
+        if before is not None:
+            statement = statement.where(AgentRevisionRow.revision_id < before)
+        statement = statement.order_by(AgentRevisionRow.revision_id.desc()).limit(limit)
+        return [_revision_from_row(row) for row in self._session.execute(statement)]
+
+    def aliases(self, agent_id: uuid.UUID) -> dict[str, int]:
+        rows = self._session.execute(
+            select(AgentAliasRow.alias, AgentAliasRow.revision_id)
+            .where(AgentAliasRow.agent_id == agent_id)
+            .order_by(AgentAliasRow.alias)
+        )
+        return {row.alias: row.revision_id for row in rows}
+
+    def set_alias(
+        self, agent_id: uuid.UUID, alias: str, revision_id: int, *, now: datetime, by: str
+    ) -> None:
+        # The agent's row is locked by the caller: no concurrent tag of this agent, so a
+        # delete-then-insert cannot race another insert of the same key.
+        self.remove_alias(agent_id, alias)
+        self._session.execute(
+            insert(AgentAliasRow).values(
+                agent_id=agent_id,
+                alias=alias,
+                revision_id=revision_id,
+                update_time=now,
+                updated_by=by or None,
+            )
+        )
+
+    def remove_alias(self, agent_id: uuid.UUID, alias: str) -> bool:
+        result = self._session.execute(
+            delete(AgentAliasRow)
+            .where(AgentAliasRow.agent_id == agent_id, AgentAliasRow.alias == alias)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
 class SqlAgentUnitOfWork(SqlUnitOfWork):
     agents: SqlAgentRepository
     create_requests: SqlCreateRequestRepository
+    revisions: SqlRevisionRepository
 
     def _open_repositories(self, session: Session) -> None:
         self.agents = SqlAgentRepository(session)
         self.create_requests = SqlCreateRequestRepository(session)
+        self.revisions = SqlRevisionRepository(session)

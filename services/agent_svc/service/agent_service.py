@@ -24,6 +24,23 @@ writes nothing. The repository counts agents per owner in the create's transacti
 concurrent creates cannot pass the limit. A replay of a create is not a new agent: it is
 answered before the quota is looked at.
 
+Revisions and aliases (AIP-162): every change of configuration (the create, an update
+that changes something, a rollback) records a revision in the same transaction, with who
+made it; the revisions past the last `revisions_kept` that no alias names are removed in
+that transaction too. `GetAgent` reads `id`, `id@<revision id>` (digits) or `id@<alias>`
+(`[a-z][a-z0-9-]{0,62}`). Tags and untags lock the agent's row, so a revision being
+pruned by a concurrent update is either tagged first (and kept) or gone (NOT_FOUND).
+
+Soft delete (AIP-164): DeleteAgent marks the agent deleted (`delete_time`, and
+`purge_time` `deleted_retention` later); it keeps its name (another agent of the owner
+cannot take it until it is purged) but not its place in the quota (UndeleteAgent takes
+one again, RESOURCE_EXHAUSTED if there is none). Get and BatchGet still return it (with
+its delete_time); List leaves it out unless `show_deleted`; every change but Undelete
+and Purge is FAILED_PRECONDITION (AGENT_DELETED); a second Delete is NOT_FOUND; Undelete
+of an agent that is not deleted is ALREADY_EXISTS (AGENT_NOT_DELETED). Delete and
+Undelete change the etag, not the configuration (no revision). PurgeAgent
+(`agents.admin`) removes an agent, deleted or not, with its revisions and aliases at once.
+
 A ListAgents page ends early, with a next_page_token, rather than carry more than
 LIST_RESPONSE_BUDGET bytes of agents (but always at least one): with agents of up to 1 MiB
 (validation.MAX_AGENT_BYTES) a client with gRPC's default 4 MiB receive limit can read
@@ -35,12 +52,21 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
-from services.agent_svc.domain import Agent, AgentInput, AgentPage, ChangeAuthor
+from services.agent_svc.domain import (
+    Agent,
+    AgentInput,
+    AgentPage,
+    AgentRevision,
+    ChangeAuthor,
+    RevisionPage,
+)
 from services.agent_svc.service.filtering import (
     AgentFilter,
     Ordering,
@@ -51,13 +77,16 @@ from services.agent_svc.service.filtering import (
 from services.agent_svc.service.models import RETIRED, ModelCatalogue, ModelEntry
 from services.agent_svc.service.paging import Cursor, PageTokens, page_size_of
 from services.agent_svc.service.ports import (
+    AgentAliases,
     AgentCache,
     AgentQuery,
     AgentUnitOfWork,
+    AliasCache,
     CreateRecord,
     NameTaken,
     QuotaExceeded,
     RequestReplayed,
+    RevisionCache,
 )
 from services.agent_svc.service.sizing import agent_size, framed
 from services.agent_svc.service.validation import check_agent, reported, shown
@@ -65,6 +94,7 @@ from shared.config.clock import Clock
 from shared.rpc.errors import (
     Aborted,
     AlreadyExists,
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -131,7 +161,76 @@ def _etag_mismatch() -> Aborted:
 
 
 def _name_taken(name: str) -> AlreadyExists:
-    return AlreadyExists(f"you already have an agent named {name!r}", reason="AGENT_NAME_TAKEN")
+    return AlreadyExists(
+        f"you already have an agent named {name!r} (a deleted agent keeps its name until "
+        "it is purged)",
+        reason="AGENT_NAME_TAKEN",
+    )
+
+
+def _agent_deleted(agent_id: uuid.UUID) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"agent {agent_id} is deleted; undelete it first", reason="AGENT_DELETED"
+    )
+
+
+def _revision_not_found(agent_id: uuid.UUID, revision: str) -> NotFound:
+    return NotFound(
+        f"agent {agent_id} has no revision {revision} (never made, or pruned)",
+        reason="REVISION_NOT_FOUND",
+    )
+
+
+def _alias_not_found(agent_id: uuid.UUID, alias: str) -> NotFound:
+    return NotFound(f"agent {agent_id} has no alias {alias!r}", reason="ALIAS_NOT_FOUND")
+
+
+# AIP-162 revision ids here are decimal (1, 2, …); aliases start with a letter, so the
+# two never look alike after an "@".
+_REVISION_ID = re.compile(r"[1-9][0-9]{0,17}")
+_ALIAS = re.compile(r"[a-z][a-z0-9-]{0,62}")
+_ALIAS_RULE = 'an alias is a lowercase letter, then up to 62 of "a-z", "0-9" and "-"'
+
+
+def _revision_ref(text: str, field: str) -> int | str:
+    """A revision id (int) or an alias (str), as written after `@` or in a request field."""
+    if _REVISION_ID.fullmatch(text):
+        return int(text)
+    if _ALIAS.fullmatch(text):
+        return text
+    raise InvalidArgument.field(
+        field, f"{shown(text)} is neither a revision id (1, 2, …) nor an alias ({_ALIAS_RULE})"
+    )
+
+
+def _alias_name(text: str, field: str) -> str:
+    if not _ALIAS.fullmatch(text):
+        raise InvalidArgument.field(field, f"{shown(text)} is not an alias: {_ALIAS_RULE}")
+    return text
+
+
+def _agent_ref(text: str, field: str) -> tuple[uuid.UUID, int | str | None]:
+    """`id`, `id@revision` or `id@alias`: the id, and what follows the `@` (if any)."""
+    agent_id, at, ref = text.partition("@")
+    key = _parse_id(agent_id, field)
+    if not at:
+        return key, None
+    if not ref:
+        raise InvalidArgument.field(field, "nothing after @: name a revision id or an alias")
+    return key, _revision_ref(ref, field)
+
+
+class _ReadThrough:
+    """The stand-in for an absent cache: every read loads."""
+
+    def get(self, *args: Any) -> Any:
+        return args[-1]()
+
+    def invalidate(self, agent_id: uuid.UUID) -> None:
+        """Nothing is kept."""
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 def _populated(patch: AgentInput) -> list[str]:
@@ -256,7 +355,13 @@ class AgentService:
         max_agents_per_owner: int = 0,
         read_uow: Callable[[], AgentUnitOfWork] | None = None,
         catalogue: ModelCatalogue | None = None,
+        revisions_kept: int = 100,
+        deleted_retention_seconds: float = 30 * 86_400.0,
+        alias_cache: AliasCache | None = None,
+        revision_cache: RevisionCache | None = None,
     ) -> None:
+        if revisions_kept < 1:
+            raise ValueError("revisions_kept must be at least 1 (the current revision)")
         self._uow = uow
         # Reads of one statement (a cache miss, a page) need no transaction of their own:
         # the composition root may hand a unit of work that skips BEGIN and ROLLBACK.
@@ -269,6 +374,13 @@ class AgentService:
         self._agent_size = agent_size
         self._request_id_ttl = timedelta(seconds=request_id_ttl_seconds)
         self._max_agents_per_owner = max_agents_per_owner
+        self._revisions_kept = revisions_kept
+        self._deleted_retention = timedelta(seconds=deleted_retention_seconds)
+        # `is None`, not `or`: an empty cache has a length of 0.
+        self._alias_cache: AliasCache = _ReadThrough() if alias_cache is None else alias_cache
+        self._revision_cache: RevisionCache = (
+            _ReadThrough() if revision_cache is None else revision_cache
+        )
 
     # -- create and read ----------------------------------------------------------------
 
@@ -301,6 +413,7 @@ class AgentService:
                 raise _name_taken(new.name) from None
             except QuotaExceeded:
                 raise self._quota_exceeded(caller.id) from None
+            uow.revisions.add(new.current_revision, keep=self._revisions_kept)
             uow.commit()
         return new
 
@@ -370,13 +483,109 @@ class AgentService:
         return record.agent
 
     def get(self, *, principal: Principal, agent_id: str) -> Agent:
-        """One agent, if the caller may see it."""
+        """One agent, if the caller may see it (deleted ones too, AIP-164): `id`, or the
+        agent as it was at a revision, `id@<revision id>` or `id@<alias>`."""
         caller = _caller(principal, AGENTS_READ)
-        key = _parse_id(agent_id, "id")
+        key, ref = _agent_ref(agent_id, "id")
+        agent = self._visible(caller, key)
+        if ref is None:
+            return agent
+        return agent.at(self._revision(agent, ref))
+
+    def _visible(self, caller: _Caller, key: uuid.UUID) -> Agent:
         agent = self._cache.get(key, lambda: self._load(key))
         if agent is None or not caller.sees(agent):
             raise _not_found(key)
         return agent
+
+    def _aliases(self, key: uuid.UUID) -> dict[str, int]:
+        def load() -> AgentAliases:
+            with self._read_uow() as uow:
+                return AgentAliases(key, uow.revisions.aliases(key))
+
+        found = self._alias_cache.get(key, load)
+        return dict(found.aliases) if found is not None else {}
+
+    def _revision(self, agent: Agent, ref: int | str) -> AgentRevision:
+        """The revision `ref` (an id or an alias) of an agent the caller may see."""
+        key = agent.id
+        aliases: dict[str, int] | None = None
+        if isinstance(ref, str):
+            aliases = self._aliases(key)
+            if ref not in aliases:
+                raise _alias_not_found(key, ref)
+            revision_id = aliases[ref]
+        else:
+            revision_id = ref
+        if revision_id == agent.revision_id:
+            return agent.current_revision
+        if revision_id > agent.revision_id:
+            raise _revision_not_found(key, str(ref))
+        if revision_id <= agent.revision_id - self._revisions_kept:
+            # Past the retention window: kept only while an alias names it (a copy in
+            # memory of a pruned one must not answer).
+            aliases = aliases if aliases is not None else self._aliases(key)
+            if revision_id not in aliases.values():
+                raise _revision_not_found(key, str(ref))
+
+        def load() -> AgentRevision | None:
+            with self._read_uow() as uow:
+                return uow.revisions.get(key, revision_id)
+
+        revision = self._revision_cache.get(key, revision_id, load)
+        if revision is None:
+            raise _revision_not_found(key, str(ref))
+        return revision
+
+    @staticmethod
+    def _revision_in(
+        uow: AgentUnitOfWork, agent: Agent, ref: int | str, text: str
+    ) -> AgentRevision:
+        """The revision `ref` (an id or an alias) as the write's own transaction sees it
+        (no cache: a write decides on what it has locked or will compare-and-set)."""
+        if isinstance(ref, str):
+            aliases = uow.revisions.aliases(agent.id)
+            if ref not in aliases:
+                raise _alias_not_found(agent.id, ref)
+            revision_id = aliases[ref]
+        else:
+            revision_id = ref
+        if revision_id == agent.revision_id:
+            return agent.current_revision
+        revision = uow.revisions.get(agent.id, revision_id)
+        if revision is None:
+            raise _revision_not_found(agent.id, text)
+        return revision
+
+    def list_revisions(
+        self, *, principal: Principal, agent_id: str, page_size: int = 0, page_token: str = ""
+    ) -> RevisionPage:
+        """The agent's kept revisions, newest first (AIP-162), each as the agent was then,
+        and its aliases."""
+        caller = _caller(principal, AGENTS_READ)
+        key = _parse_id(agent_id, "id")
+        limit = page_size_of(page_size)
+        agent = self._visible(caller, key)
+        # The token's cursor is the last revision id shown, as text (the page-token codec's
+        # text key), bound to the caller and the agent.
+        binding = f"revisions\n{caller.id}\n{key}"
+        before: int | None = None
+        if page_token:
+            cursor = self._page_tokens.read(page_token, binding=binding, field=SortField.NAME)
+            if not isinstance(cursor.value, str) or not _REVISION_ID.fullmatch(cursor.value):
+                raise InvalidArgument.field("page_token", "invalid")
+            before = int(cursor.value)
+        with self._read_uow() as uow:
+            rows = uow.revisions.list_page(key, before=before, limit=limit + 1)
+            aliases = uow.revisions.aliases(key)
+        page = self._within_budget([agent.at(revision) for revision in rows[:limit]])
+        more = len(rows) > len(page)
+        next_token = (
+            self._page_tokens.issue(Cursor(str(page[-1].revision_id), key), binding=binding)
+            if more
+            else ""
+        )
+        return RevisionPage(page, next_token, aliases)
 
     def batch_get(self, *, principal: Principal, agent_ids: Sequence[str]) -> list[Agent]:
         """Up to MAX_BATCH agents in the order asked (AIP-231): all, or NOT_FOUND naming
@@ -423,20 +632,24 @@ class AgentService:
         page_token: str = "",
         filter: str = "",  # the AIP-160 request field's name
         order_by: str = "",
+        show_deleted: bool = False,
     ) -> AgentPage:
-        """The caller's agents (an admin: everyone's), filtered, ordered, one page."""
+        """The caller's agents (an admin: everyone's), filtered, ordered, one page;
+        soft-deleted ones only with `show_deleted`."""
         caller = _caller(principal, AGENTS_READ)
         limit = page_size_of(page_size)
         conditions = parse_filter(filter, allow_owner=caller.is_admin)
         ordering = parse_order_by(order_by)
         owner = None if caller.is_admin else caller.id
         binding = _binding(caller, owner, conditions, ordering)
+        if show_deleted:
+            binding += "\nshow_deleted"
         after = (
             self._page_tokens.read(page_token, binding=binding, field=ordering.field)
             if page_token
             else None
         )
-        query = AgentQuery(owner, conditions, ordering, after, limit + 1)
+        query = AgentQuery(owner, conditions, ordering, after, limit + 1, show_deleted)
         with self._read_uow() as uow:
             rows = uow.agents.list_page(query)
         page = self._within_budget(rows[:limit])
@@ -497,15 +710,24 @@ class AgentService:
     ) -> Agent:
         with self._read_uow() as uow:
             current = uow.agents.get(key)
-        if current is None or not caller.sees(current):
-            raise _not_found(key)
-        if etag and etag != current.etag:
-            raise _etag_mismatch()
+        current = self._changeable(caller, key, current, etag)
         fields = apply_update_mask(current, patch, paths)
         if fields == current.settable:
             return current
         self._check(fields)
         return current.revised(fields, now=self._clock.now(), author=caller.author)
+
+    @staticmethod
+    def _changeable(caller: _Caller, key: uuid.UUID, current: Agent | None, etag: str) -> Agent:
+        """The agent, if the caller may change it: NOT_FOUND, FAILED_PRECONDITION
+        (deleted) or ABORTED (etag) otherwise."""
+        if current is None or not caller.sees(current):
+            raise _not_found(key)
+        if current.deleted:
+            raise _agent_deleted(key)
+        if etag and etag != current.etag:
+            raise _etag_mismatch()
+        return current
 
     def _try_update(
         self,
@@ -517,46 +739,177 @@ class AgentService:
     ) -> Agent | None:
         """The updated agent, or None if a concurrent update won the compare-and-set."""
         with self._uow() as uow:
-            current = uow.agents.get(key)
-            if current is None or not caller.sees(current):
-                raise _not_found(key)
-            if etag and etag != current.etag:
-                raise _etag_mismatch()
+            current = self._changeable(caller, key, uow.agents.get(key), etag)
             fields = apply_update_mask(current, patch, paths)
-            if fields == current.settable:
-                return current  # nothing changes (e.g. only output-only paths): no write
-            self._check(fields)
-            updated = current.revised(fields, now=self._clock.now(), author=caller.author)
-            try:
-                stored = uow.agents.update(updated, expected_revision=current.revision)
-            except NameTaken:
-                raise _name_taken(updated.name) from None
-            if not stored:
-                return None
-            uow.commit()
+            return self._revise(uow, caller, current, fields)
+
+    def _revise(
+        self, uow: AgentUnitOfWork, caller: _Caller, current: Agent, fields: AgentInput
+    ) -> Agent | None:
+        """Stores `fields` as the agent's next revision and commits; the agent as it was
+        when nothing changes (no write, no revision); None if a concurrent write won."""
+        if fields == current.settable:
+            return current  # nothing changes (e.g. only output-only paths): no write
+        self._check(fields)
+        updated = current.revised(fields, now=self._clock.now(), author=caller.author)
+        try:
+            stored = uow.agents.update(updated, expected_revision=current.revision)
+        except NameTaken:
+            raise _name_taken(updated.name) from None
+        if not stored:
+            return None
+        uow.revisions.add(updated.current_revision, keep=self._revisions_kept)
+        uow.commit()
         return updated
 
-    def delete(self, *, principal: Principal, agent_id: str, etag: str = "") -> None:
-        """Deletes an agent the caller may change; a non-empty etag must match."""
+    def rollback(
+        self, *, principal: Principal, agent_id: str, revision_id: str, etag: str = ""
+    ) -> Agent:
+        """Makes the configuration of an earlier revision (an id or an alias) the agent's
+        next revision (AIP-162); a set etag must match. Rolling back to the configuration
+        the agent has already changes nothing."""
         caller = _caller(principal, AGENTS_WRITE)
         key = _parse_id(agent_id, "id")
-        with self._uow() as uow:
-            current = uow.agents.get(key)
-            if current is None or not caller.sees(current):
-                raise _not_found(key)
-            if etag and etag != current.etag:
+        if not revision_id:
+            raise InvalidArgument.field("revision_id", "required")
+        ref = _revision_ref(revision_id, "revision_id")
+        for _attempt in range(UPDATE_ATTEMPTS):
+            with self._uow() as uow:
+                current = self._changeable(caller, key, uow.agents.get(key), etag)
+                target = self._revision_in(uow, current, ref, revision_id)
+                updated = self._revise(uow, caller, current, target.fields)
+            if updated is not None:
+                self._cache.invalidate(key)
+                return updated
+            if etag:
                 raise _etag_mismatch()
-            deleted = uow.agents.delete(
-                key,
-                owner_id=current.owner_id,
-                expected_revision=current.revision if etag else None,
+        raise Aborted("too many concurrent updates; try again", reason="CONCURRENT_UPDATE")
+
+    def tag(self, *, principal: Principal, agent_id: str, revision_id: str, alias: str) -> Agent:
+        """Points `alias` at a revision (an id, or what another alias names), creating or
+        moving it; the agent as it is at that revision."""
+        caller = _caller(principal, AGENTS_WRITE)
+        key = _parse_id(agent_id, "id")
+        name = _alias_name(alias, "alias")
+        if not revision_id:
+            raise InvalidArgument.field("revision_id", "required")
+        ref = _revision_ref(revision_id, "revision_id")
+        with self._uow() as uow:
+            # The row lock: a concurrent update cannot prune the revision between the
+            # check and the tag (it waits, then keeps the tagged revision).
+            current = self._changeable(caller, key, uow.agents.get(key, for_update=True), "")
+            target = self._revision_in(uow, current, ref, revision_id)
+            uow.revisions.set_alias(
+                key, name, target.revision_id, now=self._clock.now(), by=caller.author.by
             )
-            if not deleted:
-                if etag:
-                    raise _etag_mismatch()
-                raise _not_found(key)  # deleted by a concurrent call
             uow.commit()
+        self._alias_cache.invalidate(key)
+        return current.at(target)
+
+    def untag(self, *, principal: Principal, agent_id: str, alias: str) -> None:
+        """Removes an alias (the revision it named may then be pruned)."""
+        caller = _caller(principal, AGENTS_WRITE)
+        key = _parse_id(agent_id, "id")
+        name = _alias_name(alias, "alias")
+        with self._uow() as uow:
+            self._changeable(caller, key, uow.agents.get(key, for_update=True), "")
+            if not uow.revisions.remove_alias(key, name):
+                raise _alias_not_found(key, name)
+            uow.commit()
+        self._alias_cache.invalidate(key)
+
+    def delete(self, *, principal: Principal, agent_id: str, etag: str = "") -> Agent:
+        """Soft-deletes an agent the caller may change (AIP-164); a non-empty etag must
+        match; an agent already deleted is NOT_FOUND. The agent as deleted."""
+        caller = _caller(principal, AGENTS_WRITE)
+        key = _parse_id(agent_id, "id")
+
+        def attempt() -> Agent | None:
+            with self._uow() as uow:
+                current = uow.agents.get(key)
+                if current is None or not caller.sees(current) or current.deleted:
+                    raise _not_found(key)
+                if etag and etag != current.etag:
+                    raise _etag_mismatch()
+                now = self._clock.now()
+                deleted = current.soft_deleted(now=now, purge_time=now + self._deleted_retention)
+                if not uow.agents.soft_delete(deleted, expected_revision=current.revision):
+                    return None
+                uow.commit()
+            return deleted
+
+        deleted = self._until_stored(attempt, etag)
         self._cache.invalidate(key)
+        return deleted
+
+    def undelete(self, *, principal: Principal, agent_id: str, etag: str = "") -> Agent:
+        """Restores a soft-deleted agent (AIP-164): ALREADY_EXISTS if it is not deleted;
+        it takes a place in the owner's quota again."""
+        caller = _caller(principal, AGENTS_WRITE)
+        key = _parse_id(agent_id, "id")
+
+        def attempt() -> Agent | None:
+            with self._uow() as uow:
+                current = uow.agents.get(key)
+                if current is None or not caller.sees(current):
+                    raise _not_found(key)
+                if not current.deleted:
+                    raise AlreadyExists(f"agent {key} is not deleted", reason="AGENT_NOT_DELETED")
+                if etag and etag != current.etag:
+                    raise _etag_mismatch()
+                restored = current.undeleted()
+                try:
+                    stored = uow.agents.undelete(
+                        restored,
+                        expected_revision=current.revision,
+                        max_per_owner=self._max_agents_per_owner,
+                    )
+                except QuotaExceeded:
+                    raise self._quota_exceeded(current.owner_id) from None
+                if not stored:
+                    return None
+                uow.commit()
+            return restored
+
+        restored = self._until_stored(attempt, etag)
+        self._cache.invalidate(key)
+        return restored
+
+    @staticmethod
+    def _until_stored(attempt: Callable[[], Agent | None], etag: str) -> Agent:
+        """Runs a compare-and-set write until it wins: with an etag, once (a lost race
+        is ETAG_MISMATCH); without, up to UPDATE_ATTEMPTS times."""
+        for _attempt in range(1 if etag else UPDATE_ATTEMPTS):
+            stored = attempt()
+            if stored is not None:
+                return stored
+        if etag:
+            raise _etag_mismatch()
+        raise Aborted("too many concurrent updates; try again", reason="CONCURRENT_UPDATE")
+
+    def purge(self, *, principal: Principal, agent_id: str, etag: str = "") -> Agent:
+        """Removes an agent (deleted or not) with its revisions and aliases at once
+        (`agents.admin` only); a non-empty etag must match. The agent as it was."""
+        _caller(principal, AGENTS_ADMIN)
+        key = _parse_id(agent_id, "id")
+
+        def attempt() -> Agent | None:
+            with self._uow() as uow:
+                current = uow.agents.get(key)
+                if current is None:
+                    raise _not_found(key)
+                if etag and etag != current.etag:
+                    raise _etag_mismatch()
+                purged = uow.agents.purge(key, expected_revision=current.revision)
+                if purged is None:
+                    return None
+                uow.commit()
+            return purged
+
+        purged = self._until_stored(attempt, etag)
+        self._cache.invalidate(key)
+        self._alias_cache.invalidate(key)
+        return purged
 
 
 def _binding(

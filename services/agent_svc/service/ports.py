@@ -12,21 +12,25 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from services.agent_svc.domain import Agent
+from services.agent_svc.domain import Agent, AgentRevision
 from services.agent_svc.service.filtering import AgentFilter, Ordering
 from services.agent_svc.service.paging import Cursor
 from shared.data.uow import UnitOfWork
 
 __all__ = [
+    "AgentAliases",
     "AgentCache",
     "AgentQuery",
     "AgentRepository",
     "AgentUnitOfWork",
+    "AliasCache",
     "CreateRecord",
     "CreateRequestRepository",
     "NameTaken",
     "QuotaExceeded",
     "RequestReplayed",
+    "RevisionCache",
+    "RevisionRepository",
 ]
 
 
@@ -64,11 +68,21 @@ class AgentQuery:
     ordering: Ordering
     after: Cursor | None
     limit: int
+    show_deleted: bool = False
+    """Soft-deleted agents too (AIP-164); by default they are left out."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentAliases:
+    """An agent's aliases: alias → revision id (empty when it has none)."""
+
+    agent_id: uuid.UUID
+    aliases: dict[str, int]
 
 
 class AgentRepository(Protocol):
     def count_by_model(self, owner_id: uuid.UUID | None) -> dict[str, int]:
-        """How many agents name each model: an owner's, or (None) everyone's."""
+        """How many agents (not deleted) name each model: an owner's, or (None) everyone's."""
         ...
 
     def add(self, agent: Agent, *, max_per_owner: int = 0) -> None:
@@ -77,7 +91,10 @@ class AgentRepository(Protocol):
         name. Concurrent adds never take an owner past the limit."""
         ...
 
-    def get(self, agent_id: uuid.UUID) -> Agent | None: ...
+    def get(self, agent_id: uuid.UUID, *, for_update: bool = False) -> Agent | None:
+        """The agent (deleted or not); `for_update` locks its row until the transaction
+        ends (writes of one agent that do not change its row take turns on it)."""
+        ...
 
     def list_page(self, query: AgentQuery) -> list[Agent]:
         """Up to `query.limit` agents in (sort key, id) order strictly after the cursor."""
@@ -89,11 +106,57 @@ class AgentRepository(Protocol):
         Raises NameTaken if the new name is in use."""
         ...
 
-    def delete(
-        self, agent_id: uuid.UUID, *, owner_id: uuid.UUID, expected_revision: int | None = None
-    ) -> bool:
-        """Deletes the agent (only at that revision, if given) and uncounts it for its
-        owner; False if nothing matched."""
+    def soft_delete(self, agent: Agent, *, expected_revision: int) -> bool:
+        """Stores `agent` (marked deleted) if the stored revision is still
+        `expected_revision`, and uncounts it for its owner; False if it is not."""
+        ...
+
+    def undelete(self, agent: Agent, *, expected_revision: int, max_per_owner: int = 0) -> bool:
+        """Stores `agent` (no longer deleted) if the stored revision is still
+        `expected_revision`, and counts it for its owner again; QuotaExceeded if that
+        would pass `max_per_owner` (0: no limit); False if the revision moved."""
+        ...
+
+    def purge(self, agent_id: uuid.UUID, *, expected_revision: int | None = None) -> Agent | None:
+        """Removes the agent for good (only at that revision, if given) with its revisions
+        and aliases, uncounting it if it was not deleted; the removed agent, or None."""
+        ...
+
+    def purge_expired(self, *, now: datetime, limit: int) -> list[Agent]:
+        """Removes up to `limit` deleted agents whose purge_time is before `now`, with
+        their revisions and aliases; the removed agents. Concurrent purgers never remove
+        (nor return) the same agent twice."""
+        ...
+
+
+class RevisionRepository(Protocol):
+    """Agents' configuration revisions (AIP-162) and their aliases."""
+
+    def add(self, revision: AgentRevision, *, keep: int) -> None:
+        """Records the revision, then removes the agent's revisions older than its last
+        `keep` that no alias names."""
+        ...
+
+    def get(self, agent_id: uuid.UUID, revision_id: int) -> AgentRevision | None: ...
+
+    def list_page(
+        self, agent_id: uuid.UUID, *, before: int | None, limit: int
+    ) -> list[AgentRevision]:
+        """Up to `limit` revisions, newest first, with ids below `before` (if given)."""
+        ...
+
+    def aliases(self, agent_id: uuid.UUID) -> dict[str, int]:
+        """alias → revision id."""
+        ...
+
+    def set_alias(
+        self, agent_id: uuid.UUID, alias: str, revision_id: int, *, now: datetime, by: str
+    ) -> None:
+        """Points `alias` at the revision (creating or moving it)."""
+        ...
+
+    def remove_alias(self, agent_id: uuid.UUID, alias: str) -> bool:
+        """Removes the alias; whether it existed."""
         ...
 
 
@@ -132,6 +195,9 @@ class AgentUnitOfWork(UnitOfWork, Protocol):
     @property
     def create_requests(self) -> CreateRequestRepository: ...
 
+    @property
+    def revisions(self) -> RevisionRepository: ...
+
 
 class AgentCache(Protocol):
     def get(self, agent_id: uuid.UUID, load: Callable[[], Agent | None]) -> Agent | None:
@@ -144,3 +210,23 @@ class AgentCache(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class AliasCache(Protocol):
+    """Aliases per agent id, read through and invalidated like AgentCache."""
+
+    def get(
+        self, agent_id: uuid.UUID, load: Callable[[], AgentAliases | None]
+    ) -> AgentAliases | None: ...
+
+    def invalidate(self, agent_id: uuid.UUID) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RevisionCache(Protocol):
+    """Revisions by (agent id, revision id): immutable, so never invalidated."""
+
+    def get(
+        self, agent_id: uuid.UUID, revision_id: int, load: Callable[[], AgentRevision | None]
+    ) -> AgentRevision | None: ...

@@ -26,9 +26,17 @@ _ETAG_TEXT = 16
 _DOUBLE = 9  # tag + 8 bytes
 _TIMESTAMP_MAX = 2 + (1 + 10) + (1 + 5)  # seconds (any int64) and nanos (< 10**9)
 
-SERVER_FIELDS_MAX = 2 * (2 + _UUID_TEXT) + 2 * _TIMESTAMP_MAX + (2 + _ETAG_TEXT)
-"""The most that id, owner_id, create_time, update_time and etag can add to the settable
-fields (for a limit checked before the agent exists)."""
+_REVISION_ID_MAX = 3 + 18  # a two-byte tag (field 16), a length, up to 18 digits
+SERVER_FIELDS_MAX = (
+    2 * (2 + _UUID_TEXT)
+    + 2 * _TIMESTAMP_MAX
+    + (2 + _ETAG_TEXT)
+    + _REVISION_ID_MAX
+    + 3 * (1 + _TIMESTAMP_MAX)
+)
+"""The most that id, owner_id, create_time, update_time, etag, revision_id,
+revision_create_time, delete_time and purge_time can add to the settable fields (for a
+limit checked before the agent exists)."""
 
 
 def _varint(value: int) -> int:
@@ -146,4 +154,13 @@ def agent_size(agent: Agent) -> int:
         + _timestamp(agent.create_time)
         + _timestamp(agent.update_time)
         + _text(agent.etag)
+        + _text(agent.updated_by)
+        + _text(agent.updated_via)
+        # Fields 16 to 19 have two-byte tags.
+        + 1
+        + _text(str(agent.revision_id))
+        + 1
+        + _timestamp(agent.update_time)
+        + (1 + _timestamp(agent.delete_time) if agent.delete_time is not None else 0)
+        + (1 + _timestamp(agent.purge_time) if agent.purge_time is not None else 0)
     )

@@ -209,11 +209,22 @@ def test_crud_through_a_real_channel_with_redis(
                 timeout=10,
             ).agent
             assert stub.GetAgent(get, metadata=metadata, timeout=10).agent == updated
-            stub.DeleteAgent(
+            deleted = stub.DeleteAgent(
                 agent_pb2.DeleteAgentRequest(id=created.id), metadata=metadata, timeout=10
-            )
+            ).agent
+            assert deleted.HasField("delete_time")
+            assert stub.GetAgent(get, metadata=metadata, timeout=10).agent == deleted
+            at_one = agent_pb2.GetAgentRequest(id=f"{created.id}@1")
+            assert stub.GetAgent(at_one, metadata=metadata, timeout=10).agent.description == ""
             with pytest.raises(grpc.RpcError) as caught:
-                stub.GetAgent(get, metadata=metadata, timeout=10)
-            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+                stub.UpdateAgent(
+                    agent_pb2.UpdateAgentRequest(
+                        agent=agent_pb2.Agent(id=created.id, description="late"),
+                        update_mask=field_mask_pb2.FieldMask(paths=["description"]),
+                    ),
+                    metadata=metadata,
+                    timeout=10,
+                )
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         running.stop(0)

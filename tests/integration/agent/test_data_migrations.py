@@ -4,7 +4,9 @@
   of an id recorded before it still returns its agent and creates nothing, and a
   downgrade puts the ids recorded since back on their agents;
 - agent_0003 counts each owner's agents into agent_owner_counts, so the quota holds for
-  the agents that existed before it."""
+  the agents that existed before it;
+- agent_0005 makes each existing agent's configuration its revision 1 (made at its
+  update_time by its updated_by), so `id@1`, tags and rollbacks work on old agents."""
 
 from __future__ import annotations
 
@@ -183,3 +185,37 @@ def test_the_agents_that_exist_count_against_the_quota(database_url: str, raw: E
             agents.create(principal=them, agent=agent_input(name="b4"))
     finally:
         engine.dispose()
+
+
+def test_existing_agents_get_their_configuration_as_revision_one(
+    database_url: str, raw: Engine
+) -> None:
+    migrations.upgrade("agent", database_url, "agent_0004")
+    rows = [old_row("old", None, 3), old_row("older", None, 1)]
+    with raw.begin() as connection:
+        connection.execute(OLD_AGENTS.insert(), rows)
+
+    migrations.upgrade("agent", database_url)
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        agents = service(session_factory(engine))
+        me = Principal(user_id=str(OWNER), roles=frozenset({"user"}))
+        for row in rows:
+            current = agents.get(principal=me, agent_id=str(row["id"]))
+            assert (current.revision_id, current.delete_time) == (1, None)
+            assert agents.get(principal=me, agent_id=f"{row['id']}@1") == current
+        old_id = str(rows[0]["id"])
+        agents.tag(principal=me, agent_id=old_id, revision_id="1", alias="prod")
+        changed = agents.update(
+            principal=me,
+            agent_id=old_id,
+            patch=AgentInput(description="after the migration"),
+            update_mask=["description"],
+        )
+        assert changed.revision_id == 2
+        rolled = agents.rollback(principal=me, agent_id=old_id, revision_id="prod")
+        assert (rolled.revision_id, rolled.description) == (3, "changed since")
+        assert rolled.tools == (Tool("t", "d", {"n": 1.5, "x": [None]}),)
+    finally:
+        engine.dispose()
+    migrations.downgrade("agent", database_url, "agent_0004")

@@ -9,8 +9,15 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.agent_svc.domain import Agent, AgentInput
 from services.agent_svc.jobs import agent_jobs
-from services.agent_svc.repository.models import CreateRequestRow
+from services.agent_svc.repository.models import (
+    AgentAliasRow,
+    AgentRevisionRow,
+    AgentRow,
+    CreateRequestRow,
+)
+from services.agent_svc.repository.sql import SqlAgentUnitOfWork
 from tests.helpers import FakeClock
 
 NOW = datetime(2031, 6, 1, 12, 0, tzinfo=UTC)
@@ -32,9 +39,44 @@ def test_request_ids_past_their_window_are_purged(sessions: sessionmaker[Session
             )
             for name, age in ages.items()
         )
-    (job,) = agent_jobs(sessions, clock=FakeClock(NOW), request_id_ttl_seconds=86_400)
+    job, _ = agent_jobs(sessions, clock=FakeClock(NOW), request_id_ttl_seconds=86_400)
     assert job.name == "agent.request_ids.purge"
     assert dict(job.run()) == {"deleted": 2}
     with sessions() as session:
         assert session.scalars(select(CreateRequestRow.request_id)).all() == [ids["recent"]]
     assert dict(job.run()) == {"deleted": 0}
+
+
+def test_deleted_agents_past_their_purge_time_go_with_their_revisions(
+    sessions: sessionmaker[Session],
+) -> None:
+    owner = uuid.uuid4()
+    agents = {
+        name: Agent.new(AgentInput(name=name, model="gpt-4o"), owner_id=owner, now=NOW)
+        for name in ("expired", "pending", "alive")
+    }
+    with SqlAgentUnitOfWork(sessions) as uow:
+        for agent in agents.values():
+            uow.agents.add(agent)
+            uow.revisions.add(agent.current_revision, keep=10)
+        for name, purge_in in (("expired", -1), ("pending", 3600)):
+            agent = agents[name]
+            gone = agent.soft_deleted(now=NOW, purge_time=NOW + timedelta(seconds=purge_in))
+            assert uow.agents.soft_delete(gone, expected_revision=agent.revision)
+        uow.revisions.set_alias(agents["expired"].id, "prod", 1, now=NOW, by="")
+        uow.commit()
+    purged: list[uuid.UUID] = []
+    _, job = agent_jobs(
+        sessions, clock=FakeClock(NOW), request_id_ttl_seconds=86_400, on_purged=purged.extend
+    )
+    assert job.name == "agent.deleted.purge"
+    assert dict(job.run()) == {"purged": 1}
+    assert purged == [agents["expired"].id]
+    with sessions() as session:
+        assert set(session.scalars(select(AgentRow.name))) == {"pending", "alive"}
+        assert set(session.scalars(select(AgentRevisionRow.agent_id))) == {
+            agents["pending"].id,
+            agents["alive"].id,
+        }
+        assert session.scalars(select(AgentAliasRow.alias)).all() == []
+    assert dict(job.run()) == {"purged": 0}

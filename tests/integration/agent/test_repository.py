@@ -5,13 +5,14 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 
-from services.agent_svc.domain import Agent, Tool
+from services.agent_svc.domain import Agent, ChangeAuthor, Tool
 from services.agent_svc.repository.models import OwnerCountRow
 from services.agent_svc.repository.sql import SqlAgentUnitOfWork
 from services.agent_svc.service.filtering import (
@@ -248,16 +249,46 @@ def test_renaming_onto_a_taken_name_is_name_taken(uow: UowFactory) -> None:
     assert query(uow) == ["fine", "taken"]
 
 
-def test_delete_with_and_without_a_revision(uow: UowFactory) -> None:
-    one, two = an_agent("one"), an_agent("two")
-    add(uow, one, two)
+def deleted(agent: Agent) -> Agent:
+    return agent.soft_deleted(now=T0, purge_time=T0 + timedelta(days=30))
+
+
+def test_soft_delete_is_a_compare_and_set_and_keeps_the_row(uow: UowFactory) -> None:
+    one = an_agent("one")
+    add(uow, one)
     with uow() as work:
-        assert not work.agents.delete(one.id, owner_id=ALICE, expected_revision=2)
-        assert work.agents.delete(one.id, owner_id=ALICE, expected_revision=1)
-        assert work.agents.delete(two.id, owner_id=ALICE)
-        assert not work.agents.delete(two.id, owner_id=ALICE)
+        assert not work.agents.soft_delete(deleted(one), expected_revision=2)
+        assert work.agents.soft_delete(deleted(one), expected_revision=1)
         work.commit()
-    assert query(uow) == []
+    assert query(uow) == []  # left out of lists by default
+    with uow() as work:
+        page = work.agents.list_page(
+            AgentQuery(ALICE, AgentFilter(()), BY_NAME, None, 10, show_deleted=True)
+        )
+        assert [agent.name for agent in page] == ["one"]
+        stored = work.agents.get(one.id)
+    assert stored == deleted(one)
+    assert (stored.delete_time, stored.purge_time) == (T0, T0 + timedelta(days=30))
+
+
+def test_purge_removes_the_agent_its_revisions_and_aliases(uow: UowFactory) -> None:
+    one, other = an_agent("one"), an_agent("other")
+    add(uow, one, other)
+    with uow() as work:
+        for agent in (one, other):
+            work.revisions.add(agent.current_revision, keep=10)
+        work.revisions.set_alias(one.id, "prod", 1, now=T0, by="users/x")
+        work.commit()
+    with uow() as work:
+        assert work.agents.purge(one.id, expected_revision=2) is None
+        assert work.agents.purge(one.id, expected_revision=1) == one
+        assert work.agents.purge(one.id) is None
+        work.commit()
+    with uow() as work:
+        assert work.agents.get(one.id) is None
+        assert work.revisions.get(one.id, 1) is None
+        assert work.revisions.aliases(one.id) == {}
+        assert work.revisions.get(other.id, 1) == other.current_revision
 
 
 def counts(uow: UowFactory) -> dict[uuid.UUID, int]:
@@ -266,22 +297,40 @@ def counts(uow: UowFactory) -> dict[uuid.UUID, int]:
         return {row.owner_id: row.agents for row in rows}
 
 
-def test_adds_and_deletes_keep_each_owners_count(uow: UowFactory) -> None:
+def test_adds_deletes_undeletes_and_purges_keep_each_owners_count(uow: UowFactory) -> None:
     first, second, bobs = an_agent("first"), an_agent("second"), an_agent("bobs", owner=BOB)
     add(uow, first, second, bobs)
     assert counts(uow) == {ALICE: 2, BOB: 1}
     with uow() as work:
-        assert not work.agents.delete(first.id, owner_id=ALICE, expected_revision=9)
-        assert not work.agents.delete(uuid.uuid4(), owner_id=ALICE)
+        assert not work.agents.soft_delete(deleted(first), expected_revision=9)
+        assert work.agents.purge(uuid.uuid4()) is None
         work.commit()
     assert counts(uow) == {ALICE: 2, BOB: 1}  # nothing deleted, nothing uncounted
     with uow() as work:
-        assert work.agents.delete(first.id, owner_id=ALICE)
+        assert work.agents.soft_delete(deleted(first), expected_revision=1)
+        work.commit()
+    assert counts(uow) == {ALICE: 1, BOB: 1}  # a deleted agent frees its place
+    with uow() as work:
+        with pytest.raises(QuotaExceeded):
+            work.agents.undelete(deleted(first).undeleted(), expected_revision=2, max_per_owner=1)
+        assert not work.agents.undelete(deleted(first).undeleted(), expected_revision=7)
+        assert work.agents.undelete(deleted(first).undeleted(), expected_revision=2)
+        work.commit()
+    assert counts(uow) == {ALICE: 2, BOB: 1}
+    with uow() as work:
+        assert work.agents.purge(second.id) == second  # not deleted: uncounted now
         work.commit()
     assert counts(uow) == {ALICE: 1, BOB: 1}
     with uow() as work:
+        assert work.agents.soft_delete(deleted(bobs), expected_revision=1)
+        work.commit()
+    with uow() as work:
+        assert work.agents.purge(bobs.id) is not None  # deleted: uncounted already
+        work.commit()
+    assert counts(uow) == {ALICE: 1, BOB: 0}
+    with uow() as work:
         work.agents.add(an_agent("rolled back"))
-    assert counts(uow) == {ALICE: 1, BOB: 1}  # counted in the transaction, or not at all
+    assert counts(uow) == {ALICE: 1, BOB: 0}  # counted in the transaction, or not at all
 
 
 def test_a_count_that_fell_behind_never_goes_below_zero(uow: UowFactory) -> None:
@@ -290,10 +339,76 @@ def test_a_count_that_fell_behind_never_goes_below_zero(uow: UowFactory) -> None
     add(uow, one, two)
     with uow() as work:
         work.session.execute(update(OwnerCountRow).values(agents=0))
-        assert work.agents.delete(one.id, owner_id=ALICE)
-        assert not work.agents.delete(one.id, owner_id=ALICE)  # gone: nothing to give back
+        assert work.agents.soft_delete(deleted(one), expected_revision=1)
+        assert work.agents.purge(two.id) == two
         work.commit()
     assert counts(uow) == {ALICE: 0}
+
+
+def test_purge_expired_takes_only_agents_past_their_purge_time(uow: UowFactory) -> None:
+    due, later, alive = an_agent("due"), an_agent("later"), an_agent("alive")
+    add(uow, due, later, alive)
+    with uow() as work:
+        for agent in (due, later, alive):
+            work.revisions.add(agent.current_revision, keep=10)
+        work.agents.soft_delete(
+            due.soft_deleted(now=T0, purge_time=T0 + timedelta(hours=1)), expected_revision=1
+        )
+        work.agents.soft_delete(
+            later.soft_deleted(now=T0, purge_time=T0 + timedelta(days=9)), expected_revision=1
+        )
+        work.commit()
+    with uow() as work:
+        purged = work.agents.purge_expired(now=T0 + timedelta(days=1), limit=10)
+        work.commit()
+    assert [agent.id for agent in purged] == [due.id]
+    with uow() as work:
+        assert work.agents.get(due.id) is None
+        assert work.revisions.get(due.id, 1) is None
+        assert work.agents.get(later.id) is not None
+        assert work.agents.purge_expired(now=T0 + timedelta(days=1), limit=10) == []
+
+
+def test_revisions_round_trip_page_newest_first_and_prune_all_but_tagged(
+    uow: UowFactory,
+) -> None:
+    agent = an_agent("versions", temperature=0.30000000000000004, top_p=None)
+    add(uow, agent)
+    versions = [agent]
+    with uow() as work:
+        work.revisions.add(agent.current_revision, keep=3)
+        work.commit()
+    for number in range(2, 7):
+        latest = versions[-1]
+        changed = latest.revised(
+            replace(latest.settable, description=f"v{number}"),
+            now=T0 + timedelta(minutes=number),
+            author=ChangeAuthor("users/a", "serviceAccounts/b"),
+        )
+        with uow() as work:
+            assert work.agents.update(changed, expected_revision=latest.revision)
+            if number == 3:
+                work.revisions.set_alias(agent.id, "prod", 2, now=T0, by="users/a")
+            work.revisions.add(changed.current_revision, keep=3)
+            work.commit()
+        versions.append(changed)
+    with uow() as work:
+        kept = work.revisions.list_page(agent.id, before=None, limit=10)
+        assert [r.revision_id for r in kept] == [6, 5, 4, 2]  # the last 3, and the tagged one
+        assert work.revisions.list_page(agent.id, before=5, limit=1)[0].revision_id == 4
+        assert work.revisions.get(agent.id, 1) is None
+        assert work.revisions.get(agent.id, 6) == versions[-1].current_revision
+        assert work.revisions.get(agent.id, 2) == versions[1].current_revision
+        assert work.revisions.aliases(agent.id) == {"prod": 2}
+        work.revisions.set_alias(agent.id, "prod", 6, now=T0, by="users/a")  # moves
+        work.revisions.set_alias(agent.id, "staging", 5, now=T0, by="")
+        assert work.revisions.aliases(agent.id) == {"prod": 6, "staging": 5}
+        assert work.revisions.remove_alias(agent.id, "staging")
+        assert not work.revisions.remove_alias(agent.id, "staging")
+        work.commit()
+        stored = work.agents.get(agent.id)
+    assert stored is not None
+    assert stored.revision_id == 6
 
 
 def test_add_refuses_an_owner_at_the_limit_and_leaves_the_count(uow: UowFactory) -> None:

@@ -4,12 +4,13 @@ and the races the unique keys and the compare-and-set decide."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from services.agent_svc.domain import Agent, AgentInput
 from services.agent_svc.infra.nocache import NoCache
@@ -23,6 +24,7 @@ from shared.rpc.errors import (
     AlreadyExists,
     DomainError,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
 )
 from shared.security.tokens import Principal
@@ -249,3 +251,70 @@ def test_concurrent_creates_and_deletes_keep_the_count_exact(uow: UowFactory) ->
             select(OwnerCountRow.agents).where(OwnerCountRow.owner_id == uuid.UUID(me.user_id))
         )
     assert counted == len(agents.list(principal=me).agents) == 4
+
+
+def _waiting_on_a_lock(uow: UowFactory) -> int:
+    """Sessions of this database waiting for a row lock (PostgreSQL)."""
+    with uow() as work:
+        return int(
+            work.session.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+        )
+
+
+def test_a_revision_tagged_while_an_update_would_prune_it_is_kept(
+    uow: UowFactory, database_url: str
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("row locks: PostgreSQL (SQLite has one writer at a time)")
+    agents = service(uow, revisions_kept=1)
+    owner = a_user()
+    agent = agents.create(principal=owner, agent=agent_input(description="v1"))
+    with uow() as tagger:
+        # The tag's transaction holds the agent's row, as TagAgentRevision does...
+        assert tagger.agents.get(agent.id, for_update=True) is not None
+        done: list[Any] = []
+        updater = threading.Thread(
+            target=lambda: done.append(
+                agents.update(
+                    principal=owner,
+                    agent_id=str(agent.id),
+                    patch=AgentInput(description="v2"),
+                    update_mask=["description"],
+                )
+            )
+        )
+        updater.start()
+        # ...while the update that would prune revision 1 waits for it.
+        deadline = time.monotonic() + 30
+        while _waiting_on_a_lock(uow) == 0:
+            assert time.monotonic() < deadline, "the update never waited for the row"
+            time.sleep(0.01)
+        tagger.revisions.set_alias(agent.id, "prod", 1, now=agent.create_time, by="")
+        tagger.commit()
+    updater.join(timeout=30)
+    assert [a.revision_id for a in done] == [2]
+    with uow() as work:
+        kept = work.revisions.list_page(agent.id, before=None, limit=10)
+    assert [r.revision_id for r in kept] == [2, 1]
+    pinned = agents.get(principal=owner, agent_id=f"{agent.id}@prod")
+    assert pinned.description == "v1"
+
+
+def test_tagging_a_revision_an_update_pruned_first_is_not_found(uow: UowFactory) -> None:
+    agents = service(uow, revisions_kept=1)
+    owner = a_user()
+    agent = agents.create(principal=owner, agent=agent_input(description="v1"))
+    agents.update(
+        principal=owner,
+        agent_id=str(agent.id),
+        patch=AgentInput(description="v2"),
+        update_mask=["description"],
+    )
+    with pytest.raises(NotFound) as caught:
+        agents.tag(principal=owner, agent_id=str(agent.id), revision_id="1", alias="prod")
+    assert caught.value.reason == "REVISION_NOT_FOUND"

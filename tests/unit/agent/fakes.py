@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from services.agent_svc.domain import Agent, AgentInput, Tool
+from services.agent_svc.domain import Agent, AgentInput, AgentRevision, Tool
+from services.agent_svc.infra.revisions import RevisionMemory
 from services.agent_svc.service.agent_service import AgentService
 from services.agent_svc.service.filtering import (
     Condition,
@@ -29,6 +30,7 @@ from services.agent_svc.service.filtering import (
 from services.agent_svc.service.models import ModelCatalogue
 from services.agent_svc.service.paging import PageTokens
 from services.agent_svc.service.ports import (
+    AgentAliases,
     AgentQuery,
     CreateRecord,
     NameTaken,
@@ -50,6 +52,8 @@ class State:
 
     agents: dict[uuid.UUID, Agent] = field(default_factory=dict)
     create_requests: dict[tuple[uuid.UUID, uuid.UUID], CreateRecord] = field(default_factory=dict)
+    revisions: dict[tuple[uuid.UUID, int], AgentRevision] = field(default_factory=dict)
+    aliases: dict[uuid.UUID, dict[str, int]] = field(default_factory=dict)
 
 
 def _matches(agent: Agent, condition: Condition) -> bool:
@@ -87,23 +91,26 @@ class FakeAgents:
             for a in self._state.agents.values()
         )
 
+    def _owned(self, owner_id: uuid.UUID) -> int:
+        """The owner's agents that count for the quota (deleted ones do not)."""
+        return sum(a.owner_id == owner_id and not a.deleted for a in self._state.agents.values())
+
     def add(self, agent: Agent, *, max_per_owner: int = 0) -> None:
         self._database.run_interference()
-        owned = sum(a.owner_id == agent.owner_id for a in self._state.agents.values())
-        if max_per_owner and owned >= max_per_owner:
+        if max_per_owner and self._owned(agent.owner_id) >= max_per_owner:
             raise QuotaExceeded(str(agent.owner_id))
         if self._name_taken(agent):
             raise NameTaken(agent.name)
         self._state.agents[agent.id] = agent
 
-    def get(self, agent_id: uuid.UUID) -> Agent | None:
+    def get(self, agent_id: uuid.UUID, *, for_update: bool = False) -> Agent | None:
         self._database.reads += 1
         return self._state.agents.get(agent_id)
 
     def count_by_model(self, owner_id: uuid.UUID | None) -> dict[str, int]:
         counts: dict[str, int] = {}
         for agent in self._state.agents.values():
-            if owner_id is None or agent.owner_id == owner_id:
+            if not agent.deleted and (owner_id is None or agent.owner_id == owner_id):
                 counts[agent.model] = counts.get(agent.model, 0) + 1
         return counts
 
@@ -113,6 +120,7 @@ class FakeAgents:
             a
             for a in self._state.agents.values()
             if (query.owner_id is None or a.owner_id == query.owner_id)
+            and (query.show_deleted or not a.deleted)
             and all(_matches(a, c) for c in query.filter.conditions)
         ]
         field, descending = query.ordering.field, query.ordering.descending
@@ -137,17 +145,96 @@ class FakeAgents:
         self._state.agents[agent.id] = agent
         return True
 
-    def delete(
-        self, agent_id: uuid.UUID, *, owner_id: uuid.UUID, expected_revision: int | None = None
-    ) -> bool:
+    def _store(self, agent: Agent, expected_revision: int) -> bool:
+        self._database.run_interference()
+        latest = self._database.committed.agents.get(agent.id)
+        if latest is None or agent.id not in self._state.agents:
+            return False
+        if latest.revision != expected_revision:
+            return False
+        self._state.agents[agent.id] = agent
+        return True
+
+    def soft_delete(self, agent: Agent, *, expected_revision: int) -> bool:
+        return self._store(agent, expected_revision)
+
+    def undelete(self, agent: Agent, *, expected_revision: int, max_per_owner: int = 0) -> bool:
+        if max_per_owner and self._owned(agent.owner_id) >= max_per_owner:
+            raise QuotaExceeded(str(agent.owner_id))
+        return self._store(agent, expected_revision)
+
+    def purge(self, agent_id: uuid.UUID, *, expected_revision: int | None = None) -> Agent | None:
         self._database.run_interference()
         latest = self._database.committed.agents.get(agent_id)
         if latest is None or agent_id not in self._state.agents:
-            return False
+            return None
         if expected_revision is not None and latest.revision != expected_revision:
-            return False
+            return None
+        self._remove(agent_id)
+        return latest
+
+    def purge_expired(self, *, now: datetime, limit: int) -> list[Agent]:
+        expired = sorted(
+            (a for a in self._state.agents.values() if a.purge_time and a.purge_time < now),
+            key=lambda a: (a.purge_time, a.id),
+        )[:limit]
+        for agent in expired:
+            self._remove(agent.id)
+        return expired
+
+    def _remove(self, agent_id: uuid.UUID) -> None:
         del self._state.agents[agent_id]
-        return True
+        self._state.aliases.pop(agent_id, None)
+        for key in [key for key in self._state.revisions if key[0] == agent_id]:
+            del self._state.revisions[key]
+
+
+class FakeRevisions:
+    def __init__(self, state: State, database: FakeDatabase) -> None:
+        self._state = state
+        self._database = database
+
+    def add(self, revision: AgentRevision, *, keep: int) -> None:
+        key = (revision.agent_id, revision.revision_id)
+        assert key not in self._state.revisions, f"revision {key} recorded twice"
+        self._state.revisions[key] = revision
+        tagged = set(self._state.aliases.get(revision.agent_id, {}).values())
+        for agent_id, revision_id in list(self._state.revisions):
+            if (
+                agent_id == revision.agent_id
+                and revision_id <= revision.revision_id - keep
+                and revision_id not in tagged
+            ):
+                del self._state.revisions[(agent_id, revision_id)]
+
+    def get(self, agent_id: uuid.UUID, revision_id: int) -> AgentRevision | None:
+        self._database.revision_reads += 1
+        return self._state.revisions.get((agent_id, revision_id))
+
+    def list_page(
+        self, agent_id: uuid.UUID, *, before: int | None, limit: int
+    ) -> list[AgentRevision]:
+        rows = sorted(
+            (
+                r
+                for (owner, number), r in self._state.revisions.items()
+                if owner == agent_id and (before is None or number < before)
+            ),
+            key=lambda r: -r.revision_id,
+        )
+        return rows[:limit]
+
+    def aliases(self, agent_id: uuid.UUID) -> dict[str, int]:
+        self._database.alias_reads += 1
+        return dict(sorted(self._state.aliases.get(agent_id, {}).items()))
+
+    def set_alias(
+        self, agent_id: uuid.UUID, alias: str, revision_id: int, *, now: datetime, by: str
+    ) -> None:
+        self._state.aliases.setdefault(agent_id, {})[alias] = revision_id
+
+    def remove_alias(self, agent_id: uuid.UUID, alias: str) -> bool:
+        return self._state.aliases.get(agent_id, {}).pop(alias, None) is not None
 
 
 class FakeCreateRequests:
@@ -200,6 +287,8 @@ class FakeDatabase(SnapshotDatabase[State]):
     def __init__(self) -> None:
         super().__init__(State)
         self.reads = 0
+        self.revision_reads = 0
+        self.alias_reads = 0
         self.queries: list[AgentQuery] = []
         # Commits and cache invalidations in the order they happened ("commit",
         # "invalidate <id>"): RecordingCache writes here too when it is given this list.
@@ -247,6 +336,10 @@ class FakeUnitOfWork(SnapshotUnitOfWork[State]):
     def create_requests(self) -> FakeCreateRequests:
         return FakeCreateRequests(self._state, self._database)
 
+    @property
+    def revisions(self) -> FakeRevisions:
+        return FakeRevisions(self._state, self._database)
+
 
 class RecordingCache:
     """An AgentCache that really caches (by id only, like the real one) and records
@@ -271,6 +364,32 @@ class RecordingCache:
     def invalidate(self, agent_id: uuid.UUID) -> None:
         self.invalidated.append(agent_id)
         self._events.append(f"invalidate {agent_id}")
+        self.entries.pop(agent_id, None)
+
+    def close(self) -> None:
+        self.entries.clear()
+
+
+class RecordingAliasCache:
+    """An AliasCache that caches by agent id and logs its invalidations (as
+    RecordingCache does, with an "aliases" prefix)."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.entries: dict[uuid.UUID, AgentAliases] = {}
+        self._events = events
+
+    def get(
+        self, agent_id: uuid.UUID, load: Callable[[], AgentAliases | None]
+    ) -> AgentAliases | None:
+        if agent_id not in self.entries:
+            value = load()
+            if value is None:
+                return None
+            self.entries[agent_id] = value
+        return self.entries[agent_id]
+
+    def invalidate(self, agent_id: uuid.UUID) -> None:
+        self._events.append(f"invalidate aliases {agent_id}")
         self.entries.pop(agent_id, None)
 
     def close(self) -> None:
@@ -339,6 +458,8 @@ class World:
     database: FakeDatabase
     cache: RecordingCache
     clock: FakeClock
+    alias_cache: RecordingAliasCache
+    revision_cache: RevisionMemory
 
 
 def make_world(
@@ -349,9 +470,13 @@ def make_world(
     request_id_ttl_seconds: float = 86_400.0,
     max_agents_per_owner: int = 0,
     catalogue: ModelCatalogue | None = None,
+    revisions_kept: int = 100,
+    deleted_retention_seconds: float = 30 * 86_400.0,
 ) -> World:
     database = FakeDatabase()
     cache = RecordingCache(database.events)
+    world_alias_cache = RecordingAliasCache(database.events)
+    revision_cache = RevisionMemory()
     clock = FakeClock(datetime(2026, 1, 1, 12, 0, tzinfo=UTC))
     service = AgentService(
         uow=database.unit_of_work,
@@ -363,5 +488,9 @@ def make_world(
         request_id_ttl_seconds=request_id_ttl_seconds,
         max_agents_per_owner=max_agents_per_owner,
         catalogue=catalogue,
+        revisions_kept=revisions_kept,
+        deleted_retention_seconds=deleted_retention_seconds,
+        alias_cache=world_alias_cache,
+        revision_cache=revision_cache,
     )
-    return World(service, database, cache, clock)
+    return World(service, database, cache, clock, world_alias_cache, revision_cache)

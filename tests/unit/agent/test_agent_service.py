@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -131,7 +133,8 @@ def test_a_replay_after_a_delete_returns_the_first_response_and_creates_nothing(
     world.service.delete(principal=owner, agent_id=str(first.id))
     again = world.service.create(principal=owner, agent=agent_input(), request_id=request)
     assert again == first
-    assert world.database.committed.agents == {}
+    assert list(world.database.committed.agents) == [first.id]  # the deleted one, still
+    assert world.database.committed.agents[first.id].deleted
 
 
 def test_the_same_request_id_from_another_caller_creates_anew(world: World) -> None:
@@ -630,22 +633,30 @@ def test_updating_a_missing_agent_is_not_found(world: World) -> None:
 # -- delete ---------------------------------------------------------------------------------
 
 
-def test_delete_removes_and_invalidates(world: World) -> None:
+def test_delete_marks_deleted_and_invalidates(world: World) -> None:
     owner = user()
     agent = create(world, owner)
     world.service.get(principal=owner, agent_id=str(agent.id))
-    world.service.delete(principal=owner, agent_id=str(agent.id))
-    assert agent.id not in world.database.committed.agents
+    world.clock.advance(5)
+    deleted = world.service.delete(principal=owner, agent_id=str(agent.id))
+    assert world.database.committed.agents[agent.id] == deleted
+    assert deleted.delete_time == world.clock.now()
+    assert deleted.purge_time == world.clock.now() + timedelta(days=30)
+    assert deleted.etag != agent.etag
+    assert (deleted.settable, deleted.revision_id, deleted.update_time) == (
+        agent.settable,
+        agent.revision_id,
+        agent.update_time,
+    )
     assert world.cache.invalidated == [agent.id]
-    with pytest.raises(NotFound):
-        world.service.get(principal=owner, agent_id=str(agent.id))
+    assert world.service.get(principal=owner, agent_id=str(agent.id)) == deleted  # AIP-164
 
 
 def test_delete_with_the_current_etag(world: World) -> None:
     owner = user()
     agent = create(world, owner)
     world.service.delete(principal=owner, agent_id=str(agent.id), etag=agent.etag)
-    assert agent.id not in world.database.committed.agents
+    assert world.database.committed.agents[agent.id].deleted
 
 
 def test_delete_with_a_stale_etag_is_aborted(world: World) -> None:
@@ -671,7 +682,7 @@ def test_delete_without_etag_is_unconditional(world: World) -> None:
     agent = create(world, owner)
     world.database.interfere(lambda: world.database.bump(agent.id))
     world.service.delete(principal=owner, agent_id=str(agent.id))
-    assert agent.id not in world.database.committed.agents
+    assert world.database.committed.agents[agent.id].deleted
 
 
 def test_delete_of_someone_elses_or_a_missing_agent_is_not_found(world: World) -> None:
@@ -687,7 +698,7 @@ def test_delete_of_someone_elses_or_a_missing_agent_is_not_found(world: World) -
 def test_an_admin_deletes_anyones_agent(world: World) -> None:
     agent = create(world, user())
     world.service.delete(principal=admin(), agent_id=str(agent.id))
-    assert agent.id not in world.database.committed.agents
+    assert world.database.committed.agents[agent.id].deleted
 
 
 def test_delete_needs_a_well_formed_id(world: World) -> None:
@@ -846,7 +857,7 @@ def test_small_agents_fill_the_page_size(world: World) -> None:
     assert [len(page) for page in all_pages(world, me, page_size=25)] == [25, 5]
 
 
-def _first_token(world: World, me: Principal, **query: str) -> str:
+def _first_token(world: World, me: Principal, **query: Any) -> str:
     for index in range(3):
         create(world, me, name=f"n{index}")
     token = world.service.list(principal=me, page_size=1, **query).next_page_token
@@ -863,7 +874,7 @@ def _first_token(world: World, me: Principal, **query: str) -> str:
         {"filter": 'name = "n*"', "order_by": "create_time"},
     ],
 )
-def test_a_token_from_another_query_is_invalid(world: World, changed: dict[str, str]) -> None:
+def test_a_token_from_another_query_is_invalid(world: World, changed: dict[str, Any]) -> None:
     me = user()
     token = _first_token(world, me, filter='name = "n*"', order_by="name")
     with pytest.raises(InvalidArgument) as caught:

@@ -519,11 +519,15 @@ def test_delete_rules(client: Client) -> None:
         "DeleteAgent", agent_pb2.DeleteAgentRequest(id=agent.id, etag="stale"), token=token
     )
     assert wrong.code == grpc.StatusCode.ABORTED
-    client.ok(
+    reply = client.ok(
         "DeleteAgent", agent_pb2.DeleteAgentRequest(id=agent.id, etag=agent.etag), token=token
     )
-    gone = client.call("GetAgent", agent_pb2.GetAgentRequest(id=agent.id), token=token)
-    assert gone.code == grpc.StatusCode.NOT_FOUND
+    assert reply.agent.HasField("delete_time")
+    assert reply.agent.HasField("purge_time")
+    again = client.call("DeleteAgent", agent_pb2.DeleteAgentRequest(id=agent.id), token=token)
+    assert again.code == grpc.StatusCode.NOT_FOUND  # AIP-164: deleting a deleted agent
+    kept = client.ok("GetAgent", agent_pb2.GetAgentRequest(id=agent.id), token=token)
+    assert kept.agent == reply.agent  # AIP-164: Get returns the soft-deleted agent
 
 
 def test_batch_get_returns_the_agents_in_order_and_names_a_missing_one(client: Client) -> None:
@@ -603,3 +607,53 @@ def test_list_models_and_the_notice_of_a_deprecated_model() -> None:
         ("gpt-4o", "deprecated", 1),
         ("gpt-3.5", "retired", 0),
     ]
+
+
+def test_revisions_aliases_and_undelete_through_the_servicer(client: Client) -> None:
+    token = client.token(str(uuid.uuid4()))
+    agent = create(client, token)
+    updated = client.ok(
+        "UpdateAgent",
+        agent_pb2.UpdateAgentRequest(
+            agent=agent_pb2.Agent(id=agent.id, description="second"),
+            update_mask=field_mask_pb2.FieldMask(paths=["description"]),
+        ),
+        token=token,
+    ).agent
+    assert (agent.revision_id, updated.revision_id) == ("1", "2")
+    assert updated.revision_create_time == updated.update_time
+    tagged = client.ok(
+        "TagAgentRevision",
+        agent_pb2.TagAgentRevisionRequest(id=agent.id, revision_id="1", alias="prod"),
+        token=token,
+    ).agent
+    assert (tagged.revision_id, tagged.etag) == ("1", "")
+    listed = client.ok(
+        "ListAgentRevisions", agent_pb2.ListAgentRevisionsRequest(id=agent.id), token=token
+    )
+    assert [a.revision_id for a in listed.agents] == ["2", "1"]
+    assert dict(listed.aliases) == {"prod": "1"}
+    pinned = client.ok("GetAgent", agent_pb2.GetAgentRequest(id=f"{agent.id}@prod"), token=token)
+    assert pinned.agent == tagged
+    rolled = client.ok(
+        "RollbackAgent",
+        agent_pb2.RollbackAgentRequest(id=agent.id, revision_id="prod"),
+        token=token,
+    ).agent
+    assert (rolled.revision_id, rolled.description) == ("3", agent.description)
+    client.ok(
+        "UntagAgentRevision",
+        agent_pb2.UntagAgentRevisionRequest(id=agent.id, alias="prod"),
+        token=token,
+    )
+    deleted = client.ok("DeleteAgent", agent_pb2.DeleteAgentRequest(id=agent.id), token=token)
+    restored = client.ok(
+        "UndeleteAgent",
+        agent_pb2.UndeleteAgentRequest(id=agent.id, etag=deleted.agent.etag),
+        token=token,
+    ).agent
+    assert not restored.HasField("delete_time")
+    refused = client.call("PurgeAgent", agent_pb2.PurgeAgentRequest(id=agent.id), token=token)
+    assert refused.code == grpc.StatusCode.PERMISSION_DENIED
+    bad = client.call("GetAgent", agent_pb2.GetAgentRequest(id=f"{agent.id}@"), token=token)
+    assert bad.code == grpc.StatusCode.INVALID_ARGUMENT

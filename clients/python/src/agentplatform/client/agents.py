@@ -69,11 +69,15 @@ class AgentsClient:
         filter: str = "",
         order_by: str = "",
         page_size: int = 0,
+        show_deleted: bool = False,
         timeout: float | None = None,
     ) -> Iterator[agent_pb2.ListAgentsResponse]:
         """Every page, fetched as the iteration reaches it (`timeout` per page). A page
-        may hold fewer than page_size agents; only an empty next_page_token ends."""
-        request = agent_pb2.ListAgentsRequest(filter=filter, order_by=order_by, page_size=page_size)
+        may hold fewer than page_size agents; only an empty next_page_token ends.
+        `show_deleted`: soft-deleted agents too."""
+        request = agent_pb2.ListAgentsRequest(
+            filter=filter, order_by=order_by, page_size=page_size, show_deleted=show_deleted
+        )
         while True:
             page: agent_pb2.ListAgentsResponse = _call(self._stub.ListAgents, request, timeout)
             yield page
@@ -87,11 +91,16 @@ class AgentsClient:
         filter: str = "",
         order_by: str = "",
         page_size: int = 0,
+        show_deleted: bool = False,
         timeout: float | None = None,
     ) -> Iterator[agent_pb2.Agent]:
         """Every agent that matches, page after page (see list_pages)."""
         for page in self.list_pages(
-            filter=filter, order_by=order_by, page_size=page_size, timeout=timeout
+            filter=filter,
+            order_by=order_by,
+            page_size=page_size,
+            show_deleted=show_deleted,
+            timeout=timeout,
         ):
             yield from page.agents
 
@@ -119,6 +128,81 @@ class AgentsClient:
         response: agent_pb2.UpdateAgentResponse = _call(self._stub.UpdateAgent, request, timeout)
         return response.agent
 
-    def delete(self, agent_id: str, *, etag: str = "", timeout: float | None = None) -> None:
-        """Deletes the agent (only if its etag still is `etag`, when given)."""
-        _call(self._stub.DeleteAgent, agent_pb2.DeleteAgentRequest(id=agent_id, etag=etag), timeout)
+    def delete(
+        self, agent_id: str, *, etag: str = "", timeout: float | None = None
+    ) -> agent_pb2.Agent:
+        """Soft-deletes the agent (only if its etag still is `etag`, when given); the
+        agent as deleted, with its purge_time. UndeleteAgent restores it until then."""
+        request = agent_pb2.DeleteAgentRequest(id=agent_id, etag=etag)
+        response: agent_pb2.DeleteAgentResponse = _call(self._stub.DeleteAgent, request, timeout)
+        return response.agent
+
+    def undelete(
+        self, agent_id: str, *, etag: str = "", timeout: float | None = None
+    ) -> agent_pb2.Agent:
+        """Restores a soft-deleted agent; AlreadyExists (AGENT_NOT_DELETED) if it is not."""
+        request = agent_pb2.UndeleteAgentRequest(id=agent_id, etag=etag)
+        response: agent_pb2.UndeleteAgentResponse = _call(
+            self._stub.UndeleteAgent, request, timeout
+        )
+        return response.agent
+
+    def purge(self, agent_id: str, *, etag: str = "", timeout: float | None = None) -> None:
+        """Removes the agent and its revisions at once (the agents.admin scope)."""
+        request = agent_pb2.PurgeAgentRequest(id=agent_id, etag=etag)
+        _call(self._stub.PurgeAgent, request, timeout)
+
+    def get_revision(
+        self, agent_id: str, revision: str, *, timeout: float | None = None
+    ) -> agent_pb2.Agent:
+        """The agent as it was at `revision`: a revision id ("3") or an alias ("prod")."""
+        return self.get(f"{agent_id}@{revision}", timeout=timeout)
+
+    def list_revision_pages(
+        self, agent_id: str, *, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[agent_pb2.ListAgentRevisionsResponse]:
+        """The agent's kept revisions, newest first, page after page (each page carries
+        the agent's aliases)."""
+        request = agent_pb2.ListAgentRevisionsRequest(id=agent_id, page_size=page_size)
+        while True:
+            page: agent_pb2.ListAgentRevisionsResponse = _call(
+                self._stub.ListAgentRevisions, request, timeout
+            )
+            yield page
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def list_revisions(
+        self, agent_id: str, *, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[agent_pb2.Agent]:
+        """Every kept revision of the agent, newest first."""
+        for page in self.list_revision_pages(agent_id, page_size=page_size, timeout=timeout):
+            yield from page.agents
+
+    def rollback(
+        self, agent_id: str, revision: str, *, etag: str = "", timeout: float | None = None
+    ) -> agent_pb2.Agent:
+        """Makes the configuration of `revision` (an id or an alias) the agent's next
+        revision; conditional on `etag` when given."""
+        request = agent_pb2.RollbackAgentRequest(id=agent_id, revision_id=revision, etag=etag)
+        response: agent_pb2.RollbackAgentResponse = _call(
+            self._stub.RollbackAgent, request, timeout
+        )
+        return response.agent
+
+    def tag(
+        self, agent_id: str, revision: str, alias: str, *, timeout: float | None = None
+    ) -> agent_pb2.Agent:
+        """Points `alias` at `revision` (an id, or another alias to promote what it names);
+        the agent at that revision."""
+        request = agent_pb2.TagAgentRevisionRequest(id=agent_id, revision_id=revision, alias=alias)
+        response: agent_pb2.TagAgentRevisionResponse = _call(
+            self._stub.TagAgentRevision, request, timeout
+        )
+        return response.agent
+
+    def untag(self, agent_id: str, alias: str, *, timeout: float | None = None) -> None:
+        """Removes the alias."""
+        request = agent_pb2.UntagAgentRevisionRequest(id=agent_id, alias=alias)
+        _call(self._stub.UntagAgentRevision, request, timeout)

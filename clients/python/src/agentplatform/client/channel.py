@@ -15,7 +15,11 @@ typed clients' alike):
   retrying when most calls fail. Those methods are safe to repeat: reads; CreateAgent
   (the typed client always sends a request_id, so a repeat returns the first response);
   UpdateAgent and DeleteAgent (a repeat of one that took effect gets ABORTED ETAG_MISMATCH
-  with an etag, NOT_FOUND for a delete: read again); Login, Logout.
+  with an etag, NOT_FOUND for a delete: read again); RollbackAgent (a repeat rolls back
+  to the same configuration: no new revision) and TagAgentRevision (the same pointer
+  again); UndeleteAgent, UntagAgentRevision and PurgeAgent (a repeat of one that took
+  effect gets ALREADY_EXISTS AGENT_NOT_DELETED, NOT_FOUND ALIAS_NOT_FOUND, NOT_FOUND:
+  read again); Login, Logout.
 - **RESOURCE_EXHAUSTED with a RetryInfo** (rate limits, busy hashing, LOGIN_LOCKED) is
   retried here after exactly that delay, if the delay ends before the call's deadline
   (else it is raised at once, not slept through), at most MAX_ATTEMPTS attempts. A
@@ -79,6 +83,12 @@ RETRIED_ON_UNAVAILABLE: frozenset[str] = frozenset(
         f"/{AGENT}/ListAgents",
         f"/{AGENT}/UpdateAgent",
         f"/{AGENT}/DeleteAgent",
+        f"/{AGENT}/UndeleteAgent",
+        f"/{AGENT}/PurgeAgent",
+        f"/{AGENT}/ListAgentRevisions",
+        f"/{AGENT}/RollbackAgent",
+        f"/{AGENT}/TagAgentRevision",
+        f"/{AGENT}/UntagAgentRevision",
         f"/{AUTH}/Login",
         f"/{AUTH}/Logout",
         f"/{AUTH}/GetJwks",

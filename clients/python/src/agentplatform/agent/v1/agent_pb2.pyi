@@ -75,6 +75,10 @@ class Agent(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     UPDATED_BY_FIELD_NUMBER: _builtins.int
     UPDATED_VIA_FIELD_NUMBER: _builtins.int
+    REVISION_ID_FIELD_NUMBER: _builtins.int
+    REVISION_CREATE_TIME_FIELD_NUMBER: _builtins.int
+    DELETE_TIME_FIELD_NUMBER: _builtins.int
+    PURGE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """UUID. On update and delete, names the agent."""
     owner_id: _builtins.str
@@ -101,6 +105,20 @@ class Agent(_message.Message):
     """When a service acted for the user who made the latest change (token exchange):
     `serviceAccounts/<id>`; empty otherwise.
     """
+    revision_id: _builtins.str
+    """The configuration revision this is (AIP-162): decimal digits, "1" for the create,
+    one more for each change of configuration (an update that changes something, a
+    rollback); a delete or an undelete makes none. Ids are never reused, but retention
+    leaves gaps (see ListAgentRevisions).
+
+    An agent read at a revision (`id@5`, `id@prod`, ListAgentRevisions) has the
+    configuration of that revision (name to top_p), its revision_id and
+    revision_create_time, and in updated_by and updated_via who made that revision;
+    update_time is the revision's create time; id, owner_id, create_time, delete_time
+    and purge_time are the agent's now; etag is empty (a past revision cannot be
+    written: roll back to it instead), except for the agent's current revision, which
+    is the agent itself.
+    """
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
         """Up to 128 function tools."""
@@ -115,6 +133,22 @@ class Agent(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def revision_create_time(self) -> _timestamp_pb2.Timestamp:
+        """When this revision was made (equal to update_time: a delete or an undelete does
+        not change either).
+        """
+
+    @_builtins.property
+    def delete_time(self) -> _timestamp_pb2.Timestamp:
+        """Set while the agent is soft-deleted (AIP-164): when it was deleted."""
+
+    @_builtins.property
+    def purge_time(self) -> _timestamp_pb2.Timestamp:
+        """Set while the agent is soft-deleted: when the worker removes it for good (AIP-148's
+        purge_time, once named expire_time).
+        """
+
     def __init__(
         self,
         *,
@@ -133,10 +167,14 @@ class Agent(_message.Message):
         etag: _builtins.str = ...,
         updated_by: _builtins.str = ...,
         updated_via: _builtins.str = ...,
+        revision_id: _builtins.str = ...,
+        revision_create_time: _timestamp_pb2.Timestamp | None = ...,
+        delete_time: _timestamp_pb2.Timestamp | None = ...,
+        purge_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "_top_p", b"_top_p", "create_time", b"create_time", "temperature", b"temperature", "top_p", b"top_p", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "_top_p", b"_top_p", "create_time", b"create_time", "delete_time", b"delete_time", "purge_time", b"purge_time", "revision_create_time", b"revision_create_time", "temperature", b"temperature", "top_p", b"top_p", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "_top_p", b"_top_p", "create_time", b"create_time", "description", b"description", "etag", b"etag", "id", b"id", "instructions", b"instructions", "metadata", b"metadata", "model", b"model", "name", b"name", "owner_id", b"owner_id", "temperature", b"temperature", "tools", b"tools", "top_p", b"top_p", "update_time", b"update_time", "updated_by", b"updated_by", "updated_via", b"updated_via"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "_top_p", b"_top_p", "create_time", b"create_time", "delete_time", b"delete_time", "description", b"description", "etag", b"etag", "id", b"id", "instructions", b"instructions", "metadata", b"metadata", "model", b"model", "name", b"name", "owner_id", b"owner_id", "purge_time", b"purge_time", "revision_create_time", b"revision_create_time", "revision_id", b"revision_id", "temperature", b"temperature", "tools", b"tools", "top_p", b"top_p", "update_time", b"update_time", "updated_by", b"updated_by", "updated_via", b"updated_via"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
@@ -257,6 +295,13 @@ class GetAgentRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """`<agent id>`: the agent; `<agent id>@<revision id>` (e.g. `…@3`) or
+    `<agent id>@<alias>` (e.g. `…@prod`): the agent as it was at that revision (see
+    Agent.revision_id). An alias is a lowercase letter and up to 62 more of a-z, 0-9
+    and "-"; anything else after the "@" (or nothing) is INVALID_ARGUMENT. A revision
+    that does not exist, or was pruned, is NOT_FOUND (REVISION_NOT_FOUND); an unknown
+    alias NOT_FOUND (ALIAS_NOT_FOUND).
+    """
     def __init__(
         self,
         *,
@@ -277,7 +322,9 @@ class BatchGetAgentsRequest(_message.Message):
     IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """1 to 100 agent ids (UUIDs); repeats are answered as asked."""
+        """1 to 100 agent ids (UUIDs, without `@`: read revisions with GetAgent); repeats are
+        answered as asked. Soft-deleted agents are returned, as by GetAgent.
+        """
 
     def __init__(
         self,
@@ -342,6 +389,7 @@ class ListAgentsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     ORDER_BY_FIELD_NUMBER: _builtins.int
+    SHOW_DELETED_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """0 means 50; larger than 1000 is clamped to 1000; negative is INVALID_ARGUMENT."""
     page_token: _builtins.str
@@ -358,6 +406,8 @@ class ListAgentsRequest(_message.Message):
     """create_time, update_time or name, optionally followed by asc or desc.
     Default: "create_time desc".
     """
+    show_deleted: _builtins.bool
+    """Soft-deleted agents too (AIP-164); by default they are left out."""
     def __init__(
         self,
         *,
@@ -365,10 +415,11 @@ class ListAgentsRequest(_message.Message):
         page_token: _builtins.str = ...,
         filter: _builtins.str = ...,
         order_by: _builtins.str = ...,
+        show_deleted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "show_deleted", b"show_deleted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -491,6 +542,94 @@ Global___DeleteAgentRequest: _TypeAlias = DeleteAgentRequest  # noqa: Y015
 class DeleteAgentResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    AGENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent(self) -> Global___Agent:
+        """The agent as deleted (with its delete_time and purge_time)."""
+
+    def __init__(
+        self,
+        *,
+        agent: Global___Agent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAgentResponse: _TypeAlias = DeleteAgentResponse  # noqa: Y015
+
+@_typing.final
+class UndeleteAgentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    etag: _builtins.str
+    """If non-empty, must match the stored etag (the deleted agent's)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndeleteAgentRequest: _TypeAlias = UndeleteAgentRequest  # noqa: Y015
+
+@_typing.final
+class UndeleteAgentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent(self) -> Global___Agent: ...
+    def __init__(
+        self,
+        *,
+        agent: Global___Agent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndeleteAgentResponse: _TypeAlias = UndeleteAgentResponse  # noqa: Y015
+
+@_typing.final
+class PurgeAgentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    etag: _builtins.str
+    """If non-empty, must match the stored etag."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeAgentRequest: _TypeAlias = PurgeAgentRequest  # noqa: Y015
+
+@_typing.final
+class PurgeAgentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
     def __init__(
         self,
     ) -> None: ...
@@ -500,7 +639,224 @@ class DeleteAgentResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeleteAgentResponse: _TypeAlias = DeleteAgentResponse  # noqa: Y015
+Global___PurgeAgentResponse: _TypeAlias = PurgeAgentResponse  # noqa: Y015
+
+@_typing.final
+class ListAgentRevisionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The agent's id (no `@`)."""
+    page_size: _builtins.int
+    """0 means 50; larger than 1000 is clamped to 1000; negative is INVALID_ARGUMENT."""
+    page_token: _builtins.str
+    """The next_page_token of a previous call for the same agent."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentRevisionsRequest: _TypeAlias = ListAgentRevisionsRequest  # noqa: Y015
+
+@_typing.final
+class ListAgentRevisionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AliasesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    AGENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]:
+        """Newest first; at most page_size, and fewer when more would exceed 3 MiB."""
+
+    @_builtins.property
+    def aliases(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Every alias of the agent: alias → revision_id."""
+
+    def __init__(
+        self,
+        *,
+        agents: _abc.Iterable[Global___Agent] | None = ...,
+        next_page_token: _builtins.str = ...,
+        aliases: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "aliases", b"aliases", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentRevisionsResponse: _TypeAlias = ListAgentRevisionsResponse  # noqa: Y015
+
+@_typing.final
+class RollbackAgentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REVISION_ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    revision_id: _builtins.str
+    """The revision to return to: a revision id, or an alias."""
+    etag: _builtins.str
+    """If non-empty, must match the stored etag."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        revision_id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id", "revision_id", b"revision_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackAgentRequest: _TypeAlias = RollbackAgentRequest  # noqa: Y015
+
+@_typing.final
+class RollbackAgentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent(self) -> Global___Agent:
+        """The agent at its new revision (or as it was, when nothing changes)."""
+
+    def __init__(
+        self,
+        *,
+        agent: Global___Agent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackAgentResponse: _TypeAlias = RollbackAgentResponse  # noqa: Y015
+
+@_typing.final
+class TagAgentRevisionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REVISION_ID_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    revision_id: _builtins.str
+    """The revision to tag: a revision id, or an alias (to give it the revision that
+    alias names, e.g. promote `staging` to `prod`).
+    """
+    alias: _builtins.str
+    """A lowercase letter, then up to 62 of a-z, 0-9 and "-" (e.g. `prod`, `staging`)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        revision_id: _builtins.str = ...,
+        alias: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "id", b"id", "revision_id", b"revision_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TagAgentRevisionRequest: _TypeAlias = TagAgentRevisionRequest  # noqa: Y015
+
+@_typing.final
+class TagAgentRevisionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent(self) -> Global___Agent:
+        """The agent as it is at the tagged revision."""
+
+    def __init__(
+        self,
+        *,
+        agent: Global___Agent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TagAgentRevisionResponse: _TypeAlias = TagAgentRevisionResponse  # noqa: Y015
+
+@_typing.final
+class UntagAgentRevisionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    alias: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        alias: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UntagAgentRevisionRequest: _TypeAlias = UntagAgentRevisionRequest  # noqa: Y015
+
+@_typing.final
+class UntagAgentRevisionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UntagAgentRevisionResponse: _TypeAlias = UntagAgentRevisionResponse  # noqa: Y015
 
 @_typing.final
 class Model(_message.Message):

@@ -29,8 +29,9 @@ class AgentServiceStub:
     """AgentService stores AI agent configurations, each owned by the user who created it.
     Every RPC needs `authorization: Bearer <access token>` metadata, whose token carries
     the scope the RPC needs: `agents.read` to read (Get, List), `agents.write` to change
-    (Create, Update, Delete); `agents.admin` (an administrator) reads and changes every
-    agent, the others only their own. A missing scope is PERMISSION_DENIED, reason
+    (Create, Update, Delete, Undelete, Rollback, Tag, Untag); `agents.admin` (an
+    administrator) reads and changes every agent, the others only their own, and only it
+    may PurgeAgent. A missing scope is PERMISSION_DENIED, reason
     MISSING_SCOPE, with the scope in the ErrorInfo's metadata. A service acting for a user
     (a token from the auth service's token exchange) acts as that user, and the agents it
     changes record it in `updated_via`.
@@ -75,6 +76,36 @@ class AgentServiceStub:
                 request_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.DeleteAgentRequest.SerializeToString,
                 response_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.DeleteAgentResponse.FromString,
                 _registered_method=True)
+        self.UndeleteAgent = channel.unary_unary(
+                '/agentplatform.agent.v1.AgentService/UndeleteAgent',
+                request_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.UndeleteAgentRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.UndeleteAgentResponse.FromString,
+                _registered_method=True)
+        self.PurgeAgent = channel.unary_unary(
+                '/agentplatform.agent.v1.AgentService/PurgeAgent',
+                request_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.PurgeAgentRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.PurgeAgentResponse.FromString,
+                _registered_method=True)
+        self.ListAgentRevisions = channel.unary_unary(
+                '/agentplatform.agent.v1.AgentService/ListAgentRevisions',
+                request_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListAgentRevisionsRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListAgentRevisionsResponse.FromString,
+                _registered_method=True)
+        self.RollbackAgent = channel.unary_unary(
+                '/agentplatform.agent.v1.AgentService/RollbackAgent',
+                request_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.RollbackAgentRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.RollbackAgentResponse.FromString,
+                _registered_method=True)
+        self.TagAgentRevision = channel.unary_unary(
+                '/agentplatform.agent.v1.AgentService/TagAgentRevision',
+                request_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.TagAgentRevisionRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.TagAgentRevisionResponse.FromString,
+                _registered_method=True)
+        self.UntagAgentRevision = channel.unary_unary(
+                '/agentplatform.agent.v1.AgentService/UntagAgentRevision',
+                request_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.UntagAgentRevisionRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.UntagAgentRevisionResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/agentplatform.agent.v1.AgentService/ListModels',
                 request_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListModelsRequest.SerializeToString,
@@ -86,8 +117,9 @@ class AgentServiceServicer:
     """AgentService stores AI agent configurations, each owned by the user who created it.
     Every RPC needs `authorization: Bearer <access token>` metadata, whose token carries
     the scope the RPC needs: `agents.read` to read (Get, List), `agents.write` to change
-    (Create, Update, Delete); `agents.admin` (an administrator) reads and changes every
-    agent, the others only their own. A missing scope is PERMISSION_DENIED, reason
+    (Create, Update, Delete, Undelete, Rollback, Tag, Untag); `agents.admin` (an
+    administrator) reads and changes every agent, the others only their own, and only it
+    may PurgeAgent. A missing scope is PERMISSION_DENIED, reason
     MISSING_SCOPE, with the scope in the ErrorInfo's metadata. A service acting for a user
     (a token from the auth service's token exchange) acts as that user, and the agents it
     changes record it in `updated_via`.
@@ -108,7 +140,9 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetAgent(self, request, context):
-        """Reads one agent. Another owner's agent is NOT_FOUND.
+        """Reads one agent, or the agent as it was at a revision (see GetAgentRequest.id).
+        Another owner's agent is NOT_FOUND. A soft-deleted agent is returned, with its
+        delete_time (AIP-164).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,7 +171,68 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteAgent(self, request, context):
-        """Deletes an agent; a non-empty etag must match.
+        """Soft-deletes an agent (AIP-164): it gets a delete_time and a purge_time
+        (AGENT_DELETED_RETENTION_DAYS later, 30 by default), after which the worker removes
+        it with its revisions. A non-empty etag must match. Until then Get and BatchGet
+        still return it, List leaves it out unless show_deleted, every change but Undelete
+        is FAILED_PRECONDITION (reason AGENT_DELETED), and it keeps its name (no other agent
+        of the owner can take it before it is purged) but frees its place in the quota.
+        Deleting a deleted agent is NOT_FOUND. The etag changes; the configuration does not
+        (no revision).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndeleteAgent(self, request, context):
+        """Restores a soft-deleted agent (AIP-164) as it was; a non-empty etag must match. An
+        agent that is not deleted is ALREADY_EXISTS (reason AGENT_NOT_DELETED); an owner
+        with no place left in the quota is RESOURCE_EXHAUSTED (AGENT_QUOTA_EXCEEDED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeAgent(self, request, context):
+        """Removes an agent, deleted or not, with its revisions and aliases, at once; a
+        non-empty etag must match. Needs the agents.admin scope (else PERMISSION_DENIED,
+        reason MISSING_SCOPE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAgentRevisions(self, request, context):
+        """The agent's kept revisions, newest first (AIP-162), keyset-paged: the last
+        AGENT_REVISIONS_KEPT (100 by default) and every one an alias names. Each is the
+        agent as it was at that revision (see GetAgentRequest.id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackAgent(self, request, context):
+        """Makes an earlier revision's configuration the agent's next revision (AIP-162). The
+        configuration is checked as an update's would be (a model retired since is
+        INVALID_ARGUMENT; a name another agent took since is ALREADY_EXISTS). Rolling back
+        to the configuration the agent has changes nothing and makes no revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TagAgentRevision(self, request, context):
+        """Points an alias (such as `prod`) at a revision, creating or moving it, so that
+        `GetAgent` of `id@alias` returns that revision. A revision an alias names is never
+        pruned. A revision that does not exist (or was pruned) is NOT_FOUND (reason
+        REVISION_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UntagAgentRevision(self, request, context):
+        """Removes an alias; an alias the agent does not have is NOT_FOUND (ALIAS_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,7 +240,8 @@ class AgentServiceServicer:
 
     def ListModels(self, request, context):
         """The model catalogue: every model an agent may name, with its state, and how many of
-        the caller's agents (an admin: of all agents) use it — to plan a migration.
+        the caller's agents (an admin: of all agents), soft-deleted ones left out, use it —
+        to plan a migration.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,6 +280,36 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     request_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.DeleteAgentRequest.FromString,
                     response_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.DeleteAgentResponse.SerializeToString,
             ),
+            'UndeleteAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndeleteAgent,
+                    request_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.UndeleteAgentRequest.FromString,
+                    response_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.UndeleteAgentResponse.SerializeToString,
+            ),
+            'PurgeAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeAgent,
+                    request_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.PurgeAgentRequest.FromString,
+                    response_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.PurgeAgentResponse.SerializeToString,
+            ),
+            'ListAgentRevisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgentRevisions,
+                    request_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListAgentRevisionsRequest.FromString,
+                    response_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListAgentRevisionsResponse.SerializeToString,
+            ),
+            'RollbackAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackAgent,
+                    request_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.RollbackAgentRequest.FromString,
+                    response_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.RollbackAgentResponse.SerializeToString,
+            ),
+            'TagAgentRevision': grpc.unary_unary_rpc_method_handler(
+                    servicer.TagAgentRevision,
+                    request_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.TagAgentRevisionRequest.FromString,
+                    response_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.TagAgentRevisionResponse.SerializeToString,
+            ),
+            'UntagAgentRevision': grpc.unary_unary_rpc_method_handler(
+                    servicer.UntagAgentRevision,
+                    request_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.UntagAgentRevisionRequest.FromString,
+                    response_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.UntagAgentRevisionResponse.SerializeToString,
+            ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
                     request_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListModelsRequest.FromString,
@@ -201,8 +327,9 @@ class AgentService:
     """AgentService stores AI agent configurations, each owned by the user who created it.
     Every RPC needs `authorization: Bearer <access token>` metadata, whose token carries
     the scope the RPC needs: `agents.read` to read (Get, List), `agents.write` to change
-    (Create, Update, Delete); `agents.admin` (an administrator) reads and changes every
-    agent, the others only their own. A missing scope is PERMISSION_DENIED, reason
+    (Create, Update, Delete, Undelete, Rollback, Tag, Untag); `agents.admin` (an
+    administrator) reads and changes every agent, the others only their own, and only it
+    may PurgeAgent. A missing scope is PERMISSION_DENIED, reason
     MISSING_SCOPE, with the scope in the ErrorInfo's metadata. A service acting for a user
     (a token from the auth service's token exchange) acts as that user, and the agents it
     changes record it in `updated_via`.
@@ -363,6 +490,168 @@ class AgentService:
             '/agentplatform.agent.v1.AgentService/DeleteAgent',
             agentplatform_dot_agent_dot_v1_dot_agent__pb2.DeleteAgentRequest.SerializeToString,
             agentplatform_dot_agent_dot_v1_dot_agent__pb2.DeleteAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndeleteAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.agent.v1.AgentService/UndeleteAgent',
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.UndeleteAgentRequest.SerializeToString,
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.UndeleteAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.agent.v1.AgentService/PurgeAgent',
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.PurgeAgentRequest.SerializeToString,
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.PurgeAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgentRevisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.agent.v1.AgentService/ListAgentRevisions',
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListAgentRevisionsRequest.SerializeToString,
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListAgentRevisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.agent.v1.AgentService/RollbackAgent',
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.RollbackAgentRequest.SerializeToString,
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.RollbackAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TagAgentRevision(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.agent.v1.AgentService/TagAgentRevision',
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.TagAgentRevisionRequest.SerializeToString,
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.TagAgentRevisionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UntagAgentRevision(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplatform.agent.v1.AgentService/UntagAgentRevision',
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.UntagAgentRevisionRequest.SerializeToString,
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.UntagAgentRevisionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,8 +30,9 @@ class AgentServiceStub:
     """AgentService stores AI agent configurations, each owned by the user who created it.
     Every RPC needs `authorization: Bearer <access token>` metadata, whose token carries
     the scope the RPC needs: `agents.read` to read (Get, List), `agents.write` to change
-    (Create, Update, Delete); `agents.admin` (an administrator) reads and changes every
-    agent, the others only their own. A missing scope is PERMISSION_DENIED, reason
+    (Create, Update, Delete, Undelete, Rollback, Tag, Untag); `agents.admin` (an
+    administrator) reads and changes every agent, the others only their own, and only it
+    may PurgeAgent. A missing scope is PERMISSION_DENIED, reason
     MISSING_SCOPE, with the scope in the ErrorInfo's metadata. A service acting for a user
     (a token from the auth service's token exchange) acts as that user, and the agents it
     changes record it in `updated_via`.
@@ -52,7 +53,10 @@ class AgentServiceStub:
     `owners/<owner id>`) and creates nothing; deleting an agent frees its place.
     """
     GetAgent: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetAgentRequest, _agent_pb2.GetAgentResponse]
-    """Reads one agent. Another owner's agent is NOT_FOUND."""
+    """Reads one agent, or the agent as it was at a revision (see GetAgentRequest.id).
+    Another owner's agent is NOT_FOUND. A soft-deleted agent is returned, with its
+    delete_time (AIP-164).
+    """
     BatchGetAgents: _grpc.UnaryUnaryMultiCallable[_agent_pb2.BatchGetAgentsRequest, _agent_pb2.BatchGetAgentsResponse]
     """Reads up to 100 agents at once (AIP-231), in the order asked: all or nothing — if
     one is not found (or is another owner's), the call is NOT_FOUND naming it.
@@ -62,10 +66,48 @@ class AgentServiceStub:
     UpdateAgent: _grpc.UnaryUnaryMultiCallable[_agent_pb2.UpdateAgentRequest, _agent_pb2.UpdateAgentResponse]
     """Updates the fields named by update_mask (AIP-134); optimistic concurrency via etag."""
     DeleteAgent: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DeleteAgentRequest, _agent_pb2.DeleteAgentResponse]
-    """Deletes an agent; a non-empty etag must match."""
+    """Soft-deletes an agent (AIP-164): it gets a delete_time and a purge_time
+    (AGENT_DELETED_RETENTION_DAYS later, 30 by default), after which the worker removes
+    it with its revisions. A non-empty etag must match. Until then Get and BatchGet
+    still return it, List leaves it out unless show_deleted, every change but Undelete
+    is FAILED_PRECONDITION (reason AGENT_DELETED), and it keeps its name (no other agent
+    of the owner can take it before it is purged) but frees its place in the quota.
+    Deleting a deleted agent is NOT_FOUND. The etag changes; the configuration does not
+    (no revision).
+    """
+    UndeleteAgent: _grpc.UnaryUnaryMultiCallable[_agent_pb2.UndeleteAgentRequest, _agent_pb2.UndeleteAgentResponse]
+    """Restores a soft-deleted agent (AIP-164) as it was; a non-empty etag must match. An
+    agent that is not deleted is ALREADY_EXISTS (reason AGENT_NOT_DELETED); an owner
+    with no place left in the quota is RESOURCE_EXHAUSTED (AGENT_QUOTA_EXCEEDED).
+    """
+    PurgeAgent: _grpc.UnaryUnaryMultiCallable[_agent_pb2.PurgeAgentRequest, _agent_pb2.PurgeAgentResponse]
+    """Removes an agent, deleted or not, with its revisions and aliases, at once; a
+    non-empty etag must match. Needs the agents.admin scope (else PERMISSION_DENIED,
+    reason MISSING_SCOPE).
+    """
+    ListAgentRevisions: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListAgentRevisionsRequest, _agent_pb2.ListAgentRevisionsResponse]
+    """The agent's kept revisions, newest first (AIP-162), keyset-paged: the last
+    AGENT_REVISIONS_KEPT (100 by default) and every one an alias names. Each is the
+    agent as it was at that revision (see GetAgentRequest.id).
+    """
+    RollbackAgent: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RollbackAgentRequest, _agent_pb2.RollbackAgentResponse]
+    """Makes an earlier revision's configuration the agent's next revision (AIP-162). The
+    configuration is checked as an update's would be (a model retired since is
+    INVALID_ARGUMENT; a name another agent took since is ALREADY_EXISTS). Rolling back
+    to the configuration the agent has changes nothing and makes no revision.
+    """
+    TagAgentRevision: _grpc.UnaryUnaryMultiCallable[_agent_pb2.TagAgentRevisionRequest, _agent_pb2.TagAgentRevisionResponse]
+    """Points an alias (such as `prod`) at a revision, creating or moving it, so that
+    `GetAgent` of `id@alias` returns that revision. A revision an alias names is never
+    pruned. A revision that does not exist (or was pruned) is NOT_FOUND (reason
+    REVISION_NOT_FOUND).
+    """
+    UntagAgentRevision: _grpc.UnaryUnaryMultiCallable[_agent_pb2.UntagAgentRevisionRequest, _agent_pb2.UntagAgentRevisionResponse]
+    """Removes an alias; an alias the agent does not have is NOT_FOUND (ALIAS_NOT_FOUND)."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListModelsRequest, _agent_pb2.ListModelsResponse]
     """The model catalogue: every model an agent may name, with its state, and how many of
-    the caller's agents (an admin: of all agents) use it — to plan a migration.
+    the caller's agents (an admin: of all agents), soft-deleted ones left out, use it —
+    to plan a migration.
     """
 
 @_typing.type_check_only
@@ -73,8 +115,9 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """AgentService stores AI agent configurations, each owned by the user who created it.
     Every RPC needs `authorization: Bearer <access token>` metadata, whose token carries
     the scope the RPC needs: `agents.read` to read (Get, List), `agents.write` to change
-    (Create, Update, Delete); `agents.admin` (an administrator) reads and changes every
-    agent, the others only their own. A missing scope is PERMISSION_DENIED, reason
+    (Create, Update, Delete, Undelete, Rollback, Tag, Untag); `agents.admin` (an
+    administrator) reads and changes every agent, the others only their own, and only it
+    may PurgeAgent. A missing scope is PERMISSION_DENIED, reason
     MISSING_SCOPE, with the scope in the ErrorInfo's metadata. A service acting for a user
     (a token from the auth service's token exchange) acts as that user, and the agents it
     changes record it in `updated_via`.
@@ -92,7 +135,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     `owners/<owner id>`) and creates nothing; deleting an agent frees its place.
     """
     GetAgent: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetAgentRequest, _agent_pb2.GetAgentResponse]  # type: ignore[assignment]
-    """Reads one agent. Another owner's agent is NOT_FOUND."""
+    """Reads one agent, or the agent as it was at a revision (see GetAgentRequest.id).
+    Another owner's agent is NOT_FOUND. A soft-deleted agent is returned, with its
+    delete_time (AIP-164).
+    """
     BatchGetAgents: _aio.UnaryUnaryMultiCallable[_agent_pb2.BatchGetAgentsRequest, _agent_pb2.BatchGetAgentsResponse]  # type: ignore[assignment]
     """Reads up to 100 agents at once (AIP-231), in the order asked: all or nothing — if
     one is not found (or is another owner's), the call is NOT_FOUND naming it.
@@ -102,18 +148,57 @@ class AgentServiceAsyncStub(AgentServiceStub):
     UpdateAgent: _aio.UnaryUnaryMultiCallable[_agent_pb2.UpdateAgentRequest, _agent_pb2.UpdateAgentResponse]  # type: ignore[assignment]
     """Updates the fields named by update_mask (AIP-134); optimistic concurrency via etag."""
     DeleteAgent: _aio.UnaryUnaryMultiCallable[_agent_pb2.DeleteAgentRequest, _agent_pb2.DeleteAgentResponse]  # type: ignore[assignment]
-    """Deletes an agent; a non-empty etag must match."""
+    """Soft-deletes an agent (AIP-164): it gets a delete_time and a purge_time
+    (AGENT_DELETED_RETENTION_DAYS later, 30 by default), after which the worker removes
+    it with its revisions. A non-empty etag must match. Until then Get and BatchGet
+    still return it, List leaves it out unless show_deleted, every change but Undelete
+    is FAILED_PRECONDITION (reason AGENT_DELETED), and it keeps its name (no other agent
+    of the owner can take it before it is purged) but frees its place in the quota.
+    Deleting a deleted agent is NOT_FOUND. The etag changes; the configuration does not
+    (no revision).
+    """
+    UndeleteAgent: _aio.UnaryUnaryMultiCallable[_agent_pb2.UndeleteAgentRequest, _agent_pb2.UndeleteAgentResponse]  # type: ignore[assignment]
+    """Restores a soft-deleted agent (AIP-164) as it was; a non-empty etag must match. An
+    agent that is not deleted is ALREADY_EXISTS (reason AGENT_NOT_DELETED); an owner
+    with no place left in the quota is RESOURCE_EXHAUSTED (AGENT_QUOTA_EXCEEDED).
+    """
+    PurgeAgent: _aio.UnaryUnaryMultiCallable[_agent_pb2.PurgeAgentRequest, _agent_pb2.PurgeAgentResponse]  # type: ignore[assignment]
+    """Removes an agent, deleted or not, with its revisions and aliases, at once; a
+    non-empty etag must match. Needs the agents.admin scope (else PERMISSION_DENIED,
+    reason MISSING_SCOPE).
+    """
+    ListAgentRevisions: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListAgentRevisionsRequest, _agent_pb2.ListAgentRevisionsResponse]  # type: ignore[assignment]
+    """The agent's kept revisions, newest first (AIP-162), keyset-paged: the last
+    AGENT_REVISIONS_KEPT (100 by default) and every one an alias names. Each is the
+    agent as it was at that revision (see GetAgentRequest.id).
+    """
+    RollbackAgent: _aio.UnaryUnaryMultiCallable[_agent_pb2.RollbackAgentRequest, _agent_pb2.RollbackAgentResponse]  # type: ignore[assignment]
+    """Makes an earlier revision's configuration the agent's next revision (AIP-162). The
+    configuration is checked as an update's would be (a model retired since is
+    INVALID_ARGUMENT; a name another agent took since is ALREADY_EXISTS). Rolling back
+    to the configuration the agent has changes nothing and makes no revision.
+    """
+    TagAgentRevision: _aio.UnaryUnaryMultiCallable[_agent_pb2.TagAgentRevisionRequest, _agent_pb2.TagAgentRevisionResponse]  # type: ignore[assignment]
+    """Points an alias (such as `prod`) at a revision, creating or moving it, so that
+    `GetAgent` of `id@alias` returns that revision. A revision an alias names is never
+    pruned. A revision that does not exist (or was pruned) is NOT_FOUND (reason
+    REVISION_NOT_FOUND).
+    """
+    UntagAgentRevision: _aio.UnaryUnaryMultiCallable[_agent_pb2.UntagAgentRevisionRequest, _agent_pb2.UntagAgentRevisionResponse]  # type: ignore[assignment]
+    """Removes an alias; an alias the agent does not have is NOT_FOUND (ALIAS_NOT_FOUND)."""
     ListModels: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListModelsRequest, _agent_pb2.ListModelsResponse]  # type: ignore[assignment]
     """The model catalogue: every model an agent may name, with its state, and how many of
-    the caller's agents (an admin: of all agents) use it — to plan a migration.
+    the caller's agents (an admin: of all agents), soft-deleted ones left out, use it —
+    to plan a migration.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService stores AI agent configurations, each owned by the user who created it.
     Every RPC needs `authorization: Bearer <access token>` metadata, whose token carries
     the scope the RPC needs: `agents.read` to read (Get, List), `agents.write` to change
-    (Create, Update, Delete); `agents.admin` (an administrator) reads and changes every
-    agent, the others only their own. A missing scope is PERMISSION_DENIED, reason
+    (Create, Update, Delete, Undelete, Rollback, Tag, Untag); `agents.admin` (an
+    administrator) reads and changes every agent, the others only their own, and only it
+    may PurgeAgent. A missing scope is PERMISSION_DENIED, reason
     MISSING_SCOPE, with the scope in the ErrorInfo's metadata. A service acting for a user
     (a token from the auth service's token exchange) acts as that user, and the agents it
     changes record it in `updated_via`.
@@ -141,7 +226,10 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.GetAgentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.GetAgentResponse, _abc.Awaitable[_agent_pb2.GetAgentResponse]]:
-        """Reads one agent. Another owner's agent is NOT_FOUND."""
+        """Reads one agent, or the agent as it was at a revision (see GetAgentRequest.id).
+        Another owner's agent is NOT_FOUND. A soft-deleted agent is returned, with its
+        delete_time (AIP-164).
+        """
 
     @_abc_1.abstractmethod
     def BatchGetAgents(
@@ -175,7 +263,80 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.DeleteAgentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.DeleteAgentResponse, _abc.Awaitable[_agent_pb2.DeleteAgentResponse]]:
-        """Deletes an agent; a non-empty etag must match."""
+        """Soft-deletes an agent (AIP-164): it gets a delete_time and a purge_time
+        (AGENT_DELETED_RETENTION_DAYS later, 30 by default), after which the worker removes
+        it with its revisions. A non-empty etag must match. Until then Get and BatchGet
+        still return it, List leaves it out unless show_deleted, every change but Undelete
+        is FAILED_PRECONDITION (reason AGENT_DELETED), and it keeps its name (no other agent
+        of the owner can take it before it is purged) but frees its place in the quota.
+        Deleting a deleted agent is NOT_FOUND. The etag changes; the configuration does not
+        (no revision).
+        """
+
+    @_abc_1.abstractmethod
+    def UndeleteAgent(
+        self,
+        request: _agent_pb2.UndeleteAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.UndeleteAgentResponse, _abc.Awaitable[_agent_pb2.UndeleteAgentResponse]]:
+        """Restores a soft-deleted agent (AIP-164) as it was; a non-empty etag must match. An
+        agent that is not deleted is ALREADY_EXISTS (reason AGENT_NOT_DELETED); an owner
+        with no place left in the quota is RESOURCE_EXHAUSTED (AGENT_QUOTA_EXCEEDED).
+        """
+
+    @_abc_1.abstractmethod
+    def PurgeAgent(
+        self,
+        request: _agent_pb2.PurgeAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.PurgeAgentResponse, _abc.Awaitable[_agent_pb2.PurgeAgentResponse]]:
+        """Removes an agent, deleted or not, with its revisions and aliases, at once; a
+        non-empty etag must match. Needs the agents.admin scope (else PERMISSION_DENIED,
+        reason MISSING_SCOPE).
+        """
+
+    @_abc_1.abstractmethod
+    def ListAgentRevisions(
+        self,
+        request: _agent_pb2.ListAgentRevisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ListAgentRevisionsResponse, _abc.Awaitable[_agent_pb2.ListAgentRevisionsResponse]]:
+        """The agent's kept revisions, newest first (AIP-162), keyset-paged: the last
+        AGENT_REVISIONS_KEPT (100 by default) and every one an alias names. Each is the
+        agent as it was at that revision (see GetAgentRequest.id).
+        """
+
+    @_abc_1.abstractmethod
+    def RollbackAgent(
+        self,
+        request: _agent_pb2.RollbackAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.RollbackAgentResponse, _abc.Awaitable[_agent_pb2.RollbackAgentResponse]]:
+        """Makes an earlier revision's configuration the agent's next revision (AIP-162). The
+        configuration is checked as an update's would be (a model retired since is
+        INVALID_ARGUMENT; a name another agent took since is ALREADY_EXISTS). Rolling back
+        to the configuration the agent has changes nothing and makes no revision.
+        """
+
+    @_abc_1.abstractmethod
+    def TagAgentRevision(
+        self,
+        request: _agent_pb2.TagAgentRevisionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.TagAgentRevisionResponse, _abc.Awaitable[_agent_pb2.TagAgentRevisionResponse]]:
+        """Points an alias (such as `prod`) at a revision, creating or moving it, so that
+        `GetAgent` of `id@alias` returns that revision. A revision an alias names is never
+        pruned. A revision that does not exist (or was pruned) is NOT_FOUND (reason
+        REVISION_NOT_FOUND).
+        """
+
+    @_abc_1.abstractmethod
+    def UntagAgentRevision(
+        self,
+        request: _agent_pb2.UntagAgentRevisionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.UntagAgentRevisionResponse, _abc.Awaitable[_agent_pb2.UntagAgentRevisionResponse]]:
+        """Removes an alias; an alias the agent does not have is NOT_FOUND (ALIAS_NOT_FOUND)."""
 
     @_abc_1.abstractmethod
     def ListModels(
@@ -184,7 +345,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.ListModelsResponse, _abc.Awaitable[_agent_pb2.ListModelsResponse]]:
         """The model catalogue: every model an agent may name, with its state, and how many of
-        the caller's agents (an admin: of all agents) use it — to plan a migration.
+        the caller's agents (an admin: of all agents), soft-deleted ones left out, use it —
+        to plan a migration.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -43,6 +43,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """UNAUTHENTICATED: the access token was revoked (its user was disabled, demoted or
     logged out everywhere, or changed their password). Log in again.
     """
+    FAILED_PRECONDITION: _ErrorReason.ValueType  # 21
+    """FAILED_PRECONDITION: the resource is not in the state the call needs."""
     KEYS_UNAVAILABLE: _ErrorReason.ValueType  # 6
     """UNAVAILABLE: the keys that verify tokens cannot be fetched right now. Retry."""
     MISSING_SCOPE: _ErrorReason.ValueType  # 7
@@ -132,6 +134,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """PERMISSION_DENIED: only administrators may filter by owner_id."""
     CALLER_NOT_A_USER: _ErrorReason.ValueType  # 208
     """PERMISSION_DENIED: the token's subject is not an account."""
+    AGENT_DELETED: _ErrorReason.ValueType  # 230
+    """FAILED_PRECONDITION: the agent is deleted (soft, AIP-164): undelete it before
+    changing it.
+    """
+    AGENT_NOT_DELETED: _ErrorReason.ValueType  # 231
+    """ALREADY_EXISTS: UndeleteAgent of an agent that is not deleted (AIP-164)."""
+    REVISION_NOT_FOUND: _ErrorReason.ValueType  # 232
+    """NOT_FOUND: no such revision of the agent (never made, or pruned)."""
+    ALIAS_NOT_FOUND: _ErrorReason.ValueType  # 233
+    """NOT_FOUND: the agent has no such alias."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every `reason` the services put in a `google.rpc.ErrorInfo` (AIP-193): the value's name
@@ -163,6 +175,8 @@ TOKEN_REVOKED: ErrorReason.ValueType  # 20
 """UNAUTHENTICATED: the access token was revoked (its user was disabled, demoted or
 logged out everywhere, or changed their password). Log in again.
 """
+FAILED_PRECONDITION: ErrorReason.ValueType  # 21
+"""FAILED_PRECONDITION: the resource is not in the state the call needs."""
 KEYS_UNAVAILABLE: ErrorReason.ValueType  # 6
 """UNAVAILABLE: the keys that verify tokens cannot be fetched right now. Retry."""
 MISSING_SCOPE: ErrorReason.ValueType  # 7
@@ -252,4 +266,14 @@ OWNER_FILTER_NOT_ALLOWED: ErrorReason.ValueType  # 207
 """PERMISSION_DENIED: only administrators may filter by owner_id."""
 CALLER_NOT_A_USER: ErrorReason.ValueType  # 208
 """PERMISSION_DENIED: the token's subject is not an account."""
+AGENT_DELETED: ErrorReason.ValueType  # 230
+"""FAILED_PRECONDITION: the agent is deleted (soft, AIP-164): undelete it before
+changing it.
+"""
+AGENT_NOT_DELETED: ErrorReason.ValueType  # 231
+"""ALREADY_EXISTS: UndeleteAgent of an agent that is not deleted (AIP-164)."""
+REVISION_NOT_FOUND: ErrorReason.ValueType  # 232
+"""NOT_FOUND: no such revision of the agent (never made, or pruned)."""
+ALIAS_NOT_FOUND: ErrorReason.ValueType  # 233
+"""NOT_FOUND: the agent has no such alias."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

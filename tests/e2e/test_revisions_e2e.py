@@ -1,0 +1,167 @@
+"""Revisions, aliases and soft delete end to end (AIP-162, AIP-164): agent_svc and
+auth_svc as processes on PostgreSQL + Redis, called over real channels, and the worker
+run as an operator runs it (`python -m services.agent_svc worker --once`).
+
+The agent process deletes with AGENT_DELETED_RETENTION_DAYS=0 (a deleted agent is due for
+purging at once) and runs no worker of its own, so only the explicit worker pass purges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from agentplatform.agent.v1 import agent_pb2
+
+from tests.e2e.test_agent_e2e import (
+    NOT_FOUND,
+    TIMEOUT,
+    Stack,
+    create,
+    get,
+    list_all,
+    reason_of,
+    rpc_error,
+    run_stack,
+    update,
+    violated_fields,
+)
+from tests.e2e.test_worker_e2e import clean_env, command
+
+FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    new_postgres_database: Callable[[], str],
+    redis_server_url: str,
+) -> Iterator[Stack]:
+    yield from run_stack(
+        "postgres_redis",
+        tmp_path_factory.mktemp("revisions-e2e"),
+        auth_database_url=new_postgres_database(),
+        agent_database_url=new_postgres_database(),
+        redis_url=redis_server_url,
+        agent_settings={"AGENT_DELETED_RETENTION_DAYS": "0", "AGENT_REVISIONS_KEPT": "10"},
+    )
+
+
+def test_edit_list_tag_pin_roll_back_delete_undelete_and_purge(
+    stack: Stack, tmp_path: Path
+) -> None:
+    stub, owner, reader = stack.agents, stack.new_user(), stack.new_user()
+    agent = create(stub, owner, "support-bot", description="v1")
+    for number in (2, 3, 4):  # edit three times
+        agent = update(
+            stub, owner, agent_pb2.Agent(id=agent.id, description=f"v{number}"), ["description"]
+        )
+    assert agent.revision_id == "4"
+
+    listed = stub.ListAgentRevisions(
+        agent_pb2.ListAgentRevisionsRequest(id=agent.id, page_size=3),
+        metadata=owner.metadata,
+        timeout=TIMEOUT,
+    )
+    assert [a.description for a in listed.agents] == ["v4", "v3", "v2"]
+    assert listed.next_page_token
+    assert listed.agents[1].etag == ""
+    assert listed.agents[1].updated_by == f"users/{owner.user_id}"
+
+    stub.TagAgentRevision(
+        agent_pb2.TagAgentRevisionRequest(id=agent.id, revision_id="3", alias="prod"),
+        metadata=owner.metadata,
+        timeout=TIMEOUT,
+    )
+    pinned = get(stub, owner, f"{agent.id}@prod")
+    assert (pinned.revision_id, pinned.description) == ("3", "v3")
+    assert pinned.create_time == agent.create_time
+    # Another user is NOT_FOUND for the agent, its revisions and its aliases alike.
+    for ref in (agent.id, f"{agent.id}@prod", f"{agent.id}@3"):
+        refused = rpc_error(lambda ref=ref: get(stub, reader, ref))  # type: ignore[misc]
+        assert (refused.code(), reason_of(refused)) == (NOT_FOUND, "AGENT_NOT_FOUND")
+    admin = stack.admin()
+    assert get(stub, admin, f"{agent.id}@prod") == pinned
+
+    # Promote: moving the tag is seen at once by the next read through the cache.
+    stub.TagAgentRevision(
+        agent_pb2.TagAgentRevisionRequest(id=agent.id, revision_id="4", alias="prod"),
+        metadata=owner.metadata,
+        timeout=TIMEOUT,
+    )
+    assert get(stub, owner, f"{agent.id}@prod").description == "v4"
+
+    rolled = stub.RollbackAgent(
+        agent_pb2.RollbackAgentRequest(id=agent.id, revision_id="2", etag=agent.etag),
+        metadata=owner.metadata,
+        timeout=TIMEOUT,
+    ).agent
+    assert (rolled.revision_id, rolled.description) == ("5", "v2")
+    assert get(stub, owner, agent.id) == rolled
+
+    deleted = stub.DeleteAgent(
+        agent_pb2.DeleteAgentRequest(id=agent.id, etag=rolled.etag),
+        metadata=owner.metadata,
+        timeout=TIMEOUT,
+    ).agent
+    assert deleted.HasField("delete_time")
+    assert list_all(stub, owner) == []
+    blocked = rpc_error(
+        lambda: update(stub, owner, agent_pb2.Agent(id=agent.id, description="x"), [])
+    )
+    assert (blocked.code(), reason_of(blocked)) == (FAILED_PRECONDITION, "AGENT_DELETED")
+    restored = stub.UndeleteAgent(
+        agent_pb2.UndeleteAgentRequest(id=agent.id, etag=deleted.etag),
+        metadata=owner.metadata,
+        timeout=TIMEOUT,
+    ).agent
+    assert not restored.HasField("delete_time")
+    assert [a.id for a in list_all(stub, owner)] == [agent.id]
+
+    # Deleted again; the worker (retention 0 days) purges it with its revisions.
+    stub.DeleteAgent(
+        agent_pb2.DeleteAgentRequest(id=agent.id), metadata=owner.metadata, timeout=TIMEOUT
+    )
+    env = clean_env(
+        AGENT_PROFILE="prod",
+        AGENT_DATABASE_URL=stack.agent_database_url,
+        AGENT_REDIS_URL=stack.redis_url,
+        AGENT_METRICS_PORT="0",
+        AGENT_DATA_DIR=str(tmp_path),
+    )
+    done = command("agent_svc", "worker", "--once", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "job agent.deleted.purge: done" in done.stderr
+    assert "purged=1" in done.stderr
+    for ref in (agent.id, f"{agent.id}@2"):
+        gone = rpc_error(lambda ref=ref: get(stub, owner, ref))  # type: ignore[misc]
+        assert gone.code() == NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "{id}@",
+        "@prod",
+        "{id}@@",
+        "{id}@Prod",
+        "{id}@0",
+        "{id}@ prod",
+        "{id}@\uff50",
+        "{id}@\u202e",
+        "{id}@" + "a" * 64,
+        "{id}@" + "1" * 40,
+        "{id}@" + "x" * 200_000,
+        "{id}@prod@1",
+        "{id}@1e3",
+    ],
+)
+def test_hostile_at_forms_are_invalid_argument_never_internal(stack: Stack, ref: str) -> None:
+    owner = stack.new_user()
+    agent = create(stack.agents, owner, "hostile")
+    refused = rpc_error(lambda: get(stack.agents, owner, ref.replace("{id}", agent.id)))
+    assert refused.code() == INVALID_ARGUMENT
+    assert violated_fields(refused) == {"id"}
