@@ -11,7 +11,7 @@ rollback, is one more; a delete or an undelete is none), and each is kept as an
 `AgentRevision`, immutable. Revision ids are decimal digits and aliases start with a
 letter, so `id@5` and `id@prod` never mean the same thing.
 
-A soft-deleted agent (AIP-164) has a `delete_time` and a `purge_time`, after which the
+A soft-deleted agent (AIP-164) has a `delete_time` and a `expire_time`, after which the
 worker removes it with its revisions.
 
 A create's `fingerprint` tells a replay (same request id, same agent: answered with the
@@ -80,7 +80,7 @@ class Agent:
     create time."""
     delete_time: datetime | None = None
     """When it was soft-deleted (AIP-164); None while it is not deleted."""
-    purge_time: datetime | None = None
+    expire_time: datetime | None = None
     """When the worker removes it for good (set with delete_time)."""
     snapshot: bool = False
     """A past revision's view (`id@revision`): it has no etag, and is never written."""
@@ -136,13 +136,13 @@ class Agent:
             **_settable(fields),
         )
 
-    def soft_deleted(self, *, now: datetime, purge_time: datetime) -> Agent:
+    def soft_deleted(self, *, now: datetime, expire_time: datetime) -> Agent:
         """This version, marked deleted (a new etag; the configuration is unchanged)."""
-        return replace(self, revision=self.revision + 1, delete_time=now, purge_time=purge_time)
+        return replace(self, revision=self.revision + 1, delete_time=now, expire_time=expire_time)
 
     def undeleted(self) -> Agent:
         """This version, no longer deleted (a new etag; the configuration is unchanged)."""
-        return replace(self, revision=self.revision + 1, delete_time=None, purge_time=None)
+        return replace(self, revision=self.revision + 1, delete_time=None, expire_time=None)
 
     @property
     def current_revision(self) -> AgentRevision:

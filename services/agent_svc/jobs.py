@@ -2,7 +2,7 @@
 
 agent.request_ids.purge    CreateAgent request ids past AGENT_REQUEST_ID_TTL_SECONDS:
                            a replay after it may create anew anyway
-agent.deleted.purge        soft-deleted agents past their purge_time (AIP-164), with
+agent.deleted.purge        soft-deleted agents past their expire_time (AIP-164), with
                            their revisions and aliases: a batch per transaction, the
                            purged agents returned by the repository (one change-log
                            event each can join that transaction); then their cache

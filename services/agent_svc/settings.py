@@ -26,7 +26,7 @@
   kept (AIP-162); older ones are removed by the write that makes a new one, unless an
   alias names them.
 - `AGENT_DELETED_RETENTION_DAYS` (30; fractions allowed): how long a soft-deleted agent
-  can be undeleted (its `purge_time`); the worker then removes it with its revisions.
+  can be undeleted (its `expire_time`); the worker then removes it with its revisions.
 - `AGENT_PAGE_TOKEN_SECRET` (or `AGENT_PAGE_TOKEN_SECRET_FILE`, at least 32 characters):
   the HMAC key of page tokens, shared by every replica; required in prod, random per
   start in dev.

@@ -1293,7 +1293,7 @@ def test_an_operator_session_through_grpcurl(embedded_stack: Stack, grpcurl_bina
     )
     assert code == 0, deleted
     assert "delete_time" in deleted["agent"]
-    assert "purge_time" in deleted["agent"]
+    assert "expire_time" in deleted["agent"]
 
     code, revisions = grpcurl(
         grpcurl_binary, agents, agent_method + "ListAgentRevisions", {"id": agent["id"]}, token

@@ -100,7 +100,7 @@ def test_a_service_account_manages_agents_with_the_typed_client(stack: Stack) ->
 
         # Soft delete: still readable, listed only when asked, undeletable.
         deleted = agents.delete(created.id, etag=rolled.etag)
-        assert deleted.HasField("purge_time")
+        assert deleted.HasField("expire_time")
         assert agents.get(created.id) == deleted
         assert [a.id for a in agents.list(filter='name = "client-bot"')] == []
         assert [a.id for a in agents.list(filter='name = "client-bot"', show_deleted=True)] == [

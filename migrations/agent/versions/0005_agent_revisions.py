@@ -1,8 +1,8 @@
 """agent revisions and aliases (AIP-162), soft delete (AIP-164)
 
 - agent_agents gains revision_id (the configuration revision it shows; 1 for every
-  existing agent), delete_time and purge_time (null: not deleted), and an index on
-  purge_time for the worker's purge.
+  existing agent), delete_time and expire_time (null: not deleted), and an index on
+  expire_time for the worker's purge.
 - agent_revisions: one row per configuration of an agent; each existing agent's current
   configuration becomes its revision 1, made at its update_time by its updated_by.
 - agent_aliases: named pointers to revisions.
@@ -37,8 +37,8 @@ def upgrade() -> None:
             sa.Column("revision_id", sa.Integer(), server_default="1", nullable=False)
         )
         batch_op.add_column(sa.Column("delete_time", sa.DateTime(timezone=True), nullable=True))
-        batch_op.add_column(sa.Column("purge_time", sa.DateTime(timezone=True), nullable=True))
-        batch_op.create_index("ix_agent_agents_purge_time", ["purge_time"], unique=False)
+        batch_op.add_column(sa.Column("expire_time", sa.DateTime(timezone=True), nullable=True))
+        batch_op.create_index("ix_agent_agents_expire_time", ["expire_time"], unique=False)
     op.create_table(
         "agent_revisions",
         sa.Column("agent_id", sa.Uuid(), nullable=False),
@@ -78,7 +78,7 @@ def downgrade() -> None:
     op.drop_table("agent_aliases")
     op.drop_table("agent_revisions")
     with op.batch_alter_table("agent_agents", schema=None) as batch_op:
-        batch_op.drop_index("ix_agent_agents_purge_time")
-        batch_op.drop_column("purge_time")
+        batch_op.drop_index("ix_agent_agents_expire_time")
+        batch_op.drop_column("expire_time")
         batch_op.drop_column("delete_time")
         batch_op.drop_column("revision_id")

@@ -149,7 +149,7 @@ def _build(agent: Agent) -> agent_pb2.Agent:
         revision_id=str(agent.revision_id),
         revision_create_time=_timestamp(agent.update_time),
         delete_time=_timestamp(agent.delete_time) if agent.delete_time else None,
-        purge_time=_timestamp(agent.purge_time) if agent.purge_time else None,
+        expire_time=_timestamp(agent.expire_time) if agent.expire_time else None,
     )
 
 

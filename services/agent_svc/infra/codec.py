@@ -55,9 +55,9 @@ class AgentCodec:
             "updated_via": agent.updated_via,
             "revision_id": agent.revision_id,
         }
-        if agent.delete_time is not None and agent.purge_time is not None:
+        if agent.delete_time is not None and agent.expire_time is not None:
             document["delete_time"] = _time(agent.delete_time)
-            document["purge_time"] = _time(agent.purge_time)
+            document["expire_time"] = _time(agent.expire_time)
         return json.dumps(
             document, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         ).encode()
@@ -91,7 +91,7 @@ class AgentCodec:
                 # Absent from entries written before revisions were kept.
                 revision_id=int(document.get("revision_id", 1)),
                 delete_time=_moment(document.get("delete_time")),
-                purge_time=_moment(document.get("purge_time")),
+                expire_time=_moment(document.get("expire_time")),
             )
         except CodecError:
             raise

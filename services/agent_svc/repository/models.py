@@ -1,7 +1,7 @@
 """agent_svc tables (its own metadata; auth_svc never reads these).
 
 - `agent_agents`: one row per agent, its current version; a soft-deleted one (AIP-164)
-  has `delete_time` and `purge_time` set, and keeps its row (and its name) until purged.
+  has `delete_time` and `expire_time` set, and keeps its row (and its name) until purged.
 - `agent_revisions`: each configuration an agent had (AIP-162), by (agent, revision id),
   immutable; the last AGENT_REVISIONS_KEPT and every aliased one are kept.
 - `agent_aliases`: named pointers (`prod`) from an agent to one of its revisions.
@@ -80,7 +80,7 @@ class AgentRow(AgentBase):
         Index("ix_agent_agents_create", "create_time", "id"),
         Index("ix_agent_agents_update", "update_time", "id"),
         Index("ix_agent_agents_name", "name", "id"),
-        Index("ix_agent_agents_purge_time", "purge_time"),
+        Index("ix_agent_agents_expire_time", "expire_time"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
@@ -109,7 +109,7 @@ class AgentRow(AgentBase):
     revision_id: Mapped[int] = mapped_column(Integer, server_default="1")
     # Soft delete (AIP-164): both set, or both null.
     delete_time: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
-    purge_time: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    expire_time: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 
 
 class AgentRevisionRow(AgentBase):

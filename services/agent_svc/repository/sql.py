@@ -101,7 +101,7 @@ _AGENT_COLUMNS = (
     _AGENTS.c.updated_via,
     _AGENTS.c.revision_id,
     _AGENTS.c.delete_time,
-    _AGENTS.c.purge_time,
+    _AGENTS.c.expire_time,
 )
 
 
@@ -130,7 +130,7 @@ def _agent_from_row(row: Any) -> Agent:
         updated_via,
         revision_id,
         delete_time,
-        purge_time,
+        expire_time,
     ) = row
     return Agent(
         id=agent_id,
@@ -150,7 +150,7 @@ def _agent_from_row(row: Any) -> Agent:
         updated_via=updated_via or "",
         revision_id=revision_id,
         delete_time=_utc(delete_time) if delete_time is not None else None,
-        purge_time=_utc(purge_time) if purge_time is not None else None,
+        expire_time=_utc(expire_time) if expire_time is not None else None,
     )
 
 
@@ -207,7 +207,7 @@ def _values(agent: Agent) -> dict[str, Any]:
         "updated_via": agent.updated_via or None,
         "revision_id": agent.revision_id,
         "delete_time": agent.delete_time,
-        "purge_time": agent.purge_time,
+        "expire_time": agent.expire_time,
     }
 
 
@@ -406,8 +406,8 @@ class SqlAgentRepository:
         # worker share the work instead of queueing on it; SQLite has one writer anyway.
         expired = (
             _read()
-            .where(AgentRow.purge_time < now)
-            .order_by(AgentRow.purge_time)
+            .where(AgentRow.expire_time < now)
+            .order_by(AgentRow.expire_time)
             .limit(limit)
             .with_for_update(skip_locked=True)
         )

@@ -32,7 +32,7 @@ that transaction too. `GetAgent` reads `id`, `id@<revision id>` (digits) or `id@
 pruned by a concurrent update is either tagged first (and kept) or gone (NOT_FOUND).
 
 Soft delete (AIP-164): DeleteAgent marks the agent deleted (`delete_time`, and
-`purge_time` `deleted_retention` later); it keeps its name (another agent of the owner
+`expire_time` `deleted_retention` later); it keeps its name (another agent of the owner
 cannot take it until it is purged) but not its place in the quota (UndeleteAgent takes
 one again, RESOURCE_EXHAUSTED if there is none). Get and BatchGet still return it (with
 its delete_time); List leaves it out unless `show_deleted`; every change but Undelete
@@ -832,7 +832,7 @@ class AgentService:
                 if etag and etag != current.etag:
                     raise _etag_mismatch()
                 now = self._clock.now()
-                deleted = current.soft_deleted(now=now, purge_time=now + self._deleted_retention)
+                deleted = current.soft_deleted(now=now, expire_time=now + self._deleted_retention)
                 if not uow.agents.soft_delete(deleted, expected_revision=current.revision):
                     return None
                 uow.commit()

@@ -123,7 +123,7 @@ class AgentRepository(Protocol):
         ...
 
     def purge_expired(self, *, now: datetime, limit: int) -> list[Agent]:
-        """Removes up to `limit` deleted agents whose purge_time is before `now`, with
+        """Removes up to `limit` deleted agents whose expire_time is before `now`, with
         their revisions and aliases; the removed agents. Concurrent purgers never remove
         (nor return) the same agent twice."""
         ...

@@ -35,7 +35,7 @@ SERVER_FIELDS_MAX = (
     + 3 * (1 + _TIMESTAMP_MAX)
 )
 """The most that id, owner_id, create_time, update_time, etag, revision_id,
-revision_create_time, delete_time and purge_time can add to the settable fields (for a
+revision_create_time, delete_time and expire_time can add to the settable fields (for a
 limit checked before the agent exists)."""
 
 
@@ -162,5 +162,5 @@ def agent_size(agent: Agent) -> int:
         + 1
         + _timestamp(agent.update_time)
         + (1 + _timestamp(agent.delete_time) if agent.delete_time is not None else 0)
-        + (1 + _timestamp(agent.purge_time) if agent.purge_time is not None else 0)
+        + (1 + _timestamp(agent.expire_time) if agent.expire_time is not None else 0)
     )

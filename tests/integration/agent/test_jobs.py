@@ -47,7 +47,7 @@ def test_request_ids_past_their_window_are_purged(sessions: sessionmaker[Session
     assert dict(job.run()) == {"deleted": 0}
 
 
-def test_deleted_agents_past_their_purge_time_go_with_their_revisions(
+def test_deleted_agents_past_their_expire_time_go_with_their_revisions(
     sessions: sessionmaker[Session],
 ) -> None:
     owner = uuid.uuid4()
@@ -61,7 +61,7 @@ def test_deleted_agents_past_their_purge_time_go_with_their_revisions(
             uow.revisions.add(agent.current_revision, keep=10)
         for name, purge_in in (("expired", -1), ("pending", 3600)):
             agent = agents[name]
-            gone = agent.soft_deleted(now=NOW, purge_time=NOW + timedelta(seconds=purge_in))
+            gone = agent.soft_deleted(now=NOW, expire_time=NOW + timedelta(seconds=purge_in))
             assert uow.agents.soft_delete(gone, expected_revision=agent.revision)
         uow.revisions.set_alias(agents["expired"].id, "prod", 1, now=NOW, by="")
         uow.commit()

@@ -250,7 +250,7 @@ def test_renaming_onto_a_taken_name_is_name_taken(uow: UowFactory) -> None:
 
 
 def deleted(agent: Agent) -> Agent:
-    return agent.soft_deleted(now=T0, purge_time=T0 + timedelta(days=30))
+    return agent.soft_deleted(now=T0, expire_time=T0 + timedelta(days=30))
 
 
 def test_soft_delete_is_a_compare_and_set_and_keeps_the_row(uow: UowFactory) -> None:
@@ -268,7 +268,7 @@ def test_soft_delete_is_a_compare_and_set_and_keeps_the_row(uow: UowFactory) -> 
         assert [agent.name for agent in page] == ["one"]
         stored = work.agents.get(one.id)
     assert stored == deleted(one)
-    assert (stored.delete_time, stored.purge_time) == (T0, T0 + timedelta(days=30))
+    assert (stored.delete_time, stored.expire_time) == (T0, T0 + timedelta(days=30))
 
 
 def test_purge_removes_the_agent_its_revisions_and_aliases(uow: UowFactory) -> None:
@@ -345,17 +345,17 @@ def test_a_count_that_fell_behind_never_goes_below_zero(uow: UowFactory) -> None
     assert counts(uow) == {ALICE: 0}
 
 
-def test_purge_expired_takes_only_agents_past_their_purge_time(uow: UowFactory) -> None:
+def test_purge_expired_takes_only_agents_past_their_expire_time(uow: UowFactory) -> None:
     due, later, alive = an_agent("due"), an_agent("later"), an_agent("alive")
     add(uow, due, later, alive)
     with uow() as work:
         for agent in (due, later, alive):
             work.revisions.add(agent.current_revision, keep=10)
         work.agents.soft_delete(
-            due.soft_deleted(now=T0, purge_time=T0 + timedelta(hours=1)), expected_revision=1
+            due.soft_deleted(now=T0, expire_time=T0 + timedelta(hours=1)), expected_revision=1
         )
         work.agents.soft_delete(
-            later.soft_deleted(now=T0, purge_time=T0 + timedelta(days=9)), expected_revision=1
+            later.soft_deleted(now=T0, expire_time=T0 + timedelta(days=9)), expected_revision=1
         )
         work.commit()
     with uow() as work:

@@ -175,8 +175,8 @@ class FakeAgents:
 
     def purge_expired(self, *, now: datetime, limit: int) -> list[Agent]:
         expired = sorted(
-            (a for a in self._state.agents.values() if a.purge_time and a.purge_time < now),
-            key=lambda a: (a.purge_time, a.id),
+            (a for a in self._state.agents.values() if a.expire_time and a.expire_time < now),
+            key=lambda a: (a.expire_time, a.id),
         )[:limit]
         for agent in expired:
             self._remove(agent.id)

@@ -641,7 +641,7 @@ def test_delete_marks_deleted_and_invalidates(world: World) -> None:
     deleted = world.service.delete(principal=owner, agent_id=str(agent.id))
     assert world.database.committed.agents[agent.id] == deleted
     assert deleted.delete_time == world.clock.now()
-    assert deleted.purge_time == world.clock.now() + timedelta(days=30)
+    assert deleted.expire_time == world.clock.now() + timedelta(days=30)
     assert deleted.etag != agent.etag
     assert (deleted.settable, deleted.revision_id, deleted.update_time) == (
         agent.settable,

@@ -339,7 +339,7 @@ def test_undelete_restores_and_is_already_exists_when_not_deleted(world: World) 
     with pytest.raises(NotFound):
         world.service.undelete(principal=user(), agent_id=str(agent.id))
     restored = world.service.undelete(principal=owner, agent_id=str(agent.id), etag=deleted.etag)
-    assert (restored.delete_time, restored.purge_time) == (None, None)
+    assert (restored.delete_time, restored.expire_time) == (None, None)
     assert restored.settable == agent.settable
     assert restored.etag not in (agent.etag, deleted.etag)
     assert world.service.list(principal=owner).agents == (restored,)
@@ -359,12 +359,12 @@ def test_a_deleted_agent_keeps_its_name_but_not_its_quota_place(world: World) ->
     assert full.value.reason == "AGENT_QUOTA_EXCEEDED"
 
 
-def test_the_purge_time_follows_the_retention(world: World) -> None:
+def test_the_expire_time_follows_the_retention(world: World) -> None:
     world = make_world(deleted_retention_seconds=3600)
     owner = user()
     agent = world.service.create(principal=owner, agent=agent_input())
     deleted = world.service.delete(principal=owner, agent_id=str(agent.id))
-    assert deleted.purge_time == world.clock.now() + timedelta(hours=1)
+    assert deleted.expire_time == world.clock.now() + timedelta(hours=1)
 
 
 def test_purge_needs_the_admin_scope_and_removes_everything(world: World) -> None:

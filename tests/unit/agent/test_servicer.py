@@ -523,7 +523,7 @@ def test_delete_rules(client: Client) -> None:
         "DeleteAgent", agent_pb2.DeleteAgentRequest(id=agent.id, etag=agent.etag), token=token
     )
     assert reply.agent.HasField("delete_time")
-    assert reply.agent.HasField("purge_time")
+    assert reply.agent.HasField("expire_time")
     again = client.call("DeleteAgent", agent_pb2.DeleteAgentRequest(id=agent.id), token=token)
     assert again.code == grpc.StatusCode.NOT_FOUND  # AIP-164: deleting a deleted agent
     kept = client.ok("GetAgent", agent_pb2.GetAgentRequest(id=agent.id), token=token)

@@ -132,7 +132,7 @@ class AgentsClient:
         self, agent_id: str, *, etag: str = "", timeout: float | None = None
     ) -> agent_pb2.Agent:
         """Soft-deletes the agent (only if its etag still is `etag`, when given); the
-        agent as deleted, with its purge_time. UndeleteAgent restores it until then."""
+        agent as deleted, with its expire_time. UndeleteAgent restores it until then."""
         request = agent_pb2.DeleteAgentRequest(id=agent_id, etag=etag)
         response: agent_pb2.DeleteAgentResponse = _call(self._stub.DeleteAgent, request, timeout)
         return response.agent

@@ -78,7 +78,7 @@ class Agent(_message.Message):
     REVISION_ID_FIELD_NUMBER: _builtins.int
     REVISION_CREATE_TIME_FIELD_NUMBER: _builtins.int
     DELETE_TIME_FIELD_NUMBER: _builtins.int
-    PURGE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """UUID. On update and delete, names the agent."""
     owner_id: _builtins.str
@@ -115,7 +115,7 @@ class Agent(_message.Message):
     configuration of that revision (name to top_p), its revision_id and
     revision_create_time, and in updated_by and updated_via who made that revision;
     update_time is the revision's create time; id, owner_id, create_time, delete_time
-    and purge_time are the agent's now; etag is empty (a past revision cannot be
+    and expire_time are the agent's now; etag is empty (a past revision cannot be
     written: roll back to it instead), except for the agent's current revision, which
     is the agent itself.
     """
@@ -144,9 +144,9 @@ class Agent(_message.Message):
         """Set while the agent is soft-deleted (AIP-164): when it was deleted."""
 
     @_builtins.property
-    def purge_time(self) -> _timestamp_pb2.Timestamp:
-        """Set while the agent is soft-deleted: when the worker removes it for good (AIP-148's
-        purge_time, once named expire_time).
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Set while the agent is soft-deleted: when the worker removes it for good (AIP-164's
+        expire_time; AIP-148 has since named it purge_time).
         """
 
     def __init__(
@@ -170,11 +170,11 @@ class Agent(_message.Message):
         revision_id: _builtins.str = ...,
         revision_create_time: _timestamp_pb2.Timestamp | None = ...,
         delete_time: _timestamp_pb2.Timestamp | None = ...,
-        purge_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "_top_p", b"_top_p", "create_time", b"create_time", "delete_time", b"delete_time", "purge_time", b"purge_time", "revision_create_time", b"revision_create_time", "temperature", b"temperature", "top_p", b"top_p", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "_top_p", b"_top_p", "create_time", b"create_time", "delete_time", b"delete_time", "expire_time", b"expire_time", "revision_create_time", b"revision_create_time", "temperature", b"temperature", "top_p", b"top_p", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "_top_p", b"_top_p", "create_time", b"create_time", "delete_time", b"delete_time", "description", b"description", "etag", b"etag", "id", b"id", "instructions", b"instructions", "metadata", b"metadata", "model", b"model", "name", b"name", "owner_id", b"owner_id", "purge_time", b"purge_time", "revision_create_time", b"revision_create_time", "revision_id", b"revision_id", "temperature", b"temperature", "tools", b"tools", "top_p", b"top_p", "update_time", b"update_time", "updated_by", b"updated_by", "updated_via", b"updated_via"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "_top_p", b"_top_p", "create_time", b"create_time", "delete_time", b"delete_time", "description", b"description", "etag", b"etag", "expire_time", b"expire_time", "id", b"id", "instructions", b"instructions", "metadata", b"metadata", "model", b"model", "name", b"name", "owner_id", b"owner_id", "revision_create_time", b"revision_create_time", "revision_id", b"revision_id", "temperature", b"temperature", "tools", b"tools", "top_p", b"top_p", "update_time", b"update_time", "updated_by", b"updated_by", "updated_via", b"updated_via"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
@@ -545,7 +545,7 @@ class DeleteAgentResponse(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def agent(self) -> Global___Agent:
-        """The agent as deleted (with its delete_time and purge_time)."""
+        """The agent as deleted (with its delete_time and expire_time)."""
 
     def __init__(
         self,

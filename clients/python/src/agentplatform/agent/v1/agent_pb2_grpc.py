@@ -171,7 +171,7 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteAgent(self, request, context):
-        """Soft-deletes an agent (AIP-164): it gets a delete_time and a purge_time
+        """Soft-deletes an agent (AIP-164): it gets a delete_time and a expire_time
         (AGENT_DELETED_RETENTION_DAYS later, 30 by default), after which the worker removes
         it with its revisions. A non-empty etag must match. Until then Get and BatchGet
         still return it, List leaves it out unless show_deleted, every change but Undelete

@@ -66,7 +66,7 @@ class AgentServiceStub:
     UpdateAgent: _grpc.UnaryUnaryMultiCallable[_agent_pb2.UpdateAgentRequest, _agent_pb2.UpdateAgentResponse]
     """Updates the fields named by update_mask (AIP-134); optimistic concurrency via etag."""
     DeleteAgent: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DeleteAgentRequest, _agent_pb2.DeleteAgentResponse]
-    """Soft-deletes an agent (AIP-164): it gets a delete_time and a purge_time
+    """Soft-deletes an agent (AIP-164): it gets a delete_time and a expire_time
     (AGENT_DELETED_RETENTION_DAYS later, 30 by default), after which the worker removes
     it with its revisions. A non-empty etag must match. Until then Get and BatchGet
     still return it, List leaves it out unless show_deleted, every change but Undelete
@@ -148,7 +148,7 @@ class AgentServiceAsyncStub(AgentServiceStub):
     UpdateAgent: _aio.UnaryUnaryMultiCallable[_agent_pb2.UpdateAgentRequest, _agent_pb2.UpdateAgentResponse]  # type: ignore[assignment]
     """Updates the fields named by update_mask (AIP-134); optimistic concurrency via etag."""
     DeleteAgent: _aio.UnaryUnaryMultiCallable[_agent_pb2.DeleteAgentRequest, _agent_pb2.DeleteAgentResponse]  # type: ignore[assignment]
-    """Soft-deletes an agent (AIP-164): it gets a delete_time and a purge_time
+    """Soft-deletes an agent (AIP-164): it gets a delete_time and a expire_time
     (AGENT_DELETED_RETENTION_DAYS later, 30 by default), after which the worker removes
     it with its revisions. A non-empty etag must match. Until then Get and BatchGet
     still return it, List leaves it out unless show_deleted, every change but Undelete
@@ -263,7 +263,7 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.DeleteAgentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.DeleteAgentResponse, _abc.Awaitable[_agent_pb2.DeleteAgentResponse]]:
-        """Soft-deletes an agent (AIP-164): it gets a delete_time and a purge_time
+        """Soft-deletes an agent (AIP-164): it gets a delete_time and a expire_time
         (AGENT_DELETED_RETENTION_DAYS later, 30 by default), after which the worker removes
         it with its revisions. A non-empty etag must match. Until then Get and BatchGet
         still return it, List leaves it out unless show_deleted, every change but Undelete
