@@ -22,6 +22,13 @@
   a create past it is RESOURCE_EXHAUSTED with a QuotaFailure.
 - `AGENT_REQUEST_ID_TTL_SECONDS` (86400): how long a CreateAgent request_id is honoured:
   a replay within it gets the first response; after it the id may create anew.
+- `AGENT_WATCH_RETENTION_SECONDS` (3600): how long the change log keeps a change, so how
+  old a WatchAgents resume_token may be (older: RESUME_TOKEN_EXPIRED).
+- `AGENT_WATCH_MAX_STREAMS` (1000): WatchAgents streams one process serves at once (one
+  more: RESOURCE_EXHAUSTED TOO_MANY_WATCHERS); each holds a thread of a pool of its own.
+- `AGENT_WATCH_HEARTBEAT_SECONDS` (15): an idle stream sends an empty message this often.
+- `AGENT_WATCH_POLL_SECONDS` (1): the change log is read at least this often (the Redis
+  or in-process wake-up makes it at once; this bounds the delay of a lost wake-up).
 - `AGENT_PAGE_TOKEN_SECRET` (or `AGENT_PAGE_TOKEN_SECRET_FILE`, at least 32 characters):
   the HMAC key of page tokens, shared by every replica; required in prod, random per
   start in dev.
@@ -84,6 +91,10 @@ class AgentSettings:
     request_id_ttl_seconds: float
     max_agents_per_owner: int
     page_token_secret: bytes
+    watch_retention_seconds: float = 3600.0
+    watch_max_streams: int = 1000
+    watch_heartbeat_seconds: float = 15.0
+    watch_poll_seconds: float = 1.0
 
     @property
     def auth_uses_tls(self) -> bool:
@@ -150,6 +161,10 @@ def load_agent_settings(env: Mapping[str, str], role: Role = "serve") -> AgentSe
         request_id_ttl_seconds=reader.number("REQUEST_ID_TTL_SECONDS", 86_400.0, minimum=1.0),
         max_agents_per_owner=reader.integer("MAX_AGENTS_PER_OWNER", 10_000, minimum=0),
         page_token_secret=_page_token_secret(reader, common, required=serving),
+        watch_retention_seconds=reader.number("WATCH_RETENTION_SECONDS", 3600.0, minimum=60.0),
+        watch_max_streams=reader.integer("WATCH_MAX_STREAMS", 1000, minimum=1),
+        watch_heartbeat_seconds=reader.number("WATCH_HEARTBEAT_SECONDS", 15.0, minimum=0.05),
+        watch_poll_seconds=reader.number("WATCH_POLL_SECONDS", 1.0, minimum=0.01),
     )
     if bool(settings.auth_tls_cert_file) != bool(settings.auth_tls_key_file):
         reader.problems.append(

@@ -7,6 +7,7 @@
     ├── NotFound             NOT_FOUND
     ├── AlreadyExists        ALREADY_EXISTS
     ├── Aborted              ABORTED           (etag mismatch, lost race)
+    ├── FailedPrecondition   FAILED_PRECONDITION (the system is not in the state the call needs)
     ├── ResourceExhausted    RESOURCE_EXHAUSTED (+ RetryInfo, + QuotaFailure for a quota)
     ├── Unavailable          UNAVAILABLE        (+ RetryInfo)
     └── Internal             INTERNAL           (never carries internals to the wire)
@@ -26,6 +27,7 @@ __all__ = [
     "Aborted",
     "AlreadyExists",
     "DomainError",
+    "FailedPrecondition",
     "FieldViolation",
     "Internal",
     "InvalidArgument",
@@ -109,6 +111,11 @@ class AlreadyExists(DomainError):
 class Aborted(DomainError):
     code = grpc.StatusCode.ABORTED
     default_reason = "ABORTED"
+
+
+class FailedPrecondition(DomainError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
 
 
 class _Retryable(DomainError):

@@ -423,6 +423,13 @@ class RequestPath:
         # The library's unary methods (health checks) run on a small pool of their own, so
         # a probe never queues behind a saturated pool of worker threads.
         self._library_pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
+        self._pools: dict[str, futures.ThreadPoolExecutor] = {}
+
+    def run_on(self, method: str, pool: futures.ThreadPoolExecutor) -> None:
+        """Runs a method's calls on a pool of their own (before the handler is wrapped): a
+        long-lived stream holds its thread for its whole life, and must not take the
+        worker threads unary calls need."""
+        self._pools[method] = pool
 
     def is_public(self, method: str) -> bool:
         return method in self._public or method.startswith(PUBLIC_SERVICES)
@@ -438,7 +445,7 @@ class RequestPath:
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._unary_stream(method, handler),
-                response_serializer=handler.response_serializer,
+                response_serializer=_bytes_or(handler.response_serializer),
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
@@ -574,19 +581,37 @@ class RequestPath:
         decode = handler.request_deserializer or _identity
         own = method.startswith(OWN_SERVICES_PREFIX)
 
+        status_of = self._status_of
+
+        def answers(responses: Iterator[Any], ctx: CallContext, context: Any) -> Iterator[Any]:
+            """The responses; an error the servicer raises on the way is answered as a
+            unary call's is (its status and details)."""
+            try:
+                yield from responses
+            except Exception as exc:
+                status = status_of(exc, ctx, context, method)
+                if status is None:
+                    raise
+                _abort(context, status)
+
         def call(raw: bytes, context: Any, *callback: Any) -> Any:
             try:
                 request = decode(raw)
             except Exception:
                 self._fail(_malformed(), CallContext(context), context)
             ctx = self._streaming_call(method, context)
-            return behavior(request, ctx if own else context, *callback)
+            responses = behavior(request, ctx if own else context, *callback)
+            if own and not callback:
+                return answers(responses, ctx, context)
+            return responses
 
         # The health service's Watch is "non-blocking" (it answers through a callback, on a
         # pool of its own): the wrapper keeps those markers for grpcio to see.
         for name in ("experimental_non_blocking", "experimental_thread_pool"):
             if hasattr(behavior, name):
                 setattr(call, name, getattr(behavior, name))
+        if method in self._pools:
+            call.experimental_thread_pool = self._pools[method]  # type: ignore[attr-defined]
         return call
 
     def _streaming_requests(
@@ -626,6 +651,17 @@ class RequestPath:
 
 def _identity(value: Any) -> Any:
     return value
+
+
+def _bytes_or(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
+    """A stream's serializer that passes through a response the servicer encoded already
+    (a fan-out encodes each change once for all its streams)."""
+    encode = serializer or _identity
+
+    def serialize(response: Any) -> bytes:
+        return response if type(response) is bytes else encode(response)
+
+    return serialize
 
 
 def _given_request_id(context: Any) -> str | None:

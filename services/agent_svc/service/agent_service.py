@@ -54,6 +54,8 @@ from services.agent_svc.service.ports import (
     AgentCache,
     AgentQuery,
     AgentUnitOfWork,
+    ChangeKind,
+    ChangeSignal,
     CreateRecord,
     NameTaken,
     QuotaExceeded,
@@ -61,11 +63,13 @@ from services.agent_svc.service.ports import (
 )
 from services.agent_svc.service.sizing import agent_size, framed
 from services.agent_svc.service.validation import check_agent, reported, shown
+from services.agent_svc.service.watch import Watchers, WatchStream
 from shared.config.clock import Clock
 from shared.rpc.errors import (
     Aborted,
     AlreadyExists,
     FieldViolation,
+    Internal,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -256,6 +260,8 @@ class AgentService:
         max_agents_per_owner: int = 0,
         read_uow: Callable[[], AgentUnitOfWork] | None = None,
         catalogue: ModelCatalogue | None = None,
+        changes: ChangeSignal | None = None,
+        watchers: Watchers | None = None,
     ) -> None:
         self._uow = uow
         # Reads of one statement (a cache miss, a page) need no transaction of their own:
@@ -269,6 +275,16 @@ class AgentService:
         self._agent_size = agent_size
         self._request_id_ttl = timedelta(seconds=request_id_ttl_seconds)
         self._max_agents_per_owner = max_agents_per_owner
+        # Told after every commit that logged a change (the watch hubs read the log then).
+        self._changes = changes
+        self._watchers = watchers
+
+    def _changed(self) -> None:
+        if self._changes is not None:
+            try:
+                self._changes.changed()
+            except Exception:  # the hubs poll the log anyway: a lost signal only delays
+                _log.warning("could not signal a change to the watch hubs", exc_info=True)
 
     # -- create and read ----------------------------------------------------------------
 
@@ -301,7 +317,9 @@ class AgentService:
                 raise _name_taken(new.name) from None
             except QuotaExceeded:
                 raise self._quota_exceeded(caller.id) from None
+            uow.changes.append(ChangeKind.CREATED, new)
             uow.commit()
+        self._changed()
         return new
 
     def _check(self, agent: AgentInput) -> None:
@@ -533,7 +551,9 @@ class AgentService:
                 raise _name_taken(updated.name) from None
             if not stored:
                 return None
+            uow.changes.append(ChangeKind.UPDATED, updated, previous=current)
             uow.commit()
+        self._changed()
         return updated
 
     def delete(self, *, principal: Principal, agent_id: str, etag: str = "") -> None:
@@ -555,8 +575,24 @@ class AgentService:
                 if etag:
                     raise _etag_mismatch()
                 raise _not_found(key)  # deleted by a concurrent call
+            uow.changes.append(ChangeKind.DELETED, current)
             uow.commit()
         self._cache.invalidate(key)
+        self._changed()
+
+    # -- watch --------------------------------------------------------------------------
+
+    def watch(
+        self, *, principal: Principal, filter: str = "", resume_token: str = ""
+    ) -> WatchStream:
+        """A stream of the committed changes the caller may see, filtered like a list
+        (see services.agent_svc.service.watch)."""
+        caller = _caller(principal, AGENTS_READ)
+        if self._watchers is None:
+            raise Internal("WatchAgents is not configured on this server")
+        return self._watchers.open(
+            viewer=caller.id, is_admin=caller.is_admin, filter=filter, resume_token=resume_token
+        )
 
 
 def _binding(

@@ -66,6 +66,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     RESOURCE_EXHAUSTED: _ErrorReason.ValueType  # 17
     UNAVAILABLE: _ErrorReason.ValueType  # 18
     UNKNOWN: _ErrorReason.ValueType  # 19
+    FAILED_PRECONDITION: _ErrorReason.ValueType  # 21
     EMAIL_TAKEN: _ErrorReason.ValueType  # 100
     """-- auth_svc ----------------------------------------------------------------------------
 
@@ -132,6 +133,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """PERMISSION_DENIED: only administrators may filter by owner_id."""
     CALLER_NOT_A_USER: _ErrorReason.ValueType  # 208
     """PERMISSION_DENIED: the token's subject is not an account."""
+    RESUME_TOKEN_EXPIRED: _ErrorReason.ValueType  # 209
+    """FAILED_PRECONDITION: WatchAgents with a resume_token older than the change log keeps
+    (AGENT_WATCH_RETENTION_SECONDS): list the agents again, then watch without a token.
+    """
+    TOO_MANY_WATCHERS: _ErrorReason.ValueType  # 210
+    """RESOURCE_EXHAUSTED: this replica serves as many WatchAgents streams as it may
+    (AGENT_WATCH_MAX_STREAMS); retry after the RetryInfo delay.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every `reason` the services put in a `google.rpc.ErrorInfo` (AIP-193): the value's name
@@ -186,6 +195,7 @@ ABORTED: ErrorReason.ValueType  # 16
 RESOURCE_EXHAUSTED: ErrorReason.ValueType  # 17
 UNAVAILABLE: ErrorReason.ValueType  # 18
 UNKNOWN: ErrorReason.ValueType  # 19
+FAILED_PRECONDITION: ErrorReason.ValueType  # 21
 EMAIL_TAKEN: ErrorReason.ValueType  # 100
 """-- auth_svc ----------------------------------------------------------------------------
 
@@ -252,4 +262,12 @@ OWNER_FILTER_NOT_ALLOWED: ErrorReason.ValueType  # 207
 """PERMISSION_DENIED: only administrators may filter by owner_id."""
 CALLER_NOT_A_USER: ErrorReason.ValueType  # 208
 """PERMISSION_DENIED: the token's subject is not an account."""
+RESUME_TOKEN_EXPIRED: ErrorReason.ValueType  # 209
+"""FAILED_PRECONDITION: WatchAgents with a resume_token older than the change log keeps
+(AGENT_WATCH_RETENTION_SECONDS): list the agents again, then watch without a token.
+"""
+TOO_MANY_WATCHERS: ErrorReason.ValueType  # 210
+"""RESOURCE_EXHAUSTED: this replica serves as many WatchAgents streams as it may
+(AGENT_WATCH_MAX_STREAMS); retry after the RetryInfo delay.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
