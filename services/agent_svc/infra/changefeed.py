@@ -61,6 +61,7 @@ class RedisChangeSignal:
                     if message.get("type") == "subscribe":
                         self.subscribed.set()
                         failures = 0
+                        _log.info("watch signal subscribed to %s", self._channel)
                     # Any message: wake (a reconnect may have missed some; the read is cheap).
                     self._wake()
             except Exception:

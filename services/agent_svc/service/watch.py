@@ -12,7 +12,8 @@ notification only delays changes, never loses them. It keeps the latest `buffer_
 changes in memory; a stream further behind (resumed from an older token) reads its
 backlog from the database by itself, page by page, until it reaches the hub's window.
 
-A stream (`WatchStream`) waits for the hub, takes everything past its position at once (a
+A stream (`WatchStream`) first sends an empty message (the stream is open; its token is
+the start), then waits for the hub, takes everything past its position at once (a
 busy or slow stream gets bigger batches, not more messages), keeps what its caller may see
 and what its filter selects, and sends one message; with nothing to send for
 `heartbeat_seconds` it sends an empty one (its token moves on all the same) so proxies keep
@@ -469,6 +470,9 @@ class WatchStream:
         waiter = self._waiter
         heartbeat = self._watchers.heartbeat_seconds
         clock = time  # real waiting, whatever clock stamps the tokens
+        # First an empty message: the stream is open, and its token is where it starts (a
+        # client lists after it and misses nothing).
+        yield WatchBatch((), self.position)
         last_sent = clock.monotonic()
         while not waiter.cancelled:
             if hub.closed:

@@ -77,7 +77,11 @@ class Rig:
         )
 
     def watch(self, who: Principal, filter: str = "", token: str = "") -> Iterator[WatchBatch]:
-        return iter(self.service.watch(principal=who, filter=filter, resume_token=token))
+        """A stream, past its first (empty) message."""
+        stream = iter(self.service.watch(principal=who, filter=filter, resume_token=token))
+        opening = next(stream)
+        assert opening.changes == ()
+        return stream
 
     def create(self, who: Principal, name: str, **fields: object) -> Agent:
         return self.service.create(principal=who, agent=agent_input(name=name, **fields))

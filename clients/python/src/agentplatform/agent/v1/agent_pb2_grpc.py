@@ -158,9 +158,11 @@ class AgentServiceServicer:
 
     def WatchAgents(self, request, context):
         """Streams the committed changes of the agents the caller may see (its own; an admin:
-        all), filtered like ListAgents, in commit order. Each message carries the changes
-        committed since the previous one (none: a heartbeat, sent every
-        AGENT_WATCH_HEARTBEAT_SECONDS on an idle stream) and a resume_token. Reconnecting with
+        all), filtered like ListAgents, in commit order. The first message carries no change:
+        the stream is open, and its resume_token is where it starts (list after it, and no
+        change is missed). Each later one carries the changes committed since the previous
+        (none: a heartbeat, every AGENT_WATCH_HEARTBEAT_SECONDS on an idle stream) and a
+        resume_token. Reconnecting with
         the last resume_token received delivers every later change exactly once, for
         AGENT_WATCH_RETENTION_SECONDS (an hour by default) after the token's position: an
         older one is FAILED_PRECONDITION (reason RESUME_TOKEN_EXPIRED): list the agents again

@@ -69,9 +69,11 @@ class AgentServiceStub:
     """
     WatchAgents: _grpc.UnaryStreamMultiCallable[_agent_pb2.WatchAgentsRequest, _agent_pb2.WatchAgentsResponse]
     """Streams the committed changes of the agents the caller may see (its own; an admin:
-    all), filtered like ListAgents, in commit order. Each message carries the changes
-    committed since the previous one (none: a heartbeat, sent every
-    AGENT_WATCH_HEARTBEAT_SECONDS on an idle stream) and a resume_token. Reconnecting with
+    all), filtered like ListAgents, in commit order. The first message carries no change:
+    the stream is open, and its resume_token is where it starts (list after it, and no
+    change is missed). Each later one carries the changes committed since the previous
+    (none: a heartbeat, every AGENT_WATCH_HEARTBEAT_SECONDS on an idle stream) and a
+    resume_token. Reconnecting with
     the last resume_token received delivers every later change exactly once, for
     AGENT_WATCH_RETENTION_SECONDS (an hour by default) after the token's position: an
     older one is FAILED_PRECONDITION (reason RESUME_TOKEN_EXPIRED): list the agents again
@@ -123,9 +125,11 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """
     WatchAgents: _aio.UnaryStreamMultiCallable[_agent_pb2.WatchAgentsRequest, _agent_pb2.WatchAgentsResponse]  # type: ignore[assignment]
     """Streams the committed changes of the agents the caller may see (its own; an admin:
-    all), filtered like ListAgents, in commit order. Each message carries the changes
-    committed since the previous one (none: a heartbeat, sent every
-    AGENT_WATCH_HEARTBEAT_SECONDS on an idle stream) and a resume_token. Reconnecting with
+    all), filtered like ListAgents, in commit order. The first message carries no change:
+    the stream is open, and its resume_token is where it starts (list after it, and no
+    change is missed). Each later one carries the changes committed since the previous
+    (none: a heartbeat, every AGENT_WATCH_HEARTBEAT_SECONDS on an idle stream) and a
+    resume_token. Reconnecting with
     the last resume_token received delivers every later change exactly once, for
     AGENT_WATCH_RETENTION_SECONDS (an hour by default) after the token's position: an
     older one is FAILED_PRECONDITION (reason RESUME_TOKEN_EXPIRED): list the agents again
@@ -222,9 +226,11 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.WatchAgentsResponse], _abc.AsyncIterator[_agent_pb2.WatchAgentsResponse]]:
         """Streams the committed changes of the agents the caller may see (its own; an admin:
-        all), filtered like ListAgents, in commit order. Each message carries the changes
-        committed since the previous one (none: a heartbeat, sent every
-        AGENT_WATCH_HEARTBEAT_SECONDS on an idle stream) and a resume_token. Reconnecting with
+        all), filtered like ListAgents, in commit order. The first message carries no change:
+        the stream is open, and its resume_token is where it starts (list after it, and no
+        change is missed). Each later one carries the changes committed since the previous
+        (none: a heartbeat, every AGENT_WATCH_HEARTBEAT_SECONDS on an idle stream) and a
+        resume_token. Reconnecting with
         the last resume_token received delivers every later change exactly once, for
         AGENT_WATCH_RETENTION_SECONDS (an hour by default) after the token's position: an
         older one is FAILED_PRECONDITION (reason RESUME_TOKEN_EXPIRED): list the agents again
