@@ -168,7 +168,13 @@ def _watch(
 ) -> tuple[ChangeHub, Watchers, ChangeSignal]:
     """The process's change hub and its streams; the signal that wakes the hubs after a
     commit: through Redis when configured (every replica), else in process."""
-    hub = ChangeHub(read_uow=read_uow, clock=clock, poll_seconds=settings.watch_poll_seconds)
+    hub = ChangeHub(
+        read_uow=read_uow,
+        clock=clock,
+        poll_seconds=settings.watch_poll_seconds,
+        min_interval=settings.watch_batch_seconds,
+        turns=settings.watch_send_slots,
+    )
     hub.start()
     closers.add(hub.close)
     watchers = Watchers(

@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import collections
 import logging
 import struct
 import threading
@@ -185,13 +186,17 @@ class WatchBatch:
 
 
 class _Waiter:
-    """One stream's doorbell: the hub rings every one after each read."""
+    """One stream as the hub sees it: due for a turn, holding one, or neither."""
 
-    __slots__ = ("cancelled", "event")
+    __slots__ = ("cancelled", "due", "event", "turn")
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.cancelled = False
+        self.due = False
+        """In the queue for a turn."""
+        self.turn = False
+        """Holding one of the hub's turns: may read and send now."""
 
 
 class ChangeHub:
@@ -207,10 +212,23 @@ class ChangeHub:
         poll_seconds: float = 1.0,
         buffer_size: int = 10_000,
         page_size: int = 500,
+        min_interval: float = 0.0,
+        turns: int = 8,
     ) -> None:
         self._read_uow = read_uow
         self._clock = clock
         self._poll = poll_seconds
+        self._min_interval = min_interval
+        # Turns: how many streams read and send at once. After a read every stream is due,
+        # but only `turns` of them are woken; each one that has sent hands its turn to the
+        # next in line once it has its message ready (not once it is sent: a client slow
+        # to read holds its own thread only). A thousand threads woken together would each
+        # take the interpreter in turn, ahead of the unary calls; this way each wake-up
+        # makes a message, and a stream whose turn comes late sends everything that came
+        # meanwhile in one.
+        self._free_turns = max(1, turns)
+        self._due: collections.deque[_Waiter] = collections.deque()
+        self._turns_lock = threading.Lock()
         self._buffer_size = buffer_size
         self.page_size = page_size
         self._lock = threading.Lock()
@@ -265,6 +283,8 @@ class ChangeHub:
                 failures += 1
                 if failures in (1, 10) or failures % 100 == 0:
                     _log.warning("watch hub: reading the change log failed", exc_info=True)
+            if self._min_interval > 0:  # at most one read (and round of wake-ups) per interval
+                self._closed.wait(self._min_interval)
             self._wake.wait(self._poll if not failures else min(self._poll, 1.0))
             self._wake.clear()
 
@@ -295,14 +315,64 @@ class ChangeHub:
                     self._head = Position(self._head.seq, as_of)
             read += len(rows)
             if rows:
-                self._ring()
+                self._all_due()
             if len(rows) < self.page_size:
                 break
         return read
 
     def _ring(self) -> None:
+        """Wakes every stream (shutdown)."""
         for waiter in list(self._waiters):
             waiter.event.set()
+
+    def _all_due(self) -> None:
+        """New changes: every stream not already in line or in a turn queues for one."""
+        with self._turns_lock:
+            for waiter in list(self._waiters):
+                if not (waiter.due or waiter.turn or waiter.cancelled):
+                    waiter.due = True
+                    self._due.append(waiter)
+            woken = self._dispatch()
+        for waiter in woken:
+            waiter.event.set()
+
+    def _dispatch(self) -> list[_Waiter]:
+        """Gives the free turns to the first streams in line (under the turns lock)."""
+        woken = []
+        while self._free_turns and self._due:
+            waiter = self._due.popleft()
+            waiter.due = False
+            if waiter.cancelled:
+                continue
+            waiter.turn = True
+            self._free_turns -= 1
+            woken.append(waiter)
+        return woken
+
+    def queue_for_turn(self, waiter: _Waiter) -> None:
+        """Puts a stream in line (it is behind the head: just opened, or it sent)."""
+        with self._turns_lock:
+            if not (waiter.due or waiter.turn or waiter.cancelled):
+                waiter.due = True
+                self._due.append(waiter)
+            woken = self._dispatch()
+        for other in woken:
+            other.event.set()
+
+    def end_turn(self, waiter: _Waiter) -> None:
+        """The stream has sent (or had nothing to send): its turn goes to the next."""
+        with self._turns_lock:
+            if not waiter.turn:
+                return
+            waiter.turn = False
+            self._free_turns += 1
+            woken = self._dispatch()
+        for other in woken:
+            other.event.set()
+
+    def behind(self, seq: int) -> bool:
+        head = self._head
+        return head is not None and head.seq > seq
 
     # -- what streams use -----------------------------------------------------------------
 
@@ -445,8 +515,8 @@ class WatchStream:
         self._hub.add(self._waiter)
 
     def cancel(self) -> None:
-        """The call is over (grpcio's callback): wakes the stream and frees its place at
-        once (a stream blocked in a send is never resumed to run its `finally`)."""
+        """The call is over (grpcio's callback): wakes the stream and frees its place and
+        its turn at once (a stream blocked in a send is never resumed to run `finally`)."""
         self._waiter.cancelled = True
         self._waiter.event.set()
         self._release()
@@ -457,6 +527,7 @@ class WatchStream:
                 return
             self._released = True
         self._hub.remove(self._waiter)
+        self._hub.end_turn(self._waiter)
         self._watchers._closed_one()
 
     def __iter__(self) -> Iterator[WatchBatch]:
@@ -477,30 +548,42 @@ class WatchStream:
         while not waiter.cancelled:
             if hub.closed:
                 raise _shutting_down()
-            waiter.event.clear()
-            found = hub.since(self.position.seq)
-            if found is None:  # behind the buffer: the backlog, a page at a time
-                rows = hub.backlog(self.position.seq)
-                if not rows:  # nothing after it in the log at all (the hub lags): wait
-                    found = ([], self.position)
-                else:
-                    found = (rows, Position(rows[-1].seq, rows[-1].time))
-            changes, reached = found
-            picked = self._pick(changes)
-            if reached.seq >= self.position.seq:
-                self.position = reached
-            if picked:
-                last_sent = clock.monotonic()
-                yield WatchBatch(tuple(picked), self.position)
+            if waiter.turn:
+                batch, more = self._next_batch()
+                if not more:
+                    # Before the send: a client slow to read holds its own thread only.
+                    hub.end_turn(waiter)
+                if batch is not None:
+                    last_sent = clock.monotonic()
+                    yield batch
                 continue
-            if changes and len(changes) >= hub.page_size:
-                continue  # more backlog to read
+            if hub.behind(self.position.seq):
+                hub.queue_for_turn(waiter)
+                if waiter.turn:
+                    continue
             idle = clock.monotonic() - last_sent
             if idle >= heartbeat:
                 last_sent = clock.monotonic()
                 yield WatchBatch((), self.position)
                 continue
             waiter.event.wait(heartbeat - idle)
+            waiter.event.clear()
+
+    def _next_batch(self) -> tuple[WatchBatch | None, bool]:
+        """What to send now (None: nothing for this caller) and whether more of the
+        backlog is waiting to be read."""
+        found = self._hub.since(self.position.seq)
+        if found is None:  # behind the buffer: the backlog, a page at a time
+            rows = self._hub.backlog(self.position.seq)
+            if not rows:  # nothing after it in the log (the hub lags behind it): wait
+                return None, False
+            found = (rows, Position(rows[-1].seq, rows[-1].time))
+        changes, reached = found
+        picked = self._pick(changes)
+        if reached.seq >= self.position.seq:
+            self.position = reached
+        more = len(changes) >= self._hub.page_size and self._hub.since(reached.seq) is None
+        return (WatchBatch(tuple(picked), self.position) if picked else None), more
 
     def _pick(self, changes: list[Change]) -> list[tuple[Change, bool]]:
         picked: list[tuple[Change, bool]] = []
