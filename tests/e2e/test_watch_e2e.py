@@ -18,9 +18,11 @@ The grpcurl form (README):
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -326,3 +328,48 @@ def test_a_second_replicas_stream_hears_the_first_ones_changes_through_redis(
         (change,), _ = watch.changes(1)
         assert change.agent.id == made.id
         watch.call.cancel()
+
+
+def test_an_operator_watches_through_grpcurl(embedded_stack: Stack, grpcurl_binary: Path) -> None:
+    """The README's command: grpcurl prints the opening message (its resume_token) and each
+    change as it comes; `-max-time` ends the session (exit 64 + DEADLINE_EXCEEDED)."""
+    me = embedded_stack.new_user()
+    process = subprocess.Popen(
+        [
+            str(grpcurl_binary),
+            "-plaintext",
+            "-max-time",
+            "20",
+            "-H",
+            f"authorization: Bearer {me.token}",
+            "-d",
+            json.dumps({"filter": 'model = "gpt-4o"'}),
+            embedded_stack.agent.address,
+            "agentplatform.agent.v1.AgentService/WatchAgents",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        opening = _json_object(process.stdout)
+        assert opening["resume_token"].startswith("w1.")
+        made = create(embedded_stack.agents, me, "w-grpcurl")
+        change = _json_object(process.stdout)
+        assert change["changes"][0]["kind"] == "KIND_CREATED"
+        assert change["changes"][0]["agent"]["id"] == made.id
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _json_object(stream: Any) -> dict[str, Any]:
+    """The next JSON object grpcurl prints (one per message, over several lines)."""
+    lines: list[str] = []
+    while True:
+        line = stream.readline()
+        assert line, "grpcurl ended: " + "".join(lines)
+        lines.append(line)
+        if line.rstrip() == "}":
+            return dict(json.loads("".join(lines)))
