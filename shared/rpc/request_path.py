@@ -582,17 +582,35 @@ class RequestPath:
         own = method.startswith(OWN_SERVICES_PREFIX)
 
         status_of = self._status_of
+        metrics = self._metrics
+        stats = metrics.method(method, "server_stream")
 
         def answers(responses: Iterator[Any], ctx: CallContext, context: Any) -> Iterator[Any]:
             """The responses; an error the servicer raises on the way is answered as a
-            unary call's is (its status and details)."""
+            unary call's is (its status and details). Counted and logged when it ends (a
+            stream the client left ends when grpcio lets go of it: CANCELLED)."""
+            started = perf_counter()
+            metrics.started(stats)
+            code = _OK
             try:
                 yield from responses
+            except GeneratorExit:
+                code = grpc.StatusCode.CANCELLED
+                raise
             except Exception as exc:
                 status = status_of(exc, ctx, context, method)
                 if status is None:
+                    code = context.code() or _UNKNOWN
                     raise
+                code = status.code
                 _abort(context, status)
+            finally:
+                if code is _OK and not context.is_active():  # the client left: it ended us
+                    code = grpc.StatusCode.CANCELLED
+                elapsed = perf_counter() - started
+                metrics.handled(stats, code, elapsed)
+                if _access.isEnabledFor(_LEVELS[code]):
+                    _access_log(method, code, elapsed, ctx, context)
 
         def call(raw: bytes, context: Any, *callback: Any) -> Any:
             try:

@@ -46,6 +46,7 @@ from tests.e2e.test_agent_e2e import (
     create,
     delete,
     free_ports,
+    json_log,
     reason_of,
     run_stack,
     start,
@@ -261,6 +262,14 @@ def test_the_stream_limit_leaves_unary_calls_served_and_sigterm_ends_streams_to_
         assert ended.code() == grpc.StatusCode.UNAVAILABLE
         assert reason_of(ended) == "SHUTTING_DOWN"
         assert server.process.wait(timeout=TIMEOUT) == 0
+        # Each stream has its access line, with the code it ended with.
+        ends = {
+            str(e.get("code"))
+            for e in json_log(server)
+            if e.get("logger") == "agentplatform.access"
+            and str(e.get("method", "")).endswith("/WatchAgents")
+        }
+        assert {"RESOURCE_EXHAUSTED", "UNAVAILABLE"} <= ends, ends
         # The replacement (same data): the typed client resumes there, from its last token.
         (tmp_path / "again").mkdir()
         replacement = start(

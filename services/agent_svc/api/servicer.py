@@ -116,6 +116,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             filter=request.filter,
             resume_token=request.resume_token,
         )
-        context.add_callback(stream.cancel)
+        if not context.add_callback(stream.cancel):  # the call is over already
+            stream.cancel()
         for batch in stream:
             yield self._encoder.batch(batch)

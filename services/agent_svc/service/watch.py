@@ -575,7 +575,12 @@ class WatchStream:
         found = self._hub.since(self.position.seq)
         if found is None:  # behind the buffer: the backlog, a page at a time
             rows = self._hub.backlog(self.position.seq)
-            if not rows:  # nothing after it in the log (the hub lags behind it): wait
+            if not rows:
+                # Nothing after it in the log: the hub lags behind the token (wait), or the
+                # rows up to the hub's head are gone (a made-up token): nothing to skip.
+                head = self._hub.head
+                if head is not None and head.seq > self.position.seq:
+                    self.position = head
                 return None, False
             found = (rows, Position(rows[-1].seq, rows[-1].time))
         changes, reached = found

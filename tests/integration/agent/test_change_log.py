@@ -108,6 +108,19 @@ def test_a_follower_of_the_log_gets_every_concurrent_change_once_in_commit_order
     committed = [seq for seq, _, _ in rows(sessions)]
     assert len(committed) == writers * per_writer
     assert seen == committed  # each once, none skipped, in order
+    # And a stream resumed from the start (an admin's: every owner) reads them all again,
+    # once each, in order, through a hub of its own.
+    hub = ChangeHub(read_uow=uow, clock=SystemClock(), page_size=7)
+    hub.read_new()
+    watchers = Watchers(
+        hub, clock=SystemClock(), retention_seconds=3600, heartbeat_seconds=30, max_streams=1
+    )
+    token = encode_token(Position(0, SystemClock().now()))
+    stream = iter(watchers.open(viewer=uuid.uuid4(), is_admin=True, filter="", resume_token=token))
+    resumed: list[int] = []
+    while len(resumed) < len(committed):
+        resumed += [change.seq for change, _ in next(stream).changes]
+    assert resumed == committed
 
 
 def test_a_stream_resumed_on_a_fresh_hub_reads_the_rest_from_the_log(uow: UowFactory) -> None:

@@ -309,3 +309,20 @@ def test_a_batch_encodes_as_a_watch_agents_response() -> None:
     assert response.changes[1].agent.owner_id == str(me)
     assert decode_token(response.resume_token) == Position(9, NOW)
     assert decode_token(response.changes[0].resume_token).seq == 5
+
+
+def test_a_token_from_before_purged_rows_gets_the_later_changes() -> None:
+    rig = Rig()
+    me = person()
+    rig.create(me, "old")
+    rig.hub.read_new()
+    with rig.database.unit_of_work() as work:  # the retention purge took it
+        work.changes.purge(changed_before=NOW + timedelta(days=1), limit=100)
+        work.commit()
+    fresh = ChangeHub(read_uow=rig.database.unit_of_work, clock=rig.clock)
+    fresh.read_new()
+    rig.watchers.hub = fresh
+    stream = rig.watch(me, token=encode_token(Position(0, NOW)))
+    rig.create(me, "new")
+    fresh.read_new()
+    assert kinds(next(stream)) == [(ChangeKind.CREATED, "new", True)]
