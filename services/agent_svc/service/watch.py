@@ -188,11 +188,14 @@ class WatchBatch:
 class _Waiter:
     """One stream as the hub sees it: due for a turn, holding one, or neither."""
 
-    __slots__ = ("cancelled", "due", "event", "turn")
+    __slots__ = ("cancelled", "due", "event", "turn", "waiting")
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.cancelled = False
+        self.waiting = False
+        """Its thread is idle, waiting to be woken (not sending, not making a message): only
+        such a stream is given a turn, so a send stuck on a slow client never holds one."""
         self.due = False
         """In the queue for a turn."""
         self.turn = False
@@ -213,7 +216,7 @@ class ChangeHub:
         buffer_size: int = 10_000,
         page_size: int = 500,
         min_interval: float = 0.0,
-        turns: int = 8,
+        turns: int = 1,
     ) -> None:
         self._read_uow = read_uow
         self._clock = clock
@@ -329,7 +332,7 @@ class ChangeHub:
         """New changes: every stream not already in line or in a turn queues for one."""
         with self._turns_lock:
             for waiter in list(self._waiters):
-                if not (waiter.due or waiter.turn or waiter.cancelled):
+                if waiter.waiting and not (waiter.due or waiter.turn or waiter.cancelled):
                     waiter.due = True
                     self._due.append(waiter)
             woken = self._dispatch()
@@ -342,7 +345,7 @@ class ChangeHub:
         while self._free_turns and self._due:
             waiter = self._due.popleft()
             waiter.due = False
-            if waiter.cancelled:
+            if waiter.cancelled or not waiter.waiting:  # it queues again when it is back
                 continue
             waiter.turn = True
             self._free_turns -= 1
@@ -557,17 +560,23 @@ class WatchStream:
                     last_sent = clock.monotonic()
                     yield batch
                 continue
+            # Idle from here: first say so, then look (the hub looks at `waiting` after it
+            # moves its head, so one of the two sees the other).
+            waiter.waiting = True
             if hub.behind(self.position.seq):
                 hub.queue_for_turn(waiter)
                 if waiter.turn:
+                    waiter.waiting = False
                     continue
             idle = clock.monotonic() - last_sent
             if idle >= heartbeat:
+                waiter.waiting = False
                 last_sent = clock.monotonic()
                 yield WatchBatch((), self.position)
                 continue
             waiter.event.wait(heartbeat - idle)
             waiter.event.clear()
+            waiter.waiting = False
 
     def _next_batch(self) -> tuple[WatchBatch | None, bool]:
         """What to send now (None: nothing for this caller) and whether more of the
