@@ -16,6 +16,8 @@ clients from separate processes on the other core:
     create       CreateAgent
     login        Login (argon2id)
     issue        IssueToken, client credentials with a secret (beside auth's empty handler)
+    watch        GetAgent L1 with and without 1,000 open WatchAgents streams (idle), then
+                 CreateAgent at 100/s fanned out to all 1,000: commit-to-delivery latency
 
 It prints QPS, p50/p95/p99 and server CPU per call, and the ratios to the empty handler.
 Not a test: it does not run in CI.
@@ -52,7 +54,19 @@ GET = "/agentplatform.agent.v1.AgentService/GetAgent"
 LIST = "/agentplatform.agent.v1.AgentService/ListAgents"
 CREATE = "/agentplatform.agent.v1.AgentService/CreateAgent"
 LOGIN = "/agentplatform.auth.v1.AuthService/Login"
-PHASES = ("get_l1", "list", "create", "get_l2", "get_db", "login", "issue", "flood", "health")
+PHASES = (
+    "get_l1",
+    "list",
+    "create",
+    "get_l2",
+    "get_db",
+    "login",
+    "issue",
+    "flood",
+    "health",
+    "watch",
+)
+WATCH = "/agentplatform.agent.v1.AgentService/WatchAgents"
 ISSUE = "/agentplatform.auth.v1.TokenService/IssueToken"
 REFRESH = "/agentplatform.auth.v1.AuthService/RefreshToken"
 JWKS = "/agentplatform.auth.v1.AuthService/GetJwks"
@@ -233,6 +247,67 @@ def run_load(name: str, server_pid: int, load: Load, processes: int, pool: Any) 
     return summarize(name, [measure(server_pid, load, processes, pool)])
 
 
+# -- WatchAgents streams (in watcher processes) -------------------------------------------
+
+
+def _watchers(  # noqa: PLR0917 - a Process target's arguments
+    target: str,
+    metadata: tuple[tuple[str, str], ...],
+    count: int,
+    ready: Any,
+    stop: Any,
+    results: Any,
+) -> None:
+    """Holds `count` WatchAgents streams on one channel (grpc.aio: one thread for all);
+    puts "ready" once each has its first message, and at `stop` the commit-to-delivery
+    latency of every change the sampled streams received (the change's change_time, stamped
+    just before its commit on this machine's clock, to its arrival here). Every stream gets
+    the same changes (one owner, no filter): the first SAMPLED streams of each process
+    decode theirs, the others count bytes, so that the clients' own CPU (one core for all
+    of them) stays small beside the server's."""
+    import asyncio
+
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {(os.cpu_count() or 2) - 1})
+
+    async def main() -> None:
+        latencies: list[float] = []
+        messages = [0, 0]  # all, sampled
+        opened = [0]
+        async with grpc.aio.insecure_channel(target, options=[("grpc.so_reuseport", 0)]) as channel:
+            call = channel.unary_stream(
+                WATCH, request_serializer=agent_pb2.WatchAgentsRequest.SerializeToString
+            )
+            parse = agent_pb2.WatchAgentsResponse.FromString
+
+            async def one(sampled: bool) -> None:
+                stream = call(agent_pb2.WatchAgentsRequest(), metadata=metadata)
+                first = True
+                async for data in stream:
+                    now = time.time()
+                    if first:
+                        first = False
+                        opened[0] += 1
+                        if opened[0] == count:
+                            ready.set()
+                        continue
+                    messages[0] += 1
+                    if sampled:
+                        messages[1] += 1
+                        for change in parse(data).changes:
+                            latencies.append(now - change.change_time.ToNanoseconds() / 1e9)
+
+            tasks = [asyncio.create_task(one(n < SAMPLED)) for n in range(count)]
+            while not stop.is_set():
+                await asyncio.sleep(0.2)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        results.put((latencies, messages[0], messages[1], opened[0]))
+
+    asyncio.run(main())
+
+
 # -- environment: databases, servers, data --------------------------------------------------
 
 
@@ -386,6 +461,12 @@ def main() -> int:  # noqa: PLR0915
         default=3,
         help="GetAgent and the empty handler alternate in this many slices each",
     )
+    parser.add_argument(
+        "--watch-env",
+        action="append",
+        default=[],
+        help="watch phase: AGENT_X=value for its server (repeatable)",
+    )
     args = parser.parse_args()
     unknown = set(args.phases) - set(PHASES)
     if unknown:
@@ -531,6 +612,7 @@ def main() -> int:  # noqa: PLR0915
 
         selected = set(args.phases)
         flood_summary: tuple[float, float, dict[str, Result], dict[str, Result]] | None = None
+        watch_summary = ""
         ratios: dict[str, tuple[float, list[float]]] = {}
         list_half: Result | None = None
         target, pid = agent_server({}, args.redis)
@@ -697,12 +779,29 @@ def main() -> int:  # noqa: PLR0915
             for process in storms:
                 process.join(args.duration + args.warmup + 70)
 
+        if "watch" in selected:
+            watch_summary = _watch_phase(
+                args,
+                ctx,
+                agent_server,
+                prewarm,
+                compare,
+                metadata,
+                ratios,
+                hot,
+                agent_db,
+                login.user.id,
+            )
+
     print()
+    if watch_summary:
+        print(watch_summary)
     for key, label, floor in (
         ("L1 vs bare floor", "GetAgent L1 (in-process) hit QPS vs the bare floor's", 0.80),
         ("L1 vs empty", "GetAgent L1 (in-process) hit QPS vs our empty handler's", 0.80),
         ("L2 vs empty", "GetAgent L2 (Redis) hit QPS vs our empty handler's", 0.60),
         ("issue vs empty", "IssueToken (client credentials) QPS vs auth's empty handler's", 0.25),
+        ("L1 with watchers", "GetAgent L1 QPS with 1,000 idle watchers vs without", 0.90),
     ):
         if key in ratios:
             value, rounds = ratios[key]
@@ -746,6 +845,181 @@ def main() -> int:  # noqa: PLR0915
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in results], indent=2))
     return 0
+
+
+WATCHERS = 1_000
+SAMPLED = 5  # streams per watcher process that decode their changes
+WATCHER_PROCESSES = 4
+CHANGES_PER_SECOND = 100.0
+
+
+def _watch_phase(  # noqa: PLR0917
+    args: Any,
+    ctx: Any,
+    agent_server: Any,
+    prewarm: Any,
+    compare: Any,
+    metadata: tuple[tuple[str, str], ...],
+    ratios: dict[str, tuple[float, list[float]]],
+    hot: list[bytes],
+    agent_db: str,
+    owner_id: str,
+) -> str:
+    """GetAgent L1 without, with, and again without 1,000 idle streams; then 100 changes
+    a second committed beside it (see below) with all 1,000 watching (every stream gets
+    every change: one owner), and a GetAgent probe on the server meanwhile."""
+    extra = dict(item.split("=", 1) for item in args.watch_env)
+    target, pid = agent_server(
+        {"AGENT_WATCH_MAX_STREAMS": str(WATCHERS + 100), **extra}, args.redis
+    )
+    prewarm(target)
+    contender = _contender(target, pid, hot)
+    before = compare([contender("GetAgent L1, no watchers")])[0]
+    stop = ctx.Event()
+    results = ctx.Queue()
+    readies = [ctx.Event() for _ in range(WATCHER_PROCESSES)]
+    share = WATCHERS // WATCHER_PROCESSES
+    holders = [
+        ctx.Process(
+            target=_watchers, args=(target, metadata, share, ready, stop, results), daemon=True
+        )
+        for ready in readies
+    ]
+    for holder in holders:
+        holder.start()
+    for ready in readies:
+        if not ready.wait(120):
+            raise RuntimeError("the watchers did not all open their streams")
+    during = compare([contender(f"GetAgent L1, {WATCHERS:,} watchers")])[0]
+    # The changes are committed by a small writer process (on the clients' core): rows
+    # appended to the change log as a replica's CreateAgent appends them, each followed by
+    # the Redis wake-up, as in production with several replicas. (A second agent_svc doing
+    # the creates on that core fell behind the 100/s, starved by the watchers' clients.)
+    # Meanwhile, GetAgent on the fanning-out server at a light open-loop rate: what the
+    # fan-out does to a unary call's latency.
+    probe_load = Load(target, GET, hot, metadata, 0, args.duration, args.warmup, rate=200.0)
+    probed = ctx.Queue()
+    prober = ctx.Process(target=_probe, args=(probe_load, probed), daemon=True)
+    prober.start()
+    written = ctx.Queue()
+    seconds = args.duration + args.warmup
+    writer = ctx.Process(
+        target=_change_writer,
+        args=(agent_db, args.redis, owner_id, CHANGES_PER_SECOND, seconds, written),
+        daemon=True,
+    )
+    cpu_before, wall_before = _cpu_seconds(pid), time.monotonic()
+    writer.start()
+    made, lag = written.get(timeout=seconds + 60)
+    writer.join(30)
+    print(
+        f"{f'changes committed @{CHANGES_PER_SECOND:.0f}/s':<30}{made / seconds:>10,.0f}"
+        f"{'':>27}{'':>11}{'':>8}   (writer behind its schedule by up to {lag * 1e3:.0f} ms)",
+        flush=True,
+    )
+    fan_out_cpu = (_cpu_seconds(pid) - cpu_before) / (time.monotonic() - wall_before)
+    ok, errors, probe_latencies, _codes = probed.get(timeout=120)
+    prober.join(30)
+    print(
+        f"{'GetAgent @200/s during fan-out':<30}{ok / args.duration:>10,.0f}"
+        f"{_percentile(probe_latencies, 0.5) * 1e3:>9.2f}"
+        f"{_percentile(probe_latencies, 0.95) * 1e3:>9.2f}"
+        f"{_percentile(probe_latencies, 0.99) * 1e3:>9.2f}{'':>11}{errors:>8}",
+        flush=True,
+    )
+    time.sleep(2)  # the last changes reach the streams
+    stop.set()
+    latencies: list[float] = []
+    messages = sampled_messages = opened = 0
+    for _ in holders:
+        got, sent, sampled_sent, streams = results.get(timeout=120)
+        latencies += got
+        messages += sent
+        sampled_messages += sampled_sent
+        opened += streams
+    for holder in holders:
+        holder.join(30)
+    after = compare([contender("GetAgent L1, watchers closed")])[0]
+    baseline = (before[0].qps + after[0].qps) / 2
+    ratios["L1 with watchers"] = (during[0].qps / baseline, [q / baseline for q in during[1]])
+    committed = made
+    p99 = _percentile(latencies, 0.99)
+    verdict = "met" if p99 < 0.100 else "MISSED"
+    return (
+        f"WatchAgents: {opened:,} streams; {messages:,} messages in all, "
+        f"{len(latencies) / max(1, sampled_messages):.1f} changes per message; the fanning-out "
+        f"server used {fan_out_cpu:.0%} of its core meanwhile; {len(latencies):,} changes "
+        f"timed on {SAMPLED * WATCHER_PROCESSES} sampled streams "
+        f"({committed:,} changes committed); "
+        f"commit-to-delivery p50 {_percentile(latencies, 0.5) * 1e3:.1f} ms, "
+        f"p99 {p99 * 1e3:.1f} ms, max {max(latencies, default=0) * 1e3:.1f} ms "
+        f"(target p99 < 100 ms: {verdict})"
+    )
+
+
+def _change_writer(  # noqa: PLR0917 - a Process target's arguments
+    database_url: str, redis_url: str, owner_id: str, rate: float, seconds: float, out: Any
+) -> None:
+    """Commits `rate` changes a second for `seconds` into agent_svc's change log, each
+    followed by the Redis wake-up; puts (how many, how far behind schedule at worst)."""
+    from datetime import UTC, datetime
+
+    import redis
+
+    from services.agent_svc.domain import Agent
+    from services.agent_svc.infra.changefeed import CHANNEL
+    from services.agent_svc.repository.sql import SqlAgentUnitOfWork
+    from services.agent_svc.service.ports import ChangeKind
+    from shared.data.db import make_engine, session_factory
+
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {(os.cpu_count() or 2) - 1})
+    engine = make_engine(database_url, pool_size=1)
+    sessions = session_factory(engine)
+    client = redis.Redis.from_url(redis_url)
+    owner = uuid.UUID(owner_id)
+    count, worst = 0, 0.0
+    start = time.perf_counter()
+    while (due := start + count / rate) < start + seconds:
+        pause = due - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        worst = max(worst, -pause)
+        now = datetime.now(UTC)
+        agent = Agent(
+            id=uuid.uuid4(),
+            owner_id=owner,
+            name=f"bench-watch-{count}",
+            description="",
+            model="gpt-4o",
+            instructions="You are a benchmark.",
+            tools=(),
+            metadata={},
+            temperature=None,
+            top_p=None,
+            create_time=now,
+            update_time=now,
+        )
+        with SqlAgentUnitOfWork(sessions) as uow:
+            uow.changes.append(ChangeKind.CREATED, agent)
+            uow.commit()
+        client.publish(CHANNEL, b"1")
+        count += 1
+    engine.dispose()
+    out.put((count, worst))
+
+
+def _probe(load: Load, out: Any) -> None:
+    out.put(_client(load))
+
+
+def _contender(target: str, pid: int, hot: list[bytes]) -> Any:
+    def make(label: str) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(label=label, target=target, pid=pid, method=GET, requests=hot)
+
+    return make
 
 
 if __name__ == "__main__":

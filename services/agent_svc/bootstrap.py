@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from agentplatform.agent.v1 import agent_pb2_grpc
@@ -16,13 +18,15 @@ from services.agent_svc.api.convert import serialized_size
 from services.agent_svc.api.servicer import PUBLIC_METHODS, AgentServicer
 from services.agent_svc.domain import Agent
 from services.agent_svc.infra.cache import TwoLevelCache
+from services.agent_svc.infra.changefeed import RedisChangeSignal
 from services.agent_svc.infra.codec import AgentCodec
 from services.agent_svc.infra.revisions import AliasesCodec, RevisionMemory
 from services.agent_svc.jobs import worker_for
 from services.agent_svc.repository.sql import SqlAgentUnitOfWork
 from services.agent_svc.service.agent_service import AgentService
 from services.agent_svc.service.paging import PageTokens
-from services.agent_svc.service.ports import AgentAliases
+from services.agent_svc.service.ports import AgentAliases, ChangeSignal
+from services.agent_svc.service.watch import ChangeHub, Watchers
 from services.agent_svc.settings import AgentSettings
 from shared.config.clock import Clock, SystemClock
 from shared.data.db import make_engine, ping, session_factory, single_statement_sessions
@@ -55,6 +59,7 @@ class AgentApp:
     observability: Observability
     closers: Closers
     keys: KeyProvider
+    hub: ChangeHub | None = None
 
     def ready(self) -> bool:
         """Whether tokens can be verified: the keys were fetched at least once."""
@@ -181,6 +186,41 @@ def _agent_cache(
     return cache
 
 
+WATCH_METHOD = "/agentplatform.agent.v1.AgentService/WatchAgents"
+
+
+def _watch(
+    settings: AgentSettings, read_uow: Any, clock: Clock, closers: Closers
+) -> tuple[ChangeHub, Watchers, ChangeSignal]:
+    """The process's change hub and its streams; the signal that wakes the hubs after a
+    commit: through Redis when configured (every replica), else in process."""
+    hub = ChangeHub(
+        read_uow=read_uow,
+        clock=clock,
+        poll_seconds=settings.watch_poll_seconds,
+        min_interval=settings.watch_batch_seconds,
+        turns=settings.watch_send_slots,
+    )
+    hub.start()
+    closers.add(hub.close)
+    watchers = Watchers(
+        hub,
+        clock=clock,
+        retention_seconds=settings.watch_retention_seconds,
+        heartbeat_seconds=settings.watch_heartbeat_seconds,
+        max_streams=settings.watch_max_streams,
+    )
+    signal: ChangeSignal = hub
+    if settings.common.redis_url:
+        client = make_redis(settings.common.redis_url)
+        closers.add(client.close)
+        redis_signal = RedisChangeSignal(client, hub.changed)
+        redis_signal.start()
+        closers.add(redis_signal.close)
+        signal = redis_signal
+    return hub, watchers, signal
+
+
 def build_app(
     settings: AgentSettings,
     *,
@@ -206,6 +246,9 @@ def build_app(
     sessions = session_factory(engine)
     single_reads = single_statement_sessions(engine)
     caches = _caches(settings, closers, metrics)
+    hub, watchers, signal = _watch(
+        settings, lambda: SqlAgentUnitOfWork(single_reads), clock, closers
+    )
     service = AgentService(
         uow=lambda: SqlAgentUnitOfWork(sessions),
         read_uow=lambda: SqlAgentUnitOfWork(single_reads),
@@ -221,6 +264,8 @@ def build_app(
         agent_size=serialized_size,
         request_id_ttl_seconds=settings.request_id_ttl_seconds,
         max_agents_per_owner=settings.max_agents_per_owner,
+        changes=signal,
+        watchers=watchers,
     )
     revocations = Revocations()
     if keys is None:
@@ -243,7 +288,7 @@ def build_app(
     )
     metrics.declare(metrics.revocation_polls, ("ok",), ("error",))
     metrics.declare(metrics.jwks_fetches, ("ok",), ("error",))
-    return AgentApp(settings, engine, service, verifier, observability, closers, keys)
+    return AgentApp(settings, engine, service, verifier, observability, closers, keys, hub)
 
 
 def request_path_for(app: AgentApp) -> RequestPath:
@@ -259,17 +304,30 @@ def build_server(app: AgentApp) -> RunningServer:
     auth_svc is down stays out of its Service until the keys arrive, and one that has them
     keeps serving while auth_svc or the database is down (cache hits need neither). The
     database's state is the named health service "database"."""
+    path = request_path_for(app)
+    # WatchAgents streams hold a thread each for their whole life: a pool of their own
+    # (their count is limited by AGENT_WATCH_MAX_STREAMS; a few more threads answer the
+    # ones over the limit), so unary calls keep the server's worker threads.
+    streams = app.settings.watch_max_streams
+    pool = futures.ThreadPoolExecutor(max_workers=streams + 8, thread_name_prefix="watch")
+    path.run_on(WATCH_METHOD, pool)
     running = create_server(
         app.settings.common,
         register=lambda registrar: agent_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(app.service), registrar
         ),
         service_names=[SERVICE_NAME],
-        request_path=request_path_for(app),
+        request_path=path,
         interceptors=app.observability.server_interceptors(),
         is_ready=app.ready,
         dependencies={"database": lambda: ping(app.engine)},
+        extra_concurrent_rpcs=streams + 8,
     )
+    if app.hub is not None:
+        # Streams end (UNAVAILABLE, SHUTTING_DOWN) as soon as the server takes no new
+        # calls: their clients resume on another replica at once.
+        running.on_drain.append(app.hub.close)
+    running.on_stop.append(lambda: pool.shutdown(wait=False))
     app.observability.attach(running)
     running.on_stop.append(app.close)
     if app.settings.common.worker_in_process:

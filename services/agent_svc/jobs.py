@@ -6,8 +6,12 @@ agent.deleted.purge        soft-deleted agents past their expire_time (AIP-164),
                            their revisions and aliases: a batch per transaction, the
                            purged agents returned by the repository (one change-log
                            event each can join that transaction); then their cache
-                           entries are invalidated on every replica (when Redis is
-                           configured; otherwise the serving replicas' L1 TTL bounds it)
+                           entries are invalidated on every replica and their watch
+                           hubs woken (when Redis is configured; otherwise the serving
+                           replicas' L1 TTL bounds it, and the hubs' poll); each purge is
+                           a PURGED event of WatchAgents, in its batch's transaction
+agent.changes.purge        change-log rows past AGENT_WATCH_RETENTION_SECONDS (plus a
+                           margin, service/watch.py): resume tokens that old are refused
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.agent_svc.domain import Agent
 from services.agent_svc.infra.cache import TwoLevelCache
+from services.agent_svc.infra.changefeed import CHANNEL as CHANGES_CHANNEL
 from services.agent_svc.infra.codec import AgentCodec
 from services.agent_svc.infra.revisions import AliasesCodec
 from services.agent_svc.repository.models import CreateRequestRow
-from services.agent_svc.repository.sql import SqlAgentUnitOfWork
-from services.agent_svc.service.ports import AgentAliases
+from services.agent_svc.repository.sql import SqlAgentUnitOfWork, SqlChangeLogRepository
+from services.agent_svc.service.ports import AgentAliases, ChangeKind
+from services.agent_svc.service.watch import PURGE_MARGIN
 from services.agent_svc.settings import AgentSettings
 from shared.config.clock import Clock, SystemClock
 from shared.data.db import session_factory
@@ -43,6 +49,7 @@ def agent_jobs(
     clock: Clock,
     request_id_ttl_seconds: float,
     on_purged: Callable[[list[uuid.UUID]], None] | None = None,
+    watch_retention_seconds: float = 3600.0,
 ) -> list[Job]:
     def request_ids() -> dict[str, int]:
         before = clock.now() - timedelta(seconds=request_id_ttl_seconds)
@@ -69,6 +76,8 @@ def agent_jobs(
         def one_batch(limit: int) -> int:
             with SqlAgentUnitOfWork(sessions) as uow:
                 purged = uow.agents.purge_expired(now=now, limit=limit)
+                for agent in purged:  # each purge is an event of the change feed
+                    uow.changes.append(ChangeKind.PURGED, agent)
                 uow.commit()
             if purged and on_purged is not None:
                 on_purged([agent.id for agent in purged])
@@ -76,9 +85,19 @@ def agent_jobs(
 
         return {"purged": purge_in_batches(one_batch)}
 
+    def changes() -> dict[str, int]:
+        before = clock.now() - timedelta(seconds=watch_retention_seconds) - PURGE_MARGIN
+
+        def one_batch(limit: int) -> int:
+            with sessions.begin() as session:
+                return SqlChangeLogRepository(session).purge(changed_before=before, limit=limit)
+
+        return {"deleted": purge_in_batches(one_batch)}
+
     return [
         Job("agent.request_ids.purge", request_ids),
         Job("agent.deleted.purge", deleted_agents),
+        Job("agent.changes.purge", changes),
     ]
 
 
@@ -110,6 +129,8 @@ def _cache_invalidator(settings: AgentSettings) -> Callable[[list[uuid.UUID]], N
         for agent_id in ids:
             agents.invalidate(agent_id)
             aliases.invalidate(agent_id)
+        # The purges are in the change log: wake the watch hubs (they poll it anyway).
+        client.publish(CHANGES_CHANNEL, b"1")
 
     return invalidate
 
@@ -122,6 +143,7 @@ def worker_for(
         clock=clock,
         request_id_ttl_seconds=settings.request_id_ttl_seconds,
         on_purged=_cache_invalidator(settings),
+        watch_retention_seconds=settings.watch_retention_seconds,
     )
     return make_worker(jobs, engine=engine, settings=settings.common, observability=observability)
 

@@ -7,6 +7,7 @@
     ├── NotFound             NOT_FOUND
     ├── AlreadyExists        ALREADY_EXISTS
     ├── Aborted              ABORTED           (etag mismatch, lost race)
+    ├── FailedPrecondition   FAILED_PRECONDITION (the system is not in the state the call needs)
     ├── ResourceExhausted    RESOURCE_EXHAUSTED (+ RetryInfo, + QuotaFailure for a quota)
     ├── Unavailable          UNAVAILABLE        (+ RetryInfo)
     └── Internal             INTERNAL           (never carries internals to the wire)

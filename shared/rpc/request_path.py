@@ -428,6 +428,13 @@ class RequestPath:
         # The library's unary methods (health checks) run on a small pool of their own, so
         # a probe never queues behind a saturated pool of worker threads.
         self._library_pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
+        self._pools: dict[str, futures.ThreadPoolExecutor] = {}
+
+    def run_on(self, method: str, pool: futures.ThreadPoolExecutor) -> None:
+        """Runs a method's calls on a pool of their own (before the handler is wrapped): a
+        long-lived stream holds its thread for its whole life, and must not take the
+        worker threads unary calls need."""
+        self._pools[method] = pool
 
     def is_public(self, method: str) -> bool:
         return method in self._public or method.startswith(PUBLIC_SERVICES)
@@ -443,7 +450,7 @@ class RequestPath:
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._unary_stream(method, handler),
-                response_serializer=handler.response_serializer,
+                response_serializer=_bytes_or(handler.response_serializer),
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
@@ -580,19 +587,55 @@ class RequestPath:
         decode = handler.request_deserializer or _identity
         own = method.startswith(OWN_SERVICES_PREFIX)
 
+        status_of = self._status_of
+        metrics = self._metrics
+        stats = metrics.method(method, "server_stream")
+
+        def answers(responses: Iterator[Any], ctx: CallContext, context: Any) -> Iterator[Any]:
+            """The responses; an error the servicer raises on the way is answered as a
+            unary call's is (its status and details). Counted and logged when it ends (a
+            stream the client left ends when grpcio lets go of it: CANCELLED)."""
+            started = perf_counter()
+            metrics.started(stats)
+            code = _OK
+            try:
+                yield from responses
+            except GeneratorExit:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                status = status_of(exc, ctx, context, method)
+                if status is None:
+                    code = context.code() or _UNKNOWN
+                    raise
+                code = status.code
+                _abort(context, status)
+            finally:
+                if code is _OK and not _active(context):  # the client left: it ended us
+                    code = grpc.StatusCode.CANCELLED
+                elapsed = perf_counter() - started
+                metrics.handled(stats, code, elapsed)
+                if _access.isEnabledFor(_LEVELS[code]):
+                    _access_log(method, code, elapsed, ctx, context, level=_LEVELS[code])
+
         def call(raw: bytes, context: Any, *callback: Any) -> Any:
             try:
                 request = decode(raw)
             except Exception:
                 self._fail(_malformed(), CallContext(context), context)
             ctx = self._streaming_call(method, context)
-            return behavior(request, ctx if own else context, *callback)
+            responses = behavior(request, ctx if own else context, *callback)
+            if own and not callback:
+                return answers(responses, ctx, context)
+            return responses
 
         # The health service's Watch is "non-blocking" (it answers through a callback, on a
         # pool of its own): the wrapper keeps those markers for grpcio to see.
         for name in ("experimental_non_blocking", "experimental_thread_pool"):
             if hasattr(behavior, name):
                 setattr(call, name, getattr(behavior, name))
+        if method in self._pools:
+            call.experimental_thread_pool = self._pools[method]  # type: ignore[attr-defined]
         return call
 
     def _streaming_requests(
@@ -632,6 +675,23 @@ class RequestPath:
 
 def _identity(value: Any) -> Any:
     return value
+
+
+def _active(context: Any) -> bool:
+    """Whether the call is still on (a test double without `is_active` says it is)."""
+    is_active = getattr(context, "is_active", None)
+    return True if is_active is None else bool(is_active())
+
+
+def _bytes_or(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
+    """A stream's serializer that passes through a response the servicer encoded already
+    (a fan-out encodes each change once for all its streams)."""
+    encode = serializer or _identity
+
+    def serialize(response: Any) -> bytes:
+        return response if type(response) is bytes else encode(response)
+
+    return serialize
 
 
 def _given_request_id(context: Any) -> str | None:

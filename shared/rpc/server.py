@@ -139,6 +139,10 @@ class RunningServer:
     """Run by `start()` before the server starts (e.g. the metrics endpoint)."""
     on_stop: list[Callable[[], None]] = field(default_factory=list)
     """Run once in-flight calls have drained, in order."""
+    on_drain: list[Callable[[], None]] = field(default_factory=list)
+    """Run as soon as the server takes no new calls (after the NOT_SERVING delay): ends
+    long-lived streams (UNAVAILABLE) so their clients resume on another replica at once
+    instead of at the end of the grace period."""
     readiness_interval: float = 0.5
     dependency_interval: float = 5.0
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -227,6 +231,11 @@ class RunningServer:
         if in_flight:
             _log.info("stopping: %d calls in flight get up to %.1fs", in_flight, grace)
         stopped = self.server.stop(0 if self._forced.is_set() else grace + END_MARGIN_SECONDS)
+        for callback in self.on_drain:
+            try:
+                callback()
+            except Exception:
+                _log.exception("error while ending streams")
         drained = self._wait_forced_or(lambda: self.in_flight.wait_idle(0.1), grace)
         if not drained:
             ended = self.in_flight.terminate()
@@ -297,16 +306,19 @@ def create_server(
     is_ready: Callable[[], bool],
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     dependencies: Mapping[str, Callable[[], bool]] | None = None,
+    extra_concurrent_rpcs: int = 0,
 ) -> RunningServer:
     """A sync thread-pool server with health, reflection and the request path, bound.
     `register(registrar)` adds the service's handlers (as `add_XServicer_to_server` does);
-    `interceptors` are grpc.ServerInterceptors outside the request path (tracing)."""
+    `interceptors` are grpc.ServerInterceptors outside the request path (tracing);
+    `extra_concurrent_rpcs`: calls allowed beyond `max_concurrent_rpcs` (long-lived streams
+    on pools of their own, limited by their own count)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=settings.max_workers, thread_name_prefix=settings.service
         ),
         interceptors=list(interceptors) or None,
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs + extra_concurrent_rpcs,
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.keepalive_permit_without_calls", 1),

@@ -104,7 +104,7 @@ def test_the_kit_reads_only_metrics_the_services_export(tmp_path: Path) -> None:
             )
             processes.append(worker)
         for worker, last_job in zip(
-            processes[2:], ("auth.signing_keys.maintain", "agent.request_ids.purge"), strict=True
+            processes[2:], ("auth.signing_keys.maintain", "agent.changes.purge"), strict=True
         ):
             worker.wait_logged(f"job {last_job}: done")
         families = {name: scrape(port) for name, port in metrics.items()}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
 
 from services.agent_svc.api.convert import agent_input, agent_to_proto, get_agent_response
+from services.agent_svc.api.watch_wire import ChangeEncoder
 from services.agent_svc.service.agent_service import AgentService
 from services.agent_svc.service.models import ModelEntry
 from shared.rpc.request_path import principal_of
@@ -27,8 +29,9 @@ def model_to_proto(entry: ModelEntry, agent_count: int = 0) -> agent_pb2.Model:
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, service: AgentService) -> None:
+    def __init__(self, service: AgentService, encoder: ChangeEncoder | None = None) -> None:
         self._service = service
+        self._encoder = encoder or ChangeEncoder()
 
     def CreateAgent(
         self, request: agent_pb2.CreateAgentRequest, context: Any
@@ -164,3 +167,16 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             principal=principal_of(context), agent_id=request.id, alias=request.alias
         )
         return agent_pb2.UntagAgentRevisionResponse()
+
+    def WatchAgents(  # type: ignore[override]  # yields encoded responses (watch_wire)
+        self, request: agent_pb2.WatchAgentsRequest, context: Any
+    ) -> Iterator[bytes]:
+        stream = self._service.watch(
+            principal=principal_of(context),
+            filter=request.filter,
+            resume_token=request.resume_token,
+        )
+        if not context.add_callback(stream.cancel):  # the call is over already
+            stream.cancel()
+        for batch in stream:
+            yield self._encoder.batch(batch)

@@ -12,6 +12,13 @@
   request id (AIP-155): the request's fingerprint and the response, the agent as created,
   encoded. Kept apart from the agents so a replay still finds it after the agent was
   updated or deleted; expired rows are deleted by `create_time`.
+- `agent_changes`: the change log WatchAgents streams (service/watch.py): one row per
+  committed change of an agent, written in the change's own transaction, numbered by
+  `seq` in commit order (on PostgreSQL each append first takes a transaction-level
+  advisory lock, so sequence numbers are handed out, and become visible, in the order
+  the transactions commit; SQLite has one writer at a time anyway; AUTOINCREMENT there so
+  a number is never reused after the newest rows are purged). Rows older than the
+  retention window are deleted by `change_time`.
 
 Indexes follow the list queries: a user's list filters on owner_id and orders by
 (create_time | update_time | name, id) with a keyset condition `(column, id) > (…)`, so
@@ -29,6 +36,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Float,
     Index,
@@ -46,6 +54,7 @@ __all__ = [
     "AgentBase",
     "AgentRevisionRow",
     "AgentRow",
+    "ChangeRow",
     "CreateRequestRow",
     "OwnerCountRow",
 ]
@@ -159,3 +168,27 @@ class CreateRequestRow(AgentBase):
     agent_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     response: Mapped[str] = mapped_column(Text)
     create_time: Mapped[datetime] = mapped_column(Timestamp)
+
+
+# BIGINT on PostgreSQL; SQLite needs INTEGER for its rowid alias (AUTOINCREMENT).
+SEQ_TYPE = BigInteger().with_variant(Integer, "sqlite")
+
+
+class ChangeRow(AgentBase):
+    __tablename__ = "agent_changes"
+    __table_args__ = (
+        Index("ix_agent_changes_change_time", "change_time"),
+        {"sqlite_autoincrement": True},
+    )
+
+    seq: Mapped[int] = mapped_column(SEQ_TYPE, primary_key=True, autoincrement=True)
+    # created, updated, deleted, undeleted, purged (ChangeKind's values).
+    kind: Mapped[str] = mapped_column(String(16))
+    agent_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    owner_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    # The agent after the change (the last known one for a purge), as the versioned JSON
+    # of agent_create_requests.response; the filterable fields before an update ("name",
+    # "model", "metadata"), null when unknown.
+    agent: Mapped[str] = mapped_column(Text)
+    previous: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    change_time: Mapped[datetime] = mapped_column(Timestamp)

@@ -30,6 +30,7 @@ from sqlalchemy import (
     insert,
     literal,
     select,
+    text,
     tuple_,
     update,
 )
@@ -41,6 +42,7 @@ from services.agent_svc.repository.models import (
     AgentAliasRow,
     AgentRevisionRow,
     AgentRow,
+    ChangeRow,
     CreateRequestRow,
     OwnerCountRow,
 )
@@ -55,7 +57,10 @@ from services.agent_svc.service.filtering import (
 )
 from services.agent_svc.service.ports import (
     AgentQuery,
+    Change,
+    ChangeKind,
     CreateRecord,
+    FilterFields,
     NameTaken,
     QuotaExceeded,
     RequestReplayed,
@@ -66,6 +71,7 @@ from shared.data.db import SqlUnitOfWork
 __all__ = [
     "SqlAgentRepository",
     "SqlAgentUnitOfWork",
+    "SqlChangeLogRepository",
     "SqlCreateRequestRepository",
     "SqlRevisionRepository",
 ]
@@ -656,12 +662,105 @@ class SqlRevisionRepository:
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+# The key of the transaction-level advisory lock every append takes on PostgreSQL (any
+# constant of our own: "agchange" in ASCII).
+CHANGE_LOG_LOCK = 0x61676368616E6765
+_CHANGES = ChangeRow.__table__
+_KINDS = {kind.value: kind for kind in ChangeKind}
+
+
+class SqlChangeLogRepository:
+    """The change log (agent_changes). Commit order on PostgreSQL: a sequence hands out
+    numbers when rows are inserted, not when transactions commit, so without more a
+    reader could see 8 committed while 7, taken earlier, is still in flight, move past
+    it, and never deliver it. Each append therefore first takes one transaction-level
+    advisory lock (released at commit or rollback): the appending transactions of the
+    whole cluster take their numbers one at a time and commit in that order (PostgreSQL
+    makes a commit visible before it releases the transaction's locks), so the committed
+    rows are always a prefix of the numbers handed out and `after(seq)` never skips one.
+    The cost: appends are serialized from the append to the commit (services append as
+    their last statement, so that is the commit itself). SQLite has one writer anyway."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def append(self, kind: ChangeKind, agent: Agent, *, previous: Agent | None = None) -> None:
+        session = self._session
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHANGE_LOG_LOCK})
+        session.execute(
+            insert(ChangeRow).values(
+                kind=kind.value,
+                agent_id=agent.id,
+                owner_id=agent.owner_id,
+                agent=_encode_response(agent),
+                previous=(
+                    {
+                        "name": previous.name,
+                        "model": previous.model,
+                        "metadata": dict(previous.metadata),
+                    }
+                    if previous is not None
+                    else None
+                ),
+                change_time=utc_now(),  # the writer's clock: what the retention window counts
+            )
+        )
+
+    def after(self, seq: int, *, limit: int) -> list[Change]:
+        rows = self._session.connection().execute(
+            select(
+                _CHANGES.c.seq,
+                _CHANGES.c.kind,
+                _CHANGES.c.agent,
+                _CHANGES.c.previous,
+                _CHANGES.c.change_time,
+            )
+            .where(_CHANGES.c.seq > seq)
+            .order_by(_CHANGES.c.seq)
+            .limit(limit)
+        )
+        return [
+            Change(
+                seq=row_seq,
+                kind=_KINDS[kind],
+                agent=_decode_response(agent),
+                time=_utc(change_time),
+                previous=(
+                    FilterFields(previous["name"], previous["model"], dict(previous["metadata"]))
+                    if previous
+                    else None
+                ),
+            )
+            for row_seq, kind, agent, previous, change_time in rows
+        ]
+
+    def head(self) -> int:
+        value = self._session.execute(select(func.max(ChangeRow.seq))).scalar()
+        return int(value or 0)
+
+    def purge(self, *, changed_before: datetime, limit: int) -> int:
+        oldest = select(ChangeRow.seq).where(ChangeRow.change_time < changed_before).limit(limit)
+        result = self._session.execute(
+            delete(ChangeRow)
+            .where(ChangeRow.seq.in_(oldest))
+            .execution_options(synchronize_session=False)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 class SqlAgentUnitOfWork(SqlUnitOfWork):
     agents: SqlAgentRepository
     create_requests: SqlCreateRequestRepository
     revisions: SqlRevisionRepository
+    changes: SqlChangeLogRepository
 
     def _open_repositories(self, session: Session) -> None:
         self.agents = SqlAgentRepository(session)
         self.create_requests = SqlCreateRequestRepository(session)
         self.revisions = SqlRevisionRepository(session)
+        self.changes = SqlChangeLogRepository(session)

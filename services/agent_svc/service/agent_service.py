@@ -82,6 +82,8 @@ from services.agent_svc.service.ports import (
     AgentQuery,
     AgentUnitOfWork,
     AliasCache,
+    ChangeKind,
+    ChangeSignal,
     CreateRecord,
     NameTaken,
     QuotaExceeded,
@@ -90,12 +92,14 @@ from services.agent_svc.service.ports import (
 )
 from services.agent_svc.service.sizing import agent_size, framed
 from services.agent_svc.service.validation import check_agent, reported, shown
+from services.agent_svc.service.watch import Watchers, WatchStream
 from shared.config.clock import Clock
 from shared.rpc.errors import (
     Aborted,
     AlreadyExists,
     FailedPrecondition,
     FieldViolation,
+    Internal,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -359,6 +363,8 @@ class AgentService:
         deleted_retention_seconds: float = 30 * 86_400.0,
         alias_cache: AliasCache | None = None,
         revision_cache: RevisionCache | None = None,
+        changes: ChangeSignal | None = None,
+        watchers: Watchers | None = None,
     ) -> None:
         if revisions_kept < 1:
             raise ValueError("revisions_kept must be at least 1 (the current revision)")
@@ -381,6 +387,16 @@ class AgentService:
         self._revision_cache: RevisionCache = (
             _ReadThrough() if revision_cache is None else revision_cache
         )
+        # Told after every commit that logged a change (the watch hubs read the log then).
+        self._changes = changes
+        self._watchers = watchers
+
+    def _changed(self) -> None:
+        if self._changes is not None:
+            try:
+                self._changes.changed()
+            except Exception:  # the hubs poll the log anyway: a lost signal only delays
+                _log.warning("could not signal a change to the watch hubs", exc_info=True)
 
     # -- create and read ----------------------------------------------------------------
 
@@ -414,7 +430,9 @@ class AgentService:
             except QuotaExceeded:
                 raise self._quota_exceeded(caller.id) from None
             uow.revisions.add(new.current_revision, keep=self._revisions_kept)
+            uow.changes.append(ChangeKind.CREATED, new)
             uow.commit()
+        self._changed()
         return new
 
     def _check(self, agent: AgentInput) -> None:
@@ -759,7 +777,9 @@ class AgentService:
         if not stored:
             return None
         uow.revisions.add(updated.current_revision, keep=self._revisions_kept)
+        uow.changes.append(ChangeKind.UPDATED, updated, previous=current)
         uow.commit()
+        self._changed()
         return updated
 
     def rollback(
@@ -835,11 +855,13 @@ class AgentService:
                 deleted = current.soft_deleted(now=now, expire_time=now + self._deleted_retention)
                 if not uow.agents.soft_delete(deleted, expected_revision=current.revision):
                     return None
+                uow.changes.append(ChangeKind.DELETED, deleted)
                 uow.commit()
             return deleted
 
         deleted = self._until_stored(attempt, etag)
         self._cache.invalidate(key)
+        self._changed()
         return deleted
 
     def undelete(self, *, principal: Principal, agent_id: str, etag: str = "") -> Agent:
@@ -868,11 +890,13 @@ class AgentService:
                     raise self._quota_exceeded(current.owner_id) from None
                 if not stored:
                     return None
+                uow.changes.append(ChangeKind.UNDELETED, restored)
                 uow.commit()
             return restored
 
         restored = self._until_stored(attempt, etag)
         self._cache.invalidate(key)
+        self._changed()
         return restored
 
     @staticmethod
@@ -903,13 +927,29 @@ class AgentService:
                 purged = uow.agents.purge(key, expected_revision=current.revision)
                 if purged is None:
                     return None
+                uow.changes.append(ChangeKind.PURGED, purged)
                 uow.commit()
             return purged
 
         purged = self._until_stored(attempt, etag)
         self._cache.invalidate(key)
         self._alias_cache.invalidate(key)
+        self._changed()
         return purged
+
+    # -- watch --------------------------------------------------------------------------
+
+    def watch(
+        self, *, principal: Principal, filter: str = "", resume_token: str = ""
+    ) -> WatchStream:
+        """A stream of the committed changes the caller may see, filtered like a list
+        (see services.agent_svc.service.watch)."""
+        caller = _caller(principal, AGENTS_READ)
+        if self._watchers is None:
+            raise Internal("WatchAgents is not configured on this server")
+        return self._watchers.open(
+            viewer=caller.id, is_admin=caller.is_admin, filter=filter, resume_token=resume_token
+        )
 
 
 def _binding(

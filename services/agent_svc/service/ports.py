@@ -6,6 +6,7 @@ these; unit tests pass in-memory fakes.
 
 from __future__ import annotations
 
+import enum
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +25,13 @@ __all__ = [
     "AgentRepository",
     "AgentUnitOfWork",
     "AliasCache",
+    "Change",
+    "ChangeKind",
+    "ChangeLogRepository",
+    "ChangeSignal",
     "CreateRecord",
     "CreateRequestRepository",
+    "FilterFields",
     "NameTaken",
     "QuotaExceeded",
     "RequestReplayed",
@@ -186,6 +192,69 @@ class CreateRequestRepository(Protocol):
         ...
 
 
+class ChangeKind(enum.Enum):
+    """What happened to an agent (a row of the change log WatchAgents streams)."""
+
+    CREATED = "created"
+    UPDATED = "updated"
+    DELETED = "deleted"
+    UNDELETED = "undeleted"
+    PURGED = "purged"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One committed change, as the change log gives it back."""
+
+    seq: int
+    """Its place in commit order (increasing; gaps are possible)."""
+    kind: ChangeKind
+    agent: Agent
+    """The agent after the change (PURGED: the last known one)."""
+    time: datetime
+    previous: FilterFields | None = None
+    """UPDATED: the filterable fields before the change, when known."""
+
+
+@dataclass(frozen=True, slots=True)
+class FilterFields:
+    """What a watch filter looks at, besides the owner (which never changes)."""
+
+    name: str
+    model: str
+    metadata: dict[str, str]
+
+
+class ChangeLogRepository(Protocol):
+    """The change log: appended in the changing transaction, read in commit order."""
+
+    def append(self, kind: ChangeKind, agent: Agent, *, previous: Agent | None = None) -> None:
+        """Logs a change of `agent` (as it is after the change; PURGED: the last known
+        one) in this unit of work's transaction: it exists if and only if the transaction
+        commits. `previous`: the agent before an update, when the caller has it (an update
+        that takes an agent out of a watcher's filter still reaches that watcher)."""
+        ...
+
+    def after(self, seq: int, *, limit: int) -> list[Change]:
+        """Up to `limit` committed changes with a sequence number above `seq`, in order.
+        Never skips one: a change that commits later always has a higher number."""
+        ...
+
+    def head(self) -> int:
+        """The highest committed sequence number (0: none yet)."""
+        ...
+
+    def purge(self, *, changed_before: datetime, limit: int) -> int:
+        """Deletes up to `limit` changes made before `changed_before`; how many."""
+        ...
+
+
+class ChangeSignal(Protocol):
+    """Tells the watch hubs of every replica that the change log has new rows."""
+
+    def changed(self) -> None: ...
+
+
 class AgentUnitOfWork(UnitOfWork, Protocol):
     """One transaction over the agent repositories (see shared.data.uow.UnitOfWork)."""
 
@@ -197,6 +266,9 @@ class AgentUnitOfWork(UnitOfWork, Protocol):
 
     @property
     def revisions(self) -> RevisionRepository: ...
+
+    @property
+    def changes(self) -> ChangeLogRepository: ...
 
 
 class AgentCache(Protocol):

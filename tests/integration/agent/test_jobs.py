@@ -1,5 +1,6 @@
-"""agent_svc's background job on SQLite and PostgreSQL: request ids past their window go,
-the others stay (a replay within the window still gets its first response)."""
+"""agent_svc's background jobs on SQLite and PostgreSQL: request ids past their window go,
+the others stay (a replay within the window still gets its first response); change-log rows
+past the watch retention (and its margin) go, the others stay."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from services.agent_svc.repository.models import (
     AgentAliasRow,
     AgentRevisionRow,
     AgentRow,
+    ChangeRow,
     CreateRequestRow,
 )
 from services.agent_svc.repository.sql import SqlAgentUnitOfWork
+from services.agent_svc.service.watch import PURGE_MARGIN
 from tests.helpers import FakeClock
 
 NOW = datetime(2031, 6, 1, 12, 0, tzinfo=UTC)
@@ -39,7 +42,7 @@ def test_request_ids_past_their_window_are_purged(sessions: sessionmaker[Session
             )
             for name, age in ages.items()
         )
-    job, _ = agent_jobs(sessions, clock=FakeClock(NOW), request_id_ttl_seconds=86_400)
+    job, *_ = agent_jobs(sessions, clock=FakeClock(NOW), request_id_ttl_seconds=86_400)
     assert job.name == "agent.request_ids.purge"
     assert dict(job.run()) == {"deleted": 2}
     with sessions() as session:
@@ -66,7 +69,7 @@ def test_deleted_agents_past_their_expire_time_go_with_their_revisions(
         uow.revisions.set_alias(agents["expired"].id, "prod", 1, now=NOW, by="")
         uow.commit()
     purged: list[uuid.UUID] = []
-    _, job = agent_jobs(
+    _, job, _ = agent_jobs(
         sessions, clock=FakeClock(NOW), request_id_ttl_seconds=86_400, on_purged=purged.extend
     )
     assert job.name == "agent.deleted.purge"
@@ -79,4 +82,34 @@ def test_deleted_agents_past_their_expire_time_go_with_their_revisions(
             agents["alive"].id,
         }
         assert session.scalars(select(AgentAliasRow.alias)).all() == []
+        # Each purge is a WatchAgents event, committed with it.
+        assert session.execute(select(ChangeRow.kind, ChangeRow.agent_id)).all() == [
+            ("purged", agents["expired"].id)
+        ]
     assert dict(job.run()) == {"purged": 0}
+
+
+def test_changes_past_the_watch_retention_and_its_margin_are_purged(
+    sessions: sessionmaker[Session],
+) -> None:
+    window = timedelta(seconds=3600) + PURGE_MARGIN
+    ages = {"old": window * 2, "just past": window + timedelta(seconds=1), "kept": window / 2}
+    with sessions.begin() as session:
+        session.add_all(
+            ChangeRow(
+                kind="created",
+                agent_id=uuid.uuid4(),
+                owner_id=uuid.uuid4(),
+                agent="{}",
+                change_time=NOW - age,
+            )
+            for age in ages.values()
+        )
+    _request_ids, _deleted, job = agent_jobs(
+        sessions, clock=FakeClock(NOW), request_id_ttl_seconds=86_400, watch_retention_seconds=3600
+    )
+    assert job.name == "agent.changes.purge"
+    assert dict(job.run()) == {"deleted": 2}
+    with sessions() as session:
+        assert len(session.scalars(select(ChangeRow.seq)).all()) == 1
+    assert dict(job.run()) == {"deleted": 0}

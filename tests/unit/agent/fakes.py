@@ -32,7 +32,10 @@ from services.agent_svc.service.paging import PageTokens
 from services.agent_svc.service.ports import (
     AgentAliases,
     AgentQuery,
+    Change,
+    ChangeKind,
     CreateRecord,
+    FilterFields,
     NameTaken,
     QuotaExceeded,
     RequestReplayed,
@@ -54,6 +57,7 @@ class State:
     create_requests: dict[tuple[uuid.UUID, uuid.UUID], CreateRecord] = field(default_factory=dict)
     revisions: dict[tuple[uuid.UUID, int], AgentRevision] = field(default_factory=dict)
     aliases: dict[uuid.UUID, dict[str, int]] = field(default_factory=dict)
+    changes: list[Change] = field(default_factory=list)
 
 
 def _matches(agent: Agent, condition: Condition) -> bool:
@@ -237,6 +241,37 @@ class FakeRevisions:
         return self._state.aliases.get(agent_id, {}).pop(alias, None) is not None
 
 
+class FakeChanges:
+    """The change log: numbered at append (a rolled-back unit of work drops its rows with
+    the rest of its state, so numbers of a rollback are gaps, as with a sequence)."""
+
+    def __init__(self, state: State, database: FakeDatabase) -> None:
+        self._state = state
+        self._database = database
+
+    def append(self, kind: ChangeKind, agent: Agent, *, previous: Agent | None = None) -> None:
+        self._database.last_seq += 1
+        before = (
+            FilterFields(previous.name, previous.model, dict(previous.metadata))
+            if previous is not None
+            else None
+        )
+        time = self._database.clock_now() if self._database.clock_now else agent.update_time
+        self._state.changes.append(Change(self._database.last_seq, kind, agent, time, before))
+
+    def after(self, seq: int, *, limit: int) -> list[Change]:
+        return [c for c in self._state.changes if c.seq > seq][:limit]
+
+    def head(self) -> int:
+        return max((c.seq for c in self._state.changes), default=0)
+
+    def purge(self, *, changed_before: datetime, limit: int) -> int:
+        old = [c for c in self._state.changes if c.time < changed_before][:limit]
+        for change in old:
+            self._state.changes.remove(change)
+        return len(old)
+
+
 class FakeCreateRequests:
     def __init__(self, state: State, database: FakeDatabase) -> None:
         self._state = state
@@ -294,6 +329,8 @@ class FakeDatabase(SnapshotDatabase[State]):
         # "invalidate <id>"): RecordingCache writes here too when it is given this list.
         self.events: list[str] = []
         self.interference: list[Callable[[], None]] = []
+        self.last_seq = 0
+        self.clock_now: Callable[[], datetime] | None = None
 
     def unit_of_work(self) -> FakeUnitOfWork:
         return FakeUnitOfWork(self)
@@ -339,6 +376,10 @@ class FakeUnitOfWork(SnapshotUnitOfWork[State]):
     @property
     def revisions(self) -> FakeRevisions:
         return FakeRevisions(self._state, self._database)
+
+    @property
+    def changes(self) -> FakeChanges:
+        return FakeChanges(self._state, self._database)
 
 
 class RecordingCache:

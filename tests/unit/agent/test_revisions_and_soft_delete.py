@@ -390,3 +390,36 @@ def test_purge_needs_the_admin_scope_and_removes_everything(world: World) -> Non
             get(world, owner, ref)
     with pytest.raises(NotFound):
         world.service.purge(principal=admin(), agent_id=str(uuid.uuid4()))
+
+
+# -- the change feed ------------------------------------------------------------------------
+
+
+def test_every_lifecycle_change_is_an_event_of_the_change_log_in_its_transaction(
+    world: World,
+) -> None:
+    """WatchAgents' log gets an event, in the change's own unit of work, for each create,
+    update, rollback, delete, undelete and purge; a refused change logs nothing."""
+    owner, root = user(), admin()
+    versions = edited_three_times(world, owner)
+    agent_id = str(versions[0].id)
+    world.service.rollback(principal=owner, agent_id=agent_id, revision_id="1")
+    world.service.tag(principal=owner, agent_id=agent_id, revision_id="2", alias="prod")
+    world.service.delete(principal=owner, agent_id=agent_id)
+    with pytest.raises(FailedPrecondition):  # a deleted agent cannot be rolled back
+        world.service.rollback(principal=owner, agent_id=agent_id, revision_id="2")
+    world.service.undelete(principal=owner, agent_id=agent_id)
+    world.service.purge(principal=root, agent_id=agent_id)
+    changes = world.database.committed.changes
+    assert [c.kind.value for c in changes] == [
+        "created",
+        *["updated"] * 4,  # three edits and the rollback (a tag changes no configuration)
+        "deleted",
+        "undeleted",
+        "purged",
+    ]
+    assert {c.agent.id for c in changes} == {versions[0].id}
+    assert changes[4].agent.description == "v1"  # the rollback's content
+    assert changes[5].agent.delete_time is not None
+    assert changes[6].agent.delete_time is None
+    assert [c.seq for c in changes] == sorted(c.seq for c in changes)

@@ -34,6 +34,36 @@ def test_dev_defaults() -> None:
     assert len(settings.page_token_secret) >= 32
 
 
+def test_watch_defaults_and_overrides() -> None:
+    settings = load_agent_settings({})
+    assert settings.watch_retention_seconds == 3_600.0
+    assert settings.watch_max_streams == 1_000
+    assert settings.watch_heartbeat_seconds == 15.0
+    assert settings.watch_poll_seconds == 1.0
+    assert settings.watch_batch_seconds == 0.02
+    assert settings.watch_send_slots == 1
+    changed = load_agent_settings(
+        {
+            "AGENT_WATCH_RETENTION_SECONDS": "7200",
+            "AGENT_WATCH_MAX_STREAMS": "50",
+            "AGENT_WATCH_HEARTBEAT_SECONDS": "5",
+            "AGENT_WATCH_POLL_SECONDS": "0.5",
+            "AGENT_WATCH_BATCH_SECONDS": "0",
+            "AGENT_WATCH_SEND_SLOTS": "2",
+        }
+    )
+    assert (changed.watch_retention_seconds, changed.watch_max_streams) == (7_200.0, 50)
+    assert (changed.watch_heartbeat_seconds, changed.watch_poll_seconds) == (5.0, 0.5)
+    assert (changed.watch_batch_seconds, changed.watch_send_slots) == (0.0, 2)
+    for name, bad in (
+        ("AGENT_WATCH_RETENTION_SECONDS", "10"),  # shorter than a minute
+        ("AGENT_WATCH_MAX_STREAMS", "0"),
+        ("AGENT_WATCH_SEND_SLOTS", "0"),
+    ):
+        with pytest.raises(ConfigError, match=name):
+            load_agent_settings({name: bad})
+
+
 def test_the_request_id_ttl_is_set_in_seconds_and_positive() -> None:
     settings = load_agent_settings({"AGENT_REQUEST_ID_TTL_SECONDS": "3600"})
     assert settings.request_id_ttl_seconds == 3_600.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -10,9 +12,12 @@ import grpc
 from google.protobuf import field_mask_pb2
 
 from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
-from agentplatform.client.errors import decode
+from agentplatform.client.errors import AgentPlatformError, decode
 
-__all__ = ["AgentsClient"]
+__all__ = ["AgentWatch", "AgentsClient"]
+
+# Reasons after which a fresh token is fetched before the stream is opened again.
+_TOKEN_REASONS = frozenset({"TOKEN_EXPIRED", "INVALID_TOKEN"})
 
 _Response = TypeVar("_Response")
 
@@ -206,3 +211,94 @@ class AgentsClient:
         """Removes the alias."""
         request = agent_pb2.UntagAgentRevisionRequest(id=agent_id, alias=alias)
         _call(self._stub.UntagAgentRevision, request, timeout)
+
+    def watch(
+        self,
+        *,
+        filter: str = "",
+        resume_token: str = "",
+        max_backoff: float = 10.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> AgentWatch:
+        """The committed changes of the agents you may see (WatchAgents), filtered like
+        `list`, for as long as you iterate: yields each AgentChange in commit order. A
+        stream that ends UNAVAILABLE (a server shutting down, a lost connection) or
+        RESOURCE_EXHAUSTED (TOO_MANY_WATCHERS) is opened again with the last resume token,
+        after a backoff growing to `max_backoff` seconds (reset by every message), so
+        nothing is missed nor repeated. `AgentWatch.resume_token` is the position to keep
+        to resume later. A token past the server's retention raises FailedPrecondition
+        (reason RESUME_TOKEN_EXPIRED): list again, then watch without a token. Other
+        errors are raised as they come."""
+        return AgentWatch(self._stub, filter, resume_token, max_backoff=max_backoff, sleep=sleep)
+
+
+_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+class AgentWatch:
+    """An iterator of AgentChange that resumes by itself (see AgentsClient.watch)."""
+
+    def __init__(
+        self,
+        stub: Any,
+        filter: str,
+        resume_token: str,
+        *,
+        max_backoff: float,
+        sleep: Callable[[float], None],
+    ) -> None:
+        self._stub = stub
+        self._filter = filter
+        self.resume_token = resume_token
+        """Resume after everything yielded so far (and past what the filter left out)."""
+        self._max_backoff = max_backoff
+        self._sleep = sleep
+        self._call: Any = None
+        self._closed = False
+        self.reconnects = 0
+
+    def close(self) -> None:
+        """Ends the stream (from any thread); the iteration stops."""
+        self._closed = True
+        if self._call is not None:
+            self._call.cancel()
+
+    def __iter__(self) -> Iterator[agent_pb2.AgentChange]:
+        backoff = 0.0
+        refreshed = False
+        while not self._closed:
+            request = agent_pb2.WatchAgentsRequest(
+                filter=self._filter, resume_token=self.resume_token
+            )
+            self._call = self._stub.WatchAgents(request)
+            try:
+                for response in self._call:
+                    backoff = 0.0
+                    refreshed = False
+                    for change in response.changes:
+                        self.resume_token = change.resume_token
+                        yield change
+                    self.resume_token = response.resume_token or self.resume_token
+                return  # the server ended the stream without an error: nothing more
+            except grpc.RpcError as rpc_error:
+                if self._closed:
+                    return
+                error = decode(rpc_error)
+                if not self._resumable(error, refreshed):
+                    raise error from rpc_error
+                refreshed = error.code == grpc.StatusCode.UNAUTHENTICATED
+            self.reconnects += 1
+            delay = error.retry_delay if error.retry_delay is not None else 0.0
+            backoff = min(self._max_backoff, max(backoff * 2, 0.1, delay))
+            self._sleep(backoff * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
+
+    @staticmethod
+    def _resumable(error: AgentPlatformError, refreshed: bool) -> bool:
+        if error.code in _RESUMABLE:
+            return True
+        # The token source hands a fresh token to the next attempt (once in a row).
+        return (
+            error.code == grpc.StatusCode.UNAUTHENTICATED
+            and error.reason in _TOKEN_REASONS
+            and not refreshed
+        )

@@ -24,6 +24,8 @@ typed clients' alike):
   retried here after exactly that delay, if the delay ends before the call's deadline
   (else it is raised at once, not slept through), at most MAX_ATTEMPTS attempts. A
   RESOURCE_EXHAUSTED with a QuotaFailure (AGENT_QUOTA_EXCEEDED) is never retried.
+- **Streams** (STREAMS: WatchAgents) get the token too, but no default deadline and no
+  retries: AgentsClient.watch resumes them itself.
 - **Never retried** (NEVER_RETRIED): RefreshToken, because every use rotates the refresh
   token: a repeat of a call that reached the server presents the rotated-out token, and
   after the reuse grace window (AUTH_REFRESH_REUSE_GRACE_SECONDS, 5 s; a pushback delay
@@ -105,6 +107,8 @@ NEVER_RETRIED: frozenset[str] = frozenset(
         f"/{TOKEN}/IssueToken",
     }
 )
+# Server-streaming methods: no default deadline.
+STREAMS: frozenset[str] = frozenset({f"/{AGENT}/WatchAgents"})
 # Attempts of one call on RESOURCE_EXHAUSTED with a RetryInfo (the first included).
 MAX_ATTEMPTS = 3
 # The reasons after which a fresh token is fetched and the call sent once more.
@@ -148,6 +152,8 @@ def service_config(
         if retried:
             config["retryPolicy"] = retry_policy
         configs.append(config)
+    # Streams: no deadline (the config's most specific name wins over the service's).
+    configs.append({"name": _names(STREAMS)})
     # Every other method of the four services: the default deadline, no retries.
     configs.append(
         {
@@ -271,6 +277,26 @@ class _UnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         )
 
 
+class _UnaryStream:
+    """A server-streaming method: the token is added; no deadline unless given (a stream
+    lives as long as its reader wants), no retries (the reader resumes: AgentsClient.watch)."""
+
+    def __init__(self, inner: Any, policy: CallPolicy) -> None:
+        self._inner = inner
+        self._policy = policy
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, Any]] | None = None,
+        **extra: Any,
+    ) -> Any:
+        credentials = self._policy.credentials
+        token = credentials.token() if credentials is not None else None
+        return self._inner(request, timeout=timeout, metadata=_with_token(metadata, token), **extra)
+
+
 def _expired_token(rpc_error: Any) -> bool:
     """UNAUTHENTICATED for a reason a fresh token cures."""
     return bool(
@@ -322,8 +348,8 @@ class PolicyChannel(grpc.Channel):  # type: ignore[misc]
         )
         return _UnaryUnary(inner, method, self.policy)
 
-    def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
-        return self._channel.unary_stream(*args, **kwargs)
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _UnaryStream(self._channel.unary_stream(method, *args, **kwargs), self.policy)
 
     def stream_unary(self, *args: Any, **kwargs: Any) -> Any:
         return self._channel.stream_unary(*args, **kwargs)

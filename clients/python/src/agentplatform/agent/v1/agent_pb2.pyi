@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -933,3 +934,139 @@ class ListModelsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class WatchAgentsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    filter: _builtins.str
+    """As ListAgentsRequest.filter (the same grammar and rules). An update is sent when the
+    agent matches the filter after the change or before it: the latter has
+    `matches_filter` false, so a watcher drops the agent. Deletes, undeletes and purges
+    are sent when the agent (as last known) matches.
+    """
+    resume_token: _builtins.str
+    """The resume_token of a message (or change) received before: the stream carries the
+    changes committed after it. Empty: the changes committed from now on.
+    """
+    def __init__(
+        self,
+        *,
+        filter: _builtins.str = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAgentsRequest: _TypeAlias = WatchAgentsRequest  # noqa: Y015
+
+@_typing.final
+class WatchAgentsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Resume after everything this stream has sent so far (the heartbeat's token moves on
+    past changes the filter left out, too).
+    """
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentChange]:
+        """The changes since the previous message, in commit order; empty in a heartbeat."""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___AgentChange] | None = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAgentsResponse: _TypeAlias = WatchAgentsResponse  # noqa: Y015
+
+@_typing.final
+class AgentChange(_message.Message):
+    """One committed change of an agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[AgentChange._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: AgentChange._Kind.ValueType  # 0
+        KIND_CREATED: AgentChange._Kind.ValueType  # 1
+        """The agent was created."""
+        KIND_UPDATED: AgentChange._Kind.ValueType  # 2
+        """The agent was changed."""
+        KIND_DELETED: AgentChange._Kind.ValueType  # 3
+        """The agent was deleted."""
+        KIND_UNDELETED: AgentChange._Kind.ValueType  # 4
+        """A deleted agent was restored."""
+        KIND_PURGED: AgentChange._Kind.ValueType  # 5
+        """The agent is gone for good: only agent_id is set."""
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_UNSPECIFIED: AgentChange.Kind.ValueType  # 0
+    KIND_CREATED: AgentChange.Kind.ValueType  # 1
+    """The agent was created."""
+    KIND_UPDATED: AgentChange.Kind.ValueType  # 2
+    """The agent was changed."""
+    KIND_DELETED: AgentChange.Kind.ValueType  # 3
+    """The agent was deleted."""
+    KIND_UNDELETED: AgentChange.Kind.ValueType  # 4
+    """A deleted agent was restored."""
+    KIND_PURGED: AgentChange.Kind.ValueType  # 5
+    """The agent is gone for good: only agent_id is set."""
+
+    KIND_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    MATCHES_FILTER_FIELD_NUMBER: _builtins.int
+    kind: Global___AgentChange.Kind.ValueType
+    agent_id: _builtins.str
+    """The agent's id (set for every kind)."""
+    resume_token: _builtins.str
+    """Resume right after this change."""
+    matches_filter: _builtins.bool
+    """False when the agent no longer matches the request's filter (an update that took it
+    out of the filter's view): drop it. True otherwise.
+    """
+    @_builtins.property
+    def agent(self) -> Global___Agent:
+        """The agent as it is after the change (DELETED: as it was deleted); unset for PURGED."""
+
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was made."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___AgentChange.Kind.ValueType = ...,
+        agent: Global___Agent | None = ...,
+        agent_id: _builtins.str = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+        resume_token: _builtins.str = ...,
+        matches_filter: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "change_time", b"change_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_id", b"agent_id", "change_time", b"change_time", "kind", b"kind", "matches_filter", b"matches_filter", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentChange: _TypeAlias = AgentChange  # noqa: Y015

@@ -111,6 +111,11 @@ class AgentServiceStub:
                 request_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.WatchAgents = channel.unary_stream(
+                '/agentplatform.agent.v1.AgentService/WatchAgents',
+                request_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.WatchAgentsRequest.SerializeToString,
+                response_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.WatchAgentsResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -247,6 +252,26 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAgents(self, request, context):
+        """Streams the committed changes of the agents the caller may see (its own; an admin:
+        all), filtered like ListAgents, in commit order. The first message carries no change:
+        the stream is open, and its resume_token is where it starts (list after it, and no
+        change is missed). Each later one carries the changes committed since the previous
+        (none: a heartbeat, every AGENT_WATCH_HEARTBEAT_SECONDS on an idle stream) and a
+        resume_token. Reconnecting with
+        the last resume_token received delivers every later change exactly once, for
+        AGENT_WATCH_RETENTION_SECONDS (an hour by default) after the token's position: an
+        older one is FAILED_PRECONDITION (reason RESUME_TOKEN_EXPIRED): list the agents again
+        and watch from now. No token: from now. A malformed token is INVALID_ARGUMENT on
+        `resume_token`. A server at its limit of streams answers RESOURCE_EXHAUSTED (reason
+        TOO_MANY_WATCHERS; retry after the RetryInfo delay, another replica may have room);
+        a server shutting down ends its streams with UNAVAILABLE (reason SHUTTING_DOWN):
+        resume with the last token (another replica answers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -314,6 +339,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListModelsRequest.FromString,
                     response_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'WatchAgents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAgents,
+                    request_deserializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.WatchAgentsRequest.FromString,
+                    response_serializer=agentplatform_dot_agent_dot_v1_dot_agent__pb2.WatchAgentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -679,6 +709,33 @@ class AgentService:
             '/agentplatform.agent.v1.AgentService/ListModels',
             agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListModelsRequest.SerializeToString,
             agentplatform_dot_agent_dot_v1_dot_agent__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentplatform.agent.v1.AgentService/WatchAgents',
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.WatchAgentsRequest.SerializeToString,
+            agentplatform_dot_agent_dot_v1_dot_agent__pb2.WatchAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

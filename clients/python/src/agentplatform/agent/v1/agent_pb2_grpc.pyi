@@ -109,6 +109,22 @@ class AgentServiceStub:
     the caller's agents (an admin: of all agents), soft-deleted ones left out, use it —
     to plan a migration.
     """
+    WatchAgents: _grpc.UnaryStreamMultiCallable[_agent_pb2.WatchAgentsRequest, _agent_pb2.WatchAgentsResponse]
+    """Streams the committed changes of the agents the caller may see (its own; an admin:
+    all), filtered like ListAgents, in commit order. The first message carries no change:
+    the stream is open, and its resume_token is where it starts (list after it, and no
+    change is missed). Each later one carries the changes committed since the previous
+    (none: a heartbeat, every AGENT_WATCH_HEARTBEAT_SECONDS on an idle stream) and a
+    resume_token. Reconnecting with
+    the last resume_token received delivers every later change exactly once, for
+    AGENT_WATCH_RETENTION_SECONDS (an hour by default) after the token's position: an
+    older one is FAILED_PRECONDITION (reason RESUME_TOKEN_EXPIRED): list the agents again
+    and watch from now. No token: from now. A malformed token is INVALID_ARGUMENT on
+    `resume_token`. A server at its limit of streams answers RESOURCE_EXHAUSTED (reason
+    TOO_MANY_WATCHERS; retry after the RetryInfo delay, another replica may have room);
+    a server shutting down ends its streams with UNAVAILABLE (reason SHUTTING_DOWN):
+    resume with the last token (another replica answers).
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -190,6 +206,22 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """The model catalogue: every model an agent may name, with its state, and how many of
     the caller's agents (an admin: of all agents), soft-deleted ones left out, use it —
     to plan a migration.
+    """
+    WatchAgents: _aio.UnaryStreamMultiCallable[_agent_pb2.WatchAgentsRequest, _agent_pb2.WatchAgentsResponse]  # type: ignore[assignment]
+    """Streams the committed changes of the agents the caller may see (its own; an admin:
+    all), filtered like ListAgents, in commit order. The first message carries no change:
+    the stream is open, and its resume_token is where it starts (list after it, and no
+    change is missed). Each later one carries the changes committed since the previous
+    (none: a heartbeat, every AGENT_WATCH_HEARTBEAT_SECONDS on an idle stream) and a
+    resume_token. Reconnecting with
+    the last resume_token received delivers every later change exactly once, for
+    AGENT_WATCH_RETENTION_SECONDS (an hour by default) after the token's position: an
+    older one is FAILED_PRECONDITION (reason RESUME_TOKEN_EXPIRED): list the agents again
+    and watch from now. No token: from now. A malformed token is INVALID_ARGUMENT on
+    `resume_token`. A server at its limit of streams answers RESOURCE_EXHAUSTED (reason
+    TOO_MANY_WATCHERS; retry after the RetryInfo delay, another replica may have room);
+    a server shutting down ends its streams with UNAVAILABLE (reason SHUTTING_DOWN):
+    resume with the last token (another replica answers).
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -347,6 +379,28 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         """The model catalogue: every model an agent may name, with its state, and how many of
         the caller's agents (an admin: of all agents), soft-deleted ones left out, use it —
         to plan a migration.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchAgents(
+        self,
+        request: _agent_pb2.WatchAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.WatchAgentsResponse], _abc.AsyncIterator[_agent_pb2.WatchAgentsResponse]]:
+        """Streams the committed changes of the agents the caller may see (its own; an admin:
+        all), filtered like ListAgents, in commit order. The first message carries no change:
+        the stream is open, and its resume_token is where it starts (list after it, and no
+        change is missed). Each later one carries the changes committed since the previous
+        (none: a heartbeat, every AGENT_WATCH_HEARTBEAT_SECONDS on an idle stream) and a
+        resume_token. Reconnecting with
+        the last resume_token received delivers every later change exactly once, for
+        AGENT_WATCH_RETENTION_SECONDS (an hour by default) after the token's position: an
+        older one is FAILED_PRECONDITION (reason RESUME_TOKEN_EXPIRED): list the agents again
+        and watch from now. No token: from now. A malformed token is INVALID_ARGUMENT on
+        `resume_token`. A server at its limit of streams answers RESOURCE_EXHAUSTED (reason
+        TOO_MANY_WATCHERS; retry after the RetryInfo delay, another replica may have room);
+        a server shutting down ends its streams with UNAVAILABLE (reason SHUTTING_DOWN):
+        resume with the last token (another replica answers).
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -144,6 +144,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND: no such revision of the agent (never made, or pruned)."""
     ALIAS_NOT_FOUND: _ErrorReason.ValueType  # 233
     """NOT_FOUND: the agent has no such alias."""
+    RESUME_TOKEN_EXPIRED: _ErrorReason.ValueType  # 209
+    """FAILED_PRECONDITION: WatchAgents with a resume_token older than the change log keeps
+    (AGENT_WATCH_RETENTION_SECONDS): list the agents again, then watch without a token.
+    """
+    TOO_MANY_WATCHERS: _ErrorReason.ValueType  # 210
+    """RESOURCE_EXHAUSTED: this replica serves as many WatchAgents streams as it may
+    (AGENT_WATCH_MAX_STREAMS); retry after the RetryInfo delay.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every `reason` the services put in a `google.rpc.ErrorInfo` (AIP-193): the value's name
@@ -276,4 +284,12 @@ REVISION_NOT_FOUND: ErrorReason.ValueType  # 232
 """NOT_FOUND: no such revision of the agent (never made, or pruned)."""
 ALIAS_NOT_FOUND: ErrorReason.ValueType  # 233
 """NOT_FOUND: the agent has no such alias."""
+RESUME_TOKEN_EXPIRED: ErrorReason.ValueType  # 209
+"""FAILED_PRECONDITION: WatchAgents with a resume_token older than the change log keeps
+(AGENT_WATCH_RETENTION_SECONDS): list the agents again, then watch without a token.
+"""
+TOO_MANY_WATCHERS: ErrorReason.ValueType  # 210
+"""RESOURCE_EXHAUSTED: this replica serves as many WatchAgents streams as it may
+(AGENT_WATCH_MAX_STREAMS); retry after the RetryInfo delay.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

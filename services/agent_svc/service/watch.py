@@ -1,0 +1,610 @@
+"""WatchAgents: committed agent changes streamed to the callers who may see them.
+
+The change log (ports.ChangeLogRepository, table agent_changes) is written in the same
+transaction as each change, so a committed change always has its row and a rolled-back one
+never does; rows are numbered in commit order (see the SQL repository for how PostgreSQL
+keeps that promise).
+
+One `ChangeHub` per process reads new rows once and fans them out to every local stream:
+a thread reads the log after each wake-up (this process's own commits, another replica's
+through Redis pub/sub: `ChangeSignal`) and at the latest every `poll_seconds`, so a lost
+notification only delays changes, never loses them. It keeps the latest `buffer_size`
+changes in memory; a stream further behind (resumed from an older token) reads its
+backlog from the database by itself, page by page, until it reaches the hub's window.
+
+A stream (`WatchStream`) first sends an empty message (the stream is open; its token is
+the start), then waits for the hub, takes everything past its position at once (a
+busy or slow stream gets bigger batches, not more messages), keeps what its caller may see
+and what its filter selects, and sends one message; with nothing to send for
+`heartbeat_seconds` it sends an empty one (its token moves on all the same) so proxies keep
+the connection.
+
+What a filtered stream gets (`deliver`): an agent it may see (its own; an admin: any) whose
+change matches the filter; an update that makes the agent stop matching is sent too,
+flagged `matches_filter=False`, so the watcher drops it (the log keeps the filterable fields
+from before an update; when it does not know them, such an update is sent flagged, which
+errs on the side of telling). Deletes, undeletes and purges are sent when the agent as
+last known matches (so a watcher always hears of the removal of an agent it holds).
+
+Resume tokens are opaque, versioned ("w1." + base64url of the position and the time it was
+current): a position, not data, so a token from someone else shows nothing of theirs (the
+stream filters per caller anyway). A token is honoured while its time is within the
+retention window; the purge job deletes only rows older than the window plus a margin, so
+a live token never points before a purged row: older ones are FAILED_PRECONDITION
+RESUME_TOKEN_EXPIRED (list again, then watch from now).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import collections
+import logging
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from services.agent_svc.domain import Agent
+from services.agent_svc.service.filtering import (
+    AgentFilter,
+    Condition,
+    MetadataEquals,
+    ModelEquals,
+    NameEquals,
+    NamePrefix,
+    OwnerEquals,
+    parse_filter,
+)
+from services.agent_svc.service.ports import AgentUnitOfWork, Change, ChangeKind, FilterFields
+from shared.config.clock import Clock
+from shared.rpc.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
+
+__all__ = [
+    "PURGE_MARGIN",
+    "ChangeHub",
+    "Position",
+    "WatchBatch",
+    "WatchStream",
+    "Watchers",
+    "decode_token",
+    "deliver",
+    "encode_token",
+    "matches",
+]
+
+_log = logging.getLogger(__name__)
+
+# The purge job keeps rows this much longer than the retention window: a token's time is
+# when its position was current, and a change committed just after may carry a slightly
+# earlier time (set before its commit; replica clocks differ a little).
+PURGE_MARGIN = timedelta(minutes=5)
+_TOKEN_PREFIX = "w1."
+_TOKEN = struct.Struct(">QQ")  # sequence number, microseconds since the epoch
+_MAX_TOKEN = 64
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+# -- resume tokens ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Everything up to `seq` was considered; `as_of`: when that was the log's head (or,
+    for a backlog read, the time of change `seq`)."""
+
+    seq: int
+    as_of: datetime
+
+
+def encode_token(position: Position) -> str:
+    micros = (position.as_of - _EPOCH) // timedelta(microseconds=1)
+    raw = _TOKEN.pack(position.seq, max(0, micros))
+    return _TOKEN_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str) -> Position:
+    """The position of a token; INVALID_ARGUMENT on `resume_token` if it is not one."""
+    if len(token) > _MAX_TOKEN or not token.startswith(_TOKEN_PREFIX):
+        raise InvalidArgument.field("resume_token", "not a resume token of this service")
+    body = token[len(_TOKEN_PREFIX) :]
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        seq, micros = _TOKEN.unpack(raw)
+        as_of = _EPOCH + timedelta(microseconds=micros)
+    except (binascii.Error, struct.error, ValueError, OverflowError):
+        raise InvalidArgument.field("resume_token", "not a resume token of this service") from None
+    return Position(seq, as_of)
+
+
+# -- what a stream gets -----------------------------------------------------------------------
+
+
+def _holds(condition: Condition, owner_id: uuid.UUID, fields: FilterFields) -> bool:
+    match condition:
+        case ModelEquals(model):
+            return fields.model == model
+        case NameEquals(name):
+            return fields.name == name
+        case NamePrefix(prefix):
+            return fields.name.startswith(prefix)
+        case MetadataEquals(key, value):
+            return fields.metadata.get(key) == value
+        case OwnerEquals(owner):
+            return owner_id == owner
+    raise AssertionError(f"unhandled condition {condition!r}")  # pragma: no cover
+
+
+def matches(conditions: AgentFilter, owner_id: uuid.UUID, fields: FilterFields) -> bool:
+    """Whether an agent with these fields is selected by the filter (the same meaning as
+    ListAgents' SQL: exact, case-sensitive, a prefix for `name = "x*"`)."""
+    return all(_holds(c, owner_id, fields) for c in conditions.conditions)
+
+
+def _fields(agent: Agent) -> FilterFields:
+    return FilterFields(agent.name, agent.model, agent.metadata)
+
+
+def deliver(
+    change: Change, *, viewer: uuid.UUID, is_admin: bool, conditions: AgentFilter
+) -> bool | None:
+    """None: the stream does not get the change; else whether the agent matches the
+    filter after it (False only for an update that took it out of the filter's view)."""
+    agent = change.agent
+    if not is_admin and agent.owner_id != viewer:
+        return None
+    if not conditions.conditions:
+        return True
+    if matches(conditions, agent.owner_id, _fields(agent)):
+        return True
+    if change.kind is ChangeKind.UPDATED and (
+        change.previous is None or matches(conditions, agent.owner_id, change.previous)
+    ):
+        return False
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class WatchBatch:
+    """One message of a stream: changes (each with whether it still matches) and the
+    position after them; no changes: a heartbeat."""
+
+    changes: tuple[tuple[Change, bool], ...]
+    position: Position
+
+
+# -- the hub ----------------------------------------------------------------------------------
+
+
+class _Waiter:
+    """One stream as the hub sees it: due for a turn, holding one, or neither."""
+
+    __slots__ = ("cancelled", "due", "event", "turn", "waiting")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.cancelled = False
+        self.waiting = False
+        """Its thread is idle, waiting to be woken (not sending, not making a message): only
+        such a stream is given a turn, so a send stuck on a slow client never holds one."""
+        self.due = False
+        """In the queue for a turn."""
+        self.turn = False
+        """Holding one of the hub's turns: may read and send now."""
+
+
+class ChangeHub:
+    """Reads the change log once per process and wakes every local stream (see the module
+    docstring). `changed()` is the local ChangeSignal; `start()` begins reading at the
+    log's current head; `close()` ends every stream with UNAVAILABLE (shutdown)."""
+
+    def __init__(
+        self,
+        *,
+        read_uow: Callable[[], AgentUnitOfWork],
+        clock: Clock,
+        poll_seconds: float = 1.0,
+        buffer_size: int = 10_000,
+        page_size: int = 500,
+        min_interval: float = 0.0,
+        turns: int = 1,
+    ) -> None:
+        self._read_uow = read_uow
+        self._clock = clock
+        self._poll = poll_seconds
+        self._min_interval = min_interval
+        # Turns: how many streams read and send at once. After a read every stream is due,
+        # but only `turns` of them are woken; each one that has sent hands its turn to the
+        # next in line once it has its message ready (not once it is sent: a client slow
+        # to read holds its own thread only). A thousand threads woken together would each
+        # take the interpreter in turn, ahead of the unary calls; this way each wake-up
+        # makes a message, and a stream whose turn comes late sends everything that came
+        # meanwhile in one.
+        self._free_turns = max(1, turns)
+        self._due: collections.deque[_Waiter] = collections.deque()
+        self._turns_lock = threading.Lock()
+        self._buffer_size = buffer_size
+        self.page_size = page_size
+        self._lock = threading.Lock()
+        self._seqs: list[int] = []
+        self._changes: list[Change] = []
+        self._floor = -1
+        """Every change above this number and up to the head is in the buffer."""
+        self._head: Position | None = None
+        self._waiters: set[_Waiter] = set()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="watch-hub", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Ends every stream (UNAVAILABLE, resume elsewhere) and stops reading."""
+        self._closed.set()
+        self._wake.set()
+        self._ring()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def changed(self) -> None:
+        """New rows may be in the log: read now (ChangeSignal)."""
+        self._wake.set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Blocks until the hub knows the log's head (True) or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while self._head is None and time.monotonic() < deadline:
+            self._closed.wait(0.01)
+        return self._head is not None
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._closed.is_set():
+            try:
+                self.read_new()
+                failures = 0
+            except Exception:
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    _log.warning("watch hub: reading the change log failed", exc_info=True)
+            if self._min_interval > 0:  # at most one read (and round of wake-ups) per interval
+                self._closed.wait(self._min_interval)
+            self._wake.wait(self._poll if not failures else min(self._poll, 1.0))
+            self._wake.clear()
+
+    def read_new(self) -> int:
+        """Reads the rows past the head into the buffer and wakes the streams; how many."""
+        read = 0
+        while not self._closed.is_set():
+            as_of = self._clock.now()
+            with self._read_uow() as uow:
+                if self._head is None:
+                    head = uow.changes.head()
+                    with self._lock:
+                        self._head = Position(head, as_of)
+                        self._floor = head
+                    continue
+                rows = uow.changes.after(self._head.seq, limit=self.page_size)
+            with self._lock:
+                if rows:
+                    self._seqs.extend(c.seq for c in rows)
+                    self._changes.extend(rows)
+                    excess = len(self._changes) - self._buffer_size
+                    if excess > self._buffer_size // 4:  # trim in chunks, not per row
+                        self._floor = self._seqs[excess - 1]
+                        del self._seqs[:excess]
+                        del self._changes[:excess]
+                    self._head = Position(rows[-1].seq, as_of)
+                else:
+                    self._head = Position(self._head.seq, as_of)
+            read += len(rows)
+            if rows:
+                self._all_due()
+            if len(rows) < self.page_size:
+                break
+        return read
+
+    def _ring(self) -> None:
+        """Wakes every stream (shutdown)."""
+        for waiter in list(self._waiters):
+            waiter.event.set()
+
+    def _all_due(self) -> None:
+        """New changes: every stream not already in line or in a turn queues for one."""
+        with self._turns_lock:
+            for waiter in list(self._waiters):
+                if waiter.waiting and not (waiter.due or waiter.turn or waiter.cancelled):
+                    waiter.due = True
+                    self._due.append(waiter)
+            woken = self._dispatch()
+        for waiter in woken:
+            waiter.event.set()
+
+    def _dispatch(self) -> list[_Waiter]:
+        """Gives the free turns to the first streams in line (under the turns lock)."""
+        woken = []
+        while self._free_turns and self._due:
+            waiter = self._due.popleft()
+            waiter.due = False
+            if waiter.cancelled or not waiter.waiting:  # it queues again when it is back
+                continue
+            waiter.turn = True
+            self._free_turns -= 1
+            woken.append(waiter)
+        return woken
+
+    def queue_for_turn(self, waiter: _Waiter) -> None:
+        """Puts a stream in line (it is behind the head: just opened, or it sent)."""
+        with self._turns_lock:
+            if not (waiter.due or waiter.turn or waiter.cancelled):
+                waiter.due = True
+                self._due.append(waiter)
+            woken = self._dispatch()
+        for other in woken:
+            other.event.set()
+
+    def end_turn(self, waiter: _Waiter) -> None:
+        """The stream has sent (or had nothing to send): its turn goes to the next."""
+        with self._turns_lock:
+            if not waiter.turn:
+                return
+            waiter.turn = False
+            self._free_turns += 1
+            woken = self._dispatch()
+        for other in woken:
+            other.event.set()
+
+    def behind(self, seq: int) -> bool:
+        head = self._head
+        return head is not None and head.seq > seq
+
+    # -- what streams use -----------------------------------------------------------------
+
+    @property
+    def head(self) -> Position | None:
+        return self._head
+
+    def since(self, seq: int) -> tuple[list[Change], Position] | None:
+        """The buffered changes after `seq` and the head they reach; None when `seq` is
+        before the buffer (read the backlog from the log)."""
+        with self._lock:
+            head = self._head
+            if head is None or seq < self._floor:
+                return None
+            start = bisect.bisect_right(self._seqs, seq)
+            return self._changes[start:], head
+
+    def backlog(self, seq: int) -> list[Change]:
+        """Up to a page of committed changes after `seq`, from the log itself."""
+        with self._read_uow() as uow:
+            return uow.changes.after(seq, limit=self.page_size)
+
+    def log_head(self) -> int:
+        with self._read_uow() as uow:
+            return uow.changes.head()
+
+    def add(self, waiter: _Waiter) -> None:
+        self._waiters.add(waiter)
+
+    def remove(self, waiter: _Waiter) -> None:
+        self._waiters.discard(waiter)
+
+
+# -- streams ----------------------------------------------------------------------------------
+
+
+class Watchers:
+    """Opens streams on the hub, at most `max_streams` at a time on this process (one more
+    is RESOURCE_EXHAUSTED TOO_MANY_WATCHERS: each stream holds a thread of its own)."""
+
+    def __init__(
+        self,
+        hub: ChangeHub,
+        *,
+        clock: Clock,
+        retention_seconds: float,
+        heartbeat_seconds: float,
+        max_streams: int,
+    ) -> None:
+        self.hub = hub
+        self._clock = clock
+        self.retention = timedelta(seconds=retention_seconds)
+        self.heartbeat_seconds = heartbeat_seconds
+        self.max_streams = max_streams
+        self._open = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self._open
+
+    def open(
+        self,
+        *,
+        viewer: uuid.UUID,
+        is_admin: bool,
+        filter: str,  # the request field's name (AIP-160)
+        resume_token: str,
+    ) -> WatchStream:
+        """A stream for the caller (already authorized for agents.read) from the token's
+        position (no token: the hub's head, i.e. now)."""
+        conditions = parse_filter(filter, allow_owner=is_admin)
+        start = decode_token(resume_token) if resume_token else None
+        if start is not None and start.as_of < self._clock.now() - self.retention:
+            raise FailedPrecondition(
+                "the resume_token is older than the change log keeps "
+                f"({self.retention.total_seconds():.0f}s): list the agents again, then "
+                "watch without a token",
+                reason="RESUME_TOKEN_EXPIRED",
+            )
+        if self.hub.closed:
+            raise _shutting_down()
+        with self._lock:
+            if self._open >= self.max_streams:
+                raise ResourceExhausted(
+                    f"this server has {self.max_streams} WatchAgents streams open, its "
+                    "limit; retry (another replica may have room)",
+                    retry_after_seconds=1.0,
+                    reason="TOO_MANY_WATCHERS",
+                )
+            self._open += 1
+        try:
+            if start is None:
+                if not self.hub.wait_ready(5.0):
+                    raise Unavailable(
+                        "the change log cannot be read right now; retry",
+                        retry_after_seconds=1.0,
+                        reason="DATABASE_UNAVAILABLE",
+                    )
+                start = self.hub.head
+                assert start is not None
+            return WatchStream(self, start, viewer=viewer, is_admin=is_admin, conditions=conditions)
+        except BaseException:
+            self._closed_one()
+            raise
+
+    def _closed_one(self) -> None:
+        with self._lock:
+            self._open -= 1
+
+
+def _shutting_down() -> Unavailable:
+    return Unavailable(
+        "the server is shutting down: resume with the last resume_token (another replica answers)",
+        retry_after_seconds=0.1,
+        reason="SHUTTING_DOWN",
+    )
+
+
+class WatchStream:
+    """One caller's stream: iterate for batches; `cancel()` (the call ended) stops it."""
+
+    def __init__(
+        self,
+        watchers: Watchers,
+        start: Position,
+        *,
+        viewer: uuid.UUID,
+        is_admin: bool,
+        conditions: AgentFilter,
+    ) -> None:
+        self._watchers = watchers
+        self._hub = watchers.hub
+        self.position = start
+        self._viewer = viewer
+        self._is_admin = is_admin
+        self._conditions = conditions
+        self._waiter = _Waiter()
+        self._released = False
+        self._release_lock = threading.Lock()
+        self._hub.add(self._waiter)
+
+    def cancel(self) -> None:
+        """The call is over (grpcio's callback): wakes the stream and frees its place and
+        its turn at once (a stream blocked in a send is never resumed to run `finally`)."""
+        self._waiter.cancelled = True
+        self._waiter.event.set()
+        self._release()
+
+    def _release(self) -> None:
+        with self._release_lock:
+            if self._released:
+                return
+            self._released = True
+        self._hub.remove(self._waiter)
+        self._hub.end_turn(self._waiter)
+        self._watchers._closed_one()
+
+    def __iter__(self) -> Iterator[WatchBatch]:
+        try:
+            yield from self._batches()
+        finally:
+            self._release()
+
+    def _batches(self) -> Iterator[WatchBatch]:
+        hub = self._hub
+        waiter = self._waiter
+        heartbeat = self._watchers.heartbeat_seconds
+        clock = time  # real waiting, whatever clock stamps the tokens
+        # First an empty message: the stream is open, and its token is where it starts (a
+        # client lists after it and misses nothing).
+        yield WatchBatch((), self.position)
+        last_sent = clock.monotonic()
+        while not waiter.cancelled:
+            if hub.closed:
+                raise _shutting_down()
+            if waiter.turn:
+                batch, more = self._next_batch()
+                if not more:
+                    # Before the send: a client slow to read holds its own thread only.
+                    hub.end_turn(waiter)
+                if batch is not None:
+                    last_sent = clock.monotonic()
+                    yield batch
+                continue
+            # Idle from here: first say so, then look (the hub looks at `waiting` after it
+            # moves its head, so one of the two sees the other).
+            waiter.waiting = True
+            if hub.behind(self.position.seq):
+                hub.queue_for_turn(waiter)
+                if waiter.turn:
+                    waiter.waiting = False
+                    continue
+            idle = clock.monotonic() - last_sent
+            if idle >= heartbeat:
+                waiter.waiting = False
+                last_sent = clock.monotonic()
+                yield WatchBatch((), self.position)
+                continue
+            waiter.event.wait(heartbeat - idle)
+            waiter.event.clear()
+            waiter.waiting = False
+
+    def _next_batch(self) -> tuple[WatchBatch | None, bool]:
+        """What to send now (None: nothing for this caller) and whether more of the
+        backlog is waiting to be read."""
+        found = self._hub.since(self.position.seq)
+        if found is None:  # behind the buffer: the backlog, a page at a time
+            rows = self._hub.backlog(self.position.seq)
+            if not rows:
+                # Nothing after it in the log: the hub lags behind the token (wait), or the
+                # rows up to the hub's head are gone (a made-up token): nothing to skip.
+                head = self._hub.head
+                if head is not None and head.seq > self.position.seq:
+                    self.position = head
+                return None, False
+            found = (rows, Position(rows[-1].seq, rows[-1].time))
+        changes, reached = found
+        picked = self._pick(changes)
+        if reached.seq >= self.position.seq:
+            self.position = reached
+        more = len(changes) >= self._hub.page_size and self._hub.since(reached.seq) is None
+        return (WatchBatch(tuple(picked), self.position) if picked else None), more
+
+    def _pick(self, changes: list[Change]) -> list[tuple[Change, bool]]:
+        picked: list[tuple[Change, bool]] = []
+        for change in changes:
+            matched = deliver(
+                change, viewer=self._viewer, is_admin=self._is_admin, conditions=self._conditions
+            )
+            if matched is not None:
+                picked.append((change, matched))
+        return picked

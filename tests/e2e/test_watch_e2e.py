@@ -1,0 +1,384 @@
+"""WatchAgents over real channels to real processes (the stacks of test_agent_e2e).
+
+- On both backends: a stream gets its caller's changes in commit order; one resumed with
+  the last token gets every later change exactly once; tokens past the retention and
+  malformed ones are refused with their reasons.
+- On a server of its own (one worker thread, two streams at most): one stream over the
+  limit is RESOURCE_EXHAUSTED TOO_MANY_WATCHERS while unary calls are still served;
+  SIGTERM ends the streams UNAVAILABLE SHUTTING_DOWN, and the typed client resumes on the
+  server that replaces it without missing or repeating a change.
+- A second replica on PostgreSQL + Redis whose log poll is minutes long: its stream hears
+  a change made on the first one at once (the Redis pub/sub wake-up).
+
+The grpcurl form (README):
+
+    grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{"filter": "model = \\"gpt-4o\\""}' \\
+        127.0.0.1:50052 agentplatform.agent.v1.AgentService/WatchAgents
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
+from agentplatform.client import errors as client_errors
+from agentplatform.client.agents import AgentsClient
+from agentplatform.client.channel import intercept
+from agentplatform.client.credentials import static_token
+
+from services.agent_svc.service.watch import Position, encode_token
+from tests.e2e.test_agent_e2e import (
+    TIMEOUT,
+    Caller,
+    Stack,
+    agent_env,
+    create,
+    delete,
+    free_ports,
+    json_log,
+    reason_of,
+    run_stack,
+    start,
+    update,
+    violated_fields,
+    wait_agent_ready,
+)
+
+
+@pytest.fixture(scope="module")
+def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    yield from run_stack("embedded", tmp_path_factory.mktemp("watch-e2e-embedded"))
+
+
+@pytest.fixture(scope="module")
+def pg_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    new_postgres_database: Callable[[], str],
+    redis_server_url: str,
+) -> Iterator[Stack]:
+    yield from run_stack(
+        "postgres_redis",
+        tmp_path_factory.mktemp("watch-e2e-postgres"),
+        auth_database_url=new_postgres_database(),
+        agent_database_url=new_postgres_database(),
+        redis_url=redis_server_url,
+    )
+
+
+@pytest.fixture(scope="module", params=["embedded", "postgres_redis"])
+def stack(request: pytest.FixtureRequest) -> Stack:
+    name = "embedded_stack" if request.param == "embedded" else "pg_stack"
+    return request.getfixturevalue(name)  # type: ignore[no-any-return]
+
+
+CREATED = agent_pb2.AgentChange.KIND_CREATED
+UPDATED = agent_pb2.AgentChange.KIND_UPDATED
+DELETED = agent_pb2.AgentChange.KIND_DELETED
+KIND = agent_pb2.AgentChange.Kind.Name
+
+
+class Watch:
+    """A WatchAgents call read on a thread of its own: messages arrive on a queue."""
+
+    def __init__(self, stub: agent_pb2_grpc.AgentServiceStub, caller: Caller, **request: Any):
+        self.call = stub.WatchAgents(
+            agent_pb2.WatchAgentsRequest(**request), metadata=caller.metadata
+        )
+        self.messages: queue.Queue[agent_pb2.WatchAgentsResponse | grpc.RpcError] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for message in self.call:
+                self.messages.put(message)
+        except grpc.RpcError as error:
+            self.messages.put(error)
+
+    def next(self) -> agent_pb2.WatchAgentsResponse:
+        item = self.messages.get(timeout=TIMEOUT)
+        if isinstance(item, grpc.RpcError):
+            raise item
+        return item
+
+    def opened(self) -> str:
+        """The first message: no change, the start's token."""
+        first = self.next()
+        assert list(first.changes) == []
+        assert first.resume_token
+        return first.resume_token
+
+    def changes(self, count: int) -> tuple[list[agent_pb2.AgentChange], str]:
+        """The next `count` changes (heartbeats skipped) and the last message's token."""
+        got: list[agent_pb2.AgentChange] = []
+        token = ""
+        while len(got) < count:
+            message = self.next()
+            got += message.changes
+            token = message.resume_token
+        assert len(got) == count, [(KIND(c.kind), c.agent.name) for c in got]
+        return got, token
+
+    def error(self) -> grpc.RpcError:
+        while True:
+            item = self.messages.get(timeout=TIMEOUT * 2)
+            if isinstance(item, grpc.RpcError):
+                return item
+
+
+def summary(changes: list[agent_pb2.AgentChange]) -> list[tuple[str, str]]:
+    return [(KIND(c.kind), c.agent.name) for c in changes]
+
+
+def test_a_stream_gets_the_callers_changes_and_a_resumed_one_each_later_change_once(
+    stack: Stack,
+) -> None:
+    stub, me, other = stack.agents, stack.new_user(), stack.new_user()
+    watch = Watch(stub, me)
+    watch.opened()
+    theirs_watch = Watch(stub, other)
+    theirs_watch.opened()
+    first = create(stub, me, "w-one")
+    update(stub, me, agent_pb2.Agent(id=first.id, description="changed"), ["description"])
+    second = create(stub, me, "w-two")
+    got, token = watch.changes(3)
+    assert summary(got) == [
+        ("KIND_CREATED", "w-one"),
+        ("KIND_UPDATED", "w-one"),
+        ("KIND_CREATED", "w-two"),
+    ]
+    assert got[1].agent.description == "changed"
+    assert all(c.matches_filter for c in got)
+    watch.call.cancel()
+    # While nobody watches: more changes, then a resume from the last token.
+    third = create(stub, me, "w-three")
+    delete(stub, me, second.id)
+    resumed = Watch(stub, me, resume_token=token)
+    resumed.opened()
+    again, _ = resumed.changes(2)
+    assert summary(again) == [("KIND_CREATED", "w-three"), ("KIND_DELETED", "w-two")]
+    assert again[1].agent_id == second.id
+    assert again[0].agent.id == third.id
+    # Another owner's stream saw none of that: its first change is its own.
+    create(stub, other, "w-theirs")
+    (own,), _ = theirs_watch.changes(1)
+    assert own.agent.name == "w-theirs"
+    resumed.call.cancel()
+    theirs_watch.call.cancel()
+
+
+def test_a_filtered_stream_is_told_when_an_agent_leaves_its_filter(stack: Stack) -> None:
+    stub, me = stack.agents, stack.new_user()
+    watch = Watch(stub, me, filter='metadata.team = "watchers"')
+    watch.opened()
+    agent = create(stub, me, "w-team", metadata={"team": "watchers"})
+    create(stub, me, "w-elsewhere", metadata={"team": "others"})
+    update(stub, me, agent_pb2.Agent(id=agent.id, metadata={"team": "others"}), ["metadata"])
+    got, _ = watch.changes(2)
+    assert [(KIND(c.kind), c.agent.name, c.matches_filter) for c in got] == [
+        ("KIND_CREATED", "w-team", True),
+        ("KIND_UPDATED", "w-team", False),
+    ]
+    watch.call.cancel()
+
+
+def test_an_expired_token_and_a_malformed_one_are_refused_with_their_reasons(
+    stack: Stack,
+) -> None:
+    stub, me = stack.agents, stack.new_user()
+    old = encode_token(Position(1, datetime.now(UTC) - timedelta(hours=2)))
+    expired = Watch(stub, me, resume_token=old).error()
+    assert expired.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason_of(expired) == "RESUME_TOKEN_EXPIRED"
+    malformed = Watch(stub, me, resume_token="not-a-token").error()
+    assert malformed.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violated_fields(malformed) == {"resume_token"}
+
+
+# -- a server of its own: the limit, unary calls beside it, SIGTERM, the client resuming ----
+
+
+def _own_agent(stack: Stack, tmp: Path, port: int) -> Any:
+    env = agent_env(
+        port,
+        tmp / "agent-data",
+        stack.auth.address,
+        AGENT_WATCH_MAX_STREAMS="2",
+        AGENT_MAX_WORKERS="1",  # streams on the main pool would leave unary calls none
+        AGENT_GRACE_SECONDS="60",  # streams must end long before it
+        AGENT_SHUTDOWN_DELAY_SECONDS="0",
+        AGENT_WATCH_HEARTBEAT_SECONDS="1",
+    )
+    process = start("agent_svc", env, port, tmp)
+    wait_agent_ready(process, "")
+    return process
+
+
+def test_the_stream_limit_leaves_unary_calls_served_and_sigterm_ends_streams_to_resume_elsewhere(
+    embedded_stack: Stack, tmp_path: Path
+) -> None:
+    (port,) = free_ports(1)
+    server = _own_agent(embedded_stack, tmp_path, port)
+    me = embedded_stack.new_user()
+    channel = grpc.insecure_channel(server.address)
+    stub = agent_pb2_grpc.AgentServiceStub(channel)
+    try:
+        raw = Watch(stub, me)
+        raw.opened()
+        client_channel = intercept(grpc.insecure_channel(server.address), static_token(me.token))
+        typed = AgentsClient(client_channel).watch(max_backoff=0.5)
+        received: queue.Queue[agent_pb2.AgentChange | BaseException] = queue.Queue()
+
+        def follow() -> None:
+            try:
+                for change in typed:
+                    received.put(change)
+            except BaseException as exc:
+                received.put(exc)
+
+        threading.Thread(target=follow, daemon=True).start()
+        before = create(stub, me, "w-before")  # unary, with both streams open
+        assert received.get(timeout=TIMEOUT).agent.id == before.id  # type: ignore[union-attr]
+        over = Watch(stub, me).error()
+        assert over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert reason_of(over) == "TOO_MANY_WATCHERS"
+        reply = stub.GetAgent(
+            agent_pb2.GetAgentRequest(id=before.id), metadata=me.metadata, timeout=TIMEOUT
+        )
+        assert reply.agent.name == "w-before"
+
+        os.kill(server.process.pid, signal.SIGTERM)
+        ended = raw.error()
+        assert ended.code() == grpc.StatusCode.UNAVAILABLE
+        assert reason_of(ended) == "SHUTTING_DOWN"
+        assert server.process.wait(timeout=TIMEOUT) == 0
+        # Each stream has its access line, with the code it ended with.
+        ends = {
+            str(e.get("code"))
+            for e in json_log(server)
+            if e.get("logger") == "agentplatform.access"
+            and str(e.get("method", "")).endswith("/WatchAgents")
+        }
+        assert {"RESOURCE_EXHAUSTED", "UNAVAILABLE"} <= ends, ends
+        # The replacement (same data): the typed client resumes there, from its last token.
+        (tmp_path / "again").mkdir()
+        replacement = start(
+            "agent_svc",
+            agent_env(port, tmp_path / "agent-data", embedded_stack.auth.address),
+            port,
+            tmp_path / "again",
+        )
+        try:
+            wait_agent_ready(replacement, "")
+            after = create(stub, me, "w-after")
+            change = received.get(timeout=TIMEOUT)
+            assert not isinstance(change, BaseException), change
+            assert change.agent.id == after.id  # the next one: nothing repeated
+            assert change.kind == CREATED
+            assert typed.reconnects >= 1
+        finally:
+            typed.close()
+            replacement.stop()
+    finally:
+        channel.close()
+        server.stop()
+
+
+def test_an_expired_token_raises_from_the_typed_client(stack: Stack) -> None:
+    me = stack.new_user()
+    channel = intercept(stack.channels[1], static_token(me.token))
+    old = encode_token(Position(1, datetime.now(UTC) - timedelta(hours=2)))
+    with pytest.raises(client_errors.FailedPrecondition) as caught:
+        next(iter(AgentsClient(channel).watch(resume_token=old)))
+    assert caught.value.reason == "RESUME_TOKEN_EXPIRED"
+
+
+# -- a second replica hears the first one's changes through Redis --------------------------
+
+
+@pytest.fixture
+def second_replica(pg_stack: Stack, tmp_path: Path) -> Iterator[Any]:
+    (port,) = free_ports(1)
+    env = agent_env(
+        port,
+        tmp_path / "agent-data",
+        pg_stack.auth.address,
+        pg_stack.agent_database_url,
+        pg_stack.redis_url,
+        AGENT_WATCH_POLL_SECONDS="600",  # only the Redis wake-up can deliver within the test
+    )
+    process = start("agent_svc", env, port, tmp_path)
+    try:
+        wait_agent_ready(process, pg_stack.redis_url)
+        process.wait_logged("watch signal subscribed")
+        yield process
+    finally:
+        process.stop()
+
+
+def test_a_second_replicas_stream_hears_the_first_ones_changes_through_redis(
+    pg_stack: Stack, second_replica: Any
+) -> None:
+    me = pg_stack.new_user()
+    with grpc.insecure_channel(second_replica.address) as channel:
+        watch = Watch(agent_pb2_grpc.AgentServiceStub(channel), me)
+        watch.opened()
+        made = create(pg_stack.agents, me, "w-across")  # on the first replica
+        (change,), _ = watch.changes(1)
+        assert change.agent.id == made.id
+        watch.call.cancel()
+
+
+def test_an_operator_watches_through_grpcurl(embedded_stack: Stack, grpcurl_binary: Path) -> None:
+    """The README's command: grpcurl prints the opening message (its resume_token) and each
+    change as it comes; `-max-time` ends the session (exit 64 + DEADLINE_EXCEEDED)."""
+    me = embedded_stack.new_user()
+    process = subprocess.Popen(
+        [
+            str(grpcurl_binary),
+            "-plaintext",
+            "-max-time",
+            "20",
+            "-H",
+            f"authorization: Bearer {me.token}",
+            "-d",
+            json.dumps({"filter": 'model = "gpt-4o"'}),
+            embedded_stack.agent.address,
+            "agentplatform.agent.v1.AgentService/WatchAgents",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        opening = _json_object(process.stdout)
+        assert opening["resume_token"].startswith("w1.")
+        made = create(embedded_stack.agents, me, "w-grpcurl")
+        change = _json_object(process.stdout)
+        assert change["changes"][0]["kind"] == "KIND_CREATED"
+        assert change["changes"][0]["agent"]["id"] == made.id
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _json_object(stream: Any) -> dict[str, Any]:
+    """The next JSON object grpcurl prints (one per message, over several lines)."""
+    lines: list[str] = []
+    while True:
+        line = stream.readline()
+        assert line, "grpcurl ended: " + "".join(lines)
+        lines.append(line)
+        if line.rstrip() == "}":
+            return dict(json.loads("".join(lines)))

@@ -1,0 +1,328 @@
+"""WatchAgents' rules over fakes: resume tokens, the filter matcher, what a stream gets, the
+hub's fan-out, resuming from the buffer and from the log, the stream limit, heartbeats."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from agentplatform.agent.v1 import agent_pb2
+
+from services.agent_svc.api.watch_wire import ChangeEncoder
+from services.agent_svc.domain import Agent
+from services.agent_svc.service.agent_service import AgentService
+from services.agent_svc.service.filtering import parse_filter
+from services.agent_svc.service.models import ModelCatalogue
+from services.agent_svc.service.paging import PageTokens
+from services.agent_svc.service.ports import Change, ChangeKind, FilterFields
+from services.agent_svc.service.watch import (
+    ChangeHub,
+    Position,
+    WatchBatch,
+    Watchers,
+    decode_token,
+    deliver,
+    encode_token,
+    matches,
+)
+from shared.rpc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from shared.security.scopes import AGENTS_ADMIN, AGENTS_READ, AGENTS_WRITE
+from shared.security.tokens import Principal
+from tests.helpers import FakeClock
+from tests.unit.agent.fakes import MODELS, SECRET, FakeDatabase, RecordingCache, agent_input
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def person(*scopes: str) -> Principal:
+    return Principal(
+        user_id=str(uuid.uuid4()),
+        roles=frozenset(),
+        scopes=frozenset(scopes or (AGENTS_READ, AGENTS_WRITE)),
+    )
+
+
+def admin() -> Principal:
+    return person(AGENTS_READ, AGENTS_WRITE, AGENTS_ADMIN)
+
+
+class Rig:
+    """An AgentService over fakes with a hub the test drives (`hub.read_new()`)."""
+
+    def __init__(self, *, max_streams: int = 10, heartbeat: float = 30.0) -> None:
+        self.clock = FakeClock(NOW)
+        self.database = FakeDatabase()
+        self.database.clock_now = self.clock.now
+        self.hub = ChangeHub(read_uow=self.database.unit_of_work, clock=self.clock, page_size=3)
+        self.hub.read_new()  # the head: nothing yet
+        self.watchers = Watchers(
+            self.hub,
+            clock=self.clock,
+            retention_seconds=3600,
+            heartbeat_seconds=heartbeat,
+            max_streams=max_streams,
+        )
+        self.service = AgentService(
+            uow=self.database.unit_of_work,
+            cache=RecordingCache(),
+            clock=self.clock,
+            allowed_models=MODELS,
+            catalogue=ModelCatalogue.of_active(MODELS),
+            page_tokens=PageTokens(SECRET),
+            changes=self.hub,
+            watchers=self.watchers,
+        )
+
+    def watch(self, who: Principal, filter: str = "", token: str = "") -> Iterator[WatchBatch]:
+        """A stream, past its first (empty) message."""
+        stream = iter(self.service.watch(principal=who, filter=filter, resume_token=token))
+        opening = next(stream)
+        assert opening.changes == ()
+        return stream
+
+    def create(self, who: Principal, name: str, **fields: object) -> Agent:
+        return self.service.create(principal=who, agent=agent_input(name=name, **fields))
+
+
+def kinds(batch: WatchBatch) -> list[tuple[ChangeKind, str, bool]]:
+    return [(c.kind, c.agent.name, matched) for c, matched in batch.changes]
+
+
+# -- tokens ---------------------------------------------------------------------------------
+
+
+def test_a_token_round_trips_its_position() -> None:
+    position = Position(123_456_789, NOW + timedelta(microseconds=7))
+    token = encode_token(position)
+    assert token.startswith("w1.")
+    assert decode_token(token) == position
+
+
+@pytest.mark.parametrize(
+    "token", ["x", "w1.", "w1.!!!", "w2.AAAAAAAAAAAAAAAAAAAAAA", "w1." + "A" * 80]
+)
+def test_a_malformed_token_is_invalid_argument_on_resume_token(token: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        decode_token(token)
+    assert [v.field for v in caught.value.violations] == ["resume_token"]
+
+
+# -- the matcher and what a stream gets -----------------------------------------------------
+
+
+def _agent(owner: uuid.UUID, name: str = "bot", model: str = "gpt-4o", **metadata: str) -> Agent:
+    return Agent(
+        id=uuid.uuid4(),
+        owner_id=owner,
+        name=name,
+        description="",
+        model=model,
+        instructions="",
+        tools=(),
+        metadata=dict(metadata),
+        temperature=None,
+        top_p=None,
+        create_time=NOW,
+        update_time=NOW,
+    )
+
+
+def test_the_matcher_means_what_list_agents_means() -> None:
+    owner = uuid.uuid4()
+    fields = FilterFields("support-bot", "gpt-4o", {"team": "search"})
+    assert matches(parse_filter('name = "sup*"', allow_owner=False), owner, fields)
+    assert not matches(parse_filter('name = "Sup*"', allow_owner=False), owner, fields)
+    assert matches(
+        parse_filter('model = "gpt-4o" AND metadata.team = "search"', allow_owner=False),
+        owner,
+        fields,
+    )
+    assert not matches(parse_filter('metadata.team = "ads"', allow_owner=False), owner, fields)
+    assert matches(parse_filter(f'owner_id = "{owner}"', allow_owner=True), owner, fields)
+    assert not matches(
+        parse_filter(f'owner_id = "{uuid.uuid4()}"', allow_owner=True), owner, fields
+    )
+
+
+def test_a_stream_gets_only_what_its_caller_may_see() -> None:
+    me, other = uuid.uuid4(), uuid.uuid4()
+    mine = Change(1, ChangeKind.CREATED, _agent(me), NOW)
+    theirs = Change(2, ChangeKind.CREATED, _agent(other), NOW)
+    everything = parse_filter("", allow_owner=False)
+    assert deliver(mine, viewer=me, is_admin=False, conditions=everything) is True
+    assert deliver(theirs, viewer=me, is_admin=False, conditions=everything) is None
+    assert deliver(theirs, viewer=me, is_admin=True, conditions=everything) is True
+
+
+def test_an_update_that_leaves_the_filter_is_sent_flagged_and_one_outside_it_is_not() -> None:
+    me = uuid.uuid4()
+    gpt = parse_filter('model = "gpt-4o"', allow_owner=False)
+    left = Change(
+        1, ChangeKind.UPDATED, _agent(me, model="o3"), NOW, FilterFields("bot", "gpt-4o", {})
+    )
+    outside = Change(
+        2, ChangeKind.UPDATED, _agent(me, model="o3"), NOW, FilterFields("bot", "o3", {})
+    )
+    unknown_before = Change(3, ChangeKind.UPDATED, _agent(me, model="o3"), NOW)
+    deleted_outside = Change(4, ChangeKind.DELETED, _agent(me, model="o3"), NOW)
+    assert deliver(left, viewer=me, is_admin=False, conditions=gpt) is False
+    assert deliver(outside, viewer=me, is_admin=False, conditions=gpt) is None
+    assert deliver(unknown_before, viewer=me, is_admin=False, conditions=gpt) is False
+    assert deliver(deleted_outside, viewer=me, is_admin=False, conditions=gpt) is None
+
+
+# -- streams over the hub -------------------------------------------------------------------
+
+
+def test_create_update_delete_reach_the_owners_stream_in_commit_order() -> None:
+    rig = Rig()
+    me, stranger = person(), person()
+    stream = rig.watch(me)
+    agent = rig.create(me, "one")
+    rig.create(stranger, "not-mine")
+    rig.service.update(
+        principal=me, agent_id=str(agent.id), patch=agent_input(name="two"), update_mask=["name"]
+    )
+    rig.service.delete(principal=me, agent_id=str(agent.id))
+    rig.hub.read_new()
+    batch = next(stream)
+    assert kinds(batch) == [
+        (ChangeKind.CREATED, "one", True),
+        (ChangeKind.UPDATED, "two", True),
+        (ChangeKind.DELETED, "two", True),
+    ]
+    assert batch.position.seq == rig.database.last_seq  # past the stranger's change too
+
+
+def test_a_rolled_back_change_logs_nothing() -> None:
+    rig = Rig()
+    me = person()
+    rig.create(me, "taken")
+    head = rig.hub.log_head()
+    with pytest.raises(Exception, match="already have an agent"):
+        rig.create(me, "taken")
+    assert rig.hub.log_head() == head
+
+
+def test_resuming_from_a_token_gets_every_later_change_once_from_the_buffer_or_the_log() -> None:
+    rig = Rig()
+    me = person()
+    stream = rig.watch(me)
+    rig.create(me, "a")
+    rig.hub.read_new()
+    first = next(stream)
+    token = encode_token(first.position)
+    for name in "bcdefgh":  # more than a page (3) of the log
+        rig.create(me, name)
+    rig.hub.read_new()
+    resumed = rig.watch(me, token=token)
+    names: list[str] = []
+    while len(names) < 7:
+        names += [c.agent.name for c, _ in next(resumed).changes]
+    assert names == list("bcdefgh")
+    # From the log itself: a hub that has never buffered them (a fresh process).
+    fresh = ChangeHub(read_uow=rig.database.unit_of_work, clock=rig.clock, page_size=3)
+    fresh.read_new()
+    rig.watchers.hub = fresh
+    from_log = rig.watch(me, token=token)
+    names = []
+    while len(names) < 7:
+        names += [c.agent.name for c, _ in next(from_log).changes]
+    assert names == list("bcdefgh")
+
+
+def test_a_token_older_than_the_retention_is_failed_precondition_resume_token_expired() -> None:
+    rig = Rig()
+    token = encode_token(Position(1, NOW - timedelta(seconds=3601)))
+    with pytest.raises(FailedPrecondition) as caught:
+        rig.watch(person(), token=token)
+    assert caught.value.reason == "RESUME_TOKEN_EXPIRED"
+
+
+def test_one_stream_over_the_limit_is_resource_exhausted_and_a_closed_one_frees_its_place() -> None:
+    rig = Rig(max_streams=2)
+    me = person()
+    first = rig.service.watch(principal=me)
+    rig.service.watch(principal=me)
+    with pytest.raises(ResourceExhausted) as caught:
+        rig.service.watch(principal=me)
+    assert caught.value.reason == "TOO_MANY_WATCHERS"
+    first.cancel()
+    rig.service.watch(principal=me)
+    assert len(rig.watchers) == 2
+
+
+def test_an_idle_stream_sends_heartbeats_with_a_token() -> None:
+    rig = Rig(heartbeat=0.01)
+    batch = next(rig.watch(person()))
+    assert batch.changes == ()
+    assert decode_token(encode_token(batch.position)).seq == 0
+
+
+def test_closing_the_hub_ends_streams_with_unavailable_shutting_down() -> None:
+    rig = Rig()
+    stream = rig.watch(person())
+    ended: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            next(stream)
+        except Exception as exc:
+            ended.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    rig.hub.close()
+    reader.join(timeout=10)
+    assert len(ended) == 1
+    assert isinstance(ended[0], Unavailable)
+    assert ended[0].reason == "SHUTTING_DOWN"
+
+
+def test_one_reader_wakes_every_stream() -> None:
+    rig = Rig()
+    me = person()
+    streams = [rig.watch(me) for _ in range(5)]
+    rig.create(me, "fan")
+    rig.hub.read_new()
+    for stream in streams:
+        assert kinds(next(stream)) == [(ChangeKind.CREATED, "fan", True)]
+
+
+def test_a_batch_encodes_as_a_watch_agents_response() -> None:
+    me = uuid.uuid4()
+    agent = _agent(me, name="x")
+    created = Change(5, ChangeKind.CREATED, agent, NOW)
+    purged = Change(6, ChangeKind.PURGED, agent, NOW)
+    batch = WatchBatch(((created, True), (purged, True)), Position(9, NOW))
+    response = agent_pb2.WatchAgentsResponse.FromString(ChangeEncoder().batch(batch))
+    assert [c.kind for c in response.changes] == [
+        agent_pb2.AgentChange.KIND_CREATED,
+        agent_pb2.AgentChange.KIND_PURGED,
+    ]
+    assert response.changes[0].agent.name == "x"
+    assert response.changes[1].agent.name == ""  # a purge names only the id and owner
+    assert response.changes[1].agent_id == str(agent.id)
+    assert response.changes[1].agent.owner_id == str(me)
+    assert decode_token(response.resume_token) == Position(9, NOW)
+    assert decode_token(response.changes[0].resume_token).seq == 5
+
+
+def test_a_token_from_before_purged_rows_gets_the_later_changes() -> None:
+    rig = Rig()
+    me = person()
+    rig.create(me, "old")
+    rig.hub.read_new()
+    with rig.database.unit_of_work() as work:  # the retention purge took it
+        work.changes.purge(changed_before=NOW + timedelta(days=1), limit=100)
+        work.commit()
+    fresh = ChangeHub(read_uow=rig.database.unit_of_work, clock=rig.clock)
+    fresh.read_new()
+    rig.watchers.hub = fresh
+    stream = rig.watch(me, token=encode_token(Position(0, NOW)))
+    rig.create(me, "new")
+    fresh.read_new()
+    assert kinds(next(stream)) == [(ChangeKind.CREATED, "new", True)]
