@@ -8,8 +8,10 @@ purging at once) and runs no worker of its own, so only the explicit worker pass
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -32,6 +34,49 @@ from tests.e2e.test_worker_e2e import clean_env, command
 
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
+Change = agent_pb2.AgentChange
+
+
+class Watcher:
+    """A WatchAgents stream read on a thread: the changes it got, and the token of the
+    last message (where a reconnect resumes)."""
+
+    def __init__(self, stub: Any, metadata: Sequence[tuple[str, str]], token: str = "") -> None:
+        self.changes: list[Any] = []
+        self.token = token
+        self._seen = threading.Condition()
+        self._messages = 0
+        self.ended: grpc.StatusCode | None = None
+        self._call = stub.WatchAgents(
+            agent_pb2.WatchAgentsRequest(resume_token=token), metadata=metadata
+        )
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        self.wait(lambda: self._messages > 0)  # the opening message: it is watching now
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                with self._seen:
+                    self.changes.extend(response.changes)
+                    self.token = response.resume_token
+                    self._messages += 1
+                    self._seen.notify_all()
+        except grpc.RpcError as error:
+            self.ended = error.code()
+
+    def wait(self, done: Callable[[], bool]) -> None:
+        with self._seen:
+            assert self._seen.wait_for(done, timeout=60), [c.kind for c in self.changes]
+
+    def wait_for_kinds(self, count: int) -> None:
+        self.wait(lambda: len(self.changes) >= count)
+
+    def disconnect(self) -> str:
+        self._call.cancel()
+        self._thread.join(timeout=30)
+        assert self.ended == grpc.StatusCode.CANCELLED  # ended by us, not by the server
+        return self.token
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +99,8 @@ def test_edit_list_tag_pin_roll_back_delete_undelete_and_purge(
     stack: Stack, tmp_path: Path
 ) -> None:
     stub, owner, reader = stack.agents, stack.new_user(), stack.new_user()
+    # A watcher of the owner's agents, started before all of this.
+    watcher = Watcher(stub, owner.metadata)
     agent = create(stub, owner, "support-bot", description="v1")
     for number in (2, 3, 4):  # edit three times
         agent = update(
@@ -85,6 +132,12 @@ def test_edit_list_tag_pin_roll_back_delete_undelete_and_purge(
         assert (refused.code(), reason_of(refused)) == (NOT_FOUND, "AGENT_NOT_FOUND")
     admin = stack.admin()
     assert get(stub, admin, f"{agent.id}@prod") == pinned
+
+    # The watcher has seen the create and the three edits; it disconnects here and
+    # misses what follows until it resumes with its token.
+    watcher.wait_for_kinds(4)
+    token = watcher.disconnect()
+    seen = list(watcher.changes)
 
     # Promote: moving the tag is seen at once by the next read through the cache.
     stub.TagAgentRevision(
@@ -121,6 +174,9 @@ def test_edit_list_tag_pin_roll_back_delete_undelete_and_purge(
     assert not restored.HasField("delete_time")
     assert [a.id for a in list_all(stub, owner)] == [agent.id]
 
+    # The watcher comes back with its token, before the agent is deleted again.
+    watcher = Watcher(stub, owner.metadata, token)
+
     # Deleted again; the worker (retention 0 days) purges it with its revisions.
     stub.DeleteAgent(
         agent_pb2.DeleteAgentRequest(id=agent.id), metadata=owner.metadata, timeout=TIMEOUT
@@ -139,6 +195,24 @@ def test_edit_list_tag_pin_roll_back_delete_undelete_and_purge(
     for ref in (agent.id, f"{agent.id}@2"):
         gone = rpc_error(lambda ref=ref: get(stub, owner, ref))  # type: ignore[misc]
         assert gone.code() == NOT_FOUND
+
+    # Every change exactly once, in commit order, across the disconnection.
+    watcher.wait(lambda: any(c.kind == Change.KIND_PURGED for c in watcher.changes))
+    watcher.disconnect()
+    events = seen + watcher.changes
+    assert [(Change.Kind.Name(c.kind), c.agent.revision_id) for c in events] == [
+        ("KIND_CREATED", "1"),
+        ("KIND_UPDATED", "2"),
+        ("KIND_UPDATED", "3"),
+        ("KIND_UPDATED", "4"),
+        ("KIND_UPDATED", "5"),  # the rollback (tags change no configuration)
+        ("KIND_DELETED", "5"),
+        ("KIND_UNDELETED", "5"),
+        ("KIND_DELETED", "5"),
+        ("KIND_PURGED", ""),  # only its id
+    ]
+    assert {c.agent_id for c in events} == {agent.id}
+    assert len({c.resume_token for c in events}) == len(events)
 
 
 @pytest.mark.parametrize(
