@@ -132,7 +132,7 @@ def _jwks_keys(
 
 def _cache(settings: AgentSettings, closers: Closers, metrics: Metrics) -> TwoLevelCache[Agent]:
     """L1 in process over L2 Redis (when configured); L1 only on the embedded default."""
-    client = make_redis(settings.common.redis_url) if settings.common.redis_url else None
+    client = make_redis(settings.common.redis) if settings.common.redis else None
     if client is not None:
         closers.add(client.close)
     cache = TwoLevelCache[Agent](
