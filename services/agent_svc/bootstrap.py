@@ -173,6 +173,7 @@ def build_app(
         common.database_url,
         pool_size=common.db_pool_size,
         statement_timeout=common.db_statement_timeout_seconds,
+        transaction_pooler=common.db_transaction_pooler,
     )
     closers.add(engine.dispose)
     observability.watch_pool(engine)

@@ -172,6 +172,7 @@ class CommonSettings:
     max_concurrent_rpcs: int
     db_pool_size: int
     db_statement_timeout_seconds: float
+    db_transaction_pooler: bool
     grace_seconds: float
     shutdown_delay_seconds: float
     allow_plaintext: bool
@@ -268,6 +269,9 @@ def load_common(
         db_pool_size=reader.integer("DB_POOL_SIZE", 10, minimum=1),
         # PostgreSQL cancels a statement (or a lock wait) that takes longer; 0: no limit.
         db_statement_timeout_seconds=reader.number("DB_STATEMENT_TIMEOUT_SECONDS", 10.0),
+        # PgBouncer in transaction mode between the service and PostgreSQL: no prepared
+        # statements, no startup options (docs/operations.md, "High availability").
+        db_transaction_pooler=reader.flag("DB_TRANSACTION_POOLER", False),
         grace_seconds=reader.number("GRACE_SECONDS", 10.0),
         # After SIGTERM: NOT_SERVING while still serving, so that whatever watches health
         # (load balancers, clients) moves away before the server stops taking calls.

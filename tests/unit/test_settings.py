@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from services.auth_svc.settings import load_auth_settings, load_or_create_dev_secret
 from shared.config.settings import ConfigError, EnvReader, RedisConfig, load_migration_settings
+from shared.data.db import normalize_url
 from shared.data.redis_client import parse_redis_url
 
 PROD = {
@@ -360,3 +361,18 @@ def test_redis_urls_name_hosts_credentials_and_database() -> None:
     assert parse_redis_url("redis://:only-password@h").password == "only-password"
     with pytest.raises(ValueError, match="at least one host"):
         parse_redis_url("redis:///0")
+
+
+def test_a_multi_host_postgresql_url_becomes_repeated_host_parameters() -> None:
+    assert normalize_url(
+        "postgresql://app:pw@db-a:5432,db-b:5433/agents?target_session_attrs=read-write"
+    ) == (
+        "postgresql+psycopg://app:pw@/agents?host=db-a:5432&host=db-b:5433"
+        "&target_session_attrs=read-write"
+    )
+    assert normalize_url("postgres://db-a,db-b/agents") == (
+        "postgresql+psycopg:///agents?host=db-a&host=db-b"
+    )
+    assert normalize_url("postgresql://app@db:5432/agents") == (
+        "postgresql+psycopg://app@db:5432/agents"
+    )
