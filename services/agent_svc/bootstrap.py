@@ -10,7 +10,6 @@ from typing import Any
 
 import grpc
 from agentplatform.agent.v1 import agent_pb2_grpc
-from redis import Redis
 from sqlalchemy import Engine
 
 from services.agent_svc import SERVICE_NAME
@@ -30,7 +29,7 @@ from services.agent_svc.service.watch import ChangeHub, Watchers
 from services.agent_svc.settings import AgentSettings
 from shared.config.clock import Clock, SystemClock
 from shared.data.db import make_engine, ping, session_factory, single_statement_sessions
-from shared.data.redis_client import make_redis
+from shared.data.redis_client import RedisClient, make_redis
 from shared.rpc.lifecycle import Closers
 from shared.rpc.metrics import Metrics
 from shared.rpc.observability import Observability
@@ -148,7 +147,7 @@ def _caches(settings: AgentSettings, closers: Closers, metrics: Metrics) -> _Cac
     """L1 in process over L2 Redis (when configured); L1 only on the embedded default.
     Agents and their aliases each have one (namespaces `agent`, `agent-aliases`), both
     invalidated on every replica by their writes."""
-    client = make_redis(settings.common.redis_url) if settings.common.redis_url else None
+    client = make_redis(settings.common.redis) if settings.common.redis else None
     if client is not None:
         closers.add(client.close)
     aliases = TwoLevelCache[AgentAliases](
@@ -165,7 +164,7 @@ def _caches(settings: AgentSettings, closers: Closers, metrics: Metrics) -> _Cac
 
 
 def _agent_cache(
-    settings: AgentSettings, client: Redis | None, closers: Closers, metrics: Metrics
+    settings: AgentSettings, client: RedisClient | None, closers: Closers, metrics: Metrics
 ) -> TwoLevelCache[Agent]:
     cache = TwoLevelCache[Agent](
         redis=client,
@@ -211,8 +210,8 @@ def _watch(
         max_streams=settings.watch_max_streams,
     )
     signal: ChangeSignal = hub
-    if settings.common.redis_url:
-        client = make_redis(settings.common.redis_url)
+    if settings.common.redis:
+        client = make_redis(settings.common.redis)
         closers.add(client.close)
         redis_signal = RedisChangeSignal(client, hub.changed)
         redis_signal.start()
@@ -240,6 +239,7 @@ def build_app(
         common.database_url,
         pool_size=common.db_pool_size,
         statement_timeout=common.db_statement_timeout_seconds,
+        transaction_pooler=common.db_transaction_pooler,
     )
     closers.add(engine.dispose)
     observability.watch_pool(engine)

@@ -104,9 +104,9 @@ def agent_jobs(
 def _cache_invalidator(settings: AgentSettings) -> Callable[[list[uuid.UUID]], None] | None:
     """Tells every serving replica to drop purged agents (and their aliases) from its
     caches, through the same Redis channels their writes use."""
-    if not settings.common.redis_url:
+    if not settings.common.redis:
         return None
-    client = make_redis(settings.common.redis_url)
+    client = make_redis(settings.common.redis)
     # No L1 and no listener: these caches only send invalidations.
     agents = TwoLevelCache[Agent](
         redis=client,

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import redis
 from agentplatform.auth.v1 import auth_pb2_grpc
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -50,7 +49,7 @@ from services.auth_svc.settings import (
 )
 from shared.config.clock import Clock, SystemClock
 from shared.data.db import make_engine, ping, session_factory, single_statement_sessions
-from shared.data.redis_client import make_redis
+from shared.data.redis_client import RedisClient, make_redis
 from shared.rpc.lifecycle import Closers
 from shared.rpc.metrics import Metrics
 from shared.rpc.observability import Observability
@@ -96,7 +95,7 @@ class AuthApp:
 def _limiter(
     settings: AuthSettings,
     clock: Clock,
-    client: redis.Redis | None,
+    client: RedisClient | None,
     metrics: Metrics,
     engine: Engine,
 ) -> LoginLimiter:
@@ -194,13 +193,14 @@ def build_app(
         common.database_url,
         pool_size=common.db_pool_size,
         statement_timeout=common.db_statement_timeout_seconds,
+        transaction_pooler=common.db_transaction_pooler,
     )
     closers.add(engine.dispose)
     observability.watch_pool(engine)
     sessions = session_factory(engine)
     keys, key_admin = _signing_keys(settings, sessions, clock, closers)
     metrics.signing_key_ready.set_function(lambda: 1.0 if keys.can_sign() else 0.0)
-    client = make_redis(common.redis_url) if common.redis_url else None
+    client = make_redis(common.redis) if common.redis else None
     if client is not None:
         closers.add(client.close)
     if hasher is None:

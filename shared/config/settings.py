@@ -19,6 +19,8 @@ __all__ = [
     "ConfigError",
     "EnvReader",
     "Profile",
+    "RedisConfig",
+    "RedisMode",
     "Role",
     "load_common",
     "load_migration_settings",
@@ -30,6 +32,30 @@ Role = Literal["serve", "worker", "migrate", "cli"]
 migrations, or an operator's command (`cli`: create-admin). A role checks only what it
 uses: a migration Job needs the database URL and nothing else; a worker or a command
 serves no gRPC and needs no TLS, Redis or keys."""
+
+
+RedisMode = Literal["single", "sentinel", "cluster"]
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """How to reach Redis: one server, a Sentinel-watched master, or a Redis Cluster; each
+    with TLS and ACL credentials if the deployment uses them (shared.data.redis_client
+    builds the client from this)."""
+
+    mode: RedisMode
+    url: str
+    """single: the server (`redis[s]://[user:password@]host:port/db`); sentinel: the
+    sentinels (`redis[s]://host:port,host:port/db`); cluster: seed nodes
+    (`redis[s]://host:port,host:port`). `rediss://` turns TLS on."""
+    sentinel_master: str | None = None
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
 
 class ConfigError(ValueError):
@@ -146,6 +172,7 @@ class CommonSettings:
     max_concurrent_rpcs: int
     db_pool_size: int
     db_statement_timeout_seconds: float
+    db_transaction_pooler: bool
     grace_seconds: float
     shutdown_delay_seconds: float
     allow_plaintext: bool
@@ -163,6 +190,7 @@ class CommonSettings:
     worker_in_process: bool
     worker_interval_seconds: float
     role: Role = "serve"
+    redis: RedisConfig | None = None
 
     @property
     def address(self) -> str:
@@ -199,6 +227,7 @@ def load_common(
     redis_url = reader.secret("REDIS_URL")
     if redis_url is None and not dev and serving:
         reader.require("REDIS_URL", "in the prod profile")
+    redis = load_redis(reader, redis_url)
     log_format = reader.text("LOG_FORMAT", "text" if dev else "json").lower()
     if log_format not in ("text", "json"):
         reader.problems.append(f"{reader.name('LOG_FORMAT')} must be text or json")
@@ -240,6 +269,9 @@ def load_common(
         db_pool_size=reader.integer("DB_POOL_SIZE", 10, minimum=1),
         # PostgreSQL cancels a statement (or a lock wait) that takes longer; 0: no limit.
         db_statement_timeout_seconds=reader.number("DB_STATEMENT_TIMEOUT_SECONDS", 10.0),
+        # PgBouncer in transaction mode between the service and PostgreSQL: no prepared
+        # statements, no startup options (docs/operations.md, "High availability").
+        db_transaction_pooler=reader.flag("DB_TRANSACTION_POOLER", False),
         grace_seconds=reader.number("GRACE_SECONDS", 10.0),
         # After SIGTERM: NOT_SERVING while still serving, so that whatever watches health
         # (load balancers, clients) moves away before the server stops taking calls.
@@ -266,6 +298,51 @@ def load_common(
         worker_in_process=reader.flag("WORKER_IN_PROCESS", False),
         worker_interval_seconds=reader.number("WORKER_INTERVAL_SECONDS", 300.0, minimum=1.0),
         role=role,
+        redis=redis,
+    )
+
+
+def load_redis(reader: EnvReader, url: str | None) -> RedisConfig | None:
+    """`REDIS_MODE` (single, sentinel, cluster) and what it needs besides `REDIS_URL`."""
+    mode = reader.text("REDIS_MODE", "single").lower()
+    if mode not in ("single", "sentinel", "cluster"):
+        reader.problems.append(
+            f"{reader.name('REDIS_MODE')} must be single, sentinel or cluster, got {mode!r}"
+        )
+        return None
+    master = reader.raw("REDIS_SENTINEL_MASTER")
+    cert, key = reader.raw("REDIS_TLS_CERT_FILE"), reader.raw("REDIS_TLS_KEY_FILE")
+    if bool(cert) != bool(key):
+        reader.problems.append(
+            f"set both {reader.name('REDIS_TLS_CERT_FILE')} and "
+            f"{reader.name('REDIS_TLS_KEY_FILE')} (a client certificate), or neither"
+        )
+    if url is None:
+        return None
+    if not url.startswith(("redis://", "rediss://")):
+        reader.problems.append(f"{reader.name('REDIS_URL')} must start with redis:// or rediss://")
+    if mode == "sentinel" and master is None:
+        reader.require("REDIS_SENTINEL_MASTER", "with REDIS_MODE=sentinel (the master's name)")
+    if mode != "sentinel" and master is not None:
+        reader.problems.append(
+            f"{reader.name('REDIS_SENTINEL_MASTER')} is only read with REDIS_MODE=sentinel"
+        )
+    if mode == "single" and "," in url.partition("://")[2].partition("/")[0]:
+        reader.problems.append(
+            f"{reader.name('REDIS_URL')} names several hosts: set "
+            f"{reader.name('REDIS_MODE')}=sentinel or cluster"
+        )
+    return RedisConfig(
+        mode="sentinel" if mode == "sentinel" else "cluster" if mode == "cluster" else "single",
+        url=url,
+        sentinel_master=master,
+        username=reader.raw("REDIS_USERNAME"),
+        password=reader.secret("REDIS_PASSWORD"),
+        sentinel_username=reader.raw("REDIS_SENTINEL_USERNAME"),
+        sentinel_password=reader.secret("REDIS_SENTINEL_PASSWORD"),
+        tls_ca_file=reader.raw("REDIS_TLS_CA_FILE"),
+        tls_cert_file=cert,
+        tls_key_file=key,
     )
 
 

@@ -50,11 +50,29 @@ _log = logging.getLogger(__name__)
 
 
 def normalize_url(url: str) -> str:
-    """`postgresql://…` and `postgres://…` use psycopg 3; everything else is left alone."""
+    """`postgresql://…` and `postgres://…` use psycopg 3; everything else is left alone.
+    A libpq multi-host URL (`postgresql://u@h1:5432,h2:5432/db?target_session_attrs=
+    read-write`: libpq tries the hosts in turn and keeps the one that accepts writes, so
+    a new connection finds the primary after a failover) becomes the form SQLAlchemy
+    parses, the hosts as repeated `host=` query parameters."""
     for prefix in ("postgres://", "postgresql://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix) :]
+            return _hosts_as_query("postgresql+psycopg://" + url[len(prefix) :])
+    if url.startswith("postgresql+"):
+        return _hosts_as_query(url)
     return url
+
+
+def _hosts_as_query(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    authority, _, tail = rest.partition("/")
+    credentials, at, hosts = authority.rpartition("@")
+    if "," not in hosts:
+        return url
+    database, _, query = tail.partition("?")
+    extra = "&".join(f"host={host.strip()}" for host in hosts.split(",") if host.strip())
+    query = f"{extra}&{query}" if query else extra
+    return f"{scheme}://{credentials}{at}/{database}?{query}"
 
 
 POOL_WAIT_SECONDS = 5.0
@@ -221,9 +239,19 @@ def _follow_calls(engine: Engine) -> Engine:
     return engine
 
 
-def make_engine(url: str, *, pool_size: int = 10, statement_timeout: float = 0.0) -> Engine:
+def make_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    statement_timeout: float = 0.0,
+    transaction_pooler: bool = False,
+) -> Engine:
     """An engine sized for the worker pool, bound by each call's deadline (see the module
-    docstring); SQLite gets WAL, foreign keys and a busy timeout."""
+    docstring); SQLite gets WAL, foreign keys and a busy timeout. `transaction_pooler`:
+    PostgreSQL is reached through PgBouncer in transaction mode (or a pooler like it),
+    where consecutive transactions of one client connection may run on different server
+    connections: no server-side prepared statements (psycopg's `prepare_threshold=None`)
+    and no session setting at startup (`statement_timeout` belongs on the role then)."""
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -255,9 +283,10 @@ def make_engine(url: str, *, pool_size: int = 10, statement_timeout: float = 0.0
             "connect_timeout": CONNECT_TIMEOUT_SECONDS,
             **(
                 {"options": f"-c statement_timeout={int(statement_timeout * 1000)}"}
-                if statement_timeout > 0
+                if statement_timeout > 0 and not transaction_pooler
                 else {}
             ),
+            **({"prepare_threshold": None} if transaction_pooler else {}),
         },
         # Errors (and so logs) never show bound values: password hashes, token hashes, emails.
         hide_parameters=True,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import redis
 
+from shared.data.redis_client import RedisClient
 from shared.rpc.errors import ResourceExhausted
 
 __all__ = ["Limit", "RateLimiter", "client_address", "parse_limits"]
@@ -143,7 +144,7 @@ class RateLimiter:
         self,
         limits: Mapping[str, Limit],
         *,
-        redis_client: redis.Redis | None = None,
+        redis_client: RedisClient | None = None,
         prefix: str = "ratelimit:",
         breaker_seconds: float = 1.0,
         max_local_keys: int = 100_000,

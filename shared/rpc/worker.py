@@ -63,6 +63,7 @@ def worker_process(
         settings.database_url,
         pool_size=2,
         statement_timeout=settings.db_statement_timeout_seconds,
+        transaction_pooler=settings.db_transaction_pooler,
     )
     observability.watch_pool(engine)
     return make(engine, observability), observability

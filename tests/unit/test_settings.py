@@ -10,7 +10,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from services.auth_svc.settings import load_auth_settings, load_or_create_dev_secret
-from shared.config.settings import ConfigError, EnvReader, load_migration_settings
+from shared.config.settings import ConfigError, EnvReader, RedisConfig, load_migration_settings
+from shared.data.db import normalize_url
+from shared.data.redis_client import parse_redis_url
 
 PROD = {
     "AUTH_PROFILE": "prod",
@@ -306,3 +308,71 @@ def test_an_empty_or_absent_key_file_is_no_key(tmp_path: Path) -> None:
     )
     assert settings.signing_key_pem is None
     assert settings.verify_keys_pem is None
+
+
+def test_redis_topologies_are_configured_by_variables_alone() -> None:
+    single = load_auth_settings(PROD).common.redis
+    assert single == RedisConfig(mode="single", url="redis://redis:6379/0")
+    sentinel = load_auth_settings(
+        {
+            **PROD,
+            "AUTH_REDIS_MODE": "sentinel",
+            "AUTH_REDIS_URL": "rediss://s1:26379,s2:26379,s3:26379/2",
+            "AUTH_REDIS_SENTINEL_MASTER": "mymaster",
+            "AUTH_REDIS_USERNAME": "auth",
+            "AUTH_REDIS_PASSWORD": "secret",
+            "AUTH_REDIS_TLS_CA_FILE": "/etc/redis-ca/ca.crt",
+        }
+    ).common.redis
+    assert sentinel is not None
+    assert (sentinel.mode, sentinel.sentinel_master, sentinel.username) == (
+        "sentinel",
+        "mymaster",
+        "auth",
+    )
+    assert sentinel.password == "secret"
+    assert sentinel.tls_ca_file == "/etc/redis-ca/ca.crt"
+    cluster = load_auth_settings(
+        {**PROD, "AUTH_REDIS_MODE": "cluster", "AUTH_REDIS_URL": "redis://n1:6379,n2:6379"}
+    ).common.redis
+    assert cluster == RedisConfig(mode="cluster", url="redis://n1:6379,n2:6379")
+
+
+def test_a_redis_topology_that_cannot_work_is_refused() -> None:
+    message = problems({**PROD, "AUTH_REDIS_MODE": "sentinel"})
+    assert "AUTH_REDIS_SENTINEL_MASTER is required with REDIS_MODE=sentinel" in message
+    assert "AUTH_REDIS_MODE must be single, sentinel or cluster" in problems(
+        {**PROD, "AUTH_REDIS_MODE": "replicated"}
+    )
+    assert "names several hosts" in problems({**PROD, "AUTH_REDIS_URL": "redis://a:1,b:2/0"})
+    assert "must start with redis:// or rediss://" in problems(
+        {**PROD, "AUTH_REDIS_URL": "http://redis:6379"}
+    )
+    assert "AUTH_REDIS_TLS_KEY_FILE (a client certificate)" in problems(
+        {**PROD, "AUTH_REDIS_TLS_CERT_FILE": "/tls/client.crt"}
+    )
+
+
+def test_redis_urls_name_hosts_credentials_and_database() -> None:
+    parsed = parse_redis_url("rediss://user:p%40ss@h1:7000,[::1]:7001,h3/4")
+    assert parsed.tls
+    assert parsed.hosts == (("h1", 7000), ("::1", 7001), ("h3", 6379))
+    assert (parsed.db, parsed.username, parsed.password) == (4, "user", "p@ss")
+    assert parse_redis_url("redis://:only-password@h").password == "only-password"
+    with pytest.raises(ValueError, match="at least one host"):
+        parse_redis_url("redis:///0")
+
+
+def test_a_multi_host_postgresql_url_becomes_repeated_host_parameters() -> None:
+    assert normalize_url(
+        "postgresql://app:pw@db-a:5432,db-b:5433/agents?target_session_attrs=read-write"
+    ) == (
+        "postgresql+psycopg://app:pw@/agents?host=db-a:5432&host=db-b:5433"
+        "&target_session_attrs=read-write"
+    )
+    assert normalize_url("postgres://db-a,db-b/agents") == (
+        "postgresql+psycopg:///agents?host=db-a&host=db-b"
+    )
+    assert normalize_url("postgresql://app@db:5432/agents") == (
+        "postgresql+psycopg://app@db:5432/agents"
+    )

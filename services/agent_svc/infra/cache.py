@@ -96,8 +96,11 @@ from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 import redis
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
 
 from services.agent_svc.infra.coalesce import CoalescedMget, RedisConnection
+from shared.data.redis_client import RedisClient
 
 __all__ = ["Codec", "TwoLevelCache"]
 
@@ -112,6 +115,15 @@ local stamp = redis.call('GET', KEYS[2])
 if stamp == false then stamp = '' end
 if stamp ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+# Cluster mode's invalidation of one key in L2 (a MULTI cannot span slots): KEYS[1] value,
+# KEYS[2] stamp (one slot, by their hash tag); ARGV[1] the new stamp, ARGV[2] its lifetime
+# in ms. The message follows, published on the node the listeners subscribe to.
+_INVALIDATE = """
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[1])
 return 1
 """
 
@@ -171,7 +183,7 @@ class TwoLevelCache(Generic[T]):
     def __init__(
         self,
         *,
-        redis: redis.Redis | None,
+        redis: RedisClient | None,
         codec: Codec[T],
         l1_max_entries: int,
         l1_ttl_seconds: float,
@@ -231,17 +243,7 @@ class TwoLevelCache(Generic[T]):
         self._down_until = 0.0
         self._distrust_until = 0.0
         self._degraded = False
-        client = redis  # the parameter shadows the module from here on
-        self._fill_script = (
-            client.register_script(_FILL_IF_UNCHANGED) if client is not None else None
-        )
-        # L2 reads: concurrent ones share one MGET, on a connection of their own, which
-        # checks which Redis it reached every time it connects.
-        self._reads = (
-            CoalescedMget(client.connection_pool.make_connection(), on_connect=self._check_redis)
-            if client is not None
-            else None
-        )
+        self._open_l2(redis)
         self._cleared = 0
 
         # Invalidations Redis has not heard of yet: key -> sequence number of the latest.
@@ -254,6 +256,28 @@ class TwoLevelCache(Generic[T]):
         self._subscribed = threading.Event()
         self._subscriptions = 0
         self._listener: threading.Thread | None = None
+
+    def _open_l2(self, client: RedisClient | None) -> None:
+        self._fill_script = (
+            client.register_script(_FILL_IF_UNCHANGED) if client is not None else None
+        )
+        # L2 reads: concurrent ones share one MGET, on a connection of their own, which
+        # checks which Redis it reached every time it connects. A Redis Cluster answers an
+        # MGET only for keys of one slot: there each read is its own MGET (of a value and
+        # its stamp, which share a slot by their hash tag), and each primary is checked
+        # the first time it is seen (see "Redis restarted").
+        self._cluster: RedisCluster | None = None
+        self._invalidate_script: Any = None
+        self._reads: CoalescedMget | None = None
+        if isinstance(client, RedisCluster):
+            self._cluster = client
+            self._invalidate_script = client.register_script(_INVALIDATE)
+        elif client is not None:
+            self._reads = CoalescedMget(
+                client.connection_pool.make_connection(), on_connect=self._check_redis
+            )
+        self._checked = (frozenset[str](), set[str]())  # cluster primaries, their run_ids
+        self._cluster_lock = threading.Lock()
 
     # -- public API ----------------------------------------------------------------------
 
@@ -341,8 +365,27 @@ class TwoLevelCache(Generic[T]):
             else:
                 self._defer(key)
                 self._event("invalidate", "deferred")
+                self._tell_the_others(key)
         # After L2: a read between the two must not refill L1 from the old L2 value.
         self._drop_local(key)
+
+    def _tell_the_others(self, key: uuid.UUID) -> None:
+        """Cluster mode, an invalidation deferred: the key's shard may be the only one
+        down (a master died, its replica not yet promoted), while the other replicas'
+        listeners, on nodes that are up, keep their L1 trusted. They still hear of the
+        write and drop their copy; their L2 reads of that shard fail meanwhile, and the
+        promoted master's values are cleared before they read it (`_check_cluster`)."""
+        if self._cluster is not None:
+            with contextlib.suppress(redis.RedisError):
+                self._publish(self._cluster, key)
+
+    def _publish(self, cluster: RedisCluster, key: uuid.UUID) -> None:
+        """PUBLISH on the node of the channel's slot, where every replica's listener is
+        subscribed (ClusterPubSub's choice): delivered at once, as on one server. (A
+        cluster forwards a PUBLISH to every node, but over its bus: a hop later, long
+        enough for another replica to serve its old copy after the writer answered.)"""
+        node = cluster.get_node_from_key(self._channel)  # type: ignore[no-untyped-call]
+        cluster.publish(self._channel, str(key), target_nodes=node)
 
     def in_l1(self, key: uuid.UUID) -> bool:
         """Whether a live L1 entry exists for `key` (no side effects; for tests and probes)."""
@@ -372,9 +415,8 @@ class TwoLevelCache(Generic[T]):
         l2_read = False
         stamp: bytes = b""
         if self._l2_readable():
-            assert self._reads is not None
             try:
-                reply = self._reads.mget((self._value_key(key), self._stamp_key(key)))
+                reply = self._l2_mget((self._value_key(key), self._stamp_key(key)))
             except Exception as exc:
                 self._l2_failed("read", exc)
             else:
@@ -461,7 +503,72 @@ class TwoLevelCache(Generic[T]):
             return
         self._event("l2", "fill" if stored == 1 else "stale_fill")
 
+    def _l2_mget(self, keys: tuple[str, str]) -> list[bytes | None]:
+        if self._cluster is None:
+            assert self._reads is not None
+            return self._reads.mget(keys)
+        # A read that a MOVED sent to a newly promoted primary (redis-py follows it inside
+        # the MGET) is thrown away: that primary is checked first, then read again.
+        for _ in range(3):
+            checked = self._check_cluster(self._cluster)
+            reply: list[bytes | None] = self._cluster.mget(keys)  # type: ignore[assignment]
+            if self._primaries(self._cluster) == checked:
+                return reply
+        raise redis.ConnectionError("the cluster's primaries kept changing under a read")
+
+    @staticmethod
+    def _primaries(cluster: RedisCluster) -> frozenset[str]:
+        return frozenset(node.name for node in cluster.get_primaries())  # type: ignore[no-untyped-call]
+
     # -- Redis restarted ------------------------------------------------------------------
+
+    def _check_cluster(self, cluster: RedisCluster) -> frozenset[str]:
+        """Cluster mode, before a read: every primary not seen before (the first read, a
+        failover, a node added) is asked who it is, and a Redis new to this namespace has
+        its values here cleared, as `_check_redis` does for one server. The primaries are
+        redis-py's view of the cluster, refreshed when a node fails or a slot moves. (A
+        primary restarted in place within the cluster's node timeout keeps its address
+        and is not checked again: its values live at most `l2_ttl`.)"""
+        primaries = cluster.get_primaries()  # type: ignore[no-untyped-call]
+        names = frozenset(node.name for node in primaries)
+        if names == self._checked[0]:
+            return names
+        with self._cluster_lock:
+            for node in primaries:
+                client = cluster.get_redis_connection(node)
+                run_id = str(client.info("server")["run_id"])
+                if run_id in self._checked[1]:
+                    continue
+                marker = f"{self._namespace}:l2-cleared:{run_id}:{{{_tag_on(cluster, node)}}}"
+                if not client.exists(marker):
+                    cleared = self._clear_node_values(client)
+                    client.set(marker, "1", ex=30 * 24 * 3600)
+                    self._cleared += cleared
+                    _log.info(
+                        "Redis %s (%s) is new to the %s cache: cleared %d values",
+                        run_id[:12],
+                        node.name,
+                        self._namespace,
+                        cleared,
+                    )
+                self._checked[1].add(run_id)
+            self._checked = (names, self._checked[1])
+        return names
+
+    def _clear_node_values(self, client: redis.Redis) -> int:
+        """The values of this namespace on one cluster node (one UNLINK per key: a
+        command of several keys must stay in one slot)."""
+        value_length = len(self._value_key(uuid.UUID(int=0)))
+        cleared = 0
+        pipe = client.pipeline(transaction=False)
+        for found in client.scan_iter(match=f"{self._namespace}:*", count=1000):
+            if len(found) == value_length:
+                pipe.unlink(found)
+                cleared += 1
+            if len(pipe) >= _FLUSH_CHUNK:
+                pipe.execute()
+        pipe.execute()
+        return cleared
 
     def _check_redis(self, connection: RedisConnection) -> None:
         """On each new read connection, before any read (see "No read goes backwards"):
@@ -588,6 +695,14 @@ class TwoLevelCache(Generic[T]):
 
     def _send_invalidations(self, keys: list[uuid.UUID]) -> None:
         assert self._redis is not None
+        if self._cluster is not None:  # one script per key, then the message
+            for key in keys:
+                self._invalidate_script(
+                    keys=[self._value_key(key), self._stamp_key(key)],
+                    args=[os.urandom(12).hex(), self._stamp_ttl_ms],
+                )
+                self._publish(self._cluster, key)
+            return
         pipe = self._redis.pipeline(transaction=True)
         for key in keys:
             pipe.set(self._stamp_key(key), os.urandom(12).hex(), px=self._stamp_ttl_ms)
@@ -677,14 +792,31 @@ class TwoLevelCache(Generic[T]):
     # -- helpers -------------------------------------------------------------------------
 
     def _value_key(self, key: uuid.UUID) -> str:
+        # In a cluster the value and its stamp share a hash slot (`{id}`): they are read in
+        # one MGET and changed in one script. One server keeps the keys it always had.
+        if self._cluster is not None:
+            return f"{self._namespace}:{{{key}}}"
         return f"{self._namespace}:{key}"
 
     def _stamp_key(self, key: uuid.UUID) -> str:
-        return f"{self._namespace}:{key}:inv"
+        return f"{self._value_key(key)}:inv"
 
     def _event(self, level: str, outcome: str) -> None:
         if self._on_event is not None:
             self._on_event(level, outcome)
+
+
+def _tag_on(cluster: RedisCluster, node: Any) -> str:
+    """A hash tag whose slot `node` serves, so a key carrying it is stored on that node."""
+    slots = cluster.nodes_manager.slots_cache
+    for number in itertools.count():
+        tag = str(number)
+        owners = slots.get(key_slot(tag.encode()))
+        if owners and owners[0].name == node.name:
+            return tag
+        if number > 1_000_000:
+            break
+    raise redis.ResponseError(f"no slot of the cluster is served by {node.name}")
 
 
 def _as_bytes(reply: Any) -> bytes:

@@ -16,11 +16,13 @@ instrumentation on every read. After an error it is disconnected; the next send 
 again. A connection Redis dropped (restart, failover, `CLIENT KILL`) is found out on use
 and retried once at once, on a new connection (MGET is a read: repeating it is safe).
 
-Each new connection (the first, and every reconnect however it happens) is handed to
-`on_connect` before it serves a read: the cache checks there which Redis it talks to
-(see cache.py, "Redis restarted"). redis-py reconnects on its own in places (a health
-check before a command); its connect callback counts connections, and a reply read on
-a connection that was replaced while the MGET was on it is thrown away and read again.
+The connection is made with its own `connect()` (for a Sentinel-managed one: at the
+master the sentinels name now). Each new connection (the first, and every reconnect
+however it happens) is handed to `on_connect` before it serves a read: the cache checks
+there which Redis it talks to (see cache.py, "Redis restarted"). redis-py reconnects on
+its own in places (a health check before a command); its connect callback counts
+connections, and a reply read on a connection that was replaced while the MGET was on
+it is thrown away and read again.
 
 An MGET reads all its keys at one point in time (Redis runs it as one command), so keys
 that belong together (a value and its invalidation stamp) stay consistent when they are
@@ -42,6 +44,8 @@ __all__ = ["CoalescedMget", "RedisConnection"]
 
 class RedisConnection(Protocol):
     """What is used of a redis-py `Connection`."""
+
+    def connect(self) -> None: ...
 
     def send_command(self, *args: Any) -> None: ...
 
@@ -207,6 +211,10 @@ class CoalescedMget:
         """The connection, approved by `on_connect` since it was last (re)made. (A
         connection lost since is remade inside the MGET; the caller sees the count move.)"""
         connection = self._connection
+        # Connected through `connect()`, which a Sentinel-managed connection needs to ask
+        # the sentinels for the master (a command on a closed connection would reconnect
+        # to the address it had, or to the default one); a no-op when connected.
+        connection.connect()
         if self._checked != self._connects:
             if self._on_connect is not None:
                 self._on_connect(connection)  # its first command connects, if need be

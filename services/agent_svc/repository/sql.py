@@ -740,7 +740,14 @@ class SqlChangeLogRepository:
         return int(value or 0)
 
     def purge(self, *, changed_before: datetime, limit: int) -> int:
-        oldest = select(ChangeRow.seq).where(ChangeRow.change_time < changed_before).limit(limit)
+        # The newest row stays, however old: the log's head (its highest number) must never
+        # go back, or a resume token would look ahead of the log (see service/watch.py).
+        newest = select(func.max(ChangeRow.seq)).scalar_subquery()
+        oldest = (
+            select(ChangeRow.seq)
+            .where(ChangeRow.change_time < changed_before, ChangeRow.seq < newest)
+            .limit(limit)
+        )
         result = self._session.execute(
             delete(ChangeRow)
             .where(ChangeRow.seq.in_(oldest))

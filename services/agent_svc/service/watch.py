@@ -455,6 +455,13 @@ class Watchers:
                 "watch without a token",
                 reason="RESUME_TOKEN_EXPIRED",
             )
+        if start is not None and self._ahead_of_log(start.seq):
+            raise FailedPrecondition(
+                "the resume_token is ahead of the change log (a token of another deployment, "
+                "or one kept across a restore of the database): list the agents again, then "
+                "watch without a token",
+                reason="RESUME_TOKEN_EXPIRED",
+            )
         if self.hub.closed:
             raise _shutting_down()
         with self._lock:
@@ -480,6 +487,15 @@ class Watchers:
         except BaseException:
             self._closed_one()
             raise
+
+    def _ahead_of_log(self, seq: int) -> bool:
+        """Whether `seq` is past every committed change: past the hub's head, and (a token
+        from a replica whose hub read later) past the log's own. The log never purges its
+        newest row, so its head never goes back."""
+        head = self.hub.head
+        if head is not None and seq <= head.seq:
+            return False
+        return seq > self.hub.log_head()
 
     def _closed_one(self) -> None:
         with self._lock:

@@ -36,6 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from services.auth_svc.repository.models import LoginAttemptRow
 from services.auth_svc.service.ports import LoginAttempt, LoginLimiter
 from shared.config.clock import Clock, utc
+from shared.data.redis_client import RedisClient
 
 __all__ = ["InMemoryLoginLimiter", "RedisLoginLimiter", "SqlLoginLimiter", "key_digest"]
 
@@ -246,7 +247,7 @@ class RedisLoginLimiter:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         *,
         max_failures: int,
         lockout_seconds: float,

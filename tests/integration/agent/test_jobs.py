@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.agent_svc.domain import Agent, AgentInput
@@ -113,3 +113,20 @@ def test_changes_past_the_watch_retention_and_its_margin_are_purged(
     with sessions() as session:
         assert len(session.scalars(select(ChangeRow.seq)).all()) == 1
     assert dict(job.run()) == {"deleted": 0}
+    # The newest change stays however old: the log's head never goes back (a resume
+    # token at it must not look ahead of the log).
+    with sessions.begin() as session:
+        session.add_all(
+            ChangeRow(
+                kind="created",
+                agent_id=uuid.uuid4(),
+                owner_id=uuid.uuid4(),
+                agent="{}",
+                change_time=NOW - window * 2,
+            )
+            for _ in range(2)
+        )
+    assert dict(job.run()) == {"deleted": 1}
+    with sessions() as session:
+        newest = session.scalar(select(func.max(ChangeRow.seq)))
+        assert newest in session.scalars(select(ChangeRow.seq)).all()

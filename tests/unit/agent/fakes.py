@@ -266,7 +266,9 @@ class FakeChanges:
         return max((c.seq for c in self._state.changes), default=0)
 
     def purge(self, *, changed_before: datetime, limit: int) -> int:
-        old = [c for c in self._state.changes if c.time < changed_before][:limit]
+        newest = max((c.seq for c in self._state.changes), default=0)
+        old = [c for c in self._state.changes if c.time < changed_before and c.seq < newest]
+        old = old[:limit]
         for change in old:
             self._state.changes.remove(change)
         return len(old)

@@ -28,6 +28,9 @@ class ScriptedConnection:
         self._release = threading.Event()
         self._pending: tuple[Any, ...] = ()
 
+    def connect(self) -> None:
+        """Connected already (a real one connects here when it is not)."""
+
     def send_command(self, *args: Any) -> None:
         if self.fail_next is not None:
             error, self.fail_next = self.fail_next, None

@@ -314,9 +314,10 @@ def test_a_batch_encodes_as_a_watch_agents_response() -> None:
 def test_a_token_from_before_purged_rows_gets_the_later_changes() -> None:
     rig = Rig()
     me = person()
-    rig.create(me, "old")
+    rig.create(me, "gone")
+    rig.create(me, "kept")
     rig.hub.read_new()
-    with rig.database.unit_of_work() as work:  # the retention purge took it
+    with rig.database.unit_of_work() as work:  # the retention purge took all but the newest
         work.changes.purge(changed_before=NOW + timedelta(days=1), limit=100)
         work.commit()
     fresh = ChangeHub(read_uow=rig.database.unit_of_work, clock=rig.clock)
@@ -325,4 +326,38 @@ def test_a_token_from_before_purged_rows_gets_the_later_changes() -> None:
     stream = rig.watch(me, token=encode_token(Position(0, NOW)))
     rig.create(me, "new")
     fresh.read_new()
-    assert kinds(next(stream)) == [(ChangeKind.CREATED, "new", True)]
+    names: list[str] = []
+    while len(names) < 2:
+        names += [c.agent.name for c, _ in next(stream).changes]
+    assert names == ["kept", "new"]
+
+
+def test_a_token_ahead_of_the_log_is_refused_not_silently_starved() -> None:
+    """A token past every committed change (another deployment's, or kept across a
+    restore of the database) would wait for numbers that come much later, dropping every
+    change until then: it is refused like an expired one (list again)."""
+    rig = Rig()
+    me = person()
+    rig.create(me, "a")
+    rig.hub.read_new()
+    head = rig.hub.log_head()
+    with pytest.raises(FailedPrecondition) as caught:
+        rig.watch(me, token=encode_token(Position(head + 1_000_000, NOW)))
+    assert caught.value.reason == "RESUME_TOKEN_EXPIRED"
+    assert "ahead of the change log" in caught.value.message
+    # A token at the head is fine, even from a replica whose hub read later than this one's.
+    rig.create(me, "b")  # committed, not yet read by this hub
+    rig.watch(me, token=encode_token(Position(head + 1, NOW)))
+
+
+def test_the_retention_purge_keeps_the_newest_change_so_the_head_never_goes_back() -> None:
+    rig = Rig()
+    me = person()
+    rig.create(me, "a")
+    rig.create(me, "b")
+    head = rig.hub.log_head()
+    with rig.database.unit_of_work() as work:  # everything is past the retention
+        assert work.changes.purge(changed_before=NOW + timedelta(days=1), limit=100) == 1
+        work.commit()
+    assert rig.hub.log_head() == head
+    rig.watch(me, token=encode_token(Position(head, NOW)))  # a quiet client's token still works
