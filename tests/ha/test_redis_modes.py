@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import MovedError
 
 from services.agent_svc.infra.cache import TwoLevelCache
+from services.agent_svc.infra.changefeed import RedisChangeSignal
 from services.auth_svc.infra.limiter import InMemoryLoginLimiter, RedisLoginLimiter
 from shared.config.settings import EnvReader, load_redis
 from shared.data.redis_client import RedisClient, make_redis
@@ -238,3 +240,29 @@ def test_a_single_server_over_tls_with_an_acl_user(redis_binaries: None, tmp_pat
         plain.close()
     finally:
         server.kill()
+
+
+def test_the_watch_wake_up_reaches_the_other_replica(clients: list[RedisClient]) -> None:
+    """WatchAgents' cross-replica wake-up (a commit on one replica makes the other's hub
+    read the change log) is plain PUBLISH/SUBSCRIBE on `agent:changes`: it works on
+    Sentinel and on a cluster, whichever node each replica's listener is on."""
+    woken = [threading.Event(), threading.Event()]
+    signals = [
+        RedisChangeSignal(client, event.set, poll=0.1)
+        for client, event in zip(clients, woken, strict=True)
+    ]
+    for signal in signals:
+        signal.start()
+    try:
+        for signal, event in zip(signals, woken, strict=True):
+            assert signal.subscribed.wait(WAIT)
+            # The listener wakes its hub on any message, its subscription's too: wait for
+            # that one, so what follows can only be the other replica's publish.
+            assert event.wait(WAIT)
+            event.clear()
+        signals[0].changed()
+        assert woken[0].is_set()  # its own hub, at once
+        assert woken[1].wait(WAIT), "the other replica's hub was not woken"
+    finally:
+        for signal in signals:
+            signal.close()
