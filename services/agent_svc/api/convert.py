@@ -16,6 +16,7 @@ from services.agent_svc.domain import Agent, AgentInput, Tool
 
 __all__ = [
     "agent_input",
+    "agent_message",
     "agent_to_proto",
     "get_agent_response",
     "serialized_size",
@@ -107,6 +108,12 @@ class _VersionMemo(Generic[T]):
 def agent_to_proto(agent: Agent) -> agent_pb2.Agent:
     """The agent as a message; shared, so callers embed it in a response and never mutate it."""
     return _messages.get(agent)
+
+
+def agent_message(agent: Agent) -> agent_pb2.Agent:
+    """The agent as a new message, not remembered: for an agent that was never stored (a
+    dry run's), whose id and version the next real write will have with other content."""
+    return _build(agent)
 
 
 def get_agent_response(agent: Agent) -> bytes:

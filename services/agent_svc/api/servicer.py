@@ -7,7 +7,12 @@ from typing import Any
 
 from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
 
-from services.agent_svc.api.convert import agent_input, agent_to_proto, get_agent_response
+from services.agent_svc.api.convert import (
+    agent_input,
+    agent_message,
+    agent_to_proto,
+    get_agent_response,
+)
 from services.agent_svc.api.watch_wire import ChangeEncoder
 from services.agent_svc.service.agent_service import AgentService
 from services.agent_svc.service.models import ModelEntry
@@ -42,9 +47,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             request_id=request.request_id,
             validate_only=request.validate_only,
         )
-        return agent_pb2.CreateAgentResponse(
-            agent=agent_to_proto(agent), model_notice=self._notice(agent.model)
-        )
+        # A dry run's agent is never stored: its message is not remembered either.
+        message = agent_message(agent) if request.validate_only else agent_to_proto(agent)
+        return agent_pb2.CreateAgentResponse(agent=message, model_notice=self._notice(agent.model))
 
     def GetAgent(  # type: ignore[override]  # the encoded response, see get_agent_response
         self, request: agent_pb2.GetAgentRequest, context: Any
@@ -85,9 +90,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             etag=request.agent.etag,
             validate_only=request.validate_only,
         )
-        return agent_pb2.UpdateAgentResponse(
-            agent=agent_to_proto(agent), model_notice=self._notice(agent.model)
-        )
+        # A dry run's agent is never stored: its message is not remembered either.
+        message = agent_message(agent) if request.validate_only else agent_to_proto(agent)
+        return agent_pb2.UpdateAgentResponse(agent=message, model_notice=self._notice(agent.model))
 
     def _notice(self, model: str) -> agent_pb2.Model | None:
         entry = self._service.model_notice(model)

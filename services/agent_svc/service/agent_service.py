@@ -411,13 +411,13 @@ class AgentService:
         """Creates an agent owned by the caller. With a request_id (AIP-155), a replay of
         the same request returns the first response, as it was then; the id used for a
         different request is INVALID_ARGUMENT (REQUEST_ID_REUSED). `validate_only`
-        (AIP-163): the checks, and the agent that would be created; nothing is stored."""
+        (AIP-163): the agent that would be created, after every check the real create
+        makes (a taken name, the quota, a reused request id: the writes are made and
+        rolled back); nothing is stored and no change is announced."""
         caller = _caller(principal, AGENTS_WRITE)
         request = _parse_id(request_id, "request_id") if request_id else None
         self._check(agent)
         new = Agent.new(agent, owner_id=caller.id, now=self._clock.now(), author=caller.author)
-        if validate_only:
-            return new
         with self._uow() as uow:
             if request is not None:
                 first = self._record_create(uow, caller.id, request, agent.fingerprint, new)
@@ -430,6 +430,8 @@ class AgentService:
             except QuotaExceeded:
                 raise self._quota_exceeded(caller.id) from None
             uow.revisions.add(new.current_revision, keep=self._revisions_kept)
+            if validate_only:
+                return new  # not committed: the unit of work rolls back
             uow.changes.append(ChangeKind.CREATED, new)
             uow.commit()
         self._changed()
@@ -701,39 +703,21 @@ class AgentService:
         validate_only: bool = False,
     ) -> Agent:
         """Applies the masked fields (AIP-134); a set etag must match (else ABORTED).
-        `validate_only` (AIP-163): the checks, and the agent that would result; nothing
-        is stored."""
+        `validate_only` (AIP-163): the agent that would result, after every check the
+        real update makes (the write is made and rolled back); nothing is stored."""
         caller = _caller(principal, AGENTS_WRITE)
         key = _parse_id(agent_id, "agent.id")
         paths = _mask_paths(update_mask, patch)
-        if validate_only:
-            return self._preview_update(caller, key, patch, paths, etag)
         for _attempt in range(UPDATE_ATTEMPTS):
-            updated = self._try_update(caller, key, patch, paths, etag)
+            updated = self._try_update(caller, key, patch, paths, etag, dry_run=validate_only)
             if updated is not None:
-                self._cache.invalidate(key)
+                if not validate_only:
+                    self._cache.invalidate(key)
                 return updated
             if etag:  # the etag the caller sent is stale now: someone else won
                 raise _etag_mismatch()
             _log.info("concurrent update of agent %s; retrying", key)
         raise Aborted("too many concurrent updates; try again", reason="CONCURRENT_UPDATE")
-
-    def _preview_update(
-        self,
-        caller: _Caller,
-        key: uuid.UUID,
-        patch: AgentInput,
-        paths: Sequence[str],
-        etag: str,
-    ) -> Agent:
-        with self._read_uow() as uow:
-            current = uow.agents.get(key)
-        current = self._changeable(caller, key, current, etag)
-        fields = apply_update_mask(current, patch, paths)
-        if fields == current.settable:
-            return current
-        self._check(fields)
-        return current.revised(fields, now=self._clock.now(), author=caller.author)
 
     @staticmethod
     def _changeable(caller: _Caller, key: uuid.UUID, current: Agent | None, etag: str) -> Agent:
@@ -754,17 +738,26 @@ class AgentService:
         patch: AgentInput,
         paths: Sequence[str],
         etag: str,
+        *,
+        dry_run: bool = False,
     ) -> Agent | None:
         """The updated agent, or None if a concurrent update won the compare-and-set."""
         with self._uow() as uow:
             current = self._changeable(caller, key, uow.agents.get(key), etag)
             fields = apply_update_mask(current, patch, paths)
-            return self._revise(uow, caller, current, fields)
+            return self._revise(uow, caller, current, fields, dry_run=dry_run)
 
     def _revise(
-        self, uow: AgentUnitOfWork, caller: _Caller, current: Agent, fields: AgentInput
+        self,
+        uow: AgentUnitOfWork,
+        caller: _Caller,
+        current: Agent,
+        fields: AgentInput,
+        *,
+        dry_run: bool = False,
     ) -> Agent | None:
-        """Stores `fields` as the agent's next revision and commits; the agent as it was
+        """Stores `fields` as the agent's next revision and commits (`dry_run`: makes the
+        writes, then leaves them to the unit of work's rollback); the agent as it was
         when nothing changes (no write, no revision); None if a concurrent write won."""
         if fields == current.settable:
             return current  # nothing changes (e.g. only output-only paths): no write
@@ -777,6 +770,8 @@ class AgentService:
         if not stored:
             return None
         uow.revisions.add(updated.current_revision, keep=self._revisions_kept)
+        if dry_run:
+            return updated
         uow.changes.append(ChangeKind.UPDATED, updated, previous=current)
         uow.commit()
         self._changed()

@@ -1153,3 +1153,61 @@ def test_validate_only_update_checks_the_etag_and_changes_nothing(world: World) 
             update_mask=["description"],
             validate_only=True,
         )
+
+
+def test_validate_only_fails_as_the_live_create_would() -> None:
+    """AIP-163: a dry run answers what the real request would, taken names, the quota and
+    a reused request id included; and it still stores nothing."""
+    world = make_world(max_agents_per_owner=2)
+    owner, request = user(), str(uuid.uuid4())
+    world.service.create(principal=owner, agent=agent_input(name="taken"), request_id=request)
+    with pytest.raises(AlreadyExists) as taken:
+        world.service.create(principal=owner, agent=agent_input(name="taken"), validate_only=True)
+    assert taken.value.reason == "AGENT_NAME_TAKEN"
+    with pytest.raises(InvalidArgument) as reused:
+        world.service.create(
+            principal=owner, agent=agent_input(name="other"), request_id=request, validate_only=True
+        )
+    assert reused.value.reason == "REQUEST_ID_REUSED"
+    deleted = create(world, owner, name="deleted")
+    world.service.delete(principal=owner, agent_id=str(deleted.id))
+    with pytest.raises(AlreadyExists):  # a deleted agent keeps its name (AIP-164)
+        world.service.create(principal=owner, agent=agent_input(name="deleted"), validate_only=True)
+    create(world, owner, name="second")
+    with pytest.raises(ResourceExhausted) as quota:
+        world.service.create(principal=owner, agent=agent_input(name="third"), validate_only=True)
+    assert quota.value.reason == "AGENT_QUOTA_EXCEEDED"
+    before = world.database.committed
+    fresh = user()
+    world.service.create(principal=fresh, agent=agent_input(name="dry"), validate_only=True)
+    assert world.database.committed == before
+    assert {a.name for a in world.database.committed.agents.values()} == {
+        "taken",
+        "deleted",
+        "second",
+    }
+
+
+def test_validate_only_update_refuses_a_taken_name_and_stores_nothing(world: World) -> None:
+    owner = user()
+    create(world, owner, name="taken")
+    agent = create(world, owner, name="mine")
+    with pytest.raises(AlreadyExists) as caught:
+        world.service.update(
+            principal=owner,
+            agent_id=str(agent.id),
+            patch=AgentInput(name="taken"),
+            update_mask=["name"],
+            validate_only=True,
+        )
+    assert caught.value.reason == "AGENT_NAME_TAKEN"
+    would = world.service.update(
+        principal=owner,
+        agent_id=str(agent.id),
+        patch=AgentInput(name="renamed"),
+        update_mask=["name"],
+        validate_only=True,
+    )
+    assert would.name == "renamed"
+    assert world.database.committed.agents[agent.id] == agent
+    assert world.service.get(principal=owner, agent_id=str(agent.id)) == agent

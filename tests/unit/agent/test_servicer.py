@@ -569,6 +569,28 @@ def test_validate_only_answers_the_would_be_agent_and_writes_nothing(client: Cli
     assert stored == real
 
 
+def test_a_dry_run_never_stands_in_for_the_real_write_that_follows(client: Client) -> None:
+    """The dry run's agent has the id and version the next real update gets: what
+    callers read afterwards must be what was committed, not the dry run's content."""
+    token = client.token()
+    real = create(client, token, name="poison")
+    mask = field_mask_pb2.FieldMask(paths=["description"])
+    dry = agent_pb2.UpdateAgentRequest(
+        agent=agent_pb2.Agent(id=real.id, description="dry run"),
+        update_mask=mask,
+        validate_only=True,
+    )
+    assert client.ok("UpdateAgent", dry, token=token).agent.description == "dry run"
+    live = agent_pb2.UpdateAgentRequest(
+        agent=agent_pb2.Agent(id=real.id, description="committed"), update_mask=mask
+    )
+    assert client.ok("UpdateAgent", live, token=token).agent.description == "committed"
+    got = client.ok("GetAgent", agent_pb2.GetAgentRequest(id=real.id), token=token).agent
+    assert got.description == "committed"
+    listed = client.ok("ListAgents", agent_pb2.ListAgentsRequest(), token=token).agents
+    assert [a.description for a in listed if a.id == real.id] == ["committed"]
+
+
 def test_list_models_and_the_notice_of_a_deprecated_model() -> None:
     catalogue = ModelCatalogue(
         [
