@@ -135,12 +135,20 @@ def _page_token_secret(reader: EnvReader, common: CommonSettings, *, required: b
 
 
 def _catalogue(reader: EnvReader, active: tuple[str, ...]) -> ModelCatalogue:
-    entries = [ModelEntry(name, ACTIVE) for name in active]
+    """The active models, then the deprecated and retired ones (which leave the active
+    list: a default model is deprecated without restating AGENT_ALLOWED_MODELS)."""
+    staged: list[ModelEntry] = []
     for key, state in (("DEPRECATED_MODELS", DEPRECATED), ("RETIRED_MODELS", RETIRED)):
         try:
-            entries += parse_entries(reader.text(key, ""), state)
+            staged += parse_entries(reader.text(key, ""), state)
         except ValueError as exc:
             reader.problems.append(f"{reader.name(key)}: {exc}")
+    named = {entry.name for entry in staged}
+    entries = [ModelEntry(name, ACTIVE) for name in active if name not in named] + staged
+    if any(len(entry.name) > MAX_MODEL_NAME for entry in staged):
+        reader.problems.append(
+            f"the model catalogue: names are at most {MAX_MODEL_NAME} characters"
+        )
     try:
         return ModelCatalogue(entries)
     except ValueError as exc:

@@ -74,7 +74,7 @@ from services.agent_svc.service.filtering import (
     parse_filter,
     parse_order_by,
 )
-from services.agent_svc.service.models import RETIRED, ModelCatalogue, ModelEntry
+from services.agent_svc.service.models import DEPRECATED, RETIRED, ModelCatalogue, ModelEntry
 from services.agent_svc.service.paging import Cursor, PageTokens, page_size_of
 from services.agent_svc.service.ports import (
     AgentAliases,
@@ -438,12 +438,25 @@ class AgentService:
         return new
 
     def _check(self, agent: AgentInput) -> None:
-        """The agent's rules; a retired model is refused naming its replacement."""
-        retired = self._catalogue.retired(agent.model)
-        if retired is not None:
-            instead = f"; use {retired.replacement}" if retired.replacement else ""
-            raise InvalidArgument.field("agent.model", f"{agent.model} is retired{instead}")
-        check_agent(agent, self._allowed_models)
+        """The agent's rules; a retired model (or a deprecated one from its sunset date
+        on) is refused naming its replacement, with the agent's other problems."""
+        refused = self._catalogue.retired(agent.model, self._clock.now().date())
+        if refused is None:
+            check_agent(agent, self._allowed_models)
+            return
+        instead = f"; use {refused.replacement}" if refused.replacement else ""
+        why = (
+            f"reached its sunset date {refused.sunset.isoformat()}"
+            if refused.state == DEPRECATED and refused.sunset is not None
+            else "is retired"
+        )
+        violation = FieldViolation("agent.model", f"{agent.model} {why}{instead}")
+        try:
+            check_agent(agent, self._allowed_models)
+        except InvalidArgument as exc:
+            others = [v for v in exc.violations if v.field != "agent.model"]
+            raise InvalidArgument([violation, *others]) from None
+        raise InvalidArgument([violation])
 
     def model_notice(self, model: str) -> ModelEntry | None:
         """What a reply says about the agent's model: its entry when it is deprecated."""
@@ -454,7 +467,7 @@ class AgentService:
         caller = _caller(principal, AGENTS_READ)
         with self._read_uow() as uow:
             counts = uow.agents.count_by_model(None if caller.is_admin else caller.id)
-        entries = list(self._catalogue.entries)
+        entries = list(self._catalogue.entries_on(self._clock.now().date()))
         known = {entry.name for entry in entries}
         # Agents naming a model no longer in the catalogue show too (a retired one dropped).
         entries += [ModelEntry(name, RETIRED) for name in sorted(set(counts) - known)]
@@ -572,6 +585,8 @@ class AgentService:
             revision_id = ref
         if revision_id == agent.revision_id:
             return agent.current_revision
+        if revision_id > agent.revision_id:  # never made (nor storable beyond 32 bits)
+            raise _revision_not_found(agent.id, text)
         revision = uow.revisions.get(agent.id, revision_id)
         if revision is None:
             raise _revision_not_found(agent.id, text)

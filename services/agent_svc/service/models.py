@@ -1,14 +1,17 @@
 """The model catalogue: which models an agent may name, and in which state.
 
 - active: usable;
-- deprecated: usable until its sunset date, and the create/update reply carries a
-  `model_notice` (the model, its sunset date, its replacement);
+- deprecated: usable until its sunset date (from that date on it is refused like a retired
+  one, and listed as retired), and the create/update reply carries a `model_notice` (the
+  model, its sunset date, its replacement);
 - retired: refused (INVALID_ARGUMENT on `agent.model`, naming the replacement); agents
   that still name it stay readable, and an update must move them to another model.
 
 Configured by AGENT_ALLOWED_MODELS (active), AGENT_DEPRECATED_MODELS
 (`model@YYYY-MM-DD>replacement`, both parts optional) and AGENT_RETIRED_MODELS
-(`model>replacement`), comma-separated.
+(`model>replacement`), comma-separated; a model named deprecated or retired leaves the
+active list (a default model is deprecated without restating the list). A replacement must
+be a usable model of the catalogue.
 """
 
 from __future__ import annotations
@@ -64,6 +67,12 @@ class ModelCatalogue:
         self.usable = tuple(
             e.name for e in self._entries.values() if e.state in (ACTIVE, DEPRECATED)
         )
+        for entry in self._entries.values():
+            if entry.replacement is not None and entry.replacement not in self.usable:
+                raise ValueError(
+                    f"the replacement of {entry.name!r}, {entry.replacement!r}, is not a "
+                    "usable model (active or deprecated)"
+                )
 
     @classmethod
     def of_active(cls, names: Iterable[str]) -> ModelCatalogue:
@@ -81,6 +90,24 @@ class ModelCatalogue:
         entry = self._entries.get(name)
         return entry if entry is not None and entry.state == DEPRECATED else None
 
-    def retired(self, name: str) -> ModelEntry | None:
+    def retired(self, name: str, today: date | None = None) -> ModelEntry | None:
+        """The entry of a model that is refused: retired, or (given `today`) deprecated
+        and at or past its sunset date."""
         entry = self._entries.get(name)
-        return entry if entry is not None and entry.state == RETIRED else None
+        if entry is None:
+            return None
+        if entry.state == RETIRED or (today is not None and _past_sunset(entry, today)):
+            return entry
+        return None
+
+    def entries_on(self, today: date) -> tuple[ModelEntry, ...]:
+        """The entries as they stand on `today`: a deprecated model past its sunset shows
+        as retired (with its sunset date and replacement)."""
+        return tuple(
+            ModelEntry(e.name, RETIRED, e.sunset, e.replacement) if _past_sunset(e, today) else e
+            for e in self._entries.values()
+        )
+
+
+def _past_sunset(entry: ModelEntry, today: date) -> bool:
+    return entry.state == DEPRECATED and entry.sunset is not None and today >= entry.sunset

@@ -26,7 +26,7 @@ from services.agent_svc.service.ports import AgentQuery
 from shared.config.clock import SystemClock
 from shared.data import migrations
 from shared.data.db import make_engine, session_factory
-from shared.rpc.errors import InvalidArgument
+from shared.rpc.errors import InvalidArgument, NotFound
 from shared.security.tokens import Principal
 from tests.unit.agent.fakes import MODELS, SECRET, agent_input
 
@@ -164,3 +164,18 @@ def _row(owner: uuid.UUID, fields: AgentInput) -> dict[str, Any]:
         "create_time": now,
         "update_time": now,
     }
+
+
+@pytest.mark.parametrize("revision_id", ["2147483648", "9999999999", "999999999999999999"])
+def test_a_revision_id_beyond_the_column_is_not_found(uow: UowFactory, revision_id: str) -> None:
+    """Revision ids are a 32-bit column: a larger one given to RollbackAgent or
+    TagAgentRevision is a revision that does not exist (NOT_FOUND), not INTERNAL
+    (PostgreSQL's "integer out of range")."""
+    agents, me = service(uow), a_user()
+    agent = agents.create(principal=me, agent=agent_input())
+    with pytest.raises(NotFound) as rolled:
+        agents.rollback(principal=me, agent_id=str(agent.id), revision_id=revision_id)
+    assert rolled.value.reason == "REVISION_NOT_FOUND"
+    with pytest.raises(NotFound) as tagged:
+        agents.tag(principal=me, agent_id=str(agent.id), revision_id=revision_id, alias="prod")
+    assert tagged.value.reason == "REVISION_NOT_FOUND"

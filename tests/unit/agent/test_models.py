@@ -86,8 +86,59 @@ def test_the_catalogue_is_configured_from_the_environment() -> None:
     for bad, why in (
         ({"AGENT_DEPRECATED_MODELS": "x@tomorrow"}, "YYYY-MM-DD"),
         ({"AGENT_RETIRED_MODELS": "x@2027-01-01"}, "only a deprecated model"),
-        ({"AGENT_RETIRED_MODELS": "gpt-4o"}, "listed twice"),
+        ({"AGENT_DEPRECATED_MODELS": "o1", "AGENT_RETIRED_MODELS": "o1"}, "listed twice"),
     ):
         with pytest.raises(ConfigError, match=why):
             load_agent_settings(bad)
     assert parse_entries(" , ", RETIRED) == []
+
+
+def test_a_deprecated_model_past_its_sunset_is_refused_naming_its_replacement() -> None:
+    """ "Usable until its sunset date": from that date on it is refused like a retired one,
+    and ListModels shows it retired."""
+    world = make_world(catalogue=CATALOGUE)
+    owner = user()
+    world.service.create(principal=owner, agent=agent_input(model="gpt-4o", name="before"))
+    world.clock.advance((date(2027, 3, 1) - world.clock.now().date()).days * 86_400.0)
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.create(principal=owner, agent=agent_input(model="gpt-4o", name="after"))
+    assert [(v.field, v.description) for v in caught.value.violations] == [
+        ("agent.model", "gpt-4o reached its sunset date 2027-03-01; use gpt-4.1")
+    ]
+    states = {entry.name: entry.state for entry, _ in world.service.models(principal=owner)}
+    assert states["gpt-4o"] == RETIRED
+
+
+def test_a_retired_model_is_reported_with_the_agents_other_problems(world: World) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.create(principal=user(), agent=agent_input(model="gpt-3.5", name=""))
+    assert sorted((v.field, v.description) for v in caught.value.violations)[0][0] == "agent.model"
+    fields = [v.field for v in caught.value.violations]
+    assert sorted(fields) == ["agent.model", "agent.name"]
+    assert "gpt-3.5 is retired; use gpt-4.1" in [v.description for v in caught.value.violations]
+
+
+def test_a_default_model_can_be_deprecated_or_retired_without_restating_the_list() -> None:
+    settings = load_agent_settings(
+        {"AGENT_DEPRECATED_MODELS": "gpt-4o@2027-03-01>gpt-4.1", "AGENT_RETIRED_MODELS": "o1"}
+    )
+    assert settings.catalogue.get("gpt-4o") == ModelEntry(
+        "gpt-4o", DEPRECATED, date(2027, 3, 1), "gpt-4.1"
+    )
+    assert settings.catalogue.retired("o1") == ModelEntry("o1", RETIRED)
+    assert "o1" not in settings.catalogue.usable
+
+
+@pytest.mark.parametrize(
+    ("env", "why"),
+    [
+        ({"AGENT_DEPRECATED_MODELS": "gpt-4o>nonexistent"}, "'nonexistent', is not a usable model"),
+        ({"AGENT_RETIRED_MODELS": "old>gpt-3.5"}, "'gpt-3.5', is not a usable model"),
+        ({"AGENT_RETIRED_MODELS": "a>b, b>gpt-4.1"}, "'b', is not a usable model"),
+        ({"AGENT_DEPRECATED_MODELS": "m" * 129}, "at most 128 characters"),
+        ({"AGENT_RETIRED_MODELS": "x, x"}, "listed twice"),
+    ],
+)
+def test_the_catalogue_refuses_what_cannot_work(env: dict[str, str], why: str) -> None:
+    with pytest.raises(ConfigError, match=why):
+        load_agent_settings(env)
