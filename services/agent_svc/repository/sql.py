@@ -598,6 +598,9 @@ class SqlRevisionRepository:
                 created_via=revision.created_via or None,
             )
         )
+        self.prune(revision.agent_id, newest=revision.revision_id, keep=keep)
+
+    def prune(self, agent_id: uuid.UUID, *, newest: int, keep: int) -> None:
         aliased = exists().where(
             AgentAliasRow.agent_id == AgentRevisionRow.agent_id,
             AgentAliasRow.revision_id == AgentRevisionRow.revision_id,
@@ -605,8 +608,8 @@ class SqlRevisionRepository:
         self._session.execute(
             delete(AgentRevisionRow)
             .where(
-                AgentRevisionRow.agent_id == revision.agent_id,
-                AgentRevisionRow.revision_id <= revision.revision_id - keep,
+                AgentRevisionRow.agent_id == agent_id,
+                AgentRevisionRow.revision_id <= newest - keep,
                 ~aliased,
             )
             .execution_options(synchronize_session=False)

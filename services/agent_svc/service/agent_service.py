@@ -129,6 +129,9 @@ _METADATA_ENTRY = "metadata."
 # Updates without an etag retry their compare-and-set this many times before ABORTED.
 UPDATE_ATTEMPTS = 5
 MAX_BATCH = 100  # BatchGetAgents (AIP-231)
+# Aliases per agent: each keeps its revision past the retention, and ListAgentRevisions
+# returns them all in every reply.
+MAX_ALIASES = 100
 # Bytes of serialized agents in one ListAgents response (a quarter of the default 4 MiB
 # receive limit is left for the token and framing, and for safety).
 LIST_RESPONSE_BUDGET = 3 * 1024 * 1024
@@ -554,9 +557,9 @@ class AgentService:
             return agent.current_revision
         if revision_id > agent.revision_id:
             raise _revision_not_found(key, str(ref))
-        if revision_id <= agent.revision_id - self._revisions_kept:
-            # Past the retention window: kept only while an alias names it (a copy in
-            # memory of a pruned one must not answer).
+        if self._past_retention(agent, revision_id):
+            # Kept only while an alias names it (a copy in memory of a pruned one must
+            # not answer).
             aliases = aliases if aliases is not None else self._aliases(key)
             if revision_id not in aliases.values():
                 raise _revision_not_found(key, str(ref))
@@ -570,14 +573,20 @@ class AgentService:
             raise _revision_not_found(key, str(ref))
         return revision
 
-    @staticmethod
+    def _past_retention(self, agent: Agent, revision_id: int) -> bool:
+        """Older than the agent's last AGENT_REVISIONS_KEPT revisions: such a revision is
+        kept (and shown, tagged, rolled back to) only while an alias names it. The rule
+        every read and write applies, so they agree even before a prune has removed it
+        (after an untag made in an older release, or a lowered setting)."""
+        return revision_id <= agent.revision_id - self._revisions_kept
+
     def _revision_in(
-        uow: AgentUnitOfWork, agent: Agent, ref: int | str, text: str
+        self, uow: AgentUnitOfWork, agent: Agent, ref: int | str, text: str
     ) -> AgentRevision:
         """The revision `ref` (an id or an alias) as the write's own transaction sees it
         (no cache: a write decides on what it has locked or will compare-and-set)."""
+        aliases = uow.revisions.aliases(agent.id)
         if isinstance(ref, str):
-            aliases = uow.revisions.aliases(agent.id)
             if ref not in aliases:
                 raise _alias_not_found(agent.id, ref)
             revision_id = aliases[ref]
@@ -586,6 +595,8 @@ class AgentService:
         if revision_id == agent.revision_id:
             return agent.current_revision
         if revision_id > agent.revision_id:  # never made (nor storable beyond 32 bits)
+            raise _revision_not_found(agent.id, text)
+        if self._past_retention(agent, revision_id) and revision_id not in aliases.values():
             raise _revision_not_found(agent.id, text)
         revision = uow.revisions.get(agent.id, revision_id)
         if revision is None:
@@ -613,11 +624,26 @@ class AgentService:
         with self._read_uow() as uow:
             rows = uow.revisions.list_page(key, before=before, limit=limit + 1)
             aliases = uow.revisions.aliases(key)
-        page = self._within_budget([agent.at(revision) for revision in rows[:limit]])
-        more = len(rows) > len(page)
+        examined, fetched_more = rows[:limit], len(rows) > limit
+        tagged = set(aliases.values())
+        shown = [
+            revision
+            for revision in examined
+            if not self._past_retention(agent, revision.revision_id)
+            or revision.revision_id in tagged
+        ]
+        page = self._within_budget([agent.at(revision) for revision in shown])
+        # A page may be short (past-retention revisions not shown, or the size budget);
+        # the cursor is the last revision shown, or, when all were, the last examined.
+        if len(page) < len(shown):
+            last: int | None = page[-1].revision_id
+        elif fetched_more and examined:
+            last = examined[-1].revision_id
+        else:
+            last = None
         next_token = (
-            self._page_tokens.issue(Cursor(str(page[-1].revision_id), key), binding=binding)
-            if more
+            self._page_tokens.issue(Cursor(str(last), key), binding=binding)
+            if last is not None
             else ""
         )
         return RevisionPage(page, next_token, aliases)
@@ -829,6 +855,16 @@ class AgentService:
             # check and the tag (it waits, then keeps the tagged revision).
             current = self._changeable(caller, key, uow.agents.get(key, for_update=True), "")
             target = self._revision_in(uow, current, ref, revision_id)
+            aliases = uow.revisions.aliases(key)
+            if name not in aliases and len(aliases) >= MAX_ALIASES:
+                raise ResourceExhausted(
+                    f"agent {key} has {MAX_ALIASES} aliases, the most an agent may have; "
+                    "untag one to add another",
+                    reason="ALIAS_LIMIT_REACHED",
+                    quota_violations=(
+                        QuotaViolation(f"agents/{key}", f"at most {MAX_ALIASES} aliases"),
+                    ),
+                )
             uow.revisions.set_alias(
                 key, name, target.revision_id, now=self._clock.now(), by=caller.author.by
             )
@@ -842,9 +878,12 @@ class AgentService:
         key = _parse_id(agent_id, "id")
         name = _alias_name(alias, "alias")
         with self._uow() as uow:
-            self._changeable(caller, key, uow.agents.get(key, for_update=True), "")
+            current = self._changeable(caller, key, uow.agents.get(key, for_update=True), "")
             if not uow.revisions.remove_alias(key, name):
                 raise _alias_not_found(key, name)
+            # The revision it named may now be past the retention: pruned at once, so the
+            # list, reads and tags agree.
+            uow.revisions.prune(key, newest=current.revision_id, keep=self._revisions_kept)
             uow.commit()
         self._alias_cache.invalidate(key)
 

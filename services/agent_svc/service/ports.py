@@ -139,8 +139,12 @@ class RevisionRepository(Protocol):
     """Agents' configuration revisions (AIP-162) and their aliases."""
 
     def add(self, revision: AgentRevision, *, keep: int) -> None:
-        """Records the revision, then removes the agent's revisions older than its last
-        `keep` that no alias names."""
+        """Records the revision, then prunes (see `prune`) up to it."""
+        ...
+
+    def prune(self, agent_id: uuid.UUID, *, newest: int, keep: int) -> None:
+        """Removes the agent's revisions older than the last `keep` up to `newest` that no
+        alias names."""
         ...
 
     def get(self, agent_id: uuid.UUID, revision_id: int) -> AgentRevision | None: ...

@@ -202,14 +202,13 @@ class FakeRevisions:
         key = (revision.agent_id, revision.revision_id)
         assert key not in self._state.revisions, f"revision {key} recorded twice"
         self._state.revisions[key] = revision
-        tagged = set(self._state.aliases.get(revision.agent_id, {}).values())
-        for agent_id, revision_id in list(self._state.revisions):
-            if (
-                agent_id == revision.agent_id
-                and revision_id <= revision.revision_id - keep
-                and revision_id not in tagged
-            ):
-                del self._state.revisions[(agent_id, revision_id)]
+        self.prune(revision.agent_id, newest=revision.revision_id, keep=keep)
+
+    def prune(self, agent_id: uuid.UUID, *, newest: int, keep: int) -> None:
+        tagged = set(self._state.aliases.get(agent_id, {}).values())
+        for owner, revision_id in list(self._state.revisions):
+            if owner == agent_id and revision_id <= newest - keep and revision_id not in tagged:
+                del self._state.revisions[(owner, revision_id)]
 
     def get(self, agent_id: uuid.UUID, revision_id: int) -> AgentRevision | None:
         self._database.revision_reads += 1

@@ -10,6 +10,7 @@ from datetime import timedelta
 import pytest
 
 from services.agent_svc.domain import Agent
+from services.agent_svc.service.agent_service import MAX_ALIASES
 from shared.rpc.errors import (
     Aborted,
     AlreadyExists,
@@ -153,6 +154,76 @@ def test_a_revision_cached_before_it_was_pruned_is_not_served(world: World) -> N
     edit(world, owner, versions[-1], "v5")  # prunes 3
     with pytest.raises(NotFound):
         get(world, owner, f"{versions[0].id}@3")
+
+
+def ids_listed(world: World, who: Principal, agent: Agent, page_size: int = 0) -> list[int]:
+    listed, token = [], ""
+    while True:
+        page = world.service.list_revisions(
+            principal=who, agent_id=str(agent.id), page_size=page_size, page_token=token
+        )
+        listed += [revision.revision_id for revision in page.agents]
+        token = page.next_page_token
+        if not token:
+            return listed
+
+
+def test_an_untagged_revision_past_the_retention_is_gone_everywhere_at_once() -> None:
+    """Untagging the only alias of a revision past the retention prunes it: the list,
+    GetAgent id@rev and TagAgentRevision agree (before, the list still showed it and a tag
+    brought it back while reads said NOT_FOUND)."""
+    world = make_world(revisions_kept=2)
+    owner = user()
+    agent = world.service.create(principal=owner, agent=agent_input(description="v1"))
+    agent = edit(world, owner, agent, "v2")
+    world.service.tag(principal=owner, agent_id=str(agent.id), revision_id="2", alias="keep")
+    for number in (3, 4, 5):
+        agent = edit(world, owner, agent, f"v{number}")
+    assert ids_listed(world, owner, agent) == [5, 4, 2]
+    world.service.untag(principal=owner, agent_id=str(agent.id), alias="keep")
+    assert (agent.id, 2) not in world.database.committed.revisions
+    assert ids_listed(world, owner, agent) == [5, 4]
+    attempts: list[Callable[[], object]] = [
+        lambda: get(world, owner, f"{agent.id}@2"),
+        lambda: world.service.tag(
+            principal=owner, agent_id=str(agent.id), revision_id="2", alias="again"
+        ),
+        lambda: world.service.rollback(principal=owner, agent_id=str(agent.id), revision_id="2"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(NotFound) as caught:
+            attempt()
+        assert caught.value.reason == "REVISION_NOT_FOUND"
+
+
+def test_revisions_past_a_lowered_retention_are_not_shown_nor_tagged() -> None:
+    """AGENT_REVISIONS_KEPT lowered across a restart: the revisions past the new window
+    are not pruned until the next write, but no call shows or uses them meanwhile."""
+    before = make_world(revisions_kept=100)
+    owner = user()
+    versions = edited_three_times(before, owner)  # revisions 1..4
+    after = make_world(revisions_kept=2)
+    after.database.committed = before.database.committed
+    agent = versions[-1]
+    assert ids_listed(after, owner, agent, page_size=1) == [4, 3]
+    with pytest.raises(NotFound):
+        after.service.tag(principal=owner, agent_id=str(agent.id), revision_id="1", alias="x")
+    with pytest.raises(NotFound):
+        after.service.rollback(principal=owner, agent_id=str(agent.id), revision_id="2")
+
+
+def test_an_agent_has_at_most_max_aliases(world: World) -> None:
+    owner = user()
+    agent = world.service.create(principal=owner, agent=agent_input())
+    for number in range(MAX_ALIASES):
+        world.service.tag(
+            principal=owner, agent_id=str(agent.id), revision_id="1", alias=f"a{number}"
+        )
+    with pytest.raises(ResourceExhausted) as caught:
+        world.service.tag(principal=owner, agent_id=str(agent.id), revision_id="1", alias="more")
+    assert caught.value.reason == "ALIAS_LIMIT_REACHED"
+    # Moving an existing alias is not a new one.
+    world.service.tag(principal=owner, agent_id=str(agent.id), revision_id="1", alias="a0")
 
 
 def test_list_revisions_pages_newest_first_with_the_aliases(world: World) -> None:

@@ -144,6 +144,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND: no such revision of the agent (never made, or pruned)."""
     ALIAS_NOT_FOUND: _ErrorReason.ValueType  # 233
     """NOT_FOUND: the agent has no such alias."""
+    ALIAS_LIMIT_REACHED: _ErrorReason.ValueType  # 234
+    """RESOURCE_EXHAUSTED: the agent has as many aliases as allowed (100); untag one first."""
     RESUME_TOKEN_EXPIRED: _ErrorReason.ValueType  # 209
     """FAILED_PRECONDITION: WatchAgents with a resume_token older than the change log keeps
     (AGENT_WATCH_RETENTION_SECONDS): list the agents again, then watch without a token.
@@ -284,6 +286,8 @@ REVISION_NOT_FOUND: ErrorReason.ValueType  # 232
 """NOT_FOUND: no such revision of the agent (never made, or pruned)."""
 ALIAS_NOT_FOUND: ErrorReason.ValueType  # 233
 """NOT_FOUND: the agent has no such alias."""
+ALIAS_LIMIT_REACHED: ErrorReason.ValueType  # 234
+"""RESOURCE_EXHAUSTED: the agent has as many aliases as allowed (100); untag one first."""
 RESUME_TOKEN_EXPIRED: ErrorReason.ValueType  # 209
 """FAILED_PRECONDITION: WatchAgents with a resume_token older than the change log keeps
 (AGENT_WATCH_RETENTION_SECONDS): list the agents again, then watch without a token.
