@@ -124,7 +124,21 @@ MUTABLE_FIELDS = (
     "top_p",
 )
 IMMUTABLE_FIELDS = frozenset({"id", "owner_id"})
-OUTPUT_ONLY_FIELDS = frozenset({"create_time", "update_time", "etag"})
+# The Agent fields agent.proto marks OUTPUT_ONLY (a unit test keeps the two equal), and
+# the etag (sent for the compare, never set through the mask).
+OUTPUT_ONLY_FIELDS = frozenset(
+    {
+        "create_time",
+        "update_time",
+        "etag",
+        "updated_by",
+        "updated_via",
+        "revision_id",
+        "revision_create_time",
+        "delete_time",
+        "expire_time",
+    }
+)
 _METADATA_ENTRY = "metadata."
 # Updates without an etag retry their compare-and-set this many times before ABORTED.
 UPDATE_ATTEMPTS = 5

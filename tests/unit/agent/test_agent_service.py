@@ -11,7 +11,11 @@ from typing import Any
 import pytest
 
 from services.agent_svc.domain import Agent, AgentInput, Tool
-from services.agent_svc.service.agent_service import LIST_RESPONSE_BUDGET, UPDATE_ATTEMPTS
+from services.agent_svc.service.agent_service import (
+    LIST_RESPONSE_BUDGET,
+    OUTPUT_ONLY_FIELDS,
+    UPDATE_ATTEMPTS,
+)
 from services.agent_svc.service.filtering import MetadataEquals, OwnerEquals
 from services.agent_svc.service.sizing import agent_size, framed
 from shared.rpc.errors import (
@@ -456,6 +460,25 @@ def test_output_only_paths_are_ignored(world: World) -> None:
     )
     assert updated.name == "renamed"
     assert updated.create_time == agent.create_time
+
+
+def test_every_output_only_field_of_the_proto_is_ignored_in_a_mask(world: World) -> None:
+    """AIP-134: a mask naming an output-only field (as agent.proto marks them) ignores
+    it; `owner_id` is immutable instead (INVALID_ARGUMENT), `etag` is an input of its own."""
+    from agentplatform.agent.v1 import agent_pb2
+    from google.api import field_behavior_pb2  # type: ignore[import-untyped]
+
+    marked = {
+        field.name
+        for field in agent_pb2.Agent.DESCRIPTOR.fields
+        if field_behavior_pb2.OUTPUT_ONLY
+        in field.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+    }
+    assert marked - {"owner_id"} <= OUTPUT_ONLY_FIELDS
+    owner = user()
+    agent = create(world, owner)
+    paths = (*sorted(marked - {"owner_id"}), "name")
+    assert update(world, owner, agent, paths, name="renamed").name == "renamed"
 
 
 def test_an_update_that_changes_nothing_writes_nothing(world: World) -> None:
