@@ -89,6 +89,11 @@ class Agent:
     def etag(self) -> str:
         return "" if self.snapshot else etag_for(self.id, self.revision)
 
+    def expired(self, now: datetime) -> bool:
+        """Soft-deleted and past its expire_time: gone for every call (AIP-164), even
+        before the worker's purge removes it."""
+        return self.expire_time is not None and self.expire_time <= now
+
     @property
     def deleted(self) -> bool:
         return self.delete_time is not None

@@ -91,9 +91,12 @@ def healthz_route(worker: Worker) -> Route:
 
 
 def run_worker(worker: Worker, observability: Observability, *, once: bool) -> int:
-    """Runs passes until a stop signal (or one pass with `once`); the exit code."""
-    observability.route(HEALTHZ_PATH, healthz_route(worker))
-    observability.start_metrics()
+    """Runs passes until a stop signal (or one pass with `once`); the exit code. One pass
+    (a CronJob, or by hand beside a running service) serves no HTTP: nothing would scrape
+    it, and the service's metrics port may be taken."""
+    if not once:
+        observability.route(HEALTHZ_PATH, healthz_route(worker))
+        observability.start_metrics()
     try:
         with ShutdownSignals() as signals:
             _log.info(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -93,11 +94,19 @@ def test_migrate_in_prod_needs_only_the_database_url(
 
 
 def test_one_worker_pass_purges_expired_refresh_tokens(tmp_path: Path) -> None:
+    """One pass (a CronJob, or by hand beside a running `scripts/run`) serves no HTTP: the
+    metrics port being taken by the running service does not stop it."""
     url = f"sqlite:///{tmp_path / 'auth.db'}"
-    env = clean_env(AUTH_DATABASE_URL=url, AUTH_DATA_DIR=str(tmp_path), AUTH_METRICS_PORT="0")
-    assert command("auth_svc", "migrate", env=env).returncode == 0
-    seed_expired_tokens(url, 3)
-    done = command("auth_svc", "worker", "--once", env=env)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = clean_env(
+            AUTH_DATABASE_URL=url, AUTH_DATA_DIR=str(tmp_path), AUTH_METRICS_PORT=str(port)
+        )
+        assert command("auth_svc", "migrate", env=env).returncode == 0
+        seed_expired_tokens(url, 3)
+        done = command("auth_svc", "worker", "--once", env=env)
     assert done.returncode == 0, done.stderr
     assert "job auth.refresh_tokens.purge: done" in done.stderr
     assert "tokens_deleted=3" in done.stderr

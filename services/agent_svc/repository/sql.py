@@ -29,6 +29,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
     text,
     tuple_,
@@ -333,6 +334,10 @@ class SqlAgentRepository:
             statement = statement.where(AgentRow.owner_id == query.owner_id)
         if not query.show_deleted:
             statement = statement.where(AgentRow.delete_time.is_(None))
+        elif query.now is not None:
+            statement = statement.where(
+                or_(AgentRow.expire_time.is_(None), AgentRow.expire_time > query.now)
+            )
         for condition in query.filter.conditions:
             statement = statement.where(_condition(condition))
         if query.after is not None:

@@ -544,7 +544,7 @@ class AgentService:
 
     def _visible(self, caller: _Caller, key: uuid.UUID) -> Agent:
         agent = self._cache.get(key, lambda: self._load(key))
-        if agent is None or not caller.sees(agent):
+        if agent is None or not caller.sees(agent) or agent.expired(self._clock.now()):
             raise _not_found(key)
         return agent
 
@@ -682,7 +682,7 @@ class AgentService:
         found: dict[uuid.UUID, Agent] = {}
         for key in dict.fromkeys(keys):  # each once, through the cache like GetAgent
             agent = self._cache.get(key, lambda key=key: self._load(key))  # type: ignore[misc]
-            if agent is None or not caller.sees(agent):
+            if agent is None or not caller.sees(agent) or agent.expired(self._clock.now()):
                 raise _not_found(key)
             found[key] = agent
         agents = [found[key] for key in keys]
@@ -724,7 +724,9 @@ class AgentService:
             if page_token
             else None
         )
-        query = AgentQuery(owner, conditions, ordering, after, limit + 1, show_deleted)
+        query = AgentQuery(
+            owner, conditions, ordering, after, limit + 1, show_deleted, self._clock.now()
+        )
         with self._read_uow() as uow:
             rows = uow.agents.list_page(query)
         page = self._within_budget(rows[:limit])
@@ -937,6 +939,8 @@ class AgentService:
             with self._uow() as uow:
                 current = uow.agents.get(key)
                 if current is None or not caller.sees(current):
+                    raise _not_found(key)
+                if current.expired(self._clock.now()):  # awaiting the worker's purge
                     raise _not_found(key)
                 if not current.deleted:
                     raise AlreadyExists(f"agent {key} is not deleted", reason="AGENT_NOT_DELETED")

@@ -76,6 +76,8 @@ class AgentQuery:
     limit: int
     show_deleted: bool = False
     """Soft-deleted agents too (AIP-164); by default they are left out."""
+    now: datetime | None = None
+    """With `show_deleted`: the deleted agents whose expire_time is later than this."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -266,6 +266,11 @@ def test_soft_delete_is_a_compare_and_set_and_keeps_the_row(uow: UowFactory) -> 
             AgentQuery(ALICE, AgentFilter(()), BY_NAME, None, 10, show_deleted=True)
         )
         assert [agent.name for agent in page] == ["one"]
+        for now, names in ((T0 + timedelta(days=29), ["one"]), (T0 + timedelta(days=30), [])):
+            shown = work.agents.list_page(
+                AgentQuery(ALICE, AgentFilter(()), BY_NAME, None, 10, show_deleted=True, now=now)
+            )
+            assert [agent.name for agent in shown] == names  # none past its expire_time
         stored = work.agents.get(one.id)
     assert stored == deleted(one)
     assert (stored.delete_time, stored.expire_time) == (T0, T0 + timedelta(days=30))

@@ -125,6 +125,7 @@ class FakeAgents:
             for a in self._state.agents.values()
             if (query.owner_id is None or a.owner_id == query.owner_id)
             and (query.show_deleted or not a.deleted)
+            and (query.now is None or not a.expired(query.now))
             and all(_matches(a, c) for c in query.filter.conditions)
         ]
         field, descending = query.ordering.field, query.ordering.descending

@@ -438,6 +438,30 @@ def test_the_expire_time_follows_the_retention(world: World) -> None:
     assert deleted.expire_time == world.clock.now() + timedelta(hours=1)
 
 
+def test_an_agent_past_its_expire_time_is_gone_before_the_purge() -> None:
+    """AIP-164: past expire_time the agent is gone — Get, BatchGet, List(show_deleted)
+    and Undelete say NOT_FOUND even while the worker has not purged it yet."""
+    world = make_world(deleted_retention_seconds=3600)
+    owner = user()
+    agent = world.service.create(principal=owner, agent=agent_input())
+    world.service.delete(principal=owner, agent_id=str(agent.id))
+    world.clock.advance(3599)
+    listed = world.service.list(principal=owner, show_deleted=True).agents
+    assert [a.id for a in listed] == [agent.id]
+    world.clock.advance(1)
+    assert agent.id in world.database.committed.agents  # not purged yet
+    assert world.service.list(principal=owner, show_deleted=True).agents == ()
+    attempts: list[Callable[[], object]] = [
+        lambda: world.service.get(principal=owner, agent_id=str(agent.id)),
+        lambda: world.service.batch_get(principal=owner, agent_ids=[str(agent.id)]),
+        lambda: world.service.undelete(principal=owner, agent_id=str(agent.id)),
+    ]
+    for attempt in attempts:
+        with pytest.raises(NotFound) as caught:
+            attempt()
+        assert caught.value.reason == "AGENT_NOT_FOUND"
+
+
 def test_purge_needs_the_admin_scope_and_removes_everything(world: World) -> None:
     owner = user()
     versions = edited_three_times(world, owner)
