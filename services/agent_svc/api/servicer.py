@@ -152,7 +152,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             revision_id=request.revision_id,
             etag=request.etag,
         )
-        return agent_pb2.RollbackAgentResponse(agent=agent_to_proto(agent))
+        return agent_pb2.RollbackAgentResponse(
+            agent=agent_to_proto(agent), model_notice=self._notice(agent.model)
+        )
 
     def TagAgentRevision(
         self, request: agent_pb2.TagAgentRevisionRequest, context: Any

@@ -629,6 +629,22 @@ def test_list_models_and_the_notice_of_a_deprecated_model() -> None:
         ("gpt-4o", "deprecated", 1),
         ("gpt-3.5", "retired", 0),
     ]
+    # A rollback to a revision on a deprecated model says so too.
+    moved = client.ok(
+        "UpdateAgent",
+        agent_pb2.UpdateAgentRequest(
+            agent=agent_pb2.Agent(id=reply.agent.id, model="gpt-4.1"),
+            update_mask=field_mask_pb2.FieldMask(paths=["model"]),
+        ),
+        token=token,
+    )
+    assert not moved.HasField("model_notice")
+    back = client.ok(
+        "RollbackAgent",
+        agent_pb2.RollbackAgentRequest(id=reply.agent.id, revision_id="1"),
+        token=token,
+    )
+    assert (back.agent.model, back.model_notice.name) == ("gpt-4o", "gpt-4o")
 
 
 def test_revisions_aliases_and_undelete_through_the_servicer(client: Client) -> None:

@@ -754,18 +754,24 @@ class RollbackAgentResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_FIELD_NUMBER: _builtins.int
+    MODEL_NOTICE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def agent(self) -> Global___Agent:
         """The agent at its new revision (or as it was, when nothing changes)."""
+
+    @_builtins.property
+    def model_notice(self) -> Global___Model:
+        """Set when the agent's model is deprecated (see CreateAgentResponse.model_notice)."""
 
     def __init__(
         self,
         *,
         agent: Global___Agent | None = ...,
+        model_notice: Global___Model | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "model_notice", b"model_notice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "model_notice", b"model_notice"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
