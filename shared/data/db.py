@@ -8,6 +8,13 @@ that ends early (cancelled by the caller, past its deadline, ended at shutdown) 
 cancelled on the server at once, so its connection returns to the pool instead of
 serving a caller who is gone. `DB_STATEMENT_TIMEOUT_SECONDS` stays the server-side bound
 for work outside any call.
+
+Failover (a multi-host URL finds the new primary for each new connection): a statement
+refused because its server is gone or no longer a primary (read-only, shutting down,
+starting) is UNAVAILABLE and drops every connection of the pool made before it; a
+connection idle over IDLE_PING_SECONDS is pinged at checkout; and with
+target_session_attrs=read-write a connection whose server reported itself read-only is
+replaced at checkout.
 """
 
 from __future__ import annotations

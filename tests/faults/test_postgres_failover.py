@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import missing
-from tests.faults.load import Call, Load, summarize
+from tests.faults.load import Call, summarize
 from tests.faults.pg_stack import (
     WRITES,
     PgStack,
@@ -127,17 +127,17 @@ def _failed_write_after(moment: float) -> Callable[[list[Call]], bool]:
     return seen
 
 
-def _crash(pair: Pair, load: Load) -> float:
+def _crash(pair: Pair) -> float:
     pair.primary.stop("immediate")
     return time.monotonic()
 
 
-def _fence(pair: Pair, load: Load) -> float:
+def _fence(pair: Pair) -> float:
     pair.primary.demote_in_place()
     return time.monotonic()
 
 
-LOSSES: dict[str, Callable[[Pair, Load], float]] = {"crash": _crash, "switchover": _fence}
+LOSSES: dict[str, Callable[[Pair], float]] = {"crash": _crash, "switchover": _fence}
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
@@ -157,7 +157,7 @@ def test_a_failover_to_the_synchronous_standby_costs_only_retryable_calls_and_no
             timeout=60,
             what="every kind of call to succeed before the failover",
         )
-        down = LOSSES[loss](pair, load)
+        down = LOSSES[loss](pair)
         # The load meets the lost primary before the promotion (a failover manager takes
         # that long, and more, to decide).
         load.wait_for(_failed_write_after(down), timeout=30, what="a write to fail")
