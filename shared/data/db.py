@@ -353,7 +353,9 @@ def make_engine(
     event.listen(engine.pool, "checkout", _ping_if_idle)
     event.listen(engine.pool, "checkin", _note_checkin)
     event.listen(engine, "handle_error", _drop_the_pool_on_failover)
-    if parsed.query.get("target_session_attrs") in ("read-write", "primary"):
+    # Only with read-write: libpq then never connects to a read-only server, so a fresh
+    # connection passes the check (`primary` accepts one with default_transaction_read_only).
+    if parsed.query.get("target_session_attrs") == "read-write":
         event.listen(engine.pool, "checkout", _refuse_a_read_only_server)
     return engine
 
