@@ -8,6 +8,13 @@ that ends early (cancelled by the caller, past its deadline, ended at shutdown) 
 cancelled on the server at once, so its connection returns to the pool instead of
 serving a caller who is gone. `DB_STATEMENT_TIMEOUT_SECONDS` stays the server-side bound
 for work outside any call.
+
+Failover (a multi-host URL finds the new primary for each new connection): a statement
+refused because its server is gone or no longer a primary (read-only, shutting down,
+starting) is UNAVAILABLE and drops every connection of the pool made before it; a
+connection idle over IDLE_PING_SECONDS is pinged at checkout; and with
+target_session_attrs=read-write a connection whose server reported itself read-only is
+replaced at checkout.
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SqlTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
@@ -232,6 +239,54 @@ def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
             dbapi_connection.autocommit = autocommit
 
 
+# SQLSTATEs that say the server is no longer a primary this pool may use: a read-only
+# server (a primary demoted in place, or a standby), a server shutting down or crashed
+# (admin_shutdown, crash_shutdown: the session is over), or one that does not take
+# connections yet (cannot_connect_now: starting, in recovery). Class 08 is a broken
+# connection.
+_FAILOVER_SQLSTATES = frozenset({"25006", "57P01", "57P02", "57P03"})
+
+
+def _sqlstate(exc: BaseException | None) -> str:
+    return str(getattr(exc, "sqlstate", None) or "")
+
+
+def _server_gone(sqlstate: str) -> bool:
+    return sqlstate in _FAILOVER_SQLSTATES or sqlstate.startswith("08")
+
+
+def _drop_the_pool_on_failover(context: ExceptionContext) -> None:
+    """A statement refused because the server is no longer a usable primary is handled
+    as a disconnect: SQLAlchemy discards the connection and every connection of the pool
+    made before the error (each is replaced at its next checkout, through the multi-host
+    URL, so by the server that accepts writes now), and the error is UNAVAILABLE. Without
+    this, a demoted primary's refusal (25006) kept its connection in the pool, and every
+    write handed to it failed."""
+    if _server_gone(_sqlstate(context.original_exception)):
+        context.is_disconnect = True
+
+
+def _read_only(dbapi_connection: Any) -> bool:
+    """What the server last reported of itself (PostgreSQL 14+ reports
+    default_transaction_read_only and in_hot_standby to the client whenever they change:
+    no round trip)."""
+    pgconn = getattr(dbapi_connection, "pgconn", None)
+    if pgconn is None:
+        return False
+    return b"on" in (
+        pgconn.parameter_status(b"default_transaction_read_only"),
+        pgconn.parameter_status(b"in_hot_standby"),
+    )
+
+
+def _refuse_a_read_only_server(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """For an engine whose URL asks for a server that accepts writes
+    (target_session_attrs=read-write): a pooled connection to a server that has since
+    become read-only (demoted) is replaced before a call gets it."""
+    if _read_only(dbapi_connection):
+        raise DisconnectionError("the server of a pooled connection is read-only now")
+
+
 def _follow_calls(engine: Engine) -> Engine:
     event.listen(engine.pool, "checkout", _cancel_when_the_call_ends)
     event.listen(engine.pool, "checkin", _forget_the_call)
@@ -297,6 +352,11 @@ def make_engine(
     _follow_calls(engine)
     event.listen(engine.pool, "checkout", _ping_if_idle)
     event.listen(engine.pool, "checkin", _note_checkin)
+    event.listen(engine, "handle_error", _drop_the_pool_on_failover)
+    # Only with read-write: libpq then never connects to a read-only server, so a fresh
+    # connection passes the check (`primary` accepts one with default_transaction_read_only).
+    if parsed.query.get("target_session_attrs") == "read-write":
+        event.listen(engine.pool, "checkout", _refuse_a_read_only_server)
     return engine
 
 
@@ -319,9 +379,15 @@ def _sqlite_begin_immediate(connection: Any) -> None:
 
 
 def unavailable_database(exc: Exception) -> Unavailable | None:
-    """A database that cannot be reached, or a pool with no connection free in time, is
-    UNAVAILABLE (retry later), not INTERNAL; for the error-mapping interceptor."""
-    if isinstance(exc, SqlTimeoutError | OperationalError | InterfaceError | CallEnded):
+    """A database that cannot be reached, a pool with no connection free in time, or a
+    server that is no longer the primary (a demoted one refuses writes: read-only; one
+    shutting down ends the session) is UNAVAILABLE (retry later: the next connection
+    finds the primary), not INTERNAL; for the error-mapping interceptor."""
+    retryable = isinstance(exc, SqlTimeoutError | OperationalError | InterfaceError | CallEnded)
+    if retryable or (
+        isinstance(exc, DBAPIError)
+        and (exc.connection_invalidated or _server_gone(_sqlstate(exc.orig)))
+    ):
         return Unavailable(
             "the database is not available; retry",
             retry_after_seconds=1.0,

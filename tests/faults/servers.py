@@ -8,7 +8,10 @@ stopped, so the fault suite starts its own:
   the same port, empty or from the dump that `save()` wrote.
 - `PostgresCluster`: a cluster made once with `initdb` (trust auth on 127.0.0.1, its socket
   in its own folder), driven with `pg_ctl`: `stop("fast" | "immediate")`, `start()`, and
-  `freeze()`/`thaw()` of the postmaster and every backend. PostgreSQL refuses to run as
+  `freeze()`/`thaw()` of the postmaster and every backend. `standby()` makes a streaming
+  standby of it with `pg_basebackup -R` (a cluster of its own: port, folder, log),
+  `require_synchronous_standby()` makes every commit wait for that standby, `promote()`
+  makes a standby the primary. PostgreSQL refuses to run as
   root, so under root every command runs as the `postgres` system user, in a folder
   outside pytest's (which is private to root) and owned by that user.
 
@@ -31,6 +34,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import redis
@@ -259,11 +263,82 @@ class PostgresCluster:
                 "log_min_messages = warning\n"
             )
 
-    def start(self) -> None:
+    def start(self, *, read_only: bool = False) -> None:
+        """`pg_ctl start`; `read_only`: every session read-only by default (what a primary
+        demoted by its failover manager looks like to a client: up, refusing writes)."""
+        options = ["-o", "-c default_transaction_read_only=on"] if read_only else []
         self._run(
             "pg_ctl",
-            ["-D", str(self.data), "-l", str(self.log_path), "-w", "-t", "60", "start"],
+            ["-D", str(self.data), "-l", str(self.log_path), "-w", "-t", "60", *options, "start"],
         )
+
+    def standby(self) -> PostgresCluster:
+        """A streaming standby of this (running) cluster, not started: `pg_basebackup -R`
+        copies the data and writes `primary_conninfo`; the copy gets its own port and
+        socket folder (the last setting of postgresql.conf wins)."""
+        copy = PostgresCluster(self.bindir)
+        self._run(
+            "pg_basebackup",
+            [
+                *("-D", str(copy.data), "-R", "-X", "stream", "-c", "fast", "--no-sync"),
+                *("-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"),
+            ],
+        )
+        with (copy.data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                "\n# agentplatform fault suite: the standby\n"
+                f"port = {copy.port}\n"
+                f"unix_socket_directories = '{copy.socket_dir}'\n"
+            )
+        return copy
+
+    def require_synchronous_standby(self, timeout: float = START_TIMEOUT) -> None:
+        """Every commit waits until a standby has flushed it (synchronous_commit=on, any
+        standby): an acknowledged write survives the primary. Waits until the standby is
+        connected and synchronous. Set after `standby()`, so the standby's copy (the
+        primary after a promotion, with no standby of its own) does not wait forever."""
+        self.execute(
+            "ALTER SYSTEM SET synchronous_standby_names = '*'",
+            "ALTER SYSTEM SET synchronous_commit = 'on'",
+            "SELECT pg_reload_conf()",
+        )
+        deadline = time.monotonic() + timeout
+        while self.query("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'") < 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no synchronous standby:\n{self.log()[-4000:]}")
+            time.sleep(0.05)
+
+    def demote_in_place(self) -> None:
+        """Every session read-only from now on (a reload, no restart: open connections stay
+        open), the way a switchover fences the old primary before promoting the standby."""
+        self.execute(
+            "ALTER SYSTEM SET default_transaction_read_only = on", "SELECT pg_reload_conf()"
+        )
+
+    def promote(self) -> None:
+        """`pg_ctl promote -w`: returns when the standby accepts writes."""
+        self._run("pg_ctl", ["-D", str(self.data), "-w", "-t", "60", "promote"])
+
+    def in_recovery(self) -> bool:
+        return bool(self.query("SELECT pg_is_in_recovery()"))
+
+    def execute(self, *statements: str, database: str = "postgres") -> None:
+        with psycopg.connect(self.url(database), autocommit=True, connect_timeout=10) as connection:
+            for statement in statements:
+                connection.execute(statement)
+
+    def rows(
+        self, statement: str, params: Sequence[Any] = (), *, database: str = "postgres"
+    ) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.url(database), autocommit=True, connect_timeout=10) as connection:
+            return connection.execute(statement, params).fetchall()
+
+    def query(
+        self, statement: str, params: Sequence[Any] = (), *, database: str = "postgres"
+    ) -> Any:
+        """The first column of the first row."""
+        rows = self.rows(statement, params, database=database)
+        return rows[0][0] if rows else None
 
     def stop(self, mode: str = "fast") -> None:
         """`pg_ctl stop -m fast|immediate` (immediate: no checkpoint, crash recovery next)."""

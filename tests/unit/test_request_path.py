@@ -13,12 +13,13 @@ from typing import Any
 import grpc
 import grpc_testing
 import jwt
+import psycopg
 import pytest
 from agentplatform.auth.v1 import auth_pb2
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from google.protobuf import message
 from google.rpc import error_details_pb2, status_pb2
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from shared.config import deadlines
 from shared.data.db import unavailable_database
@@ -279,6 +280,27 @@ def test_a_database_that_does_not_answer_is_unavailable_with_retry_info(
     assert outcome.detail(error_details_pb2.ErrorInfo).reason == "DATABASE_UNAVAILABLE"
     assert outcome.detail(error_details_pb2.RetryInfo).retry_delay.seconds == 1
     assert "hunter2" not in repr(outcome.trailing) + outcome.details
+
+
+@pytest.mark.parametrize(
+    "server_error",
+    [
+        psycopg.errors.ReadOnlySqlTransaction("cannot execute INSERT in a read-only transaction"),
+        psycopg.errors.AdminShutdown("terminating connection due to administrator command"),
+        psycopg.errors.CannotConnectNow("the database system is starting up"),
+    ],
+    ids=["read-only (demoted primary)", "admin shutdown", "starting up"],
+)
+def test_a_server_that_is_no_longer_the_primary_is_unavailable_with_retry_info(
+    harness: Harness, server_error: psycopg.Error
+) -> None:
+    """A write refused by a demoted primary (psycopg raises 25006 as an InternalError,
+    which SQLAlchemy wraps as one): UNAVAILABLE, retry, not INTERNAL."""
+    harness.raising(DBAPIError.instance("INSERT", {}, server_error, psycopg.Error))
+    outcome = harness.call()
+    assert outcome.code == grpc.StatusCode.UNAVAILABLE
+    assert outcome.detail(error_details_pb2.ErrorInfo).reason == "DATABASE_UNAVAILABLE"
+    assert outcome.detail(error_details_pb2.RetryInfo).retry_delay.seconds == 1
 
 
 def test_a_successful_call_has_no_error_details(harness: Harness) -> None:
