@@ -358,6 +358,7 @@ class AgentService:
         request_id_ttl_seconds: float = 86_400.0,
         max_agents_per_owner: int = 0,
         read_uow: Callable[[], AgentUnitOfWork] | None = None,
+        replica_uow: Callable[[], AgentUnitOfWork] | None = None,
         catalogue: ModelCatalogue | None = None,
         revisions_kept: int = 100,
         deleted_retention_seconds: float = 30 * 86_400.0,
@@ -372,6 +373,9 @@ class AgentService:
         # Reads of one statement (a cache miss, a page) need no transaction of their own:
         # the composition root may hand a unit of work that skips BEGIN and ROLLBACK.
         self._read_uow = read_uow or uow
+        # Reads that tolerate a replica's lag (ListAgents, cache misses the cache deems
+        # safe); None: everything reads the primary.
+        self._replica_uow = replica_uow
         self._cache = cache
         self._clock = clock
         self._catalogue = catalogue or ModelCatalogue.of_active(allowed_models)
@@ -511,7 +515,7 @@ class AgentService:
         return agent.at(self._revision(agent, ref))
 
     def _visible(self, caller: _Caller, key: uuid.UUID) -> Agent:
-        agent = self._cache.get(key, lambda: self._load(key))
+        agent = self._cache_get(key)
         if agent is None or not caller.sees(agent):
             raise _not_found(key)
         return agent
@@ -624,7 +628,7 @@ class AgentService:
             raise InvalidArgument(problems)
         found: dict[uuid.UUID, Agent] = {}
         for key in dict.fromkeys(keys):  # each once, through the cache like GetAgent
-            agent = self._cache.get(key, lambda key=key: self._load(key))  # type: ignore[misc]
+            agent = self._cache_get(key)
             if agent is None or not caller.sees(agent):
                 raise _not_found(key)
             found[key] = agent
@@ -638,8 +642,19 @@ class AgentService:
             )
         return agents
 
-    def _load(self, agent_id: uuid.UUID) -> Agent | None:
-        with self._read_uow() as uow:
+    def _cache_get(self, key: uuid.UUID) -> Agent | None:
+        """The agent through the cache: a miss reads the primary, or the replica when the
+        cache knows it cannot lack a write of this agent."""
+        replica = self._replica_uow
+        return self._cache.get(
+            key,
+            lambda: self._load(key, self._read_uow),
+            load_lagging=None if replica is None else lambda: self._load(key, replica),
+        )
+
+    @staticmethod
+    def _load(agent_id: uuid.UUID, units: Callable[[], AgentUnitOfWork]) -> Agent | None:
+        with units() as uow:
             return uow.agents.get(agent_id)
 
     def list(
@@ -668,7 +683,7 @@ class AgentService:
             else None
         )
         query = AgentQuery(owner, conditions, ordering, after, limit + 1, show_deleted)
-        with self._read_uow() as uow:
+        with (self._replica_uow or self._read_uow)() as uow:  # a page may lag a little
             rows = uow.agents.list_page(query)
         page = self._within_budget(rows[:limit])
         more = len(rows) > len(page)
