@@ -26,10 +26,18 @@ from services.agent_svc.repository.sql import SqlAgentUnitOfWork
 from services.agent_svc.service.agent_service import AgentService
 from services.agent_svc.service.paging import PageTokens
 from services.agent_svc.service.ports import AgentAliases, ChangeSignal
+from services.agent_svc.service.replica import ReplicaReads
 from services.agent_svc.service.watch import ChangeHub, Watchers
 from services.agent_svc.settings import AgentSettings
 from shared.config.clock import Clock, SystemClock
-from shared.data.db import make_engine, ping, session_factory, single_statement_sessions
+from shared.data.db import (
+    CallEnded,
+    make_engine,
+    ping,
+    session_factory,
+    single_statement_sessions,
+    unavailable_database,
+)
 from shared.data.redis_client import RedisClient, make_redis
 from shared.rpc.lifecycle import Closers
 from shared.rpc.metrics import Metrics
@@ -257,8 +265,13 @@ def build_app(
     service = AgentService(
         uow=lambda: SqlAgentUnitOfWork(sessions),
         read_uow=lambda: SqlAgentUnitOfWork(single_reads),
-        replica_uow=(
-            (lambda: SqlAgentUnitOfWork(replica_reads)) if replica_reads is not None else None
+        replica=(
+            ReplicaReads(
+                lambda: SqlAgentUnitOfWork(replica_reads),
+                failed=_replica_failed,
+            )
+            if replica_reads is not None
+            else None
         ),
         cache=caches.agents,
         alias_cache=caches.aliases,
@@ -299,6 +312,13 @@ def build_app(
     return AgentApp(
         settings, engine, service, verifier, observability, closers, keys, hub, read_engine
     )
+
+
+def _replica_failed(exc: Exception) -> bool:
+    """A replica error the primary may not share (unreachable, shut down, a statement
+    cancelled by a recovery conflict); not a call that ended (the primary would refuse
+    its statement too)."""
+    return unavailable_database(exc) is not None and not isinstance(exc, CallEnded)
 
 
 def _read_engine(settings: AgentSettings, closers: Closers) -> Engine | None:

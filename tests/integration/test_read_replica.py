@@ -227,3 +227,33 @@ def test_the_replica_is_a_named_health_service(tmp_path: Path, replica_env: dict
 def _serving(status: Callable[[str], Any], name: str) -> bool:
     assert status(name) == health_pb2.HealthCheckResponse.SERVING
     return True
+
+
+def test_while_the_replica_is_down_the_primary_answers_its_reads(
+    tmp_path: Path, standby: PostgresStandby, replica_env: dict[str, str], token: str
+) -> None:
+    with (
+        agent_service(tmp_path, replica_env) as pod,
+        grpc.insecure_channel(pod.address) as channel,
+    ):
+        caller = Caller(pod, token)
+        health = health_pb2_grpc.HealthStub(channel)
+        try:
+            standby.stop("fast")
+            created = caller.create("while the replica is down")
+            # A miss with no stamp would read the replica: it fails, the primary answers.
+            assert caller.get(created.id).etag == created.etag
+            # The replica could not list what it never replayed: the primary did.
+            assert caller.names() == {"while the replica is down"}
+
+            def replica_not_serving() -> bool:
+                request = health_pb2.HealthCheckRequest(service="database-replica")
+                status = health.Check(request, timeout=TIMEOUT).status
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+                return True
+
+            assert eventually(replica_not_serving, within=TIMEOUT)
+        finally:
+            caller.close()
+            standby.ensure_running()
+            standby.wait_accepting()

@@ -57,7 +57,7 @@ import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from services.agent_svc.domain import (
     Agent,
@@ -90,6 +90,7 @@ from services.agent_svc.service.ports import (
     RequestReplayed,
     RevisionCache,
 )
+from services.agent_svc.service.replica import ReplicaReads
 from services.agent_svc.service.sizing import agent_size, framed
 from services.agent_svc.service.validation import check_agent, reported, shown
 from services.agent_svc.service.watch import Watchers, WatchStream
@@ -112,6 +113,8 @@ from shared.security.tokens import Principal
 __all__ = ["LIST_RESPONSE_BUDGET", "MUTABLE_FIELDS", "AgentService", "apply_update_mask"]
 
 _log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MUTABLE_FIELDS = (
     "name",
@@ -358,7 +361,7 @@ class AgentService:
         request_id_ttl_seconds: float = 86_400.0,
         max_agents_per_owner: int = 0,
         read_uow: Callable[[], AgentUnitOfWork] | None = None,
-        replica_uow: Callable[[], AgentUnitOfWork] | None = None,
+        replica: ReplicaReads | None = None,
         catalogue: ModelCatalogue | None = None,
         revisions_kept: int = 100,
         deleted_retention_seconds: float = 30 * 86_400.0,
@@ -375,7 +378,7 @@ class AgentService:
         self._read_uow = read_uow or uow
         # Reads that tolerate a replica's lag (ListAgents, cache misses the cache deems
         # safe); None: everything reads the primary.
-        self._replica_uow = replica_uow
+        self._replica = replica
         self._cache = cache
         self._clock = clock
         self._catalogue = catalogue or ModelCatalogue.of_active(allowed_models)
@@ -645,17 +648,27 @@ class AgentService:
     def _cache_get(self, key: uuid.UUID) -> Agent | None:
         """The agent through the cache: a miss reads the primary, or the replica when the
         cache knows it cannot lack a write of this agent."""
-        replica = self._replica_uow
+        replica = self._replica
+
+        def load(uow: AgentUnitOfWork) -> Agent | None:
+            return uow.agents.get(key)
+
+        def from_primary() -> Agent | None:
+            with self._read_uow() as uow:
+                return load(uow)
+
         return self._cache.get(
             key,
-            lambda: self._load(key, self._read_uow),
-            load_lagging=None if replica is None else lambda: self._load(key, replica),
+            from_primary,
+            load_lagging=None if replica is None else lambda: replica.read(load, self._read_uow),
         )
 
-    @staticmethod
-    def _load(agent_id: uuid.UUID, units: Callable[[], AgentUnitOfWork]) -> Agent | None:
-        with units() as uow:
-            return uow.agents.get(agent_id)
+    def _on_replica(self, work: Callable[[AgentUnitOfWork], T]) -> T:
+        """A read that tolerates a replica's lag: on the replica if there is one."""
+        if self._replica is None:
+            with self._read_uow() as uow:
+                return work(uow)
+        return self._replica.read(work, self._read_uow)
 
     def list(
         self,
@@ -683,8 +696,7 @@ class AgentService:
             else None
         )
         query = AgentQuery(owner, conditions, ordering, after, limit + 1, show_deleted)
-        with (self._replica_uow or self._read_uow)() as uow:  # a page may lag a little
-            rows = uow.agents.list_page(query)
+        rows = self._on_replica(lambda uow: uow.agents.list_page(query))  # may lag a little
         page = self._within_budget(rows[:limit])
         more = len(rows) > len(page)
         next_token = (
