@@ -110,10 +110,12 @@ class PrivatePgBouncer:
 
     def server_connections(self, database: str) -> int:
         """Server connections PgBouncer holds to `database` (SHOW SERVERS)."""
-        with psycopg.connect(self.url("pgbouncer"), autocommit=True, connect_timeout=5) as admin:
-            rows = admin.execute("SHOW SERVERS").fetchall()
-            names = [column.name for column in admin.execute("SHOW SERVERS").description or []]
-        index = names.index("database")
+        with (
+            psycopg.connect(self.url("pgbouncer"), autocommit=True, connect_timeout=5) as admin,
+            admin.cursor() as cursor,
+        ):
+            rows = cursor.execute("SHOW SERVERS").fetchall()
+            index = [column.name for column in cursor.description or []].index("database")
         return sum(1 for row in rows if row[index] == database)
 
     def log(self) -> str:
