@@ -174,3 +174,28 @@ def test_without_redis_every_miss_reads_the_primary(
     cache = make_cache(with_redis=False)
     assert get(cache, database, key) == Item(1)
     assert database.reads == ["primary"]
+
+
+def test_a_lagging_copy_older_than_a_version_served_here_is_not_used(
+    make_cache: Callable[..., TwoLevelCache[Item]], redis_url: str, unique: str
+) -> None:
+    # A replica lagging longer than the stamp's life: its copy is older than what this
+    # cache served before, and the primary answers instead.
+    database, key = Database(), uuid.uuid4()
+    database.write(key, Item(1))
+    database.replay()
+    cache = make_cache()
+    database.write(key, Item(2))
+    cache.invalidate(key)
+    assert get(cache, database, key) == Item(2)  # from the primary: the stamp is there
+    cache.invalidate(key)  # L1 dropped (a write that changed nothing, say)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        # The stamps' lifetimes over, and L2's copy gone: nothing says the key was written.
+        for found in client.scan_iter(f"{unique}*{key}*"):
+            client.delete(found)
+    finally:
+        client.close()
+    database.reads.clear()
+    assert get(cache, database, key) == Item(2)
+    assert database.reads == ["replica", "primary"]
