@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,18 @@ from services.agent_svc.repository.sql import SqlAgentUnitOfWork
 from services.agent_svc.service.agent_service import AgentService
 from services.agent_svc.service.paging import PageTokens
 from services.agent_svc.service.ports import AgentAliases, ChangeSignal
+from services.agent_svc.service.replica import ReplicaReads
 from services.agent_svc.service.watch import ChangeHub, Watchers
 from services.agent_svc.settings import AgentSettings
 from shared.config.clock import Clock, SystemClock
-from shared.data.db import make_engine, ping, session_factory, single_statement_sessions
+from shared.data.db import (
+    CallEnded,
+    make_engine,
+    ping,
+    session_factory,
+    single_statement_sessions,
+    unavailable_database,
+)
 from shared.data.redis_client import RedisClient, make_redis
 from shared.rpc.lifecycle import Closers
 from shared.rpc.metrics import Metrics
@@ -59,6 +68,8 @@ class AgentApp:
     closers: Closers
     keys: KeyProvider
     hub: ChangeHub | None = None
+    read_engine: Engine | None = None
+    """The read replica's (AGENT_DATABASE_READ_URL), if one is configured."""
 
     def ready(self) -> bool:
         """Whether tokens can be verified: the keys were fetched at least once."""
@@ -245,6 +256,8 @@ def build_app(
     observability.watch_pool(engine)
     sessions = session_factory(engine)
     single_reads = single_statement_sessions(engine)
+    read_engine = _read_engine(settings, closers)
+    replica_reads = single_statement_sessions(read_engine) if read_engine is not None else None
     caches = _caches(settings, closers, metrics)
     hub, watchers, signal = _watch(
         settings, lambda: SqlAgentUnitOfWork(single_reads), clock, closers
@@ -252,6 +265,14 @@ def build_app(
     service = AgentService(
         uow=lambda: SqlAgentUnitOfWork(sessions),
         read_uow=lambda: SqlAgentUnitOfWork(single_reads),
+        replica=(
+            ReplicaReads(
+                lambda: SqlAgentUnitOfWork(replica_reads),
+                failed=_replica_failed,
+            )
+            if replica_reads is not None
+            else None
+        ),
         cache=caches.agents,
         alias_cache=caches.aliases,
         revision_cache=RevisionMemory(settings.l1_max_entries),
@@ -288,7 +309,33 @@ def build_app(
     )
     metrics.declare(metrics.revocation_polls, ("ok",), ("error",))
     metrics.declare(metrics.jwks_fetches, ("ok",), ("error",))
-    return AgentApp(settings, engine, service, verifier, observability, closers, keys, hub)
+    return AgentApp(
+        settings, engine, service, verifier, observability, closers, keys, hub, read_engine
+    )
+
+
+def _replica_failed(exc: Exception) -> bool:
+    """A replica error the primary may not share (unreachable, shut down, a statement
+    cancelled by a recovery conflict); not a call that ended (the primary would refuse
+    its statement too)."""
+    return unavailable_database(exc) is not None and not isinstance(exc, CallEnded)
+
+
+def _read_engine(settings: AgentSettings, closers: Closers) -> Engine | None:
+    """The read replica's engine (AGENT_DATABASE_READ_URL), sized like the primary's: the
+    reads it takes over are most of the database reads."""
+    url = settings.database_read_url
+    if url is None:
+        return None
+    common = settings.common
+    engine = make_engine(
+        url,
+        pool_size=common.db_pool_size,
+        statement_timeout=common.db_statement_timeout_seconds,
+        transaction_pooler=common.db_transaction_pooler,
+    )
+    closers.add(engine.dispose)
+    return engine
 
 
 def request_path_for(app: AgentApp) -> RequestPath:
@@ -296,6 +343,15 @@ def request_path_for(app: AgentApp) -> RequestPath:
     return app.observability.request_path(
         error_domain="agent.agentplatform", verifier=app.verifier, public_methods=PUBLIC_METHODS
     )
+
+
+def _dependencies(app: AgentApp) -> dict[str, Callable[[], bool]]:
+    """The named health services: "database", and "database-replica" with a replica."""
+    checks: dict[str, Callable[[], bool]] = {"database": lambda: ping(app.engine)}
+    read_engine = app.read_engine
+    if read_engine is not None:
+        checks["database-replica"] = lambda: ping(read_engine)
+    return checks
 
 
 def build_server(app: AgentApp) -> RunningServer:
@@ -320,7 +376,7 @@ def build_server(app: AgentApp) -> RunningServer:
         request_path=path,
         interceptors=app.observability.server_interceptors(),
         is_ready=app.ready,
-        dependencies={"database": lambda: ping(app.engine)},
+        dependencies=_dependencies(app),
         extra_concurrent_rpcs=streams + 8,
     )
     if app.hub is not None:

@@ -40,6 +40,10 @@
   others wait their turn and then send everything that came meanwhile in one message, so
   a fan-out to a thousand streams leaves the unary calls their share of the interpreter
   (measured: with 2 or more, GetAgent waited seconds during a large fan-out; with 1, ms).
+- `AGENT_DATABASE_READ_URL` (or `AGENT_DATABASE_READ_URL_FILE`; unset): a PostgreSQL read
+  replica (hot standby) for the reads that tolerate its lag: ListAgents pages, and GetAgent
+  and BatchGetAgents cache misses of agents not written within the last 30 s (the cache's
+  invalidation stamps; with Redis only). Everything else reads and writes the primary.
 - `AGENT_PAGE_TOKEN_SECRET` (or `AGENT_PAGE_TOKEN_SECRET_FILE`, at least 32 characters):
   the HMAC key of page tokens, shared by every replica; required in prod, random per
   start in dev.
@@ -111,6 +115,7 @@ class AgentSettings:
     watch_poll_seconds: float = 1.0
     watch_batch_seconds: float = 0.02
     watch_send_slots: int = 1
+    database_read_url: str | None = None
 
     @property
     def auth_uses_tls(self) -> bool:
@@ -132,6 +137,22 @@ def _page_token_secret(reader: EnvReader, common: CommonSettings, *, required: b
         # Every replica must accept every other replica's page tokens.
         reader.require("PAGE_TOKEN_SECRET", "in the prod profile (or AGENT_PAGE_TOKEN_SECRET_FILE)")
     return secrets.token_bytes(32)
+
+
+def _read_url(reader: EnvReader, common: CommonSettings) -> str | None:
+    """The read replica's URL: PostgreSQL, beside a PostgreSQL primary."""
+    url = reader.secret("DATABASE_READ_URL")
+    if not url:
+        return None
+    if not url.startswith(("postgres://", "postgresql://", "postgresql+")) or (
+        common.database_url.startswith("sqlite")
+    ):
+        reader.problems.append(
+            f"{reader.name('DATABASE_READ_URL')} must be a PostgreSQL URL (a read replica "
+            f"of the PostgreSQL in {reader.name('DATABASE_URL')})"
+        )
+        return None
+    return url
 
 
 def _catalogue(reader: EnvReader, active: tuple[str, ...]) -> ModelCatalogue:
@@ -193,6 +214,7 @@ def load_agent_settings(env: Mapping[str, str], role: Role = "serve") -> AgentSe
         watch_poll_seconds=reader.number("WATCH_POLL_SECONDS", 1.0, minimum=0.01),
         watch_batch_seconds=reader.number("WATCH_BATCH_SECONDS", 0.02, minimum=0.0),
         watch_send_slots=reader.integer("WATCH_SEND_SLOTS", 1, minimum=1),
+        database_read_url=_read_url(reader, common) if serving else None,
     )
     if bool(settings.auth_tls_cert_file) != bool(settings.auth_tls_key_file):
         reader.problems.append(

@@ -8,7 +8,7 @@ of `python -m services.<svc> worker` (a Deployment of its own in Kubernetes).
 Several replicas may run the same jobs at once (pods of a worker Deployment, or every
 serving process with in-process work on): each pass takes the job's lock first, and a
 replica that does not get it skips the pass (`result="skipped"`). On PostgreSQL the lock
-is a session advisory lock on a connection of its own, released when the pass ends or
+is a transaction advisory lock in a transaction of its own, released when the pass ends or
 when that connection dies (a killed worker never leaves it held). A job must still be
 correct without the lock (the lock only saves duplicated work): its deletes are
 conditional and batched, so two passes at once delete each row once.
@@ -98,8 +98,13 @@ class LocalJobLocks:
 
 
 class PostgresJobLocks:
-    """Session advisory locks (`pg_try_advisory_lock`), one key per job name, on a connection
-    taken for the pass: never waits, and dies with the connection."""
+    """Transaction advisory locks (`pg_try_advisory_xact_lock`), one key per job name, in a
+    transaction held open on a connection of its own for the whole pass: never waits, and
+    ends with the transaction (the pass, or the connection's death). Not a session lock:
+    behind PgBouncer in transaction mode the server connection goes back to PgBouncer's pool
+    at each commit, so a session lock would stay on a server connection the next client
+    gets (and takes the lock again), and the unlock would run elsewhere; a held
+    transaction keeps its server connection until it ends."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -112,17 +117,16 @@ class PostgresJobLocks:
     @contextmanager
     def hold(self, name: str) -> Iterator[bool]:
         key = self.key(name)
-        with self._engine.connect() as connection:
+        with self._engine.connect() as connection, connection.begin() as transaction:
             got = bool(
-                connection.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+                connection.execute(
+                    text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}
+                ).scalar()
             )
-            connection.commit()
             try:
                 yield got
             finally:
-                if got:
-                    connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                    connection.commit()
+                transaction.rollback()  # releases the lock
 
 
 def job_locks_for(engine: Engine) -> JobLocks:

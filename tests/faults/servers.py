@@ -15,7 +15,11 @@ stopped, so the fault suite starts its own:
   root, so under root every command runs as the `postgres` system user, in a folder
   outside pytest's (which is private to root) and owned by that user.
 
-Both clean up after themselves: `close()` thaws, kills and waits, and is safe to call twice
+- `PostgresStandby` (`cluster.make_standby()`): a streaming replica of a cluster, made with
+  `pg_basebackup -R`, on its own port; `pause_replay()`/`resume_replay()` make it lag on
+  purpose, `wait_replayed()` waits until it has replayed everything the primary wrote.
+
+All clean up after themselves: `close()` thaws, kills and waits, and is safe to call twice
 or after a failed start.
 """
 
@@ -41,7 +45,7 @@ import redis
 
 from tests.helpers import free_port
 
-__all__ = ["PostgresCluster", "PrivateRedis", "find_postgres_bindir"]
+__all__ = ["PostgresCluster", "PostgresStandby", "PrivateRedis", "find_postgres_bindir"]
 
 START_TIMEOUT = 60.0  # a 2-core machine shared with other test runs
 
@@ -390,6 +394,18 @@ class PostgresCluster:
             connection.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
+    def make_standby(self) -> PostgresStandby:
+        """A streaming replica of this (running) cluster, started and accepting reads."""
+        standby = PostgresStandby(self)
+        try:
+            standby.init()
+            standby.start()
+            standby.wait_accepting()
+        except BaseException:
+            standby.close()
+            raise
+        return standby
+
     def freeze(self) -> None:
         """SIGSTOP the postmaster and every backend: connections open, nothing answers."""
         pid = self.postmaster_pid()
@@ -423,6 +439,58 @@ class PostgresCluster:
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(each, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PostgresStandby(PostgresCluster):
+    """A hot standby of `primary` (pg_basebackup -R: streaming, read-only queries)."""
+
+    def __init__(self, primary: PostgresCluster) -> None:
+        super().__init__(primary.bindir)
+        self.primary = primary
+
+    def init(self) -> None:
+        self._run(
+            "pg_basebackup",
+            [
+                *("-h", "127.0.0.1", "-p", str(self.primary.port), "-U", "postgres"),
+                *("-D", str(self.data), "-R", "-X", "stream", "--no-sync"),
+            ],
+        )
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                "\n# agentplatform standby\n"
+                f"port = {self.port}\n"
+                f"unix_socket_directories = '{self.socket_dir}'\n"
+                "hot_standby = on\n"
+            )
+
+    def pause_replay(self) -> None:
+        """Received WAL is no longer applied: reads see the data as it was (lag)."""
+        self._sql("SELECT pg_wal_replay_pause()")
+
+    def resume_replay(self) -> None:
+        self._sql("SELECT pg_wal_replay_resume()")
+
+    def wait_replayed(self, timeout: float = START_TIMEOUT) -> None:
+        """Until the standby has replayed everything the primary has written so far."""
+        with psycopg.connect(self.primary.admin_url, autocommit=True) as primary:
+            target = primary.execute("SELECT pg_current_wal_lsn()").fetchone()
+        assert target is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            with psycopg.connect(self.admin_url, autocommit=True) as standby:
+                row = standby.execute(
+                    "SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), %s) >= 0", (target[0],)
+                ).fetchone()
+            if row is not None and row[0]:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the standby did not replay up to {target[0]}")
+            time.sleep(0.02)
+
+    def _sql(self, statement: str) -> None:
+        with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=10) as connection:
+            connection.execute(statement)
 
 
 def _postgres_system_user() -> str | None:

@@ -43,10 +43,23 @@ Guarantees (and their limits)
       connection at once) and reads through to L2 or the database instead.
     - Limits: a writer cut off from Redis broadcasts its invalidations only when it reaches
       Redis again (pending ones are flushed on reconnect); if it dies first, other replicas
-      may serve the old version from L2 for up to `l2_ttl`. Read replicas of the database
-      that lag are not accounted for (`load()` must read the primary).
+      may serve the old version from L2 for up to `l2_ttl`.
     - The cache keys by id only: checking the owner of what `get` returns is the caller's
       job, on hits as on misses.
+
+Lagging copies (`get(..., load_lagging=...)`, a read replica of the database)
+    A miss reads the lagging copy only when L2 was read and holds neither the value nor an
+    invalidation stamp of the key: every write of the key since `stamp_ttl` ago left a
+    stamp (set after its commit, so it outlives the commit by `stamp_ttl`), so a copy that
+    lags less than `stamp_ttl` has every write the stamps no longer cover. Right after an
+    invalidation (on the writer's replica or any other: the stamp is in Redis), with
+    Redis unreachable, pending invalidations or no Redis at all, the miss reads `load()`
+    (the primary). A lagging copy that finds nothing (it may not have replayed the
+    creation yet) or returns a version older than one served here is not used either:
+    `load()` answers. So an invalidation is never followed by a fill of the old version
+    from a lagging copy. Limit: a copy lagging more than `stamp_ttl` may hand an older
+    version of a key written between `stamp_ttl` and its lag ago to a replica that never
+    served the newer one (replication lag must stay well below `stamp_ttl`).
 
 No read goes backwards
     - Each replica remembers the newest version it served of each key (`version(value)`,
@@ -76,7 +89,8 @@ Redis unavailable
 
 Events (`on_event(level, outcome)`, for metrics)
     ("l1", "hit" | "miss"), ("flight", "joined"), ("l2", "hit" | "miss" | "error" |
-    "bypass" | "fill" | "stale_fill"), ("load", "db"), ("invalidate", "sent" | "deferred"),
+    "bypass" | "fill" | "stale_fill"), ("load", "db" | "lagging" | "lagging_refused"),
+    ("invalidate", "sent" | "deferred"),
     ("pubsub", "message" | "subscribed" | "error").
 """
 
@@ -301,8 +315,17 @@ class TwoLevelCache(Generic[T]):
         if self._reads is not None:
             self._reads.close()
 
-    def get(self, key: uuid.UUID, load: Callable[[], T | None]) -> T | None:
-        """The value for `key`, from L1, L2 or `load()` (None if `load()` finds nothing)."""
+    def get(
+        self,
+        key: uuid.UUID,
+        load: Callable[[], T | None],
+        *,
+        load_lagging: Callable[[], T | None] | None = None,
+    ) -> T | None:
+        """The value for `key`, from L1, L2 or `load()` (None if `load()` finds nothing).
+        `load_lagging`: the same read from a copy that may lag (a read replica), used
+        instead of `load()` only when no write of the key can be missing from it (see
+        "Lagging copies" in the module docstring)."""
         now = self._clock()
         hit: tuple[T, float] | None = None
         with self._lock:
@@ -334,7 +357,7 @@ class TwoLevelCache(Generic[T]):
             value: T | None = flight.value
             return value
         try:
-            value = self._read_through(key, load, flight)
+            value = self._read_through(key, load, flight, load_lagging)
             flight.value = value
             return value
         except BaseException as exc:
@@ -409,11 +432,16 @@ class TwoLevelCache(Generic[T]):
     # -- read path -----------------------------------------------------------------------
 
     def _read_through(
-        self, key: uuid.UUID, load: Callable[[], T | None], flight: _Flight
+        self,
+        key: uuid.UUID,
+        load: Callable[[], T | None],
+        flight: _Flight,
+        load_lagging: Callable[[], T | None] | None = None,
     ) -> T | None:
         started = self._clock()
         l2_read = False
         stamp: bytes = b""
+        lagging_ok = False
         if self._l2_readable():
             try:
                 reply = self._l2_mget((self._value_key(key), self._stamp_key(key)))
@@ -435,17 +463,37 @@ class TwoLevelCache(Generic[T]):
                             self._event("l2", "hit")
                             self._fill_l1(key, cached, flight)
                             return cached
+                else:
+                    lagging_ok = not stamp  # no write of the key within the stamp's life
                 self._event("l2", "miss")
         elif self._redis is not None:
             self._event("l2", "bypass")
-        value = load()
-        self._event("load", "db")
+        value = self._load(key, load, load_lagging if lagging_ok else None)
         if value is None:
             self._note_gone(key)
             return None
         if l2_read and not flight.stale and self._clock() - started < self._fill_deadline:
             self._fill_l2(key, value, stamp)
         self._fill_l1(key, value, flight)
+        return value
+
+    def _load(
+        self,
+        key: uuid.UUID,
+        load: Callable[[], T | None],
+        load_lagging: Callable[[], T | None] | None,
+    ) -> T | None:
+        """The lagging copy's value if it may be used and is not suspect, else `load()`:
+        a lagging copy that finds nothing may not have the key's creation yet, and one
+        older than a version served here lags more than the stamp's lifetime."""
+        if load_lagging is not None:
+            value = load_lagging()
+            if value is not None and not self._is_older_than_served(key, value):
+                self._event("load", "lagging")
+                return value
+            self._event("load", "lagging_refused")
+        value = load()
+        self._event("load", "db")
         return value
 
     def _is_older_than_served(self, key: uuid.UUID, value: T) -> bool:

@@ -13,7 +13,14 @@ __all__ = ["NoCache"]
 class NoCache:
     """Implements AgentCache by calling `load` every time."""
 
-    def get(self, agent_id: uuid.UUID, load: Callable[[], Agent | None]) -> Agent | None:
+    def get(
+        self,
+        agent_id: uuid.UUID,
+        load: Callable[[], Agent | None],
+        *,
+        load_lagging: Callable[[], Agent | None] | None = None,
+    ) -> Agent | None:
+        """Always the primary: without invalidation stamps nothing says a copy is current."""
         return load()
 
     def invalidate(self, agent_id: uuid.UUID) -> None:

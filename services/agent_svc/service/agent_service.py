@@ -57,7 +57,7 @@ import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from services.agent_svc.domain import (
     Agent,
@@ -90,6 +90,7 @@ from services.agent_svc.service.ports import (
     RequestReplayed,
     RevisionCache,
 )
+from services.agent_svc.service.replica import ReplicaReads
 from services.agent_svc.service.sizing import agent_size, framed
 from services.agent_svc.service.validation import check_agent, reported, shown
 from services.agent_svc.service.watch import Watchers, WatchStream
@@ -112,6 +113,8 @@ from shared.security.tokens import Principal
 __all__ = ["LIST_RESPONSE_BUDGET", "MUTABLE_FIELDS", "AgentService", "apply_update_mask"]
 
 _log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MUTABLE_FIELDS = (
     "name",
@@ -375,6 +378,7 @@ class AgentService:
         request_id_ttl_seconds: float = 86_400.0,
         max_agents_per_owner: int = 0,
         read_uow: Callable[[], AgentUnitOfWork] | None = None,
+        replica: ReplicaReads | None = None,
         catalogue: ModelCatalogue | None = None,
         revisions_kept: int = 100,
         deleted_retention_seconds: float = 30 * 86_400.0,
@@ -389,6 +393,9 @@ class AgentService:
         # Reads of one statement (a cache miss, a page) need no transaction of their own:
         # the composition root may hand a unit of work that skips BEGIN and ROLLBACK.
         self._read_uow = read_uow or uow
+        # Reads that tolerate a replica's lag (ListAgents, cache misses the cache deems
+        # safe); None: everything reads the primary.
+        self._replica = replica
         self._cache = cache
         self._clock = clock
         self._catalogue = catalogue or ModelCatalogue.of_active(allowed_models)
@@ -543,7 +550,7 @@ class AgentService:
         return agent.at(self._revision(agent, ref))
 
     def _visible(self, caller: _Caller, key: uuid.UUID) -> Agent:
-        agent = self._cache.get(key, lambda: self._load(key))
+        agent = self._cache_get(key)
         if agent is None or not caller.sees(agent) or agent.expired(self._clock.now()):
             raise _not_found(key)
         return agent
@@ -681,7 +688,7 @@ class AgentService:
             raise InvalidArgument(problems)
         found: dict[uuid.UUID, Agent] = {}
         for key in dict.fromkeys(keys):  # each once, through the cache like GetAgent
-            agent = self._cache.get(key, lambda key=key: self._load(key))  # type: ignore[misc]
+            agent = self._cache_get(key)
             if agent is None or not caller.sees(agent) or agent.expired(self._clock.now()):
                 raise _not_found(key)
             found[key] = agent
@@ -695,9 +702,30 @@ class AgentService:
             )
         return agents
 
-    def _load(self, agent_id: uuid.UUID) -> Agent | None:
-        with self._read_uow() as uow:
-            return uow.agents.get(agent_id)
+    def _cache_get(self, key: uuid.UUID) -> Agent | None:
+        """The agent through the cache: a miss reads the primary, or the replica when the
+        cache knows it cannot lack a write of this agent."""
+        replica = self._replica
+
+        def load(uow: AgentUnitOfWork) -> Agent | None:
+            return uow.agents.get(key)
+
+        def from_primary() -> Agent | None:
+            with self._read_uow() as uow:
+                return load(uow)
+
+        return self._cache.get(
+            key,
+            from_primary,
+            load_lagging=None if replica is None else lambda: replica.read(load, self._read_uow),
+        )
+
+    def _on_replica(self, work: Callable[[AgentUnitOfWork], T]) -> T:
+        """A read that tolerates a replica's lag: on the replica if there is one."""
+        if self._replica is None:
+            with self._read_uow() as uow:
+                return work(uow)
+        return self._replica.read(work, self._read_uow)
 
     def list(
         self,
@@ -727,8 +755,7 @@ class AgentService:
         query = AgentQuery(
             owner, conditions, ordering, after, limit + 1, show_deleted, self._clock.now()
         )
-        with self._read_uow() as uow:
-            rows = uow.agents.list_page(query)
+        rows = self._on_replica(lambda uow: uow.agents.list_page(query))  # may lag a little
         page = self._within_budget(rows[:limit])
         more = len(rows) > len(page)
         next_token = (

@@ -278,9 +278,17 @@ class AgentUnitOfWork(UnitOfWork, Protocol):
 
 
 class AgentCache(Protocol):
-    def get(self, agent_id: uuid.UUID, load: Callable[[], Agent | None]) -> Agent | None:
+    def get(
+        self,
+        agent_id: uuid.UUID,
+        load: Callable[[], Agent | None],
+        *,
+        load_lagging: Callable[[], Agent | None] | None = None,
+    ) -> Agent | None:
         """L1 → L2 → load() (the database), filling on the way back; concurrent misses
-        for one id call load once; never raises for Redis trouble."""
+        for one id call load once; never raises for Redis trouble. `load_lagging` reads
+        a copy that may lag (a read replica): used instead of `load` only when the cache
+        knows no write of the id can be missing from it, never to refill after a write."""
         ...
 
     def invalidate(self, agent_id: uuid.UUID) -> None:

@@ -395,7 +395,13 @@ class RecordingCache:
         self.loads = 0
         self._events = events if events is not None else []
 
-    def get(self, agent_id: uuid.UUID, load: Callable[[], Agent | None]) -> Agent | None:
+    def get(
+        self,
+        agent_id: uuid.UUID,
+        load: Callable[[], Agent | None],
+        *,
+        load_lagging: Callable[[], Agent | None] | None = None,
+    ) -> Agent | None:
         if agent_id in self.entries:
             return self.entries[agent_id]
         self.loads += 1

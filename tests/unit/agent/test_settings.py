@@ -137,3 +137,19 @@ def test_tls_to_auth_settings() -> None:
 def test_incomplete_tls_to_auth_settings_are_refused(env: dict[str, str], problem: str) -> None:
     with pytest.raises(ConfigError, match=problem):
         load_agent_settings(env)
+
+
+def test_a_read_replica_is_optional_and_must_be_postgresql_beside_postgresql() -> None:
+    assert load_agent_settings({}).database_read_url is None
+    replica = "postgresql://replica/agent"
+    prod = {**PROD, "AGENT_PAGE_TOKEN_SECRET": "s" * 32}
+    settings = load_agent_settings({**prod, "AGENT_DATABASE_READ_URL": replica})
+    assert settings.database_read_url == replica
+    worker = load_agent_settings({**prod, "AGENT_DATABASE_READ_URL": replica}, "worker")
+    assert worker.database_read_url is None  # the worker's jobs read and write the primary
+    with pytest.raises(ConfigError) as caught:
+        load_agent_settings({**prod, "AGENT_DATABASE_READ_URL": "sqlite:///replica.db"})
+    assert "AGENT_DATABASE_READ_URL must be a PostgreSQL URL" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_agent_settings({"AGENT_DATABASE_READ_URL": replica})  # beside dev's SQLite
+    assert "AGENT_DATABASE_READ_URL must be a PostgreSQL URL" in str(caught.value)
