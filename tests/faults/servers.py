@@ -276,24 +276,16 @@ class PostgresCluster:
             ["-D", str(self.data), "-l", str(self.log_path), "-w", "-t", "60", *options, "start"],
         )
 
-    def standby(self) -> PostgresCluster:
+    def standby(self) -> PostgresStandby:
         """A streaming standby of this (running) cluster, not started: `pg_basebackup -R`
         copies the data and writes `primary_conninfo`; the copy gets its own port and
         socket folder (the last setting of postgresql.conf wins)."""
-        copy = PostgresCluster(self.bindir)
-        self._run(
-            "pg_basebackup",
-            [
-                *("-D", str(copy.data), "-R", "-X", "stream", "-c", "fast", "--no-sync"),
-                *("-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"),
-            ],
-        )
-        with (copy.data / "postgresql.conf").open("a") as conf:
-            conf.write(
-                "\n# agentplatform fault suite: the standby\n"
-                f"port = {copy.port}\n"
-                f"unix_socket_directories = '{copy.socket_dir}'\n"
-            )
+        copy = PostgresStandby(self)
+        try:
+            copy.init()
+        except BaseException:
+            copy.close()
+            raise
         return copy
 
     def require_synchronous_standby(self, timeout: float = START_TIMEOUT) -> None:
@@ -396,9 +388,8 @@ class PostgresCluster:
 
     def make_standby(self) -> PostgresStandby:
         """A streaming replica of this (running) cluster, started and accepting reads."""
-        standby = PostgresStandby(self)
+        standby = self.standby()
         try:
-            standby.init()
             standby.start()
             standby.wait_accepting()
         except BaseException:
@@ -453,7 +444,7 @@ class PostgresStandby(PostgresCluster):
             "pg_basebackup",
             [
                 *("-h", "127.0.0.1", "-p", str(self.primary.port), "-U", "postgres"),
-                *("-D", str(self.data), "-R", "-X", "stream", "--no-sync"),
+                *("-D", str(self.data), "-R", "-X", "stream", "-c", "fast", "--no-sync"),
             ],
         )
         with (self.data / "postgresql.conf").open("a") as conf:
