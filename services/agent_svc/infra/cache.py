@@ -571,12 +571,13 @@ class TwoLevelCache(Generic[T]):
         if names == self._checked[0]:
             return names
         with self._cluster_lock:
+            first_check = not self._checked[1]
             for node in primaries:
                 client = cluster.get_redis_connection(node)
                 run_id = str(client.info("server")["run_id"])
                 if run_id in self._checked[1]:
                     continue
-                if self._checked[1]:
+                if not first_check:
                     self._doubt()  # a primary new since the first read: a failover
                 marker = f"{self._namespace}:l2-cleared:{run_id}:{{{_tag_on(cluster, node)}}}"
                 if not client.exists(marker):
