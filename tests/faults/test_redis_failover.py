@@ -10,7 +10,7 @@ theirs, to a key the killed master serves, and reads it back: that measures the 
 Expected, and asserted: no agent_svc call fails (reads fall back to the database while
 Redis has no master, writes still commit and their invalidations wait); no read that
 starts after the promotion returns an older version than a read on either replica
-already returned (before the fix of the cache's "doubt", ~1 run in 4 saw one, up to
+already returned (before the cache's "doubt", ~1 cluster run in 4 to 8 saw one, up to
 0.9 s after the promotion); the direct writes fail only between the kill and the
 promotion and succeed again within seconds; a value read back after the failover is
 never older than one read before. The figures are printed
