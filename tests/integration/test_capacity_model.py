@@ -18,6 +18,7 @@ off in every pod (`capacity.hub_reads`), for the rate the calls were made at.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from google.protobuf import field_mask_pb2
 from sqlalchemy import Engine, create_engine, make_url, text
 
 from scripts import capacity
+from tests.conftest import missing
 from tests.faults.servers import PrivateRedis
 from tests.integration.inprocess import Served, agent_service, auth_service, register_and_login
 
@@ -54,6 +56,8 @@ def auth(tmp_path: Path) -> Iterator[Served]:
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    if shutil.which("redis-server") is None:
+        missing("redis-server", "not on PATH")
     server = PrivateRedis(tmp_path / "redis")
     try:
         server.start()
