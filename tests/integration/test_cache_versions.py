@@ -125,11 +125,12 @@ def test_a_replica_that_lost_redis_doubts_what_a_cut_off_writer_could_not_invali
     reader_events: list[tuple[str, str]] = []
     key = uuid.uuid4()
     database.rows[key] = Item(1)
-    host = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs["host"]
-    writer_proxy, reader_proxy = TcpProxy(host, 6379), TcpProxy(host, 6379)
-    writer_client = redis.Redis(port=writer_proxy.port, db=15, socket_timeout=0.5)
-    reader_client = redis.Redis(port=reader_proxy.port, db=15, socket_timeout=0.5)
-    direct = redis.Redis(host=host, port=6379, db=15, socket_timeout=2)
+    target = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
+    host, port, db = target["host"], int(target["port"]), int(target.get("db", 0))
+    writer_proxy, reader_proxy = TcpProxy(host, port), TcpProxy(host, port)
+    writer_client = redis.Redis(port=writer_proxy.port, db=db, socket_timeout=0.5)
+    reader_client = redis.Redis(port=reader_proxy.port, db=db, socket_timeout=0.5)
+    direct = redis.Redis(host=host, port=port, db=db, socket_timeout=2)
     clock = SteppedClock()
     writer = a_cache(writer_client, unique, [])
     reader = a_cache(reader_client, unique, reader_events, clock=clock, doubt_seconds=30.0)
