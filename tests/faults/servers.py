@@ -3,9 +3,11 @@
 The shared servers on 6379/5432 belong to every engineer on the machine and must never be
 stopped, so the fault suite starts its own:
 
-- `PrivateRedis`: `redis-server` on a free port with its own `--dir`, snapshots on or off;
-  `kill()` is kill -9, `freeze()`/`thaw()` are SIGSTOP/SIGCONT, `start()` brings it back on
-  the same port, empty or from the dump that `save()` wrote.
+- `RedisServer`: one `redis-server` (a data node or a sentinel) on a given port, configured
+  by a file; `kill()` is kill -9, `freeze()`/`thaw()` are SIGSTOP/SIGCONT. The HA topologies
+  (tests/ha/redis_topologies.py) are made of these.
+- `PrivateRedis`: a `RedisServer` on a free port with its own folder; `start()` brings it
+  back on the same port, empty or from the dump that `save()` wrote.
 - `PostgresCluster`: a cluster made once with `initdb` (trust auth on 127.0.0.1, its socket
   in its own folder), driven with `pg_ctl`: `stop("fast" | "immediate")`, `start()`, and
   `freeze()`/`thaw()` of the postmaster and every backend. `standby()` makes a streaming
@@ -36,74 +38,85 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.helpers import free_port
 
-__all__ = ["PostgresCluster", "PostgresStandby", "PrivateRedis", "find_postgres_bindir"]
+__all__ = [
+    "PostgresCluster",
+    "PostgresStandby",
+    "PrivateRedis",
+    "RedisServer",
+    "find_postgres_bindir",
+]
 
 START_TIMEOUT = 60.0  # a 2-core machine shared with other test runs
 
 
-class PrivateRedis:
-    """A `redis-server` of this test only; `url` stays the same across restarts."""
+class RedisServer:
+    """One `redis-server` on `port`, configured by a file in `folder`: a data node, or a
+    sentinel when a `sentinel …` line is given. The file starts with the defaults of every
+    test server (loopback only, no snapshot, no append-only file, a log file); `lines` come
+    after them, and a line repeating a directive overrides the default. `client_options`
+    are the redis-py options its clients need (TLS files, an ACL user)."""
 
-    def __init__(self, workdir: Path, *, snapshots: bool = False) -> None:
-        self.dir = workdir
+    def __init__(
+        self,
+        folder: Path,
+        port: int,
+        lines: Sequence[str] = (),
+        *,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.dir = folder
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.snapshots = snapshots
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.dump = self.dir / "dump.rdb"
+        self.port = port
+        self.conf = self.dir / "redis.conf"
         self.log_path = self.dir / "redis.log"
+        self.sentinel = any(line.startswith("sentinel ") for line in lines)
+        self._client_options = dict(client_options or {})
+        defaults = [
+            f"port {port}",
+            "bind 127.0.0.1",
+            f"dir {self.dir}",
+            f"logfile {self.log_path}",
+            "protected-mode no",
+            'save ""',
+            "appendonly no",
+        ]
+        self.conf.write_text("\n".join([*defaults, *lines]) + "\n")
         self.process: subprocess.Popen[bytes] | None = None
         self._frozen = False
 
-    def start(self, *, from_dump: bool = False) -> None:
-        """Starts on `port`: empty, or with the data of the last `save()` (`from_dump`)."""
+    def launch(self) -> None:
+        """Starts the process without waiting for it (several can then start at once)."""
         if self.running:
-            raise RuntimeError("redis-server is already running")
-        if not from_dump:
-            self.dump.unlink(missing_ok=True)
-        elif not self.dump.exists():
-            raise RuntimeError("no dump to restart from: call save() first")
+            raise RuntimeError(f"redis-server on {self.port} is already running")
+        command = [_which("redis-server"), str(self.conf)]
+        if self.sentinel:
+            command.append("--sentinel")
         self.process = subprocess.Popen(
-            [
-                _which("redis-server"),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.dir),
-                "--dbfilename",
-                self.dump.name,
-                # No automatic snapshot unless asked: what comes back is what save() wrote.
-                "--save",
-                "3600 1" if self.snapshots else "",
-                "--appendonly",
-                "no",
-                "--logfile",
-                str(self.log_path),
-                "--protected-mode",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        self._wait_ready()
 
-    def _wait_ready(self) -> None:
+    def start(self) -> None:
+        """Starts the process and waits until it answers PING."""
+        self.launch()
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited:\n{self.log()}")
+                raise RuntimeError(f"redis-server exited:\n{self.log()[-3000:]}")
             client = self.client(timeout=0.5)
             try:
                 if client.ping():
@@ -125,22 +138,14 @@ class PrivateRedis:
         return self.process.pid
 
     def client(self, timeout: float = 2.0) -> redis.Redis:
-        return redis.Redis.from_url(
-            self.url, socket_connect_timeout=timeout, socket_timeout=timeout
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),  # callers poll or expect the failure at once
+            **self._client_options,
         )
-
-    def save(self) -> None:
-        """SAVE: the dump file holds what Redis holds now."""
-        client = self.client()
-        try:
-            client.save()
-        finally:
-            client.close()
-
-    def keys_loaded_at_start(self) -> int:
-        """How many keys the running server read from its dump when it started."""
-        found = re.findall(r"Done loading RDB, keys loaded: (\d+)", self.log())
-        return int(found[-1]) if found else 0
 
     def kill(self) -> None:
         """kill -9, the way a crashed or OOM-killed Redis goes."""
@@ -160,15 +165,48 @@ class PrivateRedis:
             os.kill(self.pid, signal.SIGCONT)
         self._frozen = False
 
-    def restart(self, *, from_dump: bool = False) -> None:
-        self.kill()
-        self.start(from_dump=from_dump)
-
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def close(self) -> None:
         self.kill()
+
+
+class PrivateRedis(RedisServer):
+    """A data node on a free port whose `url` stays the same across restarts; it writes a
+    snapshot only when told (`save()`), and can come back from it."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir, free_port(), ["dbfilename dump.rdb"])
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dump = self.dir / "dump.rdb"
+
+    def start(self, *, from_dump: bool = False) -> None:
+        """Starts on `port`: empty, or with the data of the last `save()` (`from_dump`)."""
+        if self.running:
+            raise RuntimeError("redis-server is already running")
+        if not from_dump:
+            self.dump.unlink(missing_ok=True)
+        elif not self.dump.exists():
+            raise RuntimeError("no dump to restart from: call save() first")
+        super().start()
+
+    def save(self) -> None:
+        """SAVE: the dump file holds what Redis holds now."""
+        client = self.client()
+        try:
+            client.save()
+        finally:
+            client.close()
+
+    def keys_loaded_at_start(self) -> int:
+        """How many keys the running server read from its dump when it started."""
+        found = re.findall(r"Done loading RDB, keys loaded: (\d+)", self.log())
+        return int(found[-1]) if found else 0
+
+    def restart(self, *, from_dump: bool = False) -> None:
+        self.kill()
+        self.start(from_dump=from_dump)
 
 
 def _which(program: str) -> str:

@@ -7,11 +7,13 @@ it, a probe writes to Redis directly, through a client built the way the service
 theirs, to a key the killed master serves, and reads it back: that measures the outage
 (no master for the key) and the recovery after the promotion.
 
-Expected, and asserted: no agent_svc call fails (reads fall back to L1 and the database
-while Redis has no master, writes still commit and their invalidations wait), no read
-goes backwards outside the bound the fault suite documents for L1, the direct writes fail
-only between the kill and the promotion and succeed again within seconds, and a value
-read back after the failover is never older than one read before. The figures are printed
+Expected, and asserted: no agent_svc call fails (reads fall back to the database while
+Redis has no master, writes still commit and their invalidations wait); no read that
+starts after the promotion returns an older version than a read on either replica
+already returned (before the cache's "doubt", ~1 cluster run in 4 to 8 saw one, up to
+0.9 s after the promotion); the direct writes fail only between the kill and the
+promotion and succeed again within seconds; a value read back after the failover is
+never older than one read before. The figures are printed
 and recorded (`record_property`) for docs/operations.md.
 """
 
@@ -31,10 +33,10 @@ from redis.cluster import RedisCluster
 
 from shared.data.redis_client import make_redis
 from tests.faults.load import Call, backwards_reads, summarize
-from tests.faults.servers import PostgresCluster
+from tests.faults.servers import PostgresCluster, RedisServer
 from tests.faults.services import AGENT_SERVICE, AuthService, Fleet, agent_env, create_agent
-from tests.faults.test_redis_faults import AGENTS, L1_TRUST_SECONDS, WINDOW_MARGIN, start_load
-from tests.ha.redis_topologies import ClusterSetup, RedisProcess, SentinelSetup
+from tests.faults.test_redis_faults import AGENTS, start_load
+from tests.ha.redis_topologies import ClusterSetup, SentinelSetup
 from tests.helpers import free_port
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.postgres]
@@ -132,7 +134,7 @@ class Probe:
             self.stop.wait(0.01)
 
 
-def _master_of_probe(topology: SentinelSetup | ClusterSetup) -> RedisProcess:
+def _master_of_probe(topology: SentinelSetup | ClusterSetup) -> RedisServer:
     if isinstance(topology, SentinelSetup):
         return topology.node(topology.master_port())
     client = make_redis(topology.config())
@@ -144,7 +146,7 @@ def _master_of_probe(topology: SentinelSetup | ClusterSetup) -> RedisProcess:
     return next(p for p in topology.processes if p.port == port)
 
 
-def _promoted(topology: SentinelSetup | ClusterSetup, killed: RedisProcess) -> bool:
+def _promoted(topology: SentinelSetup | ClusterSetup, killed: RedisServer) -> bool:
     if isinstance(topology, SentinelSetup):
         return topology.master_port() != killed.port
     try:
@@ -194,19 +196,18 @@ def test_the_redis_master_killed_under_load(
     calls: list[Call] = load.calls
     failed = [c for c in calls if not c.ok]
     assert not failed, f"{len(failed)} calls failed ({summarize(failed)}): {failed[:3]}"
-    # The bound test_redis_faults.py holds a replica's L1 to, counted here from the
-    # promotion: a fresh-clone CI run saw (once, Sentinel) a replica serve an older
-    # version 0.9 s after it, cause not yet known (docs/operations.md, "High
-    # availability": an open defect, bounded, not explained).
-    window_end = promoted + L1_TRUST_SECONDS + WINDOW_MARGIN
+    # From the promotion on no read may return an older version than one already returned
+    # (cache.py, "After a failure"). Before it, the bound of docs/operations.md
+    # ("Staleness") applies; those are counted, not asserted.
     found = backwards_reads((c for c in calls if c.method == "GetAgent"), key=lambda c: c.payload)
-    backwards = [pair for pair in found if not down <= pair[1].started <= window_end]
+    backwards = [pair for pair in found if pair[1].started >= promoted]
     assert not backwards, (
-        f"{len(backwards)} reads went backwards (kill at {down:.3f}, promotion at"
-        f" {promoted:.3f}): "
+        f"{len(backwards)} reads went backwards after the promotion (kill at {down:.3f},"
+        f" promotion at {promoted:.3f}): "
         + "; ".join(
-            f"{a.target} saw v{a.payload[1]} then {b.target} v{b.payload[1]} at {b.started:.3f}"
-            for a, b in backwards[:5]
+            f"{a.target} saw v{a.payload[1]} (ended {a.ended - promoted:+.3f} s) then"
+            f" {b.target} v{b.payload[1]} (started {b.started - promoted:+.3f} s)"
+            for a, b in backwards[:8]
         )
     )
 
@@ -231,7 +232,7 @@ def test_the_redis_master_killed_under_load(
         "recovery_after_promotion_s": round(max(0.0, first_success - promoted), 2),
         "failed_direct_writes": len(failed_writes),
         "acknowledged_writes_lost": lost,
-        "backwards_reads_within_the_failover": len(found) - len(backwards),
+        "backwards_reads_before_the_promotion": len(found),
         "agent_calls": summarize(calls),
     }
     print("redis failover:", figures)

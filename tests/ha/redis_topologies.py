@@ -26,15 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.config.settings import RedisConfig
+from tests.faults.servers import RedisServer
 
-__all__ = ["ClusterSetup", "RedisProcess", "SentinelSetup", "TlsFiles", "make_tls_files"]
+__all__ = ["ClusterSetup", "SentinelSetup", "TlsFiles", "make_tls_files", "redis_node"]
 
 START_TIMEOUT = 60.0
 MASTER_NAME = "ha-master"
@@ -161,104 +161,43 @@ def make_tls_files(folder: Path) -> TlsFiles:
     return files
 
 
-class RedisProcess:
-    """One `redis-server` (a data node or a sentinel) on `port`, configured by a file."""
-
-    def __init__(
-        self, folder: Path, port: int, lines: list[str], *, tls: TlsFiles | None = None
-    ) -> None:
-        self.dir = folder
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = port
-        self.tls = tls
-        self.conf = self.dir / "redis.conf"
-        self.log_path = self.dir / "redis.log"
-        listen = (
-            [
-                "port 0",
-                f"tls-port {port}",
-                f"tls-cert-file {tls.server_cert}",
-                f"tls-key-file {tls.server_key}",
-                f"tls-ca-cert-file {tls.ca}",
-                "tls-auth-clients yes",
-                "tls-replication yes",
-                "tls-cluster yes",
-            ]
-            if tls
-            else [f"port {port}"]
-        )
-        acl = (
-            [
-                f"masteruser {ACL_USER}",
-                f"masterauth {ACL_PASSWORD}",
-                f"user {ACL_USER} on >{ACL_PASSWORD} ~* &* +@all",
-                "user default off",
-            ]
-            if tls
-            else []
-        )
-        self.conf.write_text(
-            "\n".join(
-                [
-                    *listen,
-                    "bind 127.0.0.1",
-                    f"dir {self.dir}",
-                    f"logfile {self.log_path}",
-                    "protected-mode no",
-                    'save ""',
-                    "appendonly no",
-                    *lines,
-                    *acl,
-                ]
-            )
-            + "\n"
-        )
-        self.process: subprocess.Popen[bytes] | None = None
-        self.sentinel = any(line.startswith("sentinel ") for line in lines)
-
-    def start(self) -> None:
-        command = [_which("redis-server"), str(self.conf)]
-        if self.sentinel:
-            command.append("--sentinel")
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-
-    def client(self, timeout: float = 2.0) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, **client_options(self.tls, timeout))
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited:\n{self.log()[-3000:]}")
-            client = self.client(timeout=0.5)
-            try:
-                if client.ping():
-                    return
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise
-            finally:
-                client.close()
-            time.sleep(0.05)
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(START_TIMEOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+def redis_node(
+    folder: Path, port: int, lines: list[str], *, tls: TlsFiles | None = None
+) -> RedisServer:
+    """A `redis-server` (a data node or a sentinel) of a topology, over TLS with the ACL
+    user when `tls` is given."""
+    listen = (
+        [
+            "port 0",
+            f"tls-port {port}",
+            f"tls-cert-file {tls.server_cert}",
+            f"tls-key-file {tls.server_key}",
+            f"tls-ca-cert-file {tls.ca}",
+            "tls-auth-clients yes",
+            "tls-replication yes",
+            "tls-cluster yes",
+        ]
+        if tls
+        else []
+    )
+    acl = (
+        [
+            f"masteruser {ACL_USER}",
+            f"masterauth {ACL_PASSWORD}",
+            f"user {ACL_USER} on >{ACL_PASSWORD} ~* &* +@all",
+            "user default off",
+        ]
+        if tls
+        else []
+    )
+    return RedisServer(
+        folder, port, [*listen, *lines, *acl], client_options=tls_client_options(tls)
+    )
 
 
-def client_options(tls: TlsFiles | None, timeout: float = 2.0) -> dict[str, Any]:
-    options: dict[str, Any] = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
+def tls_client_options(tls: TlsFiles | None) -> dict[str, Any]:
+    """The redis-py options of a client of a node made with `tls` (none without)."""
+    options: dict[str, Any] = {}
     if tls:
         options |= {
             "ssl": True,
@@ -281,7 +220,7 @@ def _which(program: str) -> str:
 class _Setup:
     def __init__(self, tls: TlsFiles | None) -> None:
         self.tls = tls
-        self.processes: list[RedisProcess] = []
+        self.processes: list[RedisServer] = []
 
     @property
     def scheme(self) -> str:
@@ -329,8 +268,8 @@ class _Setup:
 class SentinelSetup(_Setup):
     def __init__(self, root: Path, *, tls: TlsFiles | None = None) -> None:
         super().__init__(tls)
-        self.master = RedisProcess(root / "master", take_port(), [], tls=tls)
-        self.replica = RedisProcess(
+        self.master = redis_node(root / "master", take_port(), [], tls=tls)
+        self.replica = redis_node(
             root / "replica",
             take_port(),
             [f"replicaof 127.0.0.1 {self.master.port}"],
@@ -351,21 +290,20 @@ class SentinelSetup(_Setup):
                     f"sentinel sentinel-user {ACL_USER}",
                     f"sentinel sentinel-pass {ACL_PASSWORD}",
                 ]
-            self.sentinels.append(RedisProcess(root / f"sentinel{i}", take_port(), lines, tls=tls))
+            self.sentinels.append(redis_node(root / f"sentinel{i}", take_port(), lines, tls=tls))
         self.processes = [self.master, self.replica, *self.sentinels]
 
     def start(self) -> None:
         for process in (self.master, self.replica):
             process.start()
-            process.wait_ready()
         self.wait_replicated(self.master, self.replica)
         for sentinel in self.sentinels:
-            sentinel.start()
+            sentinel.launch()
         for sentinel in self.sentinels:
             sentinel.wait_ready()
         self.wait_for_sentinels()
 
-    def wait_replicated(self, master: RedisProcess, replica: RedisProcess) -> None:
+    def wait_replicated(self, master: RedisServer, replica: RedisServer) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         client = replica.client()
         try:
@@ -401,7 +339,7 @@ class SentinelSetup(_Setup):
         finally:
             client.close()
 
-    def node(self, port: int) -> RedisProcess:
+    def node(self, port: int) -> RedisServer:
         return next(p for p in (self.master, self.replica) if p.port == port)
 
     def config(self) -> RedisConfig:
@@ -424,7 +362,7 @@ class ClusterSetup(_Setup):
         for i in range(masters * 2):
             port = take_port(bus=True)
             self.processes.append(
-                RedisProcess(
+                redis_node(
                     root / f"node{i}",
                     port,
                     [
@@ -440,7 +378,7 @@ class ClusterSetup(_Setup):
 
     def start(self) -> None:
         for process in self.processes:
-            process.start()
+            process.launch()
         for process in self.processes:
             process.wait_ready()
         command = [
@@ -491,7 +429,7 @@ class ClusterSetup(_Setup):
             finally:
                 client.close()
 
-    def masters(self) -> list[RedisProcess]:
+    def masters(self) -> list[RedisServer]:
         found = []
         for process in self.processes:
             if not process.running:

@@ -28,9 +28,9 @@ from shared.rpc.errors import ResourceExhausted
 from shared.rpc.ratelimit import Limit, RateLimiter
 from tests.ha.redis_topologies import (
     ClusterSetup,
-    RedisProcess,
     SentinelSetup,
     make_tls_files,
+    redis_node,
     take_port,
 )
 
@@ -213,10 +213,9 @@ def test_cluster_pubsub_reaches_subscribers_on_every_node_and_sharded_does_not(
 
 def test_a_single_server_over_tls_with_an_acl_user(redis_binaries: None, tmp_path: Path) -> None:
     tls = make_tls_files(tmp_path / "tls")
-    server = RedisProcess(tmp_path / "single", take_port(), [], tls=tls)
+    server = redis_node(tmp_path / "single", take_port(), [], tls=tls)
     try:
         server.start()
-        server.wait_ready()
         env = {
             "AUTH_REDIS_URL": f"rediss://127.0.0.1:{server.port}/0",
             "AUTH_REDIS_USERNAME": "agentplatform",

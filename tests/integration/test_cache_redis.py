@@ -78,6 +78,9 @@ def make_cache(unique: str) -> Iterator[CacheFactory]:
             # pings 5 s apart a loaded machine cannot turn the L1 hits counted here into
             # misses (a closed connection still ends it at once).
             "listener_ping_seconds": 5.0,
+            # After a Redis error a cache reads from the database this long (not the
+            # default breaker + 3 pings, 15 s with these pings).
+            "doubt_seconds": 0.5,
         }
         options.update(kwargs)
         cache: TwoLevelCache[Item] = TwoLevelCache(
@@ -457,8 +460,9 @@ def test_a_writer_cut_off_from_redis_defers_invalidations_and_sends_them_on_reco
         assert version_of(reader.get(key, db.loader(key))) == 2
         assert writer_events.counts[("pubsub", "subscribed")] >= 2  # the listener came back
         assert version_of(writer.get(key, db.loader(key))) == 2
-        # The writer's L2 reads work again too (their connection was cut as well: the
-        # first read on it may fail and open the breaker once).
+        # The writer's L2 reads work again too, once its doubt after the cut is over
+        # (their connection was cut as well: the first read on it may fail, open the
+        # breaker and start the doubt once more).
         hits = writer_events.counts[("l2", "hit")]
 
         def writer_reads_l2() -> bool:
@@ -502,9 +506,9 @@ def test_the_listener_resubscribes_after_its_connection_is_killed_and_clears_l1(
     assert not b.in_l1(key)
     assert b_events.counts[("pubsub", "error")] >= 1
 
-    # And invalidations reach it again.
-    b.get(key, db.loader(key))
-    assert b.in_l1(key)
+    # And invalidations reach it again (once its doubt after losing the listener is
+    # over, L1 is filled again).
+    assert wait_for(lambda: b.get(key, db.loader(key)) is not None and b.in_l1(key))
     db.write(key, 2)
     a.invalidate(key)
     assert wait_for(lambda: not b.in_l1(key))

@@ -5,19 +5,19 @@ values invalidated since (a private redis-server, restarted for real)."""
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from services.agent_svc.infra.cache import TwoLevelCache
 from tests.conftest import missing
+from tests.faults.servers import PrivateRedis
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.redis
@@ -47,7 +47,7 @@ class Database:
 
 
 def a_cache(
-    client: redis.Redis, namespace: str, events: list[tuple[str, str]]
+    client: redis.Redis, namespace: str, events: list[tuple[str, str]], **options: Any
 ) -> TwoLevelCache[Item]:
     cache = TwoLevelCache[Item](
         redis=client,
@@ -59,6 +59,7 @@ def a_cache(
         breaker_seconds=0.05,
         on_event=lambda level, outcome: events.append((level, outcome)),
         version=lambda item: item.version,
+        **options,
     )
     cache.start()
     # Subscribing clears L1 and refuses fills in flight: wait, so reads fill L2.
@@ -94,59 +95,93 @@ def test_after_an_outage_an_older_l2_copy_is_not_served_again(redis_url: str, un
         proxy.cut()
 
 
-@dataclass
-class PrivateRedis:
-    port: int
-    directory: Path
-    process: subprocess.Popen[bytes] | None = None
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--dbfilename",
-                "dump.rdb",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+
+class SteppedClock:
+    """`time.monotonic` plus the jumps a test makes (a doubt window passes at once)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+def test_a_replica_that_lost_redis_doubts_what_a_cut_off_writer_could_not_invalidate(
+    redis_url: str, unique: str
+) -> None:
+    """The failover case (tests/faults/test_redis_failover.py): Redis goes away for both
+    replicas, the writer commits version 2 and keeps its invalidation, and Redis comes back
+    for the reader first, its L2 still holding version 1. The reader never served version 2
+    (so its own guard cannot help), while the writer already did: serving version 1 would
+    be a read going backwards. The reader lost its listener, so it doubts: it reads the
+    database until `doubt_seconds` after that, then L2 again."""
+    database = Database()
+    reader_events: list[tuple[str, str]] = []
+    key = uuid.uuid4()
+    database.rows[key] = Item(1)
+    target = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
+    host, port, db = target["host"], int(target["port"]), int(target.get("db", 0))
+    writer_proxy, reader_proxy = TcpProxy(host, port), TcpProxy(host, port)
+    writer_client = redis.Redis(port=writer_proxy.port, db=db, socket_timeout=0.5)
+    reader_client = redis.Redis(port=reader_proxy.port, db=db, socket_timeout=0.5)
+    direct = redis.Redis(host=host, port=port, db=db, socket_timeout=2)
+    clock = SteppedClock()
+    writer = a_cache(writer_client, unique, [])
+    reader = a_cache(reader_client, unique, reader_events, clock=clock, doubt_seconds=30.0)
+    try:
+        assert reader.get(key, database.loader(key)) == Item(1)  # L2 holds version 1
+        writer_proxy.cut()
+        reader_proxy.cut()
+        wait_until(lambda: ("pubsub", "error") in reader_events)
+        database.rows[key] = Item(2)
+        writer.invalidate(key)
+        assert writer.pending_invalidations == 1
+        assert writer.get(key, database.loader(key)) == Item(2)
+
+        reader_proxy.restore()
+        wait_until(lambda: reader_events.count(("pubsub", "subscribed")) >= 2)
+        assert direct.get(f"{unique}:{key}") == b"1"  # the old copy, still in L2
+        assert reader.get(key, database.loader(key)) == Item(2)
+        assert ("l2", "doubted") in reader_events
+
+        # The writer comes back and delivers its invalidation; past the doubt, the
+        # reader's reads are L2 hits again.
+        writer_proxy.restore()
+        wait_until(lambda: writer.pending_invalidations == 0)  # its listener is back
+        assert direct.get(f"{unique}:{key}") is None
+        clock.offset += 30.0
+        hits = reader_events.count(("l2", "hit"))
+        wait_until(
+            lambda: (
+                reader.get(key, database.loader(key)) == Item(2)
+                and reader_events.count(("l2", "hit")) > hits
+            )
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        for _ in range(300):
-            try:
-                client.ping()
-                return
-            except redis.RedisError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
+    finally:
+        reader.close()
+        writer.close()
+        for client in (reader_client, writer_client, direct):
+            client.close()
+        writer_proxy.cut()
+        reader_proxy.cut()
 
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     if shutil.which("redis-server") is None:
         missing("redis-server", "not on PATH")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    server = PrivateRedis(port, tmp_path)
-    server.start()
-    yield server
-    server.kill()
+    server = PrivateRedis(tmp_path / "redis")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
 
 
 def test_values_a_snapshot_brings_back_are_never_served(private_redis: PrivateRedis) -> None:
@@ -164,8 +199,7 @@ def test_values_a_snapshot_brings_back_are_never_served(private_redis: PrivateRe
             database.rows[key] = Item(2)
             cache.invalidate(key)
             assert cache.get(key, database.loader(key)) == Item(2)
-        private_redis.kill()
-        private_redis.start()  # back from the snapshot: version 1 of every key is in L2
+        private_redis.restart(from_dump=True)  # version 1 of every key is back in L2
         assert redis.Redis(port=private_redis.port).exists(f"agent:{keys[0]}")
         fresh = a_cache(redis.Redis(port=private_redis.port, socket_timeout=0.5), "agent", [])
         try:

@@ -80,6 +80,28 @@ No read goes backwards
       reach Redis has not yet delivered its invalidation (it does so on reconnect; if it
       dies first, for up to `l2_ttl`).
 
+After a failure ("doubt")
+    A failover shows why the per-replica guard is not enough: while a Redis master (or one
+    shard of a cluster) is away, a writer's invalidations wait in its pending set, and
+    other replicas that reach Redis meanwhile (other shards; the promoted master as soon
+    as it is up) read L2 copies those invalidations were meant to delete, or fill L2 with
+    a version loaded just before the write. A replica that never served the newer version
+    then serves the older one after another replica served the newer: a read goes
+    backwards across replicas. So a replica doubts its caches for `doubt_seconds`
+    (default `breaker_seconds + 3 x listener_ping_seconds`) from the last time it
+    - saw a Redis call fail or deferred an invalidation itself,
+    - lost its invalidation listener,
+    - found a different Redis behind its read connection (a failover, a restart), or a
+      cluster primary new since its first read,
+    - heard another replica say it deferred one (cluster mode: the writer publishes the
+      key and then `doubt` on the channel's node, which may be up while the key's shard
+      is not).
+    While in doubt L1 is empty and not refilled, and L2 values are not served: every read
+    loads from the database (and may still fill L2, against its stamp). The window covers
+    the time a writer takes to flush its pending invalidations once Redis answers it again
+    (its next call after the breaker, or its listener's next poll); a writer cut off from
+    Redis for longer than that while the others reach it is the limit above.
+
 Redis unavailable
     Every Redis call is caught: reads degrade to L1 + `load()`, `invalidate` still drops L1
     and remembers the key; nothing raises to the caller. After an error L2 is skipped for
@@ -89,9 +111,9 @@ Redis unavailable
 
 Events (`on_event(level, outcome)`, for metrics)
     ("l1", "hit" | "miss"), ("flight", "joined"), ("l2", "hit" | "miss" | "error" |
-    "bypass" | "fill" | "stale_fill"), ("load", "db" | "lagging" | "lagging_refused"),
-    ("invalidate", "sent" | "deferred"),
-    ("pubsub", "message" | "subscribed" | "error").
+    "bypass" | "fill" | "stale_fill" | "older" | "doubted"), ("load", "db" | "lagging" |
+    "lagging_refused"), ("invalidate", "sent" | "deferred"), ("pubsub", "message" |
+    "subscribed" | "error"), ("doubt", "started").
 """
 
 from __future__ import annotations
@@ -143,6 +165,8 @@ return 1
 
 # The version remembered for a key the database does not have: newer than any real one.
 _GONE = sys.maxsize
+# The message that tells every replica's listener to doubt (see "After a failure").
+_DOUBT = "doubt"
 _INFO_RUN_ID = re.compile(rb"^run_id:([0-9a-f]+)", re.MULTILINE)
 
 # Extra safety for the L2 fill deadline: covers the fill's own round trip.
@@ -214,6 +238,7 @@ class TwoLevelCache(Generic[T]):
         listener_max_backoff_seconds: float = 5.0,
         version: Callable[[T], int] | None = None,
         max_versions: int = 100_000,
+        doubt_seconds: float | None = None,
     ) -> None:
         if l1_max_entries < 0 or l1_ttl_seconds < 0 or l2_ttl_seconds <= 0:
             raise ValueError("cache sizes and lifetimes must be positive")
@@ -252,6 +277,13 @@ class TwoLevelCache(Generic[T]):
         # cannot hear invalidations must not keep serving what they would have dropped.
         self._trust_seconds = 3 * listener_ping_seconds
         self._l1_trusted_until = float("inf") if redis is None else 0.0
+        # After Redis failed or changed under this replica (see "After a failure"): until
+        # then, reads come from the database.
+        self._doubt_seconds = (
+            breaker_seconds + 3 * listener_ping_seconds if doubt_seconds is None else doubt_seconds
+        )
+        self._doubt_until = 0.0
+        self._run_id: bytes | None = None
 
         # L2 health: circuit breaker, distrust after losing track of invalidations.
         self._down_until = 0.0
@@ -401,8 +433,9 @@ class TwoLevelCache(Generic[T]):
         if self._cluster is not None:
             with contextlib.suppress(redis.RedisError):
                 self._publish(self._cluster, key)
+                self._publish(self._cluster, _DOUBT)
 
-    def _publish(self, cluster: RedisCluster, key: uuid.UUID) -> None:
+    def _publish(self, cluster: RedisCluster, key: uuid.UUID | str) -> None:
         """PUBLISH on the node of the channel's slot, where every replica's listener is
         subscribed (ClusterPubSub's choice): delivered at once, as on one server. (A
         cluster forwards a PUBLISH to every node, but over its bus: a hop later, long
@@ -459,6 +492,8 @@ class TwoLevelCache(Generic[T]):
                     else:
                         if self._is_older_than_served(key, cached):
                             self._event("l2", "older")
+                        elif self._clock() < self._doubt_until:
+                            self._event("l2", "doubted")
                         else:
                             self._event("l2", "hit")
                             self._fill_l1(key, cached, flight)
@@ -524,11 +559,12 @@ class TwoLevelCache(Generic[T]):
                 del self._served[next(iter(self._served))]
 
     def _fill_l1(self, key: uuid.UUID, value: T, flight: _Flight) -> None:
-        expires = self._clock() + self._l1_ttl
         with self._lock:
             self._note_served(key, value)
-            if flight.stale:
+            now = self._clock()
+            if flight.stale or now < self._doubt_until:
                 return
+            expires = now + self._l1_ttl
             self._l1[key] = (value, expires)
             self._l1.move_to_end(key)
             while len(self._l1) > self._l1_max:
@@ -582,11 +618,14 @@ class TwoLevelCache(Generic[T]):
         if names == self._checked[0]:
             return names
         with self._cluster_lock:
+            first_check = not self._checked[1]
             for node in primaries:
                 client = cluster.get_redis_connection(node)
                 run_id = str(client.info("server")["run_id"])
                 if run_id in self._checked[1]:
                     continue
+                if not first_check:
+                    self._doubt()  # a primary new since the first read: a failover
                 marker = f"{self._namespace}:l2-cleared:{run_id}:{{{_tag_on(cluster, node)}}}"
                 if not client.exists(marker):
                     cleared = self._clear_node_values(client)
@@ -625,7 +664,11 @@ class TwoLevelCache(Generic[T]):
         found = _INFO_RUN_ID.search(_as_bytes(connection.read_response()))
         if found is None:
             raise redis.ResponseError("INFO server gave no run_id")
-        marker = f"{self._namespace}:l2-cleared:{found.group(1).decode()}"
+        run_id = found.group(1)
+        if self._run_id is not None and run_id != self._run_id:
+            self._doubt()  # a failover or a restart: see "After a failure"
+        self._run_id = run_id
+        marker = f"{self._namespace}:l2-cleared:{run_id.decode()}"
         connection.send_command("EXISTS", marker)
         if connection.read_response():
             return
@@ -687,6 +730,7 @@ class TwoLevelCache(Generic[T]):
     def _l2_failed(self, operation: str, exc: Exception) -> None:
         self._down_until = self._clock() + self._breaker
         self._degraded = True
+        self._doubt()
         self._event("l2", "error")
         self._warn(
             "Redis unavailable (%s: %s: %s); serving from the in-process cache and the "
@@ -696,6 +740,18 @@ class TwoLevelCache(Generic[T]):
             exc,
             self._breaker,
         )
+
+    def _doubt(self) -> None:
+        """Redis failed or changed under this replica, or another replica could not reach
+        it: for `doubt_seconds`, L1 is emptied and not refilled and L2 values are not
+        served (every read loads from the database); see "After a failure"."""
+        with self._lock:
+            self._doubt_until = self._clock() + self._doubt_seconds
+            self._l1.clear()
+            for flight in self._flights.values():
+                flight.stale = True
+            self._flights.clear()
+        self._event("doubt", "started")
 
     def _l2_ok(self) -> None:
         if self._degraded:
@@ -714,6 +770,7 @@ class TwoLevelCache(Generic[T]):
                     self._l2_ttl,
                 )
             self._pending[key] = next(self._sequence)
+        self._doubt()
 
     def _flush_pending(self) -> bool:
         """Send every pending invalidation; True when none is left. Never raises."""
@@ -790,6 +847,7 @@ class TwoLevelCache(Generic[T]):
                 self._l1_trusted_until = 0.0  # until subscribed again (which clears L1)
                 if self._stop.is_set():
                     break
+                self._doubt()
                 self._event("pubsub", "error")
                 self._warn_listener(
                     "cache invalidation listener lost Redis (%s: %s); reconnecting in %.1fs",
@@ -812,6 +870,9 @@ class TwoLevelCache(Generic[T]):
             kind = kind.decode()
         if kind == "message":
             data = message.get("data")
+            if data in (_DOUBT, _DOUBT.encode()):
+                self._doubt()
+                return False
             try:
                 text = data.decode() if isinstance(data, bytes) else str(data)
                 key = uuid.UUID(text)
