@@ -199,3 +199,23 @@ def test_a_lagging_copy_older_than_a_version_served_here_is_not_used(
     database.reads.clear()
     assert get(cache, database, key) == Item(2)
     assert database.reads == ["replica", "primary"]
+
+
+def test_a_cache_in_doubt_after_a_redis_failure_reads_the_primary(
+    make_cache: Callable[..., TwoLevelCache[Item]], redis_url: str, unique: str
+) -> None:
+    """After a Redis failover the promoted server may lack the latest stamps (or values):
+    "no stamp" then proves nothing, so while the cache doubts (cache.py, "After a
+    failure") a miss reads the primary, never the lagging copy."""
+    database, key = Database(), uuid.uuid4()
+    database.write(key, Item(1))
+    database.replay()
+    cache = make_cache()
+    database.write(key, Item(2))  # committed; the replica has not replayed it
+    cache.invalidate(key)
+    # The failover: the new Redis master never had the stamp (nor a value).
+    with redis.Redis.from_url(redis_url) as client:
+        client.delete(*client.keys(f"{unique}:*"))
+    cache._doubt()  # what a failed call, a lost listener or a new master starts
+    assert get(cache, database, key) == Item(2)
+    assert database.reads == ["primary"]

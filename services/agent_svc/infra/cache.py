@@ -499,7 +499,9 @@ class TwoLevelCache(Generic[T]):
                             self._fill_l1(key, cached, flight)
                             return cached
                 else:
-                    lagging_ok = not stamp  # no write of the key within the stamp's life
+                    # No write of the key within the stamp's life — unless Redis failed
+                    # over lately: the promoted server may never have had the stamp.
+                    lagging_ok = not stamp and self._clock() >= self._doubt_until
                 self._event("l2", "miss")
         elif self._redis is not None:
             self._event("l2", "bypass")
