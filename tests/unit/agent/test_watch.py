@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
+import grpc
 import pytest
 from agentplatform.agent.v1 import agent_pb2
 
@@ -28,11 +29,24 @@ from services.agent_svc.service.watch import (
     encode_token,
     matches,
 )
-from shared.rpc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from shared.rpc.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+)
 from shared.security.scopes import AGENTS_ADMIN, AGENTS_READ, AGENTS_WRITE
 from shared.security.tokens import Principal
 from tests.helpers import FakeClock
-from tests.unit.agent.fakes import MODELS, SECRET, FakeDatabase, RecordingCache, agent_input
+from tests.unit.agent.fakes import (
+    MODELS,
+    SECRET,
+    FakeDatabase,
+    RecordingCache,
+    agent_input,
+    make_world,
+)
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -253,6 +267,14 @@ def test_one_stream_over_the_limit_is_resource_exhausted_and_a_closed_one_frees_
     first.cancel()
     rig.service.watch(principal=me)
     assert len(rig.watchers) == 2
+
+
+def test_a_server_built_without_streams_answers_unimplemented_not_internal() -> None:
+    service = make_world().service
+    with pytest.raises(Unimplemented) as caught:
+        service.watch(principal=person())
+    assert caught.value.reason == "UNIMPLEMENTED"
+    assert caught.value.code is grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_an_idle_stream_sends_heartbeats_with_a_token() -> None:
