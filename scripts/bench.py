@@ -387,6 +387,7 @@ def common_env(prefix: str, port: int, database_url: str, redis_url: str | None)
     env = {
         f"{prefix}_PORT": str(port),
         f"{prefix}_METRICS_PORT": "0",
+        **({"AGENT_WATCH_PORT": "0"} if prefix == "AGENT" else {}),
         f"{prefix}_DATABASE_URL": database_url,
         f"{prefix}_LOG_LEVEL": "WARNING",
         f"{prefix}_DATA_DIR": str(ROOT / ".data"),

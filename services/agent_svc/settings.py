@@ -29,8 +29,12 @@
   can be undeleted (its `expire_time`); the worker then removes it with its revisions.
 - `AGENT_WATCH_RETENTION_SECONDS` (3600): how long the change log keeps a change, so how
   old a WatchAgents resume_token may be (older: RESUME_TOKEN_EXPIRED).
-- `AGENT_WATCH_MAX_STREAMS` (1000): WatchAgents streams one process serves at once (one
-  more: RESOURCE_EXHAUSTED TOO_MANY_WATCHERS); each holds a thread of a pool of its own.
+- `AGENT_WATCH_PORT` (50053; 0: a free port, logged): the port of the grpc.aio server
+  that serves WatchAgents (plus health Check and reflection) beside the main port; the
+  typed client's `watch_target`. Same host and TLS material as the main port.
+- `AGENT_WATCH_MAX_STREAMS` (1000): WatchAgents streams one process serves at once, on
+  both ports together (one more: RESOURCE_EXHAUSTED TOO_MANY_WATCHERS); a stream on the
+  main port holds a thread of a pool of its own.
 - `AGENT_WATCH_HEARTBEAT_SECONDS` (15): an idle stream sends an empty message this often.
 - `AGENT_WATCH_POLL_SECONDS` (1): the change log is read at least this often (the Redis
   or in-process wake-up makes it at once; this bounds the delay of a lost wake-up).
@@ -111,6 +115,7 @@ class AgentSettings:
     watch_poll_seconds: float = 1.0
     watch_batch_seconds: float = 0.02
     watch_send_slots: int = 1
+    watch_port: int = 50053
 
     @property
     def auth_uses_tls(self) -> bool:
@@ -185,6 +190,7 @@ def load_agent_settings(env: Mapping[str, str], role: Role = "serve") -> AgentSe
         watch_poll_seconds=reader.number("WATCH_POLL_SECONDS", 1.0, minimum=0.01),
         watch_batch_seconds=reader.number("WATCH_BATCH_SECONDS", 0.02, minimum=0.0),
         watch_send_slots=reader.integer("WATCH_SEND_SLOTS", 1, minimum=1),
+        watch_port=reader.integer("WATCH_PORT", 50053, minimum=0),
     )
     if bool(settings.auth_tls_cert_file) != bool(settings.auth_tls_key_file):
         reader.problems.append(
@@ -205,6 +211,11 @@ def load_agent_settings(env: Mapping[str, str], role: Role = "serve") -> AgentSe
     if not 0 <= settings.deleted_retention_days <= MAX_RETENTION_DAYS:
         reader.problems.append(
             f"{reader.name('DELETED_RETENTION_DAYS')} must be from 0 to {MAX_RETENTION_DAYS}"
+        )
+    if settings.watch_port and settings.watch_port in (common.port, common.health_port):
+        reader.problems.append(
+            f"{reader.name('WATCH_PORT')} must differ from {reader.name('PORT')} and "
+            f"{reader.name('HEALTH_PORT')}"
         )
     if not settings.allowed_models:
         reader.problems.append(f"{reader.name('ALLOWED_MODELS')} must name at least one model")

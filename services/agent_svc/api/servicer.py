@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
@@ -11,6 +13,7 @@ from services.agent_svc.api.convert import agent_input, agent_to_proto, get_agen
 from services.agent_svc.api.watch_wire import ChangeEncoder
 from services.agent_svc.service.agent_service import AgentService
 from services.agent_svc.service.models import ModelEntry
+from services.agent_svc.service.watch import WatchStream
 from shared.rpc.request_path import principal_of
 
 __all__ = ["PUBLIC_METHODS", "AgentServicer"]
@@ -180,3 +183,31 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             stream.cancel()
         for batch in stream:
             yield self._encoder.batch(batch)
+
+    async def watch_agents_async(
+        self, request: agent_pb2.WatchAgentsRequest, context: Any
+    ) -> AsyncIterator[bytes]:
+        """WatchAgents on the grpc.aio watch server (bootstrap): the same stream as on the
+        main port, woken through the event loop. Opening it may read the log (a token's
+        position): on a worker thread, never on the loop."""
+        opening = asyncio.get_running_loop().run_in_executor(
+            None,
+            functools.partial(
+                self._service.watch,
+                principal=principal_of(context),
+                filter=request.filter,
+                resume_token=request.resume_token,
+            ),
+        )
+        try:
+            stream = await asyncio.shield(opening)
+        except asyncio.CancelledError:  # the caller left while it opened: free its place
+            opening.add_done_callback(_cancel_opened)
+            raise
+        async for batch in stream.batches():
+            yield self._encoder.batch(batch)
+
+
+def _cancel_opened(opening: asyncio.Future[WatchStream]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().cancel()
