@@ -18,6 +18,7 @@ clients from separate processes on the other core:
     issue        IssueToken, client credentials with a secret (beside auth's empty handler)
     watch        GetAgent L1 with and without 1,000 open WatchAgents streams (idle), then
                  CreateAgent at 100/s fanned out to all 1,000: commit-to-delivery latency
+                 (streams on AGENT_WATCH_PORT; --watch-on-main-port: on the sync server)
 
 It prints QPS, p50/p95/p99 and server CPU per call, and the ratios to the empty handler.
 Not a test: it does not run in CI.
@@ -463,6 +464,12 @@ def main() -> int:  # noqa: PLR0915
         help="GetAgent and the empty handler alternate in this many slices each",
     )
     parser.add_argument(
+        "--watch-on-main-port",
+        action="store_true",
+        help="watch phase: streams on the main port (the sync server) instead of "
+        "AGENT_WATCH_PORT (the grpc.aio server)",
+    )
+    parser.add_argument(
         "--watch-env",
         action="append",
         default=[],
@@ -869,10 +876,18 @@ def _watch_phase(  # noqa: PLR0917
     """GetAgent L1 without, with, and again without 1,000 idle streams; then 100 changes
     a second committed beside it (see below) with all 1,000 watching (every stream gets
     every change: one owner), and a GetAgent probe on the server meanwhile."""
+    watch_port = _free_port()
     extra = dict(item.split("=", 1) for item in args.watch_env)
     target, pid = agent_server(
-        {"AGENT_WATCH_MAX_STREAMS": str(WATCHERS + 100), **extra}, args.redis
+        {
+            "AGENT_WATCH_MAX_STREAMS": str(WATCHERS + 100),
+            "AGENT_WATCH_PORT": str(watch_port),
+            **extra,
+        },
+        args.redis,
     )
+    # The streams: on the WatchAgents port (grpc.aio) unless asked for the main one.
+    watch_target = target if args.watch_on_main_port else f"127.0.0.1:{watch_port}"
     prewarm(target)
     contender = _contender(target, pid, hot)
     before = compare([contender("GetAgent L1, no watchers")])[0]
@@ -882,7 +897,9 @@ def _watch_phase(  # noqa: PLR0917
     share = WATCHERS // WATCHER_PROCESSES
     holders = [
         ctx.Process(
-            target=_watchers, args=(target, metadata, share, ready, stop, results), daemon=True
+            target=_watchers,
+            args=(watch_target, metadata, share, ready, stop, results),
+            daemon=True,
         )
         for ready in readies
     ]
@@ -947,7 +964,8 @@ def _watch_phase(  # noqa: PLR0917
     p99 = _percentile(latencies, 0.99)
     verdict = "met" if p99 < 0.100 else "MISSED"
     return (
-        f"WatchAgents: {opened:,} streams; {messages:,} messages in all, "
+        f"WatchAgents ({'main port' if args.watch_on_main_port else 'watch port, grpc.aio'}): "
+        f"{opened:,} streams; {messages:,} messages in all, "
         f"{len(latencies) / max(1, sampled_messages):.1f} changes per message; the fanning-out "
         f"server used {fan_out_cpu:.0%} of its core meanwhile; {len(latencies):,} changes "
         f"timed on {SAMPLED * WATCHER_PROCESSES} sampled streams "
