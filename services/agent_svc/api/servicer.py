@@ -13,12 +13,13 @@ from services.agent_svc.api.convert import agent_input, agent_to_proto, get_agen
 from services.agent_svc.api.watch_wire import ChangeEncoder
 from services.agent_svc.service.agent_service import AgentService
 from services.agent_svc.service.models import ModelEntry
-from services.agent_svc.service.watch import WatchStream
+from services.agent_svc.service.watch import WatchBatch, WatchStream
 from shared.rpc.request_path import principal_of
 
 __all__ = ["PUBLIC_METHODS", "AgentServicer"]
 
 PUBLIC_METHODS: frozenset[str] = frozenset()
+_ENCODED_BATCHES = 1024
 
 
 def model_to_proto(entry: ModelEntry, agent_count: int = 0) -> agent_pb2.Model:
@@ -35,6 +36,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, service: AgentService, encoder: ChangeEncoder | None = None) -> None:
         self._service = service
         self._encoder = encoder or ChangeEncoder()
+        # The latest batches' encodings, by identity (event-loop streams only: one thread).
+        self._encoded_batches: dict[int, tuple[WatchBatch, bytes]] = {}
 
     def CreateAgent(
         self, request: agent_pb2.CreateAgentRequest, context: Any
@@ -204,8 +207,18 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         except asyncio.CancelledError:  # the caller left while it opened: free its place
             opening.add_done_callback(_cancel_opened)
             raise
+        encoded = self._encoded_batches
         async for batch in stream.batches():
-            yield self._encoder.batch(batch)
+            # Streams given the same batch (a fan-out: ChangeHub.share) send the same bytes.
+            known = encoded.get(id(batch))
+            if known is not None and known[0] is batch:
+                yield known[1]
+                continue
+            data = self._encoder.batch(batch)
+            if len(encoded) >= _ENCODED_BATCHES:
+                encoded.clear()
+            encoded[id(batch)] = (batch, data)
+            yield data
 
 
 def _cancel_opened(opening: asyncio.Future[WatchStream]) -> None:

@@ -46,9 +46,10 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Hashable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from services.agent_svc.domain import Agent
 from services.agent_svc.service.filtering import (
@@ -245,6 +246,8 @@ class ChangeHub:
         # Streams served on event loops (the grpc.aio watch server): one wake-up per loop
         # and read, which sets each stream's asyncio.Event on that loop's thread.
         self._loops: dict[asyncio.AbstractEventLoop, set[asyncio.Event]] = {}
+        self._shared: dict[tuple[int, Hashable], Any] = {}
+        self._shared_head = -1
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -424,6 +427,26 @@ class ChangeHub:
     def remove(self, waiter: _Waiter) -> None:
         self._waiters.discard(waiter)
 
+    def shared(self, start: int, key: Hashable) -> Any:
+        """What a stream of `key` at `start` sends for the current head, if a stream like
+        it made it already (event-loop streams only: one thread uses it)."""
+        head = self._head
+        if head is None or head.seq != self._shared_head:
+            return None
+        return self._shared.get((start, key))
+
+    def share(self, start: int, key: Hashable, made: Any) -> None:
+        """Keeps what a stream of `key` at `start` made for the current head: in a fan-out
+        the streams of one caller (or of admins, with one filter) all get the same message,
+        made and encoded once per round instead of once per stream."""
+        head = self._head
+        if head is None:
+            return
+        if head.seq != self._shared_head:
+            self._shared = {}
+            self._shared_head = head.seq
+        self._shared[(start, key)] = made
+
     def add_async(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
         """A stream on `loop` (its thread only), woken by setting `event`."""
         self._loops.setdefault(loop, set()).add(event)
@@ -557,6 +580,8 @@ class WatchStream:
         self._is_admin = is_admin
         self._conditions = conditions
         self._waiter = _Waiter()
+        # Streams with the same key and position get the same message (see ChangeHub.share).
+        self._share_key = (viewer, is_admin, conditions.canonical())
         self._released = False
         self._release_lock = threading.Lock()
         self._hub.add(self._waiter)
@@ -583,7 +608,7 @@ class WatchStream:
         finally:
             self._release()
 
-    async def batches(self) -> AsyncIterator[WatchBatch]:
+    async def batches(self) -> AsyncGenerator[WatchBatch, None]:
         """The stream on an event loop (the grpc.aio watch server): the same messages as
         iterating it, woken by the hub through the loop (`call_soon_threadsafe`), with no
         thread and no turn of its own: the loop makes one stream's message after another.
@@ -602,11 +627,15 @@ class WatchStream:
                 if hub.closed:
                     raise _shutting_down()
                 if hub.behind(self.position.seq):
-                    found = hub.since(self.position.seq)
-                    if found is None:  # behind the buffer: the log, off the loop's thread
-                        batch, _ = await asyncio.to_thread(self._next_batch)
-                    else:
+                    shared = hub.shared(self.position.seq, self._share_key)
+                    if shared is not None:  # a stream like this one made it this round
+                        batch, self.position = shared
+                    elif (found := hub.since(self.position.seq)) is not None:
+                        start = self.position.seq
                         batch, _ = self._next_batch(found)
+                        hub.share(start, self._share_key, (batch, self.position))
+                    else:  # behind the buffer: the log, off the loop's thread
+                        batch, _ = await asyncio.to_thread(self._next_batch)
                     if batch is not None:
                         last_sent = loop.time()
                         yield batch
