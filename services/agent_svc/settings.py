@@ -40,7 +40,8 @@
   or in-process wake-up makes it at once; this bounds the delay of a lost wake-up).
 - `AGENT_WATCH_BATCH_SECONDS` (0.02): and at most this often: the changes committed
   within it reach each stream in one message (fewer sends under a stream of changes).
-- `AGENT_WATCH_SEND_SLOTS` (1): streams that make their message at the same moment; the
+- `AGENT_WATCH_SEND_SLOTS` (1): streams on the main port that make their message at the
+  same moment (the WatchAgents port's event loop makes one after another anyway); the
   others wait their turn and then send everything that came meanwhile in one message, so
   a fan-out to a thousand streams leaves the unary calls their share of the interpreter
   (measured: with 2 or more, GetAgent waited seconds during a large fan-out; with 1, ms).
