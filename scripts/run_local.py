@@ -33,7 +33,8 @@ def main() -> int:
     ]
     print(
         f"auth_svc on 127.0.0.1:{env.get('AUTH_PORT', '50051')}, "
-        f"agent_svc on 127.0.0.1:{env.get('AGENT_PORT', '50052')}; Ctrl-C stops both",
+        f"agent_svc on 127.0.0.1:{env.get('AGENT_PORT', '50052')} "
+        f"(WatchAgents also on :{env.get('AGENT_WATCH_PORT', '50053')}); Ctrl-C stops both",
         flush=True,
     )
 

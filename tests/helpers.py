@@ -57,6 +57,8 @@ class ServiceProcess:
         self.name = name
         self.port = port
         self.address = f"127.0.0.1:{port}"
+        # agent_svc's WatchAgents port, when the environment names one.
+        self.watch_address = f"127.0.0.1:{env.get('AGENT_WATCH_PORT') or 0}"
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(

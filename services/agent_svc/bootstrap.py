@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from agentplatform.agent.v1 import agent_pb2_grpc
+from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
 from sqlalchemy import Engine
 
 from services.agent_svc import SERVICE_NAME
@@ -39,6 +39,7 @@ from shared.data.db import (
     unavailable_database,
 )
 from shared.data.redis_client import RedisClient, make_redis
+from shared.rpc.aio_server import StreamServer
 from shared.rpc.lifecycle import Closers
 from shared.rpc.metrics import Metrics
 from shared.rpc.observability import Observability
@@ -70,6 +71,8 @@ class AgentApp:
     hub: ChangeHub | None = None
     read_engine: Engine | None = None
     """The read replica's (AGENT_DATABASE_READ_URL), if one is configured."""
+    watch_port: int = 0
+    """The bound port of the WatchAgents server (build_server), 0 before."""
 
     def ready(self) -> bool:
         """Whether tokens can be verified: the keys were fetched at least once."""
@@ -354,6 +357,33 @@ def _dependencies(app: AgentApp) -> dict[str, Callable[[], bool]]:
     return checks
 
 
+def _serve_watch_port(
+    app: AgentApp, running: RunningServer, servicer: AgentServicer, path: RequestPath
+) -> None:
+    """WatchAgents on a grpc.aio server of its own port (AGENT_WATCH_PORT), beside the
+    sync server: a stream message costs it a fraction of the sync server's (no thread
+    wake-ups; docs/watch.md "Server model"). Started with the main server; stopped once
+    the hub has ended its streams."""
+    watch = StreamServer(
+        app.settings.common,
+        port=app.settings.watch_port,
+        service=SERVICE_NAME,
+        methods={
+            "WatchAgents": grpc.unary_stream_rpc_method_handler(
+                servicer.watch_agents_async,
+                request_deserializer=agent_pb2.WatchAgentsRequest.FromString,
+                response_serializer=agent_pb2.WatchAgentsResponse.SerializeToString,
+            )
+        },
+        request_path=path,
+        health_servicer=running.health,
+        service_names=[SERVICE_NAME],
+    )
+    app.watch_port = watch.port
+    running.on_start.append(watch.start)
+    running.on_drain.append(lambda: watch.stop(app.settings.common.grace_seconds))
+
+
 def build_server(app: AgentApp) -> RunningServer:
     """A bound server for the app (port 0 in settings picks a free one). Ready means this
     process can verify tokens (it has fetched the keys once): a replica started while
@@ -361,16 +391,17 @@ def build_server(app: AgentApp) -> RunningServer:
     keeps serving while auth_svc or the database is down (cache hits need neither). The
     database's state is the named health service "database"."""
     path = request_path_for(app)
-    # WatchAgents streams hold a thread each for their whole life: a pool of their own
-    # (their count is limited by AGENT_WATCH_MAX_STREAMS; a few more threads answer the
-    # ones over the limit), so unary calls keep the server's worker threads.
+    # WatchAgents on the main port: each stream holds a thread for its whole life, on a
+    # pool of their own (their count is limited by AGENT_WATCH_MAX_STREAMS; a few more
+    # threads answer the ones over the limit), so unary calls keep the worker threads.
     streams = app.settings.watch_max_streams
     pool = futures.ThreadPoolExecutor(max_workers=streams + 8, thread_name_prefix="watch")
     path.run_on(WATCH_METHOD, pool)
+    servicer = AgentServicer(app.service)
     running = create_server(
         app.settings.common,
         register=lambda registrar: agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(app.service), registrar
+            servicer, registrar
         ),
         service_names=[SERVICE_NAME],
         request_path=path,
@@ -383,6 +414,7 @@ def build_server(app: AgentApp) -> RunningServer:
         # Streams end (UNAVAILABLE, SHUTTING_DOWN) as soon as the server takes no new
         # calls: their clients resume on another replica at once.
         running.on_drain.append(app.hub.close)
+        _serve_watch_port(app, running, servicer, path)
     running.on_stop.append(lambda: pool.shutdown(wait=False))
     app.observability.attach(running)
     running.on_stop.append(app.close)

@@ -29,14 +29,19 @@
   can be undeleted (its `expire_time`); the worker then removes it with its revisions.
 - `AGENT_WATCH_RETENTION_SECONDS` (3600): how long the change log keeps a change, so how
   old a WatchAgents resume_token may be (older: RESUME_TOKEN_EXPIRED).
-- `AGENT_WATCH_MAX_STREAMS` (1000): WatchAgents streams one process serves at once (one
-  more: RESOURCE_EXHAUSTED TOO_MANY_WATCHERS); each holds a thread of a pool of its own.
+- `AGENT_WATCH_PORT` (50053; 0: a free port, logged): the port of the grpc.aio server
+  that serves WatchAgents (plus health Check and reflection) beside the main port; the
+  typed client's `watch_target`. Same host and TLS material as the main port.
+- `AGENT_WATCH_MAX_STREAMS` (1000): WatchAgents streams one process serves at once, on
+  both ports together (one more: RESOURCE_EXHAUSTED TOO_MANY_WATCHERS); a stream on the
+  main port holds a thread of a pool of its own.
 - `AGENT_WATCH_HEARTBEAT_SECONDS` (15): an idle stream sends an empty message this often.
 - `AGENT_WATCH_POLL_SECONDS` (1): the change log is read at least this often (the Redis
   or in-process wake-up makes it at once; this bounds the delay of a lost wake-up).
 - `AGENT_WATCH_BATCH_SECONDS` (0.02): and at most this often: the changes committed
   within it reach each stream in one message (fewer sends under a stream of changes).
-- `AGENT_WATCH_SEND_SLOTS` (1): streams that make their message at the same moment; the
+- `AGENT_WATCH_SEND_SLOTS` (1): streams on the main port that make their message at the
+  same moment (the WatchAgents port's event loop makes one after another anyway); the
   others wait their turn and then send everything that came meanwhile in one message, so
   a fan-out to a thousand streams leaves the unary calls their share of the interpreter
   (measured: with 2 or more, GetAgent waited seconds during a large fan-out; with 1, ms).
@@ -116,6 +121,7 @@ class AgentSettings:
     watch_batch_seconds: float = 0.02
     watch_send_slots: int = 1
     database_read_url: str | None = None
+    watch_port: int = 50053
 
     @property
     def auth_uses_tls(self) -> bool:
@@ -215,6 +221,7 @@ def load_agent_settings(env: Mapping[str, str], role: Role = "serve") -> AgentSe
         watch_batch_seconds=reader.number("WATCH_BATCH_SECONDS", 0.02, minimum=0.0),
         watch_send_slots=reader.integer("WATCH_SEND_SLOTS", 1, minimum=1),
         database_read_url=_read_url(reader, common) if serving else None,
+        watch_port=reader.integer("WATCH_PORT", 50053, minimum=0),
     )
     if bool(settings.auth_tls_cert_file) != bool(settings.auth_tls_key_file):
         reader.problems.append(
@@ -235,6 +242,11 @@ def load_agent_settings(env: Mapping[str, str], role: Role = "serve") -> AgentSe
     if not 0 <= settings.deleted_retention_days <= MAX_RETENTION_DAYS:
         reader.problems.append(
             f"{reader.name('DELETED_RETENTION_DAYS')} must be from 0 to {MAX_RETENTION_DAYS}"
+        )
+    if settings.watch_port and settings.watch_port in (common.port, common.health_port):
+        reader.problems.append(
+            f"{reader.name('WATCH_PORT')} must differ from {reader.name('PORT')} and "
+            f"{reader.name('HEALTH_PORT')}"
         )
     if not settings.allowed_models:
         reader.problems.append(f"{reader.name('ALLOWED_MODELS')} must name at least one model")

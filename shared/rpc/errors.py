@@ -10,6 +10,7 @@
     ├── FailedPrecondition   FAILED_PRECONDITION (the system is not in the state the call needs)
     ├── ResourceExhausted    RESOURCE_EXHAUSTED (+ RetryInfo, + QuotaFailure for a quota)
     ├── Unavailable          UNAVAILABLE        (+ RetryInfo)
+    ├── Unimplemented        UNIMPLEMENTED      (a method this server does not serve)
     └── Internal             INTERNAL           (never carries internals to the wire)
 
 The service layer raises these; one interceptor (shared.rpc.interceptors) turns them into a
@@ -37,6 +38,7 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
 ]
 
 
@@ -166,6 +168,11 @@ class ResourceExhausted(_Retryable):
 class Unavailable(_Retryable):
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
+
+
+class Unimplemented(DomainError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "UNIMPLEMENTED"
 
 
 class Internal(DomainError):

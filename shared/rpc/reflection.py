@@ -23,9 +23,10 @@ from typing import Any
 
 from agentplatform.errors.v1 import errors_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-__all__ = ["SourceReflectionServicer", "load_source_descriptors"]
+__all__ = ["AsyncSourceReflectionServicer", "SourceReflectionServicer", "load_source_descriptors"]
 
 _log = logging.getLogger(__name__)
 DESCRIPTOR_SET = "descriptor_set.binpb"
@@ -77,26 +78,33 @@ def _without_json_names(file: descriptor_pb2.FileDescriptorProto) -> None:
         extension.ClearField("json_name")
 
 
-class SourceReflectionServicer(reflection.ReflectionServicer):  # type: ignore[misc]
-    """grpcio-reflection's servicer, answering file requests with source info where known."""
+class _WithSources:
+    """Answers file requests with source info where known (over grpcio-reflection's
+    servicer, sync or grpc.aio)."""
+
+    _sources: dict[str, bytes]
 
     def __init__(
         self, service_names: Iterable[str], sources: Mapping[str, bytes] | None = None
     ) -> None:
-        super().__init__(service_names)
+        super().__init__(service_names)  # type: ignore[call-arg]
         self._sources = load_source_descriptors() if sources is None else dict(sources)
 
     def _file_by_filename(self, request: Any, filename: str) -> Any:
-        return self._with_sources(super()._file_by_filename(request, filename))
+        return self._with_sources(super()._file_by_filename(request, filename))  # type: ignore[misc]
 
     def _file_containing_symbol(self, request: Any, fully_qualified_name: str) -> Any:
-        return self._with_sources(super()._file_containing_symbol(request, fully_qualified_name))
+        return self._with_sources(
+            super()._file_containing_symbol(request, fully_qualified_name)  # type: ignore[misc]
+        )
 
     def _file_containing_extension(
         self, request: Any, containing_type: str, extension_number: int
     ) -> Any:
         return self._with_sources(
-            super()._file_containing_extension(request, containing_type, extension_number)
+            super()._file_containing_extension(  # type: ignore[misc]
+                request, containing_type, extension_number
+            )
         )
 
     def _with_sources(
@@ -111,3 +119,11 @@ class SourceReflectionServicer(reflection.ReflectionServicer):  # type: ignore[m
             if source is not None:
                 files[index] = source
         return response
+
+
+class SourceReflectionServicer(_WithSources, reflection.ReflectionServicer):  # type: ignore[misc]
+    """grpcio-reflection's servicer, answering file requests with source info where known."""
+
+
+class AsyncSourceReflectionServicer(_WithSources, reflection_aio.ReflectionServicer):  # type: ignore[misc]
+    """The same for a grpc.aio server."""

@@ -36,6 +36,8 @@ outside this path.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -43,7 +45,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent import futures
 from contextvars import Token
 from time import monotonic, perf_counter
@@ -524,7 +526,7 @@ class RequestPath:
                 elapsed = perf_counter() - started
                 metrics.handled(stats, code, elapsed, tally)
                 if own and access_enabled(levels[code]):
-                    _access_log(method, code, elapsed, call, context, level=levels[code])
+                    _access_log(method, code, elapsed, call, context.peer(), level=levels[code])
 
         return call
 
@@ -569,12 +571,8 @@ class RequestPath:
         """A streaming call's context, its token checked (answered at once if refused)."""
         call = CallContext(context, _given_request_id(context))
         if not self.is_public(method):
-            authorization = None
-            for key, value in context.invocation_metadata() or ():
-                if key == "authorization":
-                    authorization = value
             try:
-                call.principal = self._verifier.verify(_bearer_token(authorization))
+                call.principal = self._verifier.verify(_bearer_token(_authorization(context)))
             except DomainError as error:
                 self._fail(error, call, context)
         if method.startswith(OWN_SERVICES_PREFIX):
@@ -616,7 +614,7 @@ class RequestPath:
                 elapsed = perf_counter() - started
                 metrics.handled(stats, code, elapsed)
                 if _access.isEnabledFor(_LEVELS[code]):
-                    _access_log(method, code, elapsed, ctx, context, level=_LEVELS[code])
+                    _access_log(method, code, elapsed, ctx, context.peer(), level=_LEVELS[code])
 
         def call(raw: bytes, context: Any, *callback: Any) -> Any:
             try:
@@ -672,9 +670,81 @@ class RequestPath:
 
         return call
 
+    # -- grpc.aio ---------------------------------------------------------------------------
+
+    def wrap_async_stream(
+        self, method: str, handler: grpc.RpcMethodHandler
+    ) -> grpc.RpcMethodHandler:
+        """A server-streaming handler whose behaviour is an async generator, wrapped for a
+        grpc.aio server (the WatchAgents server): the same steps as `wrap` — decoding,
+        the token check, the statuses and their details, the request id in the headers,
+        metrics, one access-log line when the stream ends. The token is checked on a
+        worker thread (an unknown key id fetches the keys: never on the event loop)."""
+        behavior = handler.unary_stream
+        if behavior is None:
+            raise ValueError(f"{method}: only server-streaming methods are served on grpc.aio")
+        decode = handler.request_deserializer or _identity
+        own = method.startswith(OWN_SERVICES_PREFIX)
+        public = self.is_public(method)
+        verify = self._verifier.verify
+        status_of = self._status_of
+        metrics = self._metrics
+        stats = metrics.method(method, "server_stream")
+
+        async def call(raw: bytes, context: Any) -> AsyncIterator[Any]:
+            started = perf_counter()
+            metrics.started(stats)
+            ctx = CallContext(context, _given_request_id(context))
+            # Read now: grpc.aio frees a cancelled call's state, and asking its context
+            # afterwards crashes the process (grpcio 1.85, measured: a segfault).
+            peer = context.peer()
+            code = _OK
+            try:
+                try:
+                    request = decode(raw)
+                except Exception:
+                    raise _malformed() from None
+                if not public:
+                    token = _bearer_token(_authorization(context))
+                    ctx.principal = await asyncio.to_thread(verify, token)
+                if own:  # a stream's first answer may be long in coming: the id goes now
+                    await context.send_initial_metadata(((REQUEST_ID_HEADER, ctx.request_id),))
+                async with contextlib.aclosing(behavior(request, ctx if own else context)) as out:
+                    async for response in out:
+                        yield response
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                code = context.code() or _UNKNOWN
+                raise
+            except Exception as exc:
+                status = status_of(exc, ctx, context, method)
+                if status is None:
+                    code = context.code() or _UNKNOWN
+                    raise
+                code = status.code
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            finally:
+                elapsed = perf_counter() - started
+                metrics.handled(stats, code, elapsed)
+                if own and _access.isEnabledFor(_LEVELS[code]):
+                    _access_log(method, code, elapsed, ctx, peer, level=_LEVELS[code])
+
+        return grpc.unary_stream_rpc_method_handler(
+            call, response_serializer=_bytes_or(handler.response_serializer)
+        )
+
 
 def _identity(value: Any) -> Any:
     return value
+
+
+def _authorization(context: Any) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return str(value)
+    return None
 
 
 def _active(context: Any) -> bool:
@@ -713,7 +783,7 @@ def _access_log(
     code: grpc.StatusCode,
     elapsed: float,
     call: CallContext,
-    context: Any,
+    peer: str,
     *,
     level: int,
 ) -> None:
@@ -729,7 +799,7 @@ def _access_log(
                 "method": method,
                 "code": code.name,
                 "duration_ms": round(duration_ms, 3),
-                "peer": context.peer(),
+                "peer": peer,
                 "request_id": call.request_id,
                 "user_id": call.principal.user_id if call.principal else None,
                 # The service acting for that user (a delegated token), if any.

@@ -44,7 +44,14 @@ from shared.config.settings import CommonSettings
 from shared.rpc.reflection import SourceReflectionServicer
 from shared.rpc.request_path import InFlight, RequestPath
 
-__all__ = ["HandlerRegistrar", "RunningServer", "create_server", "transport_of"]
+__all__ = [
+    "HandlerRegistrar",
+    "RunningServer",
+    "create_server",
+    "server_credentials",
+    "server_options",
+    "transport_of",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -282,7 +289,7 @@ def _tune_garbage_collector() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
-def _credentials(settings: CommonSettings) -> grpc.ServerCredentials | None:
+def server_credentials(settings: CommonSettings) -> grpc.ServerCredentials | None:
     if not settings.tls_cert_file or not settings.tls_key_file:
         return None
     chain = Path(settings.tls_cert_file).read_bytes()
@@ -295,6 +302,21 @@ def _credentials(settings: CommonSettings) -> grpc.ServerCredentials | None:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+def server_options(settings: CommonSettings) -> list[tuple[str, int]]:
+    """The channel options of every server of a service (a port of its own, keepalive
+    pings allowed, connections recycled)."""
+    return [
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+        (
+            "grpc.max_connection_age_grace_ms",
+            int(settings.max_connection_age_grace_seconds * 1000),
+        ),
+    ]
 
 
 def create_server(
@@ -319,16 +341,7 @@ def create_server(
         ),
         interceptors=list(interceptors) or None,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs + extra_concurrent_rpcs,
-        options=[
-            ("grpc.so_reuseport", 0),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
-            (
-                "grpc.max_connection_age_grace_ms",
-                int(settings.max_connection_age_grace_seconds * 1000),
-            ),
-        ],
+        options=server_options(settings),
     )
     registrar = HandlerRegistrar(server, request_path)
     register(registrar)
@@ -347,7 +360,7 @@ def create_server(
         health_servicer.set(name, _NOT_SERVING)
     for name in dependencies or {}:
         health_servicer.set(name, _NOT_SERVING)
-    credentials = _credentials(settings)
+    credentials = server_credentials(settings)
     if credentials is None:
         port = server.add_insecure_port(settings.address)
     else:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from agentplatform.agent.v1 import agent_pb2
 from agentplatform.client import errors
-from agentplatform.client.agents import AgentWatch
+from agentplatform.client.agents import AgentsClient, AgentWatch
 
 from shared.rpc import errors as server_errors
 from tests.client.test_errors import from_server
@@ -103,3 +103,31 @@ def test_other_errors_are_raised_at_once() -> None:
     with pytest.raises(errors.PermissionDenied):
         list(watch)
     assert slept == []
+
+
+class Channel:
+    """A channel that hands out calls recording which channel they were made on."""
+
+    def __init__(self, name: str, made: list[tuple[str, str]]) -> None:
+        self._name, self._made = name, made
+
+    def _callable(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        def call(request: Any, *more: Any, **options: Any) -> Any:
+            name = method.rsplit("/", 1)[-1]
+            self._made.append((self._name, name))
+            return Call([]) if name == "WatchAgents" else agent_pb2.GetAgentResponse()
+
+        return call
+
+    unary_unary = unary_stream = stream_unary = stream_stream = _callable
+
+
+def test_watch_goes_to_the_watch_channel_when_there_is_one() -> None:
+    made: list[tuple[str, str]] = []
+    client = AgentsClient(Channel("main", made), watch_channel=Channel("watch", made))
+    list(client.watch())
+    client.get("some-id")
+    assert made == [("watch", "WatchAgents"), ("main", "GetAgent")]
+    made.clear()
+    list(AgentsClient(Channel("main", made)).watch())
+    assert made == [("main", "WatchAgents")]

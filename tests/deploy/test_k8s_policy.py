@@ -52,7 +52,7 @@ SYNC_WAVE = "argocd.argoproj.io/sync-wave"
 HOOK = "argocd.argoproj.io/hook"
 HOOK_DELETE_POLICY = "argocd.argoproj.io/hook-delete-policy"
 # Service port name -> the appProtocol it must declare.
-APP_PROTOCOLS = {"grpc": "grpc", "metrics": "http"}
+APP_PROTOCOLS = {"grpc": "grpc", "grpc-watch": "grpc", "metrics": "http"}
 
 Doc = dict[str, Any]
 
@@ -539,6 +539,24 @@ def test_migrations_run_as_jobs_not_on_start(docs: list[Doc]) -> None:
             assert profile == ["prod"], f"{w.label}: run the prod profile"
     migrations = [w for w in workloads(docs) if w.name.endswith("-migrate")]
     assert all(w.spec["containers"][0].get("args") == ["migrate"] for w in migrations)
+
+
+def test_the_watch_port_is_served_exposed_and_allowed(docs: list[Doc]) -> None:
+    """AGENT_WATCH_PORT (WatchAgents, grpc.aio) is a containerPort of agent-svc, a port of
+    its Service, and open to its callers like the main port."""
+    (server,) = [w for w in workloads(docs) if w.label == "Deployment/agent-svc"]
+    container = server.spec["containers"][0]
+    port = int(environment(container, docs)["AGENT_WATCH_PORT"])
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert named["grpc-watch"] == port
+    (service,) = [s for s in of_kind(docs, "Service") if s["metadata"]["name"] == "agent-svc"]
+    exposed = {p["name"]: p for p in service["spec"]["ports"]}
+    assert exposed["grpc-watch"]["targetPort"] == "grpc-watch"
+    (ingress,) = [
+        n for n in of_kind(docs, "NetworkPolicy") if n["metadata"]["name"] == "agent-svc-ingress"
+    ]
+    for rule in ingress["spec"]["ingress"]:
+        assert {named["grpc"], port} <= {p["port"] for p in rule["ports"]}
 
 
 def test_rules_catch_a_bad_manifest() -> None:

@@ -314,6 +314,7 @@ def agent_env(
     return {
         "AGENT_PORT": str(port),
         "AGENT_METRICS_PORT": "0",
+        "AGENT_WATCH_PORT": str(free_ports(1)[0]),  # known: the WatchAgents tests use it
         "AGENT_DATA_DIR": str(data_dir),
         "AGENT_DATABASE_URL": database_url,
         "AGENT_REDIS_URL": redis_url,
@@ -367,6 +368,8 @@ class Stack:
     agent: ServiceProcess
     auth_stub: auth_pb2_grpc.AuthServiceStub
     agents: agent_pb2_grpc.AgentServiceStub
+    watch_agents: agent_pb2_grpc.AgentServiceStub
+    """A stub on the WatchAgents port (AGENT_WATCH_PORT, grpc.aio)."""
     agent_database_url: str = ""
     redis_url: str = ""
     channels: list[grpc.Channel] = field(default_factory=list)
@@ -422,7 +425,11 @@ def run_stack(
     try:
         auth.wait_serving(AUTH_SERVICE)
         wait_agent_ready(agent, redis_url)
-        channels += [grpc.insecure_channel(auth.address), grpc.insecure_channel(agent.address)]
+        channels += [
+            grpc.insecure_channel(auth.address),
+            grpc.insecure_channel(agent.address),
+            grpc.insecure_channel(agent.watch_address),
+        ]
         auth_stub = auth_pb2_grpc.AuthServiceStub(channels[0])
         create_admin(env)
         yield Stack(
@@ -431,6 +438,7 @@ def run_stack(
             agent=agent,
             auth_stub=auth_stub,
             agents=agent_pb2_grpc.AgentServiceStub(channels[1]),
+            watch_agents=agent_pb2_grpc.AgentServiceStub(channels[2]),
             agent_database_url=agent_database_url,
             redis_url=redis_url,
             channels=channels,

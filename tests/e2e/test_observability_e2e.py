@@ -59,6 +59,7 @@ def test_both_processes_serve_metrics_and_log_json_access_lines(tmp_path: Path) 
         {
             "AGENT_PORT": str(agent_port),
             "AGENT_METRICS_PORT": str(agent_metrics),
+            "AGENT_WATCH_PORT": "0",
             "AGENT_DATA_DIR": str(tmp_path / "agent"),
             "AGENT_LOG_FORMAT": "json",
             "AGENT_AUTH_TARGET": auth.address,

@@ -1,19 +1,24 @@
-"""WatchAgents over real channels to real processes (the stacks of test_agent_e2e).
+"""WatchAgents over real channels to real processes (the stacks of test_agent_e2e), on the
+WatchAgents port (AGENT_WATCH_PORT, the grpc.aio server) unless a test says otherwise.
 
 - On both backends: a stream gets its caller's changes in commit order; one resumed with
   the last token gets every later change exactly once; tokens past the retention and
-  malformed ones are refused with their reasons.
-- On a server of its own (one worker thread, two streams at most): one stream over the
-  limit is RESOURCE_EXHAUSTED TOO_MANY_WATCHERS while unary calls are still served;
-  SIGTERM ends the streams UNAVAILABLE SHUTTING_DOWN, and the typed client resumes on the
-  server that replaces it without missing or repeating a change.
+  malformed ones are refused with their reasons; a missing, forged or under-scoped token
+  is refused on the watch port with the status and details the main port gives; the main
+  port serves the same stream.
+- On a server of its own (one worker thread, two streams at most, on both ports together):
+  one stream over the limit is RESOURCE_EXHAUSTED TOO_MANY_WATCHERS while unary calls are
+  still served; SIGTERM ends the streams UNAVAILABLE SHUTTING_DOWN, and the typed client
+  (its `watch_channel` on the watch port) resumes on the server that replaces it without
+  missing or repeating a change.
 - A second replica on PostgreSQL + Redis whose log poll is minutes long: its stream hears
   a change made on the first one at once (the Redis pub/sub wake-up).
+- grpcurl on either port: reflection, health, the stream.
 
 The grpcurl form (README):
 
     grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{"filter": "model = \\"gpt-4o\\""}' \\
-        127.0.0.1:50052 agentplatform.agent.v1.AgentService/WatchAgents
+        127.0.0.1:50053 agentplatform.agent.v1.AgentService/WatchAgents
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import queue
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,7 +42,12 @@ from agentplatform.client import errors as client_errors
 from agentplatform.client.agents import AgentsClient
 from agentplatform.client.channel import intercept
 from agentplatform.client.credentials import static_token
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
+from services.agent_svc import SERVICE_NAME as AGENT_SERVICE
 from services.agent_svc.service.watch import Position, encode_token
 from tests.e2e.test_agent_e2e import (
     TIMEOUT,
@@ -54,6 +65,7 @@ from tests.e2e.test_agent_e2e import (
     violated_fields,
     wait_agent_ready,
 )
+from tests.e2e.test_service_accounts_e2e import by_secret, create_account
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +156,9 @@ def test_a_stream_gets_the_callers_changes_and_a_resumed_one_each_later_change_o
     stack: Stack,
 ) -> None:
     stub, me, other = stack.agents, stack.new_user(), stack.new_user()
-    watch = Watch(stub, me)
+    watch = Watch(stack.watch_agents, me)
     watch.opened()
-    theirs_watch = Watch(stub, other)
+    theirs_watch = Watch(stack.watch_agents, other)
     theirs_watch.opened()
     first = create(stub, me, "w-one")
     update(stub, me, agent_pb2.Agent(id=first.id, description="changed"), ["description"])
@@ -163,7 +175,7 @@ def test_a_stream_gets_the_callers_changes_and_a_resumed_one_each_later_change_o
     # While nobody watches: more changes, then a resume from the last token.
     third = create(stub, me, "w-three")
     delete(stub, me, second.id)
-    resumed = Watch(stub, me, resume_token=token)
+    resumed = Watch(stack.watch_agents, me, resume_token=token)
     resumed.opened()
     again, _ = resumed.changes(2)
     assert summary(again) == [("KIND_CREATED", "w-three"), ("KIND_DELETED", "w-two")]
@@ -179,7 +191,7 @@ def test_a_stream_gets_the_callers_changes_and_a_resumed_one_each_later_change_o
 
 def test_a_filtered_stream_is_told_when_an_agent_leaves_its_filter(stack: Stack) -> None:
     stub, me = stack.agents, stack.new_user()
-    watch = Watch(stub, me, filter='metadata.team = "watchers"')
+    watch = Watch(stack.watch_agents, me, filter='metadata.team = "watchers"')
     watch.opened()
     agent = create(stub, me, "w-team", metadata={"team": "watchers"})
     create(stub, me, "w-elsewhere", metadata={"team": "others"})
@@ -195,7 +207,7 @@ def test_a_filtered_stream_is_told_when_an_agent_leaves_its_filter(stack: Stack)
 def test_an_expired_token_and_a_malformed_one_are_refused_with_their_reasons(
     stack: Stack,
 ) -> None:
-    stub, me = stack.agents, stack.new_user()
+    stub, me = stack.watch_agents, stack.new_user()
     old = encode_token(Position(1, datetime.now(UTC) - timedelta(hours=2)))
     expired = Watch(stub, me, resume_token=old).error()
     assert expired.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -205,15 +217,96 @@ def test_an_expired_token_and_a_malformed_one_are_refused_with_their_reasons(
     assert violated_fields(malformed) == {"resume_token"}
 
 
+def test_the_main_port_serves_the_same_stream(stack: Stack) -> None:
+    me = stack.new_user()
+    watch = Watch(stack.agents, me)
+    watch.opened()
+    made = create(stack.agents, me, "w-main-port")
+    (change,), _ = watch.changes(1)
+    assert (KIND(change.kind), change.agent.id) == ("KIND_CREATED", made.id)
+    watch.call.cancel()
+
+
+def test_streams_their_callers_leave_are_logged_cancelled_and_the_server_serves_on(
+    stack: Stack,
+) -> None:
+    """Every stream on the watch port ends with one access line, CANCELLED when its client
+    left. (Reading the call's peer once it was cancelled crashed the process: the line
+    is made from what the call said when it began.)"""
+    me = stack.new_user()
+    ids: set[str] = set()
+    for round_ in range(12):  # streams cancelled right after a change reached them
+        watches = [Watch(stack.watch_agents, me) for _ in range(20)]
+        for watch in watches:
+            watch.opened()
+        ids |= {dict(w.call.initial_metadata())["x-request-id"] for w in watches}
+        create(stack.agents, me, f"w-cancel-{round_}")
+        for watch in watches:
+            watch.changes(1)
+            watch.call.cancel()
+    made = create(stack.agents, me, "w-after-cancels")  # the process still serves
+    deadline = time.monotonic() + TIMEOUT
+    while True:  # the lines are written as the server learns of each cancellation
+        ended = {
+            e.get("request_id"): e.get("code")
+            for e in json_log(stack.agent)
+            if e.get("logger") == "agentplatform.access" and e.get("request_id") in ids
+        }
+        if len(ended) == len(ids) or time.monotonic() > deadline:
+            break
+        assert stack.agent.process.poll() is None, stack.agent.log()[-3000:]
+        time.sleep(0.05)
+    assert len(ended) == len(ids)
+    assert set(ended.values()) == {"CANCELLED"}
+    assert made.name == "w-after-cancels"
+
+
+def _refusal(stub: agent_pb2_grpc.AgentServiceStub, metadata: Any) -> tuple[Any, ...]:
+    """What a refused stream tells its caller: status, message, every detail."""
+    call = stub.WatchAgents(agent_pb2.WatchAgentsRequest(), metadata=metadata, timeout=TIMEOUT)
+    with pytest.raises(grpc.RpcError) as caught:
+        next(iter(call))
+    error: Any = caught.value
+    status = rpc_status.from_call(error)
+    assert status is not None, (error.code(), error.details())
+    return error.code(), error.details(), [d.SerializeToString() for d in status.details]
+
+
+def test_the_watch_port_refuses_tokens_exactly_as_the_main_port(stack: Stack) -> None:
+    writer_only = by_secret(stack, create_account(stack, "agents.write"))
+    forged = stack.new_user().token[:-4] + "AAAA"
+    cases = {
+        "MISSING_TOKEN": (),
+        "INVALID_TOKEN": (("authorization", f"Bearer {forged}"),),
+        "MISSING_SCOPE": writer_only.metadata,
+    }
+    for reason, metadata in cases.items():
+        on_watch_port = _refusal(stack.watch_agents, metadata)
+        assert on_watch_port == _refusal(stack.agents, metadata), reason
+        code, message, _ = on_watch_port
+        assert code != grpc.StatusCode.OK
+        assert reason_of_details(on_watch_port[2]) == reason, message
+
+
+def reason_of_details(details: list[bytes]) -> str:
+    for packed in details:
+        any_message = any_pb2.Any.FromString(packed)
+        info = error_details_pb2.ErrorInfo()
+        if any_message.Unpack(info):
+            return str(info.reason)
+    return ""
+
+
 # -- a server of its own: the limit, unary calls beside it, SIGTERM, the client resuming ----
 
 
-def _own_agent(stack: Stack, tmp: Path, port: int) -> Any:
+def _own_agent(stack: Stack, tmp: Path, port: int, watch_port: int) -> Any:
     env = agent_env(
         port,
         tmp / "agent-data",
         stack.auth.address,
-        AGENT_WATCH_MAX_STREAMS="2",
+        AGENT_WATCH_PORT=str(watch_port),
+        AGENT_WATCH_MAX_STREAMS="2",  # on both ports together
         AGENT_MAX_WORKERS="1",  # streams on the main pool would leave unary calls none
         AGENT_GRACE_SECONDS="60",  # streams must end long before it
         AGENT_SHUTDOWN_DELAY_SECONDS="0",
@@ -227,16 +320,21 @@ def _own_agent(stack: Stack, tmp: Path, port: int) -> Any:
 def test_the_stream_limit_leaves_unary_calls_served_and_sigterm_ends_streams_to_resume_elsewhere(
     embedded_stack: Stack, tmp_path: Path
 ) -> None:
-    (port,) = free_ports(1)
-    server = _own_agent(embedded_stack, tmp_path, port)
+    port, watch_port = free_ports(2)
+    server = _own_agent(embedded_stack, tmp_path, port, watch_port)
     me = embedded_stack.new_user()
     channel = grpc.insecure_channel(server.address)
     stub = agent_pb2_grpc.AgentServiceStub(channel)
+    watch_channel = grpc.insecure_channel(server.watch_address)
     try:
-        raw = Watch(stub, me)
+        raw = Watch(agent_pb2_grpc.AgentServiceStub(watch_channel), me)
         raw.opened()
-        client_channel = intercept(grpc.insecure_channel(server.address), static_token(me.token))
-        typed = AgentsClient(client_channel).watch(max_backoff=0.5)
+        typed = AgentsClient(
+            intercept(grpc.insecure_channel(server.address), static_token(me.token)),
+            watch_channel=intercept(
+                grpc.insecure_channel(server.watch_address), static_token(me.token)
+            ),
+        ).watch(max_backoff=0.5)
         received: queue.Queue[agent_pb2.AgentChange | BaseException] = queue.Queue()
 
         def follow() -> None:
@@ -249,9 +347,11 @@ def test_the_stream_limit_leaves_unary_calls_served_and_sigterm_ends_streams_to_
         threading.Thread(target=follow, daemon=True).start()
         before = create(stub, me, "w-before")  # unary, with both streams open
         assert received.get(timeout=TIMEOUT).agent.id == before.id  # type: ignore[union-attr]
-        over = Watch(stub, me).error()
-        assert over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert reason_of(over) == "TOO_MANY_WATCHERS"
+        # Two streams on the watch port: the limit holds on either port.
+        for port_stub in (stub, agent_pb2_grpc.AgentServiceStub(watch_channel)):
+            over = Watch(port_stub, me).error()
+            assert over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert reason_of(over) == "TOO_MANY_WATCHERS"
         reply = stub.GetAgent(
             agent_pb2.GetAgentRequest(id=before.id), metadata=me.metadata, timeout=TIMEOUT
         )
@@ -274,7 +374,12 @@ def test_the_stream_limit_leaves_unary_calls_served_and_sigterm_ends_streams_to_
         (tmp_path / "again").mkdir()
         replacement = start(
             "agent_svc",
-            agent_env(port, tmp_path / "agent-data", embedded_stack.auth.address),
+            agent_env(
+                port,
+                tmp_path / "agent-data",
+                embedded_stack.auth.address,
+                AGENT_WATCH_PORT=str(watch_port),
+            ),
             port,
             tmp_path / "again",
         )
@@ -291,15 +396,17 @@ def test_the_stream_limit_leaves_unary_calls_served_and_sigterm_ends_streams_to_
             replacement.stop()
     finally:
         channel.close()
+        watch_channel.close()
         server.stop()
 
 
 def test_an_expired_token_raises_from_the_typed_client(stack: Stack) -> None:
     me = stack.new_user()
     channel = intercept(stack.channels[1], static_token(me.token))
+    watch_channel = intercept(stack.channels[2], static_token(me.token))
     old = encode_token(Position(1, datetime.now(UTC) - timedelta(hours=2)))
     with pytest.raises(client_errors.FailedPrecondition) as caught:
-        next(iter(AgentsClient(channel).watch(resume_token=old)))
+        next(iter(AgentsClient(channel, watch_channel=watch_channel).watch(resume_token=old)))
     assert caught.value.reason == "RESUME_TOKEN_EXPIRED"
 
 
@@ -308,13 +415,14 @@ def test_an_expired_token_raises_from_the_typed_client(stack: Stack) -> None:
 
 @pytest.fixture
 def second_replica(pg_stack: Stack, tmp_path: Path) -> Iterator[Any]:
-    (port,) = free_ports(1)
+    port, watch_port = free_ports(2)
     env = agent_env(
         port,
         tmp_path / "agent-data",
         pg_stack.auth.address,
         pg_stack.agent_database_url,
         pg_stack.redis_url,
+        AGENT_WATCH_PORT=str(watch_port),
         AGENT_WATCH_POLL_SECONDS="600",  # only the Redis wake-up can deliver within the test
     )
     process = start("agent_svc", env, port, tmp_path)
@@ -330,7 +438,7 @@ def test_a_second_replicas_stream_hears_the_first_ones_changes_through_redis(
     pg_stack: Stack, second_replica: Any
 ) -> None:
     me = pg_stack.new_user()
-    with grpc.insecure_channel(second_replica.address) as channel:
+    with grpc.insecure_channel(second_replica.watch_address) as channel:
         watch = Watch(agent_pb2_grpc.AgentServiceStub(channel), me)
         watch.opened()
         made = create(pg_stack.agents, me, "w-across")  # on the first replica
@@ -339,10 +447,16 @@ def test_a_second_replicas_stream_hears_the_first_ones_changes_through_redis(
         watch.call.cancel()
 
 
-def test_an_operator_watches_through_grpcurl(embedded_stack: Stack, grpcurl_binary: Path) -> None:
-    """The README's command: grpcurl prints the opening message (its resume_token) and each
-    change as it comes; `-max-time` ends the session (exit 64 + DEADLINE_EXCEEDED)."""
+@pytest.mark.parametrize("port", ["watch", "main"])
+def test_an_operator_watches_through_grpcurl(
+    embedded_stack: Stack, grpcurl_binary: Path, port: str
+) -> None:
+    """The README's command, on either port: grpcurl finds the method by reflection,
+    prints the opening message (its resume_token) and each change as it comes;
+    `-max-time` ends the session (exit 64 + DEADLINE_EXCEEDED)."""
     me = embedded_stack.new_user()
+    agent = embedded_stack.agent
+    address = agent.watch_address if port == "watch" else agent.address
     process = subprocess.Popen(
         [
             str(grpcurl_binary),
@@ -353,7 +467,7 @@ def test_an_operator_watches_through_grpcurl(embedded_stack: Stack, grpcurl_bina
             f"authorization: Bearer {me.token}",
             "-d",
             json.dumps({"filter": 'model = "gpt-4o"'}),
-            embedded_stack.agent.address,
+            address,
             "agentplatform.agent.v1.AgentService/WatchAgents",
         ],
         stdout=subprocess.PIPE,
@@ -371,6 +485,29 @@ def test_an_operator_watches_through_grpcurl(embedded_stack: Stack, grpcurl_bina
     finally:
         process.kill()
         process.wait()
+
+
+def test_the_watch_port_answers_health_checks_and_lists_its_services(
+    embedded_stack: Stack, grpcurl_binary: Path
+) -> None:
+    address = embedded_stack.agent.watch_address
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", AGENT_SERVICE):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=TIMEOUT)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+        with pytest.raises(grpc.RpcError) as caught:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=TIMEOUT)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    listed = subprocess.run(
+        [str(grpcurl_binary), "-plaintext", address, "list"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    ).stdout.split()
+    assert AGENT_SERVICE in listed
+    assert "grpc.health.v1.Health" in listed
 
 
 def _json_object(stream: Any) -> dict[str, Any]:

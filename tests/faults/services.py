@@ -71,6 +71,7 @@ def _common(
     return {
         f"{prefix}_PORT": str(port),
         f"{prefix}_METRICS_PORT": "0",
+        **({"AGENT_WATCH_PORT": "0"} if prefix == "AGENT" else {}),
         f"{prefix}_DATA_DIR": str(data_dir),
         f"{prefix}_DATABASE_URL": database_url,  # "" = unset: SQLite under the data dir
         f"{prefix}_REDIS_URL": redis_url,  # "" = unset: in-process only

@@ -84,6 +84,7 @@ def _env(service: str, tmp_path: Path, env: Mapping[str, str]) -> tuple[dict[str
     full = {
         f"{prefix}_PORT": "0",
         f"{prefix}_METRICS_PORT": str(metrics_port),
+        **({"AGENT_WATCH_PORT": "0"} if prefix == "AGENT" else {}),
         f"{prefix}_DATA_DIR": str(data),
         f"{prefix}_DATABASE_URL": f"sqlite:///{data}/{service}.db",
         **({"AUTH_RATE_LIMITS": GENEROUS_RATE_LIMITS} if service == "auth" else {}),

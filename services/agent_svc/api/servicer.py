@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
@@ -16,11 +18,13 @@ from services.agent_svc.api.convert import (
 from services.agent_svc.api.watch_wire import ChangeEncoder
 from services.agent_svc.service.agent_service import AgentService
 from services.agent_svc.service.models import ModelEntry
+from services.agent_svc.service.watch import WatchBatch, WatchStream
 from shared.rpc.request_path import principal_of
 
 __all__ = ["PUBLIC_METHODS", "AgentServicer"]
 
 PUBLIC_METHODS: frozenset[str] = frozenset()
+_ENCODED_BATCHES = 1024
 
 
 def model_to_proto(entry: ModelEntry, agent_count: int = 0) -> agent_pb2.Model:
@@ -37,6 +41,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, service: AgentService, encoder: ChangeEncoder | None = None) -> None:
         self._service = service
         self._encoder = encoder or ChangeEncoder()
+        # The latest batches' encodings, by identity (event-loop streams only: one thread).
+        self._encoded_batches: dict[int, tuple[WatchBatch, bytes]] = {}
 
     def CreateAgent(
         self, request: agent_pb2.CreateAgentRequest, context: Any
@@ -187,3 +193,41 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             stream.cancel()
         for batch in stream:
             yield self._encoder.batch(batch)
+
+    async def watch_agents_async(
+        self, request: agent_pb2.WatchAgentsRequest, context: Any
+    ) -> AsyncIterator[bytes]:
+        """WatchAgents on the grpc.aio watch server (bootstrap): the same stream as on the
+        main port, woken through the event loop. Opening it may read the log (a token's
+        position): on a worker thread, never on the loop."""
+        opening = asyncio.get_running_loop().run_in_executor(
+            None,
+            functools.partial(
+                self._service.watch,
+                principal=principal_of(context),
+                filter=request.filter,
+                resume_token=request.resume_token,
+            ),
+        )
+        try:
+            stream = await asyncio.shield(opening)
+        except asyncio.CancelledError:  # the caller left while it opened: free its place
+            opening.add_done_callback(_cancel_opened)
+            raise
+        encoded = self._encoded_batches
+        async for batch in stream.batches():
+            # Streams given the same batch (a fan-out: ChangeHub.share) send the same bytes.
+            known = encoded.get(id(batch))
+            if known is not None and known[0] is batch:
+                yield known[1]
+                continue
+            data = self._encoder.batch(batch)
+            if len(encoded) >= _ENCODED_BATCHES:
+                encoded.clear()
+            encoded[id(batch)] = (batch, data)
+            yield data
+
+
+def _cancel_opened(opening: asyncio.Future[WatchStream]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().cancel()

@@ -100,12 +100,12 @@ from shared.rpc.errors import (
     AlreadyExists,
     FailedPrecondition,
     FieldViolation,
-    Internal,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     QuotaViolation,
     ResourceExhausted,
+    Unimplemented,
 )
 from shared.security.scopes import AGENTS_ADMIN, AGENTS_READ, AGENTS_WRITE
 from shared.security.tokens import Principal
@@ -1040,7 +1040,7 @@ class AgentService:
         (see services.agent_svc.service.watch)."""
         caller = _caller(principal, AGENTS_READ)
         if self._watchers is None:
-            raise Internal("WatchAgents is not configured on this server")
+            raise Unimplemented("WatchAgents is not served by this server")
         return self._watchers.open(
             viewer=caller.id, is_admin=caller.is_admin, filter=filter, resume_token=resume_token
         )

@@ -36,6 +36,7 @@ RESUME_TOKEN_EXPIRED (list again, then watch from now).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import bisect
@@ -45,9 +46,10 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Hashable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from services.agent_svc.domain import Agent
 from services.agent_svc.service.filtering import (
@@ -241,6 +243,11 @@ class ChangeHub:
         """Every change above this number and up to the head is in the buffer."""
         self._head: Position | None = None
         self._waiters: set[_Waiter] = set()
+        # Streams served on event loops (the grpc.aio watch server): one wake-up per loop
+        # and read, which sets each stream's asyncio.Event on that loop's thread.
+        self._loops: dict[asyncio.AbstractEventLoop, set[asyncio.Event]] = {}
+        self._shared: dict[tuple[int, Hashable], Any] = {}
+        self._shared_head = -1
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -319,6 +326,7 @@ class ChangeHub:
             read += len(rows)
             if rows:
                 self._all_due()
+                self._wake_loops()
             if len(rows) < self.page_size:
                 break
         return read
@@ -327,6 +335,17 @@ class ChangeHub:
         """Wakes every stream (shutdown)."""
         for waiter in list(self._waiters):
             waiter.event.set()
+        self._wake_loops()
+
+    def _wake_loops(self) -> None:
+        """Wakes every stream served on an event loop: one call per loop, from this thread
+        (no thread wakes per stream: the loop's thread sets their events in one go)."""
+        for loop, events in list(self._loops.items()):
+            if events:
+                try:
+                    loop.call_soon_threadsafe(_set_all, tuple(events))
+                except RuntimeError:  # the loop is closed: its streams are gone
+                    self._loops.pop(loop, None)
 
     def _all_due(self) -> None:
         """New changes: every stream not already in line or in a turn queues for one."""
@@ -407,6 +426,38 @@ class ChangeHub:
 
     def remove(self, waiter: _Waiter) -> None:
         self._waiters.discard(waiter)
+
+    def shared(self, start: int, key: Hashable) -> Any:
+        """What a stream of `key` at `start` sends for the current head, if a stream like
+        it made it already (event-loop streams only: one thread uses it)."""
+        head = self._head
+        if head is None or head.seq != self._shared_head:
+            return None
+        return self._shared.get((start, key))
+
+    def share(self, start: int, key: Hashable, made: Any) -> None:
+        """Keeps what a stream of `key` at `start` made for the current head: in a fan-out
+        the streams of one caller (or of admins, with one filter) all get the same message,
+        made and encoded once per round instead of once per stream."""
+        head = self._head
+        if head is None:
+            return
+        if head.seq != self._shared_head:
+            self._shared = {}
+            self._shared_head = head.seq
+        self._shared[(start, key)] = made
+
+    def add_async(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        """A stream on `loop` (its thread only), woken by setting `event`."""
+        self._loops.setdefault(loop, set()).add(event)
+
+    def remove_async(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        self._loops.get(loop, set()).discard(event)
+
+
+def _set_all(events: tuple[asyncio.Event, ...]) -> None:
+    for event in events:
+        event.set()
 
 
 # -- streams ----------------------------------------------------------------------------------
@@ -529,6 +580,8 @@ class WatchStream:
         self._is_admin = is_admin
         self._conditions = conditions
         self._waiter = _Waiter()
+        # Streams with the same key and position get the same message (see ChangeHub.share).
+        self._share_key = (viewer, is_admin, conditions.canonical())
         self._released = False
         self._release_lock = threading.Lock()
         self._hub.add(self._waiter)
@@ -553,6 +606,57 @@ class WatchStream:
         try:
             yield from self._batches()
         finally:
+            self._release()
+
+    async def batches(self) -> AsyncGenerator[WatchBatch, None]:
+        """The stream on an event loop (the grpc.aio watch server): the same messages as
+        iterating it, woken by the hub through the loop (`call_soon_threadsafe`), with no
+        thread and no turn of its own: the loop makes one stream's message after another.
+        Reading the backlog from the log (a resumed stream far behind) runs on a worker
+        thread; the call's cancellation ends the iteration (and frees the place)."""
+        hub = self._hub
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        heartbeat = self._watchers.heartbeat_seconds
+        hub.remove(self._waiter)  # not a thread's stream: the hub never gives it a turn
+        hub.add_async(loop, event)
+        try:
+            yield WatchBatch((), self.position)
+            last_sent = loop.time()
+            while True:
+                if hub.closed:
+                    raise _shutting_down()
+                if hub.behind(self.position.seq):
+                    shared = hub.shared(self.position.seq, self._share_key)
+                    if shared is not None:  # a stream like this one made it this round
+                        batch, self.position = shared
+                    elif (found := hub.since(self.position.seq)) is not None:
+                        start = self.position.seq
+                        batch, _ = self._next_batch(found)
+                        hub.share(start, self._share_key, (batch, self.position))
+                    else:  # behind the buffer: the log, off the loop's thread
+                        batch, _ = await asyncio.to_thread(self._next_batch)
+                    if batch is not None:
+                        last_sent = loop.time()
+                        yield batch
+                    continue
+                # Clear, then look: the hub moves its head before it wakes the loop, so a
+                # change is either seen now or sets the event after this.
+                event.clear()
+                if hub.behind(self.position.seq) or hub.closed:
+                    continue
+                idle = loop.time() - last_sent
+                if idle >= heartbeat:
+                    last_sent = loop.time()
+                    yield WatchBatch((), self.position)
+                    continue
+                try:
+                    async with asyncio.timeout(heartbeat - idle):
+                        await event.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            hub.remove_async(loop, event)
             self._release()
 
     def _batches(self) -> Iterator[WatchBatch]:
@@ -594,10 +698,14 @@ class WatchStream:
             waiter.event.clear()
             waiter.waiting = False
 
-    def _next_batch(self) -> tuple[WatchBatch | None, bool]:
+    def _next_batch(
+        self, found: tuple[list[Change], Position] | None = None
+    ) -> tuple[WatchBatch | None, bool]:
         """What to send now (None: nothing for this caller) and whether more of the
-        backlog is waiting to be read."""
-        found = self._hub.since(self.position.seq)
+        backlog is waiting to be read; `found`: the hub's buffer past the position, when
+        the caller looked already."""
+        if found is None:
+            found = self._hub.since(self.position.seq)
         if found is None:  # behind the buffer: the backlog, a page at a time
             rows = self._hub.backlog(self.position.seq)
             if not rows:

@@ -76,7 +76,13 @@ def sign(key: ed25519.Ed25519PrivateKey, user_id: str) -> str:
 
 def start_agent_service(env: dict[str, str]) -> RunningServer:
     settings = load_agent_settings(
-        {"AGENT_PORT": "0", "AGENT_METRICS_PORT": "0", "AGENT_LOG_LEVEL": "WARNING", **env}
+        {
+            "AGENT_PORT": "0",
+            "AGENT_METRICS_PORT": "0",
+            "AGENT_WATCH_PORT": "0",
+            "AGENT_LOG_LEVEL": "WARNING",
+            **env,
+        }
     )
     migrations.upgrade("agent", settings.common.database_url)
     running = build_server(build_app(settings))

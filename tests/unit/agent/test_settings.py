@@ -42,6 +42,7 @@ def test_watch_defaults_and_overrides() -> None:
     assert settings.watch_poll_seconds == 1.0
     assert settings.watch_batch_seconds == 0.02
     assert settings.watch_send_slots == 1
+    assert settings.watch_port == 50053
     changed = load_agent_settings(
         {
             "AGENT_WATCH_RETENTION_SECONDS": "7200",
@@ -50,15 +51,19 @@ def test_watch_defaults_and_overrides() -> None:
             "AGENT_WATCH_POLL_SECONDS": "0.5",
             "AGENT_WATCH_BATCH_SECONDS": "0",
             "AGENT_WATCH_SEND_SLOTS": "2",
+            "AGENT_WATCH_PORT": "0",
         }
     )
     assert (changed.watch_retention_seconds, changed.watch_max_streams) == (7_200.0, 50)
     assert (changed.watch_heartbeat_seconds, changed.watch_poll_seconds) == (5.0, 0.5)
     assert (changed.watch_batch_seconds, changed.watch_send_slots) == (0.0, 2)
+    assert changed.watch_port == 0  # a free port
     for name, bad in (
         ("AGENT_WATCH_RETENTION_SECONDS", "10"),  # shorter than a minute
         ("AGENT_WATCH_MAX_STREAMS", "0"),
         ("AGENT_WATCH_SEND_SLOTS", "0"),
+        ("AGENT_WATCH_PORT", "-1"),
+        ("AGENT_WATCH_PORT", "50052"),  # the main port's
     ):
         with pytest.raises(ConfigError, match=name):
             load_agent_settings({name: bad})

@@ -3,11 +3,14 @@ hub's fan-out, resuming from the buffer and from the log, the stream limit, hear
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import grpc
 import pytest
 from agentplatform.agent.v1 import agent_pb2
 
@@ -28,11 +31,24 @@ from services.agent_svc.service.watch import (
     encode_token,
     matches,
 )
-from shared.rpc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from shared.rpc.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+)
 from shared.security.scopes import AGENTS_ADMIN, AGENTS_READ, AGENTS_WRITE
 from shared.security.tokens import Principal
 from tests.helpers import FakeClock
-from tests.unit.agent.fakes import MODELS, SECRET, FakeDatabase, RecordingCache, agent_input
+from tests.unit.agent.fakes import (
+    MODELS,
+    SECRET,
+    FakeDatabase,
+    RecordingCache,
+    agent_input,
+    make_world,
+)
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -255,6 +271,14 @@ def test_one_stream_over_the_limit_is_resource_exhausted_and_a_closed_one_frees_
     assert len(rig.watchers) == 2
 
 
+def test_a_server_built_without_streams_answers_unimplemented_not_internal() -> None:
+    service = make_world().service
+    with pytest.raises(Unimplemented) as caught:
+        service.watch(principal=person())
+    assert caught.value.reason == "UNIMPLEMENTED"
+    assert caught.value.code is grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_an_idle_stream_sends_heartbeats_with_a_token() -> None:
     rig = Rig(heartbeat=0.01)
     batch = next(rig.watch(person()))
@@ -361,3 +385,71 @@ def test_the_retention_purge_keeps_the_newest_change_so_the_head_never_goes_back
         work.commit()
     assert rig.hub.log_head() == head
     rig.watch(me, token=encode_token(Position(head, NOW)))  # a quiet client's token still works
+
+
+# -- streams on an event loop (the grpc.aio watch server) -----------------------------------
+
+
+async def _next(stream: Any, timeout: float = 10.0) -> WatchBatch:
+    async with asyncio.timeout(timeout):
+        batch: WatchBatch = await anext(stream)
+        return batch
+
+
+def test_event_loop_streams_are_woken_by_the_hub_and_like_streams_share_one_batch() -> None:
+    rig = Rig()
+    me, other = person(), person()
+
+    async def scenario() -> None:
+        mine = [rig.service.watch(principal=me).batches() for _ in range(2)]
+        theirs = rig.service.watch(principal=other).batches()
+        for stream in (*mine, theirs):
+            assert (await _next(stream)).changes == ()
+        rig.create(me, "mine")
+        rig.create(other, "theirs")
+        reader = asyncio.create_task(asyncio.to_thread(rig.hub.read_new))  # another thread
+        first, second = await _next(mine[0]), await _next(mine[1])
+        assert kinds(first) == [(ChangeKind.CREATED, "mine", True)]
+        assert second is first  # made once for both
+        assert kinds(await _next(theirs)) == [(ChangeKind.CREATED, "theirs", True)]
+        await reader
+        for stream in (*mine, theirs):
+            await stream.aclose()
+
+    asyncio.run(scenario())
+    assert len(rig.watchers) == 0  # closed streams free their places
+
+
+def test_closing_the_hub_ends_event_loop_streams_with_unavailable_shutting_down() -> None:
+    rig = Rig()
+
+    async def scenario() -> None:
+        stream = rig.service.watch(principal=person()).batches()
+        await _next(stream)
+        waiting = asyncio.create_task(_next(stream))
+        await asyncio.sleep(0)  # it waits for the hub
+        await asyncio.to_thread(rig.hub.close)
+        with pytest.raises(Unavailable) as caught:
+            await waiting
+        assert caught.value.reason == "SHUTTING_DOWN"
+
+    asyncio.run(scenario())
+    assert len(rig.watchers) == 0
+
+
+def test_an_event_loop_stream_cancelled_while_waiting_frees_its_place() -> None:
+    rig = Rig(max_streams=1)
+
+    async def scenario() -> None:
+        stream = rig.service.watch(principal=person()).batches()
+        await _next(stream)
+        waiting = asyncio.create_task(_next(stream))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await stream.aclose()
+
+    asyncio.run(scenario())
+    assert len(rig.watchers) == 0
+    rig.service.watch(principal=person())  # the place is free again

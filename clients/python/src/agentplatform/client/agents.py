@@ -34,8 +34,17 @@ class AgentsClient:
     method raises an AgentPlatformError subclass on failure (NotFound, Aborted, ...).
     `timeout` (seconds) overrides the channel's default deadline for one call."""
 
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: Any, *, watch_channel: Any = None) -> None:
+        """`watch_channel`: a channel to agent_svc's WatchAgents port (`AGENT_WATCH_PORT`,
+        50053 by default; made like `channel`, e.g. `connect("agent:50053", tokens,
+        tls=tls)`), where a stream costs the server far less (a grpc.aio server). Without
+        it `watch()` uses `channel`: the main port serves WatchAgents too."""
         self._stub = agent_pb2_grpc.AgentServiceStub(channel)
+        self._watch_stub = (
+            agent_pb2_grpc.AgentServiceStub(watch_channel)
+            if watch_channel is not None
+            else self._stub
+        )
 
     def create(
         self,
@@ -228,8 +237,10 @@ class AgentsClient:
         nothing is missed nor repeated. `AgentWatch.resume_token` is the position to keep
         to resume later. A token past the server's retention raises FailedPrecondition
         (reason RESUME_TOKEN_EXPIRED): list again, then watch without a token. Other
-        errors are raised as they come."""
-        return AgentWatch(self._stub, filter, resume_token, max_backoff=max_backoff, sleep=sleep)
+        errors are raised as they come. On the client's `watch_channel` when it has one."""
+        return AgentWatch(
+            self._watch_stub, filter, resume_token, max_backoff=max_backoff, sleep=sleep
+        )
 
 
 _RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})

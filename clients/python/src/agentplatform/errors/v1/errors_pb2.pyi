@@ -68,6 +68,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     RESOURCE_EXHAUSTED: _ErrorReason.ValueType  # 17
     UNAVAILABLE: _ErrorReason.ValueType  # 18
     UNKNOWN: _ErrorReason.ValueType  # 19
+    UNIMPLEMENTED: _ErrorReason.ValueType  # 22
+    """UNIMPLEMENTED: this server does not serve the method (e.g. WatchAgents on a server
+    built without change streams).
+    """
     EMAIL_TAKEN: _ErrorReason.ValueType  # 100
     """-- auth_svc ----------------------------------------------------------------------------
 
@@ -210,6 +214,10 @@ ABORTED: ErrorReason.ValueType  # 16
 RESOURCE_EXHAUSTED: ErrorReason.ValueType  # 17
 UNAVAILABLE: ErrorReason.ValueType  # 18
 UNKNOWN: ErrorReason.ValueType  # 19
+UNIMPLEMENTED: ErrorReason.ValueType  # 22
+"""UNIMPLEMENTED: this server does not serve the method (e.g. WatchAgents on a server
+built without change streams).
+"""
 EMAIL_TAKEN: ErrorReason.ValueType  # 100
 """-- auth_svc ----------------------------------------------------------------------------
 
