@@ -49,7 +49,7 @@ from shared.rpc.tracing import Tracing
 from shared.rpc.worker import attach_in_process
 from shared.security.jwks import JwksKeyProvider, grpc_jwks_fetcher
 from shared.security.revocations import RevocationPoller, Revocations, grpc_revocation_fetch
-from shared.security.tokens import KeyProvider, TokenVerifier
+from shared.security.tokens import KeyProvider, Principal, TokenVerifier
 
 __all__ = ["AgentApp", "build_app", "build_server", "request_path_for"]
 
@@ -203,7 +203,11 @@ WATCH_METHOD = "/agentplatform.agent.v1.AgentService/WatchAgents"
 
 
 def _watch(
-    settings: AgentSettings, read_uow: Any, clock: Clock, closers: Closers
+    settings: AgentSettings,
+    read_uow: Any,
+    clock: Clock,
+    closers: Closers,
+    recheck: Callable[[Principal], None],
 ) -> tuple[ChangeHub, Watchers, ChangeSignal]:
     """The process's change hub and its streams; the signal that wakes the hubs after a
     commit: through Redis when configured (every replica), else in process."""
@@ -222,6 +226,10 @@ def _watch(
         retention_seconds=settings.watch_retention_seconds,
         heartbeat_seconds=settings.watch_heartbeat_seconds,
         max_streams=settings.watch_max_streams,
+        # A stream ends Unauthenticated once its token expires or is revoked: checked
+        # as often as revocations arrive.
+        recheck=recheck,
+        recheck_seconds=settings.revocation_poll_seconds,
     )
     signal: ChangeSignal = hub
     if settings.common.redis:
@@ -262,8 +270,19 @@ def build_app(
     read_engine = _read_engine(settings, closers)
     replica_reads = single_statement_sessions(read_engine) if read_engine is not None else None
     caches = _caches(settings, closers, metrics)
+    revocations = Revocations()
+    if keys is None:
+        keys = _jwks_keys(settings, clock, closers, observability, revocations)
+    verifier = TokenVerifier(
+        keys,
+        issuer=settings.issuer,
+        audience=settings.audience,
+        clock=clock,
+        on_result=metrics.token_verification,
+        revocations=revocations,
+    )
     hub, watchers, signal = _watch(
-        settings, lambda: SqlAgentUnitOfWork(single_reads), clock, closers
+        settings, lambda: SqlAgentUnitOfWork(single_reads), clock, closers, verifier.recheck
     )
     service = AgentService(
         uow=lambda: SqlAgentUnitOfWork(sessions),
@@ -290,17 +309,6 @@ def build_app(
         max_agents_per_owner=settings.max_agents_per_owner,
         changes=signal,
         watchers=watchers,
-    )
-    revocations = Revocations()
-    if keys is None:
-        keys = _jwks_keys(settings, clock, closers, observability, revocations)
-    verifier = TokenVerifier(
-        keys,
-        issuer=settings.issuer,
-        audience=settings.audience,
-        clock=clock,
-        on_result=metrics.token_verification,
-        revocations=revocations,
     )
     metrics.declare(
         metrics.token_verifications,

@@ -200,6 +200,16 @@ class TokenVerifier:
         self._on_result("verified")
         return principal
 
+    def recheck(self, principal: Principal) -> None:
+        """Whether a principal verified earlier would still be accepted now (its token not
+        expired, nor revoked since): Unauthenticated TOKEN_EXPIRED or TOKEN_REVOKED if not.
+        For what outlives its call's check, such as a WatchAgents stream."""
+        if principal.expires_at and principal.expires_at + self._leeway <= (
+            self._clock.now().timestamp()
+        ):
+            raise Unauthenticated("the access token has expired", reason="TOKEN_EXPIRED")
+        self._check_revoked(principal)
+
     def _check_revoked(self, principal: Principal) -> None:
         revocations = self._revocations
         if revocations is not None and revocations.covers(

@@ -38,6 +38,7 @@ from typing import Any
 import grpc
 import pytest
 from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
+from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
 from agentplatform.client import errors as client_errors
 from agentplatform.client.agents import AgentsClient
 from agentplatform.client.channel import intercept
@@ -411,6 +412,36 @@ def test_an_expired_token_raises_from_the_typed_client(stack: Stack) -> None:
 
 
 # -- a second replica hears the first one's changes through Redis --------------------------
+
+
+def test_a_stream_ends_unauthenticated_when_its_callers_token_is_revoked(stack: Stack) -> None:
+    """A stream is checked for its whole life, not only when it opens: disabling the user
+    revokes their tokens, and their open stream (on either port) ends UNAUTHENTICATED
+    TOKEN_REVOKED within the revocation poll, delivering nothing more; another user's
+    stream goes on."""
+    me, other = stack.new_user(), stack.new_user()
+    mine = [Watch(stack.watch_agents, me), Watch(stack.agents, me)]
+    theirs = Watch(stack.watch_agents, other)
+    for watch in (*mine, theirs):
+        watch.opened()
+    with grpc.insecure_channel(stack.auth.address) as channel:
+        users = auth_pb2_grpc.UserServiceStub(channel)
+        users.DisableUser(
+            auth_pb2.DisableUserRequest(id=me.user_id),
+            metadata=stack.admin().metadata,
+            timeout=TIMEOUT,
+        )
+    for watch in mine:
+        error = watch.error()
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        status = rpc_status.from_call(error)
+        assert status is not None, error.details()
+        details = [d.SerializeToString() for d in status.details]
+        assert reason_of_details(details) == "TOKEN_REVOKED", error.details()
+    create(stack.agents, other, "still-watched")
+    changes, _ = theirs.changes(1)
+    assert summary(changes) == [("KIND_CREATED", "still-watched")]
+    theirs.call.cancel()
 
 
 @pytest.fixture

@@ -81,6 +81,29 @@ def test_a_remembered_token_is_refused_once_its_subject_is_revoked(clock: FakeCl
     assert verifier.verify(fresh).user_id == "ada"
 
 
+def test_recheck_refuses_a_principal_verified_earlier_once_revoked_or_expired(
+    clock: FakeClock,
+) -> None:
+    """What a WatchAgents stream asks of the principal its call began with."""
+    issuer = Issuer(clock)
+    revocations = Revocations()
+    verifier = TokenVerifier(
+        issuer.keys(), issuer=ISSUER, audience=AUDIENCE, clock=clock, revocations=revocations
+    )
+    ada, bob = verifier.verify(issuer.token("ada")), verifier.verify(issuer.token("bob"))
+    verifier.recheck(ada)  # still good
+    clock.advance(1)
+    revocations.add([("ada", clock.now())])
+    with pytest.raises(Unauthenticated) as revoked:
+        verifier.recheck(ada)
+    assert revoked.value.reason == "TOKEN_REVOKED"
+    verifier.recheck(bob)
+    clock.advance(900 + 30)  # past exp and the verifier's leeway
+    with pytest.raises(Unauthenticated) as expired:
+        verifier.recheck(bob)
+    assert expired.value.reason == "TOKEN_EXPIRED"
+
+
 def test_revoking_a_service_account_refuses_what_it_does_for_users(clock: FakeClock) -> None:
     issuer = Issuer(clock)
     revocations = Revocations()

@@ -1042,7 +1042,11 @@ class AgentService:
         if self._watchers is None:
             raise Unimplemented("WatchAgents is not served by this server")
         return self._watchers.open(
-            viewer=caller.id, is_admin=caller.is_admin, filter=filter, resume_token=resume_token
+            viewer=caller.id,
+            is_admin=caller.is_admin,
+            filter=filter,
+            resume_token=resume_token,
+            principal=principal,
         )
 
 

@@ -70,6 +70,7 @@ from shared.rpc.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from shared.security.tokens import Principal
 
 __all__ = [
     "PURGE_MARGIN",
@@ -90,6 +91,9 @@ _log = logging.getLogger(__name__)
 # when its position was current, and a change committed just after may carry a slightly
 # earlier time (set before its commit; replica clocks differ a little).
 PURGE_MARGIN = timedelta(minutes=5)
+# A resume token's time is a head's time on some replica: ahead of this one's clock by
+# at most their skew. Further ahead, it was made up (and would never expire).
+FUTURE_TOKEN_LEEWAY = timedelta(minutes=5)
 _TOKEN_PREFIX = "w1."
 _TOKEN = struct.Struct(">QQ")  # sequence number, microseconds since the epoch
 _MAX_TOKEN = 64
@@ -475,12 +479,19 @@ class Watchers:
         retention_seconds: float,
         heartbeat_seconds: float,
         max_streams: int,
+        recheck: Callable[[Principal], None] | None = None,
+        recheck_seconds: float = 2.0,
     ) -> None:
         self.hub = hub
         self._clock = clock
         self.retention = timedelta(seconds=retention_seconds)
         self.heartbeat_seconds = heartbeat_seconds
         self.max_streams = max_streams
+        # The caller's token is checked again (expired, revoked: Unauthenticated) before
+        # every message and at least every `recheck_seconds`: a stream outlives the check
+        # its call began with, so it ends as a new call would be refused.
+        self.recheck = recheck
+        self.recheck_seconds = recheck_seconds
         self._open = 0
         self._lock = threading.Lock()
 
@@ -494,11 +505,19 @@ class Watchers:
         is_admin: bool,
         filter: str,  # the request field's name (AIP-160)
         resume_token: str,
+        principal: Principal | None = None,
     ) -> WatchStream:
         """A stream for the caller (already authorized for agents.read) from the token's
-        position (no token: the hub's head, i.e. now)."""
+        position (no token: the hub's head, i.e. now); `principal`: whose token the stream
+        keeps checking (see `recheck`)."""
         conditions = parse_filter(filter, allow_owner=is_admin)
         start = decode_token(resume_token) if resume_token else None
+        if start is not None and start.as_of > self._clock.now() + FUTURE_TOKEN_LEEWAY:
+            # Not a token this service made (its time is a head's, never ahead of the
+            # clocks by more than their skew): honoured, it would never expire.
+            raise InvalidArgument.field(
+                "resume_token", "not a token of this service: its time is in the future"
+            )
         if start is not None and start.as_of < self._clock.now() - self.retention:
             raise FailedPrecondition(
                 "the resume_token is older than the change log keeps "
@@ -534,7 +553,14 @@ class Watchers:
                     )
                 start = self.hub.head
                 assert start is not None
-            return WatchStream(self, start, viewer=viewer, is_admin=is_admin, conditions=conditions)
+            return WatchStream(
+                self,
+                start,
+                viewer=viewer,
+                is_admin=is_admin,
+                conditions=conditions,
+                principal=principal,
+            )
         except BaseException:
             self._closed_one()
             raise
@@ -572,9 +598,11 @@ class WatchStream:
         viewer: uuid.UUID,
         is_admin: bool,
         conditions: AgentFilter,
+        principal: Principal | None = None,
     ) -> None:
         self._watchers = watchers
         self._hub = watchers.hub
+        self._principal = principal
         self.position = start
         self._viewer = viewer
         self._is_admin = is_admin
@@ -602,6 +630,19 @@ class WatchStream:
         self._hub.end_turn(self._waiter)
         self._watchers._closed_one()
 
+    def _check_caller(self) -> None:
+        """Unauthenticated (TOKEN_EXPIRED, TOKEN_REVOKED) once the caller's token would be
+        refused to a new call."""
+        recheck = self._watchers.recheck
+        if recheck is not None and self._principal is not None:
+            recheck(self._principal)
+
+    def _wait_bound(self, idle: float) -> float:
+        """How long an idle stream may wait: until its heartbeat, and no longer than the
+        recheck interval."""
+        watchers = self._watchers
+        return max(0.0, min(watchers.heartbeat_seconds - idle, watchers.recheck_seconds))
+
     def __iter__(self) -> Iterator[WatchBatch]:
         try:
             yield from self._batches()
@@ -626,6 +667,7 @@ class WatchStream:
             while True:
                 if hub.closed:
                     raise _shutting_down()
+                self._check_caller()
                 if hub.behind(self.position.seq):
                     shared = hub.shared(self.position.seq, self._share_key)
                     if shared is not None:  # a stream like this one made it this round
@@ -651,7 +693,7 @@ class WatchStream:
                     yield WatchBatch((), self.position)
                     continue
                 try:
-                    async with asyncio.timeout(heartbeat - idle):
+                    async with asyncio.timeout(self._wait_bound(idle)):
                         await event.wait()
                 except TimeoutError:
                     pass
@@ -671,6 +713,7 @@ class WatchStream:
         while not waiter.cancelled:
             if hub.closed:
                 raise _shutting_down()
+            self._check_caller()
             if waiter.turn:
                 batch, more = self._next_batch()
                 if not more:
@@ -694,7 +737,7 @@ class WatchStream:
                 last_sent = clock.monotonic()
                 yield WatchBatch((), self.position)
                 continue
-            waiter.event.wait(heartbeat - idle)
+            waiter.event.wait(self._wait_bound(idle))
             waiter.event.clear()
             waiter.waiting = False
 

@@ -35,6 +35,7 @@ from shared.rpc.errors import (
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
     Unimplemented,
 )
@@ -68,7 +69,9 @@ def admin() -> Principal:
 class Rig:
     """An AgentService over fakes with a hub the test drives (`hub.read_new()`)."""
 
-    def __init__(self, *, max_streams: int = 10, heartbeat: float = 30.0) -> None:
+    def __init__(
+        self, *, max_streams: int = 10, heartbeat: float = 30.0, recheck_seconds: float = 2.0
+    ) -> None:
         self.clock = FakeClock(NOW)
         self.database = FakeDatabase()
         self.database.clock_now = self.clock.now
@@ -80,7 +83,10 @@ class Rig:
             retention_seconds=3600,
             heartbeat_seconds=heartbeat,
             max_streams=max_streams,
+            recheck=self.recheck,
+            recheck_seconds=recheck_seconds,
         )
+        self.refused: dict[str, Unauthenticated] = {}  # user id → why its token is refused now
         self.service = AgentService(
             uow=self.database.unit_of_work,
             cache=RecordingCache(),
@@ -91,6 +97,12 @@ class Rig:
             changes=self.hub,
             watchers=self.watchers,
         )
+
+    def recheck(self, principal: Principal) -> None:
+        """The verifier's recheck: what it would say of the principal's token now."""
+        refused = self.refused.get(principal.user_id)
+        if refused is not None:
+            raise refused
 
     def watch(self, who: Principal, filter: str = "", token: str = "") -> Iterator[WatchBatch]:
         """A stream, past its first (empty) message."""
@@ -453,3 +465,74 @@ def test_an_event_loop_stream_cancelled_while_waiting_frees_its_place() -> None:
     asyncio.run(scenario())
     assert len(rig.watchers) == 0
     rig.service.watch(principal=person())  # the place is free again
+
+
+# -- the caller's token, checked for the stream's whole life ---------------------------------
+
+
+def revoked() -> Unauthenticated:
+    return Unauthenticated("the access token was revoked", reason="TOKEN_REVOKED")
+
+
+def test_a_stream_ends_unauthenticated_once_its_callers_token_is_revoked() -> None:
+    """A stream outlives the check its call began with: a revoked (or expired) token ends
+    it within the recheck interval, idle or not, before it delivers anything more."""
+    rig = Rig(recheck_seconds=0.01)
+    me = person()
+    stream = rig.watch(me)
+    rig.create(me, "before")
+    rig.hub.read_new()
+    assert kinds(next(stream)) == [(ChangeKind.CREATED, "before", True)]
+    rig.refused[me.user_id] = revoked()
+    rig.create(me, "after")
+    rig.hub.read_new()
+    with pytest.raises(Unauthenticated) as caught:
+        next(stream)  # the change waiting for it is not delivered
+    assert caught.value.reason == "TOKEN_REVOKED"
+    assert len(rig.watchers) == 0  # its place is free
+
+
+def test_an_idle_stream_notices_a_revocation_without_a_change() -> None:
+    rig = Rig(recheck_seconds=0.01, heartbeat=3600)
+    me = person()
+    stream = rig.watch(me)
+    rig.refused[me.user_id] = Unauthenticated(
+        "the access token has expired", reason="TOKEN_EXPIRED"
+    )
+    with pytest.raises(Unauthenticated) as caught:
+        next(stream)  # woken by the recheck interval, not by a heartbeat an hour away
+    assert caught.value.reason == "TOKEN_EXPIRED"
+
+
+def test_an_event_loop_stream_ends_unauthenticated_once_its_callers_token_is_revoked() -> None:
+    rig = Rig(recheck_seconds=0.01, heartbeat=3600)
+    me, other = person(), person()
+
+    async def scenario() -> None:
+        mine = rig.service.watch(principal=me).batches()
+        theirs = rig.service.watch(principal=other).batches()
+        for stream in (mine, theirs):
+            assert (await _next(stream)).changes == ()
+        rig.refused[me.user_id] = revoked()
+        with pytest.raises(Unauthenticated) as caught:
+            await _next(mine)
+        assert caught.value.reason == "TOKEN_REVOKED"
+        rig.create(other, "theirs")  # the other caller's stream goes on
+        reader = asyncio.create_task(asyncio.to_thread(rig.hub.read_new))
+        assert kinds(await _next(theirs)) == [(ChangeKind.CREATED, "theirs", True)]
+        await reader
+        await theirs.aclose()
+
+    asyncio.run(scenario())
+    assert len(rig.watchers) == 0
+
+
+def test_a_resume_token_from_the_future_is_invalid_argument() -> None:
+    """Honoured, a token whose time is far ahead of the clock would never expire."""
+    rig = Rig()
+    ahead = encode_token(Position(0, NOW + timedelta(days=365)))
+    with pytest.raises(InvalidArgument) as caught:
+        rig.service.watch(principal=person(), resume_token=ahead)
+    assert [v.field for v in caught.value.violations] == ["resume_token"]
+    skewed = encode_token(Position(0, NOW + timedelta(minutes=1)))  # clocks differ a little
+    rig.service.watch(principal=person(), resume_token=skewed).cancel()
