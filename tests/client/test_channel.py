@@ -38,6 +38,7 @@ TOKEN_SERVICE = auth_pb2.DESCRIPTOR.services_by_name["TokenService"]
 GET_AGENT = AGENT_SERVICE.methods_by_name["GetAgent"]
 CREATE_AGENT = AGENT_SERVICE.methods_by_name["CreateAgent"]
 LIST_AGENTS = AGENT_SERVICE.methods_by_name["ListAgents"]
+LIST_MODELS = AGENT_SERVICE.methods_by_name["ListModels"]
 ISSUE_TOKEN = TOKEN_SERVICE.methods_by_name["IssueToken"]
 
 
@@ -244,6 +245,20 @@ def test_list_walks_every_page(testing_channel: Any, pool: Pool) -> None:
         rpc.terminate(response, (), grpc.StatusCode.OK, "")
     assert pending.result(timeout=5) == ["a", "b", "c"]
     assert tokens == ["", "p2"]
+
+
+def test_dry_runs_and_the_model_catalogue(testing_channel: Any, pool: Pool) -> None:
+    agents = AgentsClient(intercept(testing_channel))
+    pending = pool.submit(agents.create, agent_pb2.Agent(name="dry"), validate_only=True)
+    _, request, rpc = testing_channel.take_unary_unary(CREATE_AGENT)
+    assert request.validate_only
+    rpc.terminate(agent_pb2.CreateAgentResponse(agent=request.agent), (), grpc.StatusCode.OK, "")
+    assert pending.result(timeout=5).name == "dry"
+    catalogue = [agent_pb2.Model(name="gpt-4o", state="deprecated", replacement="gpt-4.1")]
+    listing = pool.submit(agents.models)
+    _, _, rpc = testing_channel.take_unary_unary(LIST_MODELS)
+    rpc.terminate(agent_pb2.ListModelsResponse(models=catalogue), (), grpc.StatusCode.OK, "")
+    assert listing.result(timeout=5) == catalogue
 
 
 def test_delegation_exchanges_the_users_token(testing_channel: Any, pool: Pool) -> None:

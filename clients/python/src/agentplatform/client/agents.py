@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import random
 import time
 import uuid
@@ -51,13 +52,17 @@ class AgentsClient:
         agent: agent_pb2.Agent,
         *,
         request_id: str | None = None,
+        validate_only: bool = False,
         timeout: float | None = None,
     ) -> agent_pb2.Agent:
         """Creates `agent`. A request_id (a new UUID unless given) makes the create
         idempotent: the channel's retries, and yours with the same request_id within
-        24 hours, return the first response instead of creating twice."""
+        24 hours, return the first response instead of creating twice. `validate_only`:
+        a dry run (AIP-163) that raises what the create would and stores nothing."""
         request = agent_pb2.CreateAgentRequest(
-            agent=agent, request_id=request_id or str(uuid.uuid4())
+            agent=agent,
+            request_id=request_id or str(uuid.uuid4()),
+            validate_only=validate_only,
         )
         response: agent_pb2.CreateAgentResponse = _call(self._stub.CreateAgent, request, timeout)
         return response.agent
@@ -124,12 +129,13 @@ class AgentsClient:
         paths: Sequence[str],
         *,
         etag: str | None = None,
+        validate_only: bool = False,
         timeout: float | None = None,
     ) -> agent_pb2.Agent:
         """Sets the fields named by `paths` (e.g. ["description", "metadata"]) to
         `agent`'s values. The update is conditional on `etag` (default: agent.etag; ""
         for an unconditional one): a stale etag raises Aborted (ETAG_MISMATCH); read the
-        agent again, then decide."""
+        agent again, then decide. `validate_only`: a dry run (nothing stored)."""
         if not paths:
             raise ValueError("name the fields to update (paths)")
         sent = agent_pb2.Agent()
@@ -137,10 +143,21 @@ class AgentsClient:
         if etag is not None:
             sent.etag = etag
         request = agent_pb2.UpdateAgentRequest(
-            agent=sent, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
+            agent=sent,
+            update_mask=field_mask_pb2.FieldMask(paths=list(paths)),
+            validate_only=validate_only,
         )
         response: agent_pb2.UpdateAgentResponse = _call(self._stub.UpdateAgent, request, timeout)
         return response.agent
+
+    def models(self, *, timeout: float | None = None) -> builtins.list[agent_pb2.Model]:
+        """The model catalogue (ListModels): each model's state (active, deprecated with
+        its sunset date and replacement, retired) and how many of your agents (an admin:
+        all) use it."""
+        response: agent_pb2.ListModelsResponse = _call(
+            self._stub.ListModels, agent_pb2.ListModelsRequest(), timeout
+        )
+        return list(response.models)
 
     def delete(
         self, agent_id: str, *, etag: str = "", timeout: float | None = None
