@@ -2,14 +2,17 @@
 auth_svc as processes on PostgreSQL + Redis, called over real channels, and the worker
 run as an operator runs it (`python -m services.agent_svc worker --once`).
 
-The agent process deletes with AGENT_DELETED_RETENTION_DAYS=0 (a deleted agent is due for
-purging at once) and runs no worker of its own, so only the explicit worker pass purges.
+The agent process deletes with AGENT_DELETED_RETENTION_DAYS=0.0001 (a deleted agent can be
+undeleted for 8.6 s, then it is gone and due for purging) and runs no worker of its own, so
+only the explicit worker pass purges.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +94,7 @@ def stack(
         auth_database_url=new_postgres_database(),
         agent_database_url=new_postgres_database(),
         redis_url=redis_server_url,
-        agent_settings={"AGENT_DELETED_RETENTION_DAYS": "0", "AGENT_REVISIONS_KEPT": "10"},
+        agent_settings={"AGENT_DELETED_RETENTION_DAYS": "0.0001", "AGENT_REVISIONS_KEPT": "10"},
     )
 
 
@@ -177,10 +180,19 @@ def test_edit_list_tag_pin_roll_back_delete_undelete_and_purge(
     # The watcher comes back with its token, before the agent is deleted again.
     watcher = Watcher(stub, owner.metadata, token)
 
-    # Deleted again; the worker (retention 0 days) purges it with its revisions.
-    stub.DeleteAgent(
+    # Deleted again; past its expire_time it is gone for every call, and the worker purges
+    # it with its revisions.
+    again = stub.DeleteAgent(
         agent_pb2.DeleteAgentRequest(id=agent.id), metadata=owner.metadata, timeout=TIMEOUT
+    ).agent
+    expires = again.expire_time.ToDatetime(tzinfo=UTC)
+    time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.1)  # a clock moment
+    expired = rpc_error(
+        lambda: stub.UndeleteAgent(
+            agent_pb2.UndeleteAgentRequest(id=agent.id), metadata=owner.metadata, timeout=TIMEOUT
+        )
     )
+    assert (expired.code(), reason_of(expired)) == (NOT_FOUND, "AGENT_NOT_FOUND")
     env = clean_env(
         AGENT_PROFILE="prod",
         AGENT_DATABASE_URL=stack.agent_database_url,
