@@ -9,6 +9,7 @@ database, Redis and key material.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,7 +252,7 @@ def load_common(
             f"{reader.name('TLS_KEY_FILE')}, or {reader.name('ALLOW_PLAINTEXT')}=true where "
             "something else encrypts the traffic (a service mesh)"
         )
-    return CommonSettings(
+    common = CommonSettings(
         service=service,
         profile=profile,
         host=reader.text("HOST", "127.0.0.1" if dev else "0.0.0.0"),  # noqa: S104
@@ -300,6 +301,14 @@ def load_common(
         role=role,
         redis=redis,
     )
+    if common.db_transaction_pooler and not common.database_url.startswith(
+        ("postgres", "postgresql")
+    ):
+        reader.problems.append(
+            f"{reader.name('DB_TRANSACTION_POOLER')} applies to PostgreSQL behind PgBouncer "
+            f"(transaction mode); {reader.name('DATABASE_URL')} is not PostgreSQL"
+        )
+    return common
 
 
 def load_redis(reader: EnvReader, url: str | None) -> RedisConfig | None:
@@ -327,6 +336,21 @@ def load_redis(reader: EnvReader, url: str | None) -> RedisConfig | None:
         reader.problems.append(
             f"{reader.name('REDIS_SENTINEL_MASTER')} is only read with REDIS_MODE=sentinel"
         )
+    tls_files = {
+        "REDIS_TLS_CA_FILE": reader.raw("REDIS_TLS_CA_FILE"),
+        "REDIS_TLS_CERT_FILE": cert,
+        "REDIS_TLS_KEY_FILE": key,
+    }
+    for name, path in tls_files.items():
+        if path is None:
+            continue
+        if url.startswith("redis://"):
+            reader.problems.append(
+                f"{reader.name(name)} is set but {reader.name('REDIS_URL')} is redis:// "
+                "(plaintext): use rediss:// for TLS, or unset it"
+            )
+        elif not os.access(path, os.R_OK):
+            reader.problems.append(f"{reader.name(name)}: {path} cannot be read")
     if mode == "single" and "," in url.partition("://")[2].partition("/")[0]:
         reader.problems.append(
             f"{reader.name('REDIS_URL')} names several hosts: set "

@@ -310,7 +310,9 @@ def test_an_empty_or_absent_key_file_is_no_key(tmp_path: Path) -> None:
     assert settings.verify_keys_pem is None
 
 
-def test_redis_topologies_are_configured_by_variables_alone() -> None:
+def test_redis_topologies_are_configured_by_variables_alone(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("a CA certificate")
     single = load_auth_settings(PROD).common.redis
     assert single == RedisConfig(mode="single", url="redis://redis:6379/0")
     sentinel = load_auth_settings(
@@ -321,7 +323,7 @@ def test_redis_topologies_are_configured_by_variables_alone() -> None:
             "AUTH_REDIS_SENTINEL_MASTER": "mymaster",
             "AUTH_REDIS_USERNAME": "auth",
             "AUTH_REDIS_PASSWORD": "secret",
-            "AUTH_REDIS_TLS_CA_FILE": "/etc/redis-ca/ca.crt",
+            "AUTH_REDIS_TLS_CA_FILE": str(ca),
         }
     ).common.redis
     assert sentinel is not None
@@ -331,7 +333,7 @@ def test_redis_topologies_are_configured_by_variables_alone() -> None:
         "auth",
     )
     assert sentinel.password == "secret"
-    assert sentinel.tls_ca_file == "/etc/redis-ca/ca.crt"
+    assert sentinel.tls_ca_file == str(ca)
     cluster = load_auth_settings(
         {**PROD, "AUTH_REDIS_MODE": "cluster", "AUTH_REDIS_URL": "redis://n1:6379,n2:6379"}
     ).common.redis
@@ -350,6 +352,22 @@ def test_a_redis_topology_that_cannot_work_is_refused() -> None:
     )
     assert "AUTH_REDIS_TLS_KEY_FILE (a client certificate)" in problems(
         {**PROD, "AUTH_REDIS_TLS_CERT_FILE": "/tls/client.crt"}
+    )
+    # TLS material that cannot work: a file that cannot be read, or TLS files beside a
+    # plaintext URL (they would be ignored: the traffic would not be encrypted).
+    missing = problems(
+        {
+            **PROD,
+            "AUTH_REDIS_URL": "rediss://redis:6379/0",
+            "AUTH_REDIS_TLS_CA_FILE": "/nonexistent/ca.crt",
+        }
+    )
+    assert "AUTH_REDIS_TLS_CA_FILE: /nonexistent/ca.crt cannot be read" in missing
+    plaintext = problems({**PROD, "AUTH_REDIS_TLS_CA_FILE": "/nonexistent/ca.crt"})
+    assert "AUTH_REDIS_TLS_CA_FILE is set but AUTH_REDIS_URL is redis://" in plaintext
+    # The pooler setting means PgBouncer in front of PostgreSQL.
+    assert "AUTH_DB_TRANSACTION_POOLER applies to PostgreSQL" in problems(
+        {"AUTH_DB_TRANSACTION_POOLER": "true"}
     )
 
 
