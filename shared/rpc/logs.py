@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["configure_logging"]
+__all__ = ["ThrottledWarning", "configure_logging"]
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
@@ -50,3 +52,29 @@ def configure_logging(*, service: str, level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+class ThrottledWarning:
+    """At most one warning per interval on `logger`; the next one says how many were
+    suppressed. For failures that repeat on every call while a dependency is down (a
+    warning per call would flood the log)."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed = self._suppressed, 0
+            self._next = now + self._interval
+        if suppressed:
+            message += " (%d similar warnings suppressed)"
+            args = (*args, suppressed)
+        self._logger.warning(message, *args)

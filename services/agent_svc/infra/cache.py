@@ -137,6 +137,7 @@ from redis.crc import key_slot
 
 from services.agent_svc.infra.coalesce import CoalescedMget, RedisConnection
 from shared.data.redis_client import RedisClient
+from shared.rpc.logs import ThrottledWarning
 
 __all__ = ["Codec", "TwoLevelCache"]
 
@@ -192,29 +193,6 @@ class _Flight:
         self.stale = False
 
 
-class _ThrottledWarning:
-    """At most one warning per interval; the next one says how many were suppressed."""
-
-    def __init__(self, interval: float) -> None:
-        self._interval = interval
-        self._next = 0.0
-        self._suppressed = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now < self._next:
-                self._suppressed += 1
-                return
-            suppressed, self._suppressed = self._suppressed, 0
-            self._next = now + self._interval
-        if suppressed:
-            message += " (%d similar warnings suppressed)"
-            args = (*args, suppressed)
-        _log.warning(message, *args)
-
-
 class TwoLevelCache(Generic[T]):
     """L1 (bounded LRU with TTL) over L2 (Redis, optional) over `load()`."""
 
@@ -261,8 +239,8 @@ class TwoLevelCache(Generic[T]):
         self._poll = listener_poll_seconds
         self._ping_every = listener_ping_seconds
         self._max_backoff = listener_max_backoff_seconds
-        self._warn = _ThrottledWarning(warn_interval_seconds)
-        self._warn_listener = _ThrottledWarning(warn_interval_seconds)
+        self._warn = ThrottledWarning(_log, warn_interval_seconds)
+        self._warn_listener = ThrottledWarning(_log, warn_interval_seconds)
 
         # L1: key -> (value, expires_at), least recently used first; in-flight loads.
         self._lock = threading.Lock()

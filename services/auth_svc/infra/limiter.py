@@ -37,10 +37,14 @@ from services.auth_svc.repository.models import LoginAttemptRow
 from services.auth_svc.service.ports import LoginAttempt, LoginLimiter
 from shared.config.clock import Clock, utc
 from shared.data.redis_client import RedisClient
+from shared.rpc.logs import ThrottledWarning
 
 __all__ = ["InMemoryLoginLimiter", "RedisLoginLimiter", "SqlLoginLimiter", "key_digest"]
 
 _log = logging.getLogger(__name__)
+# A dependency down fails every login's check: one warning per interval, not per login.
+_warn_redis = ThrottledWarning(_log)
+_warn_database = ThrottledWarning(_log)
 
 
 def key_digest(key: str) -> bytes:
@@ -228,7 +232,7 @@ class SqlLoginLimiter:
 
     @staticmethod
     def _database_failed(exc: SQLAlchemyError) -> None:
-        _log.warning(
+        _warn_database(
             "database unavailable for login limits, using in-process: %s", type(exc).__name__
         )
 
@@ -297,4 +301,8 @@ class RedisLoginLimiter:
 
     def _redis_failed(self, exc: redis.RedisError) -> None:
         self._on_redis_error()
-        _log.warning("redis unavailable for login limits, using the database: %s", exc)
+        _warn_redis(
+            "redis unavailable for login limits, using the database: %s: %.200s",
+            type(exc).__name__,
+            exc,
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -150,5 +151,23 @@ def test_an_unreachable_redis_falls_back_to_the_in_process_limit() -> None:
         assert not limiter.acquire("ada@example.com").allowed
         limiter.reset("ada@example.com")
         assert limiter.acquire("ada@example.com").allowed
+    finally:
+        client.close()
+
+
+def test_an_unreachable_redis_is_one_warning_not_one_per_login(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """During a Redis outage every login's check fails: the log says so once per interval
+    (then how many it suppressed), briefly, not a line with the client's repr per login."""
+    client = make_redis(UNREACHABLE)
+    try:
+        limiter = limiter_on(client, limit=1000)
+        with caplog.at_level(logging.WARNING, logger="services.auth_svc.infra.limiter"):
+            for _ in range(20):
+                limiter.acquire("ada@example.com")
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) <= 1, warnings
+        assert all(len(w) < 400 for w in warnings), warnings
     finally:
         client.close()
