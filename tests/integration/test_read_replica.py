@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
 from google.protobuf import field_mask_pb2
@@ -257,3 +258,35 @@ def test_while_the_replica_is_down_the_primary_answers_its_reads(
             caller.close()
             standby.ensure_running()
             standby.wait_accepting()
+
+
+def test_the_replicas_lag_without_a_pause_is_measured(
+    primary: PostgresCluster, standby: PostgresStandby
+) -> None:
+    """The figure docs/operations.md "Read replica" quotes: how long a committed row takes
+    to be visible on the standby (polled from it, so one round trip is included). Every
+    row must arrive; the times are printed, not asserted."""
+    lags: list[float] = []
+    with (
+        psycopg.connect(primary.admin_url, autocommit=True) as writer,
+        psycopg.connect(standby.admin_url, autocommit=True) as reader,
+    ):
+        # The cluster is this module's own: a fixed table name.
+        writer.execute("CREATE TABLE replica_lag_probe (n integer PRIMARY KEY)")
+        standby.wait_replayed()
+        for n in range(200):
+            writer.execute("INSERT INTO replica_lag_probe VALUES (%s)", (n,))  # committed on return
+            committed = time.perf_counter()
+            deadline = committed + TIMEOUT
+            while (
+                reader.execute("SELECT 1 FROM replica_lag_probe WHERE n = %s", (n,)).fetchone()
+                is None
+            ):
+                assert time.perf_counter() < deadline, f"row {n} never reached the standby"
+            lags.append(time.perf_counter() - committed)
+        writer.execute("DROP TABLE replica_lag_probe")
+    lags.sort()
+    print(
+        f"\nreplica lag over {len(lags)} commits: p50 {lags[len(lags) // 2] * 1000:.2f} ms, "
+        f"p95 {lags[int(len(lags) * 0.95)] * 1000:.1f} ms, max {lags[-1] * 1000:.1f} ms"
+    )
