@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -185,8 +184,13 @@ def test_edit_list_tag_pin_roll_back_delete_undelete_and_purge(
     again = stub.DeleteAgent(
         agent_pb2.DeleteAgentRequest(id=agent.id), metadata=owner.metadata, timeout=TIMEOUT
     ).agent
-    expires = again.expire_time.ToDatetime(tzinfo=UTC)
-    time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.1)  # a clock moment
+    assert again.HasField("expire_time")
+    # Until the server's clock passes expire_time, reads still show it (deleted): wait for
+    # the server to say it is gone rather than for this process's clock.
+    deadline = time.monotonic() + TIMEOUT
+    while not _gone(lambda: get(stub, owner, agent.id)):
+        assert time.monotonic() < deadline, "the deleted agent never expired"
+        time.sleep(0.2)
     expired = rpc_error(
         lambda: stub.UndeleteAgent(
             agent_pb2.UndeleteAgentRequest(id=agent.id), metadata=owner.metadata, timeout=TIMEOUT
@@ -251,3 +255,13 @@ def test_hostile_at_forms_are_invalid_argument_never_internal(stack: Stack, ref:
     refused = rpc_error(lambda: get(stack.agents, owner, ref.replace("{id}", agent.id)))
     assert refused.code() == INVALID_ARGUMENT
     assert violated_fields(refused) == {"id"}
+
+
+def _gone(call: Callable[[], Any]) -> bool:
+    try:
+        call()
+    except grpc.RpcError as error:
+        if error.code() != NOT_FOUND:
+            raise
+        return True
+    return False
