@@ -5,6 +5,7 @@ typed AgentsClient's whole lifecycle, and the typed errors the servers' statuses
 from __future__ import annotations
 
 import uuid
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +17,7 @@ from agentplatform.client import (
     AlreadyExists,
     ClientSecret,
     InvalidArgument,
+    ModelDeprecatedWarning,
     NotFound,
     PermissionDenied,
     Unauthenticated,
@@ -29,10 +31,16 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.e2e.test_agent_e2e import ISSUER, TIMEOUT, Stack, new_agent, run_stack
 
+DEPRECATED = "o3"  # in this module's catalogue: deprecated, sunset 2099-01-01, use o4-mini
+
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    yield from run_stack("embedded", tmp_path_factory.mktemp("client-e2e"))
+    yield from run_stack(
+        "embedded",
+        tmp_path_factory.mktemp("client-e2e"),
+        agent_settings={"AGENT_DEPRECATED_MODELS": f"{DEPRECATED}@2099-01-01>o4-mini"},
+    )
 
 
 def create_account(stack: Stack, *scopes: str) -> auth_pb2.CreateServiceAccountResponse:
@@ -125,6 +133,44 @@ def agent_copy(agent: agent_pb2.Agent, **changes: object) -> agent_pb2.Agent:
     for name, value in changes.items():
         setattr(copy, name, value)
     return copy
+
+
+def test_a_deprecated_model_works_and_the_typed_client_warns_with_its_notice(
+    stack: Stack,
+) -> None:
+    """Create, update and rollback with a deprecated model succeed; the typed client
+    says so with a ModelDeprecatedWarning carrying the catalogue entry (the reply's
+    model_notice), and says nothing for an active model."""
+    account = create_account(stack, "agents.read", "agents.write")
+    with (
+        connect(stack.auth.address) as auth,
+        connect(
+            stack.agent.address,
+            client_secret(auth, account.service_account.id, account.client_secret),
+        ) as channel,
+    ):
+        agents = AgentsClient(channel)
+        with pytest.warns(ModelDeprecatedWarning) as created_warnings:
+            old = agents.create(new_agent("client-deprecated", model=DEPRECATED))
+        assert old.model == DEPRECATED  # it works
+        (notice,) = [w.message for w in created_warnings]
+        assert isinstance(notice, ModelDeprecatedWarning)
+        assert (notice.model.name, notice.model.sunset_date, notice.model.replacement) == (
+            DEPRECATED,
+            "2099-01-01",
+            "o4-mini",
+        )
+        assert "o4-mini" in str(notice)
+        with warnings.catch_warnings(record=True) as quiet:
+            warnings.simplefilter("always")
+            moved = agents.update(agent_copy(old, model="o4-mini"), ["model"])
+        assert moved.model == "o4-mini"
+        assert not [w for w in quiet if issubclass(w.category, ModelDeprecatedWarning)]
+        with pytest.warns(ModelDeprecatedWarning):
+            back = agents.rollback(old.id, str(old.revision_id))
+        assert back.model == DEPRECATED
+        with pytest.warns(ModelDeprecatedWarning):
+            agents.update(agent_copy(back, description="still old"), ["description"])
 
 
 def test_private_key_jwt_and_a_missing_scope(stack: Stack) -> None:

@@ -10,7 +10,7 @@ auth_svc and agent_svc from another service (see clients/python/README.md).
         print(agent.name)
 """
 
-from agentplatform.client.agents import AgentsClient
+from agentplatform.client.agents import AgentsClient, ModelDeprecatedWarning
 from agentplatform.client.channel import (
     DEFAULT_TIMEOUTS,
     NEVER_RETRIED,
@@ -74,6 +74,7 @@ __all__ = [
     "FieldViolation",
     "Internal",
     "InvalidArgument",
+    "ModelDeprecatedWarning",
     "NotFound",
     "OutOfRange",
     "PermissionDenied",

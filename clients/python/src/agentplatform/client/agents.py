@@ -6,6 +6,7 @@ import builtins
 import random
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -15,7 +16,7 @@ from google.protobuf import field_mask_pb2
 from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
 from agentplatform.client.errors import AgentPlatformError, decode
 
-__all__ = ["AgentWatch", "AgentsClient"]
+__all__ = ["AgentWatch", "AgentsClient", "ModelDeprecatedWarning"]
 
 # Reasons after which a fresh token is fetched before the stream is opened again.
 _TOKEN_REASONS = frozenset({"TOKEN_EXPIRED", "INVALID_TOKEN"})
@@ -28,6 +29,26 @@ def _call(method: Callable[..., _Response], request: Any, timeout: float | None)
         return method(request, timeout=timeout)
     except grpc.RpcError as rpc_error:
         raise decode(rpc_error) from rpc_error
+
+
+class ModelDeprecatedWarning(FutureWarning):
+    """The agent was created, updated or rolled back with a deprecated model: it works
+    until the model's sunset date. `model` is the catalogue entry (its `sunset_date` and
+    `replacement`). Shown once per call site by default; to act on it instead, e.g.
+    `warnings.simplefilter("error", ModelDeprecatedWarning)` and catch it, or record it
+    with `warnings.catch_warnings(record=True)`."""
+
+    def __init__(self, model: agent_pb2.Model) -> None:
+        self.model = model
+        until = f" until {model.sunset_date}" if model.sunset_date else ""
+        instead = f"; move to {model.replacement}" if model.replacement else ""
+        super().__init__(f"model {model.name} is deprecated: it works{until}{instead}")
+
+
+def _notice(response: Any) -> None:
+    """Warns (ModelDeprecatedWarning) when the response carries a model_notice."""
+    if response.HasField("model_notice"):
+        warnings.warn(ModelDeprecatedWarning(response.model_notice), stacklevel=3)
 
 
 class AgentsClient:
@@ -58,13 +79,15 @@ class AgentsClient:
         """Creates `agent`. A request_id (a new UUID unless given) makes the create
         idempotent: the channel's retries, and yours with the same request_id within
         24 hours, return the first response instead of creating twice. `validate_only`:
-        a dry run (AIP-163) that raises what the create would and stores nothing."""
+        a dry run (AIP-163) that raises what the create would and stores nothing. A
+        deprecated model warns (ModelDeprecatedWarning)."""
         request = agent_pb2.CreateAgentRequest(
             agent=agent,
             request_id=request_id or str(uuid.uuid4()),
             validate_only=validate_only,
         )
         response: agent_pb2.CreateAgentResponse = _call(self._stub.CreateAgent, request, timeout)
+        _notice(response)
         return response.agent
 
     def get(self, agent_id: str, *, timeout: float | None = None) -> agent_pb2.Agent:
@@ -135,7 +158,8 @@ class AgentsClient:
         """Sets the fields named by `paths` (e.g. ["description", "metadata"]) to
         `agent`'s values. The update is conditional on `etag` (default: agent.etag; ""
         for an unconditional one): a stale etag raises Aborted (ETAG_MISMATCH); read the
-        agent again, then decide. `validate_only`: a dry run (nothing stored)."""
+        agent again, then decide. `validate_only`: a dry run (nothing stored). A deprecated
+        model warns (ModelDeprecatedWarning)."""
         if not paths:
             raise ValueError("name the fields to update (paths)")
         sent = agent_pb2.Agent()
@@ -148,6 +172,7 @@ class AgentsClient:
             validate_only=validate_only,
         )
         response: agent_pb2.UpdateAgentResponse = _call(self._stub.UpdateAgent, request, timeout)
+        _notice(response)
         return response.agent
 
     def models(self, *, timeout: float | None = None) -> builtins.list[agent_pb2.Model]:
@@ -215,11 +240,13 @@ class AgentsClient:
         self, agent_id: str, revision: str, *, etag: str = "", timeout: float | None = None
     ) -> agent_pb2.Agent:
         """Makes the configuration of `revision` (an id or an alias) the agent's next
-        revision; conditional on `etag` when given."""
+        revision; conditional on `etag` when given. A deprecated model warns
+        (ModelDeprecatedWarning)."""
         request = agent_pb2.RollbackAgentRequest(id=agent_id, revision_id=revision, etag=etag)
         response: agent_pb2.RollbackAgentResponse = _call(
             self._stub.RollbackAgent, request, timeout
         )
+        _notice(response)
         return response.agent
 
     def tag(
