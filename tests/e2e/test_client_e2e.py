@@ -4,6 +4,7 @@ typed AgentsClient's whole lifecycle, and the typed errors the servers' statuses
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -58,8 +59,12 @@ def create_account(stack: Stack, *scopes: str) -> auth_pb2.CreateServiceAccountR
     return reply
 
 
-def test_a_service_account_manages_agents_with_the_typed_client(stack: Stack) -> None:
-    account = create_account(stack, "agents.read", "agents.write")
+@contextlib.contextmanager
+def account_client(
+    stack: Stack, *scopes: str
+) -> Iterator[tuple[auth_pb2.CreateServiceAccountResponse, AgentsClient]]:
+    """A new service account with `scopes` and a typed client acting as it (client secret)."""
+    account = create_account(stack, *scopes)
     with (
         connect(stack.auth.address) as auth,
         connect(
@@ -67,7 +72,11 @@ def test_a_service_account_manages_agents_with_the_typed_client(stack: Stack) ->
             client_secret(auth, account.service_account.id, account.client_secret),
         ) as channel,
     ):
-        agents = AgentsClient(channel)
+        yield account, AgentsClient(channel)
+
+
+def test_a_service_account_manages_agents_with_the_typed_client(stack: Stack) -> None:
+    with account_client(stack, "agents.read", "agents.write") as (account, agents):
         request_id = str(uuid.uuid4())
         created = agents.create(new_agent("client-bot"), request_id=request_id)
         assert created.updated_by == f"serviceAccounts/{account.service_account.id}"
@@ -141,15 +150,7 @@ def test_a_deprecated_model_works_and_the_typed_client_warns_with_its_notice(
     """Create, update and rollback with a deprecated model succeed; the typed client
     says so with a ModelDeprecatedWarning carrying the catalogue entry (the reply's
     model_notice), and says nothing for an active model."""
-    account = create_account(stack, "agents.read", "agents.write")
-    with (
-        connect(stack.auth.address) as auth,
-        connect(
-            stack.agent.address,
-            client_secret(auth, account.service_account.id, account.client_secret),
-        ) as channel,
-    ):
-        agents = AgentsClient(channel)
+    with account_client(stack, "agents.read", "agents.write") as (_, agents):
         with pytest.warns(ModelDeprecatedWarning) as created_warnings:
             old = agents.create(new_agent("client-deprecated", model=DEPRECATED))
         assert old.model == DEPRECATED  # it works
