@@ -49,6 +49,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "clients" / "python" / "src")]
 
 from agentplatform.agent.v1 import agent_pb2  # noqa: E402
 from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc  # noqa: E402
+from agentplatform.client import WATCH_CHANNEL_OPTIONS  # noqa: E402
 from grpc_health.v1 import health_pb2  # noqa: E402
 
 EMPTY = "/agentplatform.bench.v1.Bench/Empty"
@@ -295,7 +296,14 @@ def _watchers(  # noqa: PLR0915, PLR0917 - a Process target's arguments
 
         channels = [
             grpc.aio.insecure_channel(
-                target, options=[("grpc.so_reuseport", 0), ("grpc.use_local_subchannel_pool", 1)]
+                target,
+                # As the typed client's watch channel (connect(watch=True)): a small stream
+                # window, so a holder that falls behind gets bigger messages, not a queue.
+                options=[
+                    ("grpc.so_reuseport", 0),
+                    ("grpc.use_local_subchannel_pool", 1),
+                    *WATCH_CHANNEL_OPTIONS,
+                ],
             )
             for _ in range(CHANNELS_PER_PROCESS)
         ]

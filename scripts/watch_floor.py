@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from agentplatform.client import WATCH_CHANNEL_OPTIONS
 
 METHOD = "/bench.Feed/Stream"
 HOLDERS = 4
@@ -121,7 +122,11 @@ def _hold(  # noqa: PLR0917 - a Process target's arguments
         channels = [
             grpc.aio.insecure_channel(
                 f"127.0.0.1:{port}",
-                options=[("grpc.so_reuseport", 0), ("grpc.use_local_subchannel_pool", 1)],
+                options=[
+                    ("grpc.so_reuseport", 0),
+                    ("grpc.use_local_subchannel_pool", 1),
+                    *WATCH_CHANNEL_OPTIONS,  # as the typed client's watch channel
+                ],
             )
             for _ in range(CHANNELS_PER_HOLDER)
         ]

@@ -41,7 +41,7 @@ from agentplatform.agent.v1 import agent_pb2, agent_pb2_grpc
 from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
 from agentplatform.client import errors as client_errors
 from agentplatform.client.agents import AgentsClient
-from agentplatform.client.channel import intercept
+from agentplatform.client.channel import connect, intercept
 from agentplatform.client.credentials import static_token
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
@@ -188,6 +188,49 @@ def test_a_stream_gets_the_callers_changes_and_a_resumed_one_each_later_change_o
     assert own.agent.name == "w-theirs"
     resumed.call.cancel()
     theirs_watch.call.cancel()
+
+
+SLOW_WATCHER_CHANGES = 24
+BIG_INSTRUCTIONS = "x" * 12_000  # a change of ~12 KB: one fits the watch channel's window
+
+
+def test_a_watcher_that_stops_reading_gets_the_changes_made_meanwhile_in_a_few_messages(
+    stack: Stack,
+) -> None:
+    """The typed client's watch channel (`connect(watch=True)`: a 16 KiB stream window,
+    no BDP probing). A watcher that stops reading holds up the server's next send once the
+    window is full, and the changes committed meanwhile come together in the message after
+    it. With gRPC's default window (grown by BDP probing to megabytes) each change would
+    wait in the watcher's own transport as a message of its own, unseen by the server:
+    a watcher slower than the changes falls further behind with every one (without
+    `watch=True` this test gets all 24 changes in 24 messages)."""
+    me = stack.new_user()
+    channel = connect(stack.agent.watch_address, static_token(me.token), watch=True)
+    try:
+        call = agent_pb2_grpc.AgentServiceStub(channel).WatchAgents(agent_pb2.WatchAgentsRequest())
+        assert list(next(call).changes) == []  # open: from now on
+        # A watcher that keeps up paces the changes: each is committed once it has the one
+        # before, so nothing but the slow watcher's window would put two in one message.
+        prompt = Watch(stack.watch_agents, me)
+        prompt.opened()
+        made = []
+        for n in range(SLOW_WATCHER_CHANGES):
+            made.append(create(stack.agents, me, f"w-slow-{n}", instructions=BIG_INSTRUCTIONS).id)
+            prompt.changes(1)
+        prompt.call.cancel()
+        got: list[str] = []
+        messages = 0
+        while len(got) < len(made):
+            message = next(call)
+            messages += bool(message.changes)  # heartbeats aside
+            got += [change.agent.id for change in message.changes]
+        assert got == made  # every change once, in commit order
+        # One in the window (a change is ~12 KB), one held up, the rest together; one more
+        # if a change came while the held one was being sent.
+        assert messages <= 4, messages
+        call.cancel()
+    finally:
+        channel.close()
 
 
 def test_a_filtered_stream_is_told_when_an_agent_leaves_its_filter(stack: Stack) -> None:

@@ -58,9 +58,10 @@ class AgentsClient:
 
     def __init__(self, channel: Any, *, watch_channel: Any = None) -> None:
         """`watch_channel`: a channel to agent_svc's WatchAgents port (`AGENT_WATCH_PORT`,
-        50053 by default; made like `channel`, e.g. `connect("agent:50053", tokens,
-        tls=tls)`), where a stream costs the server far less (a grpc.aio server). Without
-        it `watch()` uses `channel`: the main port serves WatchAgents too."""
+        50053 by default; made like `channel`, with a watch channel's small stream window:
+        `connect("agent:50053", tokens, tls=tls, watch=True)`), where a stream costs the
+        server far less (a grpc.aio server). Without it `watch()` uses `channel`: the main
+        port serves WatchAgents too."""
         self._stub = agent_pb2_grpc.AgentServiceStub(channel)
         self._watch_stub = (
             agent_pb2_grpc.AgentServiceStub(watch_channel)

@@ -404,6 +404,21 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 
+# A channel for WatchAgents streams: a fixed 16 KiB receive window per stream, without
+# gRPC's BDP probing. With probing (the default) a stream's window grows to 4 MiB or more
+# as soon as data flows, and a watcher that reads slower than changes come has seconds of
+# small messages queued in its own transport, invisible to the server, each change older
+# than the last. With a small window the server's next send waits until the watcher has
+# read, and the changes committed meanwhile come in one message: a slow watcher gets
+# fewer, bigger messages instead of a queue (docs/watch.md, "Flow control"). The price: a
+# resumed stream's backlog comes at 16 KiB per round trip.
+WATCH_STREAM_WINDOW = 16 * 1024
+WATCH_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", WATCH_STREAM_WINDOW),
+)
+
+
 def connect(
     target: str,
     credentials: TokenSource | None = None,
@@ -413,15 +428,20 @@ def connect(
     default_timeout: float = DEFAULT_TIMEOUT,
     timeouts: Mapping[str, float] = DEFAULT_TIMEOUTS,
     retries: bool = True,
+    watch: bool = False,
     options: Sequence[tuple[str, Any]] = (),
 ) -> PolicyChannel:
     """A channel to `target` ("host:port", "dns:///name:port"). Plaintext without `tls`
     (a mesh, a local test); with `tls` (grpc.ssl_channel_credentials(...), with a client
     certificate for mTLS) the server is verified, under `tls_server_name` if given.
-    `credentials`: where tokens come from (None for public methods only). `options` are
-    added to (and override) the defaults: keepalive and the service config."""
+    `credentials`: where tokens come from (None for public methods only). `watch`: a
+    channel for WatchAgents (`AgentsClient(..., watch_channel=...)`): a small fixed stream
+    window (WATCH_CHANNEL_OPTIONS). `options` are added to (and override) the defaults:
+    keepalive and the service config."""
     config = service_config(default_timeout=default_timeout, timeouts=timeouts, retries=retries)
     merged: dict[str, Any] = dict(KEEPALIVE_OPTIONS)
+    if watch:
+        merged.update(WATCH_CHANNEL_OPTIONS)
     merged["grpc.service_config"] = json.dumps(config)
     merged["grpc.enable_retries"] = 1 if retries else 0
     if tls_server_name:
