@@ -983,7 +983,6 @@ def _watch_phase(  # noqa: PLR0915, PLR0917
     clients_before = sum(_cpu_seconds(holder.pid) for holder in holders if holder.pid)
     go.set()
     made, lag, committed_at, writer_seconds = written.get(timeout=seconds + 60)
-    writer.join(30)
     print(
         f"{f'changes committed @{CHANGES_PER_SECOND:.0f}/s':<30}{made / seconds:>10,.0f}"
         f"{'':>27}{'':>11}{'':>8}   (writer behind its schedule by up to {lag * 1e3:.0f} ms; "
@@ -991,7 +990,6 @@ def _watch_phase(  # noqa: PLR0915, PLR0917
         flush=True,
     )
     ok, errors, probe_latencies, _codes = probed.get(timeout=120)
-    prober.join(30)
     print(
         f"{'GetAgent @200/s during fan-out':<30}{ok / args.duration:>10,.0f}"
         f"{_percentile(probe_latencies, 0.5) * 1e3:>9.2f}"
@@ -1009,6 +1007,10 @@ def _watch_phase(  # noqa: PLR0915, PLR0917
         sum(_cpu_seconds(holder.pid) for holder in holders if holder.pid) - clients_before
     )
     clients_cpu = clients_seconds / (time.monotonic() - wall_before)
+    # Joined only now: a child's exit took up to half a minute in some runs, which the CPU
+    # shares above counted as idle fan-out time (they came out a third of the truth).
+    writer.join(30)
+    prober.join(30)
     stop.set()
     histogram: dict[int, int] = {}
     per_change: dict[str, list[float]] = {}  # agent id -> [deliveries, last arrival, time]
