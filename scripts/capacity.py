@@ -39,7 +39,7 @@ COST = {
     "stream_message": 1 / 17_000,
 }
 HPA_TARGET = 0.7
-WATCH_BATCH_SECONDS = 0.02
+WATCH_BATCH_SECONDS = 0.05
 HUB_POLL_SECONDS = 1.0
 CONNECTIONS_PER_POD = 15  # *_DB_POOL_SIZE 10 + 5 overflow
 REDIS_READS_PER_MGET = 2.3  # coalesced L2 reads per round trip under load (benchmark)
@@ -157,7 +157,7 @@ def plan(load: Load) -> Plan:
     cpu = sum(rate * COST[name] for name, rate in agent_calls.items())
     changes = load.create + load.update
     # A stream gets one message per change, at most one per hub read (every
-    # AGENT_WATCH_BATCH_SECONDS, 0.02 s: changes within one read share a message).
+    # AGENT_WATCH_BATCH_SECONDS, 0.05 s: changes within one read share a message).
     stream_messages = load.watchers * min(changes, 1 / WATCH_BATCH_SECONDS)
     watch_cpu = stream_messages * COST["stream_message"]
     agent_pods = max(1, math.ceil(cpu / HPA_TARGET))

@@ -38,8 +38,10 @@
 - `AGENT_WATCH_HEARTBEAT_SECONDS` (15): an idle stream sends an empty message this often.
 - `AGENT_WATCH_POLL_SECONDS` (1): the change log is read at least this often (the Redis
   or in-process wake-up makes it at once; this bounds the delay of a lost wake-up).
-- `AGENT_WATCH_BATCH_SECONDS` (0.02): and at most this often: the changes committed
-  within it reach each stream in one message (fewer sends under a stream of changes).
+- `AGENT_WATCH_BATCH_SECONDS` (0.05): and at most this often: the changes committed
+  within it reach each stream in one message (fewer sends under a stream of changes; a
+  round of messages to 1,000 streams takes ~50 ms of the event loop, and reading more
+  often than a round takes only splits the fan-out: docs/watch.md "Measured").
 - `AGENT_WATCH_SEND_SLOTS` (1): streams on the main port that make their message at the
   same moment (the WatchAgents port's event loop makes one after another anyway); the
   others wait their turn and then send everything that came meanwhile in one message, so
@@ -118,7 +120,7 @@ class AgentSettings:
     watch_max_streams: int = 1000
     watch_heartbeat_seconds: float = 15.0
     watch_poll_seconds: float = 1.0
-    watch_batch_seconds: float = 0.02
+    watch_batch_seconds: float = 0.05
     watch_send_slots: int = 1
     database_read_url: str | None = None
     watch_port: int = 50053
@@ -218,7 +220,7 @@ def load_agent_settings(env: Mapping[str, str], role: Role = "serve") -> AgentSe
         watch_max_streams=reader.integer("WATCH_MAX_STREAMS", 1000, minimum=1),
         watch_heartbeat_seconds=reader.number("WATCH_HEARTBEAT_SECONDS", 15.0, minimum=0.05),
         watch_poll_seconds=reader.number("WATCH_POLL_SECONDS", 1.0, minimum=0.01),
-        watch_batch_seconds=reader.number("WATCH_BATCH_SECONDS", 0.02, minimum=0.0),
+        watch_batch_seconds=reader.number("WATCH_BATCH_SECONDS", 0.05, minimum=0.0),
         watch_send_slots=reader.integer("WATCH_SEND_SLOTS", 1, minimum=1),
         database_read_url=_read_url(reader, common) if serving else None,
         watch_port=reader.integer("WATCH_PORT", 50053, minimum=0),

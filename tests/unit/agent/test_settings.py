@@ -40,7 +40,7 @@ def test_watch_defaults_and_overrides() -> None:
     assert settings.watch_max_streams == 1_000
     assert settings.watch_heartbeat_seconds == 15.0
     assert settings.watch_poll_seconds == 1.0
-    assert settings.watch_batch_seconds == 0.02
+    assert settings.watch_batch_seconds == 0.05
     assert settings.watch_send_slots == 1
     assert settings.watch_port == 50053
     changed = load_agent_settings(
