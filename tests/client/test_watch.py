@@ -7,13 +7,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import pytest
 from agentplatform.agent.v1 import agent_pb2
 from agentplatform.client import errors
 from agentplatform.client.agents import AgentsClient, AgentWatch
 
 from shared.rpc import errors as server_errors
-from tests.client.test_errors import from_server
+from tests.client.test_errors import FakeRpcError, from_server
 
 
 def change(name: str, token: str) -> agent_pb2.AgentChange:
@@ -101,6 +102,20 @@ def test_other_errors_are_raised_at_once() -> None:
     slept: list[float] = []
     watch = AgentWatch(Stub(Call([], denied)), "", "", max_backoff=1.0, sleep=slept.append)
     with pytest.raises(errors.PermissionDenied):
+        list(watch)
+    assert slept == []
+
+
+def test_a_message_too_large_for_the_client_is_raised_not_resumed_forever() -> None:
+    """RESOURCE_EXHAUSTED is resumed only for TOO_MANY_WATCHERS. gRPC's own refusal of a
+    message over the client's receive limit has the same code; resuming from the same
+    token would get the same message again, forever."""
+    too_large = FakeRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (5000000 vs. 4194304)"
+    )
+    slept: list[float] = []
+    watch = AgentWatch(Stub(Call([], too_large)), "", "t0", max_backoff=1.0, sleep=slept.append)
+    with pytest.raises(errors.ResourceExhausted, match="larger than max"):
         list(watch)
     assert slept == []
 

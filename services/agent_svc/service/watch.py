@@ -63,6 +63,7 @@ from services.agent_svc.service.filtering import (
     parse_filter,
 )
 from services.agent_svc.service.ports import AgentUnitOfWork, Change, ChangeKind, FilterFields
+from services.agent_svc.service.sizing import agent_size, framed
 from shared.config.clock import Clock
 from shared.rpc.errors import (
     FailedPrecondition,
@@ -74,6 +75,7 @@ from shared.security.tokens import Principal
 
 __all__ = [
     "PURGE_MARGIN",
+    "WATCH_MESSAGE_BUDGET",
     "ChangeHub",
     "Position",
     "WatchBatch",
@@ -760,18 +762,47 @@ class WatchStream:
                 return None, False
             found = (rows, Position(rows[-1].seq, rows[-1].time))
         changes, reached = found
-        picked = self._pick(changes)
+        picked, last = self._pick(changes)
+        if last is not None:  # the message is full: the rest goes in the next one
+            reached = Position(last.seq, last.time)
         if reached.seq >= self.position.seq:
             self.position = reached
-        more = len(changes) >= self._hub.page_size and self._hub.since(reached.seq) is None
+        more = last is not None or (
+            len(changes) >= self._hub.page_size and self._hub.since(reached.seq) is None
+        )
         return (WatchBatch(tuple(picked), self.position) if picked else None), more
 
-    def _pick(self, changes: list[Change]) -> list[tuple[Change, bool]]:
+    def _pick(self, changes: list[Change]) -> tuple[list[tuple[Change, bool]], Change | None]:
+        """The caller's changes, as many as fit WATCH_MESSAGE_BUDGET (at least one), and
+        when they did not all fit, the last change this message covers."""
         picked: list[tuple[Change, bool]] = []
-        for change in changes:
+        used = 0
+        for index, change in enumerate(changes):
             matched = deliver(
                 change, viewer=self._viewer, is_admin=self._is_admin, conditions=self._conditions
             )
-            if matched is not None:
-                picked.append((change, matched))
-        return picked
+            if matched is None:
+                continue
+            size = _wire_size(change)
+            if picked and used + size > WATCH_MESSAGE_BUDGET:
+                return picked, changes[index - 1]
+            picked.append((change, matched))
+            used += size
+        return picked, None
+
+
+# A message carries at most this many bytes of changes (but always one): gRPC clients
+# refuse messages over 4 MiB by default, and a stream behind many big agents (resumed from
+# far back, or a watcher slower than the changes, whose small window makes the server
+# batch) would otherwise get everything since its position in one. As ListAgents' budget.
+WATCH_MESSAGE_BUDGET = 3 * 1024 * 1024
+# An AgentChange's own fields around the agent: kind, agent_id, change_time, resume_token,
+# matches_filter and the framing (generous: the token is ~30 bytes, the time ~13).
+_CHANGE_FIELDS_MAX = 160
+
+
+def _wire_size(change: Change) -> int:
+    """About the bytes of the change in a WatchAgentsResponse (never fewer)."""
+    if change.kind is ChangeKind.PURGED:  # only the id and the owner are sent
+        return _CHANGE_FIELDS_MAX + 2 * 38
+    return _CHANGE_FIELDS_MAX + framed(agent_size(change.agent))

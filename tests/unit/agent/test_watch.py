@@ -225,6 +225,34 @@ def test_create_update_delete_reach_the_owners_stream_in_commit_order() -> None:
     assert batch.position.seq == rig.database.last_seq  # past the stranger's change too
 
 
+GRPC_DEFAULT_MAX_RECEIVE = 4 * 1024 * 1024  # what a client with gRPC's defaults accepts
+
+
+def test_a_stream_far_behind_big_changes_gets_them_in_messages_a_default_client_accepts() -> None:
+    """Everything since a stream's position went into one message: a watcher that fell
+    behind 30 agents of ~250 KB (one that paused, or read slowly on a small window) was
+    sent ~7.5 MB, which a default client refuses (RESOURCE_EXHAUSTED), and resuming from
+    the same token made the same message again: stuck for good."""
+    rig = Rig()
+    me = person()
+    stream = rig.watch(me)
+    big = "x" * 250_000
+    for n in range(30):
+        rig.create(me, f"big-{n}", instructions=big)
+    rig.hub.read_new()
+    encoder = ChangeEncoder()
+    names: list[str] = []
+    messages = 0
+    while len(names) < 30:
+        batch = next(stream)
+        messages += 1
+        assert len(encoder.batch(batch)) < GRPC_DEFAULT_MAX_RECEIVE
+        names += [change.agent.name for change, _ in batch.changes]
+    assert names == [f"big-{n}" for n in range(30)]  # each once, in commit order
+    assert messages >= 3  # ~7.5 MB in messages of at most WATCH_MESSAGE_BUDGET (3 MiB)
+    assert batch.position.seq == rig.database.last_seq
+
+
 def test_a_rolled_back_change_logs_nothing() -> None:
     rig = Rig()
     me = person()

@@ -288,7 +288,9 @@ class AgentsClient:
         )
 
 
-_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# RESOURCE_EXHAUSTED only with this reason: the same code without it is gRPC's own (a
+# message over the channel's receive limit), which a resume from the same token repeats.
+_RESUMABLE_EXHAUSTED = "TOO_MANY_WATCHERS"
 
 
 class AgentWatch:
@@ -350,8 +352,10 @@ class AgentWatch:
 
     @staticmethod
     def _resumable(error: AgentPlatformError, refreshed: bool) -> bool:
-        if error.code in _RESUMABLE:
+        if error.code == grpc.StatusCode.UNAVAILABLE:
             return True
+        if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return error.reason == _RESUMABLE_EXHAUSTED
         # The token source hands a fresh token to the next attempt (once in a row).
         return (
             error.code == grpc.StatusCode.UNAUTHENTICATED
