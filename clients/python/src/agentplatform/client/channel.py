@@ -410,8 +410,9 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, Any], ...] = (
 # small messages queued in its own transport, invisible to the server, each change older
 # than the last. With a small window the server's next send waits until the watcher has
 # read, and the changes committed meanwhile come in one message: a slow watcher gets
-# fewer, bigger messages instead of a queue (docs/watch.md, "Flow control"). The price: a
-# resumed stream's backlog comes at 16 KiB per round trip.
+# fewer, bigger messages instead of a queue (docs/watch.md, "Flow control"). The price:
+# data not yet asked for arrives 16 KiB per round trip (a message being waited for is let
+# in whole), and the connection's window is as small, shared by the channel's streams.
 WATCH_STREAM_WINDOW = 16 * 1024
 WATCH_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.http2.bdp_probe", 0),
