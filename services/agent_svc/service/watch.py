@@ -801,8 +801,24 @@ WATCH_MESSAGE_BUDGET = 3 * 1024 * 1024
 _CHANGE_FIELDS_MAX = 160
 
 
+_SIZES: collections.OrderedDict[tuple[int, uuid.UUID], int] = collections.OrderedDict()
+_SIZES_KEPT = 20_000  # as many as the encoder keeps encodings
+_SIZES_LOCK = threading.Lock()
+
+
 def _wire_size(change: Change) -> int:
-    """About the bytes of the change in a WatchAgentsResponse (never fewer)."""
+    """About the bytes of the change in a WatchAgentsResponse (never fewer); computed once
+    per change (by its number in the log and its agent), not once per stream."""
+    key = (change.seq, change.agent.id)
+    size = _SIZES.get(key)
+    if size is not None:
+        return size
     if change.kind is ChangeKind.PURGED:  # only the id and the owner are sent
-        return _CHANGE_FIELDS_MAX + 2 * 38
-    return _CHANGE_FIELDS_MAX + framed(agent_size(change.agent))
+        size = _CHANGE_FIELDS_MAX + 2 * 38
+    else:
+        size = _CHANGE_FIELDS_MAX + framed(agent_size(change.agent))
+    with _SIZES_LOCK:
+        _SIZES[key] = size
+        if len(_SIZES) > _SIZES_KEPT:
+            _SIZES.popitem(last=False)
+    return size
