@@ -5,7 +5,8 @@ WatchAgents port (AGENT_WATCH_PORT, the grpc.aio server) unless a test says othe
   the last token gets every later change exactly once; tokens past the retention and
   malformed ones are refused with their reasons; a missing, forged or under-scoped token
   is refused on the watch port with the status and details the main port gives; the main
-  port serves the same stream.
+  port serves the same stream; on the typed client's watch channel, a watcher that stops
+  reading gets the changes made meanwhile in a few messages, not one message each.
 - On a server of its own (one worker thread, two streams at most, on both ports together):
   one stream over the limit is RESOURCE_EXHAUSTED TOO_MANY_WATCHERS while unary calls are
   still served; SIGTERM ends the streams UNAVAILABLE SHUTTING_DOWN, and the typed client
@@ -206,18 +207,20 @@ def test_a_watcher_that_stops_reading_gets_the_changes_made_meanwhile_in_a_few_m
     `watch=True` this test gets all 24 changes in 24 messages)."""
     me = stack.new_user()
     channel = connect(stack.agent.watch_address, static_token(me.token), watch=True)
+    prompt = Watch(stack.watch_agents, me)
+    # A deadline: a lost change fails the test instead of hanging it.
+    call = agent_pb2_grpc.AgentServiceStub(channel).WatchAgents(
+        agent_pb2.WatchAgentsRequest(), timeout=TIMEOUT * 4
+    )
     try:
-        call = agent_pb2_grpc.AgentServiceStub(channel).WatchAgents(agent_pb2.WatchAgentsRequest())
         assert list(next(call).changes) == []  # open: from now on
         # A watcher that keeps up paces the changes: each is committed once it has the one
         # before, so nothing but the slow watcher's window would put two in one message.
-        prompt = Watch(stack.watch_agents, me)
         prompt.opened()
         made = []
         for n in range(SLOW_WATCHER_CHANGES):
             made.append(create(stack.agents, me, f"w-slow-{n}", instructions=BIG_INSTRUCTIONS).id)
             prompt.changes(1)
-        prompt.call.cancel()
         got: list[str] = []
         messages = 0
         while len(got) < len(made):
@@ -225,11 +228,16 @@ def test_a_watcher_that_stops_reading_gets_the_changes_made_meanwhile_in_a_few_m
             messages += bool(message.changes)  # heartbeats aside
             got += [change.agent.id for change in message.changes]
         assert got == made  # every change once, in commit order
-        # One in the window (a change is ~12 KB), one held up, the rest together; one more
-        # if a change came while the held one was being sent.
+        # Four messages (as seen every time): the first change, in the window (a change is
+        # ~12 KB of 16 KiB); the second, whose send the server's transport accepts though the
+        # window holds up its bytes; the third, whose send waits for that one; the other 21
+        # together, taken when that send completes (the watcher reading again). None of them
+        # splits further: a change reached the prompt watcher, so the server had read it,
+        # before the next one was made.
         assert messages <= 4, messages
-        call.cancel()
     finally:
+        call.cancel()
+        prompt.call.cancel()
         channel.close()
 
 

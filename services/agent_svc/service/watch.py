@@ -100,6 +100,18 @@ _TOKEN_PREFIX = "w1."
 _TOKEN = struct.Struct(">QQ")  # sequence number, microseconds since the epoch
 _MAX_TOKEN = 64
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# A message carries at most this many bytes of changes (but always one): gRPC clients
+# refuse messages over 4 MiB by default, and a stream behind many big agents (resumed from
+# far back, or a watcher slower than the changes, whose small window makes the server
+# batch) would otherwise get everything since its position in one. As ListAgents' budget.
+WATCH_MESSAGE_BUDGET = 3 * 1024 * 1024
+# An AgentChange's own fields around the agent: kind, agent_id, change_time, resume_token,
+# matches_filter and the framing (generous: the token is ~30 bytes, the time ~13).
+_CHANGE_FIELDS_MAX = 160
+# Each change's size, computed once (not per stream): bounded like the encoder's memo.
+_SIZES: collections.OrderedDict[tuple[int, uuid.UUID], int] = collections.OrderedDict()
+_SIZES_KEPT = 20_000  # as many as the encoder keeps encodings
+_SIZES_LOCK = threading.Lock()
 
 
 # -- resume tokens ---------------------------------------------------------------------------
@@ -789,21 +801,6 @@ class WatchStream:
             picked.append((change, matched))
             used += size
         return picked, None
-
-
-# A message carries at most this many bytes of changes (but always one): gRPC clients
-# refuse messages over 4 MiB by default, and a stream behind many big agents (resumed from
-# far back, or a watcher slower than the changes, whose small window makes the server
-# batch) would otherwise get everything since its position in one. As ListAgents' budget.
-WATCH_MESSAGE_BUDGET = 3 * 1024 * 1024
-# An AgentChange's own fields around the agent: kind, agent_id, change_time, resume_token,
-# matches_filter and the framing (generous: the token is ~30 bytes, the time ~13).
-_CHANGE_FIELDS_MAX = 160
-
-
-_SIZES: collections.OrderedDict[tuple[int, uuid.UUID], int] = collections.OrderedDict()
-_SIZES_KEPT = 20_000  # as many as the encoder keeps encodings
-_SIZES_LOCK = threading.Lock()
 
 
 def _wire_size(change: Change) -> int:
