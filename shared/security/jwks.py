@@ -32,7 +32,7 @@ from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
 from shared.config.clock import Clock
 from shared.security.jwk import VerificationKey, from_jwk
 
-__all__ = ["AUTH_CHANNEL_OPTIONS", "JwksKeyProvider", "grpc_jwks_fetcher"]
+__all__ = ["AUTH_CHANNEL_OPTIONS", "JwksKeyProvider", "describe_failure", "grpc_jwks_fetcher"]
 
 _log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class JwksKeyProvider:
         try:
             jwks = self._fetch()
         except Exception as exc:
-            self._failed(f"{reason}: fetching the JWKS failed: {_describe(exc)}")
+            self._failed(f"{reason}: fetching the JWKS failed: {describe_failure(exc)}")
             return False
         keys: dict[str, VerificationKey] = {}
         for jwk in jwks:
@@ -254,7 +254,9 @@ class JwksKeyProvider:
             self._on_fetch("error")
 
 
-def _describe(exc: Exception) -> str:
+def describe_failure(exc: Exception) -> str:
+    """A failed call to auth_svc on one line: the status and its message (an RpcError's own
+    text spans lines and carries gRPC's debug string), or the exception's type and text."""
     if isinstance(exc, grpc.RpcError):
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else None

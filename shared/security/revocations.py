@@ -30,6 +30,7 @@ import grpc
 from agentplatform.auth.v1 import auth_pb2, auth_pb2_grpc
 
 from shared.config.clock import Clock, utc
+from shared.security.jwks import describe_failure
 
 __all__ = [
     "RevocationFetch",
@@ -164,7 +165,7 @@ class RevocationPoller:
             try:
                 reply = self._fetch(since)
             except Exception as exc:  # a source down: keep what is known, try again
-                _log.warning("revocations: poll failed: %s", exc)
+                _log.warning("revocations: poll failed: %s", describe_failure(exc))
                 self._on_poll("error")
                 return False
             if reply.revoked_kids and self._on_revoked_kids is not None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import grpc
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -14,7 +16,7 @@ from shared.rpc.errors import Unauthenticated
 from shared.security.jwk import VerificationKey, algorithm_for, thumbprint
 from shared.security.revocations import OVERLAP, RevocationPoller, RevocationReply, Revocations
 from shared.security.tokens import StaticKeyProvider, TokenVerifier
-from tests.helpers import FakeClock
+from tests.helpers import FakeClock, free_port
 
 ISSUER, AUDIENCE = "https://auth.test", "agentplatform-test"
 
@@ -232,3 +234,29 @@ def test_a_poll_that_fails_half_way_asks_from_the_same_moment_next_time(
     replies.append(RevocationReply([], start, []))
     assert poller.poll()
     assert asked == [None, start + timedelta(seconds=1), None]
+
+
+def test_a_failed_poll_is_logged_on_one_line_with_its_status(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """auth_svc not up yet (scripts/run starts both): the warning names the status and its
+    message, not the RpcError's own multi-line text with gRPC's debug string."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{free_port()}")  # nothing listens there
+
+    def fetch(_since: datetime | None) -> RevocationReply:
+        channel.unary_unary("/agentplatform.auth.v1.AuthService/GetRevocations")(b"", timeout=10)
+        raise AssertionError("a call to a closed port succeeded")
+
+    poller = RevocationPoller(
+        fetch, Revocations(), interval_seconds=1, token_lifetime_seconds=900, clock=clock
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="shared.security.revocations"):
+            assert not poller.poll()
+    finally:
+        channel.close()
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert message.startswith("revocations: poll failed: UNAVAILABLE: "), message
+    assert "\n" not in message, message
+    assert "debug_error_string" not in message, message
