@@ -676,7 +676,7 @@ class WatchStream:
         hub.remove(self._waiter)  # not a thread's stream: the hub never gives it a turn
         hub.add_async(loop, event)
         try:
-            yield WatchBatch((), self.position)
+            yield self._heartbeat()
             last_sent = loop.time()
             while True:
                 if hub.closed:
@@ -704,7 +704,7 @@ class WatchStream:
                 idle = loop.time() - last_sent
                 if idle >= heartbeat:
                     last_sent = loop.time()
-                    yield WatchBatch((), self.position)
+                    yield self._heartbeat()
                     continue
                 try:
                     async with asyncio.timeout(self._wait_bound(idle)):
@@ -722,7 +722,7 @@ class WatchStream:
         clock = time  # real waiting, whatever clock stamps the tokens
         # First an empty message: the stream is open, and its token is where it starts (a
         # client lists after it and misses nothing).
-        yield WatchBatch((), self.position)
+        yield self._heartbeat()
         last_sent = clock.monotonic()
         while not waiter.cancelled:
             if hub.closed:
@@ -749,11 +749,22 @@ class WatchStream:
             if idle >= heartbeat:
                 waiter.waiting = False
                 last_sent = clock.monotonic()
-                yield WatchBatch((), self.position)
+                yield self._heartbeat()
                 continue
             waiter.event.wait(self._wait_bound(idle))
             waiter.event.clear()
             waiter.waiting = False
+
+    def _heartbeat(self) -> WatchBatch:
+        """An empty message (the first, or a heartbeat). A stream at the log's head takes
+        the head's time (the hub's latest read): on a quiet log its token would otherwise
+        keep the time of the last change it saw, and a watcher connected all along would
+        be refused as expired (RESUME_TOKEN_EXPIRED) on its next reconnect once the
+        retention had passed."""
+        head = self._hub.head
+        if head is not None and head.seq == self.position.seq and head.as_of > self.position.as_of:
+            self.position = head
+        return WatchBatch((), self.position)
 
     def _next_batch(
         self, found: tuple[list[Change], Position] | None = None

@@ -326,6 +326,44 @@ def test_an_idle_stream_sends_heartbeats_with_a_token() -> None:
     assert decode_token(encode_token(batch.position)).seq == 0
 
 
+def test_a_heartbeat_on_a_quiet_log_carries_a_token_as_recent_as_the_hubs_last_read() -> None:
+    """A stream connected through hours without a change: its heartbeats' token takes the
+    time of the hub's latest read, so resuming with it after a disconnect is not refused
+    as expired (it was: the token kept the time of the last change the stream saw)."""
+    rig = Rig(heartbeat=0.01)
+    me = person()
+    stream = rig.watch(me)
+    rig.create(me, "before the quiet")
+    rig.hub.read_new()
+    (change,) = next(stream).changes
+    rig.clock.advance(2 * 3600)  # two hours of nothing; the hub polls meanwhile
+    rig.hub.read_new()
+    heartbeat = next(stream)
+    assert heartbeat.changes == ()
+    assert heartbeat.position == Position(change[0].seq, rig.clock.now())
+    resumed = rig.watch(me, token=encode_token(heartbeat.position))  # not RESUME_TOKEN_EXPIRED
+    rig.create(me, "after")
+    rig.hub.read_new()
+    assert kinds(next(resumed)) == [(ChangeKind.CREATED, "after", True)]
+
+
+def test_an_event_loop_streams_heartbeat_token_keeps_up_with_a_quiet_log() -> None:
+    rig = Rig(heartbeat=0.01)
+    me = person()
+
+    async def scenario() -> None:
+        stream = rig.service.watch(principal=me).batches()
+        opened = await _next(stream)
+        rig.clock.advance(2 * 3600)
+        await asyncio.to_thread(rig.hub.read_new)
+        heartbeat = await _next(stream)
+        assert heartbeat.changes == ()
+        assert heartbeat.position == Position(opened.position.seq, rig.clock.now())
+        await stream.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_closing_the_hub_ends_streams_with_unavailable_shutting_down() -> None:
     rig = Rig()
     stream = rig.watch(person())
