@@ -135,9 +135,9 @@ def test_edit_list_tag_pin_roll_back_delete_undelete_and_purge(
     admin = stack.admin()
     assert get(stub, admin, f"{agent.id}@prod") == pinned
 
-    # The watcher has seen the create and the three edits; it disconnects here and
-    # misses what follows until it resumes with its token.
-    watcher.wait_for_kinds(4)
+    # The watcher has seen the create, the three edits and the tag; it disconnects here
+    # and misses what follows until it resumes with its token.
+    watcher.wait_for_kinds(5)
     token = watcher.disconnect()
     seen = list(watcher.changes)
 
@@ -216,16 +216,22 @@ def test_edit_list_tag_pin_roll_back_delete_undelete_and_purge(
     watcher.wait(lambda: any(c.kind == Change.KIND_PURGED for c in watcher.changes))
     watcher.disconnect()
     events = seen + watcher.changes
-    assert [(Change.Kind.Name(c.kind), c.agent.revision_id) for c in events] == [
-        ("KIND_CREATED", "1"),
-        ("KIND_UPDATED", "2"),
-        ("KIND_UPDATED", "3"),
-        ("KIND_UPDATED", "4"),
-        ("KIND_UPDATED", "5"),  # the rollback (tags change no configuration)
-        ("KIND_DELETED", "5"),
-        ("KIND_UNDELETED", "5"),
-        ("KIND_DELETED", "5"),
-        ("KIND_PURGED", ""),  # only its id
+    events_seen = [
+        (Change.Kind.Name(c.kind), c.agent.revision_id, c.alias, c.alias_revision_id)
+        for c in events
+    ]
+    assert events_seen == [
+        ("KIND_CREATED", "1", "", ""),
+        ("KIND_UPDATED", "2", "", ""),
+        ("KIND_UPDATED", "3", "", ""),
+        ("KIND_UPDATED", "4", "", ""),
+        ("KIND_TAGGED", "4", "prod", "3"),  # the agent as it is; the alias names 3
+        ("KIND_TAGGED", "4", "prod", "4"),  # promoted
+        ("KIND_UPDATED", "5", "", ""),  # the rollback
+        ("KIND_DELETED", "5", "", ""),
+        ("KIND_UNDELETED", "5", "", ""),
+        ("KIND_DELETED", "5", "", ""),
+        ("KIND_PURGED", "", "", ""),  # only its id
     ]
     assert {c.agent_id for c in events} == {agent.id}
     assert len({c.resume_token for c in events}) == len(events)

@@ -5,7 +5,8 @@ WatchAgents port (AGENT_WATCH_PORT, the grpc.aio server) unless a test says othe
   the last token gets every later change exactly once; tokens past the retention and
   malformed ones are refused with their reasons; a missing, forged or under-scoped token
   is refused on the watch port with the status and details the main port gives; the main
-  port serves the same stream; on the typed client's watch channel, a watcher that stops
+  port serves the same stream; a runtime pinned to `id@prod` hears each move of the alias;
+  on the typed client's watch channel, a watcher that stops
   reading gets the changes made meanwhile in a few messages, not one message each.
 - On a server of its own (one worker thread, two streams at most, on both ports together):
   one stream over the limit is RESOURCE_EXHAUSTED TOO_MANY_WATCHERS while unary calls are
@@ -239,6 +240,53 @@ def test_a_watcher_that_stops_reading_gets_the_changes_made_meanwhile_in_a_few_m
         call.cancel()
         prompt.call.cancel()
         channel.close()
+
+
+def test_a_runtime_pinned_to_an_alias_hears_each_promotion(stack: Stack) -> None:
+    """A runtime pins `id@prod`; the owner edits the agent and moves `prod` to the new
+    revision: the stream carries the move (the alias and the revision it names now), and
+    reading `id@prod` then gives that revision. Tagging it again is no change."""
+    stub, me = stack.agents, stack.new_user()
+    watch = Watch(stack.watch_agents, me)
+    watch.opened()
+    agent = create(stub, me, "w-pinned")
+
+    def tag(revision_id: str) -> None:
+        stub.TagAgentRevision(
+            agent_pb2.TagAgentRevisionRequest(id=agent.id, revision_id=revision_id, alias="prod"),
+            metadata=me.metadata,
+            timeout=TIMEOUT,
+        )
+
+    tag("1")
+    update(stub, me, agent_pb2.Agent(id=agent.id, description="v2"), ["description"])
+    tag("2")
+    pinned = stub.GetAgent(
+        agent_pb2.GetAgentRequest(id=f"{agent.id}@prod"), metadata=me.metadata, timeout=TIMEOUT
+    ).agent
+    assert (pinned.revision_id, pinned.description) == ("2", "v2")
+    tag("2")
+    stub.UntagAgentRevision(
+        agent_pb2.UntagAgentRevisionRequest(id=agent.id, alias="prod"),
+        metadata=me.metadata,
+        timeout=TIMEOUT,
+    )
+    got, _ = watch.changes(5)
+    assert [(KIND(c.kind), c.alias, c.alias_revision_id) for c in got] == [
+        ("KIND_CREATED", "", ""),
+        ("KIND_TAGGED", "prod", "1"),
+        ("KIND_UPDATED", "", ""),
+        ("KIND_TAGGED", "prod", "2"),
+        ("KIND_UNTAGGED", "prod", ""),
+    ]
+    assert {c.agent_id for c in got} == {agent.id}
+    assert got[3].agent.description == "v2"  # the agent as it is
+    # Nothing more: tagging the revision an alias names already made no event. A change
+    # made now is the next one the stream gets.
+    create(stub, me, "w-after-pins")
+    (after,), _ = watch.changes(1)
+    assert (KIND(after.kind), after.agent.name) == ("KIND_CREATED", "w-after-pins")
+    watch.call.cancel()
 
 
 def test_a_filtered_stream_is_told_when_an_agent_leaves_its_filter(stack: Stack) -> None:

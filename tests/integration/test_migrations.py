@@ -33,7 +33,7 @@ class History:
 
 
 AUTH = History("auth", AuthBase.metadata, "auth_0006")
-AGENT = History("agent", AgentBase.metadata, "agent_0006")
+AGENT = History("agent", AgentBase.metadata, "agent_0007")
 HISTORIES = [pytest.param(AUTH, id="auth"), pytest.param(AGENT, id="agent")]
 
 

@@ -26,6 +26,8 @@ _KINDS = {
     ChangeKind.DELETED: agent_pb2.AgentChange.KIND_DELETED,
     ChangeKind.UNDELETED: agent_pb2.AgentChange.KIND_UNDELETED,
     ChangeKind.PURGED: agent_pb2.AgentChange.KIND_PURGED,
+    ChangeKind.TAGGED: agent_pb2.AgentChange.KIND_TAGGED,
+    ChangeKind.UNTAGGED: agent_pb2.AgentChange.KIND_UNTAGGED,
 }
 _CHANGES_TAG = b"\x0a"  # field 1, length-delimited
 _TOKEN_TAG = b"\x12"  # field 2, length-delimited
@@ -43,6 +45,8 @@ def change_to_proto(change: Change, matches_filter: bool) -> agent_pb2.AgentChan
         change_time=_timestamp(change.time),
         resume_token=encode_token(Position(change.seq, change.time)),
         matches_filter=matches_filter,
+        alias=change.alias,
+        alias_revision_id="" if change.alias_revision is None else str(change.alias_revision),
     )
     if change.kind is not ChangeKind.PURGED:
         message.agent.CopyFrom(agent_to_proto(change.agent))

@@ -182,7 +182,7 @@ class ChangeRow(AgentBase):
     )
 
     seq: Mapped[int] = mapped_column(SEQ_TYPE, primary_key=True, autoincrement=True)
-    # created, updated, deleted, undeleted, purged (ChangeKind's values).
+    # created, updated, deleted, undeleted, purged, tagged, untagged (ChangeKind's values).
     kind: Mapped[str] = mapped_column(String(16))
     agent_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     owner_id: Mapped[uuid.UUID] = mapped_column(Uuid)
@@ -192,3 +192,6 @@ class ChangeRow(AgentBase):
     agent: Mapped[str] = mapped_column(Text)
     previous: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     change_time: Mapped[datetime] = mapped_column(Timestamp)
+    # tagged and untagged: the alias; tagged: the revision it names now (null otherwise).
+    alias: Mapped[str | None] = mapped_column(String(63), nullable=True)
+    alias_revision: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

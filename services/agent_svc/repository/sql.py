@@ -692,7 +692,15 @@ class SqlChangeLogRepository:
     def __init__(self, session: Session) -> None:
         self._session = session
 
-    def append(self, kind: ChangeKind, agent: Agent, *, previous: Agent | None = None) -> None:
+    def append(
+        self,
+        kind: ChangeKind,
+        agent: Agent,
+        *,
+        previous: Agent | None = None,
+        alias: str = "",
+        alias_revision: int | None = None,
+    ) -> None:
         session = self._session
         if session.get_bind().dialect.name == "postgresql":
             session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHANGE_LOG_LOCK})
@@ -712,6 +720,8 @@ class SqlChangeLogRepository:
                     else None
                 ),
                 change_time=utc_now(),  # the writer's clock: what the retention window counts
+                alias=alias or None,
+                alias_revision=alias_revision,
             )
         )
 
@@ -723,6 +733,8 @@ class SqlChangeLogRepository:
                 _CHANGES.c.agent,
                 _CHANGES.c.previous,
                 _CHANGES.c.change_time,
+                _CHANGES.c.alias,
+                _CHANGES.c.alias_revision,
             )
             .where(_CHANGES.c.seq > seq)
             .order_by(_CHANGES.c.seq)
@@ -739,8 +751,10 @@ class SqlChangeLogRepository:
                     if previous
                     else None
                 ),
+                alias=alias or "",
+                alias_revision=alias_revision,
             )
-            for row_seq, kind, agent, previous, change_time in rows
+            for row_seq, kind, agent, previous, change_time, alias, alias_revision in rows
         ]
 
     def head(self) -> int:

@@ -908,11 +908,18 @@ class AgentService:
                         QuotaViolation(f"agents/{key}", f"at most {MAX_ALIASES} aliases"),
                     ),
                 )
+            moved = aliases.get(name) != target.revision_id
             uow.revisions.set_alias(
                 key, name, target.revision_id, now=self._clock.now(), by=caller.author.by
             )
+            if moved:  # tagging the revision it names already is no change
+                uow.changes.append(
+                    ChangeKind.TAGGED, current, alias=name, alias_revision=target.revision_id
+                )
             uow.commit()
         self._alias_cache.invalidate(key)
+        if moved:
+            self._changed()
         return current.at(target)
 
     def untag(self, *, principal: Principal, agent_id: str, alias: str) -> None:
@@ -927,8 +934,10 @@ class AgentService:
             # The revision it named may now be past the retention: pruned at once, so the
             # list, reads and tags agree.
             uow.revisions.prune(key, newest=current.revision_id, keep=self._revisions_kept)
+            uow.changes.append(ChangeKind.UNTAGGED, current, alias=name)
             uow.commit()
         self._alias_cache.invalidate(key)
+        self._changed()
 
     def delete(self, *, principal: Principal, agent_id: str, etag: str = "") -> Agent:
         """Soft-deletes an agent the caller may change (AIP-164); a non-empty etag must

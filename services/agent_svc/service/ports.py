@@ -206,6 +206,10 @@ class ChangeKind(enum.Enum):
     DELETED = "deleted"
     UNDELETED = "undeleted"
     PURGED = "purged"
+    TAGGED = "tagged"
+    """An alias set or moved: `Change.alias` names `Change.alias_revision` now."""
+    UNTAGGED = "untagged"
+    """An alias removed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +224,10 @@ class Change:
     time: datetime
     previous: FilterFields | None = None
     """UPDATED: the filterable fields before the change, when known."""
+    alias: str = ""
+    """TAGGED and UNTAGGED: the alias."""
+    alias_revision: int | None = None
+    """TAGGED: the revision the alias names now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,11 +242,20 @@ class FilterFields:
 class ChangeLogRepository(Protocol):
     """The change log: appended in the changing transaction, read in commit order."""
 
-    def append(self, kind: ChangeKind, agent: Agent, *, previous: Agent | None = None) -> None:
+    def append(
+        self,
+        kind: ChangeKind,
+        agent: Agent,
+        *,
+        previous: Agent | None = None,
+        alias: str = "",
+        alias_revision: int | None = None,
+    ) -> None:
         """Logs a change of `agent` (as it is after the change; PURGED: the last known
         one) in this unit of work's transaction: it exists if and only if the transaction
         commits. `previous`: the agent before an update, when the caller has it (an update
-        that takes an agent out of a watcher's filter still reaches that watcher)."""
+        that takes an agent out of a watcher's filter still reaches that watcher).
+        `alias` (TAGGED, UNTAGGED) and `alias_revision` (TAGGED): the alias moved."""
         ...
 
     def after(self, seq: int, *, limit: int) -> list[Change]:

@@ -106,8 +106,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # batch) would otherwise get everything since its position in one. As ListAgents' budget.
 WATCH_MESSAGE_BUDGET = 3 * 1024 * 1024
 # An AgentChange's own fields around the agent: kind, agent_id, change_time, resume_token,
-# matches_filter and the framing (generous: the token is ~30 bytes, the time ~13).
-_CHANGE_FIELDS_MAX = 160
+# matches_filter, alias, alias_revision_id and the framing (generous: the token is ~30
+# bytes, the time ~13, an alias at most 63, a revision id at most 20).
+_CHANGE_FIELDS_MAX = 256
 # Each change's size, computed once (not per stream): bounded like the encoder's memo.
 _SIZES: collections.OrderedDict[tuple[int, uuid.UUID], int] = collections.OrderedDict()
 _SIZES_KEPT = 20_000  # as many as the encoder keeps encodings

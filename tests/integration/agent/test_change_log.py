@@ -71,6 +71,22 @@ def test_a_change_and_its_row_commit_together_and_a_rollback_leaves_none(
     assert updated.previous.model == "gpt-4o"
 
 
+def test_alias_moves_are_logged_with_the_alias_and_read_back(uow: UowFactory) -> None:
+    agents = service(uow)
+    me = a_user()
+    agent = agents.create(principal=me, agent=agent_input(name="pinned"))
+    agents.tag(principal=me, agent_id=str(agent.id), revision_id="1", alias="prod")
+    agents.untag(principal=me, agent_id=str(agent.id), alias="prod")
+    with uow() as work:
+        changes = work.changes.after(0, limit=10)
+    assert [(c.kind, c.alias, c.alias_revision) for c in changes] == [
+        (ChangeKind.CREATED, "", None),
+        (ChangeKind.TAGGED, "prod", 1),
+        (ChangeKind.UNTAGGED, "prod", None),
+    ]
+    assert {c.agent.id for c in changes} == {agent.id}
+
+
 def test_a_follower_of_the_log_gets_every_concurrent_change_once_in_commit_order(
     uow: UowFactory, sessions: sessionmaker[Session]
 ) -> None:

@@ -249,7 +249,15 @@ class FakeChanges:
         self._state = state
         self._database = database
 
-    def append(self, kind: ChangeKind, agent: Agent, *, previous: Agent | None = None) -> None:
+    def append(
+        self,
+        kind: ChangeKind,
+        agent: Agent,
+        *,
+        previous: Agent | None = None,
+        alias: str = "",
+        alias_revision: int | None = None,
+    ) -> None:
         self._database.last_seq += 1
         before = (
             FilterFields(previous.name, previous.model, dict(previous.metadata))
@@ -257,7 +265,9 @@ class FakeChanges:
             else None
         )
         time = self._database.clock_now() if self._database.clock_now else agent.update_time
-        self._state.changes.append(Change(self._database.last_seq, kind, agent, time, before))
+        self._state.changes.append(
+            Change(self._database.last_seq, kind, agent, time, before, alias, alias_revision)
+        )
 
     def after(self, seq: int, *, limit: int) -> list[Change]:
         return [c for c in self._state.changes if c.seq > seq][:limit]

@@ -494,12 +494,20 @@ def test_every_lifecycle_change_is_an_event_of_the_change_log_in_its_transaction
     world: World,
 ) -> None:
     """WatchAgents' log gets an event, in the change's own unit of work, for each create,
-    update, rollback, delete, undelete and purge; a refused change logs nothing."""
+    update, rollback, delete, undelete and purge, and each alias set, moved or removed
+    (a runtime pinned to `id@prod` hears of a promotion); a refused change, and tagging the
+    revision an alias names already, log nothing."""
     owner, root = user(), admin()
     versions = edited_three_times(world, owner)
     agent_id = str(versions[0].id)
     world.service.rollback(principal=owner, agent_id=agent_id, revision_id="1")
     world.service.tag(principal=owner, agent_id=agent_id, revision_id="2", alias="prod")
+    world.service.tag(principal=owner, agent_id=agent_id, revision_id="2", alias="prod")
+    world.service.tag(principal=owner, agent_id=agent_id, revision_id="3", alias="prod")
+    world.service.tag(principal=owner, agent_id=agent_id, revision_id="prod", alias="canary")
+    world.service.untag(principal=owner, agent_id=agent_id, alias="canary")
+    with pytest.raises(NotFound):  # not an alias it has
+        world.service.untag(principal=owner, agent_id=agent_id, alias="canary")
     world.service.delete(principal=owner, agent_id=agent_id)
     with pytest.raises(FailedPrecondition):  # a deleted agent cannot be rolled back
         world.service.rollback(principal=owner, agent_id=agent_id, revision_id="2")
@@ -508,13 +516,26 @@ def test_every_lifecycle_change_is_an_event_of_the_change_log_in_its_transaction
     changes = world.database.committed.changes
     assert [c.kind.value for c in changes] == [
         "created",
-        *["updated"] * 4,  # three edits and the rollback (a tag changes no configuration)
+        *["updated"] * 4,  # three edits and the rollback
+        "tagged",  # prod -> 2 (tagging 2 again: nothing)
+        "tagged",  # prod -> 3
+        "tagged",  # canary -> what prod names
+        "untagged",
         "deleted",
         "undeleted",
         "purged",
     ]
     assert {c.agent.id for c in changes} == {versions[0].id}
     assert changes[4].agent.description == "v1"  # the rollback's content
-    assert changes[5].agent.delete_time is not None
-    assert changes[6].agent.delete_time is None
+    assert [(c.alias, c.alias_revision) for c in changes[5:9]] == [
+        ("prod", 2),
+        ("prod", 3),
+        ("canary", 3),
+        ("canary", None),
+    ]
+    # An alias event carries the agent as it is (its latest revision, the rollback's).
+    assert {c.agent.revision_id for c in changes[5:9]} == {5}
+    assert all(c.alias == "" and c.alias_revision is None for c in changes[:5] + changes[9:])
+    assert changes[9].agent.delete_time is not None
+    assert changes[10].agent.delete_time is None
     assert [c.seq for c in changes] == sorted(c.seq for c in changes)

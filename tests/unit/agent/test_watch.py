@@ -413,6 +413,18 @@ def test_a_batch_encodes_as_a_watch_agents_response() -> None:
     assert decode_token(response.changes[0].resume_token).seq == 5
 
 
+def test_alias_moves_encode_with_the_alias_and_its_revision() -> None:
+    agent = _agent(uuid.uuid4(), name="pinned")
+    tagged = Change(7, ChangeKind.TAGGED, agent, NOW, alias="prod", alias_revision=3)
+    untagged = Change(8, ChangeKind.UNTAGGED, agent, NOW, alias="prod")
+    batch = WatchBatch(((tagged, True), (untagged, True)), Position(8, NOW))
+    response = agent_pb2.WatchAgentsResponse.FromString(ChangeEncoder().batch(batch))
+    assert [(c.kind, c.alias, c.alias_revision_id, c.agent.name) for c in response.changes] == [
+        (agent_pb2.AgentChange.KIND_TAGGED, "prod", "3", "pinned"),
+        (agent_pb2.AgentChange.KIND_UNTAGGED, "prod", "", "pinned"),
+    ]
+
+
 def test_a_token_from_before_purged_rows_gets_the_later_changes() -> None:
     rig = Rig()
     me = person()

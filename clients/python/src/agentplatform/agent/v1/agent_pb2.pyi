@@ -950,8 +950,8 @@ class WatchAgentsRequest(_message.Message):
     filter: _builtins.str
     """As ListAgentsRequest.filter (the same grammar and rules). An update is sent when the
     agent matches the filter after the change or before it: the latter has
-    `matches_filter` false, so a watcher drops the agent. Deletes, undeletes and purges
-    are sent when the agent (as last known) matches.
+    `matches_filter` false, so a watcher drops the agent. Deletes, undeletes, purges and
+    alias moves are sent when the agent (as last known) matches.
     """
     resume_token: _builtins.str
     """The resume_token of a message (or change) received before: the stream carries the
@@ -1022,6 +1022,12 @@ class AgentChange(_message.Message):
         """A deleted agent was restored."""
         KIND_PURGED: AgentChange._Kind.ValueType  # 5
         """The agent is gone for good: only agent_id is set."""
+        KIND_TAGGED: AgentChange._Kind.ValueType  # 6
+        """An alias was set or moved (TagAgentRevision): `alias` names `alias_revision_id` now.
+        A runtime that pins `id@alias` reads that revision (revisions never change).
+        """
+        KIND_UNTAGGED: AgentChange._Kind.ValueType  # 7
+        """An alias was removed (UntagAgentRevision): `alias` names no revision now."""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: AgentChange.Kind.ValueType  # 0
@@ -1035,6 +1041,12 @@ class AgentChange(_message.Message):
     """A deleted agent was restored."""
     KIND_PURGED: AgentChange.Kind.ValueType  # 5
     """The agent is gone for good: only agent_id is set."""
+    KIND_TAGGED: AgentChange.Kind.ValueType  # 6
+    """An alias was set or moved (TagAgentRevision): `alias` names `alias_revision_id` now.
+    A runtime that pins `id@alias` reads that revision (revisions never change).
+    """
+    KIND_UNTAGGED: AgentChange.Kind.ValueType  # 7
+    """An alias was removed (UntagAgentRevision): `alias` names no revision now."""
 
     KIND_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
@@ -1042,6 +1054,8 @@ class AgentChange(_message.Message):
     CHANGE_TIME_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     MATCHES_FILTER_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    ALIAS_REVISION_ID_FIELD_NUMBER: _builtins.int
     kind: Global___AgentChange.Kind.ValueType
     agent_id: _builtins.str
     """The agent's id (set for every kind)."""
@@ -1051,9 +1065,15 @@ class AgentChange(_message.Message):
     """False when the agent no longer matches the request's filter (an update that took it
     out of the filter's view): drop it. True otherwise.
     """
+    alias: _builtins.str
+    """TAGGED and UNTAGGED: the alias (empty for the other kinds)."""
+    alias_revision_id: _builtins.str
+    """TAGGED: the revision the alias names now (empty for the other kinds)."""
     @_builtins.property
     def agent(self) -> Global___Agent:
-        """The agent as it is after the change (DELETED: as it was deleted); unset for PURGED."""
+        """The agent as it is after the change (DELETED: as it was deleted; TAGGED and UNTAGGED:
+        as it is, its configuration that of its latest revision); unset for PURGED.
+        """
 
     @_builtins.property
     def change_time(self) -> _timestamp_pb2.Timestamp:
@@ -1068,10 +1088,12 @@ class AgentChange(_message.Message):
         change_time: _timestamp_pb2.Timestamp | None = ...,
         resume_token: _builtins.str = ...,
         matches_filter: _builtins.bool = ...,
+        alias: _builtins.str = ...,
+        alias_revision_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "change_time", b"change_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_id", b"agent_id", "change_time", b"change_time", "kind", b"kind", "matches_filter", b"matches_filter", "resume_token", b"resume_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_id", b"agent_id", "alias", b"alias", "alias_revision_id", b"alias_revision_id", "change_time", b"change_time", "kind", b"kind", "matches_filter", b"matches_filter", "resume_token", b"resume_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

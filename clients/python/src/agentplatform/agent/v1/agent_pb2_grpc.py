@@ -254,7 +254,8 @@ class AgentServiceServicer:
 
     def WatchAgents(self, request, context):
         """Streams the committed changes of the agents the caller may see (its own; an admin:
-        all), filtered like ListAgents, in commit order. The first message carries no change:
+        all), filtered like ListAgents, in commit order: creates, updates and rollbacks,
+        deletes, undeletes, purges, and aliases set, moved or removed. The first message carries no change:
         the stream is open, and its resume_token is where it starts (list after it, and no
         change is missed). Each later one carries the changes committed since the previous
         (none: a heartbeat, every AGENT_WATCH_HEARTBEAT_SECONDS on an idle stream) and a

@@ -111,7 +111,8 @@ class AgentServiceStub:
     """
     WatchAgents: _grpc.UnaryStreamMultiCallable[_agent_pb2.WatchAgentsRequest, _agent_pb2.WatchAgentsResponse]
     """Streams the committed changes of the agents the caller may see (its own; an admin:
-    all), filtered like ListAgents, in commit order. The first message carries no change:
+    all), filtered like ListAgents, in commit order: creates, updates and rollbacks,
+    deletes, undeletes, purges, and aliases set, moved or removed. The first message carries no change:
     the stream is open, and its resume_token is where it starts (list after it, and no
     change is missed). Each later one carries the changes committed since the previous
     (none: a heartbeat, every AGENT_WATCH_HEARTBEAT_SECONDS on an idle stream) and a
@@ -209,7 +210,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """
     WatchAgents: _aio.UnaryStreamMultiCallable[_agent_pb2.WatchAgentsRequest, _agent_pb2.WatchAgentsResponse]  # type: ignore[assignment]
     """Streams the committed changes of the agents the caller may see (its own; an admin:
-    all), filtered like ListAgents, in commit order. The first message carries no change:
+    all), filtered like ListAgents, in commit order: creates, updates and rollbacks,
+    deletes, undeletes, purges, and aliases set, moved or removed. The first message carries no change:
     the stream is open, and its resume_token is where it starts (list after it, and no
     change is missed). Each later one carries the changes committed since the previous
     (none: a heartbeat, every AGENT_WATCH_HEARTBEAT_SECONDS on an idle stream) and a
@@ -388,7 +390,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.WatchAgentsResponse], _abc.AsyncIterator[_agent_pb2.WatchAgentsResponse]]:
         """Streams the committed changes of the agents the caller may see (its own; an admin:
-        all), filtered like ListAgents, in commit order. The first message carries no change:
+        all), filtered like ListAgents, in commit order: creates, updates and rollbacks,
+        deletes, undeletes, purges, and aliases set, moved or removed. The first message carries no change:
         the stream is open, and its resume_token is where it starts (list after it, and no
         change is missed). Each later one carries the changes committed since the previous
         (none: a heartbeat, every AGENT_WATCH_HEARTBEAT_SECONDS on an idle stream) and a
