@@ -308,12 +308,18 @@ class SqlAgentRepository:
                 self._session.add(row)
                 self._session.flush()
         except IntegrityError:
+            self._count(agent.owner_id, -1)  # the one counted above: a refused add leaves none
             raise NameTaken(agent.name) from None
 
     def get(self, agent_id: uuid.UUID, *, for_update: bool = False) -> Agent | None:
         statement = _read().where(AgentRow.id == agent_id)
         if for_update:
             statement = statement.with_for_update()
+        row = self._session.execute(statement).one_or_none()
+        return _agent_from_row(row) if row else None
+
+    def named(self, owner_id: uuid.UUID, name: str) -> Agent | None:
+        statement = _read().where(AgentRow.owner_id == owner_id, AgentRow.name == name)
         row = self._session.execute(statement).one_or_none()
         return _agent_from_row(row) if row else None
 

@@ -33,13 +33,15 @@ pruned by a concurrent update is either tagged first (and kept) or gone (NOT_FOU
 
 Soft delete (AIP-164): DeleteAgent marks the agent deleted (`delete_time`, and
 `expire_time` `deleted_retention` later); it keeps its name (another agent of the owner
-cannot take it until it is purged) but not its place in the quota (UndeleteAgent takes
-one again, RESOURCE_EXHAUSTED if there is none). Get and BatchGet still return it (with
-its delete_time); List leaves it out unless `show_deleted`; every change but Undelete
-and Purge is FAILED_PRECONDITION (AGENT_DELETED); a second Delete is NOT_FOUND; Undelete
-of an agent that is not deleted is ALREADY_EXISTS (AGENT_NOT_DELETED). Delete and
-Undelete change the etag, not the configuration (no revision). PurgeAgent
-(`agents.admin`) removes an agent, deleted or not, with its revisions and aliases at once.
+cannot take it until it expires: a write that finds the name held by an expired agent
+the worker has not purged yet purges it in its own transaction) but not its place in the
+quota (UndeleteAgent takes one again, RESOURCE_EXHAUSTED if there is none). Get and
+BatchGet still return it (with its delete_time); List leaves it out unless
+`show_deleted`; every change but Undelete and Purge is FAILED_PRECONDITION
+(AGENT_DELETED); a second Delete is NOT_FOUND; Undelete of an agent that is not deleted
+is ALREADY_EXISTS (AGENT_NOT_DELETED). Delete and Undelete change the etag, not the
+configuration (no revision). PurgeAgent (`agents.admin`) removes an agent, deleted or
+not, with its revisions and aliases at once.
 
 A ListAgents page ends early, with a next_page_token, rather than carry more than
 LIST_RESPONSE_BUDGET bytes of agents (but always at least one): with agents of up to 1 MiB
@@ -447,8 +449,15 @@ class AgentService:
                 first = self._record_create(uow, caller.id, request, agent.fingerprint, new)
                 if first is not None:
                     return first
+            freed = None
             try:
-                uow.agents.add(new, max_per_owner=self._max_agents_per_owner)
+                try:
+                    uow.agents.add(new, max_per_owner=self._max_agents_per_owner)
+                except NameTaken:
+                    freed = self._free_expired_name(uow, caller.id, new.name)
+                    if freed is None:
+                        raise
+                    uow.agents.add(new, max_per_owner=self._max_agents_per_owner)
             except NameTaken:
                 raise _name_taken(new.name) from None
             except QuotaExceeded:
@@ -458,8 +467,31 @@ class AgentService:
                 return new  # not committed: the unit of work rolls back
             uow.changes.append(ChangeKind.CREATED, new)
             uow.commit()
+        self._forget(freed)
         self._changed()
         return new
+
+    def _free_expired_name(
+        self, uow: AgentUnitOfWork, owner_id: uuid.UUID, name: str
+    ) -> Agent | None:
+        """The owner's agent holding `name` when it is past its expire_time (gone for every
+        call, AIP-164, but not yet purged by the worker): purged now, in the caller's
+        transaction, as the worker would (its PURGED change logged), so the name is free
+        for the write that found it taken. The purged agent; None when the name is held
+        by an agent that exists (or can still be undeleted)."""
+        holder = uow.agents.named(owner_id, name)
+        if holder is None or not holder.expired(self._clock.now()):
+            return None
+        purged = uow.agents.purge(holder.id, expected_revision=holder.revision)
+        if purged is not None:
+            uow.changes.append(ChangeKind.PURGED, purged)
+        return purged
+
+    def _forget(self, purged: Agent | None) -> None:
+        """Drops a purged agent from the caches (after the commit that purged it)."""
+        if purged is not None:
+            self._cache.invalidate(purged.id)
+            self._alias_cache.invalidate(purged.id)
 
     def _check(self, agent: AgentInput) -> None:
         """The agent's rules; a retired model (or a deprecated one from its sunset date
@@ -847,8 +879,15 @@ class AgentService:
             return current  # nothing changes (e.g. only output-only paths): no write
         self._check(fields)
         updated = current.revised(fields, now=self._clock.now(), author=caller.author)
+        freed = None
         try:
-            stored = uow.agents.update(updated, expected_revision=current.revision)
+            try:
+                stored = uow.agents.update(updated, expected_revision=current.revision)
+            except NameTaken:
+                freed = self._free_expired_name(uow, current.owner_id, updated.name)
+                if freed is None:
+                    raise
+                stored = uow.agents.update(updated, expected_revision=current.revision)
         except NameTaken:
             raise _name_taken(updated.name) from None
         if not stored:
@@ -858,6 +897,7 @@ class AgentService:
             return updated
         uow.changes.append(ChangeKind.UPDATED, updated, previous=current)
         uow.commit()
+        self._forget(freed)
         self._changed()
         return updated
 

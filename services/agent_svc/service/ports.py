@@ -89,6 +89,10 @@ class AgentAliases:
 
 
 class AgentRepository(Protocol):
+    def named(self, owner_id: uuid.UUID, name: str) -> Agent | None:
+        """The owner's agent called `name` (deleted or not): what holds the name."""
+        ...
+
     def count_by_model(self, owner_id: uuid.UUID | None) -> dict[str, int]:
         """How many agents (not deleted) name each model: an owner's, or (None) everyone's."""
         ...

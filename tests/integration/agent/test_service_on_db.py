@@ -318,3 +318,47 @@ def test_tagging_a_revision_an_update_pruned_first_is_not_found(uow: UowFactory)
     with pytest.raises(NotFound) as caught:
         agents.tag(principal=owner, agent_id=str(agent.id), revision_id="1", alias="prod")
     assert caught.value.reason == "REVISION_NOT_FOUND"
+
+
+def test_a_name_held_by_an_expired_agent_is_free_before_the_worker_purges_it(
+    uow: UowFactory,
+) -> None:
+    """Past its expire_time a deleted agent is gone for every call (AIP-164); its name was
+    still taken (ALREADY_EXISTS) until the worker's next pass. A create or a rename that
+    finds it so purges it in its own transaction; a name held by an agent that can still be
+    undeleted stays taken; a refused create leaves the owner's count as it was."""
+    clock = FakeClock()
+    agents, me = (
+        service(uow, clock, deleted_retention_seconds=60, max_agents_per_owner=10),
+        a_user(),
+    )
+    old = agents.create(principal=me, agent=agent_input(name="reused"))
+    other = agents.create(principal=me, agent=agent_input(name="other"))
+    agents.delete(principal=me, agent_id=str(old.id))
+    with pytest.raises(AlreadyExists):  # deleted, not expired: undeletable, name kept
+        agents.create(principal=me, agent=agent_input(name="reused"))
+    clock.advance(61)
+    new = agents.create(principal=me, agent=agent_input(name="reused"))
+    assert new.id != old.id
+    with pytest.raises(NotFound):
+        agents.get(principal=me, agent_id=str(old.id))
+    # A rename onto an expired agent's name, likewise.
+    gone = agents.create(principal=me, agent=agent_input(name="renamed-onto"))
+    agents.delete(principal=me, agent_id=str(gone.id))
+    clock.advance(61)
+    renamed = agents.update(
+        principal=me,
+        agent_id=str(other.id),
+        patch=agent_input(name="renamed-onto"),
+        update_mask=["name"],
+    )
+    assert renamed.name == "renamed-onto"
+    with uow() as work:
+        kinds = [(c.kind.value, c.agent.id) for c in work.changes.after(0, limit=100)]
+        counted = work.session.scalar(
+            select(OwnerCountRow.agents).where(OwnerCountRow.owner_id == uuid.UUID(me.user_id))
+        )
+    assert ("purged", old.id) in kinds
+    assert kinds.index(("purged", old.id)) < kinds.index(("created", new.id))
+    assert ("purged", gone.id) in kinds
+    assert counted == len(agents.list(principal=me).agents) == 2

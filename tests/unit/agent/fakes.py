@@ -111,6 +111,13 @@ class FakeAgents:
         self._database.reads += 1
         return self._state.agents.get(agent_id)
 
+    def named(self, owner_id: uuid.UUID, name: str) -> Agent | None:
+        self._database.reads += 1
+        for agent in self._state.agents.values():
+            if agent.owner_id == owner_id and agent.name == name:
+                return agent
+        return None
+
     def count_by_model(self, owner_id: uuid.UUID | None) -> dict[str, int]:
         counts: dict[str, int] = {}
         for agent in self._state.agents.values():
