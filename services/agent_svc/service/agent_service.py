@@ -401,7 +401,6 @@ class AgentService:
         self._cache = cache
         self._clock = clock
         self._catalogue = catalogue or ModelCatalogue.of_active(allowed_models)
-        self._allowed_models = self._catalogue.usable
         self._page_tokens = page_tokens
         self._agent_size = agent_size
         self._request_id_ttl = timedelta(seconds=request_id_ttl_seconds)
@@ -496,11 +495,14 @@ class AgentService:
     def _check(self, agent: AgentInput) -> None:
         """The agent's rules; a retired model (or a deprecated one from its sunset date
         on) is refused naming its replacement, with the agent's other problems."""
-        refused = self._catalogue.retired(agent.model, self._clock.now().date())
+        today = self._clock.now().date()
+        allowed = self._catalogue.usable_on(today)
+        refused = self._catalogue.retired(agent.model, today)
         if refused is None:
-            check_agent(agent, self._allowed_models)
+            check_agent(agent, allowed)
             return
-        instead = f"; use {refused.replacement}" if refused.replacement else ""
+        replacement = self._catalogue.replacement_on(refused, today)
+        instead = f"; use {replacement}" if replacement else ""
         why = (
             f"reached its sunset date {refused.sunset.isoformat()}"
             if refused.state == DEPRECATED and refused.sunset is not None
@@ -508,15 +510,20 @@ class AgentService:
         )
         violation = FieldViolation("agent.model", f"{agent.model} {why}{instead}")
         try:
-            check_agent(agent, self._allowed_models)
+            check_agent(agent, allowed)
         except InvalidArgument as exc:
             others = [v for v in exc.violations if v.field != "agent.model"]
             raise InvalidArgument([violation, *others]) from None
         raise InvalidArgument([violation])
 
     def model_notice(self, model: str) -> ModelEntry | None:
-        """What a reply says about the agent's model: its entry when it is deprecated."""
-        return self._catalogue.notice(model)
+        """What a reply says about the agent's model: its entry when it is deprecated (with
+        the replacement to use today)."""
+        entry = self._catalogue.notice(model)
+        if entry is None:
+            return None
+        today = self._clock.now().date()
+        return replace(entry, replacement=self._catalogue.replacement_on(entry, today))
 
     def models(self, *, principal: Principal) -> list[tuple[ModelEntry, int]]:
         """The catalogue, each model with the agents using it: the caller's (an admin: all)."""

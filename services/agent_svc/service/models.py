@@ -11,7 +11,8 @@ Configured by AGENT_ALLOWED_MODELS (active), AGENT_DEPRECATED_MODELS
 (`model@YYYY-MM-DD>replacement`, both parts optional) and AGENT_RETIRED_MODELS
 (`model>replacement`), comma-separated; a model named deprecated or retired leaves the
 active list (a default model is deprecated without restating the list). A replacement must
-be a usable model of the catalogue.
+be a usable model of the catalogue when it is configured; one that reaches its own sunset
+later is passed over for its replacement (`replacement_on`).
 """
 
 from __future__ import annotations
@@ -100,11 +101,38 @@ class ModelCatalogue:
             return entry
         return None
 
+    def usable_on(self, today: date) -> tuple[str, ...]:
+        """The models an agent may name on `today`: active ones, and deprecated ones before
+        their sunset date (what an unknown model's refusal lists)."""
+        return tuple(
+            e.name
+            for e in self._entries.values()
+            if e.state == ACTIVE or (e.state == DEPRECATED and not _past_sunset(e, today))
+        )
+
+    def replacement_on(self, entry: ModelEntry, today: date) -> str | None:
+        """The model to name instead of `entry`'s on `today`: its replacement, or, when that
+        one has reached its own sunset since the catalogue was written, the replacement's
+        replacement, and so on (None when the chain ends in nothing usable)."""
+        usable = set(self.usable_on(today))
+        seen = {entry.name}
+        name = entry.replacement
+        while name is not None and name not in usable and name not in seen:
+            seen.add(name)
+            following = self._entries.get(name)
+            name = following.replacement if following is not None else None
+        return name if name in usable else None
+
     def entries_on(self, today: date) -> tuple[ModelEntry, ...]:
         """The entries as they stand on `today`: a deprecated model past its sunset shows
-        as retired (with its sunset date and replacement)."""
+        as retired; each replacement is the one to use on that day (`replacement_on`)."""
         return tuple(
-            ModelEntry(e.name, RETIRED, e.sunset, e.replacement) if _past_sunset(e, today) else e
+            ModelEntry(
+                e.name,
+                RETIRED if _past_sunset(e, today) else e.state,
+                e.sunset,
+                self.replacement_on(e, today),
+            )
             for e in self._entries.values()
         )
 

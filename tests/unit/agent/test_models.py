@@ -142,3 +142,48 @@ def test_a_default_model_can_be_deprecated_or_retired_without_restating_the_list
 def test_the_catalogue_refuses_what_cannot_work(env: dict[str, str], why: str) -> None:
     with pytest.raises(ConfigError, match=why):
         load_agent_settings(env)
+
+
+def test_a_model_past_its_sunset_is_neither_offered_nor_named_as_a_replacement() -> None:
+    """The catalogue is written once; sunsets pass later. From a deprecated model's sunset
+    date on, an unknown model's refusal no longer lists it, and a refusal (or a notice, or
+    ListModels) that would name it as the replacement names its own replacement instead
+    (nothing when that chain ends in no usable model)."""
+    catalogue = ModelCatalogue(
+        [
+            ModelEntry("gpt-5", ACTIVE),
+            ModelEntry("gemini-2.5-pro", DEPRECATED, date(2027, 1, 1), "gpt-5"),
+            ModelEntry("gpt-4o-mini", DEPRECATED, date(2027, 6, 1), "gemini-2.5-pro"),
+            ModelEntry("gpt-3.5", RETIRED, None, "gemini-2.5-pro"),
+            ModelEntry("o1", RETIRED, None, "o1-mini"),
+            ModelEntry("o1-mini", DEPRECATED, date(2027, 1, 1), None),
+        ]
+    )
+    world = make_world(catalogue=catalogue)
+    owner = user()
+    world.clock.advance((date(2027, 1, 1) - world.clock.now().date()).days * 86_400.0)
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.create(principal=owner, agent=agent_input(model="claude-9"))
+    (unknown,) = caught.value.violations
+    assert unknown.field == "agent.model"
+    assert "gemini-2.5-pro" not in unknown.description
+    assert "o1-mini" not in unknown.description
+    assert "gpt-5" in unknown.description
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.create(principal=owner, agent=agent_input(model="gpt-3.5"))
+    assert caught.value.violations[0].description == "gpt-3.5 is retired; use gpt-5"
+    with pytest.raises(InvalidArgument) as caught:
+        world.service.create(principal=owner, agent=agent_input(model="o1"))
+    assert caught.value.violations[0].description == "o1 is retired"
+    notice = world.service.model_notice("gpt-4o-mini")
+    assert notice is not None
+    assert notice.replacement == "gpt-5"
+    listed = {entry.name: entry.replacement for entry, _ in world.service.models(principal=owner)}
+    assert listed == {
+        "gpt-5": None,
+        "gemini-2.5-pro": "gpt-5",
+        "gpt-4o-mini": "gpt-5",
+        "gpt-3.5": "gpt-5",
+        "o1": None,
+        "o1-mini": None,
+    }
