@@ -5,6 +5,7 @@ values invalidated since (a private redis-server, restarted for real)."""
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -56,10 +57,9 @@ def a_cache(
         l1_ttl_seconds=0,
         l2_ttl_seconds=300,
         namespace=namespace,
-        breaker_seconds=0.05,
         on_event=lambda level, outcome: events.append((level, outcome)),
         version=lambda item: item.version,
-        **options,
+        **{"breaker_seconds": 0.05, **options},
     )
     cache.start()
     # Subscribing clears L1 and refuses fills in flight: wait, so reads fill L2.
@@ -170,6 +170,58 @@ def test_a_replica_that_lost_redis_doubts_what_a_cut_off_writer_could_not_invali
             client.close()
         writer_proxy.cut()
         reader_proxy.cut()
+
+
+def test_a_read_in_doubt_does_not_take_a_load_that_began_before_it(
+    redis_url: str, unique: str
+) -> None:
+    """In doubt the replica may not hear invalidations (a writer cut off from Redis keeps
+    them), so a read must not take the result of another read's load of the same key that
+    began before it: that load may have read the row before a write another replica has
+    already served. Found by the Redis freeze fault test under load: after the thaw a read
+    joined such a load and returned the version before one the writer's replica had
+    served (a read going backwards with L1 off)."""
+    database = Database()
+    events: list[tuple[str, str]] = []
+    key = uuid.uuid4()
+    database.rows[key] = Item(1)
+    target = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
+    host, port, db = target["host"], int(target["port"]), int(target.get("db", 0))
+    proxy = TcpProxy(host, port)
+    client = redis.Redis(port=proxy.port, db=db, socket_timeout=0.5)
+    reader = a_cache(client, unique, events, doubt_seconds=60.0, breaker_seconds=60.0)
+    loading, release = threading.Event(), threading.Event()
+
+    def slow_load() -> Item | None:  # reads the row, then is slow to return it
+        row = database.rows.get(key)
+        loading.set()
+        release.wait(timeout=30)
+        return row
+
+    results: dict[str, Item | None] = {}
+    try:
+        proxy.cut()
+        # A read finds Redis gone: the breaker skips it from now on, and the cache doubts.
+        assert reader.get(key, database.loader(key)) == Item(1)
+        assert ("l2", "error") in events
+        first = threading.Thread(target=lambda: results.update(first=reader.get(key, slow_load)))
+        first.start()
+        assert loading.wait(timeout=10)  # its load has read version 1 ...
+        database.rows[key] = Item(2)  # ... and a writer commits version 2, unheard here
+        second = threading.Thread(
+            target=lambda: results.update(second=reader.get(key, database.loader(key)))
+        )
+        second.start()
+        second.join(timeout=10)  # before the first load returns: not waiting for it
+        release.set()
+        first.join(timeout=10)
+        second.join(timeout=10)
+        assert results == {"first": Item(1), "second": Item(2)}
+    finally:
+        release.set()
+        reader.close()
+        client.close()
+        proxy.cut()
 
 
 @pytest.fixture

@@ -97,7 +97,9 @@ After a failure ("doubt")
       key and then `doubt` on the channel's node, which may be up while the key's shard
       is not).
     While in doubt L1 is empty and not refilled, and L2 values are not served: every read
-    loads from the database (and may still fill L2, against its stamp). The window covers
+    loads from the database (and may still fill L2, against its stamp), itself: it does not
+    take the result of another read's load in progress, which may have read the row before
+    a write whose invalidation this replica will not hear in time. The window covers
     the time a writer takes to flush its pending invalidations once Redis answers it again
     (its next call after the breaker, or its listener's next poll); a writer cut off from
     Redis for longer than that while the others reach it is the limit above.
@@ -347,9 +349,12 @@ class TwoLevelCache(Generic[T]):
                 if entry is not None:
                     del self._l1[key]
                 existing = self._flights.get(key)
-                leader = existing is None
-                flight = _Flight() if existing is None else existing
-                if leader:
+                # In doubt an invalidation may never reach this replica (a writer cut off
+                # from Redis keeps it), so nothing would tell a load in progress that a
+                # write it may have missed was served elsewhere: a read loads for itself.
+                leader = existing is None or now < self._doubt_until
+                flight = existing if existing is not None and not leader else _Flight()
+                if existing is None:
                     self._flights[key] = flight
         on_event = self._on_event
         if hit is not None:
