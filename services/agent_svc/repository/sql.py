@@ -272,7 +272,7 @@ def _revision_from_row(row: Any) -> AgentRevision:
     )
 
 
-def _condition(condition: Condition) -> ColumnElement[bool]:
+def _condition(condition: Condition, dialect: str) -> ColumnElement[bool]:
     match condition:
         case ModelEquals(model):
             return AgentRow.model == model
@@ -284,6 +284,15 @@ def _condition(condition: Condition) -> ColumnElement[bool]:
                 func.substr(AgentRow.name, 1, len(prefix)) == prefix,
             )
         case MetadataEquals(key, value):
+            if dialect == "sqlite":
+                # Not a JSON path: SQLAlchemy writes a non-ASCII key into SQLite's path as a
+                # \u escape, which SQLite does not read back (and a path cannot hold `"`).
+                pairs = func.json_each(AgentRow.metadata_).table_valued("key", "value")
+                return exists(
+                    select(literal(1))
+                    .select_from(pairs)
+                    .where(pairs.c.key == key, pairs.c.value == value)
+                )
             entry: ColumnElement[str] = AgentRow.metadata_[key].as_string()
             return entry == value
         case OwnerEquals(owner_id):
@@ -344,8 +353,9 @@ class SqlAgentRepository:
             statement = statement.where(
                 or_(AgentRow.expire_time.is_(None), AgentRow.expire_time > query.now)
             )
+        dialect = self._session.get_bind().dialect.name
         for condition in query.filter.conditions:
-            statement = statement.where(_condition(condition))
+            statement = statement.where(_condition(condition, dialect))
         if query.after is not None:
             key = tuple_(column, AgentRow.id)
             last = tuple_(literal(query.after.value, column.type), literal(query.after.id, Uuid()))

@@ -5,7 +5,8 @@ Filter grammar (whitespace between tokens is free; `AND` is case-sensitive)::
     filter     := term ( "AND" term )*
     term       := field "=" string
     field      := "model" | "name" | "owner_id" | "metadata." key
-    key        := [A-Za-z0-9_.-]+          (a metadata key; dots belong to the key)
+    key        := [A-Za-z0-9_.-]+ | string (a metadata key; dots belong to the key; quoted,
+                                            any key an agent may have: `metadata."kéy"`)
     string     := '"' ( any character but '"' and '\\' | '\\"' | '\\\\' )* '"'
 
 - `name = "sup*"`: a trailing `*` makes a prefix match (names starting with "sup");
@@ -32,7 +33,7 @@ import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 
-from services.agent_svc.service.validation import shown
+from services.agent_svc.service.validation import MAX_METADATA_KEY, shown
 from shared.config.text import line_problem, text_problem
 from shared.rpc.errors import InvalidArgument, PermissionDenied
 
@@ -91,7 +92,8 @@ class MetadataEquals:
     value: str
 
     def canonical(self) -> str:
-        return f"metadata.{self.key} = {_quote(self.value)}"
+        key = self.key if _METADATA_KEY.fullmatch(self.key) else _quote(self.key)
+        return f"metadata.{key} = {_quote(self.value)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,13 +152,19 @@ class _Scanner:
         self.skip_space()
         return self.pos >= len(self.text)
 
-    def field(self) -> str:
+    def field(self) -> tuple[str, str | None]:
+        """A field's name, and for `metadata."…"` the quoted key (AIP-160 lets a field be a
+        string: a key with characters a bare one cannot hold)."""
         self.skip_space()
+        if self.text.startswith(_METADATA_PREFIX + '"', self.pos):
+            self.pos += len(_METADATA_PREFIX)
+            key = self.string("a metadata key")
+            return _METADATA_PREFIX + key, key
         match = _FIELD.match(self.text, self.pos)
         if match is None:
             raise _bad_filter(f"expected a field name at position {self.pos + 1}")
         self.pos = match.end()
-        return match.group()
+        return match.group(), None
 
     def equals(self, field: str) -> None:
         self.skip_space()
@@ -196,10 +204,17 @@ class _Scanner:
         self.pos += 3
 
 
-def _condition(field: str, value: str, *, allow_owner: bool) -> Condition:
+def _condition(
+    field: str, value: str, *, allow_owner: bool, quoted_key: str | None = None
+) -> Condition:
+    if quoted_key is not None:  # what an agent's metadata may hold, nothing more
+        if not quoted_key or len(quoted_key) > MAX_METADATA_KEY:
+            raise _bad_filter(f"a metadata key must be 1 to {MAX_METADATA_KEY} characters")
+        if problem := line_problem(quoted_key):
+            raise _bad_filter(f"a metadata key {problem}")
     key = field[len(_METADATA_PREFIX) :] if field.startswith(_METADATA_PREFIX) else None
     if field not in ("model", "name", "owner_id") and not (
-        key is not None and _METADATA_KEY.fullmatch(key)
+        key is not None and (quoted_key is not None or _METADATA_KEY.fullmatch(key))
     ):
         raise _bad_filter(
             f"unknown field {shown(field)}; filterable: model, name, metadata.KEY"
@@ -235,10 +250,10 @@ def parse_filter(text: str, *, allow_owner: bool) -> AgentFilter:
     if scanner.at_end():
         return AgentFilter()
     while True:
-        field = scanner.field()
+        field, quoted_key = scanner.field()
         scanner.equals(field)
         value = scanner.string(field)
-        conditions.append(_condition(field, value, allow_owner=allow_owner))
+        conditions.append(_condition(field, value, allow_owner=allow_owner, quoted_key=quoted_key))
         if scanner.at_end():
             return AgentFilter(tuple(conditions))
         scanner.conjunction()

@@ -437,6 +437,16 @@ def test_a_name_taken_after_counting_leaves_the_count_to_the_rollback(uow: UowFa
     assert counts(uow) == {ALICE: 1}
 
 
+def test_a_metadata_key_any_agent_may_hold_can_be_filtered_on(uow: UowFactory) -> None:
+    """Keys a bare filter field cannot spell (`metadata."kéy"`): unicode, spaces, quotes,
+    a backslash, JSON-path punctuation."""
+    keys = ["kéy", "a b", 'say "hi"', "back\\slash", "$[0]", "a.b", "*"]
+    add(uow, *[an_agent(f"k{i}", metadata={key: "v"}) for i, key in enumerate(keys)])
+    for index, key in enumerate(keys):
+        assert query(uow, MetadataEquals(key, "v")) == [f"k{index}"], key
+        assert query(uow, MetadataEquals(key, "other")) == [], key
+
+
 def test_each_filter(uow: UowFactory) -> None:
     add(
         uow,

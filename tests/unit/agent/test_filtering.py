@@ -37,6 +37,9 @@ OWNER = uuid.UUID("6f1c8a52-2f0e-4a8e-9c1e-0d8f5b1e2a3c")
         ('name = "50%_off*"', (NamePrefix("50%_off"),)),
         ('metadata.team = "search"', (MetadataEquals("team", "search"),)),
         ('metadata.cost-center.v2 = "x"', (MetadataEquals("cost-center.v2", "x"),)),
+        ('metadata."kéy" = "x"', (MetadataEquals("kéy", "x"),)),
+        (r'metadata."say \"hi\"" = "x"', (MetadataEquals('say "hi"', "x"),)),
+        ('metadata."team" = "x"', (MetadataEquals("team", "x"),)),
         (r'name = "say \"hi\" \\ bye"', (NameEquals('say "hi" \\ bye'),)),
         ('name = ""', (NameEquals(""),)),
         (
@@ -53,6 +56,11 @@ def test_accepted_filters(text: str, conditions: tuple[object, ...]) -> None:
 @pytest.mark.parametrize(
     "text",
     [
+        'metadata. "a b" = "x"',
+        'metadata."" = "x"',
+        'metadata."a\nb" = "x"',
+        'metadata."unterminated = "x"',
+        f'metadata."{"k" * 65}" = "x"',
         'model = "a" OR model = "b"',
         'model = "a" and name = "b"',
         'NOT model = "a"',
@@ -170,3 +178,13 @@ def test_rejected_order_by_names_the_order_by_field(text: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
         parse_order_by(text)
     assert [v.field for v in caught.value.violations] == ["order_by"]
+
+
+def test_a_quoted_metadata_key_has_one_spelling() -> None:
+    """`metadata."team"` means `metadata.team` (one canonical spelling: streams and page
+    tokens compare filters by it); a key only quotes can spell keeps its quotes."""
+    quoted = parse_filter('metadata."team" = "x"', allow_owner=False)
+    assert quoted.canonical() == parse_filter('metadata.team = "x"', allow_owner=False).canonical()
+    odd = parse_filter(r'metadata."say \"hi\" kéy" = "x"', allow_owner=False)
+    assert odd.canonical() == r'metadata."say \"hi\" kéy" = "x"'
+    assert parse_filter(odd.canonical(), allow_owner=False) == odd

@@ -397,7 +397,9 @@ class ListAgentsRequest(_message.Message):
     """The next_page_token of a previous call with the same filter and order_by."""
     filter: _builtins.str
     """A subset of AIP-160: terms joined by AND, each `field = "value"`, over
-    model, name (a trailing * matches a prefix), metadata.KEY and owner_id. A value
+    model, name (a trailing * matches a prefix), metadata.KEY (a key of other
+    characters than letters, digits, `_`, `.` and `-` quoted: metadata."cost center") and
+    owner_id. A value
     follows its field's text rules (no NUL, no control characters but tab and line
     breaks in metadata values, none at all in the others). Only
     admins may filter by owner_id: anyone else gets PERMISSION_DENIED (reason
