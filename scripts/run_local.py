@@ -1,48 +1,68 @@
 """Start auth_svc and agent_svc as two processes on the dev profile, each running its
-background jobs in process; stop both on Ctrl-C. agent_svc starts once auth_svc serves
-(it fetches auth_svc's keys and revocations as it starts: started together, it logged
-failed fetches at every start).
+background jobs in process; stop both on Ctrl-C.
+
+- The ports must be free: a server already listening on one (another `scripts/run`, say)
+  is named and nothing starts. Otherwise agent_svc would take that server for its own
+  auth_svc and fetch another deployment's keys.
+- agent_svc starts once auth_svc listens (it fetches auth_svc's keys and revocations as
+  it starts: started together, it logged failed fetches at every start); the "started"
+  line is printed once agent_svc listens too.
+- A service that exits by itself is named with how it ended, the other one is stopped,
+  and the command exits non-zero (128 + the signal for a signal). Ctrl-C stops both and
+  exits 0 when both stopped cleanly.
 
 Environment variables already set (AUTH_*, AGENT_*) are passed through, so the same
-command runs against PostgreSQL and Redis when those URLs are given.
+command runs against PostgreSQL and Redis (or with TLS) when those are given.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
 STARTUP_SECONDS = 300.0  # a first start on a slow machine: migrations, a new signing key
 
 
-def serving(child: subprocess.Popen[bytes], address: str, stopping: Callable[[], bool]) -> bool:
-    """Whether the process came to answer its health check SERVING (False if it exited,
-    was told to stop, or took longer than STARTUP_SECONDS)."""
+def _host(env: dict[str, str], prefix: str) -> str:
+    host = env.get(f"{prefix}_HOST", "127.0.0.1")
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # noqa: S104
+
+
+def _in_use(host: str, port: int) -> bool:
+    """Whether something already listens there."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((host, port)) == 0
+
+
+def listening(
+    child: subprocess.Popen[bytes], host: str, port: int, stopping: Callable[[], bool]
+) -> bool:
+    """Whether the process came to accept connections on its port (False if it exited,
+    was told to stop, or took longer than STARTUP_SECONDS). The port was free before it
+    started, so what answers is this process (a TCP check: plaintext or TLS alike)."""
     deadline = time.monotonic() + STARTUP_SECONDS
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while child.poll() is None and not stopping() and time.monotonic() < deadline:
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return True
-            except grpc.RpcError:
-                pass  # not listening yet
-            time.sleep(0.1)
-    if child.poll() is None and not stopping():
-        print(f"auth_svc did not serve within {STARTUP_SECONDS:.0f} s", file=sys.stderr)
+    while child.poll() is None and not stopping() and time.monotonic() < deadline:
+        if _in_use(host, port):
+            return True
+        time.sleep(0.1)
     return False
+
+
+def ended(name: str, code: int) -> str:
+    return f"{name} was killed by signal {-code}" if code < 0 else f"{name} exited with {code}"
+
+
+def exit_code(codes: list[int]) -> int:
+    """The worst of the children's: 128 + n for a signal, the code otherwise."""
+    return max((128 - code if code < 0 else code) for code in codes) if codes else 0
 
 
 def main() -> int:
@@ -54,46 +74,76 @@ def main() -> int:
         "AGENT_WORKER_IN_PROCESS": "true",
         **os.environ,
     }
-    env.setdefault("AGENT_AUTH_TARGET", f"127.0.0.1:{env.get('AUTH_PORT', '50051')}")
-    children: list[subprocess.Popen[bytes]] = []
+    auth_port = int(env.get("AUTH_PORT", "50051"))
+    agent_port = int(env.get("AGENT_PORT", "50052"))
+    watch_port = int(env.get("AGENT_WATCH_PORT", "50053"))
+    env.setdefault("AGENT_AUTH_TARGET", f"127.0.0.1:{auth_port}")
+    auth_host, agent_host = _host(env, "AUTH"), _host(env, "AGENT")
+    taken = [
+        f"{name} port {port}"
+        for name, host, port in (
+            ("auth_svc", auth_host, auth_port),
+            ("agent_svc", agent_host, agent_port),
+            ("agent_svc WatchAgents", agent_host, watch_port),
+        )
+        if port and _in_use(host, port)
+    ]
+    if taken:
+        print(
+            f"already in use: {', '.join(taken)} (another scripts/run?); stop it, or set "
+            "AUTH_PORT / AGENT_PORT / AGENT_WATCH_PORT",
+            file=sys.stderr,
+        )
+        return 1
+
+    children: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
 
     def start(name: str) -> subprocess.Popen[bytes]:
         child = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env, cwd=ROOT)
-        children.append(child)
+        children[name] = child
         return child
 
     def stop(_signum: int = 0, _frame: object = None) -> None:
         nonlocal stopping
         stopping = True
-        for child in children:
+        for child in children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    auth_port = env.get("AUTH_PORT", "50051")
-    auth_host = env.get("AUTH_HOST", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")  # noqa: S104
-    if not serving(start("auth_svc"), f"{auth_host}:{auth_port}", lambda: stopping):
-        told = stopping  # Ctrl-C during the start: the processes' own exit codes
-        stop()
-        codes = [child.wait() for child in children]
-        return max(codes) if told else max([*codes, 1])
-    if not stopping:
-        start("agent_svc")
-        print(
-            f"auth_svc on 127.0.0.1:{auth_port}, "
-            f"agent_svc on 127.0.0.1:{env.get('AGENT_PORT', '50052')} "
-            f"(WatchAgents also on :{env.get('AGENT_WATCH_PORT', '50053')}); Ctrl-C stops both",
-            flush=True,
-        )
+    is_stopping = lambda: stopping  # noqa: E731
+    waiting_for: str | None = None  # the service that did not come to listen, if one
+    dead: str | None = None  # the first service that ended by itself, if one
     try:
-        while all(child.poll() is None for child in children):
-            time.sleep(0.2)
+        for name, host, port in (
+            ("auth_svc", auth_host, auth_port),
+            ("agent_svc", agent_host, agent_port),
+        ):
+            if not listening(start(name), host, port, is_stopping):
+                waiting_for = name
+                break
+        else:
+            print(
+                f"auth_svc on {auth_host}:{auth_port}, agent_svc on {agent_host}:{agent_port}"
+                f" (WatchAgents also on :{watch_port}); Ctrl-C stops both",
+                flush=True,
+            )
+            while not stopping and all(child.poll() is None for child in children.values()):
+                time.sleep(0.2)
+        dead = next((n for n, c in children.items() if c.poll() is not None), None)
     finally:
+        told = stopping
         stop()
-        codes = [child.wait() for child in children]
-    return max(codes)
+        codes = {name: child.wait() for name, child in children.items()}
+    if told:  # Ctrl-C or SIGTERM: clean when every service stopped cleanly
+        return exit_code(list(codes.values()))
+    if dead is not None:
+        print(f"{ended(dead, codes[dead])}; stopped the rest", file=sys.stderr)
+    else:
+        print(f"{waiting_for} did not start listening in time; stopped", file=sys.stderr)
+    return max(exit_code(list(codes.values())), 1)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """`scripts/run` (scripts/run_local.py) as a newcomer runs it: both services on the
-embedded default, agent_svc started once auth_svc serves, so that its first fetches of
+embedded default, agent_svc started once auth_svc listens, so that its first fetches of
 auth_svc's keys and revocations succeed (started together, it logged failed fetches at
-every start), and Ctrl-C (SIGINT to the launcher) stops both cleanly."""
+every start), and Ctrl-C (SIGINT to the launcher) stops both cleanly. A port already in
+use starts nothing (another deployment's auth_svc there would have been taken for its
+own); a service that dies is named and the command fails."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.helpers import ROOT, STARTUP_DEADLINE, free_port
 
 
-def test_the_run_command_starts_agent_svc_once_auth_svc_serves(tmp_path: Path) -> None:
-    auth_port, agent_port = free_port(), free_port()
+def run_env(tmp_path: Path, auth_port: int, agent_port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTH_", "AGENT_"))}
-    env |= {
+    return env | {
         "AUTH_PORT": str(auth_port),
         "AUTH_METRICS_PORT": str(free_port()),
         "AGENT_PORT": str(agent_port),
@@ -29,20 +31,32 @@ def test_the_run_command_starts_agent_svc_once_auth_svc_serves(tmp_path: Path) -
         "AUTH_DATA_DIR": str(tmp_path),
         "AGENT_DATA_DIR": str(tmp_path),
     }
-    log = tmp_path / "run.log"
+
+
+def launch(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
-        launcher = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "scripts/run_local.py"], env=env, cwd=ROOT, stdout=out, stderr=out
         )
+
+
+def wait_serving(port: int) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        statuses = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(), timeout=STARTUP_DEADLINE, wait_for_ready=True
+        )
+        for reply in statuses:  # NOT_SERVING until it has auth_svc's keys
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                statuses.cancel()
+                return
+
+
+def test_the_run_command_starts_agent_svc_once_auth_svc_serves(tmp_path: Path) -> None:
+    auth_port, agent_port = free_port(), free_port()
+    log = tmp_path / "run.log"
+    launcher = launch(run_env(tmp_path, auth_port, agent_port), log)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{agent_port}") as channel:
-            statuses = health_pb2_grpc.HealthStub(channel).Watch(
-                health_pb2.HealthCheckRequest(), timeout=STARTUP_DEADLINE, wait_for_ready=True
-            )
-            for reply in statuses:  # NOT_SERVING until it has auth_svc's keys
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    statuses.cancel()
-                    break
+        wait_serving(agent_port)
         started = log.read_text()
     finally:
         launcher.send_signal(signal.SIGINT)
@@ -54,3 +68,50 @@ def test_the_run_command_starts_agent_svc_once_auth_svc_serves(tmp_path: Path) -
     assert "fetching the JWKS failed" not in started, started
     assert "revocations: poll failed" not in started, started
     assert code == 0, log.read_text()[-3000:]
+
+
+def test_a_port_in_use_starts_nothing_and_says_which(tmp_path: Path) -> None:
+    """Another server on the auth port (a second scripts/run): it would answer for auth_svc
+    and agent_svc would fetch that deployment's keys. Nothing starts; the port is named."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        auth_port = other.getsockname()[1]
+        log = tmp_path / "run.log"
+        launcher = launch(run_env(tmp_path, auth_port, free_port()), log)
+        code = launcher.wait(timeout=STARTUP_DEADLINE)
+    assert code == 1, log.read_text()
+    assert f"already in use: auth_svc port {auth_port}" in log.read_text()
+    assert " listening on " not in log.read_text()  # neither service was started
+
+
+def _child(parent: int, module: str) -> int:
+    """The pid of `parent`'s child running `python -m <module>` (Linux /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and module.encode() in argv:
+            return int(entry.name)
+    raise AssertionError(f"no {module} child of {parent}")
+
+
+def test_a_service_that_dies_is_named_and_the_command_fails(tmp_path: Path) -> None:
+    auth_port, agent_port = free_port(), free_port()
+    log = tmp_path / "run.log"
+    launcher = launch(run_env(tmp_path, auth_port, agent_port), log)
+    try:
+        wait_serving(agent_port)
+        os.kill(_child(launcher.pid, "services.agent_svc"), signal.SIGKILL)
+        code = launcher.wait(timeout=STARTUP_DEADLINE)
+    finally:
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGINT)
+            launcher.wait(timeout=STARTUP_DEADLINE)
+    assert code == 128 + signal.SIGKILL, log.read_text()[-3000:]
+    assert "agent_svc was killed by signal 9; stopped the rest" in log.read_text()
+    assert "auth stopped" in log.read_text()  # the other one stopped cleanly

@@ -241,9 +241,9 @@ class CreateAgentRequest(_message.Message):
     Request ids are per caller: another caller's equal id is a different request.
     """
     validate_only: _builtins.bool
-    """Check the request (permissions, every field) and return the agent it would create,
-    creating nothing (AIP-163). Name uniqueness and the quota are checked by the create
-    itself only.
+    """Check the request (permissions, every field, the name not taken, the quota, a reused
+    request_id) and return the agent it would create, creating nothing (AIP-163): the
+    create's writes are made and rolled back, so a dry run fails as the create would.
     """
     @_builtins.property
     def agent(self) -> Global___Agent: ...
@@ -465,9 +465,9 @@ class UpdateAgentRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     validate_only: _builtins.bool
-    """Check the request (permissions, the agent exists, the etag, every field) and return
-    the agent it would produce, changing nothing (AIP-163). Name uniqueness is checked by
-    the update itself only.
+    """Check the request (permissions, the agent exists, the etag, every field, the name
+    not taken) and return the agent it would produce, changing nothing (AIP-163): the
+    update's writes are made and rolled back, so a dry run fails as the update would.
     """
     @_builtins.property
     def agent(self) -> Global___Agent:
