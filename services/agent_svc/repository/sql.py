@@ -14,6 +14,7 @@ round trip is exact (floats, microseconds, UTC, tool parameters, the revision).
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -68,6 +69,8 @@ from services.agent_svc.service.ports import (
 )
 from shared.config.clock import utc
 from shared.data.db import SqlUnitOfWork
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "SqlAgentRepository",
@@ -693,6 +696,18 @@ _CHANGES = ChangeRow.__table__
 _KINDS = {kind.value: kind for kind in ChangeKind}
 
 
+def _kind(value: str) -> ChangeKind:
+    """A row's kind. One this release does not know (a later release's, written during a
+    rolling update) is read as an update of the agent it carries: watchers re-read the
+    agent, and the hub does not fail every read until this pod is replaced (as a hub
+    without this rule does on the rows of alias moves: docs/watch.md "Upgrading")."""
+    kind = _KINDS.get(value)
+    if kind is None:
+        _log.warning("change log: unknown kind %r read as an update", value[:32])
+        return ChangeKind.UPDATED
+    return kind
+
+
 class SqlChangeLogRepository:
     """The change log (agent_changes). Commit order on PostgreSQL: a sequence hands out
     numbers when rows are inserted, not when transactions commit, so without more a
@@ -759,7 +774,7 @@ class SqlChangeLogRepository:
         return [
             Change(
                 seq=row_seq,
-                kind=_KINDS[kind],
+                kind=_kind(kind),
                 agent=_decode_response(agent),
                 time=_utc(change_time),
                 previous=(

@@ -9,7 +9,7 @@ import threading
 import uuid
 from collections.abc import Callable
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.agent_svc.repository.models import ChangeRow
@@ -161,3 +161,20 @@ def test_a_stream_resumed_on_a_fresh_hub_reads_the_rest_from_the_log(uow: UowFac
     while len(got) < len(names):
         got += [change.agent.name for change, _ in next(stream).changes]
     assert got == names
+
+
+def test_a_kind_this_release_does_not_know_is_read_as_an_update(
+    uow: UowFactory, sessions: sessionmaker[Session]
+) -> None:
+    """A later release's kind, written during a rolling update: read as an update of the
+    agent it carries, so the hub's reads go on (they failed on every read until the pod
+    was replaced)."""
+    agents = service(uow)
+    me = a_user()
+    agent = agents.create(principal=me, agent=agent_input(name="from-the-future"))
+    with sessions() as session:
+        session.execute(update(ChangeRow).values(kind="renamed-v9"))
+        session.commit()
+    with uow() as work:
+        (change,) = work.changes.after(0, limit=10)
+    assert (change.kind, change.agent.id) == (ChangeKind.UPDATED, agent.id)
