@@ -53,13 +53,12 @@ def a_cache(
     cache = TwoLevelCache[Item](
         redis=client,
         codec=ItemCodec(),
-        l1_max_entries=0,  # every read reaches Redis: the case the defect was found in
-        l1_ttl_seconds=0,
         l2_ttl_seconds=300,
         namespace=namespace,
         on_event=lambda level, outcome: events.append((level, outcome)),
         version=lambda item: item.version,
-        **{"breaker_seconds": 0.05, **options},
+        # By default every read reaches Redis (no L1): the case the defect was found in.
+        **{"breaker_seconds": 0.05, "l1_max_entries": 0, "l1_ttl_seconds": 0, **options},
     )
     cache.start()
     # Subscribing clears L1 and refuses fills in flight: wait, so reads fill L2.
@@ -219,6 +218,66 @@ def test_a_read_in_doubt_does_not_take_a_load_that_began_before_it(
         assert results == {"first": Item(1), "second": Item(2)}
     finally:
         release.set()
+        reader.close()
+        client.close()
+        proxy.cut()
+
+
+def test_a_read_in_doubt_that_loaded_for_itself_fills_no_cache(redis_url: str, unique: str) -> None:
+    """Its load is not in the map invalidations look in, so none can mark it stale: were
+    it to fill L1 when it returns after the doubt ended, the replica would serve the
+    version it loaded after a newer one's invalidation had come (review finding)."""
+    database = Database()
+    events: list[tuple[str, str]] = []
+    key = uuid.uuid4()
+    database.rows[key] = Item(1)
+    target = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
+    host, port, db = target["host"], int(target["port"]), int(target.get("db", 0))
+    proxy = TcpProxy(host, port)
+    client = redis.Redis(port=proxy.port, db=db, socket_timeout=0.5)
+    clock = SteppedClock()
+    reader = a_cache(
+        client,
+        unique,
+        events,
+        clock=clock,
+        doubt_seconds=60.0,
+        breaker_seconds=600.0,
+        l1_max_entries=100,
+        l1_ttl_seconds=600,
+    )
+    gates = {name: (threading.Event(), threading.Event()) for name in ("first", "second")}
+
+    def slow(name: str) -> Callable[[], Item | None]:
+        loading, release = gates[name]
+
+        def load() -> Item | None:
+            row = database.rows.get(key)
+            loading.set()
+            release.wait(timeout=30)
+            return row
+
+        return load
+
+    threads: list[threading.Thread] = []
+    try:
+        proxy.cut()
+        assert reader.get(key, database.loader(key)) == Item(1)  # Redis gone: in doubt
+        for name in ("first", "second"):  # the first's load is shared, the second's its own
+            threads.append(threading.Thread(target=reader.get, args=(key, slow(name))))
+            threads[-1].start()
+            assert gates[name][0].wait(timeout=10)
+        database.rows[key] = Item(2)
+        reader.invalidate(key)  # a write here: its flight (the first's) is marked stale
+        clock.offset += 61.0  # the doubt is over before the second load returns
+        for _, release in gates.values():
+            release.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert key not in reader._l1  # neither load's version 1 was kept
+    finally:
+        for _, release in gates.values():
+            release.set()
         reader.close()
         client.close()
         proxy.cut()

@@ -356,6 +356,10 @@ class TwoLevelCache(Generic[T]):
                 flight = existing if existing is not None and not leader else _Flight()
                 if existing is None:
                     self._flights[key] = flight
+                elif leader:
+                    # Not in `_flights`, so no invalidation can mark it stale: it fills
+                    # neither level (the doubt may end before its load returns).
+                    flight.stale = True
         on_event = self._on_event
         if hit is not None:
             if on_event is not None:
