@@ -150,3 +150,41 @@ def test_the_agent_list_queries_have_their_indexes_and_keys(database_url: str) -
 def test_named_revisions_resolve(sqlite_url: str, history: History) -> None:
     migrations.upgrade(history.service, sqlite_url, history.head)
     assert version(sqlite_url, history) == [history.head]
+
+
+def test_undoing_the_alias_columns_keeps_the_change_logs_numbers_going_up(
+    database_url: str,
+) -> None:
+    """agent_0007 down (SQLite rebuilds the table for it): a number the log handed out is
+    never handed out again, even when the purge removed every row (resume tokens would
+    look ahead of the log or skip changes), and alias moves become updates."""
+    migrations.upgrade("agent", database_url)
+    engine = create_engine(normalize_url(database_url), poolclass=NullPool)
+    row = (
+        "INSERT INTO agent_changes (kind, agent_id, owner_id, agent, change_time) "
+        "VALUES (:kind, :id, :id, '{}', CURRENT_TIMESTAMP)"
+    )
+    some_id = "6f1c8a52-2f0e-4a8e-9c1e-0d8f5b1e2a3c"
+    try:
+        with engine.begin() as connection:
+            for kind in ("created", "tagged", "updated", "untagged", "deleted"):
+                connection.execute(text(row), {"kind": kind, "id": some_id})
+            high = connection.execute(text("SELECT max(seq) FROM agent_changes")).scalar_one()
+            # The purge leaves the newest rows (here the untag and the delete).
+            purge = text("DELETE FROM agent_changes WHERE seq < :high - 1")
+            connection.execute(purge, {"high": high})
+        migrations.downgrade("agent", database_url, "agent_0006")
+        with engine.begin() as connection:
+            kinds = connection.execute(text("SELECT kind FROM agent_changes ORDER BY seq"))
+            assert list(kinds.scalars()) == ["updated", "deleted"]
+            connection.execute(text("DELETE FROM agent_changes"))
+            connection.execute(text(row), {"kind": "created", "id": some_id})
+            after = connection.execute(text("SELECT max(seq) FROM agent_changes")).scalar_one()
+        assert after > high
+        migrations.upgrade("agent", database_url)
+        with engine.begin() as connection:
+            connection.execute(text(row), {"kind": "created", "id": some_id})
+            again = connection.execute(text("SELECT max(seq) FROM agent_changes")).scalar_one()
+        assert again > after
+    finally:
+        engine.dispose()

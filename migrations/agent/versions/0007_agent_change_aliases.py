@@ -32,6 +32,24 @@ def downgrade() -> None:
     # it was then). Not deleted: the log's highest number must never go back (a resume
     # token would look ahead of the log).
     op.execute("UPDATE agent_changes SET kind = 'updated' WHERE kind IN ('tagged', 'untagged')")
-    with op.batch_alter_table("agent_changes") as batch:
+    bind = op.get_bind()
+    if bind.dialect.name != "sqlite":
+        op.drop_column("agent_changes", "alias_revision")
+        op.drop_column("agent_changes", "alias")
+        return
+    # SQLite rebuilds the table to drop a column: keep it AUTOINCREMENT and keep its high
+    # mark (sqlite_sequence), or numbers of rows the purge removed would be handed out again.
+    high = bind.execute(
+        sa.text("SELECT seq FROM sqlite_sequence WHERE name = 'agent_changes'")
+    ).scalar()
+    with op.batch_alter_table(
+        "agent_changes", table_kwargs={"sqlite_autoincrement": True}
+    ) as batch:
         batch.drop_column("alias_revision")
         batch.drop_column("alias")
+    if high is not None:
+        bind.execute(sa.text("DELETE FROM sqlite_sequence WHERE name = 'agent_changes'"))
+        bind.execute(
+            sa.text("INSERT INTO sqlite_sequence (name, seq) VALUES ('agent_changes', :seq)"),
+            {"seq": high},
+        )
