@@ -77,6 +77,9 @@ def main() -> int:
     auth_port = int(env.get("AUTH_PORT", "50051"))
     agent_port = int(env.get("AGENT_PORT", "50052"))
     watch_port = int(env.get("AGENT_WATCH_PORT", "50053"))
+    if not auth_port or not agent_port:
+        print("AUTH_PORT and AGENT_PORT must be fixed ports here (not 0)", file=sys.stderr)
+        return 2
     env.setdefault("AGENT_AUTH_TARGET", f"127.0.0.1:{auth_port}")
     auth_host, agent_host = _host(env, "AUTH"), _host(env, "AGENT")
     taken = [

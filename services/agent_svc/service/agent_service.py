@@ -453,8 +453,8 @@ class AgentService:
                 try:
                     uow.agents.add(new, max_per_owner=self._max_agents_per_owner)
                 except NameTaken:
-                    freed = self._free_expired_name(uow, caller.id, new.name)
-                    if freed is None:
+                    free, freed = self._free_expired_name(uow, caller.id, new.name)
+                    if not free:
                         raise
                     uow.agents.add(new, max_per_owner=self._max_agents_per_owner)
             except NameTaken:
@@ -472,19 +472,22 @@ class AgentService:
 
     def _free_expired_name(
         self, uow: AgentUnitOfWork, owner_id: uuid.UUID, name: str
-    ) -> Agent | None:
-        """The owner's agent holding `name` when it is past its expire_time (gone for every
-        call, AIP-164, but not yet purged by the worker): purged now, in the caller's
-        transaction, as the worker would (its PURGED change logged), so the name is free
-        for the write that found it taken. The purged agent; None when the name is held
-        by an agent that exists (or can still be undeleted)."""
+    ) -> tuple[bool, Agent | None]:
+        """Whether `name`, found taken, is free now, and the agent purged to free it. An
+        agent holding it past its expire_time (gone for every call, AIP-164, but not yet
+        purged by the worker) is purged in the caller's transaction, as the worker would
+        (its PURGED change logged). One the worker purged meanwhile (our purge removed
+        nothing) leaves the name free too. Held by an agent that exists, or can still be
+        undeleted: not free."""
+        now = self._clock.now()
         holder = uow.agents.named(owner_id, name)
-        if holder is None or not holder.expired(self._clock.now()):
-            return None
-        purged = uow.agents.purge(holder.id, expected_revision=holder.revision)
-        if purged is not None:
-            uow.changes.append(ChangeKind.PURGED, purged)
-        return purged
+        if holder is not None and holder.expired(now):
+            purged = uow.agents.purge(holder.id, expected_revision=holder.revision)
+            if purged is not None:
+                uow.changes.append(ChangeKind.PURGED, purged)
+                return True, purged
+            holder = uow.agents.named(owner_id, name)  # purged by the worker meanwhile?
+        return holder is None, None
 
     def _forget(self, purged: Agent | None) -> None:
         """Drops a purged agent from the caches (after the commit that purged it)."""
@@ -523,7 +526,9 @@ class AgentService:
         if entry is None:
             return None
         today = self._clock.now().date()
-        return replace(entry, replacement=self._catalogue.replacement_on(entry, today))
+        # As ListModels shows it today: past its sunset it is retired.
+        (as_today,) = [e for e in self._catalogue.entries_on(today) if e.name == entry.name]
+        return as_today
 
     def models(self, *, principal: Principal) -> list[tuple[ModelEntry, int]]:
         """The catalogue, each model with the agents using it: the caller's (an admin: all)."""
@@ -891,8 +896,8 @@ class AgentService:
             try:
                 stored = uow.agents.update(updated, expected_revision=current.revision)
             except NameTaken:
-                freed = self._free_expired_name(uow, current.owner_id, updated.name)
-                if freed is None:
+                free, freed = self._free_expired_name(uow, current.owner_id, updated.name)
+                if not free:
                     raise
                 stored = uow.agents.update(updated, expected_revision=current.revision)
         except NameTaken:

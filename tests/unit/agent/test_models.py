@@ -178,6 +178,10 @@ def test_a_model_past_its_sunset_is_neither_offered_nor_named_as_a_replacement()
     notice = world.service.model_notice("gpt-4o-mini")
     assert notice is not None
     assert notice.replacement == "gpt-5"
+    # An agent still on a model past its sunset (an update that changes nothing replies
+    # with its notice) is told it is retired, as ListModels says.
+    past = world.service.model_notice("gemini-2.5-pro")
+    assert past == ModelEntry("gemini-2.5-pro", RETIRED, date(2027, 1, 1), "gpt-5")
     listed = {entry.name: entry.replacement for entry, _ in world.service.models(principal=owner)}
     assert listed == {
         "gpt-5": None,

@@ -21,7 +21,15 @@ from shared.rpc.errors import (
     ResourceExhausted,
 )
 from shared.security.tokens import Principal
-from tests.unit.agent.fakes import World, acting_for, admin, agent_input, make_world, user
+from tests.unit.agent.fakes import (
+    FakeAgents,
+    World,
+    acting_for,
+    admin,
+    agent_input,
+    make_world,
+    user,
+)
 
 
 @pytest.fixture
@@ -539,3 +547,28 @@ def test_every_lifecycle_change_is_an_event_of_the_change_log_in_its_transaction
     assert changes[9].agent.delete_time is not None
     assert changes[10].agent.delete_time is None
     assert [c.seq for c in changes] == sorted(c.seq for c in changes)
+
+
+def test_a_name_the_worker_frees_meanwhile_is_taken_not_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker purges the expired holder of a name at the moment a create wants it: the
+    create's own purge then removes nothing, and the name is free all the same (it was
+    ALREADY_EXISTS); a name held by an agent that can still be undeleted stays taken."""
+    world = make_world(deleted_retention_seconds=60)
+    owner = user()
+    old = world.service.create(principal=owner, agent=agent_input(name="contested"))
+    world.service.delete(principal=owner, agent_id=str(old.id))
+    with pytest.raises(AlreadyExists):
+        world.service.create(principal=owner, agent=agent_input(name="contested"))
+    world.clock.advance(61)
+    purge = FakeAgents.purge
+
+    def purged_by_the_worker_first(self: FakeAgents, agent_id: uuid.UUID, **kw: object) -> None:
+        purge(self, agent_id, **kw)  # type: ignore[arg-type]
+        # (the worker's own PURGED change is its business)
+
+    monkeypatch.setattr(FakeAgents, "purge", purged_by_the_worker_first)
+    new = world.service.create(principal=owner, agent=agent_input(name="contested"))
+    assert new.name == "contested"
+    assert new.id != old.id

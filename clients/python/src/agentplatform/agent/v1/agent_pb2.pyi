@@ -273,7 +273,9 @@ class CreateAgentResponse(_message.Message):
     @_builtins.property
     def model_notice(self) -> Global___Model:
         """Set when the agent's model is deprecated: it works until its sunset date; move to
-        the replacement.
+        the replacement (the one to use today). Its state is "retired" once that date has
+        passed (an agent that still names the model, returned by an update that changed
+        nothing).
         """
 
     def __init__(
