@@ -1,9 +1,10 @@
 """Start auth_svc and agent_svc as two processes on the dev profile, each running its
 background jobs in process; stop both on Ctrl-C.
 
-- The ports must be free: a server already listening on one (another `scripts/run`, say)
-  is named and nothing starts. Otherwise agent_svc would take that server for its own
-  auth_svc and fetch another deployment's keys.
+- The ports must be free (gRPC, WatchAgents, metrics, health): a server already listening
+  on one (another `scripts/run`, say) is named with its variable and nothing starts.
+  Otherwise agent_svc would take a server on the auth port for its own auth_svc and fetch
+  another deployment's keys, or a service would die on a taken metrics port.
 - agent_svc starts once auth_svc listens (it fetches auth_svc's keys and revocations as
   it starts: started together, it logged failed fetches at every start); the "started"
   line is printed once agent_svc listens too.
@@ -82,19 +83,40 @@ def main() -> int:
         return 2
     env.setdefault("AGENT_AUTH_TARGET", f"127.0.0.1:{auth_port}")
     auth_host, agent_host = _host(env, "AUTH"), _host(env, "AGENT")
+    ports = [  # (what, variable, host, port): every port the two services open
+        ("auth_svc", "AUTH_PORT", auth_host, auth_port),
+        ("agent_svc", "AGENT_PORT", agent_host, agent_port),
+        ("agent_svc WatchAgents", "AGENT_WATCH_PORT", agent_host, watch_port),
+        (
+            "auth_svc metrics",
+            "AUTH_METRICS_PORT",
+            auth_host,
+            int(env.get("AUTH_METRICS_PORT", "9101")),
+        ),
+        (
+            "agent_svc metrics",
+            "AGENT_METRICS_PORT",
+            agent_host,
+            int(env.get("AGENT_METRICS_PORT", "9102")),
+        ),
+        ("auth_svc health", "AUTH_HEALTH_PORT", auth_host, int(env.get("AUTH_HEALTH_PORT", "0"))),
+        (
+            "agent_svc health",
+            "AGENT_HEALTH_PORT",
+            agent_host,
+            int(env.get("AGENT_HEALTH_PORT", "0")),
+        ),
+    ]
     taken = [
-        f"{name} port {port}"
-        for name, host, port in (
-            ("auth_svc", auth_host, auth_port),
-            ("agent_svc", agent_host, agent_port),
-            ("agent_svc WatchAgents", agent_host, watch_port),
-        )
+        (what, variable, port)
+        for what, variable, host, port in ports
         if port and _in_use(host, port)
     ]
     if taken:
         print(
-            f"already in use: {', '.join(taken)} (another scripts/run?); stop it, or set "
-            "AUTH_PORT / AGENT_PORT / AGENT_WATCH_PORT",
+            "already in use: "
+            + ", ".join(f"{what} port {port} ({variable})" for what, variable, port in taken)
+            + " (another scripts/run?); stop it, or set those variables to free ports",
             file=sys.stderr,
         )
         return 1

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.helpers import ROOT, STARTUP_DEADLINE, free_port
@@ -70,18 +71,26 @@ def test_the_run_command_starts_agent_svc_once_auth_svc_serves(tmp_path: Path) -
     assert code == 0, log.read_text()[-3000:]
 
 
-def test_a_port_in_use_starts_nothing_and_says_which(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("variable", "what"),
+    [("AUTH_PORT", "auth_svc"), ("AGENT_METRICS_PORT", "agent_svc metrics")],
+)
+def test_a_port_in_use_starts_nothing_and_says_which(
+    tmp_path: Path, variable: str, what: str
+) -> None:
     """Another server on the auth port (a second scripts/run): it would answer for auth_svc
-    and agent_svc would fetch that deployment's keys. Nothing starts; the port is named."""
+    and agent_svc would fetch that deployment's keys. On a metrics port: agent_svc died
+    with a traceback after the started line. Nothing starts; the port is named."""
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
         other.listen()
-        auth_port = other.getsockname()[1]
+        taken = other.getsockname()[1]
         log = tmp_path / "run.log"
-        launcher = launch(run_env(tmp_path, auth_port, free_port()), log)
+        env = run_env(tmp_path, free_port(), free_port()) | {variable: str(taken)}
+        launcher = launch(env, log)
         code = launcher.wait(timeout=STARTUP_DEADLINE)
     assert code == 1, log.read_text()
-    assert f"already in use: auth_svc port {auth_port}" in log.read_text()
+    assert f"already in use: {what} port {taken} ({variable})" in log.read_text()
     assert " listening on " not in log.read_text()  # neither service was started
 
 
