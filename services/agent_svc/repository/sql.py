@@ -703,9 +703,14 @@ def _kind(value: str) -> ChangeKind:
     without this rule does on the rows of alias moves: docs/watch.md "Upgrading")."""
     kind = _KINDS.get(value)
     if kind is None:
-        _log.warning("change log: unknown kind %r read as an update", value[:32])
+        if value not in _UNKNOWN_KINDS and len(_UNKNOWN_KINDS) < 16:  # once each, not per row
+            _UNKNOWN_KINDS.add(value)
+            _log.warning("change log: unknown kind %r read as an update", value[:32])
         return ChangeKind.UPDATED
     return kind
+
+
+_UNKNOWN_KINDS: set[str] = set()
 
 
 class SqlChangeLogRepository:

@@ -448,15 +448,13 @@ class AgentService:
                 first = self._record_create(uow, caller.id, request, agent.fingerprint, new)
                 if first is not None:
                     return first
-            freed = None
             try:
-                try:
-                    uow.agents.add(new, max_per_owner=self._max_agents_per_owner)
-                except NameTaken:
-                    free, freed = self._free_expired_name(uow, caller.id, new.name)
-                    if not free:
-                        raise
-                    uow.agents.add(new, max_per_owner=self._max_agents_per_owner)
+                _, freed = self._freeing_expired_name(
+                    uow,
+                    caller.id,
+                    new.name,
+                    lambda: uow.agents.add(new, max_per_owner=self._max_agents_per_owner),
+                )
             except NameTaken:
                 raise _name_taken(new.name) from None
             except QuotaExceeded:
@@ -469,6 +467,20 @@ class AgentService:
         self._forget(freed)
         self._changed()
         return new
+
+    def _freeing_expired_name(
+        self, uow: AgentUnitOfWork, owner_id: uuid.UUID, name: str, write: Callable[[], T]
+    ) -> tuple[T, Agent | None]:
+        """`write()` (an add or an update that takes `name`), run once more after freeing
+        the name when an expired agent held it; its result and the agent purged for it.
+        NameTaken when the name stays taken."""
+        try:
+            return write(), None
+        except NameTaken:
+            free, freed = self._free_expired_name(uow, owner_id, name)
+            if not free:
+                raise
+        return write(), freed
 
     def _free_expired_name(
         self, uow: AgentUnitOfWork, owner_id: uuid.UUID, name: str
@@ -891,15 +903,13 @@ class AgentService:
             return current  # nothing changes (e.g. only output-only paths): no write
         self._check(fields)
         updated = current.revised(fields, now=self._clock.now(), author=caller.author)
-        freed = None
         try:
-            try:
-                stored = uow.agents.update(updated, expected_revision=current.revision)
-            except NameTaken:
-                free, freed = self._free_expired_name(uow, current.owner_id, updated.name)
-                if not free:
-                    raise
-                stored = uow.agents.update(updated, expected_revision=current.revision)
+            stored, freed = self._freeing_expired_name(
+                uow,
+                current.owner_id,
+                updated.name,
+                lambda: uow.agents.update(updated, expected_revision=current.revision),
+            )
         except NameTaken:
             raise _name_taken(updated.name) from None
         if not stored:
