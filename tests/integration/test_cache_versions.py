@@ -171,6 +171,29 @@ def test_a_replica_that_lost_redis_doubts_what_a_cut_off_writer_could_not_invali
         reader_proxy.cut()
 
 
+def proxied(redis_url: str) -> tuple[TcpProxy, redis.Redis]:
+    """A client of the test Redis through a proxy the test can cut."""
+    target = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
+    host, port, db = target["host"], int(target["port"]), int(target.get("db", 0))
+    proxy = TcpProxy(host, port)
+    return proxy, redis.Redis(port=proxy.port, db=db, socket_timeout=0.5)
+
+
+class SlowLoad:
+    """A load that reads the row, says so (`loading`), and returns what it read only once
+    released (`release`): a read of the database that began before a write."""
+
+    def __init__(self, database: Database, key: uuid.UUID) -> None:
+        self._row = database.loader(key)
+        self.loading, self.release = threading.Event(), threading.Event()
+
+    def __call__(self) -> Item | None:
+        row = self._row()
+        self.loading.set()
+        self.release.wait(timeout=30)
+        return row
+
+
 def test_a_read_in_doubt_does_not_take_a_load_that_began_before_it(
     redis_url: str, unique: str
 ) -> None:
@@ -184,18 +207,9 @@ def test_a_read_in_doubt_does_not_take_a_load_that_began_before_it(
     events: list[tuple[str, str]] = []
     key = uuid.uuid4()
     database.rows[key] = Item(1)
-    target = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
-    host, port, db = target["host"], int(target["port"]), int(target.get("db", 0))
-    proxy = TcpProxy(host, port)
-    client = redis.Redis(port=proxy.port, db=db, socket_timeout=0.5)
+    proxy, client = proxied(redis_url)
     reader = a_cache(client, unique, events, doubt_seconds=60.0, breaker_seconds=60.0)
-    loading, release = threading.Event(), threading.Event()
-
-    def slow_load() -> Item | None:  # reads the row, then is slow to return it
-        row = database.rows.get(key)
-        loading.set()
-        release.wait(timeout=30)
-        return row
+    slow = SlowLoad(database, key)
 
     results: dict[str, Item | None] = {}
     try:
@@ -203,21 +217,21 @@ def test_a_read_in_doubt_does_not_take_a_load_that_began_before_it(
         # A read finds Redis gone: the breaker skips it from now on, and the cache doubts.
         assert reader.get(key, database.loader(key)) == Item(1)
         assert ("l2", "error") in events
-        first = threading.Thread(target=lambda: results.update(first=reader.get(key, slow_load)))
+        first = threading.Thread(target=lambda: results.update(first=reader.get(key, slow)))
         first.start()
-        assert loading.wait(timeout=10)  # its load has read version 1 ...
+        assert slow.loading.wait(timeout=10)  # its load has read version 1 ...
         database.rows[key] = Item(2)  # ... and a writer commits version 2, unheard here
         second = threading.Thread(
             target=lambda: results.update(second=reader.get(key, database.loader(key)))
         )
         second.start()
         second.join(timeout=10)  # before the first load returns: not waiting for it
-        release.set()
+        slow.release.set()
         first.join(timeout=10)
         second.join(timeout=10)
         assert results == {"first": Item(1), "second": Item(2)}
     finally:
-        release.set()
+        slow.release.set()
         reader.close()
         client.close()
         proxy.cut()
@@ -231,10 +245,7 @@ def test_a_read_in_doubt_that_loaded_for_itself_fills_no_cache(redis_url: str, u
     events: list[tuple[str, str]] = []
     key = uuid.uuid4()
     database.rows[key] = Item(1)
-    target = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
-    host, port, db = target["host"], int(target["port"]), int(target.get("db", 0))
-    proxy = TcpProxy(host, port)
-    client = redis.Redis(port=proxy.port, db=db, socket_timeout=0.5)
+    proxy, client = proxied(redis_url)
     clock = SteppedClock()
     reader = a_cache(
         client,
@@ -246,38 +257,27 @@ def test_a_read_in_doubt_that_loaded_for_itself_fills_no_cache(redis_url: str, u
         l1_max_entries=100,
         l1_ttl_seconds=600,
     )
-    gates = {name: (threading.Event(), threading.Event()) for name in ("first", "second")}
-
-    def slow(name: str) -> Callable[[], Item | None]:
-        loading, release = gates[name]
-
-        def load() -> Item | None:
-            row = database.rows.get(key)
-            loading.set()
-            release.wait(timeout=30)
-            return row
-
-        return load
+    loads = {name: SlowLoad(database, key) for name in ("first", "second")}
 
     threads: list[threading.Thread] = []
     try:
         proxy.cut()
         assert reader.get(key, database.loader(key)) == Item(1)  # Redis gone: in doubt
         for name in ("first", "second"):  # the first's load is shared, the second's its own
-            threads.append(threading.Thread(target=reader.get, args=(key, slow(name))))
+            threads.append(threading.Thread(target=reader.get, args=(key, loads[name])))
             threads[-1].start()
-            assert gates[name][0].wait(timeout=10)
+            assert loads[name].loading.wait(timeout=10)
         database.rows[key] = Item(2)
         reader.invalidate(key)  # a write here: its flight (the first's) is marked stale
         clock.offset += 61.0  # the doubt is over before the second load returns
-        for _, release in gates.values():
-            release.set()
+        for load in loads.values():
+            load.release.set()
         for thread in threads:
             thread.join(timeout=10)
         assert key not in reader._l1  # neither load's version 1 was kept
     finally:
-        for _, release in gates.values():
-            release.set()
+        for load in loads.values():
+            load.release.set()
         reader.close()
         client.close()
         proxy.cut()
