@@ -102,7 +102,7 @@ class KeyRing:
     def issuer(self) -> str:
         return self._issuer
 
-    def issue_access_token(self, user: User) -> str:
+    def issue_access_token(self, user: User, *, issued_at: int | None = None) -> str:
         """A user's token: their roles, and the scopes a user of those roles holds."""
         return self._sign(
             subject=str(user.id),
@@ -110,6 +110,7 @@ class KeyRing:
             scopes=user_scopes(user.roles),
             lifetime_seconds=self._ttl,
             roles=user.roles,
+            issued_at=issued_at,
         )
 
     def issue_token(

@@ -310,13 +310,14 @@ class DatabaseKeyRing:
     def issuer(self) -> str:
         return self._issuer
 
-    def issue_access_token(self, user: User) -> str:
+    def issue_access_token(self, user: User, *, issued_at: int | None = None) -> str:
         return self._sign(
             subject=str(user.id),
             client_id=self._issuer,
             scopes=user_scopes(user.roles),
             lifetime_seconds=self._ttl,
             roles=user.roles,
+            issued_at=issued_at,
         )
 
     def issue_token(

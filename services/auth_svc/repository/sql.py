@@ -11,6 +11,7 @@ from sqlalchemy import (
     bindparam,
     cast,
     delete,
+    func,
     or_,
     select,
     text,
@@ -389,6 +390,14 @@ class SqlRevocationRepository:
             ).first()
             is not None
         )
+
+    def latest(self, subject: str, now: datetime) -> datetime | None:
+        moment = self._session.scalar(
+            select(func.max(RevocationRow.not_before)).where(
+                RevocationRow.subject == subject, RevocationRow.expire_time > now
+            )
+        )
+        return utc(moment) if moment is not None else None
 
     def since(self, when: datetime | None, *, now: datetime, limit: int) -> list[Revocation]:
         query = select(RevocationRow).where(RevocationRow.expire_time > now)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import secrets
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from services.auth_svc.domain import (
     ADMIN,
@@ -60,6 +61,24 @@ _audit_log = logging.getLogger("agentplatform.audit")
 def hash_refresh_token(token: str) -> str:
     """Refresh tokens carry 256 random bits, so a plain SHA-256 is a safe stored form."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+# How far ahead of this replica's clock a revocation's moment may be and still be taken
+# as a token's `iat` (another replica's clock a little ahead); further, the token is
+# issued at this replica's time (and is refused until the moment, as before).
+_MAX_IAT_AHEAD_SECONDS = 5
+
+
+def _revoked_until(uow: AuthUnitOfWork, user: User, now: datetime) -> int | None:
+    """The `iat` a token of the user issued now must carry to outlive a revocation made
+    this second (None: now, the issuer's default, is fine)."""
+    moment = uow.revocations.latest(str(user.id), now)
+    if moment is None:
+        return None
+    until = moment.timestamp()
+    if until <= math.floor(now.timestamp()) or until > now.timestamp() + _MAX_IAT_AHEAD_SECONDS:
+        return None
+    return math.ceil(until)
 
 
 def _bad_credentials() -> Unauthenticated:
@@ -271,7 +290,9 @@ class AuthService:
             uow.refresh_tokens.add_family(family, user.id, now)
             refresh = self._new_refresh_token(uow, family, user.id)
             self._audit(uow, AuditKind.LOGIN_SUCCEEDED, user_id=user.id)
-            issued = self._issue(user, refresh)
+            issued = self._issue(uow, user, refresh)
+            if issued is None:  # not reachable under the row lock; kept for the type
+                return "disabled"
             uow.commit()
         return issued
 
@@ -335,7 +356,9 @@ class AuthService:
             refresh = self._new_refresh_token(uow, family, user.id)
             self._audit(uow, AuditKind.REFRESHED, user_id=user.id)
             # Signed before the commit: if it cannot be, the presented token is not spent.
-            issued = self._issue(user, refresh)
+            issued = self._issue(uow, user, refresh)
+            if issued is None:
+                raise _bad_refresh_token()
             uow.commit()
         return issued
 
@@ -373,11 +396,25 @@ class AuthService:
         )
         return value
 
-    def _issue(self, user: User, refresh_token: str) -> IssuedTokens:
+    def _issue(self, uow: AuthUnitOfWork, user: User, refresh_token: str) -> IssuedTokens | None:
+        """The user's tokens, or None if the account is no longer active.
+
+        A revocation refuses the tokens issued before the next whole second (`iat` is in
+        whole seconds), so a token issued later in the same second (a login right after
+        ChangePassword or RevokeAllSessions) would be refused too. Such a token takes the
+        revocation's moment as its `iat` instead, after the user is read again: the
+        change that made the revocation (a demotion, a disable) committed with it, so the
+        token carries the user as that change left them."""
         if self._tokens is None:
             raise RuntimeError("this AuthService was built to register only: it issues no token")
+        issued_at = _revoked_until(uow, user, self._clock.now())
+        if issued_at is not None:
+            current = uow.users.get(user.id)
+            if current is None or current.disabled:
+                return None
+            user = current
         return IssuedTokens(
-            access_token=self._tokens.issue_access_token(user),
+            access_token=self._tokens.issue_access_token(user, issued_at=issued_at),
             refresh_token=refresh_token,
             expires_in=self._tokens.access_token_ttl_seconds,
             user=user,

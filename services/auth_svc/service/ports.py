@@ -237,6 +237,10 @@ class RevocationRepository(Protocol):
         """Whether a token of `subject` issued at `issued_at` (epoch s) is revoked."""
         ...
 
+    def latest(self, subject: str, now: datetime) -> datetime | None:
+        """The latest `not_before` of the subject's revocations still in force (None: none)."""
+        ...
+
 
 class AuthUnitOfWork(UnitOfWork, Protocol):
     """One transaction over the auth repositories (see shared.data.uow.UnitOfWork)."""
@@ -325,7 +329,10 @@ class TokenIssuer(Protocol):
         """The `iss` of the tokens issued, and the `aud` client assertions must name."""
         ...
 
-    def issue_access_token(self, user: User) -> str: ...
+    def issue_access_token(self, user: User, *, issued_at: int | None = None) -> str:
+        """A user's token; `iat` = `issued_at` if given (`AuthService._issue`: a token
+        issued in the second of a revocation takes the revocation's moment)."""
+        ...
 
     def issue_token(
         self,

@@ -10,7 +10,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Engine, select
 
-from services.auth_svc.domain import ADMIN, USER, AuditEvent, AuditKind, RefreshToken, User
+from services.auth_svc.domain import (
+    ADMIN,
+    USER,
+    AuditEvent,
+    AuditKind,
+    RefreshToken,
+    Revocation,
+    User,
+)
 from services.auth_svc.infra.limiter import InMemoryLoginLimiter
 from services.auth_svc.repository.models import AuditRow, RefreshFamilyRow
 from services.auth_svc.repository.sql import SqlAuthUnitOfWork
@@ -262,6 +270,24 @@ def test_revoking_a_users_families_leaves_other_users_alone(uow: UowFactory) -> 
     with uow() as work:
         assert not any(work.refresh_tokens.lock_live_family(f, T0) for f in ada_families)
         assert work.refresh_tokens.lock_live_family(grace_family, T0)
+
+
+# -- revocations ------------------------------------------------------------------------
+
+
+def test_the_latest_revocation_in_force_is_found_per_subject(uow: UowFactory) -> None:
+    """What a login in the second of a revocation takes as its token's `iat`."""
+    soon, later = T0 + timedelta(seconds=1), T0 + timedelta(seconds=5)
+    with uow() as work:
+        work.revocations.add(Revocation("ada", soon, T0), expire_time=T0 + timedelta(minutes=10))
+        work.revocations.add(Revocation("ada", later, T0), expire_time=T0 + timedelta(minutes=1))
+        work.revocations.add(Revocation("grace", T0 + timedelta(hours=1), T0), expire_time=T0)
+        work.commit()
+    with uow() as work:
+        assert work.revocations.latest("ada", T0) == later
+        assert work.revocations.latest("ada", T0 + timedelta(minutes=2)) == soon  # one expired
+        assert work.revocations.latest("grace", T0) is None  # expired
+        assert work.revocations.latest("nobody", T0) is None
 
 
 # -- audit ------------------------------------------------------------------------------

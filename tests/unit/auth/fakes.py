@@ -290,6 +290,14 @@ class FakeRevocations:
             for r, expires in self._state.revocations
         )
 
+    def latest(self, subject: str, now: datetime) -> datetime | None:
+        moments = [
+            r.not_before
+            for r, expires in self._state.revocations
+            if r.subject == subject and expires > now
+        ]
+        return max(moments, default=None)
+
     def since(self, when: datetime | None, *, now: datetime, limit: int) -> list[Revocation]:
         found = [
             r

@@ -334,6 +334,83 @@ def test_a_password_change_revokes_the_tokens_issued_before(world: World) -> Non
     assert later == []
 
 
+def into_a_second(world: World, fraction: float) -> None:
+    """Moves the clock to `fraction` of a second past a whole second."""
+    now = world.auth.clock.now().timestamp()
+    world.auth.clock.advance(1 + fraction - now % 1)
+
+
+def revoked(world: World, token: Principal) -> bool:
+    """Whether a revocation covers the token (as every verifier judges it)."""
+    with world.auth.database.unit_of_work() as uow:
+        return uow.revocations.covers(token.user_id, token.issued_at, world.auth.clock.now())
+
+
+@pytest.mark.parametrize("revoke", ["change_password", "revoke_all"])
+def test_a_login_in_the_second_of_a_revocation_gets_a_token_that_works(
+    world: World, revoke: str
+) -> None:
+    """Tokens carry `iat` in whole seconds, and a revocation refuses every token issued
+    before the second after it; a login later in that second (right after ChangePassword or
+    RevokeAllSessions) must still get a working token."""
+    world.register("ada@example.com")
+    into_a_second(world, 0.2)
+    before = world.principal("ada@example.com")
+    world.auth.clock.advance(0.1)
+    if revoke == "change_password":
+        world.auth.service.change_password(
+            principal=before, current_password=PASSWORD, new_password="a brand new password"
+        )
+        password = "a brand new password"
+    else:
+        world.sessions.revoke_all(principal=before, user_id="")
+        password = PASSWORD
+    world.auth.clock.advance(0.3)  # the same second
+    after = world.auth.service.login(email="ada@example.com", password=password)
+    verifier = TokenVerifier(
+        StaticKeyProvider(world.auth.keys.verification_keys),
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        clock=world.auth.clock,
+    )
+    fresh = verifier.verify(after.access_token)
+    (revocation,), _, _ = world.feed.since(None)
+    assert revoked(world, before)
+    assert not revoked(world, fresh)
+    assert fresh.issued_at == revocation.not_before.timestamp()  # the next whole second
+    refreshed = verifier.verify(
+        world.auth.service.refresh(refresh_token=after.refresh_token).access_token
+    )
+    assert not revoked(world, refreshed)
+    world.auth.clock.advance(1)  # a later second: a token takes its own time again
+    again = verifier.verify(
+        world.auth.service.login(email="ada@example.com", password=password).access_token
+    )
+    assert again.issued_at == int(world.auth.clock.now().timestamp())
+
+
+def test_a_token_issued_after_a_demotion_in_its_second_carries_the_demoted_roles(
+    world: World, admin: Principal
+) -> None:
+    user_id = world.register("ada@example.com", admin=True)
+    into_a_second(world, 0.1)
+    with world.auth.database.unit_of_work() as uow:
+        user = uow.users.get(uuid.UUID(user_id))
+    assert user is not None
+    world.users.update(
+        principal=admin,
+        user_id=user_id,
+        etag=etag_of(user),
+        paths=["roles"],
+        display_name="",
+        roles=["user"],
+    )
+    world.auth.clock.advance(0.5)
+    token = world.principal("ada@example.com")
+    assert not revoked(world, token)
+    assert token.roles == frozenset({"user"})
+
+
 def test_a_revocation_reply_says_when_it_left_some_out(world: World) -> None:
     """Oldest first, at most `limit`, and `more` when the rest needs another reply."""
     subjects = []

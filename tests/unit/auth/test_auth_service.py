@@ -836,7 +836,7 @@ class _CannotSign:
     def __getattr__(self, name: str) -> object:
         return getattr(self._keys, name)
 
-    def issue_access_token(self, user: object) -> str:
+    def issue_access_token(self, user: object, *, issued_at: int | None = None) -> str:
         raise Unavailable("no signing key is ready", retry_after_seconds=1.0)
 
 
