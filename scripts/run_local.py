@@ -11,6 +11,9 @@ background jobs in process; stop both on Ctrl-C.
 - A service that exits by itself is named with how it ended, the other one is stopped,
   and the command exits non-zero (128 + the signal for a signal). Ctrl-C stops both and
   exits 0 when both stopped cleanly.
+- If the command itself is killed (`kill -9`, a closed terminal's SIGHUP), the services
+  get SIGTERM from the kernel (Linux's parent-death signal) and stop as on Ctrl-C,
+  instead of running on as orphans holding the ports.
 
 Environment variables already set (AUTH_*, AGENT_*) are passed through, so the same
 command runs against PostgreSQL and Redis (or with TLS) when those are given.
@@ -18,6 +21,7 @@ command runs against PostgreSQL and Redis (or with TLS) when those are given.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -29,6 +33,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 300.0  # a first start on a slow machine: migrations, a new signing key
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _stop_with_parent(parent: int) -> Callable[[], None]:
+    """Run in the child before exec: SIGTERM when the launcher dies (Linux; elsewhere
+    nothing). A launcher already gone by then is caught by the parent check."""
+
+    def arm() -> None:
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def _host(env: dict[str, str], prefix: str) -> str:
@@ -125,7 +145,12 @@ def main() -> int:
     stopping = False
 
     def start(name: str) -> subprocess.Popen[bytes]:
-        child = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env, cwd=ROOT)
+        child = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"],
+            env=env,
+            cwd=ROOT,
+            preexec_fn=_stop_with_parent(os.getpid()),  # noqa: PLW1509 - one thread here
+        )
         children[name] = child
         return child
 

@@ -3,15 +3,18 @@ embedded default, agent_svc started once auth_svc listens, so that its first fet
 auth_svc's keys and revocations succeed (started together, it logged failed fetches at
 every start), and Ctrl-C (SIGINT to the launcher) stops both cleanly. A port already in
 use starts nothing (another deployment's auth_svc there would have been taken for its
-own); a service that dies is named and the command fails."""
+own); a service that dies is named and the command fails; a killed command takes its
+services with it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -124,3 +127,35 @@ def test_a_service_that_dies_is_named_and_the_command_fails(tmp_path: Path) -> N
     assert code == 128 + signal.SIGKILL, log.read_text()[-3000:]
     assert "agent_svc was killed by signal 9; stopped the rest" in log.read_text()
     assert "auth stopped" in log.read_text()  # the other one stopped cleanly
+
+
+def _gone(pid: int) -> bool:
+    """Whether the process has exited (a zombie counts: it was not reaped, not running)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_killed_command_stops_its_services(tmp_path: Path) -> None:
+    """`kill -9` of the command (or its terminal closing): the services ran on as orphans,
+    holding the ports, so the next `scripts/run` found them taken."""
+    auth_port, agent_port = free_port(), free_port()
+    log = tmp_path / "run.log"
+    launcher = launch(run_env(tmp_path, auth_port, agent_port), log)
+    services: list[int] = []
+    try:
+        wait_serving(agent_port)
+        services += [_child(launcher.pid, f"services.{n}") for n in ("auth_svc", "agent_svc")]
+        launcher.kill()
+        launcher.wait(timeout=STARTUP_DEADLINE)
+        deadline = time.monotonic() + STARTUP_DEADLINE
+        while not all(_gone(pid) for pid in services):
+            assert time.monotonic() < deadline, f"still running: {services}\n{log.read_text()}"
+            time.sleep(0.1)
+    finally:
+        for pid in services:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "auth stopped" in text, text[-3000:]  # SIGTERM: each drained and stopped
