@@ -101,11 +101,13 @@ def agent_jobs(
     ]
 
 
-def _cache_invalidator(settings: AgentSettings) -> Callable[[list[uuid.UUID]], None] | None:
+def _cache_invalidator(
+    settings: AgentSettings,
+) -> tuple[Callable[[list[uuid.UUID]], None] | None, list[Callable[[], None]]]:
     """Tells every serving replica to drop purged agents (and their aliases) from its
-    caches, through the same Redis channels their writes use."""
+    caches, through the same Redis channels their writes use; and how to close its client."""
     if not settings.common.redis:
-        return None
+        return None, []
     client = make_redis(settings.common.redis)
     # No L1 and no listener: these caches only send invalidations.
     agents = TwoLevelCache[Agent](
@@ -132,20 +134,27 @@ def _cache_invalidator(settings: AgentSettings) -> Callable[[list[uuid.UUID]], N
         # The purges are in the change log: wake the watch hubs (they poll it anyway).
         client.publish(CHANGES_CHANNEL, b"1")
 
-    return invalidate
+    return invalidate, [client.close]
 
 
 def worker_for(
     settings: AgentSettings, engine: Engine, observability: Observability, clock: Clock
 ) -> Worker:
+    invalidate, closers = _cache_invalidator(settings)
     jobs = agent_jobs(
         session_factory(engine),
         clock=clock,
         request_id_ttl_seconds=settings.request_id_ttl_seconds,
-        on_purged=_cache_invalidator(settings),
+        on_purged=invalidate,
         watch_retention_seconds=settings.watch_retention_seconds,
     )
-    return make_worker(jobs, engine=engine, settings=settings.common, observability=observability)
+    return make_worker(
+        jobs,
+        engine=engine,
+        settings=settings.common,
+        observability=observability,
+        on_close=closers,
+    )
 
 
 def build_worker(settings: AgentSettings) -> tuple[Worker, Observability]:

@@ -159,7 +159,9 @@ class Worker:
         interval_seconds: float,
         on_result: JobObserver = _ignore,
         wall_clock: Callable[[], float] = time.time,
+        on_close: Sequence[Callable[[], None]] = (),
     ) -> None:
+        """`on_close`: what the jobs hold open (a Redis client), closed by `close()`."""
         if len({job.name for job in jobs}) != len(jobs):
             raise ValueError("job names must be unique")
         self.jobs = tuple(jobs)
@@ -173,6 +175,7 @@ class Worker:
         self._passed = threading.Condition()
         self._created_at = wall_clock()
         self.last_pass_at: float | None = None
+        self._on_close = list(on_close)
 
     def run_once(self) -> dict[str, str]:
         """One pass of every job, in order; returns each job's result. A job that fails is
@@ -227,6 +230,16 @@ class Worker:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout)
+
+    def close(self) -> None:
+        """Stops (as `stop`), then closes what the jobs hold. Idempotent."""
+        self.stop()
+        closers, self._on_close = self._on_close, []
+        for close in closers:
+            try:
+                close()
+            except Exception:
+                _log.exception("worker: closing %r failed", close)
 
     def wait_for_passes(self, count: int, timeout: float) -> bool:
         """Waits until `count` passes have ended in all (for tests and the worker command)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
 
 from sqlalchemy import Engine
@@ -41,16 +41,22 @@ HEALTHZ_PATH = "/healthz"
 
 
 def make_worker(
-    jobs: list[Job], *, engine: object, settings: CommonSettings, observability: Observability
+    jobs: list[Job],
+    *,
+    engine: object,
+    settings: CommonSettings,
+    observability: Observability,
+    on_close: Sequence[Callable[[], None]] = (),
 ) -> Worker:
     """A worker for the jobs, locked per job (advisory locks on PostgreSQL), counted in the
-    service's metrics."""
+    service's metrics; `on_close`: what its jobs hold open."""
     observability.metrics.declare_jobs(job.name for job in jobs)
     return Worker(
         jobs,
         locks=job_locks_for(engine),  # type: ignore[arg-type]
         interval_seconds=settings.worker_interval_seconds,
         on_result=observability.metrics.job_result,
+        on_close=on_close,
     )
 
 
@@ -73,7 +79,7 @@ def attach_in_process(running: RunningServer, worker: Worker) -> None:
     """The jobs on a thread of the serving process (`*_WORKER_IN_PROCESS`): they start with
     the server and stop before it releases the database."""
     running.on_start.append(worker.start)
-    running.on_stop.insert(0, worker.stop)
+    running.on_stop.insert(0, worker.close)
     _log.info("background jobs in process: %s", ", ".join(job.name for job in worker.jobs))
 
 
@@ -112,4 +118,5 @@ def run_worker(worker: Worker, observability: Observability, *, once: bool) -> i
                     _log.info("worker stopping")
                     return 0
     finally:
+        worker.close()
         observability.close()

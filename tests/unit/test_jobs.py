@@ -98,3 +98,29 @@ def test_on_a_thread_it_passes_until_stopped_and_reports_health() -> None:
     worker.stop()
     assert worker.healthy(now[0])
     assert not worker.healthy(now[0] + 2 * 0.01 + 61)  # no pass for too long: stuck
+
+
+def test_closing_stops_the_loop_then_closes_what_the_jobs_hold_once() -> None:
+    """The agent worker's Redis client (it publishes purges) was never closed."""
+    events: list[str] = []
+
+    def one_pass() -> dict[str, int]:
+        events.append("pass")
+        return {}
+
+    def failing() -> None:
+        raise RuntimeError("already gone")
+
+    worker = Worker(
+        [Job("a.job", one_pass)],
+        locks=LocalJobLocks(),
+        interval_seconds=0.01,
+        on_close=[lambda: events.append("closed"), failing, lambda: events.append("2nd")],
+    )
+    worker.start()
+    assert worker.wait_for_passes(2, timeout=30)
+    worker.close()  # a closer that fails does not keep the next one from running
+    worker.close()
+    assert events[-2:] == ["closed", "2nd"]
+    assert events.count("closed") == 1
+    assert set(events[:-2]) == {"pass"}  # no pass after the close began
