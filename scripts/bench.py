@@ -108,6 +108,7 @@ def _client(load: Load) -> tuple[int, int, list[float], dict[str, int]]:  # noqa
     measure_from = start + load.warmup
     end = measure_from + load.duration
     done = threading.Event()
+    issued_all = threading.Event()  # open loop: the last call is sent (it may end before `end`)
     outstanding = [0]
 
     def issue() -> None:
@@ -131,7 +132,7 @@ def _client(load: Load) -> tuple[int, int, list[float], dict[str, int]]:  # noqa
                     latencies.append(now - sent)
                 else:
                     counts["err"] += 1
-            if outstanding[0] == 0 and now > end:
+            if outstanding[0] == 0 and (now > end or issued_all.is_set()):
                 done.set()
         if load.rate == 0 and now <= end:
             issue()
@@ -145,6 +146,12 @@ def _client(load: Load) -> tuple[int, int, list[float], dict[str, int]]:  # noqa
                 time.sleep(pause)
             issue()
             next_at += interval
+        with lock:
+            issued_all.set()
+            if outstanding[0] == 0:
+                done.set()
+        # The last calls' answers; was 35 s whenever the last one ended before `end` (the
+        # watch phase then printed the server's CPU share a third of the truth).
         done.wait(35)
     else:
         for _ in range(load.concurrency):
@@ -353,6 +360,112 @@ def _serialize(request: Any) -> bytes:
     return bytes(request.SerializeToString())
 
 
+HolderReport = tuple[dict[int, int], dict[str, list[float]], dict[str, int]]
+HOLDERS_DIR = ROOT / "scripts" / "watch_holders"
+
+
+class _PythonHolders:
+    """WATCHER_PROCESSES grpc.aio processes (`_watchers`), as the typed client would watch."""
+
+    def __init__(self, ctx: Any, target: str, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._stop = ctx.Event()
+        self._results = ctx.Queue()
+        self._readies = [ctx.Event() for _ in range(WATCHER_PROCESSES)]
+        share = WATCHERS // WATCHER_PROCESSES
+        self._processes = [
+            ctx.Process(
+                target=_watchers,
+                args=(target, metadata, share, ready, self._stop, self._results),
+                daemon=True,
+            )
+            for ready in self._readies
+        ]
+        for process in self._processes:
+            process.start()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes if p.pid]
+
+    def wait_ready(self, timeout: float) -> bool:
+        return all(ready.wait(timeout) for ready in self._readies)
+
+    def reports(self) -> list[HolderReport]:
+        self._stop.set()
+        got = [self._results.get(timeout=120) for _ in self._processes]
+        for process in self._processes:
+            process.join(30)
+        return got
+
+
+class _NodeHolders:
+    """One Node.js process (scripts/watch_holders/holder.js, @grpc/grpc-js) holding every
+    stream, on the clients' core: ~20 µs of CPU a message where the Python holders take
+    45 to 60, which on this 2-core machine left the fan-out waiting on its own clients."""
+
+    def __init__(self, target: str, metadata: tuple[tuple[str, str], ...]) -> None:
+        import subprocess
+
+        _install_node_holders()
+        core = (os.cpu_count() or 2) - 1
+
+        def pin() -> None:  # before exec: every thread of node inherits it
+            if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+                os.sched_setaffinity(0, {core})
+
+        channels = WATCHER_PROCESSES * CHANNELS_PER_PROCESS
+        self._process = subprocess.Popen(
+            ["node", "holder.js", target, str(WATCHERS), str(channels), json.dumps(metadata)],
+            cwd=HOLDERS_DIR,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=pin,  # noqa: PLW1509 - the benchmark's main thread starts it
+        )
+
+    @property
+    def pids(self) -> list[int]:
+        return [self._process.pid]
+
+    def wait_ready(self, timeout: float) -> bool:
+        line: list[str] = []
+        reader = threading.Thread(
+            target=lambda: line.append(self._process.stdout.readline()),  # type: ignore[union-attr]
+            daemon=True,
+        )
+        reader.start()
+        reader.join(timeout)
+        return bool(line) and line[0].strip() == "ready"
+
+    def reports(self) -> list[HolderReport]:
+        assert self._process.stdin is not None
+        assert self._process.stdout is not None
+        self._process.stdin.write("stop\n")
+        self._process.stdin.flush()
+        report = json.loads(self._process.stdout.readline())
+        self._process.wait(30)
+        histogram = {int(bucket): int(n) for bucket, n in report["histogram"].items()}
+        return [(histogram, report["per_change"], report["counters"])]
+
+
+def _install_node_holders() -> None:
+    """`npm ci` of the holders' locked dependencies, once (they are not part of the services)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        raise SystemExit(
+            "the watch phase's stream holders run on Node.js (node and npm, 18 or newer): "
+            "install them, or pass --holders python"
+        )
+    if not (HOLDERS_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=HOLDERS_DIR,
+            check=True,
+        )
+
+
 # -- environment: databases, servers, data --------------------------------------------------
 
 
@@ -512,6 +625,14 @@ def main() -> int:  # noqa: PLR0915
         action="store_true",
         help="watch phase: streams on the main port (the sync server) instead of "
         "AGENT_WATCH_PORT (the grpc.aio server)",
+    )
+    parser.add_argument(
+        "--holders",
+        choices=("node", "python"),
+        default="node",
+        help="watch phase: who holds the 1,000 streams: one Node.js process (@grpc/grpc-js, "
+        "scripts/watch_holders; installed with npm on first use) or 4 Python grpc.aio "
+        "processes (the typed client's stack, twice the CPU a message)",
     )
     parser.add_argument(
         "--watch-env",
@@ -937,23 +1058,13 @@ def _watch_phase(  # noqa: PLR0915, PLR0917
     prewarm(target)
     contender = _contender(target, pid, hot)
     before = compare([contender("GetAgent L1, no watchers")])[0]
-    stop = ctx.Event()
-    results = ctx.Queue()
-    readies = [ctx.Event() for _ in range(WATCHER_PROCESSES)]
-    share = WATCHERS // WATCHER_PROCESSES
-    holders = [
-        ctx.Process(
-            target=_watchers,
-            args=(watch_target, metadata, share, ready, stop, results),
-            daemon=True,
-        )
-        for ready in readies
-    ]
-    for holder in holders:
-        holder.start()
-    for ready in readies:
-        if not ready.wait(120):
-            raise RuntimeError("the watchers did not all open their streams")
+    holders: _PythonHolders | _NodeHolders = (
+        _NodeHolders(watch_target, metadata)
+        if args.holders == "node"
+        else _PythonHolders(ctx, watch_target, metadata)
+    )
+    if not holders.wait_ready(120):
+        raise RuntimeError("the watchers did not all open their streams")
     during = compare([contender(f"GetAgent L1, {WATCHERS:,} watchers")])[0]
     # The changes are committed by a small writer process (on the clients' core): rows
     # appended to the change log as a replica's CreateAgent appends them, each followed by
@@ -980,7 +1091,7 @@ def _watch_phase(  # noqa: PLR0915, PLR0917
     if not writer_ready.wait(60):
         raise RuntimeError("the change writer did not start")
     cpu_before, wall_before = _cpu_seconds(pid), time.monotonic()
-    clients_before = sum(_cpu_seconds(holder.pid) for holder in holders if holder.pid)
+    clients_before = sum(_cpu_seconds(holder) for holder in holders.pids)
     go.set()
     made, lag, committed_at, writer_seconds = written.get(timeout=seconds + 60)
     print(
@@ -1003,30 +1114,24 @@ def _watch_phase(  # noqa: PLR0915, PLR0917
     fan_out_cpu = fan_out_seconds / (time.monotonic() - wall_before)
     # The stream holders share the other core with the writer and the probe: when they use
     # most of it, delivery waits on the clients too (the figure is not the server's alone).
-    clients_seconds = (
-        sum(_cpu_seconds(holder.pid) for holder in holders if holder.pid) - clients_before
-    )
+    clients_seconds = sum(_cpu_seconds(holder) for holder in holders.pids) - clients_before
     clients_cpu = clients_seconds / (time.monotonic() - wall_before)
     # Joined only now: a child's exit took up to half a minute in some runs, which the CPU
     # shares above counted as idle fan-out time (they came out a third of the truth).
     writer.join(30)
     prober.join(30)
-    stop.set()
     histogram: dict[int, int] = {}
     per_change: dict[str, list[float]] = {}  # agent id -> [deliveries, last arrival, time]
     counters: dict[str, int] = {}
-    for _ in holders:
-        got, changes, counted = results.get(timeout=120)
-        for bucket, deliveries in got.items():
-            histogram[bucket] = histogram.get(bucket, 0) + deliveries
+    for got, changes, counted in holders.reports():
+        for bucket, count in got.items():
+            histogram[bucket] = histogram.get(bucket, 0) + count
         for agent_id, (deliveries, last, change_time) in changes.items():
             seen = per_change.setdefault(agent_id, [0, last, change_time])
             seen[0] += deliveries
             seen[1] = max(seen[1], last)
         for name, value in counted.items():
             counters[name] = counters.get(name, 0) + value
-    for holder in holders:
-        holder.join(30)
     after = compare([contender("GetAgent L1, watchers closed")])[0]
     baseline = (before[0].qps + after[0].qps) / 2
     ratios["L1 with watchers"] = (during[0].qps / baseline, [q / baseline for q in during[1]])
