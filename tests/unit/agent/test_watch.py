@@ -364,6 +364,24 @@ def test_an_event_loop_streams_heartbeat_token_keeps_up_with_a_quiet_log() -> No
     asyncio.run(scenario())
 
 
+def test_an_idle_event_loop_stream_keeps_sending_heartbeats() -> None:
+    """Its wake-ups come from a periodic timer of its own (not a timeout per wait): it must
+    re-arm, heartbeat after heartbeat, and stop with the stream."""
+    rig = Rig(heartbeat=0.01)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        stream = rig.service.watch(principal=person()).batches()
+        await _next(stream)
+        for _ in range(3):
+            assert (await _next(stream)).changes == ()
+        await stream.aclose()
+        timers = [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+        assert timers == []  # the stream's timer went with it
+
+    asyncio.run(scenario())
+
+
 def test_closing_the_hub_ends_streams_with_unavailable_shutting_down() -> None:
     rig = Rig()
     stream = rig.watch(person())
