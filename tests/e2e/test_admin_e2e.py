@@ -148,19 +148,27 @@ def test_a_login_right_after_revoking_every_session_works_at_once(stack: Stack) 
     ).user.email
     with grpc.insecure_channel(stack.auth.address) as channel:
         sessions = auth_pb2_grpc.SessionServiceStub(channel)
-        # At the start of a second, so that the login below falls in the revocation's.
+        # At the start of a second, so that what follows falls in the revocation's.
         time.sleep(1 - time.time() % 1)
         sessions.RevokeAllSessions(
             auth_pb2.RevokeAllSessionsRequest(), metadata=user.metadata, timeout=TIMEOUT
         )
-    again = login(stack.auth_stub, email, USER_PASSWORD)
-    refused_within(stack, user, agent.id)  # agent_svc has the revocation now
+        again = login(stack.auth_stub, email, USER_PASSWORD)
+        # A second revocation in that second must refuse the token issued between the two
+        # (it carries the next second as its issue time: an outside review found it
+        # outliving the second revocation).
+        sessions.RevokeAllSessions(
+            auth_pb2.RevokeAllSessionsRequest(), metadata=again.metadata, timeout=TIMEOUT
+        )
+    third = login(stack.auth_stub, email, USER_PASSWORD)
+    refused_within(stack, user, agent.id)  # agent_svc has the revocations now
+    refused_within(stack, again, agent.id)
     got = stack.agents.GetAgent(
-        agent_pb2.GetAgentRequest(id=agent.id), metadata=again.metadata, timeout=TIMEOUT
+        agent_pb2.GetAgentRequest(id=agent.id), metadata=third.metadata, timeout=TIMEOUT
     )
     assert got.agent.id == agent.id
     me = stack.auth_stub.GetCurrentUser(
-        auth_pb2.GetCurrentUserRequest(), metadata=again.metadata, timeout=TIMEOUT
+        auth_pb2.GetCurrentUserRequest(), metadata=third.metadata, timeout=TIMEOUT
     )
     assert me.user.email == email
 

@@ -89,8 +89,17 @@ def revoke_tokens(
     uow: AuthUnitOfWork, subject: str, now: datetime, *, token_lifetime_seconds: int
 ) -> None:
     """Refuses the subject's access tokens issued before the next whole second (tokens
-    carry `iat` in whole seconds: one issued later in this second is refused too)."""
+    carry `iat` in whole seconds: one issued earlier in this second is refused too).
+
+    A token issued after a revocation within its second carries the revocation's moment
+    as its `iat` (`AuthService._issue`), so a second revocation of the subject within that
+    second must reach past it: its moment is one second after the latest in force when
+    that one is not already past. The callers hold the user's row lock (a login takes it
+    too), so two revocations and a login of one user are serialized."""
     not_before = datetime.fromtimestamp(math.floor(now.timestamp()) + 1, UTC)
+    latest = uow.revocations.latest(subject, now)
+    if latest is not None and latest >= not_before:
+        not_before = latest + timedelta(seconds=1)
     uow.revocations.add(
         Revocation(subject, not_before, now),
         expire_time=not_before + timedelta(seconds=token_lifetime_seconds) + REVOCATION_LEEWAY,
@@ -418,7 +427,7 @@ class Sessions(_Audited):
         """Ends every session of the user and refuses their access tokens; how many ended."""
         whose = self._whose(principal, user_id)
         with self._uow() as uow:
-            user = uow.users.get(whose)
+            user = uow.users.lock(whose)  # serialized with logins (`revoke_tokens`)
             if user is None:
                 raise _user_not_found()
             now = self._clock.now()

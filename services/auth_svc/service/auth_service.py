@@ -409,7 +409,8 @@ class AuthService:
             raise RuntimeError("this AuthService was built to register only: it issues no token")
         issued_at = _revoked_until(uow, user, self._clock.now())
         if issued_at is not None:
-            current = uow.users.get(user.id)
+            # A query, not the session's copy (`get` may answer from its identity map).
+            current = uow.users.lock(user.id)
             if current is None or current.disabled:
                 return None
             user = current

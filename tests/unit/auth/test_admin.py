@@ -411,6 +411,56 @@ def test_a_token_issued_after_a_demotion_in_its_second_carries_the_demoted_roles
     assert token.roles == frozenset({"user"})
 
 
+@pytest.mark.parametrize("second", ["change_password", "disable", "demote", "revoke_all"])
+def test_a_second_revocation_in_that_second_covers_the_token_issued_between(
+    world: World, admin: Principal, second: str
+) -> None:
+    """The token of a login after a revocation carries the next second as its `iat`; a
+    second revocation in the same second (a demotion the user saw coming, a disable) must
+    still refuse it (found by an outside review: it was accepted for its whole life)."""
+    user_id = world.register("ada@example.com", admin=True)
+    into_a_second(world, 0.1)
+    first = world.principal("ada@example.com")
+    world.sessions.revoke_all(principal=first, user_id="")
+    world.auth.clock.advance(0.1)
+    between = world.principal("ada@example.com")
+    assert not revoked(world, between)
+    world.auth.clock.advance(0.1)
+    if second == "change_password":
+        world.auth.service.change_password(
+            principal=between, current_password=PASSWORD, new_password="a brand new password"
+        )
+    elif second == "disable":
+        world.users.set_disabled(principal=admin, user_id=user_id, disabled=True)
+    elif second == "demote":
+        with world.auth.database.unit_of_work() as uow:
+            user = uow.users.get(uuid.UUID(user_id))
+        assert user is not None
+        world.users.update(
+            principal=admin,
+            user_id=user_id,
+            etag=etag_of(user),
+            paths=["roles"],
+            display_name="",
+            roles=["user"],
+        )
+    else:
+        world.sessions.revoke_all(principal=admin, user_id=user_id)
+    assert revoked(world, between)
+    assert revoked(world, first)
+    if second != "disable":  # and a login after both still works at once
+        password = "a brand new password" if second == "change_password" else PASSWORD
+        world.auth.clock.advance(0.1)
+        token = world.auth.service.login(email="ada@example.com", password=password)
+        verifier = TokenVerifier(
+            StaticKeyProvider(world.auth.keys.verification_keys),
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            clock=world.auth.clock,
+        )
+        assert not revoked(world, verifier.verify(token.access_token))
+
+
 def test_a_revocation_reply_says_when_it_left_some_out(world: World) -> None:
     """Oldest first, at most `limit`, and `more` when the rest needs another reply."""
     subjects = []

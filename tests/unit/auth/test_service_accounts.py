@@ -613,6 +613,28 @@ def test_a_revoked_user_token_cannot_be_exchanged_and_delegation_inherits_its_is
     assert "revoked" in caught.value.message
 
 
+def test_a_delegated_token_never_carries_an_issue_time_ahead_of_now(world: World) -> None:
+    """A user token issued in the second of the user's revocation carries the next second;
+    a delegated token inheriting it escaped its account's deletion in that second (found
+    by an outside review). It takes now instead, and the user's revocation refuses it."""
+    client_id, secret = create(world, "agents.read", "delegate")
+    _, user_id = user_token(world)
+    now = world.auth.clock.now().timestamp()
+    world.auth.clock.advance(1 + 0.1 - now % 1)  # early in a second
+    with world.auth.database.unit_of_work() as uow:
+        revoke_tokens(uow, user_id, world.auth.clock.now(), token_lifetime_seconds=900)
+        uow.commit()
+    world.auth.clock.advance(0.1)
+    subject = world.auth.service.login(email="ada@example.com", password="correct horse")
+    assert world.claims(subject.access_token)["iat"] > world.auth.clock.now().timestamp()
+    delegated = world.endpoint.issue(exchange(client_id, secret, subject.access_token))
+    issued_at = world.claims(delegated.access_token)["iat"]
+    assert issued_at == int(world.auth.clock.now().timestamp())
+    world.admin.delete(principal=ADMIN, account_id=client_id)
+    with world.auth.database.unit_of_work() as uow:
+        assert uow.revocations.covers(client_id, issued_at, world.auth.clock.now())
+
+
 def test_assertion_times_that_are_not_numbers_are_refused(world: World) -> None:
     client_id, _ = create(world)
     key, pem = ed25519_key()
