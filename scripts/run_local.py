@@ -11,9 +11,9 @@ background jobs in process; stop both on Ctrl-C.
 - A service that exits by itself is named with how it ended, the other one is stopped,
   and the command exits non-zero (128 + the signal for a signal). Ctrl-C stops both and
   exits 0 when both stopped cleanly.
-- If the command itself is killed (`kill -9`, a closed terminal's SIGHUP), the services
-  get SIGTERM from the kernel (Linux's parent-death signal) and stop as on Ctrl-C,
-  instead of running on as orphans holding the ports.
+- A closed terminal (SIGHUP) stops both as Ctrl-C does. If the command itself is killed
+  (`kill -9`), the services get SIGTERM from the kernel (Linux's parent-death signal) and
+  stop as on Ctrl-C, instead of running on as orphans holding the ports.
 
 Environment variables already set (AUTH_*, AGENT_*) are passed through, so the same
 command runs against PostgreSQL and Redis (or with TLS) when those are given.
@@ -43,6 +43,9 @@ def _stop_with_parent(parent: int) -> Callable[[], None]:
     nothing). A launcher already gone by then is caught by the parent check."""
 
     def arm() -> None:
+        # A hang-up (the terminal closed) reaches the whole group: the launcher stops the
+        # services with SIGTERM, so they drain instead of dying at once.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if sys.platform.startswith("linux"):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
             if os.getppid() != parent:
@@ -163,6 +166,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, stop)
     is_stopping = lambda: stopping  # noqa: E731
     waiting_for: str | None = None  # the service that did not come to listen, if one
     dead: str | None = None  # the first service that ended by itself, if one

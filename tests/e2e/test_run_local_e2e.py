@@ -37,10 +37,15 @@ def run_env(tmp_path: Path, auth_port: int, agent_port: int) -> dict[str, str]:
     }
 
 
-def launch(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def launch(env: dict[str, str], log: Path, *, own_group: bool = False) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "scripts/run_local.py"], env=env, cwd=ROOT, stdout=out, stderr=out
+            [sys.executable, "scripts/run_local.py"],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=out,
+            start_new_session=own_group,  # a terminal's process group, to hang up
         )
 
 
@@ -159,3 +164,23 @@ def test_a_killed_command_stops_its_services(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
     text = log.read_text()
     assert "auth stopped" in text, text[-3000:]  # SIGTERM: each drained and stopped
+
+
+def test_a_hang_up_stops_both_services_cleanly(tmp_path: Path) -> None:
+    """A closed terminal sends SIGHUP to its whole process group: the services died at
+    once, no drain (found by an outside review). They stop as on Ctrl-C."""
+    auth_port, agent_port = free_port(), free_port()
+    log = tmp_path / "run.log"
+    launcher = launch(run_env(tmp_path, auth_port, agent_port), log, own_group=True)
+    try:
+        wait_serving(agent_port)
+        os.killpg(launcher.pid, signal.SIGHUP)
+        code = launcher.wait(timeout=STARTUP_DEADLINE)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait(timeout=STARTUP_DEADLINE)
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert "auth stopped" in text, text[-3000:]
+    assert "agent stopped" in text, text[-3000:]
