@@ -224,16 +224,24 @@ class Worker:
             self.run_once()
             self._stop.wait(self.interval_seconds)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stops after the pass under way (if any). Idempotent."""
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stops after the pass under way (if any); whether no pass runs any more (False:
+        the pass outlived `timeout`). Idempotent."""
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout)
+            if thread.is_alive():
+                self._thread = thread  # still running: a later stop or close waits again
+                return False
+        return True
 
-    def close(self) -> None:
-        """Stops (as `stop`), then closes what the jobs hold. Idempotent."""
-        self.stop()
+    def close(self, timeout: float = 30.0) -> None:
+        """Stops (as `stop`), then closes what the jobs hold, once; not while a pass still
+        runs (it would use them closed): then they are left to the process's exit."""
+        if not self.stop(timeout):
+            _log.warning("worker: a pass still runs after %.0fs; left open what it uses", timeout)
+            return
         closers, self._on_close = self._on_close, []
         for close in closers:
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 import pytest
@@ -124,3 +125,30 @@ def test_closing_stops_the_loop_then_closes_what_the_jobs_hold_once() -> None:
     assert events[-2:] == ["closed", "2nd"]
     assert events.count("closed") == 1
     assert set(events[:-2]) == {"pass"}  # no pass after the close began
+
+
+def test_closing_while_a_pass_still_runs_leaves_what_it_uses_open() -> None:
+    """A pass that outlives the stop's wait would publish through a closed client
+    (outside review): the closers wait for a stop that ends the loop."""
+    release = threading.Event()
+    started = threading.Event()
+    closed: list[str] = []
+
+    def slow() -> dict[str, int]:
+        started.set()
+        assert release.wait(30)
+        return {}
+
+    worker = Worker(
+        [Job("a.job", slow)],
+        locks=LocalJobLocks(),
+        interval_seconds=0.01,
+        on_close=[lambda: closed.append("closed")],
+    )
+    worker.start()
+    assert started.wait(30)
+    worker.close(timeout=0.05)  # the pass is still running
+    assert closed == []
+    release.set()
+    worker.close()
+    assert closed == ["closed"]
