@@ -85,8 +85,20 @@ def etag_of(user: User) -> str:
     return f"{micros:x}"
 
 
+def refuse_if_revoked(uow: AuthUnitOfWork, principal: Principal, now: datetime) -> None:
+    """TOKEN_REVOKED if a revocation in the database covers the caller's token (before
+    any verifier's poll has it)."""
+    if uow.revocations.covers(principal.user_id, principal.issued_at, now):
+        raise Unauthenticated("the access token was revoked", reason="TOKEN_REVOKED")
+
+
 def revoke_tokens(
-    uow: AuthUnitOfWork, subject: str, now: datetime, *, token_lifetime_seconds: int
+    uow: AuthUnitOfWork,
+    subject: str,
+    now: datetime,
+    *,
+    token_lifetime_seconds: int,
+    forever: bool = False,
 ) -> None:
     """Refuses the subject's access tokens issued before the next whole second (tokens
     carry `iat` in whole seconds: one issued earlier in this second is refused too).
@@ -95,8 +107,11 @@ def revoke_tokens(
     as its `iat` (`AuthService._issue`), so a second revocation of the subject within that
     second must reach past it: its moment is one second after the latest in force when
     that one is not already past. The callers hold the user's row lock (a login takes it
-    too), so two revocations and a login of one user are serialized."""
+    too), so two revocations and a login of one user are serialized. `forever`: every
+    token the subject may hold, also one issued while this commits (a deleted account)."""
     not_before = datetime.fromtimestamp(math.floor(now.timestamp()) + 1, UTC)
+    if forever:  # a subject that gets no token again (a deleted account): every one it has
+        not_before += timedelta(seconds=token_lifetime_seconds)
     latest = uow.revocations.latest(subject, now)
     if latest is not None and latest >= not_before:
         not_before = latest + timedelta(seconds=1)
@@ -160,9 +175,7 @@ def require_admin(principal: Principal, uow: Callable[[], AuthUnitOfWork], clock
     _require_admin(principal)
     with uow() as work:
         user = work.users.get(principal.subject) if principal.subject is not None else None
-        revoked = work.revocations.covers(principal.user_id, principal.issued_at, clock.now())
-    if revoked:
-        raise Unauthenticated("the access token was revoked", reason="TOKEN_REVOKED")
+        refuse_if_revoked(work, principal, clock.now())
     if user is None or user.disabled or ADMIN not in user.roles:
         raise PermissionDenied("this is for administrators", reason="ADMIN_REQUIRED")
 
@@ -431,6 +444,12 @@ class Sessions(_Audited):
             if user is None:
                 raise _user_not_found()
             now = self._clock.now()
+            if whose == principal.subject:
+                # As the database says now: each revocation of a user within a second
+                # pushes the next one's moment a second further (`revoke_tokens`), so one
+                # token revoking again and again would keep the user's new logins refused
+                # (an outside review locked a user out for 48 s with a burst).
+                refuse_if_revoked(uow, principal, now)
             count = uow.refresh_tokens.revoke_user_families(whose, now)
             revoke_tokens(uow, str(whose), now, token_lifetime_seconds=self._lifetime)
             self._audit(uow, AuditKind.SESSIONS_REVOKED, principal, user, count=str(count))

@@ -21,7 +21,7 @@ from services.auth_svc.domain import (
     RefreshToken,
     User,
 )
-from services.auth_svc.service.admin import revoke_tokens
+from services.auth_svc.service.admin import refuse_if_revoked, revoke_tokens
 from services.auth_svc.service.ports import (
     AuthUnitOfWork,
     EmailTaken,
@@ -198,13 +198,13 @@ class AuthService:
             )
             raise PermissionDenied("current password is wrong", reason="WRONG_PASSWORD")
         with self._given_back_on_error(user.email):
-            changed = self._replace_password(user, new_hash)
+            changed = self._replace_password(user, new_hash, principal)
         if not changed:  # changed by another call since the check: the checked one is old
             self._record_failure(user.email, user.id, "password_changed", attempt.locks_on_failure)
             raise PermissionDenied("current password is wrong", reason="WRONG_PASSWORD")
         self._limiter.reset(user.email)
 
-    def _replace_password(self, user: User, new_hash: str) -> bool:
+    def _replace_password(self, user: User, new_hash: str, principal: Principal) -> bool:
         with self._uow() as uow:
             current = uow.users.lock(user.id)
             if current is None or current.disabled:
@@ -214,6 +214,10 @@ class AuthService:
                 user.id, expected=user.password_hash, new=new_hash, when=now
             ):
                 return False
+            # As the database says now: a token revoked since (by an earlier change: each
+            # revocation within a second pushes the next a second further) changes nothing
+            # (raised before the commit: the new hash is not kept).
+            refuse_if_revoked(uow, principal, now)
             uow.refresh_tokens.revoke_user_families(user.id, now)
             # The access tokens issued with the old password stop working too.
             lifetime = self._tokens.access_token_ttl_seconds if self._tokens is not None else 0
@@ -331,9 +335,18 @@ class AuthService:
         _check_refresh_token(refresh_token)
         token_hash = hash_refresh_token(refresh_token)
         with self._uow() as uow:
-            family = uow.refresh_tokens.family_of(token_hash)
+            presented = uow.refresh_tokens.get_by_hash(token_hash)
+            if presented is None:
+                raise _bad_refresh_token()
+            # The user's row lock first, as every revocation takes it (then the families):
+            # a refresh and a demotion, a disable or a password change serialize, and the
+            # token issued here is either covered by the revocation (its moment is read
+            # after this commits) or refused (the family revoked before). Locked the other
+            # way round the two deadlocked (outside review).
+            user = uow.users.lock(presented.user_id)
+            family = presented.family_id
             # The family row lock serializes every rotation and revocation of the family.
-            if family is None or not uow.refresh_tokens.lock_live_family(family, self._clock.now()):
+            if user is None or not uow.refresh_tokens.lock_live_family(family, self._clock.now()):
                 raise _bad_refresh_token()
             now = self._clock.now()  # read after the lock: a rotation we waited for is past
             stored = uow.refresh_tokens.get_by_hash(token_hash)
@@ -350,8 +363,7 @@ class AuthService:
                     raise _bad_refresh_token()
             else:
                 uow.refresh_tokens.mark_rotated(stored.id, now)
-            user = uow.users.get(stored.user_id)
-            if user is None or user.disabled:
+            if user.disabled:
                 raise _bad_refresh_token()
             refresh = self._new_refresh_token(uow, family, user.id)
             self._audit(uow, AuditKind.REFRESHED, user_id=user.id)

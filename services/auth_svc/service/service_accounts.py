@@ -251,7 +251,15 @@ class ServiceAccountAdmin:
         with self._uow() as uow:
             if not uow.service_accounts.delete(ident):
                 raise _not_found()
-            revoke_tokens(uow, str(ident), self._clock.now(), token_lifetime_seconds=self._lifetime)
+            # Every token it may hold, also one issued while this commits (a client
+            # authenticated just before the delete): no token is ever issued to it again.
+            revoke_tokens(
+                uow,
+                str(ident),
+                self._clock.now(),
+                token_lifetime_seconds=self._lifetime,
+                forever=True,
+            )
             self._audit(uow, AuditKind.SERVICE_ACCOUNT_DELETED, principal, ident)
             uow.commit()
 

@@ -27,7 +27,7 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.auth_svc.domain import AuditKind
+from services.auth_svc.domain import AuditKind, RefreshToken
 from services.auth_svc.infra.limiter import InMemoryLoginLimiter
 from services.auth_svc.repository.models import AuditRow, RefreshFamilyRow, RefreshTokenRow
 from services.auth_svc.repository.sql import SqlAuthUnitOfWork, SqlRefreshTokenRepository
@@ -57,12 +57,14 @@ class _InstrumentedTokens(SqlRefreshTokenRepository):
     def __init__(self, session: Session, instruments: Instruments) -> None:
         super().__init__(session)
         self._instruments = instruments
+        self._looked = False
 
-    def family_of(self, token_hash: str) -> uuid.UUID | None:
-        family = super().family_of(token_hash)
-        if self._instruments.barrier is not None:
+    def get_by_hash(self, token_hash: str) -> RefreshToken | None:
+        token = super().get_by_hash(token_hash)
+        if self._instruments.barrier is not None and not self._looked:
+            self._looked = True  # the refresh's first lookup, before it takes any lock
             self._instruments.barrier.wait(timeout=10)  # both have looked; now both lock
-        return family
+        return token
 
     def mark_rotated(self, token_id: uuid.UUID, when: object) -> None:
         with self._instruments.lock:

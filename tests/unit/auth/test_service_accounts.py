@@ -635,6 +635,21 @@ def test_a_delegated_token_never_carries_an_issue_time_ahead_of_now(world: World
         assert uow.revocations.covers(client_id, issued_at, world.auth.clock.now())
 
 
+def test_a_deleted_accounts_revocation_covers_a_token_issued_while_it_commits(
+    world: World,
+) -> None:
+    """A client that authenticated just before the delete gets its token signed a moment
+    after the delete read its clock: in the next second, it outlived the revocation (an
+    outside review). An account deleted gets no token again: every one is covered."""
+    client_id, secret = create(world, "agents.read")
+    world.endpoint.issue(by_secret(client_id, secret))
+    world.admin.delete(principal=ADMIN, account_id=client_id)
+    now = world.auth.clock.now()
+    with world.auth.database.unit_of_work() as uow:
+        for later in (1, 2, 60):  # signed that much after the delete's clock read
+            assert uow.revocations.covers(client_id, int(now.timestamp()) + later, now)
+
+
 def test_assertion_times_that_are_not_numbers_are_refused(world: World) -> None:
     client_id, _ = create(world)
     key, pem = ed25519_key()
