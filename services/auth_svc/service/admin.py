@@ -66,6 +66,10 @@ REVOCATIONS_PER_REPLY = 10_000
 MAX_PAGE_SIZE = 1000
 MAX_DISPLAY_NAME = 128
 REVOCATION_LEEWAY = timedelta(minutes=1)
+# How far past the whole second it is issued in a token's `iat` may be set to outlive a
+# revocation made in that second (`AuthService._issue`); a moment further ahead (another
+# replica's clock ahead, a burst of revocations) leaves the token at its own time.
+MAX_IAT_AHEAD_SECONDS = 5
 UPDATABLE = frozenset({"display_name", "roles"})
 
 
@@ -114,7 +118,12 @@ def revoke_tokens(
         not_before += timedelta(seconds=token_lifetime_seconds)
     latest = uow.revocations.latest(subject, now)
     if latest is not None and latest >= not_before:
-        not_before = latest + timedelta(seconds=1)
+        # Past every `iat` handed out since: each is at most `latest` and at most
+        # MAX_IAT_AHEAD_SECONDS past its whole second (`AuthService._issue`). The second
+        # bound keeps a burst of revocations (an administrator's loop) from pushing the
+        # moment on without end: the user's logins are refused for at most that long.
+        cap = math.floor(now.timestamp()) + MAX_IAT_AHEAD_SECONDS + 1
+        not_before = min(latest + timedelta(seconds=1), datetime.fromtimestamp(cap, UTC))
     uow.revocations.add(
         Revocation(subject, not_before, now),
         expire_time=not_before + timedelta(seconds=token_lifetime_seconds) + REVOCATION_LEEWAY,

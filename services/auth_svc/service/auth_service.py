@@ -21,7 +21,11 @@ from services.auth_svc.domain import (
     RefreshToken,
     User,
 )
-from services.auth_svc.service.admin import refuse_if_revoked, revoke_tokens
+from services.auth_svc.service.admin import (
+    MAX_IAT_AHEAD_SECONDS,
+    refuse_if_revoked,
+    revoke_tokens,
+)
 from services.auth_svc.service.ports import (
     AuthUnitOfWork,
     EmailTaken,
@@ -63,12 +67,6 @@ def hash_refresh_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-# How far ahead of this replica's clock a revocation's moment may be and still be taken
-# as a token's `iat` (another replica's clock a little ahead); further, the token is
-# issued at this replica's time (and is refused until the moment, as before).
-_MAX_IAT_AHEAD_SECONDS = 5
-
-
 def _revoked_until(uow: AuthUnitOfWork, user: User, now: datetime) -> int | None:
     """The `iat` a token of the user issued now must carry to outlive a revocation made
     this second (None: now, the issuer's default, is fine)."""
@@ -76,8 +74,9 @@ def _revoked_until(uow: AuthUnitOfWork, user: User, now: datetime) -> int | None
     if moment is None:
         return None
     until = moment.timestamp()
-    if until <= math.floor(now.timestamp()) or until > now.timestamp() + _MAX_IAT_AHEAD_SECONDS:
-        return None
+    second = math.floor(now.timestamp())
+    if until <= second or until > second + MAX_IAT_AHEAD_SECONDS:
+        return None  # past; or too far ahead: refused until then (`revoke_tokens` bounds it)
     return math.ceil(until)
 
 

@@ -577,12 +577,10 @@ class TokenEndpoint:
             roles=stored.roles,
             actor=str(account.id),
             # The user's token's issue time: a later revocation of the user (which covers
-            # the tokens issued before it) covers this one too. Never later than now: a
-            # user token issued in the second of a revocation carries the next second
-            # (`AuthService._issue`), and a revocation of this account (its deletion) in
-            # this second must cover what it obtained. (Such a delegated token is refused
-            # as the user's revocation refuses it: exchange again a second later.)
-            issued_at=min(int(user.issued_at), int(now.timestamp())),
+            # the tokens issued before it) covers this one too. It may be a second or a
+            # few ahead (a user token issued in the second of a revocation); this
+            # account's deletion covers every token it may hold whatever its `iat`.
+            issued_at=int(user.issued_at),
         )
         _audit_line(
             AuditKind.TOKEN_ISSUED,

@@ -613,10 +613,13 @@ def test_a_revoked_user_token_cannot_be_exchanged_and_delegation_inherits_its_is
     assert "revoked" in caught.value.message
 
 
-def test_a_delegated_token_never_carries_an_issue_time_ahead_of_now(world: World) -> None:
+def test_a_delegated_token_from_a_token_issued_in_a_revocations_second_dies_with_its_account(
+    world: World,
+) -> None:
     """A user token issued in the second of the user's revocation carries the next second;
-    a delegated token inheriting it escaped its account's deletion in that second (found
-    by an outside review). It takes now instead, and the user's revocation refuses it."""
+    a delegated token inherits it (so the user's later revocations cover it), and its
+    account's deletion in that second covers it too (an outside review found it escaping
+    the deletion)."""
     client_id, secret = create(world, "agents.read", "delegate")
     _, user_id = user_token(world)
     now = world.auth.clock.now().timestamp()
@@ -626,10 +629,13 @@ def test_a_delegated_token_never_carries_an_issue_time_ahead_of_now(world: World
         uow.commit()
     world.auth.clock.advance(0.1)
     subject = world.auth.service.login(email="ada@example.com", password="correct horse")
-    assert world.claims(subject.access_token)["iat"] > world.auth.clock.now().timestamp()
+    user_iat = world.claims(subject.access_token)["iat"]
+    assert user_iat > world.auth.clock.now().timestamp()
     delegated = world.endpoint.issue(exchange(client_id, secret, subject.access_token))
     issued_at = world.claims(delegated.access_token)["iat"]
-    assert issued_at == int(world.auth.clock.now().timestamp())
+    assert issued_at == user_iat
+    with world.auth.database.unit_of_work() as uow:
+        assert not uow.revocations.covers(user_id, issued_at, world.auth.clock.now())
     world.admin.delete(principal=ADMIN, account_id=client_id)
     with world.auth.database.unit_of_work() as uow:
         assert uow.revocations.covers(client_id, issued_at, world.auth.clock.now())
