@@ -33,8 +33,10 @@ class World:
     audit: AuditReader
     feed: RevocationFeed
 
-    def principal(self, email: str) -> Principal:
-        token = self.auth.service.login(email=email, password=PASSWORD).access_token
+    def principal(self, email: str, password: str = PASSWORD) -> Principal:
+        return self.verify(self.auth.service.login(email=email, password=password).access_token)
+
+    def verify(self, token: str) -> Principal:
         verifier = TokenVerifier(
             StaticKeyProvider(self.auth.keys.verification_keys),
             issuer=ISSUER,
@@ -42,6 +44,20 @@ class World:
             clock=self.auth.clock,
         )
         return verifier.verify(token)
+
+    def demote(self, admin: Principal, user_id: str) -> None:
+        """Takes the admin role away (a revocation of the user's tokens)."""
+        with self.auth.database.unit_of_work() as uow:
+            user = uow.users.get(uuid.UUID(user_id))
+        assert user is not None
+        self.users.update(
+            principal=admin,
+            user_id=user_id,
+            etag=etag_of(user),
+            paths=["roles"],
+            display_name="",
+            roles=["user"],
+        )
 
     def register(self, email: str, *, admin: bool = False) -> str:
         user = self.auth.service.register(
@@ -368,23 +384,17 @@ def test_a_login_in_the_second_of_a_revocation_gets_a_token_that_works(
         password = PASSWORD
     world.auth.clock.advance(0.3)  # the same second
     after = world.auth.service.login(email="ada@example.com", password=password)
-    verifier = TokenVerifier(
-        StaticKeyProvider(world.auth.keys.verification_keys),
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        clock=world.auth.clock,
-    )
-    fresh = verifier.verify(after.access_token)
+    fresh = world.verify(after.access_token)
     (revocation,), _, _ = world.feed.since(None)
     assert revoked(world, before)
     assert not revoked(world, fresh)
     assert fresh.issued_at == revocation.not_before.timestamp()  # the next whole second
-    refreshed = verifier.verify(
+    refreshed = world.verify(
         world.auth.service.refresh(refresh_token=after.refresh_token).access_token
     )
     assert not revoked(world, refreshed)
     world.auth.clock.advance(1)  # a later second: a token takes its own time again
-    again = verifier.verify(
+    again = world.verify(
         world.auth.service.login(email="ada@example.com", password=password).access_token
     )
     assert again.issued_at == int(world.auth.clock.now().timestamp())
@@ -395,17 +405,7 @@ def test_a_token_issued_after_a_demotion_in_its_second_carries_the_demoted_roles
 ) -> None:
     user_id = world.register("ada@example.com", admin=True)
     into_a_second(world, 0.1)
-    with world.auth.database.unit_of_work() as uow:
-        user = uow.users.get(uuid.UUID(user_id))
-    assert user is not None
-    world.users.update(
-        principal=admin,
-        user_id=user_id,
-        etag=etag_of(user),
-        paths=["roles"],
-        display_name="",
-        roles=["user"],
-    )
+    world.demote(admin, user_id)
     world.auth.clock.advance(0.5)
     token = world.principal("ada@example.com")
     assert not revoked(world, token)
@@ -434,17 +434,7 @@ def test_a_second_revocation_in_that_second_covers_the_token_issued_between(
     elif second == "disable":
         world.users.set_disabled(principal=admin, user_id=user_id, disabled=True)
     elif second == "demote":
-        with world.auth.database.unit_of_work() as uow:
-            user = uow.users.get(uuid.UUID(user_id))
-        assert user is not None
-        world.users.update(
-            principal=admin,
-            user_id=user_id,
-            etag=etag_of(user),
-            paths=["roles"],
-            display_name="",
-            roles=["user"],
-        )
+        world.demote(admin, user_id)
     else:
         world.sessions.revoke_all(principal=admin, user_id=user_id)
     assert revoked(world, between)
@@ -452,14 +442,7 @@ def test_a_second_revocation_in_that_second_covers_the_token_issued_between(
     if second != "disable":  # and a login after both still works at once
         password = "a brand new password" if second == "change_password" else PASSWORD
         world.auth.clock.advance(0.1)
-        token = world.auth.service.login(email="ada@example.com", password=password)
-        verifier = TokenVerifier(
-            StaticKeyProvider(world.auth.keys.verification_keys),
-            issuer=ISSUER,
-            audience=AUDIENCE,
-            clock=world.auth.clock,
-        )
-        assert not revoked(world, verifier.verify(token.access_token))
+        assert not revoked(world, world.principal("ada@example.com", password))
 
 
 def test_a_revoked_token_cannot_revoke_again(world: World) -> None:
