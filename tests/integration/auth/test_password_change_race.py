@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 import grpc
@@ -40,21 +40,12 @@ from shared.data.db import make_engine, session_factory
 from shared.rpc.errors import DomainError
 from shared.security.tokens import Principal
 from tests.helpers import FakeClock
+from tests.integration.auth.races import DEADLINE, Gate, waiting_for_a_lock
 from tests.unit.auth.fakes import FakeHasher, key_ring
 
 EMAIL = "racer@example.com"
 OLD = "the old password"
 NEW = "the new password"
-DEADLINE = 30.0
-
-
-@dataclass
-class Gate:
-    """Holds the next login transaction right after it inserted its family."""
-
-    armed: bool = False
-    inserted: threading.Event = field(default_factory=threading.Event)
-    proceed: threading.Event = field(default_factory=threading.Event)
 
 
 class _GatedTokens(SqlRefreshTokenRepository):
@@ -66,10 +57,7 @@ class _GatedTokens(SqlRefreshTokenRepository):
         self, family_id: uuid.UUID, user_id: uuid.UUID, when: datetime, peer: str | None = None
     ) -> None:
         super().add_family(family_id, user_id, when, peer)
-        if self._gate.armed:
-            self._gate.armed = False
-            self._gate.inserted.set()
-            assert self._gate.proceed.wait(DEADLINE)
+        self._gate.hold()
 
 
 @dataclass
@@ -152,18 +140,6 @@ def test_a_rehash_never_puts_the_old_password_back_over_a_new_one(world: World) 
     assert_invalid_credentials(lambda: world.service.login(email=EMAIL, password=OLD))
 
 
-def waiting_for_a_lock(engine: Engine) -> bool:
-    """True while some session of this PostgreSQL database waits for a row lock."""
-    with engine.connect() as connection:
-        waiting = connection.execute(
-            text(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            )
-        ).scalar_one()
-    return bool(waiting)
-
-
 def test_a_change_while_a_login_transaction_is_open_revokes_its_session(world: World) -> None:
     principal = world.signed_in()
     outcomes: dict[str, object] = {}
@@ -181,7 +157,7 @@ def test_a_change_while_a_login_transaction_is_open_revokes_its_session(world: W
 
     world.gate.armed = True
     login = run("login", lambda: world.service.login(email=EMAIL, password=OLD))
-    assert world.gate.inserted.wait(DEADLINE)  # login's family exists, uncommitted
+    assert world.gate.reached.wait(DEADLINE)  # login's family exists, uncommitted
     change = run("change", lambda: world.change(principal))
     if world.postgres:  # let the login commit only once the change waits for its lock
         deadline = time.monotonic() + DEADLINE

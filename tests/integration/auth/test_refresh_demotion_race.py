@@ -17,11 +17,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from services.auth_svc.infra.limiter import InMemoryLoginLimiter
@@ -32,19 +32,10 @@ from shared.data import migrations
 from shared.data.db import make_engine, session_factory
 from shared.security.tokens import Principal, StaticKeyProvider, TokenVerifier
 from tests.helpers import FakeClock
+from tests.integration.auth.races import DEADLINE, Gate, waiting_for_a_lock
 from tests.unit.auth.fakes import AUDIENCE, ISSUER, FakeHasher, key_ring
 
 PASSWORD = "correct horse battery"
-DEADLINE = 30.0
-
-
-@dataclass
-class Gate:
-    """Holds the next refresh right after it locked its family."""
-
-    armed: bool = False
-    holding: threading.Event = field(default_factory=threading.Event)
-    proceed: threading.Event = field(default_factory=threading.Event)
 
 
 class _GatedTokens(SqlRefreshTokenRepository):
@@ -54,10 +45,7 @@ class _GatedTokens(SqlRefreshTokenRepository):
 
     def lock_live_family(self, family_id: uuid.UUID, when: datetime) -> bool:
         live = super().lock_live_family(family_id, when)
-        if self._gate.armed:
-            self._gate.armed = False
-            self._gate.holding.set()
-            assert self._gate.proceed.wait(DEADLINE)
+        self._gate.hold()
         return live
 
 
@@ -110,18 +98,6 @@ def world(postgres_url: str) -> Iterator[World]:
     engine.dispose()
 
 
-def waiting_for_a_lock(engine: Engine) -> bool:
-    with engine.connect() as connection:
-        return bool(
-            connection.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-            ).scalar_one()
-        )
-
-
 def run(call: Callable[[], object], outcome: dict[str, object], name: str) -> threading.Thread:
     def target() -> None:
         try:
@@ -152,7 +128,7 @@ def test_a_refresh_racing_a_demotion_issues_a_token_the_demotion_covers(world: W
     refresh = run(
         lambda: world.service.refresh(refresh_token=session.refresh_token), outcome, "refresh"
     )
-    assert world.gate.holding.wait(DEADLINE)  # the refresh holds its locks, not committed
+    assert world.gate.reached.wait(DEADLINE)  # the refresh holds its locks, not committed
     demote = run(
         lambda: world.users.update(
             principal=admin,
