@@ -294,8 +294,6 @@ class AuthService:
             refresh = self._new_refresh_token(uow, family, user.id)
             self._audit(uow, AuditKind.LOGIN_SUCCEEDED, user_id=user.id)
             issued = self._issue(uow, user, refresh)
-            if issued is None:  # not reachable under the row lock; kept for the type
-                return "disabled"
             uow.commit()
         return issued
 
@@ -368,8 +366,6 @@ class AuthService:
             self._audit(uow, AuditKind.REFRESHED, user_id=user.id)
             # Signed before the commit: if it cannot be, the presented token is not spent.
             issued = self._issue(uow, user, refresh)
-            if issued is None:
-                raise _bad_refresh_token()
             uow.commit()
         return issued
 
@@ -407,24 +403,18 @@ class AuthService:
         )
         return value
 
-    def _issue(self, uow: AuthUnitOfWork, user: User, refresh_token: str) -> IssuedTokens | None:
-        """The user's tokens, or None if the account is no longer active.
+    def _issue(self, uow: AuthUnitOfWork, user: User, refresh_token: str) -> IssuedTokens:
+        """The user's tokens. The caller holds the user's row lock and read `user` under
+        it, as every revocation takes that lock before it reads its clock.
 
         A revocation refuses the tokens issued before the next whole second (`iat` is in
         whole seconds), so a token issued later in the same second (a login right after
-        ChangePassword or RevokeAllSessions) would be refused too. Such a token takes the
-        revocation's moment as its `iat` instead, after the user is read again: the
-        change that made the revocation (a demotion, a disable) committed with it, so the
-        token carries the user as that change left them."""
+        ChangePassword or RevokeAllSessions) would be refused too: such a token takes the
+        revocation's moment as its `iat` instead (`revoke_tokens` makes the next
+        revocation reach past it)."""
         if self._tokens is None:
             raise RuntimeError("this AuthService was built to register only: it issues no token")
         issued_at = _revoked_until(uow, user, self._clock.now())
-        if issued_at is not None:
-            # A query, not the session's copy (`get` may answer from its identity map).
-            current = uow.users.lock(user.id)
-            if current is None or current.disabled:
-                return None
-            user = current
         return IssuedTokens(
             access_token=self._tokens.issue_access_token(user, issued_at=issued_at),
             refresh_token=refresh_token,
