@@ -192,6 +192,23 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _tree_cpu_seconds(pid: int) -> float:
+    """A server's CPU with its running children's (agent_svc's watch workers)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    total = _cpu_seconds(pid)
+    for child in children:
+        try:
+            total += _cpu_seconds(child)
+        except FileNotFoundError:
+            continue
+    return total
+
+
 @dataclass
 class Sample:
     """One measured run of a load: what the clients saw and the server's CPU meanwhile."""
@@ -403,14 +420,16 @@ class _NodeHolders:
     stream, on the clients' core: ~20 µs of CPU a message where the Python holders take
     45 to 60, which on this 2-core machine left the fan-out waiting on its own clients."""
 
-    def __init__(self, target: str, metadata: tuple[tuple[str, str], ...]) -> None:
+    def __init__(
+        self, target: str, metadata: tuple[tuple[str, str], ...], *, pinned: bool = True
+    ) -> None:
         import subprocess
 
         _install_node_holders()
         core = (os.cpu_count() or 2) - 1
 
         def pin() -> None:  # before exec: every thread of node inherits it
-            if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+            if pinned and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
                 os.sched_setaffinity(0, {core})
 
         channels = WATCHER_PROCESSES * CHANNELS_PER_PROCESS
@@ -496,7 +515,7 @@ def postgres_database(admin_url: str, label: str) -> Iterator[str]:
 
 @contextmanager
 def server(
-    service: str, env: dict[str, str], port: int, cpu: int, extra: Sequence[str] = ()
+    service: str, env: dict[str, str], port: int, cpu: int | None, extra: Sequence[str] = ()
 ) -> Iterator[int]:
     """Starts scripts/bench_server.py; yields its pid once its health says SERVING."""
     import subprocess
@@ -509,8 +528,7 @@ def server(
             sys.executable,
             str(ROOT / "scripts" / "bench_server.py"),
             service,
-            "--cpu",
-            str(cpu),
+            *(["--cpu", str(cpu)] if cpu is not None else []),
             *extra,
         ],
         env={**os.environ, **env},
@@ -640,6 +658,13 @@ def main() -> int:  # noqa: PLR0915
         default=[],
         help="watch phase: AGENT_X=value for its server (repeatable)",
     )
+    parser.add_argument(
+        "--watch-workers",
+        type=int,
+        default=0,
+        help="watch phase: AGENT_WATCH_WORKERS for its server; the server, its workers and "
+        "the stream holders then share every core (no pinning)",
+    )
     args = parser.parse_args()
     unknown = set(args.phases) - set(PHASES)
     if unknown:
@@ -735,7 +760,10 @@ def main() -> int:  # noqa: PLR0915
             agent_health_ports[f"127.0.0.1:{port}"] = health_port
             # One agent server at a time on the measured core: stop the previous one.
             previous.close()
-            pid = previous.enter_context(server("agent", env, port, cpu=0))
+            # With watch workers, the server and its workers run on every core (the
+            # workers are the server's children: pinned, they would share its core).
+            workers = env.get("AGENT_WATCH_WORKERS", "0") != "0"
+            pid = previous.enter_context(server("agent", env, port, cpu=None if workers else 0))
             return f"127.0.0.1:{port}", pid
 
         def prewarm(target: str) -> None:
@@ -1045,6 +1073,9 @@ def _watch_phase(  # noqa: PLR0915, PLR0917
     every change: one owner), and a GetAgent probe on the server meanwhile."""
     watch_port = _free_port()
     extra = dict(item.split("=", 1) for item in args.watch_env)
+    workers = args.watch_workers
+    if workers:
+        extra["AGENT_WATCH_WORKERS"] = str(workers)
     target, pid = agent_server(
         {
             "AGENT_WATCH_MAX_STREAMS": str(WATCHERS + 100),
@@ -1059,7 +1090,7 @@ def _watch_phase(  # noqa: PLR0915, PLR0917
     contender = _contender(target, pid, hot)
     before = compare([contender("GetAgent L1, no watchers")])[0]
     holders: _PythonHolders | _NodeHolders = (
-        _NodeHolders(watch_target, metadata)
+        _NodeHolders(watch_target, metadata, pinned=not workers)
         if args.holders == "node"
         else _PythonHolders(ctx, watch_target, metadata)
     )
@@ -1090,7 +1121,7 @@ def _watch_phase(  # noqa: PLR0915, PLR0917
     # on the holders' core it delayed the first deliveries by up to a second.
     if not writer_ready.wait(60):
         raise RuntimeError("the change writer did not start")
-    cpu_before, wall_before = _cpu_seconds(pid), time.monotonic()
+    cpu_before, wall_before = _tree_cpu_seconds(pid), time.monotonic()
     clients_before = sum(_cpu_seconds(holder) for holder in holders.pids)
     go.set()
     made, lag, committed_at, writer_seconds = written.get(timeout=seconds + 60)
@@ -1110,7 +1141,7 @@ def _watch_phase(  # noqa: PLR0915, PLR0917
     )
     time.sleep(DRAIN_SECONDS)  # the last changes reach the streams
     # CPU over the whole fan-out, the drain included (its messages are counted too).
-    fan_out_seconds = _cpu_seconds(pid) - cpu_before
+    fan_out_seconds = _tree_cpu_seconds(pid) - cpu_before
     fan_out_cpu = fan_out_seconds / (time.monotonic() - wall_before)
     # The stream holders share the other core with the writer and the probe: when they use
     # most of it, delivery waits on the clients too (the figure is not the server's alone).
@@ -1152,10 +1183,12 @@ def _watch_phase(  # noqa: PLR0915, PLR0917
     return (
         f"WatchAgents ({'main port' if args.watch_on_main_port else 'watch port, grpc.aio'}): "
         f"{opened:,} streams ({counters['ended']} ended early); {messages:,} messages in all, "
-        f"{delivered / max(1, messages):.1f} changes per message; the fanning-out server used "
-        f"{fan_out_cpu:.0%} of its core meanwhile "
-        f"({fan_out_seconds / max(1, messages) * 1e6:.0f} µs per message, the whole process); "
-        f"the stream holders {clients_cpu:.0%} of their core "
+        f"{delivered / max(1, messages):.1f} changes per message; the fanning-out server"
+        f"{f' and its {workers} watch workers (every core, with the holders)' if workers else ''}"
+        f" used {fan_out_cpu:.0%} of a core meanwhile "
+        f"({fan_out_seconds / max(1, messages) * 1e6:.0f} µs per message, the whole "
+        f"{'processes' if workers else 'process'}); "
+        f"the stream holders {clients_cpu:.0%} of {'a' if workers else 'their'} core "
         f"({clients_seconds / max(1, messages) * 1e6:.0f} µs per message; "
         f"{counters['parses']:,} distinct messages parsed) — near 100 % they "
         f"did not keep up and the latencies are theirs too; "

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from shared.data.db import (
 )
 from shared.data.redis_client import RedisClient, make_redis
 from shared.rpc.aio_server import StreamServer
+from shared.rpc.children import Children, stop_with_parent
 from shared.rpc.lifecycle import Closers
 from shared.rpc.metrics import Metrics
 from shared.rpc.observability import Observability
@@ -51,7 +53,7 @@ from shared.security.jwks import JwksKeyProvider, grpc_jwks_fetcher
 from shared.security.revocations import RevocationPoller, Revocations, grpc_revocation_fetch
 from shared.security.tokens import KeyProvider, Principal, TokenVerifier
 
-__all__ = ["AgentApp", "build_app", "build_server", "request_path_for"]
+__all__ = ["AgentApp", "build_app", "build_server", "build_watch_worker", "request_path_for"]
 
 _log = logging.getLogger(__name__)
 
@@ -366,12 +368,17 @@ def _dependencies(app: AgentApp) -> dict[str, Callable[[], bool]]:
 
 
 def _serve_watch_port(
-    app: AgentApp, running: RunningServer, servicer: AgentServicer, path: RequestPath
+    app: AgentApp,
+    running: RunningServer,
+    servicer: AgentServicer,
+    path: RequestPath,
+    *,
+    shared_port: bool,
 ) -> None:
     """WatchAgents on a grpc.aio server of its own port (AGENT_WATCH_PORT), beside the
     sync server: a stream message costs it a fraction of the sync server's (no thread
     wake-ups; docs/watch.md "Server model"). Started with the main server; stopped once
-    the hub has ended its streams."""
+    the hub has ended its streams. `shared_port`: watch workers serve the port too."""
     watch = StreamServer(
         app.settings.common,
         port=app.settings.watch_port,
@@ -386,6 +393,7 @@ def _serve_watch_port(
         request_path=path,
         health_servicer=running.health,
         service_names=[SERVICE_NAME],
+        reuse_port=shared_port,
     )
     app.watch_port = watch.port
     running.on_start.append(watch.start)
@@ -422,7 +430,10 @@ def build_server(app: AgentApp) -> RunningServer:
         # Streams end (UNAVAILABLE, SHUTTING_DOWN) as soon as the server takes no new
         # calls: their clients resume on another replica at once.
         running.on_drain.append(app.hub.close)
-        _serve_watch_port(app, running, servicer, path)
+        workers = app.settings.watch_workers
+        _serve_watch_port(app, running, servicer, path, shared_port=workers > 0)
+        if workers:
+            _start_watch_workers(app, running, workers)
     running.on_stop.append(lambda: pool.shutdown(wait=False))
     app.observability.attach(running)
     running.on_stop.append(app.close)
@@ -430,4 +441,61 @@ def build_server(app: AgentApp) -> RunningServer:
         attach_in_process(
             running, worker_for(app.settings, app.engine, app.observability, SystemClock())
         )
+    return running
+
+
+WATCH_WORKER_COMMAND = "watch-worker"
+
+
+def _start_watch_workers(app: AgentApp, running: RunningServer, count: int) -> None:
+    """AGENT_WATCH_WORKERS processes serving the watch port beside this one (module
+    `build_watch_worker`); started with the server, stopped as it drains (their streams
+    end UNAVAILABLE with this process's), killed by a forced stop."""
+    children = Children(
+        "watch worker",
+        [sys.executable, "-m", "services.agent_svc", WATCH_WORKER_COMMAND],
+        count,
+        # The bound port (AGENT_WATCH_PORT=0 picks one).
+        {"AGENT_WATCH_PORT": str(app.watch_port)},
+    )
+    grace = app.settings.common.grace_seconds
+    running.on_start.append(children.start)
+    # SIGTERM before this process ends its own streams, so both drain together.
+    running.on_drain.insert(0, children.terminate)
+    running.on_drain.append(lambda: children.kill() if running.forced else children.stop(grace))
+    running.on_force.append(children.kill)
+
+
+def build_watch_worker(settings: AgentSettings) -> RunningServer:
+    """A watch worker (`python -m services.agent_svc watch-worker`, started by the server
+    when AGENT_WATCH_WORKERS is set, with its environment): WatchAgents, health Check and
+    reflection on the watch port, which the server's process and the other workers serve
+    too (SO_REUSEPORT), and nothing else. Its own change hub (woken through Redis), token
+    checks (its own key fetch and revocation poll) and stream limit; no main port (a
+    loopback port that answers health only), no metrics endpoint, no background jobs, no
+    migrations. It drains at once on SIGTERM (the server has had its NOT_SERVING delay),
+    and gets SIGTERM if the server's process dies."""
+    stop_with_parent()
+    common = replace(
+        settings.common,
+        shutdown_delay_seconds=0.0,
+        metrics_port=0,
+        health_port=0,
+        worker_in_process=False,
+    )
+    app = build_app(replace(settings, common=common, watch_workers=0))
+    if app.hub is None:  # pragma: no cover - build_app always makes one
+        raise RuntimeError("a watch worker needs the change hub")
+    path = request_path_for(app)
+    running = create_server(
+        replace(common, host="127.0.0.1", port=0),
+        register=lambda registrar: None,
+        service_names=[SERVICE_NAME],
+        request_path=path,
+        interceptors=app.observability.server_interceptors(),
+        is_ready=app.ready,
+    )
+    running.on_drain.append(app.hub.close)
+    _serve_watch_port(app, running, AgentServicer(app.service), path, shared_port=True)
+    running.on_stop.append(app.close)
     return running

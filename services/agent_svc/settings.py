@@ -34,7 +34,13 @@
   typed client's `watch_target`. Same host and TLS material as the main port.
 - `AGENT_WATCH_MAX_STREAMS` (1000): WatchAgents streams one process serves at once, on
   both ports together (one more: RESOURCE_EXHAUSTED TOO_MANY_WATCHERS); a stream on the
-  main port holds a thread of a pool of its own.
+  main port holds a thread of a pool of its own. With watch workers, each worker process
+  admits as many on the watch port.
+- `AGENT_WATCH_WORKERS` (0): worker processes that serve the watch port beside this one
+  (SO_REUSEPORT: the kernel spreads new connections over the processes), each with its
+  own change hub, token checks and stream limit, restarted if one dies; a fan-out then
+  uses more than one core (docs/watch.md "Watch workers"). Needs `AGENT_REDIS_URL`: a
+  worker hears commits through Redis.
 - `AGENT_WATCH_HEARTBEAT_SECONDS` (15): an idle stream sends an empty message this often.
 - `AGENT_WATCH_POLL_SECONDS` (1): the change log is read at least this often (the Redis
   or in-process wake-up makes it at once; this bounds the delay of a lost wake-up).
@@ -124,11 +130,15 @@ class AgentSettings:
     watch_send_slots: int = 1
     database_read_url: str | None = None
     watch_port: int = 50053
+    watch_workers: int = 0
 
     @property
     def auth_uses_tls(self) -> bool:
         """Whether the channel to auth_svc is TLS (a CA file or a client certificate set)."""
         return bool(self.auth_tls_ca_file or self.auth_tls_cert_file)
+
+
+MAX_WATCH_WORKERS = 64
 
 
 def _page_token_secret(reader: EnvReader, common: CommonSettings, *, required: bool) -> bytes:
@@ -224,6 +234,7 @@ def load_agent_settings(env: Mapping[str, str], role: Role = "serve") -> AgentSe
         watch_send_slots=reader.integer("WATCH_SEND_SLOTS", 1, minimum=1),
         database_read_url=_read_url(reader, common) if serving else None,
         watch_port=reader.integer("WATCH_PORT", 50053, minimum=0),
+        watch_workers=reader.integer("WATCH_WORKERS", 0, minimum=0),
     )
     if bool(settings.auth_tls_cert_file) != bool(settings.auth_tls_key_file):
         reader.problems.append(
@@ -249,6 +260,13 @@ def load_agent_settings(env: Mapping[str, str], role: Role = "serve") -> AgentSe
         reader.problems.append(
             f"{reader.name('WATCH_PORT')} must differ from {reader.name('PORT')} and "
             f"{reader.name('HEALTH_PORT')}"
+        )
+    if settings.watch_workers > MAX_WATCH_WORKERS:
+        reader.problems.append(f"{reader.name('WATCH_WORKERS')} is at most {MAX_WATCH_WORKERS}")
+    if settings.watch_workers and not common.redis:
+        reader.problems.append(
+            f"{reader.name('WATCH_WORKERS')} needs {reader.name('REDIS_URL')}: watch workers "
+            "hear this process's commits through Redis"
         )
     if not settings.allowed_models:
         reader.problems.append(f"{reader.name('ALLOWED_MODELS')} must name at least one model")

@@ -12,7 +12,9 @@ server-streaming methods from a grpc.aio server in the same process, on a port o
 - grpc.health.v1 Check answers from the main server's health servicer (the same
   readiness, NOT_SERVING while draining), and reflection lists the service, so grpcurl
   and probes work on this port as on the main one;
-- the same TLS material, options and address as the main server.
+- the same TLS material, options and address as the main server; with `reuse_port`,
+  SO_REUSEPORT, so that other processes of the service may serve the same port (the
+  kernel spreads new connections over them).
 
 `start()` / `stop(grace)` block the calling thread until the loop has done them.
 """
@@ -84,8 +86,10 @@ class StreamServer:
         request_path: RequestPath,
         health_servicer: health.HealthServicer,
         service_names: Sequence[str],
+        reuse_port: bool = False,
     ) -> None:
         self._loop = event_loop()
+        self._reuse_port = reuse_port
         self._methods = ", ".join(methods)
         wrapped = {
             name: request_path.wrap_async_stream(f"/{service}/{name}", handler)
@@ -108,7 +112,11 @@ class StreamServer:
         health_servicer: health.HealthServicer,
         service_names: Sequence[str],
     ) -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server(options=server_options(settings))
+        options = [
+            (key, 1 if key == "grpc.so_reuseport" and self._reuse_port else value)
+            for key, value in server_options(settings)
+        ]
+        server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
         health_pb2_grpc.add_HealthServicer_to_server(_Health(health_servicer), server)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(

@@ -4,7 +4,9 @@
 - `migrate`: applies the service's migrations and exits; reads only what it needs (the
   database URL, profile and logging: `load_migration_settings`), so a migration Job gets
   no keys and no Redis;
-- `worker [--once]`: the background jobs (shared.rpc.worker).
+- `worker [--once]`: the background jobs (shared.rpc.worker);
+- a service's own serving commands (`other_servers`: agent_svc's `watch-worker`), which
+  serve like `serve` but are built otherwise and never migrate.
 """
 
 from __future__ import annotations
@@ -57,12 +59,14 @@ def run_service(
     build_server: Callable[[S], RunningServer],
     build_worker: Callable[[S], tuple[Worker, Observability]],
     argv: Sequence[str] | None = None,
+    other_servers: Mapping[str, Callable[[S], RunningServer]] | None = None,
 ) -> int:
     """Reads settings (exit 2 with every problem listed), then migrates, runs the worker, or
     (migrating first if configured) serves until SIGTERM/SIGINT; returns the exit code."""
     parser = argparse.ArgumentParser(prog=f"{service}_svc", description=description)
+    others = dict(other_servers or {})
     parser.add_argument(
-        "command", nargs="?", default="serve", choices=["serve", "migrate", "worker"]
+        "command", nargs="?", default="serve", choices=["serve", "migrate", "worker", *others]
     )
     parser.add_argument("--once", action="store_true", help="worker: one pass, then exit")
     args = parser.parse_args(argv)
@@ -80,10 +84,13 @@ def run_service(
         worker, observability = build_worker(settings)
         return run_worker(worker, observability, once=args.once)
     try:
-        if common.migrate_on_start:
-            migrations.upgrade(service, common.database_url)
-            _log.info("%s migrations applied", service)
-        running = build_server(settings)
+        if args.command in others:
+            running = others[args.command](settings)
+        else:
+            if common.migrate_on_start:
+                migrations.upgrade(service, common.database_url)
+                _log.info("%s migrations applied", service)
+            running = build_server(settings)
     except KeyboardInterrupt:  # Ctrl-C while starting: nothing to drain yet
         _log.info("%s interrupted while starting", service)
         return EXIT_FORCED

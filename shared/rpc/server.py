@@ -150,6 +150,8 @@ class RunningServer:
     """Run as soon as the server takes no new calls (after the NOT_SERVING delay): ends
     long-lived streams (UNAVAILABLE) so their clients resume on another replica at once
     instead of at the end of the grace period."""
+    on_force: list[Callable[[], None]] = field(default_factory=list)
+    """Run by `force()` (a second Ctrl-C): what must end now (child processes)."""
     readiness_interval: float = 0.5
     dependency_interval: float = 5.0
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -272,6 +274,11 @@ class RunningServer:
         """Cut the shutdown short: every call still running is cancelled now."""
         self._forced.set()
         self.server.stop(0)
+        for callback in self.on_force:
+            try:
+                callback()
+            except Exception:
+                _log.exception("error while forcing the stop")
 
     @property
     def forced(self) -> bool:

@@ -158,3 +158,14 @@ def test_a_read_replica_is_optional_and_must_be_postgresql_beside_postgresql() -
     with pytest.raises(ConfigError) as caught:
         load_agent_settings({"AGENT_DATABASE_READ_URL": replica})  # beside dev's SQLite
     assert "AGENT_DATABASE_READ_URL must be a PostgreSQL URL" in str(caught.value)
+
+
+def test_watch_workers_are_off_by_default_and_need_redis_to_hear_commits() -> None:
+    assert load_agent_settings({}).watch_workers == 0
+    redis = {"AGENT_REDIS_URL": "redis://cache:6379/0"}
+    assert load_agent_settings({**redis, "AGENT_WATCH_WORKERS": "3"}).watch_workers == 3
+    with pytest.raises(ConfigError, match="AGENT_WATCH_WORKERS needs AGENT_REDIS_URL"):
+        load_agent_settings({"AGENT_WATCH_WORKERS": "1"})
+    for bad in ("-1", "65", "two"):
+        with pytest.raises(ConfigError, match="AGENT_WATCH_WORKERS"):
+            load_agent_settings({**redis, "AGENT_WATCH_WORKERS": bad})

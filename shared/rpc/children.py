@@ -1,0 +1,155 @@
+"""Child processes that serve beside a service's own process (agent_svc's watch workers).
+
+`Children` runs `count` copies of a command, each with the service's environment plus
+what the caller adds, and keeps them running:
+
+- a child that exits while the service runs is logged (its exit code or signal) and
+  started again, a second later (at most one start a second each, so a child that cannot
+  start does not spin);
+- `stop()` sends each child SIGTERM, waits for them to drain (the caller's grace), then
+  kills what is left; `kill()` kills them at once (a forced stop);
+- the children are in a session of their own, so a Ctrl-C at a terminal reaches the
+  service alone, which stops them itself; and a child ends when the service's process
+  dies without stopping it (`kill -9`): `stop_with_parent()`, called by the child as it
+  starts, asks Linux for SIGTERM when its parent goes (the parent-death signal).
+
+One thread starts every child and waits for them: Linux sends the parent-death signal
+when the *thread* that started a child ends, so that thread lives as long as they do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+__all__ = ["PARENT_PID_VARIABLE", "Children", "stop_with_parent"]
+
+_log = logging.getLogger(__name__)
+
+PARENT_PID_VARIABLE = "AGENTPLATFORM_PARENT_PID"
+"""Set in every child's environment: the pid of the process that supervises it."""
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+RESTART_SECONDS = 1.0
+
+
+def stop_with_parent() -> None:
+    """In a child of `Children`: SIGTERM to this process when the parent dies (Linux; a
+    no-op elsewhere), and at once if it is already gone (re-parented before this ran)."""
+    expected = os.environ.get(PARENT_PID_VARIABLE)
+    if expected is None:
+        return
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(expected):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Children:
+    """`count` copies of `command`, kept running until `stop()` (module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        count: int,
+        env: Mapping[str, str],
+    ) -> None:
+        self._name = name
+        self._command = list(command)
+        self._env = {**os.environ, **env, PARENT_PID_VARIABLE: str(os.getpid())}
+        self._count = count
+        self._processes: list[subprocess.Popen[bytes] | None] = [None] * count
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{name}s", daemon=True)
+
+    @property
+    def pids(self) -> list[int]:
+        """The running children's pids."""
+        with self._lock:
+            return [p.pid for p in self._processes if p is not None and p.poll() is None]
+
+    def start(self) -> None:
+        """Starts every child (returns once each has been started, not once it serves)."""
+        self._thread.start()
+        self._started.wait()
+
+    def _spawn(self, index: int) -> None:
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            self._command, env=self._env, start_new_session=True
+        )
+        with self._lock:
+            self._processes[index] = process
+        _log.info("%s %d started (pid %d)", self._name, index, process.pid)
+
+    def _run(self) -> None:
+        last_start = [time.monotonic()] * self._count
+        try:
+            for index in range(self._count):
+                self._spawn(index)
+        finally:
+            self._started.set()
+        while not self._stopping.wait(0.1):
+            for index in range(self._count):
+                with self._lock:
+                    process = self._processes[index]
+                code = None if process is None else process.poll()
+                if process is None or code is None or self._stopping.is_set():
+                    continue
+                _log.error(
+                    "%s %d (pid %d) %s: starting it again",
+                    self._name,
+                    index,
+                    process.pid,
+                    _ended(code),
+                )
+                wait = last_start[index] + RESTART_SECONDS - time.monotonic()
+                if wait > 0 and self._stopping.wait(wait):
+                    return
+                last_start[index] = time.monotonic()
+                self._spawn(index)
+
+    def terminate(self) -> None:
+        """No more restarts; SIGTERM to each child (they drain meanwhile; `stop` waits)."""
+        self._stopping.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+        for process in self._running():
+            process.send_signal(signal.SIGTERM)
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM to each child; those still running after `grace` seconds are killed."""
+        self.terminate()
+        deadline = time.monotonic() + grace
+        for process in self._running():
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _log.warning("%s (pid %d) still running: killed", self._name, process.pid)
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+
+    def kill(self) -> None:
+        """Kills every child now (a forced stop)."""
+        self._stopping.set()
+        for process in self._running():
+            process.send_signal(signal.SIGKILL)
+
+    def _running(self) -> list[subprocess.Popen[bytes]]:
+        with self._lock:
+            return [p for p in self._processes if p is not None and p.poll() is None]
+
+
+def _ended(code: int) -> str:
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
