@@ -42,12 +42,19 @@ def purge_expired_refresh_tokens(session: Session, now: datetime, limit: int) ->
 def purge_empty_families(session: Session, now: datetime, limit: int) -> int:
     """Sessions (refresh families) none of whose tokens is left: nothing can use them. A
     family is created with its first token in one transaction, so an empty family is one
-    whose tokens were all purged (`now` is not needed; kept for a uniform signature)."""
+    whose tokens were all purged (`now` is not needed; kept for a uniform signature).
+
+    Only the sessions no one holds (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite has one
+    writer at a time): the purge never waits for a lock, so it cannot deadlock with a
+    user's revocation, which locks that user's sessions in another order; a refresh
+    holding its session keeps it (and the token it adds). A session skipped goes at a
+    later pass."""
     del now
     empty = (
         select(RefreshFamilyRow.id)
         .where(~exists().where(RefreshTokenRow.family_id == RefreshFamilyRow.id))
         .limit(limit)
+        .with_for_update(skip_locked=True)
     )
     return _count(session.execute(delete(RefreshFamilyRow).where(RefreshFamilyRow.id.in_(empty))))
 

@@ -147,3 +147,50 @@ def test_on_postgresql_one_replica_holds_a_job_and_the_others_skip(postgres_url:
             assert after  # released when the pass ended
     finally:
         engine.dispose()
+
+
+def test_on_postgresql_the_session_purge_waits_for_no_lock_a_revocation_holds(
+    postgres_url: str,
+) -> None:
+    """A user's revocation locks their sessions (revoke_user_families) while the purge
+    deletes empty sessions of many users: the two locked the same rows in different
+    orders and could deadlock (PostgreSQL then aborts one: a revocation failing, or a
+    purge pass). The purge now takes only the sessions no one holds: it completes at once,
+    and the held one goes at a later pass."""
+    from shared.data import migrations
+    from shared.data.db import make_engine, session_factory
+    from tests.integration.auth.races import DEADLINE, waiting_for_a_lock
+
+    migrations.upgrade("auth", postgres_url)
+    engine = make_engine(postgres_url, pool_size=4)
+    sessions = session_factory(engine)
+    try:
+        user = User(uuid.uuid4(), "eve@example.com", "Eve", (USER,), False, "h", NOW, NOW)
+        held, free = uuid.uuid4(), uuid.uuid4()
+        with SqlAuthUnitOfWork(sessions) as uow:
+            uow.users.add(user)
+            for family in (held, free):  # empty: their tokens were purged
+                uow.refresh_tokens.add_family(family, user.id, NOW - timedelta(days=40))
+            uow.commit()
+        jobs = auth_jobs(sessions, clock=FakeClock(NOW), audit_retention_days=0)
+        purge = next(j for j in jobs if j.name == "auth.refresh_tokens.purge")
+        with sessions.begin() as revoking:
+            revoking.execute(
+                select(RefreshFamilyRow).where(RefreshFamilyRow.id == held).with_for_update()
+            )
+            done = threading.Event()
+            result: list[dict[str, int]] = []
+            thread = threading.Thread(target=lambda: (result.append(dict(purge.run())), done.set()))
+            thread.start()
+            finished = done.wait(DEADLINE)
+            waited = waiting_for_a_lock(engine)
+        thread.join(DEADLINE)
+        assert finished, "the purge waited for the revocation's lock"
+        assert not waited
+        assert result == [{"tokens_deleted": 0, "sessions_deleted": 1}]
+        with sessions() as session:
+            left = session.scalars(select(RefreshFamilyRow.id)).all()
+        assert left == [held]
+        assert dict(purge.run()) == {"tokens_deleted": 0, "sessions_deleted": 1}
+    finally:
+        engine.dispose()
