@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, replace
@@ -495,7 +496,21 @@ def build_watch_worker(settings: AgentSettings) -> RunningServer:
         interceptors=app.observability.server_interceptors(),
         is_ready=app.ready,
     )
+    # Listening only once it can verify tokens (as the server is only ready then): a
+    # connection the kernel gives a restarted worker would otherwise be refused while
+    # its keys are on their way. Bounded: with auth_svc down, it serves as the server's
+    # own watch port does before its keys arrive.
+    running.on_start.append(lambda: _wait_ready(app, WORKER_READY_SECONDS))
     running.on_drain.append(app.hub.close)
     _serve_watch_port(app, running, AgentServicer(app.service), path, shared_port=True)
     running.on_stop.append(app.close)
     return running
+
+
+WORKER_READY_SECONDS = 10.0
+
+
+def _wait_ready(app: AgentApp, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not app.ready() and time.monotonic() < deadline:
+        time.sleep(0.02)

@@ -180,7 +180,12 @@ def test_on_postgresql_the_session_purge_waits_for_no_lock_a_revocation_holds(
             )
             done = threading.Event()
             result: list[dict[str, int]] = []
-            thread = threading.Thread(target=lambda: (result.append(dict(purge.run())), done.set()))
+
+            def purge_pass() -> None:
+                result.append(dict(purge.run()))
+                done.set()
+
+            thread = threading.Thread(target=purge_pass)
             thread.start()
             finished = done.wait(DEADLINE)
             waited = waiting_for_a_lock(engine)
