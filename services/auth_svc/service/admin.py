@@ -91,8 +91,10 @@ def etag_of(user: User) -> str:
 
 def refuse_if_revoked(uow: AuthUnitOfWork, principal: Principal, now: datetime) -> None:
     """TOKEN_REVOKED if a revocation in the database covers the caller's token (before
-    any verifier's poll has it)."""
-    if uow.revocations.covers(principal.user_id, principal.issued_at, now):
+    any verifier's poll has it): the user's, or the delegating account's (as the
+    verifiers judge a delegated token)."""
+    subjects = (principal.user_id, principal.actor) if principal.actor else (principal.user_id,)
+    if any(uow.revocations.covers(s, principal.issued_at, now) for s in subjects):
         raise Unauthenticated("the access token was revoked", reason="TOKEN_REVOKED")
 
 

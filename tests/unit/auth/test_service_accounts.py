@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from services.auth_svc.domain import USER, AuditKind
 from services.auth_svc.infra.throttle import FailureThrottle
-from services.auth_svc.service.admin import revoke_tokens
+from services.auth_svc.service.admin import Sessions, revoke_tokens
 from services.auth_svc.service.service_accounts import (
     CLIENT_CREDENTIALS,
     JWT_BEARER,
@@ -678,3 +678,25 @@ def test_a_kid_that_cannot_be_a_thumbprint_is_no_key(world: World) -> None:
         with pytest.raises(DomainError) as caught:
             world.admin.remove_key(principal=ADMIN, account_id=client_id, kid=kid)
         assert caught.value.reason == "SERVICE_ACCOUNT_NOT_FOUND"
+
+
+def test_a_deleted_accounts_delegated_token_cannot_revoke_its_users_sessions(
+    world: World,
+) -> None:
+    """The calls that ask the database whether the caller's token is revoked (before any
+    verifier's poll) ask it of the delegating account too: the account's deletion revokes
+    its delegated tokens, and one of them ended the user's sessions until the next poll
+    (third review)."""
+    client_id, secret = create(world, "agents.read", "delegate")
+    subject, _ = user_token(world)
+    delegated = world.verify(
+        world.endpoint.issue(exchange(client_id, secret, subject)).access_token
+    )
+    sessions = Sessions(
+        uow=world.auth.database.unit_of_work, clock=world.auth.clock, token_lifetime_seconds=900
+    )
+    world.admin.delete(principal=ADMIN, account_id=client_id)
+    with pytest.raises(DomainError) as caught:
+        sessions.revoke_all(principal=delegated, user_id="")
+    assert error_of(caught) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
+    assert sessions.revoke_all(principal=world.verify(subject), user_id="") == 1  # the user's
