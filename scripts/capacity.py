@@ -40,6 +40,7 @@ COST = {
 }
 HPA_TARGET = 0.7
 WATCH_BATCH_SECONDS = 0.05
+HUB_READ_SECONDS = 0.01  # agent_svc bootstrap.HUB_READ_SECONDS
 HUB_POLL_SECONDS = 1.0
 CONNECTIONS_PER_POD = 15  # *_DB_POOL_SIZE 10 + 5 overflow
 REDIS_READS_PER_MGET = 2.3  # coalesced L2 reads per round trip under load (benchmark)
@@ -97,8 +98,8 @@ PER_CALL = {
 
 def hub_reads(changes: float) -> float:
     """Change-log reads a second of one agent pod's watch hub, streams or not: one per
-    wake-up (a change anywhere), at most one per `WATCH_BATCH_SECONDS`, and its poll."""
-    return min(changes, 1 / WATCH_BATCH_SECONDS) + 1 / HUB_POLL_SECONDS
+    wake-up (a change anywhere), at most one per `HUB_READ_SECONDS`, and its poll."""
+    return min(changes, 1 / HUB_READ_SECONDS) + 1 / HUB_POLL_SECONDS
 
 
 def redis_commands(work: Work, reads_per_mget: float = REDIS_READS_PER_MGET) -> float:
@@ -156,8 +157,8 @@ def plan(load: Load) -> Plan:
     agent_calls = {name: rate for name, rate in calls.items() if name != "login"}
     cpu = sum(rate * COST[name] for name, rate in agent_calls.items())
     changes = load.create + load.update
-    # A stream gets one message per change, at most one per hub read (every
-    # AGENT_WATCH_BATCH_SECONDS, 0.05 s: changes within one read share a message).
+    # A stream gets one message per change, at most one per AGENT_WATCH_BATCH_SECONDS
+    # (0.05 s: it rests that long after a message; what came meanwhile goes together).
     stream_messages = load.watchers * min(changes, 1 / WATCH_BATCH_SECONDS)
     watch_cpu = stream_messages * COST["stream_message"]
     agent_pods = max(1, math.ceil(cpu / HPA_TARGET))

@@ -203,6 +203,8 @@ def _agent_cache(
 
 
 WATCH_METHOD = "/agentplatform.agent.v1.AgentService/WatchAgents"
+HUB_READ_SECONDS = 0.01
+"""The change hub reads the log at most this often (a wake-up per commit otherwise)."""
 
 
 def _watch(
@@ -218,7 +220,9 @@ def _watch(
         read_uow=read_uow,
         clock=clock,
         poll_seconds=settings.watch_poll_seconds,
-        min_interval=settings.watch_batch_seconds,
+        # Read often; each stream paces itself (Watchers.batch_seconds): a change waits
+        # for its stream's next turn, not for a read and a round of every stream's sends.
+        min_interval=min(settings.watch_batch_seconds, HUB_READ_SECONDS),
         turns=settings.watch_send_slots,
     )
     hub.start()
@@ -233,6 +237,7 @@ def _watch(
         # as often as revocations arrive.
         recheck=recheck,
         recheck_seconds=settings.revocation_poll_seconds,
+        batch_seconds=settings.watch_batch_seconds,
     )
     signal: ChangeSignal = hub
     if settings.common.redis:

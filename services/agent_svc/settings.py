@@ -44,10 +44,12 @@
 - `AGENT_WATCH_HEARTBEAT_SECONDS` (15): an idle stream sends an empty message this often.
 - `AGENT_WATCH_POLL_SECONDS` (1): the change log is read at least this often (the Redis
   or in-process wake-up makes it at once; this bounds the delay of a lost wake-up).
-- `AGENT_WATCH_BATCH_SECONDS` (0.05): and at most this often: the changes committed
-  within it reach each stream in one message (fewer sends under a stream of changes; a
-  round of messages to 1,000 streams takes ~50 ms of the event loop, and reading more
-  often than a round takes only splits the fan-out: docs/watch.md "Measured").
+- `AGENT_WATCH_BATCH_SECONDS` (0.05): a stream sends at most one message of changes this
+  often: after one it rests this long, and what came meanwhile goes in its next (fewer
+  sends under a stream of changes; a change after a quiet spell goes at once). The hub
+  reads the log at most every 10 ms (or this, if shorter), so a change waits for its
+  stream's own next turn, not for a read and a round of every stream's messages
+  (docs/watch.md "Measured").
 - `AGENT_WATCH_SEND_SLOTS` (1): streams on the main port that make their message at the
   same moment (the WatchAgents port's event loop makes one after another anyway); the
   others wait their turn and then send everything that came meanwhile in one message, so

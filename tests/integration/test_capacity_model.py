@@ -129,7 +129,7 @@ def test_each_call_costs_the_servers_what_the_model_says(
                 elapsed = time.monotonic() - started
                 commands = sum((redis_commands(client) - redis_before).values()) / N
                 # This pod's watch hub reads the change log after each change (at most one
-                # read per batch interval) and polls it: the model's `hub_reads`.
+                # read per 10 ms) and polls it: the model's `hub_reads`.
                 changes = N / elapsed if work.pubsub_messages else 0.0
                 transactions = work.pg_transactions + capacity.hub_reads(changes) * elapsed / N
                 expected[kind] = transactions

@@ -45,9 +45,9 @@ def test_connections_and_shards_saturate_where_the_operations_guide_says(
     assert "REDIS_MODE=cluster" in text
 
 
-def test_watch_messages_are_capped_by_the_hubs_reads(capacity: ModuleType) -> None:
+def test_watch_messages_are_capped_by_the_streams_pacing(capacity: ModuleType) -> None:
     load = capacity.Load(create=1_000, update=0, watchers=100)
-    assert capacity.plan(load).stream_messages == 100 * 20  # one per stream per 50 ms read
+    assert capacity.plan(load).stream_messages == 100 * 20  # one per stream per 50 ms
 
 
 def test_the_plan_adds_up_the_per_call_counts(capacity: ModuleType) -> None:
@@ -55,7 +55,7 @@ def test_the_plan_adds_up_the_per_call_counts(capacity: ModuleType) -> None:
     result = capacity.plan(load)
     # 500 L1 hits, 400 L2 hits, 100 database reads; 100 lists; 10 creates; 40 updates.
     pods = result.agent_pods + result.watch_pods
-    hub_reads = pods * (20 + 1)  # each pod's hub: a read per 50 ms at 50 changes/s, a poll
+    hub_reads = pods * (50 + 1)  # each pod's hub: a read per change at 50 changes/s, a poll
     assert result.postgres_transactions == 100 + 100 + 10 + 40 + hub_reads
     assert result.postgres_rows_inserted == 10 * 3 + 40 * 2
     reads = (400 + 100) / capacity.REDIS_READS_PER_MGET

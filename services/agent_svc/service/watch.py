@@ -19,6 +19,14 @@ and what its filter selects, and sends one message; with nothing to send for
 `heartbeat_seconds` it sends an empty one (its token moves on all the same) so proxies keep
 the connection.
 
+Pacing (`Watchers.batch_seconds`): after a message of changes a stream rests that long
+before its next, and sends everything that came meanwhile in one; a change after a quiet
+spell goes at once. The hub reads often (`min_interval`, a fraction of it), so a change
+waits only for its stream's own next turn: the streams' turns fall at their own moments
+(each one's last send), not all at one read, and a fan-out is not a round of a thousand
+messages made one after another after each read (the change at the end of such a round
+waited for the read and for the whole round; docs/watch.md "Measured").
+
 What a filtered stream gets (`deliver`): an agent it may see (its own; an admin: any) whose
 change matches the filter; an update that makes the agent stop matching is sent too,
 flagged `matches_filter=False`, so the watcher drops it (the log keeps the filterable fields
@@ -496,8 +504,10 @@ class Watchers:
         max_streams: int,
         recheck: Callable[[Principal], None] | None = None,
         recheck_seconds: float = 2.0,
+        batch_seconds: float = 0.0,
     ) -> None:
         self.hub = hub
+        self.batch_seconds = batch_seconds
         self._clock = clock
         self.retention = timedelta(seconds=retention_seconds)
         self.heartbeat_seconds = heartbeat_seconds
@@ -729,16 +739,22 @@ class WatchStream:
                 if hub.behind(self.position.seq):
                     shared = hub.shared(self.position.seq, self._share_key)
                     if shared is not None:  # a stream like this one made it this round
-                        batch, self.position = shared
+                        batch, self.position, more = shared
                     elif (found := hub.since(self.position.seq)) is not None:
                         start = self.position.seq
-                        batch, _ = self._next_batch(found)
-                        hub.share(start, self._share_key, (batch, self.position))
+                        batch, more = self._next_batch(found)
+                        hub.share(start, self._share_key, (batch, self.position, more))
                     else:  # behind the buffer: the log, off the loop's thread
-                        batch, _ = await asyncio.to_thread(self._next_batch)
+                        batch, more = await asyncio.to_thread(self._next_batch)
                     if batch is not None:
+                        sent_at = loop.time()
                         timer.sent()
                         yield batch
+                        # Paced (module docstring): the changes that come meanwhile go in
+                        # its next message; a backlog is sent at once.
+                        rest = sent_at + watchers.batch_seconds - loop.time()
+                        if rest > 0 and not more:
+                            await asyncio.sleep(rest)
                     continue
                 # Clear, then look: the hub moves its head before it wakes the loop, so a
                 # change is either seen now or sets the event after this.
@@ -776,6 +792,14 @@ class WatchStream:
                 if batch is not None:
                     last_sent = clock.monotonic()
                     yield batch
+                    if not more:  # a backlog is sent at once; changes as they come, paced
+                        rest = last_sent + self._watchers.batch_seconds - clock.monotonic()
+                        # Cut short only by a cancel or a close (each sets its flag, then
+                        # the event): clear, then look at the flags, then wait.
+                        waiter.event.clear()
+                        if rest > 0 and not (waiter.cancelled or hub.closed):
+                            waiter.event.wait(rest)
+                            waiter.event.clear()
                 continue
             # Idle from here: first say so, then look (the hub looks at `waiting` after it
             # moves its head, so one of the two sees the other).

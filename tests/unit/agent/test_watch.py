@@ -71,7 +71,12 @@ class Rig:
     """An AgentService over fakes with a hub the test drives (`hub.read_new()`)."""
 
     def __init__(
-        self, *, max_streams: int = 10, heartbeat: float = 30.0, recheck_seconds: float = 2.0
+        self,
+        *,
+        max_streams: int = 10,
+        heartbeat: float = 30.0,
+        recheck_seconds: float = 2.0,
+        batch_seconds: float = 0.0,
     ) -> None:
         self.clock = FakeClock(NOW)
         self.database = FakeDatabase()
@@ -86,6 +91,7 @@ class Rig:
             max_streams=max_streams,
             recheck=self.recheck,
             recheck_seconds=recheck_seconds,
+            batch_seconds=batch_seconds,
         )
         self.refused: dict[str, Unauthenticated] = {}  # user id → why its token is refused now
         self.service = AgentService(
@@ -548,6 +554,82 @@ def test_event_loop_streams_are_woken_by_the_hub_and_like_streams_share_one_batc
 
     asyncio.run(scenario())
     assert len(rig.watchers) == 0  # closed streams free their places
+
+
+def test_an_event_loop_stream_rests_after_a_message_and_sends_what_came_meanwhile_in_one() -> None:
+    """Pacing: a change waits for its stream's own next turn, not for a read of the hub's
+    and a round of every stream's messages. After a message the stream rests
+    (batch_seconds) while the hub reads on; then one message has it all."""
+    rig = Rig(batch_seconds=3600.0)  # a rest no test outlasts: only what comes first counts
+    me = person()
+
+    async def scenario() -> None:
+        stream = rig.service.watch(principal=me).batches()
+        await _next(stream)
+        rig.create(me, "a")
+        await asyncio.to_thread(rig.hub.read_new)
+        assert kinds(await _next(stream)) == [(ChangeKind.CREATED, "a", True)]  # at once
+        following = asyncio.create_task(_next(stream, timeout=3600))
+        rig.create(me, "b")
+        await asyncio.to_thread(rig.hub.read_new)
+        for _ in range(20):  # the hub's wake-up reaches the loop; a waiting stream would send
+            await asyncio.sleep(0)
+        assert not following.done()  # resting
+        following.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await following
+        await stream.aclose()
+
+    asyncio.run(scenario())
+    assert len(rig.watchers) == 0  # cancelled in its rest: the place is free
+
+
+def test_a_stream_after_its_rest_sends_everything_that_came_meanwhile_in_one_message() -> None:
+    rig = Rig(batch_seconds=2.0)  # the two reads below come well within it
+    me = person()
+
+    async def scenario() -> None:
+        stream = rig.service.watch(principal=me).batches()
+        await _next(stream)
+        rig.create(me, "a")
+        await asyncio.to_thread(rig.hub.read_new)
+        await _next(stream)
+        following = asyncio.create_task(_next(stream))
+        for name in ("b", "c"):  # two reads while it rests
+            rig.create(me, name)
+            await asyncio.to_thread(rig.hub.read_new)
+        assert kinds(await following) == [
+            (ChangeKind.CREATED, "b", True),
+            (ChangeKind.CREATED, "c", True),
+        ]
+        await stream.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_thread_stream_rests_after_a_message_and_a_cancel_cuts_the_rest_short() -> None:
+    """The main port's streams are paced as the watch port's; a stream resting when its
+    call ends frees its thread and its place at once."""
+    rig = Rig(batch_seconds=3600.0)
+    me = person()
+    watch = rig.service.watch(principal=me)
+    stream = iter(watch)
+    next(stream)
+    rig.create(me, "a")
+    rig.hub.read_new()
+    assert kinds(next(stream)) == [(ChangeKind.CREATED, "a", True)]
+    got: list[object] = []
+    thread = threading.Thread(target=lambda: got.append(next(stream, None)), daemon=True)
+    thread.start()
+    rig.create(me, "b")
+    rig.hub.read_new()
+    thread.join(0.3)
+    assert thread.is_alive()  # it rests: no turn, no message
+    watch.cancel()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert got == [None]  # ended, without sending b
+    assert len(rig.watchers) == 0
 
 
 def test_closing_the_hub_ends_event_loop_streams_with_unavailable_shutting_down() -> None:
