@@ -556,6 +556,17 @@ def test_event_loop_streams_are_woken_by_the_hub_and_like_streams_share_one_batc
     assert len(rig.watchers) == 0  # closed streams free their places
 
 
+async def after_a_first_change(rig: Rig, me: Principal) -> Any:
+    """An event-loop stream that has just sent a message of changes (a created agent "a",
+    sent at once: nothing before it to rest after)."""
+    stream = rig.service.watch(principal=me).batches()
+    await _next(stream)
+    rig.create(me, "a")
+    await asyncio.to_thread(rig.hub.read_new)
+    assert kinds(await _next(stream)) == [(ChangeKind.CREATED, "a", True)]
+    return stream
+
+
 def test_an_event_loop_stream_rests_after_a_message_and_sends_what_came_meanwhile_in_one() -> None:
     """Pacing: a change waits for its stream's own next turn, not for a read of the hub's
     and a round of every stream's messages. After a message the stream rests
@@ -564,11 +575,7 @@ def test_an_event_loop_stream_rests_after_a_message_and_sends_what_came_meanwhil
     me = person()
 
     async def scenario() -> None:
-        stream = rig.service.watch(principal=me).batches()
-        await _next(stream)
-        rig.create(me, "a")
-        await asyncio.to_thread(rig.hub.read_new)
-        assert kinds(await _next(stream)) == [(ChangeKind.CREATED, "a", True)]  # at once
+        stream = await after_a_first_change(rig, me)
         following = asyncio.create_task(_next(stream, timeout=3600))
         rig.create(me, "b")
         await asyncio.to_thread(rig.hub.read_new)
@@ -589,11 +596,7 @@ def test_a_stream_after_its_rest_sends_everything_that_came_meanwhile_in_one_mes
     me = person()
 
     async def scenario() -> None:
-        stream = rig.service.watch(principal=me).batches()
-        await _next(stream)
-        rig.create(me, "a")
-        await asyncio.to_thread(rig.hub.read_new)
-        await _next(stream)
+        stream = await after_a_first_change(rig, me)
         following = asyncio.create_task(_next(stream))
         for name in ("b", "c"):  # two reads while it rests
             rig.create(me, name)
