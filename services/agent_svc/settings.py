@@ -46,10 +46,12 @@
   or in-process wake-up makes it at once; this bounds the delay of a lost wake-up).
 - `AGENT_WATCH_BATCH_SECONDS` (0.05): a stream sends at most one message of changes this
   often: after one it rests this long, and what came meanwhile goes in its next (fewer
-  sends under a stream of changes; a change after a quiet spell goes at once). The hub
+  sends under a stream of changes; a change after a quiet spell goes at once; a backlog,
+  or changes too big for one message, go without rests). The hub
   reads the log at most every 10 ms (or this, if shorter), so a change waits for its
   stream's own next turn, not for a read and a round of every stream's messages
-  (docs/watch.md "Measured").
+  (docs/watch.md "Measured"). A stream that got nothing from a look (others' changes)
+  rests too. At most 1 s: a resting stream notices a revoked token after its rest.
 - `AGENT_WATCH_SEND_SLOTS` (1): streams on the main port that make their message at the
   same moment (the WatchAgents port's event loop makes one after another anyway); the
   others wait their turn and then send everything that came meanwhile in one message, so
@@ -141,6 +143,7 @@ class AgentSettings:
 
 
 MAX_WATCH_WORKERS = 64
+MAX_WATCH_BATCH_SECONDS = 1.0
 
 
 def _page_token_secret(reader: EnvReader, common: CommonSettings, *, required: bool) -> bytes:
@@ -262,6 +265,11 @@ def load_agent_settings(env: Mapping[str, str], role: Role = "serve") -> AgentSe
         reader.problems.append(
             f"{reader.name('WATCH_PORT')} must differ from {reader.name('PORT')} and "
             f"{reader.name('HEALTH_PORT')}"
+        )
+    if settings.watch_batch_seconds > MAX_WATCH_BATCH_SECONDS:
+        # A stream resting longer would notice a revoked token that much later.
+        reader.problems.append(
+            f"{reader.name('WATCH_BATCH_SECONDS')} is at most {MAX_WATCH_BATCH_SECONDS}"
         )
     if settings.watch_workers > MAX_WATCH_WORKERS:
         reader.problems.append(f"{reader.name('WATCH_WORKERS')} is at most {MAX_WATCH_WORKERS}")

@@ -251,7 +251,8 @@ class ChangeHub:
         self._clock = clock
         self._poll = poll_seconds
         self._min_interval = min_interval
-        # Turns: how many streams read and send at once. After a read every stream is due,
+        # Turns: how many streams read and send at once. After a read every stream that
+        # waits (not one resting after its last look) is due,
         # but only `turns` of them are woken; each one that has sent hands its turn to the
         # next in line once it has its message ready (not once it is sent: a client slow
         # to read holds its own thread only). A thousand threads woken together would each
@@ -275,6 +276,8 @@ class ChangeHub:
         self._loops: dict[asyncio.AbstractEventLoop, set[asyncio.Event]] = {}
         self._shared: dict[tuple[int, Hashable], Any] = {}
         self._shared_head = -1
+        # Event-loop streams resting (`rest`), woken early only by `close()`.
+        self._resting: dict[asyncio.AbstractEventLoop, set[asyncio.Future[None]]] = {}
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -359,10 +362,15 @@ class ChangeHub:
         return read
 
     def _ring(self) -> None:
-        """Wakes every stream (shutdown)."""
+        """Wakes every stream (shutdown), resting ones included."""
         for waiter in list(self._waiters):
             waiter.event.set()
         self._wake_loops()
+        for loop, wakers in list(self._resting.items()):
+            try:
+                loop.call_soon_threadsafe(_resolve_all, wakers)
+            except RuntimeError:  # the loop is closed: its streams are gone
+                self._resting.pop(loop, None)
 
     def _wake_loops(self) -> None:
         """Wakes every stream served on an event loop: one call per loop, from this thread
@@ -462,17 +470,34 @@ class ChangeHub:
             return None
         return self._shared.get((start, key))
 
-    def share(self, start: int, key: Hashable, made: Any) -> None:
-        """Keeps what a stream of `key` at `start` made for the current head: in a fan-out
-        the streams of one caller (or of admins, with one filter) all get the same message,
-        made and encoded once per round instead of once per stream."""
-        head = self._head
-        if head is None:
+    def share(self, start: int, key: Hashable, made: Any, *, head: int) -> None:
+        """Keeps what a stream of `key` at `start` made from the buffer up to `head`, if
+        that is still the current head (a read in between: not kept, or a like stream
+        would send the older message and rest): in a fan-out the streams of one caller
+        (or of admins, with one filter) due at one read get the same message, made and
+        encoded once instead of once per stream."""
+        current = self._head
+        if current is None or current.seq != head:
             return
-        if head.seq != self._shared_head:
+        if head != self._shared_head:
             self._shared = {}
-            self._shared_head = head.seq
+            self._shared_head = head
         self._shared[(start, key)] = made
+
+    async def rest(self, seconds: float) -> None:
+        """An event-loop stream's rest: `seconds` on the running loop, cut short when the
+        hub closes (the hub's reads do not wake a resting stream: that is the rest)."""
+        loop = asyncio.get_running_loop()
+        waker: asyncio.Future[None] = loop.create_future()
+        handle = loop.call_later(seconds, _resolve, waker)
+        resting = self._resting.setdefault(loop, set())
+        resting.add(waker)
+        try:
+            if not self._closed.is_set():
+                await waker
+        finally:
+            handle.cancel()
+            resting.discard(waker)
 
     def add_async(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
         """A stream on `loop` (its thread only), woken by setting `event`."""
@@ -485,6 +510,16 @@ class ChangeHub:
 def _set_all(events: tuple[asyncio.Event, ...]) -> None:
     for event in events:
         event.set()
+
+
+def _resolve(waker: asyncio.Future[None]) -> None:
+    if not waker.done():
+        waker.set_result(None)
+
+
+def _resolve_all(wakers: set[asyncio.Future[None]]) -> None:
+    for waker in list(wakers):
+        _resolve(waker)
 
 
 # -- streams ----------------------------------------------------------------------------------
@@ -737,24 +772,27 @@ class WatchStream:
                     raise _shutting_down()
                 self._check_caller()
                 if hub.behind(self.position.seq):
+                    looked_at = loop.time()
                     shared = hub.shared(self.position.seq, self._share_key)
-                    if shared is not None:  # a stream like this one made it this round
+                    if shared is not None:  # a stream like this one made it for this head
                         batch, self.position, more = shared
                     elif (found := hub.since(self.position.seq)) is not None:
                         start = self.position.seq
                         batch, more = self._next_batch(found)
-                        hub.share(start, self._share_key, (batch, self.position, more))
+                        made = (batch, self.position, more)
+                        hub.share(start, self._share_key, made, head=found[1].seq)
                     else:  # behind the buffer: the log, off the loop's thread
                         batch, more = await asyncio.to_thread(self._next_batch)
+                    if batch is None and timer.heartbeat_due():  # others' changes only
+                        batch = self._heartbeat()
                     if batch is not None:
-                        sent_at = loop.time()
                         timer.sent()
                         yield batch
-                        # Paced (module docstring): the changes that come meanwhile go in
-                        # its next message; a backlog is sent at once.
-                        rest = sent_at + watchers.batch_seconds - loop.time()
-                        if rest > 0 and not more:
-                            await asyncio.sleep(rest)
+                    # Paced (module docstring): one look per interval, sent or not; what
+                    # comes meanwhile goes in the next message. A backlog goes at once.
+                    rest = looked_at + watchers.batch_seconds - loop.time()
+                    if rest > 0 and not more:
+                        await hub.rest(rest)
                     continue
                 # Clear, then look: the hub moves its head before it wakes the loop, so a
                 # change is either seen now or sets the event after this.
@@ -785,21 +823,18 @@ class WatchStream:
                 raise _shutting_down()
             self._check_caller()
             if waiter.turn:
+                looked_at = clock.monotonic()
                 batch, more = self._next_batch()
                 if not more:
                     # Before the send: a client slow to read holds its own thread only.
                     hub.end_turn(waiter)
+                if batch is None and clock.monotonic() - last_sent >= heartbeat:
+                    batch = self._heartbeat()  # others' changes only, for a heartbeat's time
                 if batch is not None:
                     last_sent = clock.monotonic()
                     yield batch
-                    if not more:  # a backlog is sent at once; changes as they come, paced
-                        rest = last_sent + self._watchers.batch_seconds - clock.monotonic()
-                        # Cut short only by a cancel or a close (each sets its flag, then
-                        # the event): clear, then look at the flags, then wait.
-                        waiter.event.clear()
-                        if rest > 0 and not (waiter.cancelled or hub.closed):
-                            waiter.event.wait(rest)
-                            waiter.event.clear()
+                if not more:  # paced: one look per interval, sent or not; a backlog at once
+                    self._rest(looked_at + self._watchers.batch_seconds - clock.monotonic())
                 continue
             # Idle from here: first say so, then look (the hub looks at `waiting` after it
             # moves its head, so one of the two sees the other).
@@ -818,6 +853,16 @@ class WatchStream:
             waiter.event.wait(self._wait_bound(idle))
             waiter.event.clear()
             waiter.waiting = False
+
+    def _rest(self, seconds: float) -> None:
+        """A thread stream's rest: cut short only by a cancel or a close (each sets its
+        flag, then the event; no turn is given to a stream that is not waiting), so clear,
+        then look at the flags, then wait."""
+        waiter = self._waiter
+        waiter.event.clear()
+        if seconds > 0 and not (waiter.cancelled or self._hub.closed):
+            waiter.event.wait(seconds)
+            waiter.event.clear()
 
     def _heartbeat(self) -> WatchBatch:
         """An empty message (the first, or a heartbeat). A stream at the log's head takes
@@ -838,6 +883,7 @@ class WatchStream:
         the caller looked already."""
         if found is None:
             found = self._hub.since(self.position.seq)
+        from_log = found is None
         if found is None:  # behind the buffer: the backlog, a page at a time
             rows = self._hub.backlog(self.position.seq)
             if not rows:
@@ -854,9 +900,10 @@ class WatchStream:
             reached = Position(last.seq, last.time)
         if reached.seq >= self.position.seq:
             self.position = reached
-        more = last is not None or (
-            len(changes) >= self._hub.page_size and self._hub.since(reached.seq) is None
-        )
+        # More to send at once: the rest of a full message, or of a backlog (the log's
+        # pages up to the buffer, then the buffer: a page read from the log that reaches
+        # the buffer leaves the hub ahead, and the stream goes on without a rest).
+        more = last is not None or (from_log and self._hub.behind(self.position.seq))
         return (WatchBatch(tuple(picked), self.position) if picked else None), more
 
     def _pick(self, changes: list[Change]) -> tuple[list[tuple[Change, bool]], Change | None]:

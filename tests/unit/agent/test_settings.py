@@ -62,6 +62,7 @@ def test_watch_defaults_and_overrides() -> None:
         ("AGENT_WATCH_RETENTION_SECONDS", "10"),  # shorter than a minute
         ("AGENT_WATCH_MAX_STREAMS", "0"),
         ("AGENT_WATCH_SEND_SLOTS", "0"),
+        ("AGENT_WATCH_BATCH_SECONDS", "1.5"),  # a rest that long delays a revocation
         ("AGENT_WATCH_PORT", "-1"),
         ("AGENT_WATCH_PORT", "50052"),  # the main port's
     ):
