@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
-import time
+import threading
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, replace
@@ -32,6 +33,7 @@ from services.agent_svc.service.replica import ReplicaReads
 from services.agent_svc.service.watch import ChangeHub, Watchers
 from services.agent_svc.settings import AgentSettings
 from shared.config.clock import Clock, SystemClock
+from shared.config.settings import CommonSettings
 from shared.data.db import (
     CallEnded,
     make_engine,
@@ -385,6 +387,40 @@ def _serve_watch_port(
     sync server: a stream message costs it a fraction of the sync server's (no thread
     wake-ups; docs/watch.md "Server model"). Started with the main server; stopped once
     the hub has ended its streams. `shared_port`: watch workers serve the port too."""
+    if shared_port:
+        _refuse_if_taken(app.settings.common.host, app.settings.watch_port)
+    watch = _watch_server(app, running, servicer, path, shared_port=shared_port)
+    running.on_start.append(watch.start)
+    running.on_drain.append(lambda: watch.stop(app.settings.common.grace_seconds))
+
+
+def _refuse_if_taken(host: str, port: int) -> None:
+    """With SO_REUSEPORT (watch workers) a bind succeeds beside any other socket of this
+    user that set it too (another deployment's watch port on the same host): the two
+    would share the connections. The port is first bound without it, as a server without
+    workers binds it: taken, the start fails as theirs does."""
+    if port == 0:
+        return
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as probe:
+            # As grpc binds: connections of an earlier server in TIME_WAIT do not count.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise RuntimeError(f"cannot bind {host}:{port}: {exc.strerror}") from None
+
+
+def _watch_server(
+    app: AgentApp,
+    running: RunningServer,
+    servicer: AgentServicer,
+    path: RequestPath,
+    *,
+    shared_port: bool,
+) -> StreamServer:
     watch = StreamServer(
         app.settings.common,
         port=app.settings.watch_port,
@@ -402,8 +438,7 @@ def _serve_watch_port(
         reuse_port=shared_port,
     )
     app.watch_port = watch.port
-    running.on_start.append(watch.start)
-    running.on_drain.append(lambda: watch.stop(app.settings.common.grace_seconds))
+    return watch
 
 
 def build_server(app: AgentApp) -> RunningServer:
@@ -472,15 +507,17 @@ def _start_watch_workers(app: AgentApp, running: RunningServer, count: int) -> N
     running.on_force.append(children.kill)
 
 
-def build_watch_worker(settings: AgentSettings) -> RunningServer:
+def build_watch_worker(settings: AgentSettings) -> tuple[RunningServer, CommonSettings]:
     """A watch worker (`python -m services.agent_svc watch-worker`, started by the server
     when AGENT_WATCH_WORKERS is set, with its environment): WatchAgents, health Check and
     reflection on the watch port, which the server's process and the other workers serve
     too (SO_REUSEPORT), and nothing else. Its own change hub (woken through Redis), token
     checks (its own key fetch and revocation poll) and stream limit; no main port (a
     loopback port that answers health only), no metrics endpoint, no background jobs, no
-    migrations. It drains at once on SIGTERM (the server has had its NOT_SERVING delay),
-    and gets SIGTERM if the server's process dies."""
+    migrations. It listens on the watch port only once it can verify tokens (the other
+    processes serve the port meanwhile), drains at once on SIGTERM (the server has had
+    its NOT_SERVING delay: the settings returned to serve it with have none), and gets
+    SIGTERM if the server's process dies."""
     stop_with_parent()
     common = replace(
         settings.common,
@@ -493,29 +530,56 @@ def build_watch_worker(settings: AgentSettings) -> RunningServer:
     if app.hub is None:  # pragma: no cover - build_app always makes one
         raise RuntimeError("a watch worker needs the change hub")
     path = request_path_for(app)
+    local = replace(common, host="127.0.0.1", port=0)
     running = create_server(
-        replace(common, host="127.0.0.1", port=0),
+        local,
         register=lambda registrar: None,
         service_names=[SERVICE_NAME],
         request_path=path,
         interceptors=app.observability.server_interceptors(),
         is_ready=app.ready,
+        dependencies=_dependencies(app),
     )
-    # Listening only once it can verify tokens (as the server is only ready then): a
-    # connection the kernel gives a restarted worker would otherwise be refused while
-    # its keys are on their way. Bounded: with auth_svc down, it serves as the server's
-    # own watch port does before its keys arrive.
-    running.on_start.append(lambda: _wait_ready(app, WORKER_READY_SECONDS))
+    listener = _ListenWhenReady(app, running, AgentServicer(app.service), path)
+    running.on_start.append(listener.start)
     running.on_drain.append(app.hub.close)
-    _serve_watch_port(app, running, AgentServicer(app.service), path, shared_port=True)
+    running.on_drain.append(listener.stop)
     running.on_stop.append(app.close)
-    return running
+    return running, local
 
 
-WORKER_READY_SECONDS = 10.0
+class _ListenWhenReady:
+    """A watch worker's WatchAgents server, bound and started once the worker can verify
+    tokens: a connection the kernel gives a worker restarted while auth_svc is down would
+    otherwise wait, then be refused, for the whole outage, while the processes that have
+    the keys serve (an outside review)."""
 
+    def __init__(
+        self, app: AgentApp, running: RunningServer, servicer: AgentServicer, path: RequestPath
+    ) -> None:
+        self._app, self._running, self._servicer, self._path = app, running, servicer, path
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server: StreamServer | None = None
 
-def _wait_ready(app: AgentApp, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not app.ready() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    def start(self) -> None:
+        threading.Thread(target=self._listen, name="watch-listen", daemon=True).start()
+
+    def _listen(self) -> None:
+        while not self._app.ready():
+            if self._stopping.wait(0.02):
+                return
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            server = _watch_server(
+                self._app, self._running, self._servicer, self._path, shared_port=True
+            )
+            server.start()
+            self._server = server
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping.set()
+            if self._server is not None:
+                self._server.stop(self._app.settings.common.grace_seconds)

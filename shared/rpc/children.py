@@ -4,8 +4,10 @@
 what the caller adds, and keeps them running:
 
 - a child that exits while the service runs is logged (its exit code or signal) and
-  started again, a second later (at most one start a second each, so a child that cannot
-  start does not spin);
+  started again a second later; one that keeps exiting within a minute of its start
+  waits twice as long each time, up to a minute (a child that cannot start does not spin
+  a core), and a start that fails (fork refused, the interpreter gone) is retried the
+  same way: the supervising thread never ends before `terminate()`;
 - `stop()` sends each child SIGTERM, waits for them to drain (the caller's grace), then
   kills what is left; `kill()` kills them at once (a forced stop);
 - the children are in a session of their own, so a Ctrl-C at a terminal reaches the
@@ -38,6 +40,15 @@ PARENT_PID_VARIABLE = "AGENTPLATFORM_PARENT_PID"
 
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 RESTART_SECONDS = 1.0
+MAX_RESTART_SECONDS = 60.0
+STABLE_SECONDS = 60.0
+"""A child that ran this long before it exited is restarted after RESTART_SECONDS again."""
+
+
+def restart_delay(quick_exits: int) -> float:
+    """How long to wait before a start, when `quick_exits` exits (or failed starts) in a
+    row within STABLE_SECONDS of their starts came before this one."""
+    return min(MAX_RESTART_SECONDS, RESTART_SECONDS * float(2 ** min(quick_exits, 10)))
 
 
 def stop_with_parent() -> None:
@@ -70,6 +81,7 @@ class Children:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._started = threading.Event()
+        self._terminated_at: float | None = None
         self._thread = threading.Thread(target=self._run, name=f"{name}s", daemon=True)
 
     @property
@@ -92,34 +104,74 @@ class Children:
         _log.info("%s %d started (pid %d)", self._name, index, process.pid)
 
     def _run(self) -> None:
-        last_start = [time.monotonic()] * self._count
-        try:
+        now = time.monotonic()
+        due = [now] * self._count  # when each child not running is to be started
+        started = [now] * self._count
+        quick_exits = [0] * self._count
+        first_pass = True
+        while not self._stopping.is_set():
             for index in range(self._count):
+                if self._stopping.is_set():
+                    break
+                try:
+                    self._tend(index, due, started, quick_exits)
+                except Exception:  # never let the thread end: its end SIGTERMs the children
+                    _log.exception("%s %d: supervising it failed", self._name, index)
+            if first_pass:
+                first_pass = False
+                self._started.set()
+            self._stopping.wait(0.1)
+        self._started.set()
+
+    def _tend(
+        self, index: int, due: list[float], started: list[float], quick_exits: list[int]
+    ) -> None:
+        """Starts child `index` if it is due, or notes its exit and when to start it again."""
+        with self._lock:
+            process = self._processes[index]
+        now = time.monotonic()
+        if process is None:
+            if now < due[index]:
+                return
+            try:
                 self._spawn(index)
-        finally:
-            self._started.set()
-        while not self._stopping.wait(0.1):
-            for index in range(self._count):
-                with self._lock:
-                    process = self._processes[index]
-                code = None if process is None else process.poll()
-                if process is None or code is None or self._stopping.is_set():
-                    continue
+            except OSError as exc:
+                due[index] = now + restart_delay(quick_exits[index])
+                quick_exits[index] += 1
                 _log.error(
-                    "%s %d (pid %d) %s: starting it again",
+                    "%s %d could not be started (%s): trying again in %.0fs",
                     self._name,
                     index,
-                    process.pid,
-                    _ended(code),
+                    exc,
+                    due[index] - now,
                 )
-                wait = last_start[index] + RESTART_SECONDS - time.monotonic()
-                if wait > 0 and self._stopping.wait(wait):
-                    return
-                last_start[index] = time.monotonic()
-                self._spawn(index)
+                return
+            started[index] = now
+            return
+        code = process.poll()
+        if code is None:
+            return
+        ran = now - started[index]
+        quick = ran < STABLE_SECONDS
+        delay = restart_delay(quick_exits[index] if quick else 0)
+        quick_exits[index] = quick_exits[index] + 1 if quick else 0
+        due[index] = now + delay
+        with self._lock:
+            self._processes[index] = None
+        _log.error(
+            "%s %d (pid %d) %s after %.0fs: starting it again in %.0fs",
+            self._name,
+            index,
+            process.pid,
+            _ended(code),
+            ran,
+            delay,
+        )
 
     def terminate(self) -> None:
         """No more restarts; SIGTERM to each child (they drain meanwhile; `stop` waits)."""
+        if self._terminated_at is None:
+            self._terminated_at = time.monotonic()
         self._stopping.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
@@ -127,9 +179,11 @@ class Children:
             process.send_signal(signal.SIGTERM)
 
     def stop(self, grace: float) -> None:
-        """SIGTERM to each child; those still running after `grace` seconds are killed."""
+        """SIGTERM to each child (if `terminate` has not); those still running `grace`
+        seconds after the SIGTERM are killed."""
         self.terminate()
-        deadline = time.monotonic() + grace
+        assert self._terminated_at is not None
+        deadline = self._terminated_at + grace
         for process in self._running():
             try:
                 process.wait(max(0.0, deadline - time.monotonic()))

@@ -6,7 +6,9 @@
   no keys and no Redis;
 - `worker [--once]`: the background jobs (shared.rpc.worker);
 - a service's own serving commands (`other_servers`: agent_svc's `watch-worker`), which
-  serve like `serve` but are built otherwise and never migrate.
+  serve like `serve` but are built otherwise, with settings of their own (the builder
+  returns the server and the settings it is served with: a worker's shutdown delay, say),
+  log as `<service>-<command>`, and never migrate.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def run_service(
     build_server: Callable[[S], RunningServer],
     build_worker: Callable[[S], tuple[Worker, Observability]],
     argv: Sequence[str] | None = None,
-    other_servers: Mapping[str, Callable[[S], RunningServer]] | None = None,
+    other_servers: Mapping[str, Callable[[S], tuple[RunningServer, CommonSettings]]] | None = None,
 ) -> int:
     """Reads settings (exit 2 with every problem listed), then migrates, runs the worker, or
     (migrating first if configured) serves until SIGTERM/SIGINT; returns the exit code."""
@@ -79,13 +81,17 @@ def run_service(
         print(f"{service}_svc: {exc}", file=sys.stderr)
         return 2
     common = settings.common
-    configure_logging(service=service, level=common.log_level, fmt=common.log_format)
+    configure_logging(
+        service=f"{service}-{args.command}" if args.command in others else service,
+        level=common.log_level,
+        fmt=common.log_format,
+    )
     if args.command == "worker":
         worker, observability = build_worker(settings)
         return run_worker(worker, observability, once=args.once)
     try:
         if args.command in others:
-            running = others[args.command](settings)
+            running, common = others[args.command](settings)
         else:
             if common.migrate_on_start:
                 migrations.upgrade(service, common.database_url)

@@ -40,6 +40,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 WORKERS = 2
+SERVED = "WatchAgents served on port"  # each process's watch server, as it starts
 STREAMS = 12  # on 3 processes: all on one by chance once in ~180,000 runs
 
 
@@ -103,24 +104,31 @@ class Server:
     def __init__(self, stack: Stack, tmp: Path, **extra: str) -> None:
         port, watch_port = free_ports(2)
         self.watch_port = watch_port
+        settings = {
+            "AGENT_WATCH_PORT": str(watch_port),
+            "AGENT_WATCH_WORKERS": str(WORKERS),
+            "AGENT_SHUTDOWN_DELAY_SECONDS": "0",
+            "AGENT_GRACE_SECONDS": "30",  # streams must end long before it
+            **extra,
+        }
         env = agent_env(
             port,
             tmp / "agent-data",
             stack.auth.address,
             stack.agent_database_url,
             stack.redis_url,
-            AGENT_WATCH_PORT=str(watch_port),
-            AGENT_WATCH_WORKERS=str(WORKERS),
-            AGENT_SHUTDOWN_DELAY_SECONDS="0",
-            AGENT_GRACE_SECONDS="30",  # streams must end long before it
-            **extra,
+            **settings,
         )
         self.process = start("agent_svc", env, port, tmp)
         wait_agent_ready(self.process, stack.redis_url)
-        # Every process listens for commits (the server and each worker).
+        # Every process listens for commits and on the watch port (a worker once it can
+        # verify tokens).
         wait_for(
-            lambda: self.process.log().count("watch signal subscribed") >= WORKERS + 1,
-            "the watch workers never subscribed",
+            lambda: (
+                self.process.log().count("watch signal subscribed") >= WORKERS + 1
+                and self.process.log().count(SERVED) >= WORKERS + 1
+            ),
+            "the watch workers never listened",
         )
         self.channels: list[grpc.Channel] = []
 
@@ -175,9 +183,27 @@ def test_streams_on_every_process_each_get_every_change_once_in_order(
         watch.call.cancel()
 
 
+@pytest.mark.parametrize(
+    ("delay", "grace"),
+    [("0", "30"), ("2", "1.5")],
+    ids=["no-delay", "delay-longer-than-grace"],
+)
 def test_sigterm_ends_every_processs_streams_to_resume_elsewhere_and_stops_the_workers(
-    pg_stack: Stack, server: Server
+    pg_stack: Stack, tmp_path: Path, delay: str, grace: str
 ) -> None:
+    """The workers drain when the server does, after its NOT_SERVING delay, not after a
+    delay of their own (an outside review: with a delay longer than the grace they were
+    killed, and their streams ended without SHUTTING_DOWN)."""
+    server = Server(
+        pg_stack, tmp_path, AGENT_SHUTDOWN_DELAY_SECONDS=delay, AGENT_GRACE_SECONDS=grace
+    )
+    try:
+        sigterm_ends_every_stream(pg_stack, server)
+    finally:
+        server.close()
+
+
+def sigterm_ends_every_stream(pg_stack: Stack, server: Server) -> None:
     _, watches = open_streams(server, pg_stack)
     workers = children_of(server.process.process.pid)
     held = serving_pids(server.watch_port, server.pids)
@@ -214,7 +240,7 @@ def test_a_worker_that_dies_is_started_again_and_its_watchers_resume(
         ),
         "the killed worker was not started again",
     )
-    assert "was killed by SIGKILL: starting it again" in server.process.log()
+    assert "was killed by SIGKILL after" in server.process.log()
     survivors, cut = [], 0
     made = create(pg_stack.agents, me, "after-the-kill")
     for watch in watches:
@@ -229,8 +255,8 @@ def test_a_worker_that_dies_is_started_again_and_its_watchers_resume(
     # The cut watchers resume (from their last token) on whichever process takes them:
     # the restarted worker included, once it listens again.
     wait_for(
-        lambda: server.process.log().count("watch signal subscribed") >= WORKERS + 2,
-        "the restarted worker never subscribed",
+        lambda: server.process.log().count(SERVED) >= WORKERS + 2,
+        "the restarted worker never listened",
     )
     again = [Watch(server.stub(), me) for _ in range(STREAMS)]
     for watch in again:
@@ -270,3 +296,37 @@ def test_a_watch_port_request_without_a_token_is_refused_by_a_worker_as_by_the_s
     held = serving_pids(server.watch_port, server.pids)
     assert sum(held.values()) == STREAMS, held
     assert len(held) >= 2, held
+
+
+def test_a_watch_port_another_process_holds_is_refused_even_with_reuse_port(
+    pg_stack: Stack, tmp_path: Path
+) -> None:
+    """With workers every listener sets SO_REUSEPORT, and a bind beside another socket of
+    the same user that set it too succeeds: two deployments on one host would share the
+    connections. The server binds the port without it first and refuses to start."""
+    import socket
+
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    port = squatter.getsockname()[1]
+    try:
+        agent_port = free_ports(1)[0]
+        env = agent_env(
+            agent_port,
+            tmp_path / "agent-data",
+            pg_stack.auth.address,
+            pg_stack.agent_database_url,
+            pg_stack.redis_url,
+            AGENT_WATCH_PORT=str(port),
+            AGENT_WATCH_WORKERS=str(WORKERS),
+        )
+        process = start("agent_svc", env, agent_port, tmp_path)
+        try:
+            assert process.process.wait(timeout=TIMEOUT) != 0
+            assert f"cannot bind 127.0.0.1:{port}" in process.log()
+        finally:
+            process.stop()
+    finally:
+        squatter.close()

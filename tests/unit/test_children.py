@@ -16,7 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from shared.rpc.children import PARENT_PID_VARIABLE, Children
+from shared.rpc.children import (
+    MAX_RESTART_SECONDS,
+    PARENT_PID_VARIABLE,
+    Children,
+    restart_delay,
+)
 
 TIMEOUT = 30.0
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -64,7 +69,8 @@ def test_a_child_that_dies_is_started_again_and_logged(
     os.kill(first, signal.SIGKILL)
     wait_for(lambda: len(group.pids) == 2 and first not in group.pids, "no restart")
     assert second in group.pids  # the other one was left alone
-    assert "was killed by SIGKILL: starting it again" in caplog.text
+    assert "was killed by SIGKILL after" in caplog.text
+    assert "starting it again in 1s" in caplog.text  # it had run: no back-off yet
 
 
 def armed(on_sigterm: str, ready: Path) -> list[str]:
@@ -155,3 +161,38 @@ def test_a_child_ends_when_its_parent_dies_without_stopping_it(tmp_path: Path) -
         wait_for(lambda: not running(pid), "the child outlived its parent")
     finally:
         parent.kill()
+
+
+def test_a_child_that_keeps_failing_is_started_less_and_less_often() -> None:
+    """A worker that cannot start (a secret file gone) cost two thirds of a core at one
+    start a second (an outside review): each quick exit doubles the wait, up to a minute."""
+    assert [restart_delay(n) for n in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert restart_delay(1_000) == MAX_RESTART_SECONDS
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal")
+def test_a_start_that_fails_is_retried_and_takes_no_other_child_down(
+    children: list[Children], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The interpreter gone from disk when a child must be started again: the start fails.
+    The supervising thread died of it, and its end sent every other child the parent-death
+    signal (an outside review); it logs, retries later, and the others run on."""
+    caplog.set_level(logging.ERROR, "shared.rpc.children")
+    python = tmp_path / "python"
+    python.symlink_to(sys.executable)
+    group = start(
+        children,
+        [
+            str(python),
+            "-c",
+            "from shared.rpc.children import stop_with_parent\n"
+            "stop_with_parent()\nimport time\ntime.sleep(600)",
+        ],
+    )
+    victim, survivor = group.pids
+    python.unlink()
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: "could not be started" in caplog.text, "the failed start went unlogged")
+    assert group.pids == [survivor]
+    assert running(survivor)
+    assert group._thread.is_alive()
