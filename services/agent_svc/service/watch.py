@@ -671,7 +671,9 @@ class _IdleTimer:
 
     def _next(self, now: float) -> float:
         due = self._last_sent + self._heartbeat
-        return due if now < due < now + self._recheck else now + self._recheck
+        if due <= now:  # due now: the stream sends it on this tick, the next is one later
+            due = now + self._heartbeat
+        return due if due < now + self._recheck else now + self._recheck
 
     def _tick(self) -> None:
         self._event.set()

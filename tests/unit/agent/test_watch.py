@@ -416,6 +416,28 @@ def test_an_idle_event_loop_streams_heartbeat_comes_on_time_between_rechecks() -
     asyncio.run(scenario())
 
 
+def test_an_idle_event_loop_streams_heartbeat_shorter_than_the_recheck_comes_on_time() -> None:
+    """Heartbeat 0.3 s, recheck 0.9 s: the tick that sent a heartbeat armed the next one
+    from the heartbeat before it (already due), so it fell back to the recheck: one
+    heartbeat every 0.9 s (an outside review, with AGENT_WATCH_HEARTBEAT_SECONDS=1 under
+    the default 2 s revocation poll)."""
+    rig = Rig(heartbeat=0.3, recheck_seconds=0.9)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        stream = rig.service.watch(principal=person()).batches()
+        await _next(stream)
+        arrivals = []
+        for _ in range(4):
+            assert (await _next(stream)).changes == ()
+            arrivals.append(loop.time())
+        await stream.aclose()
+        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+        assert all(gap < 0.6 for gap in gaps), gaps  # 0.9 before
+
+    asyncio.run(scenario())
+
+
 def test_closing_the_hub_ends_streams_with_unavailable_shutting_down() -> None:
     rig = Rig()
     stream = rig.watch(person())
