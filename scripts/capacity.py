@@ -96,10 +96,12 @@ PER_CALL = {
 }
 
 
-def hub_reads(changes: float) -> float:
-    """Change-log reads a second of one agent pod's watch hub, streams or not: one per
-    wake-up (a change anywhere), at most one per `HUB_READ_SECONDS`, and its poll."""
-    return min(changes, 1 / HUB_READ_SECONDS) + 1 / HUB_POLL_SECONDS
+def hub_reads(changes: float, *, streams: bool = False) -> float:
+    """Change-log reads a second of one agent pod's watch hub: one per wake-up (a change
+    anywhere), at most one per `HUB_READ_SECONDS` while it serves streams and one per
+    `WATCH_BATCH_SECONDS` while it serves none, and its poll."""
+    interval = HUB_READ_SECONDS if streams else WATCH_BATCH_SECONDS
+    return min(changes, 1 / interval) + 1 / HUB_POLL_SECONDS
 
 
 def redis_commands(work: Work, reads_per_mget: float = REDIS_READS_PER_MGET) -> float:
@@ -176,7 +178,7 @@ def plan(load: Load) -> Plan:
         watch_pods=watch_pods,
         postgres_connections=(pods + auth_pods) * CONNECTIONS_PER_POD,
         postgres_transactions=sum(rate * PER_CALL[n].pg_transactions for n, rate in calls.items())
-        + pods * hub_reads(changes),
+        + pods * hub_reads(changes, streams=load.watchers > 0),
         postgres_rows_inserted=sum(
             rate * PER_CALL[n].pg_rows_inserted for n, rate in calls.items()
         ),

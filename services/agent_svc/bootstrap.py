@@ -225,6 +225,7 @@ def _watch(
         # Read often; each stream paces itself (Watchers.batch_seconds): a change waits
         # for its stream's next turn, not for a read and a round of every stream's sends.
         min_interval=min(settings.watch_batch_seconds, HUB_READ_SECONDS),
+        idle_interval=settings.watch_batch_seconds,  # no stream here: as before the pacing
         turns=settings.watch_send_slots,
     )
     hub.start()

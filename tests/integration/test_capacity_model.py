@@ -128,8 +128,8 @@ def test_each_call_costs_the_servers_what_the_model_says(
                     call(i)
                 elapsed = time.monotonic() - started
                 commands = sum((redis_commands(client) - redis_before).values()) / N
-                # This pod's watch hub reads the change log after each change (at most one
-                # read per 10 ms) and polls it: the model's `hub_reads`.
+                # This pod's watch hub reads the change log after each change (no stream
+                # here: at most one read per 50 ms) and polls it: the model's `hub_reads`.
                 changes = N / elapsed if work.pubsub_messages else 0.0
                 transactions = work.pg_transactions + capacity.hub_reads(changes) * elapsed / N
                 expected[kind] = transactions

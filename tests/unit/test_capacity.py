@@ -55,7 +55,7 @@ def test_the_plan_adds_up_the_per_call_counts(capacity: ModuleType) -> None:
     result = capacity.plan(load)
     # 500 L1 hits, 400 L2 hits, 100 database reads; 100 lists; 10 creates; 40 updates.
     pods = result.agent_pods + result.watch_pods
-    hub_reads = pods * (50 + 1)  # each pod's hub: a read per change at 50 changes/s, a poll
+    hub_reads = pods * (20 + 1)  # each pod's hub, no streams: a read per 50 ms, a poll
     assert result.postgres_transactions == 100 + 100 + 10 + 40 + hub_reads
     assert result.postgres_rows_inserted == 10 * 3 + 40 * 2
     reads = (400 + 100) / capacity.REDIS_READS_PER_MGET

@@ -245,12 +245,17 @@ class ChangeHub:
         buffer_size: int = 10_000,
         page_size: int = 500,
         min_interval: float = 0.0,
+        idle_interval: float | None = None,
         turns: int = 1,
     ) -> None:
         self._read_uow = read_uow
         self._clock = clock
         self._poll = poll_seconds
         self._min_interval = min_interval
+        # With no stream on this process, at most this often (its head stays current for
+        # the next stream to open; reading for no one as often as for streams would only
+        # load the database).
+        self._idle_interval = min_interval if idle_interval is None else idle_interval
         # Turns: how many streams read and send at once. After a read every stream that
         # waits (not one resting after its last look) is due,
         # but only `turns` of them are woken; each one that has sent hands its turn to the
@@ -323,10 +328,14 @@ class ChangeHub:
                 failures += 1
                 if failures in (1, 10) or failures % 100 == 0:
                     _log.warning("watch hub: reading the change log failed", exc_info=True)
-            if self._min_interval > 0:  # at most one read (and round of wake-ups) per interval
-                self._closed.wait(self._min_interval)
+            interval = self._min_interval if self._has_streams() else self._idle_interval
+            if interval > 0:  # at most one read (and round of wake-ups) per interval
+                self._closed.wait(interval)
             self._wake.wait(self._poll if not failures else min(self._poll, 1.0))
             self._wake.clear()
+
+    def _has_streams(self) -> bool:
+        return bool(self._waiters) or any(self._loops.values())
 
     def read_new(self) -> int:
         """Reads the rows past the head into the buffer and wakes the streams; how many."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -458,6 +459,40 @@ def test_one_reader_wakes_every_stream() -> None:
     rig.hub.read_new()
     for stream in streams:
         assert kinds(next(stream)) == [(ChangeKind.CREATED, "fan", True)]
+
+
+def test_a_hub_without_streams_reads_no_more_often_than_its_idle_interval() -> None:
+    """Reading up to every 10 ms is for streams: a pod with none reads no more often than
+    before the pacing (the CI's Redis failover test, under update load, saw the extra
+    reads' cost)."""
+    rig = Rig()
+    reads: list[int] = []
+    unit_of_work = rig.database.unit_of_work
+
+    def counted() -> Any:
+        reads.append(1)
+        return unit_of_work()
+
+    hub = ChangeHub(
+        read_uow=counted,
+        clock=rig.clock,
+        poll_seconds=3600,
+        min_interval=0.0,
+        idle_interval=3600.0,
+    )
+    hub.start()
+    try:
+        # Its first pass: the head, then what is after it (two units of work).
+        deadline = time.monotonic() + 10
+        while len(reads) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        first = len(reads)
+        assert first == 2
+        hub.changed()  # no stream: the idle interval (an hour) holds it
+        time.sleep(0.3)  # an absence: nothing to wait on
+        assert len(reads) == first
+    finally:
+        hub.close()
 
 
 def test_a_batch_encodes_as_a_watch_agents_response() -> None:
