@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 __all__ = ["PARENT_PID_VARIABLE", "Children", "stop_with_parent"]
 
@@ -63,6 +64,17 @@ def stop_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+@dataclass
+class _Child:
+    """One child's place: its process while it runs; when to start it again otherwise."""
+
+    process: subprocess.Popen[bytes] | None = None
+    due: float = 0.0
+    started: float = 0.0
+    quick_exits: int = 0
+    """Exits (or failed starts) in a row within STABLE_SECONDS of their starts."""
+
+
 class Children:
     """`count` copies of `command`, kept running until `stop()` (module docstring)."""
 
@@ -76,8 +88,7 @@ class Children:
         self._name = name
         self._command = list(command)
         self._env = {**os.environ, **env, PARENT_PID_VARIABLE: str(os.getpid())}
-        self._count = count
-        self._processes: list[subprocess.Popen[bytes] | None] = [None] * count
+        self._children = [_Child() for _ in range(count)]
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._started = threading.Event()
@@ -87,77 +98,44 @@ class Children:
     @property
     def pids(self) -> list[int]:
         """The running children's pids."""
-        with self._lock:
-            return [p.pid for p in self._processes if p is not None and p.poll() is None]
+        return [p.pid for p in self._running()]
 
     def start(self) -> None:
         """Starts every child (returns once each has been started, not once it serves)."""
         self._thread.start()
         self._started.wait()
 
-    def _spawn(self, index: int) -> None:
-        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            self._command, env=self._env, start_new_session=True
-        )
-        with self._lock:
-            self._processes[index] = process
-        _log.info("%s %d started (pid %d)", self._name, index, process.pid)
-
     def _run(self) -> None:
-        now = time.monotonic()
-        due = [now] * self._count  # when each child not running is to be started
-        started = [now] * self._count
-        quick_exits = [0] * self._count
-        first_pass = True
         while not self._stopping.is_set():
-            for index in range(self._count):
+            for index, child in enumerate(self._children):
                 if self._stopping.is_set():
                     break
                 try:
-                    self._tend(index, due, started, quick_exits)
+                    self._tend(index, child)
                 except Exception:  # never let the thread end: its end SIGTERMs the children
                     _log.exception("%s %d: supervising it failed", self._name, index)
-            if first_pass:
-                first_pass = False
-                self._started.set()
+            self._started.set()  # after the first pass: each child started, or its failure
             self._stopping.wait(0.1)
         self._started.set()
 
-    def _tend(
-        self, index: int, due: list[float], started: list[float], quick_exits: list[int]
-    ) -> None:
-        """Starts child `index` if it is due, or notes its exit and when to start it again."""
-        with self._lock:
-            process = self._processes[index]
+    def _tend(self, index: int, child: _Child) -> None:
+        """Starts the child if it is due, or notes its exit and when to start it again."""
         now = time.monotonic()
+        process = child.process
         if process is None:
-            if now < due[index]:
-                return
-            try:
-                self._spawn(index)
-            except OSError as exc:
-                due[index] = now + restart_delay(quick_exits[index])
-                quick_exits[index] += 1
-                _log.error(
-                    "%s %d could not be started (%s): trying again in %.0fs",
-                    self._name,
-                    index,
-                    exc,
-                    due[index] - now,
-                )
-                return
-            started[index] = now
+            if now >= child.due:
+                self._spawn(index, child, now)
             return
         code = process.poll()
         if code is None:
             return
-        ran = now - started[index]
+        ran = now - child.started
         quick = ran < STABLE_SECONDS
-        delay = restart_delay(quick_exits[index] if quick else 0)
-        quick_exits[index] = quick_exits[index] + 1 if quick else 0
-        due[index] = now + delay
+        delay = restart_delay(child.quick_exits if quick else 0)
+        child.quick_exits = child.quick_exits + 1 if quick else 0
+        child.due = now + delay
         with self._lock:
-            self._processes[index] = None
+            child.process = None
         _log.error(
             "%s %d (pid %d) %s after %.0fs: starting it again in %.0fs",
             self._name,
@@ -167,6 +145,27 @@ class Children:
             ran,
             delay,
         )
+
+    def _spawn(self, index: int, child: _Child, now: float) -> None:
+        try:
+            process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                self._command, env=self._env, start_new_session=True
+            )
+        except OSError as exc:
+            child.due = now + restart_delay(child.quick_exits)
+            child.quick_exits += 1
+            _log.error(
+                "%s %d could not be started (%s): trying again in %.0fs",
+                self._name,
+                index,
+                exc,
+                child.due - now,
+            )
+            return
+        with self._lock:
+            child.process = process
+        child.started = now
+        _log.info("%s %d started (pid %d)", self._name, index, process.pid)
 
     def terminate(self) -> None:
         """No more restarts; SIGTERM to each child (they drain meanwhile; `stop` waits)."""
@@ -200,7 +199,8 @@ class Children:
 
     def _running(self) -> list[subprocess.Popen[bytes]]:
         with self._lock:
-            return [p for p in self._processes if p is not None and p.poll() is None]
+            processes = [c.process for c in self._children]
+        return [p for p in processes if p is not None and p.poll() is None]
 
 
 def _ended(code: int) -> str:

@@ -86,7 +86,7 @@ def armed(on_sigterm: str, ready: Path) -> list[str]:
 
 
 def exit_codes(group: Children) -> list[int | None]:
-    return [p.returncode for p in group._processes if p is not None]
+    return [c.process.returncode for c in group._children if c.process is not None]
 
 
 def test_stop_drains_each_child_with_sigterm_and_restarts_none(
