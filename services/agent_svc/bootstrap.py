@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
 import sys
 import threading
@@ -553,12 +555,20 @@ class _ListenWhenReady:
     """A watch worker's WatchAgents server, bound and started once the worker can verify
     tokens: a connection the kernel gives a worker restarted while auth_svc is down would
     otherwise wait, then be refused, for the whole outage, while the processes that have
-    the keys serve (an outside review)."""
+    the keys serve (an outside review). A watch server that cannot be made (the port
+    refused) ends the worker (`on_failure`: SIGTERM to itself), whom the server then
+    starts again with its back-off, instead of a worker that serves nothing."""
 
     def __init__(
-        self, app: AgentApp, running: RunningServer, servicer: AgentServicer, path: RequestPath
+        self,
+        app: AgentApp,
+        running: RunningServer,
+        servicer: AgentServicer,
+        path: RequestPath,
+        on_failure: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGTERM),
     ) -> None:
         self._app, self._running, self._servicer, self._path = app, running, servicer, path
+        self._on_failure = on_failure
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server: StreamServer | None = None
@@ -573,10 +583,15 @@ class _ListenWhenReady:
         with self._lock:
             if self._stopping.is_set():
                 return
-            server = _watch_server(
-                self._app, self._running, self._servicer, self._path, shared_port=True
-            )
-            server.start()
+            try:
+                server = _watch_server(
+                    self._app, self._running, self._servicer, self._path, shared_port=True
+                )
+                server.start()
+            except Exception:
+                _log.exception("watch worker: cannot serve the watch port; stopping")
+                self._on_failure()
+                return
             self._server = server
 
     def stop(self) -> None:
